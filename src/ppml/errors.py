@@ -12,7 +12,8 @@ The families say what the caller can do about it, and the CLI maps each family t
     ├── KeyAccessError             exit 4   a key cannot be had: wrong passphrase, unknown key ...
     │   ├── WrongPassphrase
     │   ├── KeyNotFound
-    │   └── KeyVersionNotFound
+    │   ├── KeyVersionNotFound
+    │   └── SecretNotFound                  no workspace secret of that name
     └── ConfigurationError         exit 5   the workspace or environment is missing or broken
         ├── WorkspaceNotFound
         └── WorkspaceExists
@@ -36,6 +37,7 @@ __all__ = [
     "NotEncrypted",
     "OutputExists",
     "PPMLError",
+    "SecretNotFound",
     "UsageError",
     "WorkspaceExists",
     "WorkspaceNotFound",
@@ -128,3 +130,7 @@ class WorkspaceNotFound(ConfigurationError):
 
 class WorkspaceExists(ConfigurationError):
     """A workspace is already there and --force was not given."""
+
+
+class SecretNotFound(KeyAccessError):
+    """No workspace secret of that name exists."""

@@ -1,0 +1,260 @@
+"""Whole encrypted files and directories in the streaming format: encrypt, decrypt, rewrap, open.
+
+Outputs appear only when complete: a file is written to a temporary name and renamed into place
+after its last segment was written (encrypting) or verified (decrypting); a directory is built
+in a temporary sibling directory and renamed into place after its last file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ppml._internal.fs import atomic_output
+from ppml.crypto.envelope import DataKeyProvider, WrappedKey
+from ppml.crypto.stream import (
+    DEFAULT_SEGMENT_SIZE,
+    ContentType,
+    KeyResolver,
+    StreamHeader,
+    StreamReader,
+    StreamWriter,
+    decrypt_stream,
+    encrypt_stream,
+    read_header,
+)
+from ppml.errors import InputNotFound, OutputExists, PPMLError, UsageError
+
+__all__ = [
+    "content_type_for",
+    "create_encrypted",
+    "decrypt_file",
+    "encrypt_file",
+    "open_encrypted",
+    "output_directory",
+    "read_stream_header",
+    "rewrap_file",
+]
+
+_SUFFIX_TYPES = {
+    ".csv": ContentType.CSV,
+    ".tsv": ContentType.CSV,
+    ".json": ContentType.JSON,
+    ".jsonl": ContentType.JSON,
+    ".ndjson": ContentType.JSON,
+    ".txt": ContentType.TEXT,
+    ".text": ContentType.TEXT,
+    ".log": ContentType.TEXT,
+    ".md": ContentType.TEXT,
+}
+_OUTPUT_MODE = 0o600
+Progress = Callable[[int], None]
+
+
+def content_type_for(path: Path) -> ContentType:
+    """The content type a plaintext file's name suggests (bytes when it suggests nothing)."""
+    return _SUFFIX_TYPES.get(path.suffix.lower(), ContentType.BYTES)
+
+
+def _check_input_file(path: Path) -> None:
+    if not path.exists():
+        raise InputNotFound("no such file", path=path)
+    if path.is_dir():
+        raise UsageError("is a directory, expected a file", path=path)
+    if not os.access(path, os.R_OK):
+        raise UsageError("cannot read input: permission denied", path=path)
+
+
+def _check_output(path: Path, *, overwrite: bool) -> None:
+    if path.is_dir():
+        raise UsageError("output is a directory, expected a file path", path=path)
+    if path.exists() and not overwrite:
+        raise OutputExists("output exists (use --force to replace it)", path=path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError("output directory does not exist", path=path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError("cannot write output: permission denied", path=path)
+
+
+@contextlib.contextmanager
+def _annotate(path: Path) -> Iterator[None]:
+    """Attach `path` to ppml errors and turn OS errors into one-line usage errors."""
+    try:
+        yield
+    except PPMLError as exc:
+        if exc.path is None:
+            exc.path = str(path)
+        raise
+    except OSError as exc:
+        raise UsageError(exc.strerror or str(exc), path=exc.filename or path) from None
+
+
+def encrypt_file(
+    src: Path,
+    dst: Path,
+    provider: DataKeyProvider,
+    key_name: str,
+    *,
+    content_type: ContentType | None = None,
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> StreamHeader:
+    """Encrypt `src` into `dst` under a fresh data key of `key_name`; returns the header."""
+    src, dst = Path(src), Path(dst)
+    _check_input_file(src)
+    _check_output(dst, overwrite=overwrite)
+    ctype = content_type if content_type is not None else content_type_for(src)
+    with _annotate(src):
+        data_key = provider.generate_data_key(key_name)
+        with open(src, "rb", buffering=0) as fin, atomic_output(dst, mode=_OUTPUT_MODE) as fout:
+            encrypt_stream(
+                fin, fout, data_key, content_type=ctype, segment_size=segment_size, progress=progress
+            )
+        with open(dst, "rb") as fh:
+            return read_header(fh)[0]
+
+
+def decrypt_file(
+    src: Path,
+    dst: Path,
+    keys: DataKeyProvider | KeyResolver,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> StreamHeader:
+    """Decrypt `src` into `dst`; `dst` appears only after every segment verified."""
+    src, dst = Path(src), Path(dst)
+    _check_input_file(src)
+    _check_output(dst, overwrite=overwrite)
+    with (
+        _annotate(src),
+        open(src, "rb", buffering=0) as fin,
+        atomic_output(dst, mode=_OUTPUT_MODE) as fout,
+    ):
+        return decrypt_stream(fin, fout, keys, progress=progress)
+
+
+def read_stream_header(path: Path) -> tuple[StreamHeader, int]:
+    """The header of an encrypted file and its length (no key needed)."""
+    path = Path(path)
+    _check_input_file(path)
+    with _annotate(path), open(path, "rb") as fh:
+        return read_header(fh)
+
+
+def rewrap_file(
+    path: Path, rewrap: Callable[[WrappedKey], WrappedKey]
+) -> tuple[WrappedKey, WrappedKey]:
+    """Replace the wrapped data key in `path`'s header by `rewrap(old)`, without re-encrypting.
+
+    The new file (new header, the same encrypted body, byte for byte) is written beside the old
+    one and renamed over it, so a reader sees either the old file or the new one, never a mix.
+    Returns (old, new). When the key is already wrapped by the newest version, nothing changes.
+    """
+    path = Path(path)
+    header, header_len = read_stream_header(path)
+    with _annotate(path):
+        new = rewrap(header.wrapped)
+        if new == header.wrapped:
+            return header.wrapped, new
+        st = path.stat()
+        with open(path, "rb") as fin, atomic_output(path, mode=st.st_mode & 0o777, fsync=True) as fout:
+            fout.write(header.with_wrapped(new).to_bytes())
+            fin.seek(header_len)
+            _copy_rest(fin, fout)
+    return header.wrapped, new
+
+
+def _copy_rest(fin: BinaryIO, fout: BinaryIO) -> None:
+    """Copy from the current position to the end, in the kernel where possible."""
+    try:
+        while os.copy_file_range(fin.fileno(), fout.fileno(), 1 << 30):
+            pass
+    except OSError:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def open_encrypted(path: Path, keys: DataKeyProvider | KeyResolver) -> StreamReader:
+    """A seekable plaintext view of an encrypted file (segments verified as they are read)."""
+    path = Path(path)
+    _check_input_file(path)
+    with _annotate(path):
+        raw = open(path, "rb")  # noqa: SIM115 -- owned by the returned reader
+        try:
+            return _OwningReader(raw, keys)
+        except BaseException:
+            raw.close()
+            raise
+
+
+class _OwningReader(StreamReader):
+    """A StreamReader that closes the file it was opened on."""
+
+    def __init__(self, raw: BinaryIO, keys: DataKeyProvider | KeyResolver) -> None:
+        super().__init__(raw, keys)
+        self._owned = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._owned.close()
+
+
+@contextlib.contextmanager
+def create_encrypted(
+    path: Path,
+    provider: DataKeyProvider,
+    key_name: str,
+    *,
+    content_type: ContentType = ContentType.BYTES,
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    overwrite: bool = True,
+) -> Iterator[StreamWriter]:
+    """Yield a writable file object; the encrypted file appears at `path` when the block ends."""
+    path = Path(path)
+    _check_output(path, overwrite=overwrite)
+    with _annotate(path):
+        data_key = provider.generate_data_key(key_name)
+        with atomic_output(path, mode=_OUTPUT_MODE) as fout:
+            writer = StreamWriter(
+                fout, data_key, content_type=content_type, segment_size=segment_size
+            )
+            yield writer
+            writer.close()
+
+
+@contextlib.contextmanager
+def output_directory(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `dst` when the block completes.
+
+    On failure the temporary directory is removed and an existing `dst` is left untouched.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise OutputExists("output exists (use --force to replace it)", path=dst)
+    if dst.exists() and not dst.is_dir():
+        raise UsageError("output exists and is not a directory", path=dst)
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError("output's parent directory does not exist", path=dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=parent))
+            os.replace(dst, old / "d")
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

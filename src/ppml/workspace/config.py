@@ -1,0 +1,135 @@
+"""`config.toml`: the workspace's public settings (format version, profile, hosts, KDF cost,
+default segment size, file names), parsed into a frozen, validated `WorkspaceConfig`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from ppml._internal.fs import write_private
+from ppml.crypto.passphrase import KdfParams
+from ppml.errors import ConfigurationError, UsageError
+from ppml.workspace.layout import PUBLIC_FILE_MODE, FileNames
+from ppml.workspace.pki import normalize_hosts
+
+__all__ = ["DEFAULT_SEGMENT_SIZE", "FORMAT_VERSION", "Profile", "WorkspaceConfig"]
+
+FORMAT_VERSION = 1
+DEFAULT_SEGMENT_SIZE = 1024 * 1024
+_MAX_SEGMENT_SIZE = 1 << 30
+
+Profile = Literal["dev", "production"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceConfig:
+    """The contents of `config.toml`. Holds nothing secret."""
+
+    created_at: dt.datetime
+    profile: Profile = "production"
+    hosts: tuple[str, ...] = ()
+    kdf: KdfParams = field(default_factory=KdfParams)
+    default_segment_size: int = DEFAULT_SEGMENT_SIZE
+    files: FileNames = field(default_factory=FileNames)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise ConfigurationError(
+                f"unsupported workspace format version {self.format_version!r} "
+                f"(this ppml reads version {FORMAT_VERSION})"
+            )
+        if self.profile not in ("dev", "production"):
+            raise ConfigurationError(f"unknown profile {self.profile!r}: use dev or production")
+        if self.created_at.tzinfo is None:
+            raise ConfigurationError("created_at must carry a time zone")
+        if not _is_int(self.default_segment_size) or not (
+            0 < self.default_segment_size <= _MAX_SEGMENT_SIZE
+        ):
+            raise ConfigurationError("default_segment_size must be between 1 byte and 1 GiB")
+        try:
+            normalized = normalize_hosts(self.hosts)
+        except UsageError as exc:
+            raise ConfigurationError(exc.message) from None
+        if normalized != tuple(self.hosts):
+            raise ConfigurationError("hosts must be normalized (use normalize_hosts)")
+
+    @property
+    def dev(self) -> bool:
+        return self.profile == "dev"
+
+    def to_toml(self) -> bytes:
+        doc: dict[str, Any] = {
+            "format_version": self.format_version,
+            "created_at": self.created_at,
+            "profile": self.profile,
+            "hosts": list(self.hosts),
+            "default_segment_size": self.default_segment_size,
+            "kdf": {
+                "algorithm": "argon2id",
+                "memory_kib": self.kdf.memory_kib,
+                "iterations": self.kdf.iterations,
+                "lanes": self.kdf.lanes,
+            },
+            "files": self.files.as_dict(),
+        }
+        return tomli_w.dumps(doc).encode()
+
+    @classmethod
+    def from_toml(cls, data: bytes) -> WorkspaceConfig:
+        try:
+            doc = tomllib.loads(data.decode("utf-8"))
+            kdf = doc["kdf"]
+            if kdf.get("algorithm") != "argon2id":
+                raise ConfigurationError(f"unknown KDF {kdf.get('algorithm')!r}")
+            hosts = doc.get("hosts", [])
+            ints = (doc["format_version"], doc["default_segment_size"], *_kdf_ints(kdf))
+            if not isinstance(hosts, list) or not all(_is_int(i) for i in ints):
+                raise TypeError("wrong type")
+            created_at = doc["created_at"]
+            if not isinstance(created_at, dt.datetime):
+                raise TypeError("created_at must be a date-time")
+            return cls(
+                format_version=doc["format_version"],
+                created_at=created_at,
+                profile=doc["profile"],
+                hosts=tuple(hosts),
+                kdf=KdfParams(kdf["memory_kib"], kdf["iterations"], kdf["lanes"]),
+                default_segment_size=doc["default_segment_size"],
+                files=FileNames.from_dict(doc["files"]),
+            )
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"config.toml: {exc.message}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"config.toml is not valid TOML: {exc}") from None
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ConfigurationError(f"config.toml is incomplete or malformed ({exc})") from None
+
+    @classmethod
+    def load(cls, path: Path) -> WorkspaceConfig:
+        """Read and validate `path`; a missing or damaged file is a `ConfigurationError`."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigurationError("the workspace has no config.toml", path=path) from None
+        try:
+            return cls.from_toml(data)
+        except ConfigurationError as exc:
+            raise ConfigurationError(exc.message, path=path) from None
+
+    def save(self, path: Path) -> None:
+        """Write atomically; the file is public (0644): it holds nothing secret."""
+        write_private(path, self.to_toml(), mode=PUBLIC_FILE_MODE)
+
+
+def _kdf_ints(kdf: dict[str, Any]) -> tuple[Any, ...]:
+    return (kdf["memory_kib"], kdf["iterations"], kdf["lanes"])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

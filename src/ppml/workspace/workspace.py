@@ -1,0 +1,244 @@
+"""The workspace: one directory holding a passphrase-sealed master key, sealed secrets, TLS
+material, the enclave signing key and the KMS database; created atomically, opened by passphrase."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from ppml._internal.clock import Clock, utc_now
+from ppml.crypto.passphrase import KdfParams, unseal_with_passphrase
+from ppml.errors import ConfigurationError, WorkspaceNotFound
+from ppml.workspace import pki
+from ppml.workspace.build import MASTER_KEY_BYTES, Progress, build_workspace
+from ppml.workspace.config import WorkspaceConfig
+from ppml.workspace.layout import CONFIG_FILE, FileNames, Layout, is_workspace
+from ppml.workspace.secrets import SecretStore
+
+if TYPE_CHECKING:
+    from ppml.kms import KeyService
+
+__all__ = ["DEFAULT_DIRNAME", "Workspace", "default_workspace_dir"]
+
+DEFAULT_DIRNAME = ".ppml"
+
+
+def default_workspace_dir(env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Path:
+    """`$PPML_HOME` when set (and not empty), else `./.ppml` under `cwd` (default: the cwd)."""
+    home = env.get("PPML_HOME", "")
+    if home:
+        return Path(home).expanduser()
+    return (cwd if cwd is not None else Path.cwd()) / DEFAULT_DIRNAME
+
+
+class Workspace:
+    """An opened workspace. It holds the master key in memory; it never shows it."""
+
+    __slots__ = ("_master_key", "config", "layout", "path")
+
+    def __init__(self, path: Path, config: WorkspaceConfig, master_key: bytes) -> None:
+        self.path = path
+        self.config = config
+        self.layout = Layout(path, config.files)
+        self._master_key = master_key
+
+    def __repr__(self) -> str:
+        return f"Workspace(path={str(self.path)!r}, profile={self.config.profile!r})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a Workspace holds the master key and cannot be pickled")
+
+    # -- creating and opening ------------------------------------------------------------------
+
+    @classmethod
+    def exists(cls, path: Path) -> bool:
+        """Whether `path` is a ppml workspace (a directory with a config.toml)."""
+        return is_workspace(Path(path))
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        passphrase: bytes,
+        *,
+        dev: bool = False,
+        hosts: Sequence[str] = (),
+        force: bool = False,
+        kdf: KdfParams | None = None,
+        progress: Progress | None = None,
+        clock: Clock = utc_now,
+    ) -> Workspace:
+        """Create a workspace at `path`. Nothing appears at `path` until it is complete.
+
+        An existing workspace, or a non-empty directory, is replaced only with `force=True`.
+        """
+        path = Path(path).absolute()
+        config, master_key = build_workspace(
+            path,
+            passphrase,
+            dev=dev,
+            hosts=hosts,
+            force=force,
+            kdf=kdf,
+            progress=progress,
+            clock=clock,
+        )
+        return cls(path, config, master_key)
+
+    @classmethod
+    def open(cls, path: Path, passphrase: bytes) -> Workspace:
+        """Open the workspace at `path` with `passphrase`.
+
+        `WorkspaceNotFound` if there is none, `WrongPassphrase` if the passphrase does not open
+        it, `ConfigurationError` if it is damaged.
+        """
+        path = Path(path).absolute()
+        if not cls.exists(path):
+            raise WorkspaceNotFound(
+                "no ppml workspace here (create one with `ppml init`)", path=path
+            )
+        config = WorkspaceConfig.load(path / CONFIG_FILE)
+        layout = Layout(path, config.files)
+        sealed_path = layout.path("master_key")
+        try:
+            sealed = sealed_path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigurationError("the sealed master key is missing", path=sealed_path) from None
+        master_key = unseal_with_passphrase(sealed, passphrase)
+        if len(master_key) != MASTER_KEY_BYTES:
+            raise ConfigurationError("the sealed master key has the wrong length", path=sealed_path)
+        SecretStore(layout.path("secrets"), master_key).check()
+        return cls(path, config, master_key)
+
+    # -- services and secrets --------------------------------------------------------------------
+
+    @property
+    def dev(self) -> bool:
+        return self.config.dev
+
+    def key_service(self, *, actor: str = "local") -> KeyService:
+        """The embedded KMS of this workspace, backed by `kms_path`."""
+        from ppml.kms import KeyService
+
+        return KeyService(self.kms_path, self._master_key, actor=actor)
+
+    def _secrets(self) -> SecretStore:
+        return SecretStore(self.layout.path("secrets"), self._master_key)
+
+    def secret(self, name: str) -> str:
+        """The value of the sealed secret `name` (`SecretNotFound` lists the known names)."""
+        return self._secrets().get(name)
+
+    def set_secret(self, name: str, value: str) -> None:
+        """Add or replace the sealed secret `name`."""
+        self._secrets().set_many({name: value})
+
+    def secret_names(self) -> list[str]:
+        return self._secrets().names()
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.layout.config
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.layout.path("master_key")
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.layout.path("secrets")
+
+    @property
+    def kms_path(self) -> Path:
+        return self.layout.path("kms_db")
+
+    @property
+    def enclave_key_path(self) -> Path:
+        return self.layout.path("enclave_signing_key")
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.layout.path("ca_cert")
+
+    @property
+    def ca_key(self) -> Path:
+        return self.layout.path("ca_key")
+
+    @property
+    def server_cert(self) -> Path:
+        return self.layout.path("server_cert")
+
+    @property
+    def server_key(self) -> Path:
+        return self.layout.path("server_key")
+
+    @property
+    def client_cert(self) -> Path:
+        return self.layout.path("client_cert")
+
+    @property
+    def client_key(self) -> Path:
+        return self.layout.path("client_key")
+
+    @property
+    def keystore(self) -> Path:
+        return self.layout.path("keystore")
+
+    @property
+    def truststore(self) -> Path:
+        return self.layout.path("truststore")
+
+    def describe(self) -> dict[str, Any]:
+        """Paths and public facts (certificates, enclave MRSIGNER, secret names): nothing secret."""
+        certs = {
+            kind: pki.certificate_facts(x509.load_pem_x509_certificate(p.read_bytes()))
+            for kind, p in (
+                ("ca", self.ca_cert),
+                ("server", self.server_cert),
+                ("client", self.client_cert),
+            )
+        }
+        enclave = serialization.load_pem_public_key(
+            serialization.load_pem_private_key(self.enclave_key_path.read_bytes(), None)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        assert isinstance(enclave, rsa.RSAPublicKey)
+        return {
+            "path": str(self.path),
+            "format_version": self.config.format_version,
+            "profile": self.config.profile,
+            "created_at": self.config.created_at.isoformat(),
+            "hosts": [*pki.DEFAULT_HOSTS, *self.config.hosts],
+            "kdf": {
+                "algorithm": "argon2id",
+                "memory_kib": self.config.kdf.memory_kib,
+                "iterations": self.config.kdf.iterations,
+                "lanes": self.config.kdf.lanes,
+            },
+            "default_segment_size": self.config.default_segment_size,
+            "files": {
+                "config": str(self.config_path),
+                **{f: str(self.layout.path(f)) for f in FileNames().as_dict()},
+            },
+            "kms_initialized": self.kms_path.exists(),
+            "certificates": certs,
+            "keystore_alias": pki.KEYSTORE_ALIAS,
+            "truststore_alias": pki.TRUSTSTORE_ALIAS,
+            "enclave_signing_key": {
+                "algorithm": f"RSA-{enclave.key_size}",
+                "public_exponent": enclave.public_numbers().e,
+                "mrsigner": pki.mrsigner(enclave),
+            },
+            "secrets": self.secret_names(),
+        }
