@@ -49,7 +49,11 @@ def atomic_output(
     """
     dest = Path(dest)
     tmp = _temp_name(dest)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        # Name the destination the caller asked for, not the temporary file.
+        raise OSError(exc.errno, exc.strerror, str(dest)) from None
     try:
         with os.fdopen(fd, "wb", buffering=0) as fh:
             yield fh  # type: ignore[misc]

@@ -1,1 +1,47 @@
-"""Encrypted datasets: files encrypted at rest, read and written as Arrow, pandas or polars."""
+"""Encrypted datasets: files encrypted at rest, read and written as Arrow, pandas or polars.
+
+pyarrow, pandas and polars are imported only when a table function needs them, so that the
+file commands start fast.
+"""
+
+from __future__ import annotations
+
+from ppml.data.files import (
+    content_type_for,
+    create_encrypted,
+    decrypt_file,
+    encrypt_file,
+    open_encrypted,
+    output_directory,
+    read_stream_header,
+    rewrap_file,
+)
+from ppml.data.tables import (
+    TableFormat,
+    detect_file_kind,
+    read_pandas,
+    read_polars,
+    read_table,
+    write_pandas,
+    write_polars,
+    write_table,
+)
+
+__all__ = [
+    "TableFormat",
+    "content_type_for",
+    "create_encrypted",
+    "decrypt_file",
+    "detect_file_kind",
+    "encrypt_file",
+    "open_encrypted",
+    "output_directory",
+    "read_pandas",
+    "read_polars",
+    "read_stream_header",
+    "read_table",
+    "rewrap_file",
+    "write_pandas",
+    "write_polars",
+    "write_table",
+]

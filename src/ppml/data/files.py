@@ -31,6 +31,7 @@ from ppml.crypto.stream import (
 from ppml.errors import InputNotFound, OutputExists, PPMLError, UsageError
 
 __all__ = [
+    "annotate_errors",
     "content_type_for",
     "create_encrypted",
     "decrypt_file",
@@ -83,7 +84,7 @@ def _check_output(path: Path, *, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def _annotate(path: Path) -> Iterator[None]:
+def annotate_errors(path: Path) -> Iterator[None]:
     """Attach `path` to ppml errors and turn OS errors into one-line usage errors."""
     try:
         yield
@@ -111,7 +112,7 @@ def encrypt_file(
     _check_input_file(src)
     _check_output(dst, overwrite=overwrite)
     ctype = content_type if content_type is not None else content_type_for(src)
-    with _annotate(src):
+    with annotate_errors(src):
         data_key = provider.generate_data_key(key_name)
         with open(src, "rb", buffering=0) as fin, atomic_output(dst, mode=_OUTPUT_MODE) as fout:
             encrypt_stream(
@@ -134,7 +135,7 @@ def decrypt_file(
     _check_input_file(src)
     _check_output(dst, overwrite=overwrite)
     with (
-        _annotate(src),
+        annotate_errors(src),
         open(src, "rb", buffering=0) as fin,
         atomic_output(dst, mode=_OUTPUT_MODE) as fout,
     ):
@@ -145,7 +146,7 @@ def read_stream_header(path: Path) -> tuple[StreamHeader, int]:
     """The header of an encrypted file and its length (no key needed)."""
     path = Path(path)
     _check_input_file(path)
-    with _annotate(path), open(path, "rb") as fh:
+    with annotate_errors(path), open(path, "rb") as fh:
         return read_header(fh)
 
 
@@ -156,14 +157,15 @@ def rewrap_file(
 
     The new file (new header, the same encrypted body, byte for byte) is written beside the old
     one and renamed over it, so a reader sees either the old file or the new one, never a mix.
-    Returns (old, new). When the key is already wrapped by the newest version, nothing changes.
+    Returns (old, new). When the key is already wrapped by the newest version, the file is
+    left as it is.
     """
     path = Path(path)
     header, header_len = read_stream_header(path)
-    with _annotate(path):
+    with annotate_errors(path):
         new = rewrap(header.wrapped)
-        if new == header.wrapped:
-            return header.wrapped, new
+        if new.version == header.wrapped.version:
+            return header.wrapped, header.wrapped
         st = path.stat()
         with open(path, "rb") as fin, atomic_output(path, mode=st.st_mode & 0o777, fsync=True) as fout:
             fout.write(header.with_wrapped(new).to_bytes())
@@ -185,7 +187,7 @@ def open_encrypted(path: Path, keys: DataKeyProvider | KeyResolver) -> StreamRea
     """A seekable plaintext view of an encrypted file (segments verified as they are read)."""
     path = Path(path)
     _check_input_file(path)
-    with _annotate(path):
+    with annotate_errors(path):
         raw = open(path, "rb")  # noqa: SIM115 -- owned by the returned reader
         try:
             return _OwningReader(raw, keys)
@@ -221,7 +223,7 @@ def create_encrypted(
     """Yield a writable file object; the encrypted file appears at `path` when the block ends."""
     path = Path(path)
     _check_output(path, overwrite=overwrite)
-    with _annotate(path):
+    with annotate_errors(path):
         data_key = provider.generate_data_key(key_name)
         with atomic_output(path, mode=_OUTPUT_MODE) as fout:
             writer = StreamWriter(

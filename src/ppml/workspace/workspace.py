@@ -206,14 +206,12 @@ class Workspace:
                 ("client", self.client_cert),
             )
         }
-        enclave = serialization.load_pem_public_key(
-            serialization.load_pem_private_key(self.enclave_key_path.read_bytes(), None)
-            .public_key()
-            .public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        signing_key = serialization.load_pem_private_key(self.enclave_key_path.read_bytes(), None)
+        if not isinstance(signing_key, rsa.RSAPrivateKey):
+            raise ConfigurationError(
+                "the enclave signing key is not RSA", path=self.enclave_key_path
             )
-        )
-        assert isinstance(enclave, rsa.RSAPublicKey)
+        enclave = signing_key.public_key()
         return {
             "path": str(self.path),
             "format_version": self.config.format_version,

@@ -1,0 +1,372 @@
+"""The embedded KMS: named, versioned key-encryption keys under a master key, and the data keys
+they wrap; every operation, refused ones included, is recorded in the audit log."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from hmac import compare_digest
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as _pyca_hmac
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ppml._internal.clock import Clock, utc_now
+from ppml.crypto.envelope import (
+    DATA_KEY_BYTES,
+    DataKey,
+    WrappedKey,
+    seal,
+    unseal,
+    validate_key_name,
+)
+from ppml.errors import (
+    ConfigurationError,
+    IntegrityError,
+    KeyAccessError,
+    KeyExists,
+    KeyNotFound,
+    KeyVersionNotFound,
+    PPMLError,
+    UsageError,
+)
+from ppml.kms import store as _store
+from ppml.kms.audit import AuditLog, Outcome, initialize_head
+
+__all__ = ["KeyInfo", "KeyService", "KeyVersionInfo"]
+
+MASTER_KEY_BYTES = 32
+_KEK_WRAP_INFO = b"ppml/kms/kek-wrap/v1"
+_AUDIT_INFO = b"ppml/kms/audit/v1"
+_CHECK_INFO = b"ppml/kms/master-check/v1"
+_NONCE_BYTES = 12
+_STORE_ID_BYTES = 16
+_MAX_VERSION = 2**32 - 1
+_ACTOR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,127}$")
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersionInfo:
+    """One version of a named key (metadata only)."""
+
+    version: int
+    created_at: _dt.datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "created_at": self.created_at.isoformat()}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A named key: when it was created, its current (newest) version and all its versions."""
+
+    name: str
+    created_at: _dt.datetime
+    current_version: int
+    versions: tuple[KeyVersionInfo, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "created_at": self.created_at.isoformat(),
+            "current_version": self.current_version,
+            "versions": [v.to_dict() for v in self.versions],
+        }
+
+
+class _Refusal(Exception):
+    """Raised inside an operation: audit it with `outcome`/`reason`, then raise `error`."""
+
+    def __init__(self, error: PPMLError, outcome: Outcome, reason: str) -> None:
+        super().__init__(reason)
+        self.error, self.outcome, self.reason = error, outcome, reason
+
+
+_Body = Callable[[sqlite3.Connection, str], tuple[_T, int | None, Mapping[str, Any]]]
+
+
+def _derive(master_key: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master_key)
+
+
+def _kek_aad(name: str, version: int) -> bytes:
+    return b"ppml/kek/v1\x00" + name.encode() + b"\x00" + version.to_bytes(4, "big")
+
+
+def _dek_aad(name: str, version: int) -> bytes:
+    # The AAD depends only on name and version; a placeholder blob reuses envelope's definition.
+    return WrappedKey(name, version, b"\x00").aad()
+
+
+def _info(row: _store.KeyRow) -> KeyInfo:
+    versions = tuple(KeyVersionInfo(v, _dt.datetime.fromisoformat(c)) for v, c in row.versions)
+    return KeyInfo(
+        row.name, _dt.datetime.fromisoformat(row.created_at), versions[-1].version, versions
+    )
+
+
+class KeyService:
+    """Named keys in one key store file; implements `ppml.crypto.envelope.DataKeyProvider`."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        master_key: bytes,
+        *,
+        actor: str = "local",
+        clock: Clock = utc_now,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        if not isinstance(master_key, bytes) or len(master_key) != MASTER_KEY_BYTES:
+            raise ConfigurationError(f"the master key must be {MASTER_KEY_BYTES} bytes")
+        if not isinstance(actor, str) or not _ACTOR.match(actor):
+            raise UsageError("invalid actor: use 1-128 printable ASCII characters")
+        self._actor, self._clock, self._random = actor, clock, random_bytes
+        self._kek_wrap_key = _derive(master_key, _KEK_WRAP_INFO)
+        self._check_key = _derive(master_key, _CHECK_INFO)
+        audit_key = _derive(master_key, _AUDIT_INFO)
+        self._master_ok = False
+
+        def on_create(conn: sqlite3.Connection, store_id: bytes) -> None:
+            _store.put_meta(conn, "master_check", self._master_check(store_id))
+            initialize_head(conn, audit_key, store_id)
+
+        self._store = _store.KeyStore(
+            Path(db_path),
+            new_store_id=lambda: self._random_exact(_STORE_ID_BYTES),
+            on_create=on_create,
+        )
+        self._audit = AuditLog(self._store, audit_key, guard=self._require_master)
+
+    def __repr__(self) -> str:
+        return f"KeyService({str(self._store.path)!r}, actor={self._actor!r})"
+
+    @property
+    def audit(self) -> AuditLog:
+        return self._audit
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> KeyService:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def list_keys(self) -> list[KeyInfo]:
+        self._require_master()
+        with self._store.read() as conn:
+            return [_info(row) for row in _store.key_rows(conn)]
+
+    def describe(self, name: str) -> KeyInfo:
+        validate_key_name(name)
+        self._require_master()
+        with self._store.read() as conn:
+            rows = _store.key_rows(conn, name)
+        if not rows:
+            raise KeyNotFound(f"no key named {name!r}")
+        return _info(rows[0])
+
+    # -- operations (each one audited) ---------------------------------------------------
+
+    def create_key(self, name: str) -> KeyInfo:
+        validate_key_name(name)
+
+        def body(conn: sqlite3.Connection, now: str) -> tuple[KeyInfo, int, Mapping[str, Any]]:
+            if _store.key_exists(conn, name):
+                raise _Refusal(
+                    KeyExists(f"a key named {name!r} exists already"), "denied", "key exists"
+                )
+            _store.insert_key(conn, name, now)
+            self._add_version(conn, name, 1, now)
+            return _info(_store.key_rows(conn, name)[0]), 1, {}
+
+        return self._run("create", name, None, body)
+
+    def rotate(self, name: str) -> KeyInfo:
+        validate_key_name(name)
+
+        def body(conn: sqlite3.Connection, now: str) -> tuple[KeyInfo, int, Mapping[str, Any]]:
+            current = self._current_version(conn, name)
+            if current >= _MAX_VERSION:
+                raise _Refusal(
+                    UsageError(f"key {name!r} has no versions left"), "denied", "versions exhausted"
+                )
+            self._add_version(conn, name, current + 1, now)
+            info = _info(_store.key_rows(conn, name)[0])
+            return info, current + 1, {"previous_version": current}
+
+        return self._run("rotate", name, None, body)
+
+    def generate_data_key(self, key_name: str) -> DataKey:
+        validate_key_name(key_name)
+
+        def body(conn: sqlite3.Connection, now: str) -> tuple[DataKey, int, Mapping[str, Any]]:
+            version = self._current_version(conn, key_name)
+            dek = self._random_exact(DATA_KEY_BYTES)
+            wrapped = self._wrap_dek(conn, key_name, version, dek)
+            return DataKey(dek, wrapped), version, {}
+
+        return self._run("generate_data_key", key_name, None, body)
+
+    def unwrap(self, wrapped: WrappedKey) -> bytes:
+        if not isinstance(wrapped, WrappedKey):
+            raise UsageError("unwrap needs a WrappedKey")
+
+        def body(conn: sqlite3.Connection, now: str) -> tuple[bytes, int, Mapping[str, Any]]:
+            return self._unwrap_dek(conn, wrapped), wrapped.version, {}
+
+        return self._run("unwrap", wrapped.key_name, wrapped.version, body)
+
+    def rewrap(self, wrapped: WrappedKey) -> WrappedKey:
+        if not isinstance(wrapped, WrappedKey):
+            raise UsageError("rewrap needs a WrappedKey")
+
+        def body(conn: sqlite3.Connection, now: str) -> tuple[WrappedKey, int, Mapping[str, Any]]:
+            dek = self._unwrap_dek(conn, wrapped)
+            version = self._current_version(conn, wrapped.key_name)
+            new = self._wrap_dek(conn, wrapped.key_name, version, dek)
+            return new, version, {"from_version": wrapped.version}
+
+        return self._run("rewrap", wrapped.key_name, wrapped.version, body)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _run(self, op: str, key_name: str, version_asked: int | None, body: _Body[_T]) -> _T:
+        """Run `body` in one write transaction together with its audit record.
+
+        A refusal rolls back whatever `body` wrote, but its audit record still commits; the
+        result is returned (and the refusal raised) only once the record is durable.
+        """
+        self._require_master()
+        ts = self._now()
+        now = ts.isoformat(timespec="microseconds")
+        refusal: _Refusal | None = None
+        result: _T | None = None
+        with self._store.write() as conn:
+            try:
+                with _store.savepoint(conn):
+                    result, version, detail = body(conn, now)
+                outcome: Outcome = "ok"
+            except _Refusal as exc:
+                refusal, outcome, version = exc, exc.outcome, version_asked
+                detail = {"reason": exc.reason}
+            self._audit.append(
+                conn,
+                ts=ts,
+                actor=self._actor,
+                op=op,
+                key_name=key_name,
+                version=version,
+                outcome=outcome,
+                detail=detail,
+            )
+        if refusal is not None:
+            _log.info(
+                "kms %s on %r by %s: %s (%s)",
+                op,
+                key_name,
+                self._actor,
+                refusal.outcome,
+                refusal.reason,
+            )
+            raise refusal.error from None
+        return result  # type: ignore[return-value]
+
+    def _require_master(self) -> None:
+        if self._master_ok:
+            return
+        with self._store.read() as conn:
+            stored = _store.get_meta(conn, "master_check")
+        expected = self._master_check(self._store.store_id)
+        if stored is None or not compare_digest(stored, expected):
+            _log.warning("the master key given does not open key store %s", self._store.path)
+            raise KeyAccessError(
+                "the master key does not open this key store", path=self._store.path
+            )
+        self._master_ok = True
+
+    def _master_check(self, store_id: bytes) -> bytes:
+        h = _pyca_hmac.HMAC(self._check_key, hashes.SHA256())
+        h.update(b"ppml/kms/master-check/v1\x00" + store_id)
+        return h.finalize()
+
+    def _now(self) -> _dt.datetime:
+        ts = self._clock()
+        if ts.tzinfo is None or ts.utcoffset() is None:
+            raise ConfigurationError("the clock must return timezone-aware times")
+        return ts.astimezone(_dt.UTC)
+
+    def _random_exact(self, n: int) -> bytes:
+        data = self._random(n)
+        if not isinstance(data, bytes) or len(data) != n:
+            raise ConfigurationError("the random source returned the wrong number of bytes")
+        return data
+
+    def _current_version(self, conn: sqlite3.Connection, name: str) -> int:
+        version = _store.latest_version(conn, name)
+        if version is None:
+            raise _Refusal(KeyNotFound(f"no key named {name!r}"), "denied", "unknown key")
+        return version
+
+    def _add_version(self, conn: sqlite3.Connection, name: str, version: int, now: str) -> None:
+        kek = self._random_exact(DATA_KEY_BYTES)
+        nonce = self._random_exact(_NONCE_BYTES)
+        blob = seal(self._kek_wrap_key, kek, _kek_aad(name, version), nonce=nonce)
+        _store.insert_version(conn, name, version, blob, now)
+
+    def _kek(self, conn: sqlite3.Connection, name: str, version: int) -> bytes:
+        blob = _store.wrapped_kek(conn, name, version)
+        if blob is None:
+            if not _store.key_exists(conn, name):
+                raise _Refusal(KeyNotFound(f"no key named {name!r}"), "denied", "unknown key")
+            raise _Refusal(
+                KeyVersionNotFound(f"key {name!r} has no version {version}"),
+                "denied",
+                "unknown version",
+            )
+        try:
+            return unseal(self._kek_wrap_key, blob, _kek_aad(name, version))
+        except IntegrityError:
+            # The master key was checked already, so the stored KEK itself was altered.
+            _log.error("stored key %r version %d failed authentication", name, version)
+            raise _Refusal(
+                IntegrityError(path=self._store.path),
+                "error",
+                "stored key-encryption key failed authentication",
+            ) from None
+
+    def _wrap_dek(
+        self, conn: sqlite3.Connection, name: str, version: int, dek: bytes
+    ) -> WrappedKey:
+        kek = self._kek(conn, name, version)
+        nonce = self._random_exact(_NONCE_BYTES)
+        return WrappedKey(name, version, seal(kek, dek, _dek_aad(name, version), nonce=nonce))
+
+    def _unwrap_dek(self, conn: sqlite3.Connection, wrapped: WrappedKey) -> bytes:
+        kek = self._kek(conn, wrapped.key_name, wrapped.version)
+        try:
+            return unseal(kek, wrapped.blob, wrapped.aad())
+        except IntegrityError:
+            raise _Refusal(
+                IntegrityError(), "error", "wrapped data key failed authentication"
+            ) from None

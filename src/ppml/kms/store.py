@@ -1,0 +1,281 @@
+"""The key store file: one private SQLite database (WAL, schema-versioned) shared by processes.
+
+It owns the connection, the schema and the key tables; writes run in ``BEGIN IMMEDIATE``
+transactions so that concurrent writers serialise instead of interleaving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ppml._internal.fs import PRIVATE_FILE_MODE
+from ppml.errors import ConfigurationError, UsageError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "KeyRow",
+    "KeyStore",
+    "get_meta",
+    "insert_key",
+    "insert_version",
+    "key_exists",
+    "key_rows",
+    "latest_version",
+    "put_meta",
+    "savepoint",
+    "wrapped_kek",
+]
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+_log = logging.getLogger(__name__)
+
+_SCHEMA = (
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    "CREATE TABLE keys (name TEXT PRIMARY KEY, created_at TEXT NOT NULL)",
+    """CREATE TABLE key_versions (
+        name TEXT NOT NULL REFERENCES keys (name),
+        version INTEGER NOT NULL CHECK (version >= 1),
+        wrapped_kek BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (name, version))""",
+    """CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        ts TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        op TEXT NOT NULL,
+        key_name TEXT,
+        version INTEGER,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        mac BLOB NOT NULL)""",
+    "CREATE INDEX audit_by_key ON audit (key_name, seq)",
+    """CREATE TABLE audit_head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        mac BLOB NOT NULL,
+        head_mac BLOB NOT NULL)""",
+)
+
+OnCreate = Callable[[sqlite3.Connection, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    """One named key as stored: its name, creation time and (version, created_at) pairs."""
+
+    name: str
+    created_at: str
+    versions: tuple[tuple[int, str], ...]
+
+
+@contextlib.contextmanager
+def savepoint(conn: sqlite3.Connection) -> Iterator[None]:
+    """Run a block inside a savepoint: its writes are undone if it raises."""
+    conn.execute("SAVEPOINT ppml_op")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK TO ppml_op")
+        conn.execute("RELEASE ppml_op")
+        raise
+    conn.execute("RELEASE ppml_op")
+
+
+class KeyStore:
+    """An open key store file. Thread-safe; several processes may open the same file."""
+
+    def __init__(self, path: Path, *, new_store_id: Callable[[], bytes], on_create: OnCreate):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = _connect(self.path)
+        try:
+            self.store_id = self._initialize(new_store_id, on_create)
+            _make_private(self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"KeyStore({str(self.path)!r})"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``): committed if the block completes."""
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot for several queries."""
+        with self._transaction("BEGIN") as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._conn is None:
+                raise UsageError("the key store is closed")
+            conn = self._conn
+            try:
+                conn.execute(begin)
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                _log.error("key store %s: %s: %s", self.path, type(exc).__name__, exc)
+                raise ConfigurationError("the key store is unavailable", path=self.path) from None
+
+    def _initialize(self, new_store_id: Callable[[], bytes], on_create: OnCreate) -> bytes:
+        with self.read() as conn:
+            version = _user_version(conn)
+        if version == 0:
+            with self.write() as conn:
+                # Re-read under the write lock: another process may have created it meanwhile.
+                if _user_version(conn) == 0:
+                    _create_schema(conn, self.path, new_store_id, on_create)
+            with self.read() as conn:
+                version = _user_version(conn)
+        if version != SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"key store schema version {version} is not supported (expected {SCHEMA_VERSION})",
+                path=self.path,
+            )
+        with self.read() as conn:
+            store_id = get_meta(conn, "store_id")
+        if store_id is None:
+            raise ConfigurationError("the key store is incomplete", path=self.path)
+        return store_id
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _create_schema(
+    conn: sqlite3.Connection, path: Path, new_store_id: Callable[[], bytes], on_create: OnCreate
+) -> None:
+    if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        raise ConfigurationError("not a ppml key store", path=path)
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    store_id = new_store_id()
+    put_meta(conn, "store_id", store_id)
+    on_create(conn, store_id)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    if not path.parent.is_dir():
+        raise ConfigurationError("the key store's directory does not exist", path=path)
+    try:
+        # Create the file ourselves so it is private from the first byte; SQLite gives its
+        # -wal and -shm files the same mode as the database file.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+        os.close(fd)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot open the key store: {exc.strerror}", path=path) from None
+    _make_private(path)
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise ConfigurationError("the key store cannot use WAL mode here", path=path)
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        _log.error("key store %s: %s", path, exc)
+        raise ConfigurationError("not a ppml key store", path=path) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _make_private(path: Path) -> None:
+    for name in (path.name, path.name + "-wal", path.name + "-shm"):
+        candidate = path.with_name(name)
+        try:
+            if candidate.stat().st_mode & 0o077:
+                os.chmod(candidate, PRIVATE_FILE_MODE)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot make the key store private: {exc.strerror}", path=candidate
+            ) from None
+
+
+def get_meta(conn: sqlite3.Connection, name: str) -> bytes | None:
+    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return row[0] if row is not None and isinstance(row[0], bytes) else None
+
+
+def put_meta(conn: sqlite3.Connection, name: str, value: bytes) -> None:
+    conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (name, value))
+
+
+def key_exists(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone() is not None
+
+
+def latest_version(conn: sqlite3.Connection, name: str) -> int | None:
+    row = conn.execute("SELECT max(version) FROM key_versions WHERE name = ?", (name,)).fetchone()
+    return None if row[0] is None else int(row[0])
+
+
+def wrapped_kek(conn: sqlite3.Connection, name: str, version: int) -> bytes | None:
+    row = conn.execute(
+        "SELECT wrapped_kek FROM key_versions WHERE name = ? AND version = ?", (name, version)
+    ).fetchone()
+    return row[0] if row is not None and isinstance(row[0], bytes) else None
+
+
+def insert_key(conn: sqlite3.Connection, name: str, created_at: str) -> None:
+    conn.execute("INSERT INTO keys (name, created_at) VALUES (?, ?)", (name, created_at))
+
+
+def insert_version(
+    conn: sqlite3.Connection, name: str, version: int, wrapped: bytes, created_at: str
+) -> None:
+    conn.execute(
+        "INSERT INTO key_versions (name, version, wrapped_kek, created_at) VALUES (?, ?, ?, ?)",
+        (name, version, wrapped, created_at),
+    )
+
+
+def key_rows(conn: sqlite3.Connection, name: str | None = None) -> list[KeyRow]:
+    """Named keys (all, or the one called `name`) with their versions, ordered by name."""
+    rows = conn.execute(
+        "SELECT k.name, k.created_at, v.version, v.created_at FROM keys k "
+        "JOIN key_versions v ON v.name = k.name WHERE (?1 IS NULL OR k.name = ?1) "
+        "ORDER BY k.name, v.version",
+        (name,),
+    ).fetchall()
+    grouped: dict[str, tuple[str, list[tuple[int, str]]]] = {}
+    for key_name, created_at, version, version_created_at in rows:
+        grouped.setdefault(key_name, (created_at, []))[1].append((version, version_created_at))
+    return [KeyRow(n, c, tuple(vs)) for n, (c, vs) in grouped.items()]
