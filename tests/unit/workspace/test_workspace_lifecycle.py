@@ -200,5 +200,11 @@ def test_key_service_uses_the_workspace_database(make_workspace) -> None:
     if not hasattr(kms, "KeyService"):
         pytest.skip("ppml.kms.KeyService is not available yet")
     ws = make_workspace()
-    service = ws.key_service()
-    assert type(service).__name__ == "KeyService"
+    assert not ws.kms_path.exists()
+    with ws.key_service() as service:
+        assert isinstance(service, kms.KeyService)
+        assert service.list_keys() == []
+    assert ws.kms_path.exists()
+    assert ws.describe()["kms_initialized"] is True
+    with Workspace.open(ws.path, PASSPHRASE).key_service(actor="tester") as again:
+        assert again.list_keys() == []

@@ -65,9 +65,7 @@ def test_leaf_certificates(shared_ws: Workspace, extra_hosts, kind: str, usage) 
     assert dns == {"localhost", "ppml.example.org"}
     assert ips == {ipaddress.ip_address(h) for h in ("127.0.0.1", "::1", "10.1.2.3", "2001:db8::7")}
     assert 729 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 732
-    key = serialization.load_pem_private_key(
-        getattr(shared_ws, f"{kind}_key").read_bytes(), None
-    )
+    key = serialization.load_pem_private_key(getattr(shared_ws, f"{kind}_key").read_bytes(), None)
     assert key.public_key() == cert.public_key()
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
 
@@ -115,47 +113,51 @@ def _client_context(ws: Workspace, *, with_cert: bool) -> ssl.SSLContext:
     return ctx
 
 
+def _exchange(
+    server: ssl.SSLContext, client: ssl.SSLContext, server_name: str
+) -> tuple[bytes, dict[str, object]]:
+    """One TLS connection over loopback: send a message, return the echo and the server's view."""
+    with (
+        _tls_server(server) as (port, result),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        client.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        tls.sendall(b"ping")
+        return tls.recv(100), result
+
+
 @pytest.mark.parametrize("server_name", ["localhost", "127.0.0.1", "ppml.example.org"])
 def test_tls_handshake(shared_ws: Workspace, server_name: str) -> None:
+    server = _server_context(shared_ws, mutual=False)
     client = _client_context(shared_ws, with_cert=False)
-    with _tls_server(_server_context(shared_ws, mutual=False)) as (port, result):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with client.wrap_socket(raw, server_hostname=server_name) as tls:
-                tls.sendall(b"ping")
-                assert tls.recv(100) == b"ping"
+    reply, result = _exchange(server, client, server_name)
+    assert reply == b"ping"
     assert "error" not in result
 
 
 def test_tls_rejects_an_unlisted_name(shared_ws: Workspace) -> None:
+    server = _server_context(shared_ws, mutual=False)
     client = _client_context(shared_ws, with_cert=False)
-    with _tls_server(_server_context(shared_ws, mutual=False)) as (port, _result):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with pytest.raises(ssl.SSLCertVerificationError):
-                client.wrap_socket(raw, server_hostname="other.example.com")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _exchange(server, client, "other.example.com")
 
 
 def test_mutual_tls_handshake(shared_ws: Workspace) -> None:
+    server = _server_context(shared_ws, mutual=True)
     client = _client_context(shared_ws, with_cert=True)
-    with _tls_server(_server_context(shared_ws, mutual=True)) as (port, result):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with client.wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(b"hello")
-                assert tls.recv(100) == b"hello"
+    reply, result = _exchange(server, client, "localhost")
+    assert reply == b"ping"
     assert "error" not in result
     peer = result["peer"]
     assert isinstance(peer, dict)
-    assert ((("commonName", "ppml client"),)) in peer["subject"]
+    assert (("commonName", "ppml client"),) in peer["subject"]
 
 
 def test_mutual_tls_refuses_a_client_without_certificate(shared_ws: Workspace) -> None:
+    server = _server_context(shared_ws, mutual=True)
     client = _client_context(shared_ws, with_cert=False)
-    with _tls_server(_server_context(shared_ws, mutual=True)) as (port, result):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with pytest.raises((ssl.SSLError, OSError)):
-                with client.wrap_socket(raw, server_hostname="localhost") as tls:
-                    tls.sendall(b"hello")
-                    tls.recv(100)
-    assert isinstance(result.get("error"), ssl.SSLError)
+    with pytest.raises((ssl.SSLError, OSError)):
+        _exchange(server, client, "localhost")
 
 
 def test_enclave_signing_key(shared_ws: Workspace) -> None:
@@ -170,9 +172,21 @@ def test_enclave_signing_key(shared_ws: Workspace) -> None:
 
 @pytest.mark.parametrize(
     "host",
-    ["", " host", "host name", "-bad.example", "bad-.example", "a..b", "under_score.example",
-     "999.1.1.1", "fe80::1%eth0", "x" * 64 + ".example", "bücher.example", "*.example.com",
-     "http://example.com"],
+    [
+        "",
+        " host",
+        "host name",
+        "-bad.example",
+        "bad-.example",
+        "a..b",
+        "under_score.example",
+        "999.1.1.1",
+        "fe80::1%eth0",
+        "x" * 64 + ".example",
+        "bücher.example",
+        "*.example.com",
+        "http://example.com",
+    ],
 )
 def test_invalid_host_rejected(tmp_path, kdf, passphrase: bytes, host: str) -> None:
     with pytest.raises(UsageError, match="invalid host"):

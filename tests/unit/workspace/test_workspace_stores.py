@@ -46,9 +46,22 @@ def _keytool_list(store: Path, password: str) -> str:
     assert KEYTOOL is not None
     env = {**os.environ, "PPML_TEST_STOREPASS": password}
     done = subprocess.run(
-        [KEYTOOL, "-list", "-v", "-storetype", "PKCS12", "-keystore", str(store),
-         "-storepass:env", "PPML_TEST_STOREPASS"],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            KEYTOOL,
+            "-list",
+            "-v",
+            "-storetype",
+            "PKCS12",
+            "-keystore",
+            str(store),
+            "-storepass:env",
+            "PPML_TEST_STOREPASS",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert password not in done.stdout + done.stderr
@@ -74,8 +87,20 @@ def test_keytool_reads_the_truststore(shared_ws: Workspace) -> None:
 def test_keytool_refuses_a_wrong_password(shared_ws: Workspace) -> None:
     env = {**os.environ, "PPML_TEST_STOREPASS": "wrong password"}
     done = subprocess.run(
-        [str(KEYTOOL), "-list", "-storetype", "PKCS12", "-keystore", str(shared_ws.keystore),
-         "-storepass:env", "PPML_TEST_STOREPASS"],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            str(KEYTOOL),
+            "-list",
+            "-storetype",
+            "PKCS12",
+            "-keystore",
+            str(shared_ws.keystore),
+            "-storepass:env",
+            "PPML_TEST_STOREPASS",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode != 0

@@ -1,0 +1,191 @@
+"""`ppml key ...`, `ppml audit ...` and `ppml secret show`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from ppml.cli._common import (
+    FormatOption,
+    PassphraseFileOption,
+    WorkspaceOption,
+    check_format,
+    handle_errors,
+    open_workspace,
+    print_json,
+)
+from ppml.errors import IntegrityError
+
+key_app = typer.Typer(
+    help="Named keys: create, list, show, rotate.", no_args_is_help=True, add_completion=False
+)
+audit_app = typer.Typer(
+    help="The KMS audit log: show it, verify its hash chain.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+secret_app = typer.Typer(
+    help="Workspace secrets (sealed under the master key).", no_args_is_help=True
+)
+
+NameArg = Annotated[str, typer.Argument(help="Key name: letters, digits, '.', '_', '-'.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(key_app, name="key")
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(secret_app, name="secret")
+
+
+def _show_key(info: dict[str, object], fmt: str) -> None:
+    if fmt == "json":
+        print_json(info)
+        return
+    typer.echo(f"name             {info['name']}")
+    typer.echo(f"created          {info['created_at']}")
+    typer.echo(f"current version  {info['current_version']}")
+    versions = info["versions"]
+    assert isinstance(versions, list)
+    for v in versions:
+        typer.echo(f"  v{v['version']:<4} created {v['created_at']}")
+
+
+@key_app.command("create")
+def key_create(
+    name: NameArg,
+    fmt: FormatOption = "text",
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Create a named key (version 1)."""
+    with handle_errors():
+        check_format(fmt)
+        with open_workspace(workspace, passphrase_file).key_service() as keys:
+            _show_key(keys.create_key(name).to_dict(), fmt)
+
+
+@key_app.command("list")
+def key_list(
+    fmt: FormatOption = "text",
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """List the named keys with their current versions."""
+    with handle_errors():
+        check_format(fmt)
+        with open_workspace(workspace, passphrase_file).key_service() as keys:
+            infos = [k.to_dict() for k in keys.list_keys()]
+        if fmt == "json":
+            print_json(infos)
+            return
+        if not infos:
+            typer.echo("no keys yet: create one with `ppml key create NAME`", err=True)
+            return
+        typer.echo(f"{'NAME':<32} {'VERSION':>7}  CREATED")
+        for k in infos:
+            typer.echo(f"{k['name']:<32} {k['current_version']:>7}  {k['created_at']}")
+
+
+@key_app.command("show")
+def key_show(
+    name: NameArg,
+    fmt: FormatOption = "text",
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Show a named key's versions (metadata only, never key material)."""
+    with handle_errors():
+        check_format(fmt)
+        with open_workspace(workspace, passphrase_file).key_service() as keys:
+            _show_key(keys.describe(name).to_dict(), fmt)
+
+
+@key_app.command("rotate")
+def key_rotate(
+    name: NameArg,
+    fmt: FormatOption = "text",
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Add a new version: new files use it, old files still decrypt (`ppml rewrap` moves them)."""
+    with handle_errors():
+        check_format(fmt)
+        with open_workspace(workspace, passphrase_file).key_service() as keys:
+            _show_key(keys.rotate(name).to_dict(), fmt)
+
+
+@audit_app.command("show")
+def audit_show(
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", help="Only the newest N records.")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Only records of this key.")] = None,
+    fmt: FormatOption = "text",
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Show the audit log: every key operation, allowed or refused."""
+    with handle_errors():
+        check_format(fmt)
+        with open_workspace(workspace, passphrase_file).key_service() as keys:
+            entries = [e.to_dict() for e in keys.audit.entries(limit=limit, key_name=key)]
+        if fmt == "json":
+            print_json(entries)
+            return
+        typer.echo(f"{'SEQ':>5}  {'TIME':<32} {'OP':<18} {'KEY':<20} {'VER':>4}  OUTCOME")
+        for e in entries:
+            version = "" if e["version"] is None else e["version"]
+            typer.echo(
+                f"{e['seq']:>5}  {e['ts']:<32} {e['op']:<18} {e['key_name'] or '':<20} "
+                f"{version:>4}  {e['outcome']}"
+            )
+
+
+@audit_app.command("verify")
+def audit_verify(
+    fmt: FormatOption = "text",
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Verify the audit log's MAC chain: detects an edited, inserted, deleted or reordered
+    record and a cut-off tail. Exit 0 when intact, 3 when not."""
+    with handle_errors():
+        check_format(fmt)
+        with open_workspace(workspace, passphrase_file).key_service() as keys:
+            result = keys.audit.verify()
+        if fmt == "json":
+            print_json(result.to_dict())
+        elif result.ok:
+            typer.echo(f"audit log intact: {result.count} records")
+        if not result.ok:
+            where = f" at record {result.first_bad_seq}" if result.first_bad_seq else ""
+            raise IntegrityError(f"audit log broken{where}: {result.reason}")
+
+
+@secret_app.command("show")
+def secret_show(
+    name: Annotated[str, typer.Argument(help="Secret name, e.g. spark-auth-secret.")],
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Write one secret to stdout, for piping (a newline is added only on a terminal).
+
+    This is the only command that ever prints a secret.
+    """
+    with handle_errors():
+        value = open_workspace(workspace, passphrase_file).secret(name)
+        sys.stdout.write(value + ("\n" if sys.stdout.isatty() else ""))
+        sys.stdout.flush()
+
+
+@secret_app.command("list")
+def secret_list(
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """List the names of the workspace's secrets (never their values)."""
+    with handle_errors():
+        for name in open_workspace(workspace, passphrase_file).secret_names():
+            typer.echo(name)
