@@ -180,7 +180,8 @@ def _decrypt_one(
 ) -> None:
     from ppml.data import decrypt_file, detect_file_kind
 
-    kind = detect_file_kind(src)
+    # A pipe can be read once only: it can only be the streaming format.
+    kind = detect_file_kind(src) if src.is_file() else "stream"
     if kind == "parquet":
         from ppml.data.files import annotate_errors
         from ppml.data.parquet import decrypt_parquet_file
@@ -314,14 +315,17 @@ def rewrap(
     with handle_errors():
         from ppml.data import detect_file_kind, rewrap_file
 
-        files: list[Path] = []
+        files: list[tuple[Path, bool]] = []  # (path, named explicitly)
         for p in paths:
             src = _input(p)
-            files.extend(_data_files(src) if src.is_dir() else [src])
+            files.extend([(f, False) for f in _data_files(src)] if src.is_dir() else [(src, True)])
+        for f, explicit in files:
+            if explicit and detect_file_kind(f) == "plain":
+                raise NotEncrypted("not a ppml encrypted file", path=f)
         ws = open_workspace(workspace, passphrase_file)
         changed = 0
         with ws.key_service() as keys:
-            for f in files:
+            for f, _ in files:
                 kind = detect_file_kind(f)
                 if kind == "stream":
                     old, new = rewrap_file(f, keys.rewrap)
@@ -333,7 +337,7 @@ def rewrap(
                 elif kind == "parquet":
                     changed += _reencrypt_parquet(f, keys)
                 else:
-                    raise NotEncrypted("not a ppml encrypted file", path=f)
+                    typer.echo(f"{f}: skipped (not encrypted)")
         typer.echo(f"rewrapped {changed} of {len(files)} files", err=True)
 
 

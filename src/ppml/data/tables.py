@@ -37,7 +37,7 @@ __all__ = [
     "write_table",
 ]
 
-_PARQUET_MAGIC = b"PAR1"
+_PARQUET_MAGICS = (b"PAR1", b"PARE")  # plaintext footer, encrypted footer
 
 
 class TableFormat(enum.StrEnum):
@@ -81,7 +81,7 @@ def detect_file_kind(path: Path) -> str:
         head = fh.read(len(MAGIC))
     if head == MAGIC:
         return "stream"
-    if head[:4] == _PARQUET_MAGIC:
+    if head[:4] in _PARQUET_MAGICS:
         return "parquet"
     return "plain"
 

@@ -64,7 +64,10 @@ class KeyVersionInfo:
     created_at: _dt.datetime
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "created_at": self.created_at.isoformat()}
+        return {
+            "version": self.version,
+            "created_at": self.created_at.isoformat(timespec="microseconds"),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +82,7 @@ class KeyInfo:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "created_at": self.created_at.isoformat(),
+            "created_at": self.created_at.isoformat(timespec="microseconds"),
             "current_version": self.current_version,
             "versions": [v.to_dict() for v in self.versions],
         }

@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ppml._internal.clock import Clock, utc_now
 from ppml.crypto.passphrase import KdfParams, unseal_with_passphrase
-from ppml.errors import ConfigurationError, WorkspaceNotFound
+from ppml.errors import ConfigurationError, WorkspaceNotFound, WrongPassphrase
 from ppml.workspace import pki
 from ppml.workspace.build import MASTER_KEY_BYTES, Progress, build_workspace
 from ppml.workspace.config import WorkspaceConfig
-from ppml.workspace.layout import CONFIG_FILE, FileNames, Layout, is_workspace
+from ppml.workspace.layout import CONFIG_FILE, Layout, is_workspace
 from ppml.workspace.secrets import SecretStore
 
 if TYPE_CHECKING:
@@ -110,7 +110,10 @@ class Workspace:
             sealed = sealed_path.read_bytes()
         except FileNotFoundError:
             raise ConfigurationError("the sealed master key is missing", path=sealed_path) from None
-        master_key = unseal_with_passphrase(sealed, passphrase)
+        try:
+            master_key = unseal_with_passphrase(sealed, passphrase)
+        except WrongPassphrase as exc:
+            raise WrongPassphrase(exc.message, path=path) from None
         if len(master_key) != MASTER_KEY_BYTES:
             raise ConfigurationError("the sealed master key has the wrong length", path=sealed_path)
         SecretStore(layout.path("secrets"), master_key).check()
@@ -227,7 +230,7 @@ class Workspace:
             "default_segment_size": self.config.default_segment_size,
             "files": {
                 "config": str(self.config_path),
-                **{f: str(self.layout.path(f)) for f in FileNames().as_dict()},
+                **{f: str(self.layout.path(f)) for f in self.config.files.as_dict()},
             },
             "kms_initialized": self.kms_path.exists(),
             "certificates": certs,

@@ -82,9 +82,9 @@ def test_create_list_describe(kms: KeyService) -> None:
     assert kms.describe("alpha") == info
     assert info.to_dict() == {
         "name": "alpha",
-        "created_at": "2030-01-01T00:00:01+00:00",
+        "created_at": "2030-01-01T00:00:01.000000+00:00",
         "current_version": 1,
-        "versions": [{"version": 1, "created_at": "2030-01-01T00:00:01+00:00"}],
+        "versions": [{"version": 1, "created_at": "2030-01-01T00:00:01.000000+00:00"}],
     }
     with pytest.raises(KeyNotFound):
         kms.describe("gamma")

@@ -1,0 +1,244 @@
+"""The file commands end to end: real `ppml` processes, a real workspace, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cli_support import PASSPHRASE, run_ppml
+from tests.support import locked_directory
+
+PEOPLE = b"name,age\nMichael,\nAndy,30\nJustin,19\n"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ws = tmp_path_factory.mktemp("ws") / "workspace"
+    assert run_ppml("init", "--dir", ws).code == 0
+    for name in ("sales", "pii", "other"):
+        assert run_ppml("key", "create", name, home=ws).code == 0
+    return ws
+
+
+def _no_leftovers(directory: Path) -> None:
+    assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == []
+
+
+def _encrypted(home: Path, tmp_path: Path, data: bytes = PEOPLE, name: str = "people.csv") -> Path:
+    src = tmp_path / name
+    src.write_bytes(data)
+    enc = tmp_path / f"{name}.ppml"
+    r = run_ppml("encrypt", src, "-o", enc, "--key", "sales", "--segment-size", "16", home=home)
+    assert r.code == 0, r.err
+    return enc
+
+
+def test_round_trip_and_inspect(home: Path, tmp_path: Path) -> None:
+    enc = _encrypted(home, tmp_path)
+    assert b"Justin" not in enc.read_bytes()
+    r = run_ppml("inspect", enc, "--format", "json")  # no workspace, no passphrase needed
+    assert r.code == 0, r.err
+    info = json.loads(r.out)
+    assert info["key_name"] == "sales" and info["key_version"] == 1
+    assert info["content_type"] == "csv" and info["plaintext_bytes"] == len(PEOPLE)
+    assert info["segments"] == 3
+    out = tmp_path / "out.csv"
+    r = run_ppml("decrypt", enc, "-o", out, home=home)
+    assert r.code == 0, r.err
+    assert out.read_bytes() == PEOPLE
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["flip-body", "flip-header", "truncate", "extend", "cut-segment"],
+)
+def test_damaged_files_exit_3_and_leave_nothing(home: Path, tmp_path: Path, damage: str) -> None:
+    enc = _encrypted(home, tmp_path)
+    blob = bytearray(enc.read_bytes())
+    if damage == "flip-body":
+        blob[-20] ^= 0x40
+    elif damage == "flip-header":
+        blob[20] ^= 0x01  # inside the salt
+    elif damage == "truncate":
+        del blob[-1:]
+    elif damage == "extend":
+        blob += b"\x00"
+    else:
+        del blob[-(16 + 4) :]  # drop the short last segment whole
+    enc.write_bytes(bytes(blob))
+    out = tmp_path / "out.csv"
+    r = run_ppml("decrypt", enc, "-o", out, home=home)
+    assert r.code == 3
+    assert r.err.strip() == f"ppml: {enc}: integrity error: integrity check failed"
+    assert len(r.err.strip().splitlines()) == 1
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+def test_garbage_header_and_plain_file(home: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "plain.csv"
+    plain.write_bytes(PEOPLE)
+    r = run_ppml("decrypt", plain, "-o", tmp_path / "x", home=home)
+    assert r.code == 2 and "not a ppml encrypted file" in r.err and str(plain) in r.err
+    garbage = tmp_path / "garbage.ppml"
+    garbage.write_bytes(b"\x89PPML\r\n\x1a" + os.urandom(40))
+    r = run_ppml("decrypt", garbage, "-o", tmp_path / "y", home=home)
+    assert r.code == 3 and "integrity" in r.err
+    r = run_ppml("inspect", garbage)
+    assert r.code == 3
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_bad_requests(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "people.csv"
+    src.write_bytes(PEOPLE)
+    out = tmp_path / "out.ppml"
+    r = run_ppml("encrypt", src, "-o", out, "--key", "nope", home=home)
+    assert r.code == 4 and "nope" in r.err
+    r = run_ppml("encrypt", tmp_path / "missing.csv", "-o", out, "--key", "sales", home=home)
+    assert r.code == 2 and "missing.csv" in r.err
+    r = run_ppml("decrypt", tmp_path, "-o", tmp_path / "d", home=home)  # dir of plain files
+    assert r.code == 2
+    r = run_ppml("encrypt", src, "-o", out, "--key", "sales", home=home, passphrase="wrong")
+    assert r.code == 4 and "wrong passphrase" in r.err
+    r = run_ppml("encrypt", src, "-o", out, "--key", "sales", home=home, passphrase=None)
+    assert r.code == 5 and "PPML_PASSPHRASE" in r.err
+    r = run_ppml("encrypt", src, "-o", out, "--key", "sales", home=tmp_path / "nows")
+    assert r.code == 5 and "ppml init" in r.err
+    assert not out.exists()
+    out.write_bytes(b"keep")
+    r = run_ppml("encrypt", src, "-o", out, "--key", "sales", home=home)
+    assert r.code == 2 and "--force" in r.err and out.read_bytes() == b"keep"
+    assert run_ppml("encrypt", src, "-o", out, "--key", "sales", "--force", home=home).code == 0
+    with locked_directory(tmp_path / "locked") as locked:
+        r = run_ppml("encrypt", src, "-o", locked / "x.ppml", "--key", "sales", home=home)
+        assert r.code == 2 and "locked" in r.err
+        assert list(locked.iterdir()) == []
+    _no_leftovers(tmp_path)
+
+
+def test_passphrase_file(home: Path, tmp_path: Path) -> None:
+    pf = tmp_path / "pass"
+    pf.write_text(PASSPHRASE + "\n")
+    pf.chmod(0o600)
+    r = run_ppml("key", "list", "--passphrase-file", pf, home=home, passphrase=None)
+    assert r.code == 0 and "sales" in r.out
+
+
+def test_directories_round_trip(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "parts"
+    (src / "sub").mkdir(parents=True)
+    (src / "part-0.csv").write_bytes(PEOPLE)
+    (src / "sub" / "part-1.json").write_bytes(b'{"a":1}\n')
+    enc = tmp_path / "enc"
+    r = run_ppml("encrypt", src, "-o", enc, "--key", "sales", home=home)
+    assert r.code == 0, r.err
+    assert sorted(str(p.relative_to(enc)) for p in enc.rglob("*") if p.is_file()) == [
+        "part-0.csv",
+        "sub/part-1.json",
+    ]
+    dec = tmp_path / "dec"
+    assert run_ppml("decrypt", enc, "-o", dec, home=home).code == 0
+    assert (dec / "part-0.csv").read_bytes() == PEOPLE
+    assert (dec / "sub" / "part-1.json").read_bytes() == b'{"a":1}\n'
+    # One bad part: exit 3 and no output directory at all.
+    bad = enc / "sub" / "part-1.json"
+    bad.write_bytes(bad.read_bytes()[:-1])
+    r = run_ppml("decrypt", enc, "-o", tmp_path / "dec2", home=home)
+    assert r.code == 3 and "part-1.json" in r.err
+    assert not (tmp_path / "dec2").exists()
+    _no_leftovers(tmp_path)
+
+
+def test_rotate_then_rewrap(home: Path, tmp_path: Path) -> None:
+    assert run_ppml("key", "create", "rot", home=home).code == 0
+    src = tmp_path / "a.txt"
+    src.write_bytes(b"to be or not to be\n")
+    enc = tmp_path / "a.txt.ppml"
+    assert run_ppml("encrypt", src, "-o", enc, "--key", "rot", home=home).code == 0
+    r = run_ppml("key", "rotate", "rot", "--format", "json", home=home)
+    assert json.loads(r.out)["current_version"] == 2
+    # Old files still decrypt after a rotation; new files use the new version.
+    assert run_ppml("decrypt", enc, "-o", tmp_path / "a1", home=home).code == 0
+    enc2 = tmp_path / "b.ppml"
+    assert run_ppml("encrypt", src, "-o", enc2, "--key", "rot", home=home).code == 0
+    assert json.loads(run_ppml("inspect", enc2, "--format", "json").out)["key_version"] == 2
+    r = run_ppml("rewrap", tmp_path, home=home)
+    assert r.code == 0, r.err
+    assert "v1 -> v2" in r.out
+    assert json.loads(run_ppml("inspect", enc, "--format", "json").out)["key_version"] == 2
+    assert run_ppml("decrypt", enc, "-o", tmp_path / "a2", home=home).code == 0
+    assert (tmp_path / "a2").read_bytes() == src.read_bytes()
+
+
+def test_parquet_pme_through_the_cli(home: Path, tmp_path: Path) -> None:
+    table = pa.table({"name": ["Michael", "Andy"], "ssn": ["123-45-6789", "987-65-4321"]})
+    src = tmp_path / "people.parquet"
+    pq.write_table(table, src)
+    enc = tmp_path / "people.enc.parquet"
+    r = run_ppml(
+        "encrypt", src, "-o", enc, "--key", "sales", "--column-key", "pii:ssn", home=home
+    )
+    assert r.code == 0, r.err
+    assert enc.read_bytes()[:4] == b"PARE" and enc.read_bytes()[-4:] == b"PARE"
+    assert b"123-45-6789" not in enc.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 -- pyarrow raises OSError or ArrowException
+        pq.read_table(enc)
+    info = json.loads(run_ppml("inspect", enc, "--format", "json").out)
+    assert info["key_name"] == "sales"
+    out = tmp_path / "out.parquet"
+    assert run_ppml("decrypt", enc, "-o", out, home=home).code == 0
+    assert pq.read_table(out).equals(table)
+
+
+def _wait_for(predicate: object, proc: subprocess.Popen[bytes]) -> None:
+    """Poll (without sleeping a fixed time) until `predicate()` holds or the process ended."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while not predicate():  # type: ignore[operator]
+        assert proc.poll() is None, "ppml ended early"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("command", ["encrypt", "decrypt"])
+def test_ctrl_c_leaves_nothing_partial(home: Path, tmp_path: Path, command: str) -> None:
+    """ppml reads from a FIFO that we feed slowly; SIGINT arrives mid-file."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if command == "encrypt":
+        payload = os.urandom(3 << 20)
+        args = ["encrypt", str(fifo), "-o", str(out_dir / "x.ppml"), "--key", "sales"]
+    else:
+        enc = _encrypted(home, tmp_path, os.urandom(3 << 20), name="big.bin")
+        payload = enc.read_bytes()
+        args = ["decrypt", str(fifo), "-o", str(out_dir / "x.bin")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
+    env.update(PPML_HOME=str(home), PPML_PASSPHRASE=PASSPHRASE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppml", *args], env=env, stderr=subprocess.PIPE
+    )
+    try:
+        with open(fifo, "wb") as feed:
+            feed.write(payload[: 2 << 20])  # two segments' worth, then stall
+            feed.flush()
+            _wait_for(lambda: any(out_dir.iterdir()), proc)  # the temporary output exists
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert b"interrupted" in err
+    assert list(out_dir.iterdir()) == []
