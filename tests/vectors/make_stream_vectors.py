@@ -33,7 +33,7 @@ def main() -> None:
     for name, seg, ctype, plaintext in CASES:
         header = StreamHeader(ctype, seg, salt, prefix, wrapped)
         out = io.BytesIO()
-        encrypt_stream(io.BytesIO(plaintext), out, DataKey(dek, wrapped), _header=header)
+        encrypt_stream(io.BytesIO(plaintext), out, DataKey(dek, wrapped), header=header)
         vectors.append(
             {
                 "name": name,

@@ -39,6 +39,8 @@ __all__ = [
     "decrypt_stream",
     "encrypt_stream",
     "looks_encrypted",
+    "new_header",
+    "plaintext_size",
     "read_header",
 ]
 
@@ -52,6 +54,7 @@ DEFAULT_SEGMENT_SIZE = 1 << 20
 MIN_SEGMENT_SIZE = 16
 MAX_SEGMENT_SIZE = 64 << 20
 MAX_SEGMENTS = 1 << 32
+_IO_BATCH_BYTES = 8 << 20
 _FIXED = struct.Struct(">8sBBBBI32s7sB")  # magic .. key name length: 56 bytes
 _MUTABLE = struct.Struct(">IH")  # key version, wrapped key length
 _HKDF_INFO = b"ppml/stream/v1"
@@ -162,6 +165,17 @@ def read_header(src: BinaryIO) -> tuple[StreamHeader, int]:
     return header, _FIXED.size + name_len + _MUTABLE.size + wrapped_len
 
 
+def plaintext_size(header: StreamHeader, header_len: int, file_size: int) -> int:
+    """The plaintext size of a file of `file_size` bytes; -1 when no valid file has that size."""
+    seg_ct = header.segment_size + TAG_SIZE
+    body = file_size - header_len
+    segments = max(1, -(-body // seg_ct))
+    last = body - (segments - 1) * seg_ct
+    if last < TAG_SIZE or (segments > 1 and last == TAG_SIZE):
+        return -1
+    return body - segments * TAG_SIZE
+
+
 def looks_encrypted(path: str | os.PathLike[str]) -> bool:
     """True when the file starts with the ppml stream magic (no key needed)."""
     with open(path, "rb") as fh:
@@ -236,6 +250,11 @@ def _write_all(dst: BinaryIO, data: memoryview) -> None:
         written += n
 
 
+def _batch_segments(segment_size: int) -> int:
+    """How many segments one read or write moves: large I/O calls are much cheaper."""
+    return max(1, _IO_BATCH_BYTES // segment_size)
+
+
 def encrypt_stream(
     src: BinaryIO,
     dst: BinaryIO,
@@ -244,37 +263,42 @@ def encrypt_stream(
     content_type: ContentType = ContentType.BYTES,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
     progress: Callable[[int], None] | None = None,
-    _header: StreamHeader | None = None,
+    header: StreamHeader | None = None,
 ) -> int:
     """Encrypt everything `src` yields into `dst`; returns the plaintext byte count.
 
-    Memory use is two segments whatever the input size. `_header` pins salt and nonce prefix
-    for known-answer tests only.
+    Memory use is bounded (a few batches of segments) whatever the input size. `header`, when
+    given, must come from `new_header` (tests pin its salt and nonce prefix for known answers).
     """
-    header = _header or new_header(data_key, content_type, segment_size)
+    header = header or new_header(data_key, content_type, segment_size)
     cipher = _SegmentCipher(data_key.plaintext, header)
     seg = header.segment_size
+    batch = _batch_segments(seg)
     dst.write(header.to_bytes())
-    # Double buffering: a segment is written only once we know whether another one follows.
-    bufs = [memoryview(bytearray(seg)), memoryview(bytearray(seg))]
-    out = memoryview(bytearray(seg + TAG_SIZE))
+    # Double buffering: a batch is written once we know whether more input follows it, since
+    # the file's last segment carries the last flag.
+    bufs = [memoryview(bytearray(batch * seg)), memoryview(bytearray(batch * seg))]
+    out = memoryview(bytearray(batch * (seg + TAG_SIZE)))
     cur = 0
     n = _readinto_full(src, bufs[cur])
     index = 0
     total = 0
     while True:
-        nxt = 0
-        if n == seg:
-            nxt = _readinto_full(src, bufs[1 - cur])
-        last = nxt == 0
-        cipher.encrypt_into(index, last, bufs[cur][:n], out[: n + TAG_SIZE])
-        _write_all(dst, out[: n + TAG_SIZE])
+        nxt = _readinto_full(src, bufs[1 - cur]) if n == len(bufs[cur]) else 0
+        count = max(1, -(-n // seg))
+        pos = 0
+        for j in range(count):
+            plain = bufs[cur][j * seg : min(n, (j + 1) * seg)]
+            last = nxt == 0 and j == count - 1
+            cipher.encrypt_into(index, last, plain, out[pos : pos + len(plain) + TAG_SIZE])
+            pos += len(plain) + TAG_SIZE
+            index += 1
+        _write_all(dst, out[:pos])
         total += n
         if progress is not None:
             progress(n)
-        if last:
+        if nxt == 0:
             return total
-        index += 1
         cur, n = 1 - cur, nxt
 
 
@@ -287,31 +311,40 @@ def decrypt_stream(
 ) -> StreamHeader:
     """Decrypt a whole stream from `src` into `dst`; returns the header.
 
-    Plaintext reaches `dst` segment by segment as each one verifies; callers that must not
+    Plaintext reaches `dst` batch by batch as each segment verifies; callers that must not
     leave partial plaintext write `dst` to a temporary file and keep it only when this returns
     (which happens only after the last segment, flagged last, verified and nothing followed).
     """
     header, _ = read_header(src)
     cipher = _SegmentCipher(_resolver(keys)(header.wrapped), header)
-    seg_ct = header.segment_size + TAG_SIZE
-    bufs = [memoryview(bytearray(seg_ct)), memoryview(bytearray(seg_ct))]
-    out = memoryview(bytearray(header.segment_size))
+    seg = header.segment_size
+    seg_ct = seg + TAG_SIZE
+    batch = _batch_segments(seg)
+    bufs = [memoryview(bytearray(batch * seg_ct)), memoryview(bytearray(batch * seg_ct))]
+    out = memoryview(bytearray(batch * seg))
     cur = 0
     n = _readinto_full(src, bufs[cur])
     index = 0
     while True:
-        nxt = _readinto_full(src, bufs[1 - cur]) if n == seg_ct else 0
-        last = nxt == 0
+        nxt = _readinto_full(src, bufs[1 - cur]) if n == len(bufs[cur]) else 0
+        count = max(1, -(-n // seg_ct))
+        tail = n - (count - 1) * seg_ct
         # A segment is never shorter than its tag, and only an empty file ends in an empty one.
-        if n < TAG_SIZE or (n == TAG_SIZE and index > 0):
+        if tail < TAG_SIZE or (tail == TAG_SIZE and index + count > 1):
             raise IntegrityError()
-        cipher.decrypt_into(index, last, bufs[cur][:n], out[: n - TAG_SIZE])
-        _write_all(dst, out[: n - TAG_SIZE])
+        pos = 0
+        for j in range(count):
+            sealed = bufs[cur][j * seg_ct : min(n, (j + 1) * seg_ct)]
+            last = nxt == 0 and j == count - 1
+            size = len(sealed) - TAG_SIZE
+            cipher.decrypt_into(index, last, sealed, out[pos : pos + size])
+            pos += size
+            index += 1
+        _write_all(dst, out[:pos])
         if progress is not None:
-            progress(n - TAG_SIZE)
-        if last:
+            progress(pos)
+        if nxt == 0:
             return header
-        index += 1
         cur, n = 1 - cur, nxt
 
 
@@ -393,13 +426,12 @@ class StreamReader(io.RawIOBase):
         raw.seek(0)
         self._header, self._body_start = read_header(raw)
         self._cipher = _SegmentCipher(_resolver(keys)(self._header.wrapped), self._header)
-        body = raw.seek(0, os.SEEK_END) - self._body_start
-        seg_ct = self._header.segment_size + TAG_SIZE
-        self._segments = max(1, -(-body // seg_ct))
-        last_ct = body - (self._segments - 1) * seg_ct
-        if last_ct < TAG_SIZE or (self._segments > 1 and last_ct == TAG_SIZE):
+        file_size = raw.seek(0, os.SEEK_END)
+        self._size = plaintext_size(self._header, self._body_start, file_size)
+        if self._size < 0:
             raise IntegrityError()
-        self._size = body - self._segments * TAG_SIZE
+        seg_ct = self._header.segment_size + TAG_SIZE
+        self._segments = max(1, -(-(file_size - self._body_start) // seg_ct))
         self._pos = 0
         self._cached: tuple[int, bytes] | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from ppml.crypto.stream import (
     StreamWriter,
     decrypt_stream,
     encrypt_stream,
+    new_header,
+    plaintext_size,
     read_header,
 )
 from ppml.errors import InputNotFound, OutputExists, PPMLError, UsageError
@@ -114,12 +117,14 @@ def encrypt_file(
     ctype = content_type if content_type is not None else content_type_for(src)
     with annotate_errors(src):
         data_key = provider.generate_data_key(key_name)
+        header = new_header(data_key, ctype, segment_size)
         with open(src, "rb", buffering=0) as fin, atomic_output(dst, mode=_OUTPUT_MODE) as fout:
-            encrypt_stream(
-                fin, fout, data_key, content_type=ctype, segment_size=segment_size, progress=progress
-            )
-        with open(dst, "rb") as fh:
-            return read_header(fh)[0]
+            size = _regular_size(fin)
+            if size is not None:
+                _preallocate(fout, header.ciphertext_size(size))
+            encrypt_stream(fin, fout, data_key, header=header, progress=progress)
+            os.ftruncate(fout.fileno(), fout.tell())  # in case the input shrank meanwhile
+        return header
 
 
 def decrypt_file(
@@ -139,7 +144,28 @@ def decrypt_file(
         open(src, "rb", buffering=0) as fin,
         atomic_output(dst, mode=_OUTPUT_MODE) as fout,
     ):
-        return decrypt_stream(fin, fout, keys, progress=progress)
+        size = _regular_size(fin)
+        if size is not None:
+            header, header_len = read_header(fin)
+            _preallocate(fout, max(0, plaintext_size(header, header_len, size)))
+            fin.seek(0)
+        header = decrypt_stream(fin, fout, keys, progress=progress)
+        os.ftruncate(fout.fileno(), fout.tell())
+        return header
+
+
+def _regular_size(fh: BinaryIO) -> int | None:
+    """The size of a regular file (None for pipes and devices)."""
+    st = os.fstat(fh.fileno())
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _preallocate(fh: BinaryIO, size: int) -> None:
+    """Reserve the output's blocks up front: writing into them is much cheaper than growing
+    the file a little at a time."""
+    if size > 0:
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(fh.fileno(), 0, size)
 
 
 def read_stream_header(path: Path) -> tuple[StreamHeader, int]:

@@ -262,38 +262,43 @@ class KeyService:
         """
         self._require_master()
         ts = self._now()
-        now = ts.isoformat(timespec="microseconds")
         refusal: _Refusal | None = None
-        result: _T | None = None
         with self._store.write() as conn:
             try:
                 with _store.savepoint(conn):
-                    result, version, detail = body(conn, now)
-                outcome: Outcome = "ok"
+                    value, version, detail = body(conn, ts.isoformat(timespec="microseconds"))
             except _Refusal as exc:
-                refusal, outcome, version = exc, exc.outcome, version_asked
-                detail = {"reason": exc.reason}
-            self._audit.append(
-                conn,
-                ts=ts,
-                actor=self._actor,
-                op=op,
-                key_name=key_name,
-                version=version,
-                outcome=outcome,
-                detail=detail,
-            )
+                refusal = exc
+                self._record(conn, ts, op, key_name, version_asked, exc.outcome, exc.reason)
+            else:
+                self._record(conn, ts, op, key_name, version, "ok", detail)
         if refusal is not None:
-            _log.info(
-                "kms %s on %r by %s: %s (%s)",
-                op,
-                key_name,
-                self._actor,
-                refusal.outcome,
-                refusal.reason,
-            )
+            _log.info("kms %s %r by %s: %s", op, key_name, self._actor, refusal.reason)
             raise refusal.error from None
-        return result  # type: ignore[return-value]
+        return value
+
+    def _record(
+        self,
+        conn: sqlite3.Connection,
+        ts: _dt.datetime,
+        op: str,
+        key_name: str,
+        version: int | None,
+        outcome: Outcome,
+        detail: Mapping[str, Any] | str,
+    ) -> None:
+        if isinstance(detail, str):
+            detail = {"reason": detail}
+        self._audit.append(
+            conn,
+            ts=ts,
+            actor=self._actor,
+            op=op,
+            key_name=key_name,
+            version=version,
+            outcome=outcome,
+            detail=detail,
+        )
 
     def _require_master(self) -> None:
         if self._master_ok:

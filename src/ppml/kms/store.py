@@ -94,7 +94,9 @@ def savepoint(conn: sqlite3.Connection) -> Iterator[None]:
 class KeyStore:
     """An open key store file. Thread-safe; several processes may open the same file."""
 
-    def __init__(self, path: Path, *, new_store_id: Callable[[], bytes], on_create: OnCreate):
+    def __init__(
+        self, path: Path, *, new_store_id: Callable[[], bytes], on_create: OnCreate
+    ) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = _connect(self.path)

@@ -97,7 +97,7 @@ def test_known_answer_vectors(vector: dict[str, object]) -> None:
     plaintext = bytes.fromhex(str(vector["plaintext"]))
     expected = bytes.fromhex(str(vector["ciphertext"]))
     out = io.BytesIO()
-    encrypt_stream(io.BytesIO(plaintext), out, DataKey(dek, wrapped), _header=header)
+    encrypt_stream(io.BytesIO(plaintext), out, DataKey(dek, wrapped), header=header)
     assert out.getvalue() == expected
     assert _spec_encrypt(vector) == expected
     assert _decrypt(expected, dek) == plaintext

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ppml.crypto.envelope import WrappedKey
@@ -81,3 +82,12 @@ def test_concurrent_writers_keep_versions_distinct_and_the_chain_valid(tmp_path:
         assert verification.count == WORKERS * (2 + 2 * ROUNDS) + unwraps
         creates = [e for e in kms.audit.entries(key_name="shared") if e.op == "create"]
         assert sorted(e.outcome for e in creates) == ["denied"] * (WORKERS - 1) + ["ok"]
+
+
+def test_threads_can_share_one_service(tmp_path: Path) -> None:
+    with KeyService(tmp_path / "kms.db", MASTER) as kms:
+        kms.create_key("shared")
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            versions = list(pool.map(lambda _: kms.rotate("shared").current_version, range(20)))
+        assert sorted(versions) == list(range(2, 22))
+        assert kms.audit.verify().count == 21
