@@ -96,7 +96,9 @@ def peak_rss_mib(args: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="file size (default 1024)")
-    ap.add_argument("--dir", type=Path, default=None, help="where the files go (default: a temp dir)")
+    ap.add_argument(
+        "--dir", type=Path, default=None, help="where the files go (default: a temp dir)"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
     opts = ap.parse_args()
     size = opts.size_mib * MiB
@@ -114,9 +116,7 @@ def main() -> None:
         with ws.key_service() as kms:
             t_enc = best(lambda: encrypt_file(src, enc, kms, "bench", overwrite=True), opts.repeat)
             t_dec = best(lambda: decrypt_file(enc, dec, kms, overwrite=True), opts.repeat)
-            t_enc_null = best(
-                lambda: _encrypt_to_null(src, kms), opts.repeat
-            )
+            t_enc_null = best(lambda: _encrypt_to_null(src, kms), opts.repeat)
         assert dec.read_bytes()[:MiB] == src.read_bytes()[:MiB]
 
         env = {**os.environ, "PPML_HOME": str(root / "ws"), "PPML_PASSPHRASE": PASSPHRASE}

@@ -4,7 +4,6 @@ only; integration tests use a real workspace and its SQLite KMS."""
 from __future__ import annotations
 
 import pytest
-
 from tests.support import MemoryKeyProvider
 
 

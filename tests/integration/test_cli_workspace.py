@@ -9,9 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-
 from cli_support import run_ppml
+from cryptography import x509
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +162,7 @@ def test_secrets_show_only_through_secret_show(home: Path, tmp_path: Path) -> No
 def test_help_everywhere(command: list[str]) -> None:
     r = run_ppml(*command, "--help")
     assert r.code == 0 and "Usage:" in r.out
-    if command and command[0] not in ("key", "audit", "secret") or len(command) > 1:
+    if (command and command[0] not in ("key", "audit", "secret")) or len(command) > 1:
         assert "--workspace" in r.out or command == ["inspect"]
 
 

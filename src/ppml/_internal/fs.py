@@ -56,7 +56,7 @@ def atomic_output(
         raise OSError(exc.errno, exc.strerror, str(dest)) from None
     try:
         with os.fdopen(fd, "wb", buffering=0) as fh:
-            yield fh  # type: ignore[misc]
+            yield fh
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, dest)

@@ -18,7 +18,7 @@ from ppml.errors import ConfigurationError, PPMLError, WorkspaceNotFound
 if TYPE_CHECKING:
     from ppml.workspace import Workspace
 
-PASSPHRASE_ENV = "PPML_PASSPHRASE"
+PASSPHRASE_ENV = "PPML_PASSPHRASE"  # noqa: S105 -- the variable's name, not a value
 HOME_ENV = "PPML_HOME"
 INTERRUPTED_EXIT = 130
 

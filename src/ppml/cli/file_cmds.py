@@ -162,9 +162,10 @@ def encrypt(
             if src.is_dir():
                 files = _data_files(src)
                 total = sum(p.stat().st_size for p in files)
-                with output_directory(output, overwrite=force) as tmp, ByteProgress(
-                    total, "encrypting"
-                ) as bar:
+                with (
+                    output_directory(output, overwrite=force) as tmp,
+                    ByteProgress(total, "encrypting") as bar,
+                ):
                     for f in files:
                         dst = tmp / f.relative_to(src)
                         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -222,9 +223,10 @@ def decrypt(
             if src.is_dir():
                 files = _data_files(src)
                 total = sum(p.stat().st_size for p in files)
-                with output_directory(output, overwrite=force) as tmp, ByteProgress(
-                    total, "decrypting"
-                ) as bar:
+                with (
+                    output_directory(output, overwrite=force) as tmp,
+                    ByteProgress(total, "decrypting") as bar,
+                ):
                     for f in files:
                         dst = tmp / f.relative_to(src)
                         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -354,4 +356,3 @@ def _reencrypt_parquet(path: Path, keys: Any) -> int:
         reencrypt_parquet_file(path, keys)
     typer.echo(f"{path}: {footer.key_name} v{footer.version} -> v{current} (re-encrypted)")
     return 1
-

@@ -25,6 +25,7 @@ __all__ = [
     "DataKey",
     "DataKeyProvider",
     "WrappedKey",
+    "dek_aad",
     "seal",
     "unseal",
     "validate_key_name",
@@ -43,6 +44,11 @@ def validate_key_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def dek_aad(key_name: str, version: int) -> bytes:
+    """The associated data a data key is wrapped under by `key_name` in `version`."""
+    return b"ppml/dek/v1\x00" + key_name.encode() + b"\x00" + version.to_bytes(4, "big")
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes, *, nonce: bytes | None = None) -> bytes:
@@ -79,7 +85,7 @@ class WrappedKey:
 
     def aad(self) -> bytes:
         """The associated data a KEK wraps this data key under."""
-        return b"ppml/dek/v1\x00" + self.key_name.encode() + b"\x00" + self.version.to_bytes(4, "big")
+        return dek_aad(self.key_name, self.version)
 
     def to_text(self) -> str:
         """Compact text form (for Parquet key metadata): ``ppml1:NAME:VERSION:BASE64``."""
@@ -106,7 +112,9 @@ class DataKey:
     wrapped: WrappedKey
 
     def __repr__(self) -> str:
-        return f"DataKey(wrapped={self.wrapped.key_name}@v{self.wrapped.version}, plaintext=<hidden>)"
+        return (
+            f"DataKey(wrapped={self.wrapped.key_name}@v{self.wrapped.version}, plaintext=<hidden>)"
+        )
 
 
 @runtime_checkable

@@ -56,7 +56,9 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def seal_with_passphrase(secret: bytes, passphrase: bytes, params: KdfParams | None = None) -> bytes:
+def seal_with_passphrase(
+    secret: bytes, passphrase: bytes, params: KdfParams | None = None
+) -> bytes:
     """Seal `secret` under `passphrase`; returns the JSON document as bytes."""
     if not passphrase:
         raise WrongPassphrase("the passphrase must not be empty")
@@ -85,7 +87,9 @@ def unseal_with_passphrase(document: bytes, passphrase: bytes) -> bytes:
         salt = base64.b64decode(doc["salt"], validate=True)
         sealed = base64.b64decode(doc["sealed"], validate=True)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigurationError("the sealed master key is damaged or of an unknown format") from exc
+        raise ConfigurationError(
+            "the sealed master key is damaged or of an unknown format"
+        ) from exc
     try:
         return unseal(_derive(passphrase, salt, params), sealed, _AAD)
     except IntegrityError:

@@ -1,4 +1,4 @@
-"""The ppml streaming AEAD file format: segmented AES-256-GCM with the header bound into every segment.
+"""The ppml streaming AEAD file format: segmented AES-256-GCM, the header bound into each segment.
 
 A file is a header followed by segments. Each segment holds `segment_size` plaintext bytes
 (the last one fewer, possibly none) encrypted with AES-256-GCM under a per-file key derived by
@@ -159,7 +159,9 @@ def read_header(src: BinaryIO) -> tuple[StreamHeader, int]:
         name = _read_exact(src, name_len).decode("utf-8")
         key_version, wrapped_len = _MUTABLE.unpack(_read_exact(src, _MUTABLE.size))
         blob = _read_exact(src, wrapped_len)
-        header = StreamHeader(ContentType(ctype), seg, salt, prefix, WrappedKey(name, key_version, blob))
+        header = StreamHeader(
+            ContentType(ctype), seg, salt, prefix, WrappedKey(name, key_version, blob)
+        )
     except (UnicodeDecodeError, ValueError, UsageError):
         raise IntegrityError() from None
     return header, _FIXED.size + name_len + _MUTABLE.size + wrapped_len
@@ -225,7 +227,11 @@ def new_header(
 ) -> StreamHeader:
     """A header with a fresh random salt and nonce prefix."""
     return StreamHeader(
-        content_type, segment_size, os.urandom(SALT_SIZE), os.urandom(NONCE_PREFIX_SIZE), data_key.wrapped
+        content_type,
+        segment_size,
+        os.urandom(SALT_SIZE),
+        os.urandom(NONCE_PREFIX_SIZE),
+        data_key.wrapped,
     )
 
 

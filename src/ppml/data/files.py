@@ -193,7 +193,10 @@ def rewrap_file(
         if new.version == header.wrapped.version:
             return header.wrapped, header.wrapped
         st = path.stat()
-        with open(path, "rb") as fin, atomic_output(path, mode=st.st_mode & 0o777, fsync=True) as fout:
+        with (
+            open(path, "rb") as fin,
+            atomic_output(path, mode=st.st_mode & 0o777, fsync=True) as fout,
+        ):
             fout.write(header.with_wrapped(new).to_bytes())
             fin.seek(header_len)
             _copy_rest(fin, fout)

@@ -62,7 +62,8 @@ class TableFormat(enum.StrEnum):
             if suffix in suffixes:
                 return fmt
         raise UsageError(
-            f"cannot tell the table format from {path.name!r}: pass format= (csv, json, text, parquet)",
+            f"cannot tell the table format from {path.name!r}: "
+            "pass format= (csv, json, text or parquet)",
             path=path,
         )
 
@@ -94,7 +95,8 @@ def _part_files(path: Path) -> list[Path]:
     files = sorted(
         p
         for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+        if p.is_file()
+        and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
     )
     if not files:
         raise UsageError("directory holds no data files", path=path)
@@ -106,7 +108,7 @@ def read_table(
     provider: DataKeyProvider,
     *,
     columns: Sequence[str] | None = None,
-    format: TableFormat | str | None = None,  # noqa: A002 -- the natural name for callers
+    format: TableFormat | str | None = None,
 ) -> pa.Table:
     """Read a file, or a directory of part files, into one Arrow table.
 
@@ -120,7 +122,10 @@ def read_table(
 
 
 def _read_one(
-    path: Path, provider: DataKeyProvider, columns: Sequence[str] | None, fmt: TableFormat | str | None
+    path: Path,
+    provider: DataKeyProvider,
+    columns: Sequence[str] | None,
+    fmt: TableFormat | str | None,
 ) -> pa.Table:
     kind = detect_file_kind(path)
     with annotate_errors(path):
@@ -172,7 +177,7 @@ def write_table(
     provider: DataKeyProvider,
     *,
     key_name: str,
-    format: TableFormat | str | None = None,  # noqa: A002
+    format: TableFormat | str | None = None,
     column_keys: Mapping[str, Sequence[str]] | None = None,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
     overwrite: bool = True,
@@ -203,7 +208,7 @@ def write_table(
     with create_encrypted(
         path, provider, key_name, content_type=ctype, segment_size=segment_size, overwrite=overwrite
     ) as raw:
-        sink = io.BufferedWriter(raw, 1 << 20)
+        sink = io.BufferedWriter(raw, 1 << 20)  # type: ignore[type-var]
         _serialize(table, sink, fmt)
         sink.flush()
 
@@ -215,7 +220,7 @@ def _check_text_table(table: pa.Table, path: Path) -> None:
         raise UsageError("a text file holds one string column (one row per line)", path=path)
 
 
-def _serialize(table: pa.Table, sink: io.BufferedWriter, fmt: TableFormat) -> None:
+def _serialize(table: pa.Table, sink: Any, fmt: TableFormat) -> None:
     if fmt is TableFormat.CSV:
         import pyarrow.csv as pacsv
 

@@ -24,6 +24,7 @@ from ppml.crypto.envelope import (
     DATA_KEY_BYTES,
     DataKey,
     WrappedKey,
+    dek_aad,
     seal,
     unseal,
     validate_key_name,
@@ -105,11 +106,6 @@ def _derive(master_key: bytes, info: bytes) -> bytes:
 
 def _kek_aad(name: str, version: int) -> bytes:
     return b"ppml/kek/v1\x00" + name.encode() + b"\x00" + version.to_bytes(4, "big")
-
-
-def _dek_aad(name: str, version: int) -> bytes:
-    # The AAD depends only on name and version; a placeholder blob reuses envelope's definition.
-    return WrappedKey(name, version, b"\x00").aad()
 
 
 def _info(row: _store.KeyRow) -> KeyInfo:
@@ -368,7 +364,7 @@ class KeyService:
     ) -> WrappedKey:
         kek = self._kek(conn, name, version)
         nonce = self._random_exact(_NONCE_BYTES)
-        return WrappedKey(name, version, seal(kek, dek, _dek_aad(name, version), nonce=nonce))
+        return WrappedKey(name, version, seal(kek, dek, dek_aad(name, version), nonce=nonce))
 
     def _unwrap_dek(self, conn: sqlite3.Connection, wrapped: WrappedKey) -> bytes:
         kek = self._kek(conn, wrapped.key_name, wrapped.version)

@@ -87,13 +87,12 @@ def _check_target(path: Path, force: bool) -> bool:
             )
         return True
     if any(path.iterdir()):
-        if not force:
-            raise WorkspaceExists(
-                "the directory is not empty and is not a ppml workspace; refusing to use it "
-                "(use --force to replace it)",
-                path=path,
-            )
-        return True
+        # Even --force never deletes a directory that ppml did not make.
+        raise WorkspaceExists(
+            "the directory is not empty and is not a ppml workspace; refusing to use it "
+            "(choose another --dir, or empty it yourself)",
+            path=path,
+        )
     return False  # an empty directory: the new workspace is renamed over it
 
 

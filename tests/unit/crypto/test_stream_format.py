@@ -67,7 +67,9 @@ def _spec_encrypt(v: dict[str, object]) -> bytes:
         + name
     )
     header = immutable + struct.pack(">IH", int(str(v["key_version"])), len(wrapped)) + wrapped
-    key = HKDF(hashes.SHA256(), 32, salt, b"ppml/stream/v1").derive(bytes.fromhex(str(v["data_key"])))
+    key = HKDF(hashes.SHA256(), 32, salt, b"ppml/stream/v1").derive(
+        bytes.fromhex(str(v["data_key"]))
+    )
     plaintext = bytes.fromhex(str(v["plaintext"]))
     chunks = [plaintext[i : i + seg] for i in range(0, len(plaintext), seg)] or [b""]
     body = b"".join(

@@ -10,6 +10,7 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pytest
+from tests.support import MemoryKeyProvider, locked_directory
 
 from ppml.crypto.stream import ContentType
 from ppml.data import (
@@ -34,7 +35,6 @@ from ppml.errors import (
     OutputExists,
     UsageError,
 )
-from tests.support import MemoryKeyProvider, locked_directory
 
 PEOPLE = pa.table(
     {
@@ -63,7 +63,9 @@ def test_encrypt_decrypt_file_round_trip(tmp_path: Path, provider: MemoryKeyProv
     assert _leftovers(tmp_path) == []
 
 
-def test_decrypt_tampered_file_leaves_no_output(tmp_path: Path, provider: MemoryKeyProvider) -> None:
+def test_decrypt_tampered_file_leaves_no_output(
+    tmp_path: Path, provider: MemoryKeyProvider
+) -> None:
     src = tmp_path / "a.bin"
     src.write_bytes(os.urandom(1000))
     enc = tmp_path / "a.enc"
@@ -104,9 +106,10 @@ def test_bad_inputs_are_clear(tmp_path: Path, provider: MemoryKeyProvider) -> No
 def test_unwritable_output_directory(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     plain = tmp_path / "plain.txt"
     plain.write_text("hello")
-    with locked_directory(tmp_path / "locked") as locked, pytest.raises(
-        UsageError, match="(?i)permission denied|not permitted"
-    ) as info:
+    with (
+        locked_directory(tmp_path / "locked") as locked,
+        pytest.raises(UsageError, match=r"(?i)permission denied|not permitted") as info,
+    ):
         encrypt_file(plain, locked / "x", provider, "sales")
     assert "locked" in info.value.diagnostics()
     assert list((tmp_path / "locked").iterdir()) == []
@@ -153,7 +156,8 @@ def test_table_round_trip(tmp_path: Path, provider: MemoryKeyProvider, fmt: str)
             "age": pa.array([None, 30, 19], type=pa.int64()),
             "score": [1.5, 2.25, None],
             "when": pa.array(
-                [dt.datetime(2024, 1, 1, 12), None, dt.datetime(2025, 6, 30)], type=pa.timestamp("s")
+                [dt.datetime(2024, 1, 1, 12), None, dt.datetime(2025, 6, 30)],
+                type=pa.timestamp("s"),
             ),
         }
     )
@@ -169,8 +173,15 @@ def test_table_round_trip(tmp_path: Path, provider: MemoryKeyProvider, fmt: str)
 
 def test_text_tables(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     path = tmp_path / "lines.txt"
-    write_table(pa.table({"value": ["to be", "or not", "", "to be"]}), path, provider, key_name="sales")
-    assert read_table(path, provider).column("value").to_pylist() == ["to be", "or not", "", "to be"]
+    write_table(
+        pa.table({"value": ["to be", "or not", "", "to be"]}), path, provider, key_name="sales"
+    )
+    assert read_table(path, provider).column("value").to_pylist() == [
+        "to be",
+        "or not",
+        "",
+        "to be",
+    ]
     with pytest.raises(UsageError, match="one string column"):
         write_table(PEOPLE, tmp_path / "bad.txt", provider, key_name="sales")
     assert not (tmp_path / "bad.txt").exists()
@@ -215,6 +226,5 @@ def test_output_directory_is_atomic(tmp_path: Path) -> None:
     with output_directory(dst) as tmp:
         (tmp / "a").write_text("done")
     assert (dst / "a").read_text() == "done"
-    with pytest.raises(OutputExists):
-        with output_directory(dst):
-            pass
+    with pytest.raises(OutputExists), output_directory(dst):
+        pass
