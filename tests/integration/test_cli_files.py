@@ -194,6 +194,18 @@ def test_parquet_pme_through_the_cli(home: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
     assert run_ppml("decrypt", enc, "-o", out, home=home).code == 0
     assert pq.read_table(out).equals(table)
+    # Rotation: `rewrap` re-encrypts PME files under the newest version (column keys kept).
+    assert run_ppml("key", "create", "pq", home=home).code == 0
+    enc2 = tmp_path / "pq.parquet"
+    r = run_ppml("encrypt", src, "-o", enc2, "--key", "pq", "--column-key", "pii:ssn", home=home)
+    assert r.code == 0, r.err
+    assert run_ppml("key", "rotate", "pq", home=home).code == 0
+    r = run_ppml("rewrap", enc2, home=home)
+    assert r.code == 0 and "pq v1 -> v2 (re-encrypted)" in r.out, r.err
+    assert json.loads(run_ppml("inspect", enc2, "--format", "json").out)["key_version"] == 2
+    out2 = tmp_path / "out2.parquet"
+    assert run_ppml("decrypt", enc2, "-o", out2, home=home).code == 0
+    assert pq.read_table(out2).equals(table)
 
 
 def _wait_for(predicate: object, proc: subprocess.Popen[bytes]) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "is_encrypted_parquet",
     "parquet_footer_key",
     "read_parquet",
+    "reencrypt_parquet_file",
     "write_parquet",
 ]
 
@@ -68,6 +69,7 @@ _KMS_INSTANCE_ID = "ppml"
 _KEK_AAD_PREFIX = b"ppml/parquet-kek/v1\x00"
 _WRAP_SEPARATOR = ";"
 
+_LAYOUT_KEY = b"ppml.keys"
 _RESERVED_OPTIONS = frozenset({"encryption_properties", "decryption_properties"})
 
 
@@ -99,7 +101,9 @@ def write_parquet(
     """
     path = Path(path)
     _check_options(parquet_options)
-    config = _encryption_configuration(table.schema.names, key_name, column_keys)
+    groups = _key_layout(table.schema.names, key_name, column_keys)
+    config = _encryption_configuration(key_name, groups)
+    table = table.replace_schema_metadata(_with_layout(table.schema, key_name, groups).metadata)
     with _KeySession(provider, path) as session, session.guard(decrypting=False):
         properties = session.encryption_properties(config)
         with atomic_output(path) as fh:
@@ -122,7 +126,15 @@ def read_parquet(
         with pf:
             selected = _check_columns(pf.schema_arrow.names, columns)
             with session.guard(decrypting=True):
-                return pf.read(columns=selected, use_threads=True)
+                table = pf.read(columns=selected, use_threads=True)
+    return _without_layout(table)
+
+
+def _without_layout(table: pa.Table) -> pa.Table:
+    metadata = dict(table.schema.metadata or {})
+    if metadata.pop(_LAYOUT_KEY, None) is None:
+        return table
+    return table.replace_schema_metadata(metadata or None)
 
 
 def is_encrypted_parquet(path: Path) -> bool:
@@ -172,8 +184,9 @@ def encrypt_parquet_file(
     if kind != "plain":
         raise UsageError("not a Parquet file", path=src)
     with _open_plain(src) as pf:
-        schema = pf.schema_arrow
-        config = _encryption_configuration(schema.names, key_name, column_keys)
+        groups = _key_layout(pf.schema_arrow.names, key_name, column_keys)
+        config = _encryption_configuration(key_name, groups)
+        schema = _with_layout(pf.schema_arrow, key_name, groups)
         with _KeySession(provider, dst) as session, session.guard(decrypting=False):
             properties = session.encryption_properties(config)
             with (
@@ -209,6 +222,49 @@ def decrypt_parquet_file(
                 with session.guard(decrypting=True):
                     group = pf.read_row_group(index)
                 writer.write_table(group)
+
+
+def reencrypt_parquet_file(path: Path, provider: DataKeyProvider) -> None:
+    """Re-encrypt an encrypted Parquet file in place under fresh keys of the newest versions,
+    keeping which named key protects which columns (as recorded when it was written).
+
+    PME keeps column key metadata inside the encrypted footer, so re-wrapping alone is not
+    possible; the file is rewritten row group by row group to a temporary file that replaces it
+    only when complete.
+    """
+    path = Path(path)
+    _require_encrypted(path)
+    with _KeySession(provider, path) as session:
+        with session.guard(decrypting=True):
+            pf = pq.ParquetFile(path, decryption_properties=session.decryption_properties())
+        with pf:
+            raw = (pf.schema_arrow.metadata or {}).get(_LAYOUT_KEY)
+            if raw is None:
+                raise UsageError(
+                    "the file does not record its column keys; decrypt it and encrypt it again",
+                    path=path,
+                )
+            try:
+                layout = json.loads(raw)
+                footer_key = str(layout["footer"])
+                groups = {str(k): [str(c) for c in v] for k, v in layout["columns"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise IntegrityError(path=path) from None
+            config = _encryption_configuration(footer_key, groups)
+            with _KeySession(provider, path) as writer_session:
+                with writer_session.guard(decrypting=False):
+                    properties = writer_session.encryption_properties(config)
+                with (
+                    atomic_output(path, mode=path.stat().st_mode & 0o777) as fh,
+                    pq.ParquetWriter(
+                        fh, pf.schema_arrow, encryption_properties=properties
+                    ) as writer,
+                ):
+                    for index in range(pf.num_row_groups):
+                        with session.guard(decrypting=True):
+                            group = pf.read_row_group(index)
+                        with writer_session.guard(decrypting=False):
+                            writer.write_table(group)
 
 
 # --------------------------------------------------------------------------- key plumbing
@@ -322,11 +378,11 @@ class _KeySession:
         return exc
 
 
-def _encryption_configuration(
+def _key_layout(
     column_names: Sequence[str],
     key_name: str,
     column_keys: Mapping[str, Sequence[str]] | None,
-) -> pe.EncryptionConfiguration:
+) -> dict[str, list[str]]:
     """Every column gets a key: the named groups, and `key_name` for the rest (and the footer)."""
     validate_key_name(key_name)
     known = set(column_names)
@@ -349,6 +405,19 @@ def _encryption_configuration(
     rest = [column for column in column_names if column not in assigned]
     if rest:
         groups.setdefault(key_name, []).extend(rest)
+    return groups
+
+
+def _with_layout(schema: pa.Schema, key_name: str, groups: Mapping[str, list[str]]) -> pa.Schema:
+    """Record which named key protects which columns, inside the (encrypted) footer, so that
+    the file can be re-encrypted later under the same layout (`reencrypt_parquet_file`)."""
+    layout = json.dumps({"footer": key_name, "columns": groups}, sort_keys=True).encode()
+    return schema.with_metadata({**(schema.metadata or {}), _LAYOUT_KEY: layout})
+
+
+def _encryption_configuration(
+    key_name: str, groups: Mapping[str, list[str]]
+) -> pe.EncryptionConfiguration:
     keys: dict[str, str | list[str]] = dict(groups)
     return pe.EncryptionConfiguration(
         footer_key=key_name,

@@ -454,3 +454,29 @@ def test_decrypt_file_failures_leave_no_plaintext(tmp_path: Path, provider: Fake
     with pytest.raises(IntegrityError):
         decrypt_parquet_file(enc, tmp_path / "out.parquet", provider)
     assert listing(tmp_path) == ["enc.parquet"]
+
+
+def test_no_key_shared_between_providers(tmp_path: Path, provider: FakeProvider) -> None:
+    path = tmp_path / "t.parquet"
+    write_parquet(sample_table(), path, provider, key_name="data")
+    read_parquet(path, provider)
+    other = FakeProvider()  # another workspace's KMS: knows no key of this file
+    with pytest.raises(KeyNotFound):
+        read_parquet(path, other)
+    assert other.calls == {("unwrap", "data"): 1}
+
+
+class FlakyProvider(FakeProvider):
+    def unwrap(self, wrapped: WrappedKey) -> bytes:
+        raise ConnectionRefusedError("kms unreachable")
+
+
+def test_transport_failure_is_not_reported_as_tampering(tmp_path: Path) -> None:
+    provider = FlakyProvider()
+    path = tmp_path / "t.parquet"
+    write_parquet(sample_table(), path, provider, key_name="data")
+    with pytest.raises(ConnectionRefusedError):
+        read_parquet(path, provider)
+    with pytest.raises(ConnectionRefusedError):
+        decrypt_parquet_file(path, tmp_path / "out.parquet", provider)
+    assert listing(tmp_path) == ["t.parquet"]
