@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -54,6 +54,31 @@ def _data_files(root: Path) -> list[Path]:
         for p in root.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
+
+
+def _each_file(
+    src: Path,
+    output: Path,
+    force: bool,
+    verb: str,
+    one: Callable[[Path, Path, bool, ByteProgress], None],
+) -> None:
+    """Apply `one` to a file, or to every file of a directory into an output directory that
+    appears only when all of them succeeded."""
+    from ppml.data import output_directory
+
+    if not src.is_dir():
+        with ByteProgress(src.stat().st_size, f"{verb}ing") as bar:
+            one(src, output, force, bar)
+        return
+    files = _data_files(src)
+    total = sum(p.stat().st_size for p in files)
+    with output_directory(output, overwrite=force) as tmp, ByteProgress(total, f"{verb}ing") as bar:
+        for f in files:
+            dst = tmp / f.relative_to(src)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            one(f, dst, True, bar)
+    typer.echo(f"{verb}ed {len(files)} files into {output}", err=True)
 
 
 def _parse_column_keys(specs: Iterable[str]) -> dict[str, list[str]]:
@@ -150,8 +175,6 @@ def encrypt(
     The output appears only when complete; on any error nothing is left behind.
     """
     with handle_errors():
-        from ppml.data import output_directory
-
         src = _input(input_path)
         column_keys = _parse_column_keys(column_key or [])
         ws = open_workspace(workspace, passphrase_file)
@@ -159,21 +182,11 @@ def encrypt(
             keys.describe(key)  # an unknown key fails before any output is made
             for name in column_keys:
                 keys.describe(name)
-            if src.is_dir():
-                files = _data_files(src)
-                total = sum(p.stat().st_size for p in files)
-                with (
-                    output_directory(output, overwrite=force) as tmp,
-                    ByteProgress(total, "encrypting") as bar,
-                ):
-                    for f in files:
-                        dst = tmp / f.relative_to(src)
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        _encrypt_one(f, dst, keys, key, fmt, column_keys, segment_size, True, bar)
-                typer.echo(f"encrypted {len(files)} files into {output}", err=True)
-            else:
-                with ByteProgress(src.stat().st_size, "encrypting") as bar:
-                    _encrypt_one(src, output, keys, key, fmt, column_keys, segment_size, force, bar)
+
+            def one(src: Path, dst: Path, replace: bool, bar: ByteProgress) -> None:
+                _encrypt_one(src, dst, keys, key, fmt, column_keys, segment_size, replace, bar)
+
+            _each_file(src, output, force, "encrypt", one)
 
 
 def _decrypt_one(
@@ -215,26 +228,14 @@ def decrypt(
     The plaintext appears only after every segment verified: a tampered file leaves nothing.
     """
     with handle_errors():
-        from ppml.data import output_directory
-
         src = _input(input_path)
         ws = open_workspace(workspace, passphrase_file)
         with ws.key_service() as keys:
-            if src.is_dir():
-                files = _data_files(src)
-                total = sum(p.stat().st_size for p in files)
-                with (
-                    output_directory(output, overwrite=force) as tmp,
-                    ByteProgress(total, "decrypting") as bar,
-                ):
-                    for f in files:
-                        dst = tmp / f.relative_to(src)
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        _decrypt_one(f, dst, keys, True, bar)
-                typer.echo(f"decrypted {len(files)} files into {output}", err=True)
-            else:
-                with ByteProgress(src.stat().st_size, "decrypting") as bar:
-                    _decrypt_one(src, output, keys, force, bar)
+
+            def one(src: Path, dst: Path, replace: bool, bar: ByteProgress) -> None:
+                _decrypt_one(src, dst, keys, replace, bar)
+
+            _each_file(src, output, force, "decrypt", one)
 
 
 def _describe(path: Path) -> dict[str, Any]:
