@@ -96,6 +96,19 @@ def test_garbage_header_and_plain_file(home: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_unknown_key_version_in_a_header_is_a_key_error(home: Path, tmp_path: Path) -> None:
+    enc = _encrypted(home, tmp_path)
+    header = json.loads(run_ppml("inspect", enc, "--format", "json").out)
+    blob = bytearray(enc.read_bytes())
+    name_len = blob[55]
+    blob[56 + name_len : 60 + name_len] = (99).to_bytes(4, "big")  # the mutable key version
+    enc.write_bytes(bytes(blob))
+    assert header["key_version"] == 1
+    r = run_ppml("decrypt", enc, "-o", tmp_path / "out", home=home)
+    assert r.code == 4 and "version" in r.err and str(enc) in r.err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_requests(home: Path, tmp_path: Path) -> None:
     src = tmp_path / "people.csv"
     src.write_bytes(PEOPLE)

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -104,9 +104,6 @@ def check_format(fmt: str) -> str:
 def fail(exc: PPMLError) -> NoReturn:
     typer.echo(f"ppml: {exc.diagnostics()}", err=True)
     raise typer.Exit(exc.exit_code)
-
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextlib.contextmanager
