@@ -13,7 +13,9 @@ The families say what the caller can do about it, and the CLI maps each family t
     │   ├── WrongPassphrase
     │   ├── KeyNotFound
     │   ├── KeyVersionNotFound
-    │   └── SecretNotFound                  no workspace secret of that name
+    │   ├── SecretNotFound                  no workspace secret of that name
+    │   ├── AttestationFailed               evidence or token did not verify (opaque to clients)
+    │   └── AccessDenied                    the key's release policy does not allow this workload
     └── ConfigurationError         exit 5   the workspace or environment is missing or broken
         ├── WorkspaceNotFound
         └── WorkspaceExists
@@ -27,6 +29,8 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "AccessDenied",
+    "AttestationFailed",
     "ConfigurationError",
     "InputNotFound",
     "IntegrityError",
@@ -134,3 +138,12 @@ class WorkspaceExists(ConfigurationError):
 
 class SecretNotFound(KeyAccessError):
     """No workspace secret of that name exists."""
+
+
+class AttestationFailed(KeyAccessError):
+    """Evidence, a challenge or a token did not verify. Clients see a fixed message; the reason
+    goes to the server's log only."""
+
+
+class AccessDenied(KeyAccessError):
+    """The workload is attested, but the key's release policy does not allow it."""

@@ -1,0 +1,1 @@
+"""The attestation layer (RATS Verifier): evidence verification per TEE type, appraisal, tokens."""
