@@ -33,6 +33,10 @@ class FileNames:
     client_key: str = "tls/client-key.pem"
     keystore: str = "tls/keystore.p12"
     truststore: str = "tls/truststore.p12"
+    # Made on first use (so workspaces from before they existed gain them), encrypted with a
+    # sealed secret: the attestation service's token key and the simulated TEE's platform key.
+    token_signing_key: str = "attestation-token-key.pem"  # noqa: S105 -- a file name
+    sim_platform_key: str = "sim-platform-key.pem"
 
     def __post_init__(self) -> None:
         for f in fields(self):

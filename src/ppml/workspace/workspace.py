@@ -4,17 +4,19 @@ material, the enclave signing key and the KMS database; created atomically, open
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import secrets
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ppml._internal.clock import Clock, utc_now
+from ppml._internal.fs import ensure_private_dir, write_private
 from ppml.crypto.passphrase import KdfParams, unseal_with_passphrase
-from ppml.errors import ConfigurationError, WorkspaceNotFound, WrongPassphrase
+from ppml.errors import ConfigurationError, SecretNotFound, WorkspaceNotFound, WrongPassphrase
 from ppml.workspace import pki
 from ppml.workspace.build import MASTER_KEY_BYTES, Progress, build_workspace
 from ppml.workspace.config import WorkspaceConfig
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_DIRNAME", "Workspace", "default_workspace_dir"]
 
 DEFAULT_DIRNAME = ".ppml"
+_SERVICE_KEY_SECRET = "service-keys-password"  # noqa: S105 -- a secret's name, not its value
 
 
 def default_workspace_dir(env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Path:
@@ -144,6 +147,49 @@ class Workspace:
 
     def secret_names(self) -> list[str]:
         return self._secrets().names()
+
+    # -- service keys ----------------------------------------------------------------------------
+
+    def token_signing_key(self) -> ec.EllipticCurvePrivateKey:
+        """The attestation service's ES256 (P-256) token signing key, made on first use."""
+        key = self._service_key(
+            "token_signing_key", lambda: ec.generate_private_key(ec.SECP256R1())
+        )
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError("the token signing key is not an EC key")
+        return key
+
+    def sim_platform_key(self) -> ed25519.Ed25519PrivateKey:
+        """The simulated TEE's platform key (signs sim evidence), made on first use. Only the
+        launcher holds it, never a workload."""
+        key = self._service_key("sim_platform_key", ed25519.Ed25519PrivateKey.generate)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise ConfigurationError("the sim platform key is not an Ed25519 key")
+        return key
+
+    def _service_key(self, field: str, generate: Callable[[], Any]) -> Any:
+        """Load the private key in `field`, encrypted under a sealed secret; create both if
+        missing (atomically, 0600)."""
+        path = self.layout.path(field)
+        try:
+            password = self.secret(_SERVICE_KEY_SECRET).encode()
+        except SecretNotFound:
+            password = secrets.token_urlsafe(32).encode()
+            self.set_secret(_SERVICE_KEY_SECRET, password.decode())
+        if path.exists():
+            try:
+                return serialization.load_pem_private_key(path.read_bytes(), password)
+            except (ValueError, TypeError):
+                raise ConfigurationError("a service key is damaged", path=path) from None
+        key = generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password),
+        )
+        ensure_private_dir(path.parent)
+        write_private(path, pem)
+        return key
 
     # -- paths -----------------------------------------------------------------------------------
 
