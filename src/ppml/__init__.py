@@ -1,7 +1,24 @@
-"""ppml: privacy-preserving analytics and machine learning on encrypted data inside TEEs."""
+"""ppml: privacy-preserving analytics and machine learning on encrypted data inside TEEs.
+
+The data API for workloads is importable from here: `ppml.read_table`, `ppml.write_table`,
+`ppml.read_pandas`, `ppml.write_pandas` (see `ppml.api`). It is loaded on first use, so that
+`import ppml` stays cheap.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "read_pandas", "read_table", "write_pandas", "write_table"]
+
+_API = frozenset({"read_pandas", "read_table", "write_pandas", "write_table"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from ppml import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'ppml' has no attribute {name!r}")

@@ -1,1 +1,52 @@
-"""The attestation layer (RATS Verifier): evidence verification per TEE type, appraisal, tokens."""
+"""The attestation layer (RATS Verifier): evidence verification per TEE type, appraisal, tokens.
+
+`AttestationService` hands out challenges and turns verified evidence into short-lived signed
+tokens; `TokenVerifier` is what a relying party (the key broker) uses to check them.
+"""
+
+from __future__ import annotations
+
+from ppml.attestation.challenge import Challenge, ChallengeCapacityExceeded, ChallengeStore
+from ppml.attestation.claims import (
+    REPORT_DATA_BYTES,
+    EvidenceClaims,
+    TcbStatus,
+    TeeType,
+    TokenClaims,
+    report_data_for,
+)
+from ppml.attestation.service import (
+    Appraiser,
+    AttestationResult,
+    AttestationService,
+    no_policies,
+)
+from ppml.attestation.sim import SimEvidence, SimPlatform, SimVerifier, sim_platform_key_id
+from ppml.attestation.token import IssuedToken, TokenIssuer, TokenVerifier, key_thumbprint
+from ppml.attestation.verifier import Verifier, check_report_data
+
+__all__ = [
+    "REPORT_DATA_BYTES",
+    "Appraiser",
+    "AttestationResult",
+    "AttestationService",
+    "Challenge",
+    "ChallengeCapacityExceeded",
+    "ChallengeStore",
+    "EvidenceClaims",
+    "IssuedToken",
+    "SimEvidence",
+    "SimPlatform",
+    "SimVerifier",
+    "TcbStatus",
+    "TeeType",
+    "TokenClaims",
+    "TokenIssuer",
+    "TokenVerifier",
+    "Verifier",
+    "check_report_data",
+    "key_thumbprint",
+    "no_policies",
+    "report_data_for",
+    "sim_platform_key_id",
+]

@@ -16,6 +16,7 @@ import typer
 from ppml.errors import ConfigurationError, PPMLError, WorkspaceNotFound
 
 if TYPE_CHECKING:
+    from ppml.crypto.envelope import DataKeyProvider
     from ppml.workspace import Workspace
 
 PASSPHRASE_ENV = "PPML_PASSPHRASE"  # noqa: S105 -- the variable's name, not a value
@@ -89,6 +90,13 @@ def open_workspace(workspace: Path | None, passphrase_file: Path | None) -> Work
             path=path,
         )
     return Workspace.open(path, read_passphrase(passphrase_file))
+
+
+@contextlib.contextmanager
+def key_provider(workspace: Path | None, passphrase_file: Path | None) -> Iterator[DataKeyProvider]:
+    """The keys for a command: the workspace's KMS (later: the attested runtime under `ppml run`)."""
+    with open_workspace(workspace, passphrase_file).key_service() as keys:
+        yield keys
 
 
 def print_json(value: Any) -> None:

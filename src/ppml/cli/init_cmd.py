@@ -60,4 +60,6 @@ def init(
             progress=lambda line: typer.echo(f"  {line}", err=True),
         )
         ws.key_service().close()
+        ws.token_signing_key()  # the attestation service's token key
+        ws.sim_platform_key()  # the simulated TEE's platform key
         typer.echo(f"created workspace {ws.path} (profile: {ws.config.profile})")

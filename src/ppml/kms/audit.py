@@ -24,10 +24,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _pyca_hmac
 
 from ppml._internal.canonical import canonical_json
-from ppml.errors import IntegrityError, UsageError
+from ppml.errors import IntegrityError, PPMLError, UsageError
 from ppml.kms.store import KeyStore
 
-__all__ = ["AuditEntry", "AuditLog", "AuditVerification", "Outcome", "initialize_head"]
+__all__ = [
+    "AuditEntry",
+    "AuditLog",
+    "AuditVerification",
+    "Outcome",
+    "Refusal",
+    "initialize_head",
+]
 
 Outcome = Literal["ok", "denied", "error"]
 
@@ -38,6 +45,25 @@ _SELECT = "SELECT seq, ts, actor, op, key_name, version, outcome, detail, mac FR
 _SELECT_HEAD = "SELECT seq, mac, head_mac FROM audit_head WHERE id = 1"
 
 _log = logging.getLogger(__name__)
+
+
+class Refusal(Exception):  # noqa: N818 -- a signal inside the KMS, never seen by callers
+    """Raised inside an audited operation: its writes are undone, a record with `outcome` and
+    `detail` plus `reason` is appended, then `error` (what the caller may see) is raised."""
+
+    def __init__(
+        self,
+        error: PPMLError,
+        outcome: Outcome,
+        reason: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.error, self.outcome, self.reason = error, outcome, reason
+        self.detail: Mapping[str, Any] = detail if detail is not None else {}
+
+    def record_detail(self) -> dict[str, Any]:
+        return {**self.detail, "reason": self.reason}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
-"""The embedded KMS: named, versioned key-encryption keys under a master key, and the data keys
-they wrap; every operation, refused ones included, is recorded in the audit log."""
+"""The embedded KMS: named, versioned key-encryption keys under a master key, the data keys they
+wrap, and each key's release policy; every operation, refused ones included, is recorded in the
+audit log. The release operations are the key broker's primitives (`ppml.kms.broker`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from hmac import compare_digest
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _pyca_hmac
@@ -29,25 +30,42 @@ from ppml.crypto.envelope import (
     unseal,
     validate_key_name,
 )
+from ppml.attestation.claims import TcbStatus, TeeType
 from ppml.errors import (
+    AccessDenied,
     ConfigurationError,
     IntegrityError,
     KeyAccessError,
     KeyExists,
     KeyNotFound,
     KeyVersionNotFound,
-    PPMLError,
     UsageError,
 )
 from ppml.kms import store as _store
-from ppml.kms.audit import AuditLog, Outcome, initialize_head
+from ppml.kms.audit import AuditEntry, AuditLog, Outcome, Refusal, initialize_head
+from ppml.kms.policy import (
+    Decision,
+    Policy,
+    PolicyStore,
+    Reason,
+    Rule,
+    parse_measurement,
+    rule_mac,
+)
 
-__all__ = ["KeyInfo", "KeyService", "KeyVersionInfo"]
+if TYPE_CHECKING:
+    from ppml.kms.policy import AttestedFacts
+
+__all__ = ["ACCESS_DENIED", "Authorize", "KeyInfo", "KeyService", "KeyVersionInfo", "SealKey"]
 
 MASTER_KEY_BYTES = 32
 _KEK_WRAP_INFO = b"ppml/kms/kek-wrap/v1"
 _AUDIT_INFO = b"ppml/kms/audit/v1"
 _CHECK_INFO = b"ppml/kms/master-check/v1"
+_POLICY_INFO = b"ppml/kms/release-policy/v1"
+# The one message every release refusal after a valid token carries (unknown key or version,
+# policy denial): a caller cannot tell which keys exist. The reason goes to the audit and log.
+ACCESS_DENIED = "access denied"
 _NONCE_BYTES = 12
 _STORE_ID_BYTES = 16
 _MAX_VERSION = 2**32 - 1
@@ -89,15 +107,11 @@ class KeyInfo:
         }
 
 
-class _Refusal(Exception):
-    """Raised inside an operation: audit it with `outcome`/`reason`, then raise `error`."""
-
-    def __init__(self, error: PPMLError, outcome: Outcome, reason: str) -> None:
-        super().__init__(reason)
-        self.error, self.outcome, self.reason = error, outcome, reason
-
-
 _Body = Callable[[sqlite3.Connection, str], tuple[_T, int | None, Mapping[str, Any]]]
+Authorize = Callable[[Policy], Decision]
+"""Decides a release from the key's policy (the broker evaluates it against token claims)."""
+SealKey = Callable[[WrappedKey, bytes], bytes]
+"""Seals a released data key (plaintext) for its recipient; raises `Refusal` to refuse."""
 
 
 def _derive(master_key: bytes, info: bytes) -> bytes:
@@ -106,6 +120,13 @@ def _derive(master_key: bytes, info: bytes) -> bytes:
 
 def _kek_aad(name: str, version: int) -> bytes:
     return b"ppml/kek/v1\x00" + name.encode() + b"\x00" + version.to_bytes(4, "big")
+
+
+def _sim_refused() -> UsageError:
+    return UsageError(
+        "sim rules are refused outside a dev workspace: the sim TEE protects nothing, so "
+        "production policies never release keys to it"
+    )
 
 
 def _info(row: _store.KeyRow) -> KeyInfo:
@@ -135,6 +156,7 @@ class KeyService:
         self._kek_wrap_key = _derive(master_key, _KEK_WRAP_INFO)
         self._check_key = _derive(master_key, _CHECK_INFO)
         audit_key = _derive(master_key, _AUDIT_INFO)
+        self._policy_key = _derive(master_key, _POLICY_INFO)
         self._master_ok = False
 
         def on_create(conn: sqlite3.Connection, store_id: bytes) -> None:
@@ -192,7 +214,7 @@ class KeyService:
 
         def body(conn: sqlite3.Connection, now: str) -> tuple[KeyInfo, int, Mapping[str, Any]]:
             if _store.key_exists(conn, name):
-                raise _Refusal(
+                raise Refusal(
                     KeyExists(f"a key named {name!r} exists already"), "denied", "key exists"
                 )
             _store.insert_key(conn, name, now)
@@ -207,7 +229,7 @@ class KeyService:
         def body(conn: sqlite3.Connection, now: str) -> tuple[KeyInfo, int, Mapping[str, Any]]:
             current = self._current_version(conn, name)
             if current >= _MAX_VERSION:
-                raise _Refusal(
+                raise Refusal(
                     UsageError(f"key {name!r} has no versions left"), "denied", "versions exhausted"
                 )
             self._add_version(conn, name, current + 1, now)
@@ -248,7 +270,266 @@ class KeyService:
 
         return self._run("rewrap", wrapped.key_name, wrapped.version, body)
 
+    # -- release policies ----------------------------------------------------------------
+
+    def policies(self, *, allow_sim: bool) -> PolicyStore:
+        """The release policies, for a workspace that does (dev) or does not accept sim."""
+        return PolicyStore(self, allow_sim=allow_sim)
+
+    def allow_release(self, key_name: str, rule: Rule, *, allow_sim: bool) -> Policy:
+        """Add `rule` to the key's release policy (replacing its rule for the same TEE and
+        measurement) and return the policy. Audited as ``policy_allow``."""
+        validate_key_name(key_name)
+        if not isinstance(rule, Rule):
+            raise UsageError("allow_release needs a Rule")
+
+        def body(conn: sqlite3.Connection, now: str) -> tuple[Policy, None, Mapping[str, Any]]:
+            if rule.tee is TeeType.SIM and not allow_sim:
+                raise Refusal(_sim_refused(), "denied", Reason.SIM_NOT_ALLOWED, rule.to_dict())
+            if not _store.key_exists(conn, key_name):
+                raise Refusal(
+                    KeyNotFound(f"no key named {key_name!r}"),
+                    "denied",
+                    Reason.UNKNOWN_KEY,
+                    rule.to_dict(),
+                )
+            replaced = self._store_rule(conn, key_name, rule, now)
+            return self._policy(conn, key_name), None, {**rule.to_dict(), "replaced": replaced}
+
+        return self._run("policy_allow", key_name, None, body)
+
+    def replace_release_policy(
+        self, key_name: str, rules: Sequence[Rule], *, allow_sim: bool
+    ) -> Policy:
+        """Replace the key's whole release policy with `rules` (none: deny everything) and
+        return it. Audited as ``policy_set``."""
+        validate_key_name(key_name)
+        rules = tuple(rules)
+        if not all(isinstance(r, Rule) for r in rules):
+            raise UsageError("replace_release_policy needs Rules")
+
+        def body(conn: sqlite3.Connection, now: str) -> tuple[Policy, None, Mapping[str, Any]]:
+            detail = {"rules": [r.to_dict() for r in rules]}
+            if any(r.tee is TeeType.SIM for r in rules) and not allow_sim:
+                raise Refusal(_sim_refused(), "denied", Reason.SIM_NOT_ALLOWED, detail)
+            if not _store.key_exists(conn, key_name):
+                raise Refusal(
+                    KeyNotFound(f"no key named {key_name!r}"), "denied", Reason.UNKNOWN_KEY, detail
+                )
+            removed = _store.delete_rules(conn, key_name, None)
+            for rule in rules:
+                self._store_rule(conn, key_name, rule, now)
+            return self._policy(conn, key_name), None, {**detail, "removed": removed}
+
+        return self._run("policy_set", key_name, None, body)
+
+    def revoke_release(self, key_name: str, measurement: str) -> Policy:
+        """Remove the key's rules for `measurement` and return the policy; `UsageError` if the
+        key has no such rule. Audited as ``policy_revoke``."""
+        validate_key_name(key_name)
+        measurement = parse_measurement(measurement)
+
+        def body(conn: sqlite3.Connection, now: str) -> tuple[Policy, None, Mapping[str, Any]]:
+            detail = {"measurement": measurement}
+            if not _store.key_exists(conn, key_name):
+                raise Refusal(
+                    KeyNotFound(f"no key named {key_name!r}"), "denied", Reason.UNKNOWN_KEY, detail
+                )
+            removed = _store.delete_rules(conn, key_name, measurement)
+            if removed == 0:
+                raise Refusal(
+                    UsageError(
+                        f"key {key_name!r} has no release rule for measurement {measurement} "
+                        "(see `ppml policy show`)"
+                    ),
+                    "denied",
+                    Reason.UNKNOWN_RULE,
+                    detail,
+                )
+            return self._policy(conn, key_name), None, {**detail, "removed": removed}
+
+        return self._run("policy_revoke", key_name, None, body)
+
+    def release_policy(self, key_name: str) -> Policy:
+        """The key's release policy; `IntegrityError` if a stored rule was altered."""
+        validate_key_name(key_name)
+        self._require_master()
+        with self._store.read() as conn:
+            if not _store.key_exists(conn, key_name):
+                raise KeyNotFound(f"no key named {key_name!r}")
+            policy = self._policy(conn, key_name)
+        if not policy.intact:
+            raise IntegrityError(path=self._store.path)
+        return policy
+
+    def evaluate_release(self, key_name: str, facts: AttestedFacts, *, allow_sim: bool) -> Decision:
+        """The release decision for one key (not audited: nothing is released)."""
+        validate_key_name(key_name)
+        self._require_master()
+        with self._store.read() as conn:
+            if not _store.key_exists(conn, key_name):
+                return Decision(False, Reason.UNKNOWN_KEY)
+            return self._policy(conn, key_name).evaluate(facts, allow_sim=allow_sim)
+
+    def matching_keys(self, facts: AttestedFacts, *, allow_sim: bool) -> list[str]:
+        """The names of the keys whose release policies `facts` satisfy, sorted."""
+        self._require_master()
+        with self._store.read() as conn:
+            names = sorted({row.key_name for row in _store.rule_rows(conn)})
+            policies = [self._policy(conn, name) for name in names]
+        return [p.key_name for p in policies if p.evaluate(facts, allow_sim=allow_sim).allowed]
+
+    # -- releases (the key broker's primitives) --------------------------------------------
+
+    def release_data_key(
+        self,
+        key_name: str,
+        *,
+        authorize: Authorize,
+        seal_key: SealKey,
+        op: str,
+        detail: Mapping[str, Any],
+    ) -> tuple[WrappedKey, bytes]:
+        """A fresh data key of the key's current version, if `authorize` allows it under the
+        key's policy: returns its wrapped form and what `seal_key` made of the plaintext, which
+        never leaves this call otherwise. An unknown key and a denial both raise
+        `AccessDenied(ACCESS_DENIED)`; every outcome is audited as `op` with `detail`."""
+        validate_key_name(key_name)
+
+        def produce(conn: sqlite3.Connection) -> tuple[WrappedKey, bytes]:
+            version = self._current_version(conn, key_name)
+            dek = self._random_exact(DATA_KEY_BYTES)
+            return self._wrap_dek(conn, key_name, version, dek), dek
+
+        return self._release(op, key_name, None, produce, authorize, seal_key, detail)
+
+    def release_unwrapped(
+        self,
+        wrapped: WrappedKey,
+        *,
+        authorize: Authorize,
+        seal_key: SealKey,
+        op: str,
+        detail: Mapping[str, Any],
+    ) -> tuple[WrappedKey, bytes]:
+        """Like `release_data_key`, for the data key inside `wrapped`. An unknown version is
+        refused like an unknown key; a wrapped key that fails authentication is an
+        `IntegrityError`."""
+        if not isinstance(wrapped, WrappedKey):
+            raise UsageError("release_unwrapped needs a WrappedKey")
+
+        def produce(conn: sqlite3.Connection) -> tuple[WrappedKey, bytes]:
+            if _store.wrapped_kek(conn, wrapped.key_name, wrapped.version) is None:
+                raise Refusal(AccessDenied(ACCESS_DENIED), "denied", Reason.UNKNOWN_VERSION, detail)
+            return wrapped, self._unwrap_dek(conn, wrapped)
+
+        return self._release(
+            op, wrapped.key_name, wrapped.version, produce, authorize, seal_key, detail
+        )
+
+    def record(
+        self,
+        op: str,
+        *,
+        key_name: str | None,
+        version: int | None,
+        outcome: Outcome,
+        detail: Mapping[str, Any],
+    ) -> AuditEntry:
+        """Append one audit record for a decision taken outside the key service (the broker's
+        token refusals). `detail` must not hold secrets."""
+        self._require_master()
+        ts = self._now()
+        with self._store.write() as conn:
+            return self._audit.append(
+                conn,
+                ts=ts,
+                actor=self._actor,
+                op=op,
+                key_name=key_name,
+                version=version,
+                outcome=outcome,
+                detail=detail,
+            )
+
     # -- internals -----------------------------------------------------------------------
+
+    def _release(
+        self,
+        op: str,
+        key_name: str,
+        version_asked: int | None,
+        produce: Callable[[sqlite3.Connection], tuple[WrappedKey, bytes]],
+        authorize: Authorize,
+        seal_key: SealKey,
+        detail: Mapping[str, Any],
+    ) -> tuple[WrappedKey, bytes]:
+        def body(
+            conn: sqlite3.Connection, now: str
+        ) -> tuple[tuple[WrappedKey, bytes], int, Mapping[str, Any]]:
+            # Order matters: nothing about versions is revealed to a workload the policy denies.
+            if not _store.key_exists(conn, key_name):
+                raise Refusal(AccessDenied(ACCESS_DENIED), "denied", Reason.UNKNOWN_KEY, detail)
+            decision = authorize(self._policy(conn, key_name))
+            if not decision.allowed:
+                raise Refusal(AccessDenied(ACCESS_DENIED), "denied", decision.reason, detail)
+            try:
+                wrapped, dek = produce(conn)
+            except Refusal as exc:
+                raise Refusal(exc.error, exc.outcome, exc.reason, detail) from None
+            sealed = seal_key(wrapped, dek)
+            return (wrapped, sealed), wrapped.version, {**detail, "reason": decision.reason}
+
+        return self._run(op, key_name, version_asked, body)
+
+    def _store_rule(self, conn: sqlite3.Connection, key_name: str, rule: Rule, now: str) -> bool:
+        return _store.upsert_rule(
+            conn,
+            key_name,
+            tee=rule.tee.value,
+            measurement=rule.measurement,
+            debug_ok=rule.debug_ok,
+            min_tcb=rule.min_tcb.value,
+            created_at=now,
+            mac=self._rule_mac(key_name, rule),
+        )
+
+    def _rule_mac(self, key_name: str, rule: Rule) -> bytes:
+        return rule_mac(self._policy_key, self._store.store_id, key_name, rule)
+
+    def _policy(self, conn: sqlite3.Connection, key_name: str) -> Policy:
+        """The key's stored policy, its rules checked against their MACs."""
+        rules: list[Rule] = []
+        intact = True
+        for row in _store.rule_rows(conn, key_name):
+            rule = self._checked_rule(row)
+            if rule is None:
+                intact = False
+            else:
+                rules.append(rule)
+        if not intact:
+            _log.error("a release rule of key %r in %s was altered", key_name, self._store.path)
+        return Policy(key_name, tuple(rules), intact)
+
+    def _checked_rule(self, row: _store.RuleRow) -> Rule | None:
+        try:
+            if not isinstance(row.debug_ok, int) or row.debug_ok not in (0, 1):
+                return None
+            if not all(isinstance(v, str) for v in (row.tee, row.measurement, row.min_tcb)):
+                return None
+            rule = Rule(
+                TeeType(str(row.tee)),
+                str(row.measurement),
+                bool(row.debug_ok),
+                TcbStatus(str(row.min_tcb)),
+            )
+        except (ValueError, UsageError):
+            return None
+        if rule.measurement != row.measurement or not isinstance(row.mac, bytes):
+            return None
+        if not compare_digest(self._rule_mac(row.key_name, rule), row.mac):
+            return None
+        return rule
 
     def _run(self, op: str, key_name: str, version_asked: int | None, body: _Body[_T]) -> _T:
         """Run `body` in one write transaction together with its audit record.
@@ -258,14 +539,16 @@ class KeyService:
         """
         self._require_master()
         ts = self._now()
-        refusal: _Refusal | None = None
+        refusal: Refusal | None = None
         with self._store.write() as conn:
             try:
                 with _store.savepoint(conn):
                     value, version, detail = body(conn, ts.isoformat(timespec="microseconds"))
-            except _Refusal as exc:
+            except Refusal as exc:
                 refusal = exc
-                self._record(conn, ts, op, key_name, version_asked, exc.outcome, exc.reason)
+                self._record(
+                    conn, ts, op, key_name, version_asked, exc.outcome, exc.record_detail()
+                )
             else:
                 self._record(conn, ts, op, key_name, version, "ok", detail)
         if refusal is not None:
@@ -329,7 +612,7 @@ class KeyService:
     def _current_version(self, conn: sqlite3.Connection, name: str) -> int:
         version = _store.latest_version(conn, name)
         if version is None:
-            raise _Refusal(KeyNotFound(f"no key named {name!r}"), "denied", "unknown key")
+            raise Refusal(KeyNotFound(f"no key named {name!r}"), "denied", "unknown key")
         return version
 
     def _add_version(self, conn: sqlite3.Connection, name: str, version: int, now: str) -> None:
@@ -342,8 +625,8 @@ class KeyService:
         blob = _store.wrapped_kek(conn, name, version)
         if blob is None:
             if not _store.key_exists(conn, name):
-                raise _Refusal(KeyNotFound(f"no key named {name!r}"), "denied", "unknown key")
-            raise _Refusal(
+                raise Refusal(KeyNotFound(f"no key named {name!r}"), "denied", "unknown key")
+            raise Refusal(
                 KeyVersionNotFound(f"key {name!r} has no version {version}"),
                 "denied",
                 "unknown version",
@@ -353,7 +636,7 @@ class KeyService:
         except IntegrityError:
             # The master key was checked already, so the stored KEK itself was altered.
             _log.error("stored key %r version %d failed authentication", name, version)
-            raise _Refusal(
+            raise Refusal(
                 IntegrityError(path=self._store.path),
                 "error",
                 "stored key-encryption key failed authentication",
@@ -371,6 +654,6 @@ class KeyService:
         try:
             return unseal(kek, wrapped.blob, wrapped.aad())
         except IntegrityError:
-            raise _Refusal(
+            raise Refusal(
                 IntegrityError(), "error", "wrapped data key failed authentication"
             ) from None

@@ -1,7 +1,11 @@
 """The key store file: one private SQLite database (WAL, schema-versioned) shared by processes.
 
-It owns the connection, the schema and the key tables; writes run in ``BEGIN IMMEDIATE``
-transactions so that concurrent writers serialise instead of interleaving.
+It owns the connection, the schema (and its migrations) and the key and release-rule tables;
+writes run in ``BEGIN IMMEDIATE`` transactions so that concurrent writers serialise instead of
+interleaving.
+
+Schema versions: 1 keys, key versions, audit log; 2 adds ``release_rules`` (the release policies).
+An older store is upgraded in place, in one transaction, when it is opened.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "KeyRow",
     "KeyStore",
+    "RuleRow",
+    "delete_rules",
     "get_meta",
     "insert_key",
     "insert_version",
@@ -30,11 +36,13 @@ __all__ = [
     "key_rows",
     "latest_version",
     "put_meta",
+    "rule_rows",
     "savepoint",
+    "upsert_rule",
     "wrapped_kek",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 
 _log = logging.getLogger(__name__)
@@ -66,6 +74,22 @@ _SCHEMA = (
         head_mac BLOB NOT NULL)""",
 )
 
+_RELEASE_RULES = (
+    """CREATE TABLE release_rules (
+        key_name TEXT NOT NULL REFERENCES keys (name),
+        tee TEXT NOT NULL,
+        measurement TEXT NOT NULL,
+        debug_ok INTEGER NOT NULL,
+        min_tcb TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        mac BLOB NOT NULL,
+        PRIMARY KEY (key_name, tee, measurement))""",
+)
+
+# _MIGRATIONS[n] takes a store from schema version n to n + 1.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _RELEASE_RULES}
+_CURRENT_SCHEMA = _SCHEMA + _RELEASE_RULES
+
 OnCreate = Callable[[sqlite3.Connection, bytes], None]
 
 
@@ -76,6 +100,18 @@ class KeyRow:
     name: str
     created_at: str
     versions: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRow:
+    """One release rule as stored (unchecked: the key service verifies `mac`)."""
+
+    key_name: str
+    tee: object
+    measurement: object
+    debug_ok: object
+    min_tcb: object
+    mac: object
 
 
 @contextlib.contextmanager
@@ -158,6 +194,12 @@ class KeyStore:
                     _create_schema(conn, self.path, new_store_id, on_create)
             with self.read() as conn:
                 version = _user_version(conn)
+        if 0 < version < SCHEMA_VERSION:
+            with self.write() as conn:
+                # Re-read under the write lock: another process may have migrated it meanwhile.
+                _migrate(conn, self.path)
+            with self.read() as conn:
+                version = _user_version(conn)
         if version != SCHEMA_VERSION:
             raise ConfigurationError(
                 f"key store schema version {version} is not supported (expected {SCHEMA_VERSION})",
@@ -174,12 +216,22 @@ def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    version = _user_version(conn)
+    while 0 < version < SCHEMA_VERSION:
+        _log.info("key store %s: migrating schema %d to %d", path, version, version + 1)
+        for statement in _MIGRATIONS[version]:
+            conn.execute(statement)
+        version += 1
+        conn.execute(f"PRAGMA user_version = {version}")
+
+
 def _create_schema(
     conn: sqlite3.Connection, path: Path, new_store_id: Callable[[], bytes], on_create: OnCreate
 ) -> None:
     if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
         raise ConfigurationError("not a ppml key store", path=path)
-    for statement in _SCHEMA:
+    for statement in _CURRENT_SCHEMA:
         conn.execute(statement)
     store_id = new_store_id()
     put_meta(conn, "store_id", store_id)
@@ -302,3 +354,52 @@ def key_rows(conn: sqlite3.Connection, name: str | None = None) -> list[KeyRow]:
     for key_name, created_at, version, version_created_at in rows:
         grouped.setdefault(key_name, (created_at, []))[1].append((version, version_created_at))
     return [KeyRow(n, c, tuple(vs)) for n, (c, vs) in grouped.items()]
+
+
+def rule_rows(conn: sqlite3.Connection, key_name: str | None = None) -> list[RuleRow]:
+    """Release rules (all, or those of `key_name`), ordered by key, TEE and measurement."""
+    rows = conn.execute(
+        "SELECT key_name, tee, measurement, debug_ok, min_tcb, mac FROM release_rules "
+        "WHERE (?1 IS NULL OR key_name = ?1) ORDER BY key_name, tee, measurement",
+        (key_name,),
+    ).fetchall()
+    return [RuleRow(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+def upsert_rule(
+    conn: sqlite3.Connection,
+    key_name: str,
+    *,
+    tee: str,
+    measurement: str,
+    debug_ok: bool,
+    min_tcb: str,
+    created_at: str,
+    mac: bytes,
+) -> bool:
+    """Insert a rule, or replace the key's rule for the same TEE and measurement; True if it
+    replaced one."""
+    replaced = (
+        conn.execute(
+            "SELECT 1 FROM release_rules WHERE key_name = ? AND tee = ? AND measurement = ?",
+            (key_name, tee, measurement),
+        ).fetchone()
+        is not None
+    )
+    conn.execute(
+        "INSERT OR REPLACE INTO release_rules "
+        "(key_name, tee, measurement, debug_ok, min_tcb, created_at, mac) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (key_name, tee, measurement, int(debug_ok), min_tcb, created_at, mac),
+    )
+    return replaced
+
+
+def delete_rules(conn: sqlite3.Connection, key_name: str, measurement: str | None) -> int:
+    """Delete the key's rules for `measurement` (any TEE type; all rules when None); returns
+    how many."""
+    cursor = conn.execute(
+        "DELETE FROM release_rules WHERE key_name = ?1 AND (?2 IS NULL OR measurement = ?2)",
+        (key_name, measurement),
+    )
+    return int(cursor.rowcount)

@@ -156,7 +156,9 @@ class AttestedKeyProvider:
         if response.status_code == 401:
             raise AttestationFailed("attestation failed (the service refused the evidence)")
         if response.status_code in (403, 404):
-            raise AccessDenied("access denied: the key's release policy does not allow this workload")
+            raise AccessDenied(
+                "access denied: the key's release policy does not allow this workload"
+            )
         if response.status_code != 200:
             raise KeyAccessError(f"the KMS answered {response.status_code}")
         return response.json()

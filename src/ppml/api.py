@@ -1,0 +1,105 @@
+"""The data API for workloads: `ppml.read_table`, `ppml.write_table` and the pandas variants.
+
+Under `ppml run` the keys come from the key broker after attestation (transparently, the first
+time one is needed); outside a TEE they come from the workspace directly, for a user who holds
+its passphrase ($PPML_HOME or ./.ppml, $PPML_PASSPHRASE or a prompt).
+"""
+
+from __future__ import annotations
+
+import atexit
+import getpass
+import os
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ppml.crypto.envelope import DataKeyProvider
+from ppml.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+__all__ = [
+    "key_provider",
+    "read_pandas",
+    "read_table",
+    "write_pandas",
+    "write_table",
+]
+
+_lock = threading.Lock()
+_provider: DataKeyProvider | None = None
+
+
+def key_provider() -> DataKeyProvider:
+    """This process's key provider: attested under `ppml run`, else the workspace's KMS."""
+    global _provider
+    with _lock:
+        if _provider is None:
+            _provider = _make_provider()
+        return _provider
+
+
+def _make_provider() -> DataKeyProvider:
+    from ppml.tee.runtime import AttestedKeyProvider, in_attested_run
+
+    if in_attested_run():
+        attested = AttestedKeyProvider.from_environment()
+        atexit.register(attested.close)
+        return attested
+    from ppml.workspace import Workspace, default_workspace_dir
+
+    path = default_workspace_dir()
+    if "PPML_PASSPHRASE" in os.environ:
+        passphrase = os.environ["PPML_PASSPHRASE"].encode()
+    elif sys.stdin.isatty():
+        passphrase = getpass.getpass(f"Passphrase for the ppml workspace {path}: ").encode()
+    else:
+        raise ConfigurationError(
+            "no keys: run under `ppml run`, or set PPML_PASSPHRASE for the workspace"
+        )
+    keys = Workspace.open(path, passphrase).key_service()
+    atexit.register(keys.close)
+    return keys
+
+
+def read_table(
+    path: str | Path,
+    *,
+    columns: Sequence[str] | None = None,
+    format: str | None = None,  # noqa: A002
+) -> pa.Table:
+    """Read an encrypted (or plain) file or directory of part files as an Arrow table."""
+    from ppml.data import read_table as _read
+
+    return _read(path, key_provider(), columns=columns, format=format)
+
+
+def write_table(
+    table: pa.Table,
+    path: str | Path,
+    *,
+    key: str,
+    format: str | None = None,  # noqa: A002
+    column_keys: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """Write `table` encrypted under a fresh data key of the named key `key`."""
+    from ppml.data import write_table as _write
+
+    _write(table, path, key_provider(), key_name=key, format=format, column_keys=column_keys)
+
+
+def read_pandas(path: str | Path, **kwargs: Any) -> pd.DataFrame:
+    """`read_table(...)` as a pandas DataFrame."""
+    return read_table(path, **kwargs).to_pandas()
+
+
+def write_pandas(df: pd.DataFrame, path: str | Path, *, key: str, **kwargs: Any) -> None:
+    """Write a pandas DataFrame (index dropped) like `write_table`."""
+    import pyarrow as pa
+
+    write_table(pa.Table.from_pandas(df, preserve_index=False), path, key=key, **kwargs)

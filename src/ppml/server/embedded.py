@@ -1,0 +1,35 @@
+"""The services of one workspace, composed: KMS, key broker, attestation service, TLS files.
+
+`ppml serve` exposes them over HTTPS; `ppml run` serves them on loopback for the workload it
+launches. Both build them here, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from ppml.attestation import AttestationService, TokenVerifier
+from ppml.kms.broker import KeyBroker
+from ppml.server.app import Services
+from ppml.server.tls import TlsFiles
+from ppml.workspace import Workspace
+
+__all__ = ["services_for", "tls_files_for"]
+
+
+def services_for(ws: Workspace, *, actor: str = "local") -> Services:
+    """The attestation service, the key broker and the KMS of `ws`. Sim evidence is accepted
+    only in a development workspace (`ppml init --dev`)."""
+    keys = ws.key_service(actor=actor)
+    token_key = ws.token_signing_key()
+    verifier = TokenVerifier(token_key.public_key())
+    broker = KeyBroker(keys, verifier.verify, allow_sim=ws.dev)
+    attestation = AttestationService.for_keys(
+        token_key,
+        ws.sim_platform_key().public_key() if ws.dev else None,
+        allow_sim=ws.dev,
+        appraise=broker.matching_keys,
+    )
+    return Services(attestation=attestation, broker=broker, keys=keys)
+
+
+def tls_files_for(ws: Workspace) -> TlsFiles:
+    return TlsFiles(cert=ws.server_cert, key=ws.server_key, ca=ws.ca_cert)
