@@ -71,7 +71,7 @@ def read_table(
     path: str | Path,
     *,
     columns: Sequence[str] | None = None,
-    format: str | None = None,  # noqa: A002
+    format: str | None = None,
 ) -> pa.Table:
     """Read an encrypted (or plain) file or directory of part files as an Arrow table."""
     from ppml.data import read_table as _read
@@ -84,7 +84,7 @@ def write_table(
     path: str | Path,
     *,
     key: str,
-    format: str | None = None,  # noqa: A002
+    format: str | None = None,
     column_keys: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Write `table` encrypted under a fresh data key of the named key `key`."""

@@ -13,7 +13,7 @@ import sys
 import typer
 
 from ppml import __version__
-from ppml.cli import demo_cmd, file_cmds, init_cmd, key_cmds, run_cmd
+from ppml.cli import demo_cmd, file_cmds, init_cmd, key_cmds, policy_cmds, run_cmd, sql_cmd
 
 __all__ = ["app", "main"]
 
@@ -48,6 +48,8 @@ def _root(
 init_cmd.register(app)
 file_cmds.register(app)
 key_cmds.register(app)
+policy_cmds.register(app)
+sql_cmd.register(app)
 run_cmd.register(app)
 demo_cmd.register(app)
 

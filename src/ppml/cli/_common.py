@@ -94,7 +94,8 @@ def open_workspace(workspace: Path | None, passphrase_file: Path | None) -> Work
 
 @contextlib.contextmanager
 def key_provider(workspace: Path | None, passphrase_file: Path | None) -> Iterator[DataKeyProvider]:
-    """The keys for a command: the workspace's KMS (later: the attested runtime under `ppml run`)."""
+    """The keys for a command: the workspace's KMS (later: the attested runtime under
+    `ppml run`)."""
     with open_workspace(workspace, passphrase_file).key_service() as keys:
         yield keys
 

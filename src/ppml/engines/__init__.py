@@ -1,1 +1,1 @@
-"""Engines that run users' analytics over encrypted data: embedded SQL (DuckDB), later Spark and more."""
+"""Engines that run analytics over encrypted data: embedded SQL (DuckDB), later Spark and more."""

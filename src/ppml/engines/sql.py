@@ -16,10 +16,11 @@ the same schemas: any error there depends on the query text and the schemas only
 message is passed on. An error that appears only on the real data (a value that does not
 convert, ``error(col)``, ...) may quote a value, so its message is replaced by a generic one.
 
-Only the columns a query names are decrypted (Parquet Modular Encryption decrypts per column):
-the columns are taken from DuckDB's parse tree, and the pruned plan is used only when the query
-binds to the pruned tables with exactly the result schema it has on the full tables; a ``*``,
-a ``NATURAL`` join, ``PIVOT`` or a whole-row reference reads every column.
+Only the tables a query names, and of those only the columns its plan reads, are decrypted
+(Parquet Modular Encryption decrypts per column): DuckDB plans the query over empty tables of
+the same schemas and its projection pushdown says which columns each scan needs; the pruned
+tables are used only when the query binds to them with exactly the result schema it has on the
+full tables. CSV, JSON and text files are decrypted whole (they have no columns on disk).
 
 The engine knows nothing of workspaces: keys come from the `DataKeyProvider` it is given (the
 workspace's KMS under ``ppml sql``, a remote attested provider inside a TEE).
@@ -114,7 +115,7 @@ def run_sql(
     opts = options or SqlOptions()
     check_query(query)
     sources = _sources(tables)
-    referenced = _referenced_names(query) if opts.prune_columns else None
+    referenced = _referenced_tables(query)
     plan = _plan(query, sources, referenced, provider, opts)
     loaded = _load(sources, plan, provider, opts)
     con = connect(loaded, opts)
@@ -196,18 +197,15 @@ def connect(
 
 
 def needed_columns(
-    query: str, schemas: Mapping[str, pa.Schema]
-) -> dict[str, list[str] | None] | None:
-    """The columns of each table that `query` names (None: every column), for the tables it
-    names; None when that cannot be told from the parse tree alone (read everything).
-
-    A superset is always safe: a name is kept in every table that has a column of that name.
-    `run_sql` also checks the result schema before it trusts this.
+    query: str, schemas: Mapping[str, pa.Schema], options: SqlOptions | None = None
+) -> dict[str, list[str] | None]:
+    """The columns of each table that `query` reads (None: every column), as DuckDB's optimized
+    plan over empty tables of these schemas says. A query that does not plan is a `UsageError`.
     """
-    referenced = _referenced_names(query)
-    if referenced is None:
-        return None
-    return referenced.columns_for(schemas)
+    opts = options or SqlOptions()
+    check_query(query)
+    _dry_run(query, schemas, None, opts)
+    return _scanned_columns(query, schemas, opts)
 
 
 # --------------------------------------------------------------------------- sources
@@ -353,28 +351,6 @@ def _parallel(fn: Any, items: Sequence[Any], workers: int) -> list[Any]:
 # --------------------------------------------------------------------------- planning
 
 
-@dataclass(frozen=True)
-class _Referenced:
-    """What a query's parse tree names: tables, column-like names, and whether every column of
-    every table it reads may matter (a star, a natural join, a whole-row reference, ...)."""
-
-    tables: frozenset[str]
-    names: frozenset[str]
-    all_columns: bool
-
-    def columns_for(self, schemas: Mapping[str, pa.Schema]) -> dict[str, list[str] | None]:
-        result: dict[str, list[str] | None] = {}
-        for name, schema in schemas.items():
-            if name.lower() not in self.tables:
-                continue
-            if self.all_columns:
-                result[name] = None
-                continue
-            cols = [c for c in schema.names if c.lower() in self.names]
-            result[name] = cols or schema.names[:1]
-        return result
-
-
 def _walk(node: Any) -> Iterator[dict[str, Any]]:
     stack = [node]
     while stack:
@@ -386,7 +362,9 @@ def _walk(node: Any) -> Iterator[dict[str, Any]]:
             stack.extend(item)
 
 
-def _referenced_names(query: str) -> _Referenced | None:
+def _referenced_tables(query: str) -> frozenset[str] | None:
+    """The (lower-case) names the query's FROM clauses name, from DuckDB's parse tree; None if
+    the tree is not available (then every table is loaded)."""
     import duckdb
 
     try:
@@ -400,33 +378,87 @@ def _referenced_names(query: str) -> _Referenced | None:
         return None
     if not isinstance(tree, dict) or tree.get("error") is not False:
         return None
-    tables: set[str] = set()
-    aliases: set[str] = set()
-    names: set[str] = set()
-    single_refs: set[str] = set()
-    all_columns = False
-    for node in _walk(tree.get("statements")):
-        cls, typ = node.get("class"), node.get("type")
-        if cls == "STAR" or typ in ("PIVOT", "UNPIVOT") or node.get("ref_type") == "NATURAL":
-            all_columns = True
-        elif cls == "COLUMN_REF":
-            parts = [str(p).lower() for p in node.get("column_names") or []]
-            names.update(parts)
-            if len(parts) == 1:
-                single_refs.update(parts)
-        elif typ == "BASE_TABLE":
-            tables.add(str(node.get("table_name", "")).lower())
-            if node.get("alias"):
-                aliases.add(str(node["alias"]).lower())
-            names.update(str(c).lower() for c in node.get("column_name_alias") or [])
-        for key in ("using_columns", "exclude_list"):
-            if isinstance(node.get(key), list):
-                names.update(str(c).lower() for c in node[key] if isinstance(c, str))
-    if single_refs & (tables | aliases):
-        # `SELECT t FROM t` is the whole row of t: unless t is also a column name somewhere,
-        # which the result-schema check below settles, read every column.
-        all_columns = True
-    return _Referenced(frozenset(tables), frozenset(names), all_columns)
+    return frozenset(
+        str(node.get("table_name", "")).lower()
+        for node in _walk(tree.get("statements"))
+        if node.get("type") == "BASE_TABLE"
+    )
+
+
+# Optimizers that may drop the scan of an empty table (there is no data in the probe), so that
+# its columns could not be seen; the one that matters, `unused_columns`, stays on.
+_PROBE_DISABLED_OPTIMIZERS = "statistics_propagation,empty_result_pullup"
+
+
+def _scanned_columns(
+    query: str, schemas: Mapping[str, pa.Schema], opts: SqlOptions
+) -> dict[str, list[str] | None]:
+    """The columns of each table that DuckDB's optimized plan reads (None: every column).
+
+    The query is planned (not run) over empty native tables of the same schemas: projection
+    pushdown leaves in each scan exactly the columns whose values matter, through ``*``,
+    whole-row references, ``EXISTS``, natural joins and all; columns used only by a pushed-down
+    filter are taken from the filter's text. A table whose scan is not in the plan is read whole.
+    """
+    con = _probe_connection(schemas, opts)
+    try:
+        rows = con.sql("EXPLAIN (FORMAT JSON) " + query).fetchall()
+    finally:
+        con.close()
+    plan = json.loads(rows[0][1])
+    found: dict[str, set[str]] = {}
+    for node in _walk(plan):
+        info = node.get("extra_info")
+        if not isinstance(info, dict) or not isinstance(info.get("Table"), str):
+            continue
+        table = info["Table"].rsplit(".", 1)[-1].lower()
+        names = found.setdefault(table, set())
+        for key in ("Projections", "Filters"):
+            value = info.get(key)
+            texts = [value] if isinstance(value, str) else list(value or [])
+            names.update(str(t) for t in texts)
+    result: dict[str, list[str] | None] = {}
+    for name, schema in schemas.items():
+        seen = found.get(name.lower())
+        if seen is None:
+            result[name] = None
+            continue
+        blob = "\n".join(seen)
+        cols = [c for c in schema.names if c in seen or _mentions(blob, c)]
+        result[name] = cols or schema.names[:1]
+    return result
+
+
+def _mentions(text: str, column: str) -> bool:
+    pattern = r"(?<![\w\"])" + re.escape(column) + r"(?![\w\"])"
+    return bool(re.search(pattern, text, re.IGNORECASE)) or f'"{column}"' in text
+
+
+def _probe_connection(schemas: Mapping[str, pa.Schema], opts: SqlOptions) -> Any:
+    import duckdb
+
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "temp_directory": "",
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "python_enable_replacements": False,
+        },
+    )
+    try:
+        for name, schema in schemas.items():
+            con.register("__ppml_probe_source", schema.empty_table())
+            validate_table_name(name)  # letters, digits and '_' only: safe to quote
+            con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM __ppml_probe_source')  # noqa: S608
+            con.unregister("__ppml_probe_source")
+        con.execute(f"SET disabled_optimizers = '{_PROBE_DISABLED_OPTIMIZERS}'")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 @dataclass(frozen=True)
@@ -437,13 +469,13 @@ class _Plan:
 def _plan(
     query: str,
     sources: dict[str, _Source],
-    referenced: _Referenced | None,
+    referenced: frozenset[str] | None,
     provider: DataKeyProvider,
     opts: SqlOptions,
 ) -> _Plan:
     """Decide what to decrypt, and check the query against empty tables (no data at all)."""
     wanted = (
-        [s for s in sources.values() if s.name.lower() in referenced.tables]
+        [s for s in sources.values() if s.name.lower() in referenced]
         if referenced is not None
         else list(sources.values())
     )
@@ -460,9 +492,13 @@ def _plan(
         _dry_run(query, schemas, None, opts)
         return _Plan({name: None for name in schemas})
     full: dict[str, list[str] | None] = {name: None for name in schemas}
-    if referenced is None:
+    if not opts.prune_columns:
         return _Plan(full)
-    pruned = referenced.columns_for(schemas)
+    try:
+        pruned = _scanned_columns(query, schemas, opts)
+    except Exception:  # the probe is an optimization only: read everything
+        _log.debug("no column pruning: the plan could not be inspected", exc_info=True)
+        return _Plan(full)
     if all(cols is None or len(cols) == len(schemas[n]) for n, cols in pruned.items()):
         return _Plan(full)
     try:

@@ -1,19 +1,44 @@
-"""The embedded key management service: versioned named keys, data-key wrapping, and an audit log.
+"""The embedded key management service: versioned named keys, data-key wrapping, release
+policies, the key broker, and an audit log.
 
 `KeyService` implements `ppml.crypto.envelope.DataKeyProvider`; every key operation it performs
-is recorded in a hash-chained `AuditLog` in the same SQLite file.
+is recorded in a hash-chained `AuditLog` in the same SQLite file. `KeyBroker` releases data keys
+to attested workloads whose tokens satisfy a key's `Policy` (see `ppml.kms.policy`).
 """
 
 from __future__ import annotations
 
 from ppml.kms.audit import AuditEntry, AuditLog, AuditVerification
+from ppml.kms.broker import KeyBroker, ReleasedKey, TokenVerifier, open_released
+from ppml.kms.policy import (
+    PRIMARY_MEASUREMENT,
+    AttestedFacts,
+    Decision,
+    Policy,
+    PolicyStore,
+    Reason,
+    Rule,
+    primary_measurement,
+)
 from ppml.kms.service import KeyInfo, KeyService, KeyVersionInfo
 
 __all__ = [
+    "PRIMARY_MEASUREMENT",
+    "AttestedFacts",
     "AuditEntry",
     "AuditLog",
     "AuditVerification",
+    "Decision",
+    "KeyBroker",
     "KeyInfo",
     "KeyService",
     "KeyVersionInfo",
+    "Policy",
+    "PolicyStore",
+    "Reason",
+    "ReleasedKey",
+    "Rule",
+    "TokenVerifier",
+    "open_released",
+    "primary_measurement",
 ]

@@ -47,7 +47,7 @@ _SELECT_HEAD = "SELECT seq, mac, head_mac FROM audit_head WHERE id = 1"
 _log = logging.getLogger(__name__)
 
 
-class Refusal(Exception):  # noqa: N818 -- a signal inside the KMS, never seen by callers
+class Refusal(Exception):
     """Raised inside an audited operation: its writes are undone, a record with `outcome` and
     `detail` plus `reason` is appended, then `error` (what the caller may see) is raised."""
 

@@ -13,7 +13,7 @@ rule written into the file by anyone but the KMS is detected and denies (fail cl
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from hmac import compare_digest
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -58,8 +58,8 @@ class Reason:
     """The reason codes of release decisions and policy changes (audit detail and log only)."""
 
     ALLOWED: Final = "allowed"
-    TOKEN_REJECTED: Final = "token_rejected"
-    TOKEN_EXPIRED: Final = "token_expired"
+    TOKEN_REJECTED: Final = "token_rejected"  # noqa: S105 -- a reason code
+    TOKEN_EXPIRED: Final = "token_expired"  # noqa: S105 -- a reason code
     VERIFIER_ERROR: Final = "verifier_error"
     UNKNOWN_KEY: Final = "unknown_key"
     UNKNOWN_VERSION: Final = "unknown_version"
@@ -270,6 +270,10 @@ class PolicyStore:
         """Add `rule` to the key's policy (replacing a rule for the same TEE and measurement).
         `KeyNotFound` for an unknown key; `UsageError` for a sim rule outside dev."""
         return self._keys.allow_release(key_name, rule, allow_sim=self.allow_sim)
+
+    def replace(self, key_name: str, rules: Sequence[Rule]) -> Policy:
+        """Replace the key's whole policy with `rules` (an empty sequence denies everything)."""
+        return self._keys.replace_release_policy(key_name, rules, allow_sim=self.allow_sim)
 
     def revoke(self, key_name: str, measurement: str) -> Policy:
         """Remove the key's rules for `measurement`; `UsageError` when it has none."""

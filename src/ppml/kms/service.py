@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hmac as _pyca_hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ppml._internal.clock import Clock, utc_now
+from ppml.attestation.claims import TcbStatus, TeeType
 from ppml.crypto.envelope import (
     DATA_KEY_BYTES,
     DataKey,
@@ -30,7 +31,6 @@ from ppml.crypto.envelope import (
     unseal,
     validate_key_name,
 )
-from ppml.attestation.claims import TcbStatus, TeeType
 from ppml.errors import (
     AccessDenied,
     ConfigurationError,

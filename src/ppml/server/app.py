@@ -30,6 +30,8 @@ MAX_BODY_BYTES = 64 * 1024
 PEER_CERT_EXTENSION = "ppml.peer_cert"
 
 AdminCheck = Callable[[Request], None]
+# Module level: FastAPI resolves (string) annotations in the module's namespace.
+Authorization = Annotated[str | None, Header()]
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,6 @@ def create_app(
         return {"token": result.token, "expires_at": result.expires_at.isoformat()}
 
     kms = APIRouter(prefix="/kms/v1", tags=["kms"])
-    Authorization = Annotated[str | None, Header()]
 
     @kms.post("/keys/{name}/datakey")
     def datakey(name: str, authorization: Authorization = None) -> dict[str, Any]:

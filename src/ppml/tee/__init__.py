@@ -1,1 +1,1 @@
-"""The attester side: workload manifests and measurements, the sim TEE, `ppml run`, the in-TEE runtime."""
+"""The attester side: workload manifests and measurements, the evidence channel, the runtime."""

@@ -1,0 +1,307 @@
+"""The key broker (RATS relying party): releases data keys to attested workloads only.
+
+A release is: verify the attestation token -> find the key -> evaluate the key's default-deny
+release policy against the token's claims -> seal the data key with HPKE to the workload's
+public key from the token. The plaintext data key never leaves the KMS unsealed. Every release
+and every refusal is an audit record; callers see one of two fixed refusals --
+`AttestationFailed("attestation failed")` for a token that does not verify, and
+`AccessDenied("access denied")` for everything after it (unknown key or version, policy) -- so
+that a workload cannot learn which keys exist. The precise reason is in the audit and the log.
+
+`ReleasedKey` is what travels back to the workload; `open_released` is the workload's side.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from ppml._internal.clock import Clock, utc_now
+from ppml.attestation.claims import TokenClaims
+from ppml.crypto.envelope import DATA_KEY_BYTES, DataKey, WrappedKey, validate_key_name
+from ppml.crypto.hpke import (
+    PUBLIC_KEY_BYTES,
+    RELEASE_PURPOSES,
+    ReleasePurpose,
+    open_sealed,
+    release_info,
+    seal_to,
+)
+from ppml.errors import AttestationFailed, ConfigurationError, IntegrityError, UsageError
+from ppml.kms.audit import Refusal
+from ppml.kms.policy import (
+    AttestedFacts,
+    Decision,
+    Policy,
+    PolicyStore,
+    Reason,
+    Rule,
+    primary_measurement,
+)
+from ppml.kms.service import KeyService
+
+__all__ = [
+    "ATTESTATION_FAILED",
+    "MAX_TOKEN_CHARS",
+    "KeyBroker",
+    "ReleasedKey",
+    "TokenVerifier",
+    "open_released",
+]
+
+ATTESTATION_FAILED: Final = "attestation failed"
+MAX_TOKEN_CHARS: Final = 16 * 1024
+OP_DATAKEY: Final = "release_datakey"
+OP_UNWRAP: Final = "release_unwrap"
+_MAX_SEALED_BYTES = 1024
+_MAX_DETAIL_CHARS = 128
+
+TokenVerifier = Callable[[str], TokenClaims]
+"""Checks an attestation token and returns its claims, or raises `AttestationFailed`."""
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasedKey:
+    """A released data key: its wrapped form (for the file header) and the data key sealed with
+    HPKE to the workload's public key, under `release_info(wrapped, purpose)`."""
+
+    wrapped: WrappedKey
+    sealed_key: bytes
+    purpose: ReleasePurpose
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.wrapped, WrappedKey):
+            raise UsageError("a released key needs a WrappedKey")
+        if not isinstance(self.sealed_key, bytes) or not (
+            0 < len(self.sealed_key) <= _MAX_SEALED_BYTES
+        ):
+            raise UsageError("invalid sealed key")
+        if self.purpose not in RELEASE_PURPOSES:
+            raise UsageError(f"invalid release purpose {self.purpose!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: the wrapped key's text form and the sealed key in base64."""
+        return {
+            "wrapped_key": self.wrapped.to_text(),
+            "sealed_key": base64.b64encode(self.sealed_key).decode(),
+            "purpose": self.purpose,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReleasedKey:
+        """Parse the wire form; anything malformed is an opaque `IntegrityError`."""
+        if not isinstance(data, Mapping) or set(data) != {"wrapped_key", "sealed_key", "purpose"}:
+            raise IntegrityError()
+        wrapped_text, sealed_text, purpose = (
+            data["wrapped_key"],
+            data["sealed_key"],
+            data["purpose"],
+        )
+        if not (isinstance(wrapped_text, str) and isinstance(sealed_text, str)):
+            raise IntegrityError()
+        if purpose not in RELEASE_PURPOSES:
+            raise IntegrityError()
+        try:
+            sealed = base64.b64decode(sealed_text.encode("ascii"), validate=True)
+            return cls(WrappedKey.from_text(wrapped_text), sealed, purpose)
+        except (binascii.Error, ValueError, UsageError):
+            raise IntegrityError() from None
+
+
+def open_released(
+    released: ReleasedKey,
+    private_key: X25519PrivateKey,
+    *,
+    purpose: ReleasePurpose | None = None,
+    wrapped: WrappedKey | None = None,
+) -> DataKey:
+    """The workload's side: open a released key with the private key whose public half the
+    attestation token carried. Pass `purpose` and (for an unwrap) the `wrapped` key you sent to
+    also check that the broker answered what was asked. Any mismatch or tampering is an opaque
+    `IntegrityError`."""
+    if not isinstance(released, ReleasedKey):
+        raise UsageError("open_released needs a ReleasedKey")
+    if purpose is not None and purpose != released.purpose:
+        raise IntegrityError()
+    if wrapped is not None and wrapped != released.wrapped:
+        raise IntegrityError()
+    plaintext = open_sealed(
+        private_key, released.sealed_key, info=release_info(released.wrapped, released.purpose)
+    )
+    if len(plaintext) != DATA_KEY_BYTES:
+        raise IntegrityError()
+    return DataKey(plaintext, released.wrapped)
+
+
+class KeyBroker:
+    """Releases data keys of a `KeyService` to workloads whose attestation tokens satisfy the
+    keys' release policies. `allow_sim` is the workspace's dev flag: without it, claims from
+    the sim TEE are refused whatever the policy says."""
+
+    def __init__(
+        self,
+        keys: KeyService,
+        verify_token: TokenVerifier,
+        *,
+        allow_sim: bool,
+        clock: Clock = utc_now,
+    ) -> None:
+        if not callable(verify_token):
+            raise ConfigurationError("the key broker needs a token verifier")
+        self._keys = keys
+        self._verify_token = verify_token
+        self._allow_sim = bool(allow_sim)
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"KeyBroker({self._keys!r}, allow_sim={self._allow_sim})"
+
+    @property
+    def policies(self) -> PolicyStore:
+        """The release policies this broker enforces."""
+        return self._keys.policies(allow_sim=self._allow_sim)
+
+    def matching_keys(self, facts: AttestedFacts) -> list[str]:
+        """The keys whose policies `facts` satisfy (the attestation service's appraisal)."""
+        return self.policies.matching_keys(facts)
+
+    def datakey(self, key_name: str, token: str) -> ReleasedKey:
+        """A fresh data key of `key_name`'s current version, sealed to the token's public key."""
+        validate_key_name(key_name)
+        claims = self._verify(OP_DATAKEY, key_name, None, token)
+        detail = _detail(claims, "datakey")
+        wrapped, sealed = self._keys.release_data_key(
+            key_name,
+            authorize=self._authorizer(claims),
+            seal_key=self._sealer(claims, "datakey", detail),
+            op=OP_DATAKEY,
+            detail=detail,
+        )
+        return ReleasedKey(wrapped, sealed, "datakey")
+
+    def unwrap(self, wrapped: WrappedKey, token: str) -> ReleasedKey:
+        """The data key inside `wrapped` (an existing file's), sealed to the token's public key."""
+        if not isinstance(wrapped, WrappedKey):
+            raise UsageError("unwrap needs a WrappedKey")
+        claims = self._verify(OP_UNWRAP, wrapped.key_name, wrapped.version, token)
+        detail = _detail(claims, "unwrap")
+        released, sealed = self._keys.release_unwrapped(
+            wrapped,
+            authorize=self._authorizer(claims),
+            seal_key=self._sealer(claims, "unwrap", detail),
+            op=OP_UNWRAP,
+            detail=detail,
+        )
+        return ReleasedKey(released, sealed, "unwrap")
+
+    # -- administration (the HTTP admin routes use these) --------------------------------
+
+    def set_policy(self, key_name: str, rules: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Replace the key's release policy with `rules` (dicts: tee, measurement, debug_ok,
+        min_tcb); returns the policy as a dict."""
+        parsed = [Rule.from_dict(r) for r in rules]
+        return self.policies.replace(key_name, parsed).to_dict()
+
+    def get_policy(self, key_name: str) -> dict[str, Any]:
+        return self.policies.show(key_name).to_dict()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _verify(self, op: str, key_name: str, version: int | None, token: str) -> TokenClaims:
+        """The token's claims, or an audited refusal (`AttestationFailed`, fixed message)."""
+
+        def refuse(reason: str, detail: Mapping[str, Any] | None = None) -> AttestationFailed:
+            self._keys.record(
+                op,
+                key_name=key_name,
+                version=version,
+                outcome="denied",
+                detail={**(detail or {}), "reason": reason},
+            )
+            _log.info("key broker %s %r: refused: %s", op, key_name, reason)
+            return AttestationFailed(ATTESTATION_FAILED)
+
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            raise refuse(Reason.TOKEN_REJECTED)
+        try:
+            claims = self._verify_token(token)
+        except AttestationFailed as exc:
+            _log.info("key broker %s %r: token did not verify: %s", op, key_name, exc.message)
+            raise refuse(Reason.TOKEN_REJECTED) from None
+        except Exception as exc:
+            # Not a verdict on the token: a fault. Record it, then let it surface as one.
+            _log.error("key broker %s %r: token verifier failed: %s", op, key_name, type(exc))
+            self._keys.record(
+                op,
+                key_name=key_name,
+                version=version,
+                outcome="error",
+                detail={"reason": Reason.VERIFIER_ERROR},
+            )
+            raise
+        if not isinstance(claims, TokenClaims):
+            self._keys.record(
+                op,
+                key_name=key_name,
+                version=version,
+                outcome="error",
+                detail={"reason": Reason.VERIFIER_ERROR},
+            )
+            raise ConfigurationError("the token verifier returned no claims")
+        detail = _detail(claims, "datakey" if op == OP_DATAKEY else "unwrap")
+        expires = claims.expires_at
+        if expires.tzinfo is None or self._now() >= expires:
+            raise refuse(Reason.TOKEN_EXPIRED, detail)
+        public_key = claims.public_key
+        if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+            raise refuse(Reason.BAD_PUBLIC_KEY, detail)
+        return claims
+
+    def _authorizer(self, claims: TokenClaims) -> Callable[[Policy], Decision]:
+        allow_sim = self._allow_sim
+        return lambda policy: policy.evaluate(claims, allow_sim=allow_sim)
+
+    @staticmethod
+    def _sealer(
+        claims: TokenClaims, purpose: ReleasePurpose, detail: Mapping[str, Any]
+    ) -> Callable[[WrappedKey, bytes], bytes]:
+        def seal(wrapped: WrappedKey, dek: bytes) -> bytes:
+            try:
+                return seal_to(claims.public_key, dek, info=release_info(wrapped, purpose))
+            except UsageError:  # e.g. a low-order point: nothing can be sealed to it
+                raise Refusal(
+                    AttestationFailed(ATTESTATION_FAILED), "denied", Reason.BAD_PUBLIC_KEY, detail
+                ) from None
+
+        return seal
+
+    def _now(self) -> _dt.datetime:
+        now = self._clock()
+        if now.tzinfo is None:
+            raise ConfigurationError("the clock must return timezone-aware times")
+        return now
+
+
+def _clip(value: object) -> str | None:
+    return None if value is None else str(value)[:_MAX_DETAIL_CHARS]
+
+
+def _detail(claims: TokenClaims, purpose: ReleasePurpose) -> dict[str, Any]:
+    """What the audit records of a release: who asked, never the token or key material."""
+    return {
+        "purpose": purpose,
+        "tee": _clip(claims.tee),
+        "measurement": _clip(primary_measurement(claims)),
+        "debug": bool(claims.debug),
+        "tcb_status": _clip(claims.tcb_status),
+        "token_id": _clip(claims.token_id),
+    }
