@@ -94,8 +94,14 @@ def open_workspace(workspace: Path | None, passphrase_file: Path | None) -> Work
 
 @contextlib.contextmanager
 def key_provider(workspace: Path | None, passphrase_file: Path | None) -> Iterator[DataKeyProvider]:
-    """The keys for a command: the workspace's KMS (later: the attested runtime under
-    `ppml run`)."""
+    """The keys for a command: released by the key broker after attestation when running under
+    `ppml run`, else the workspace's own KMS (which needs the passphrase)."""
+    from ppml.tee.runtime import AttestedKeyProvider, in_attested_run
+
+    if in_attested_run():
+        with AttestedKeyProvider.from_environment() as attested:
+            yield attested
+        return
     with open_workspace(workspace, passphrase_file).key_service() as keys:
         yield keys
 

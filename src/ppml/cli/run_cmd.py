@@ -98,17 +98,29 @@ def run(
         if measure_only:
             typer.echo(m.measurement())
             return
-        if tee != "sim":
-            raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
-        ws = open_workspace(workspace, passphrase_file)
-        if not ws.dev:
-            raise ConfigurationError(
-                "the sim TEE runs only with a development workspace (`ppml init --dev`)",
-                path=ws.path,
-            )
-        typer.echo(SIM_NOTICE, err=True)
-        code = _launch(ws, m)
-        raise typer.Exit(code)
+        raise typer.Exit(_run_manifest(m, tee, workspace, passphrase_file))
+
+
+def run_attested(
+    command: list[str], tee: str, workspace: Path | None, passphrase_file: Path | None
+) -> int:
+    """Run `command` attested, as `ppml run --tee TEE -- command` does; returns its exit code."""
+    return _run_manifest(_manifest(command, None, None), tee, workspace, passphrase_file)
+
+
+def _run_manifest(
+    m: WorkloadManifest, tee: str, workspace: Path | None, passphrase_file: Path | None
+) -> int:
+    if tee != "sim":
+        raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
+    ws = open_workspace(workspace, passphrase_file)
+    if not ws.dev:
+        raise ConfigurationError(
+            "the sim TEE runs only with a development workspace (`ppml init --dev`)",
+            path=ws.path,
+        )
+    typer.echo(SIM_NOTICE, err=True)
+    return _launch(ws, m)
 
 
 def _launch(ws: Workspace, manifest: WorkloadManifest) -> int:

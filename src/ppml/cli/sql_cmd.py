@@ -98,6 +98,15 @@ def sql(
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="DuckDB threads (default: cores).")
     ] = None,
+    tee: Annotated[
+        str | None,
+        typer.Option(
+            "--tee",
+            help="Run the query attested inside this TEE backend (sim): keys are released "
+            "only if their policies name the measurement of this exact command "
+            "(`ppml run --measure -- python -m ppml sql ...`).",
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
@@ -117,6 +126,15 @@ def sql(
             raise UsageError("--key applies to an encrypted output: add -o OUT")
         options = SqlOptions(memory_limit=memory_limit, threads=threads)
         check_query(query)  # a bad query fails before the passphrase is asked for
+        if tee is not None:
+            from ppml.cli.run_cmd import run_attested
+
+            inner = _without_tee_option(sys.argv[1:])
+            raise typer.Exit(
+                run_attested(
+                    [sys.executable, "-m", "ppml", *inner], tee, workspace, passphrase_file
+                )
+            )
         with key_provider(workspace, passphrase_file) as keys:
             if output is not None and key is not None:
                 describe = getattr(keys, "describe", None)
@@ -238,3 +256,17 @@ def _is_numeric(kind: pa.DataType) -> bool:
     return bool(
         pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
     )
+
+
+def _without_tee_option(argv: list[str]) -> list[str]:
+    """The command line again, minus `--tee X` / `--tee=X` (the attested child runs it)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--tee":
+            skip = True
+        elif not arg.startswith("--tee="):
+            out.append(arg)
+    return out
