@@ -157,13 +157,21 @@ def test_secrets_show_only_through_secret_show(home: Path, tmp_path: Path) -> No
         ["audit", "show"],
         ["audit", "verify"],
         ["secret", "show"],
+        ["policy", "allow"],
+        ["policy", "show"],
+        ["policy", "revoke"],
+        ["measure"],
+        ["run"],
+        ["serve"],
+        ["sql"],
+        ["demo"],
     ],
 )
 def test_help_everywhere(command: list[str]) -> None:
     r = run_ppml(*command, "--help")
     assert r.code == 0 and "Usage:" in r.out
     if (command and command[0] not in ("key", "audit", "secret")) or len(command) > 1:
-        assert "--workspace" in r.out or command == ["inspect"]
+        assert "--workspace" in r.out or command[0] in ("inspect", "measure", "demo")
 
 
 def test_version_and_unknown_command() -> None:
