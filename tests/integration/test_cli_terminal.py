@@ -26,6 +26,7 @@ def _run_on_pty(args: list[str], env: dict[str, str], answers: list[bytes]) -> t
     )
     os.close(follower)
     seen = b""
+    answered = 0
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
@@ -38,8 +39,10 @@ def _run_on_pty(args: list[str], env: dict[str, str], answers: list[bytes]) -> t
                 if not chunk:
                     break
                 seen += chunk
-                if answers and seen.rstrip().endswith(b":"):
-                    os.write(leader, answers.pop(0) + b"\n")
+                # Answer each prompt once, when it has appeared (not on its echoed newline).
+                while answered < min(seen.count(b"passphrase:"), len(answers)):
+                    os.write(leader, answers[answered] + b"\n")
+                    answered += 1
             elif proc.poll() is not None:
                 break
         return proc.wait(timeout=60), seen

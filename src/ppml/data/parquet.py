@@ -17,10 +17,11 @@ import json
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,9 +37,13 @@ from ppml.errors import (
     UsageError,
 )
 
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
+
 __all__ = [
     "ALGORITHM",
     "FooterKey",
+    "ParquetScanSession",
     "decrypt_parquet_file",
     "encrypt_parquet_file",
     "is_encrypted_parquet",
@@ -72,6 +77,10 @@ _WRAP_SEPARATOR = ";"
 _LAYOUT_KEY = b"ppml.keys"
 _RESERVED_OPTIONS = frozenset({"encryption_properties", "decryption_properties"})
 
+# Decimals as INT32/INT64 (precision <= 18) rather than pyarrow's default FIXED_LEN_BYTE_ARRAY:
+# about 4x faster to decode, the layout Spark and DuckDB write, and readable by both.
+_WRITE_DEFAULTS: Mapping[str, Any] = {"store_decimal_as_integer": True}
+
 
 @dataclass(frozen=True, slots=True)
 class FooterKey:
@@ -97,10 +106,12 @@ def write_parquet(
 
     The footer and every column not named in `column_keys` are encrypted under `key_name`; each
     group in `column_keys` (named key -> top-level column names) under its own named key.
-    `parquet_options` go to `pyarrow.parquet.write_table` (compression, row_group_size, ...).
+    `parquet_options` go to `pyarrow.parquet.write_table` (compression, row_group_size, ...);
+    decimals are stored as integers unless ``store_decimal_as_integer=False`` is given.
     """
     path = Path(path)
     _check_options(parquet_options)
+    parquet_options = {**_WRITE_DEFAULTS, **parquet_options}
     groups = _key_layout(table.schema.names, key_name, column_keys)
     config = _encryption_configuration(key_name, groups)
     table = table.replace_schema_metadata(_with_layout(table.schema, key_name, groups).metadata)
@@ -175,9 +186,13 @@ def encrypt_parquet_file(
     column_keys: Mapping[str, Sequence[str]] | None = None,
     **parquet_options: Any,
 ) -> None:
-    """Encrypt a plaintext Parquet file row group by row group (memory bounded by one group)."""
+    """Encrypt a plaintext Parquet file row group by row group (memory bounded by one group).
+
+    Decimals are stored as integers unless ``store_decimal_as_integer=False`` is given.
+    """
     src, dst = Path(src), Path(dst)
     _check_options(parquet_options)
+    parquet_options = {**_WRITE_DEFAULTS, **parquet_options}
     kind = _classify(src)
     if kind == "encrypted":
         raise UsageError("the file is already an encrypted Parquet file", path=src)
@@ -267,6 +282,108 @@ def reencrypt_parquet_file(path: Path, provider: DataKeyProvider) -> None:
                             writer.write_table(group)
 
 
+class ParquetScanSession:
+    """Encrypted Parquet files as lazy pyarrow datasets, for an engine that scans them (DuckDB).
+
+    A dataset reads nothing but footers when made; a scan reads and decrypts only the row groups
+    and columns it asks for, as it runs, with projections and filters pushed into it. Every
+    dataset of a session shares one key session: the provider is asked once per named key and
+    file (the footer key, then each column key a scan needs), and every key is dropped on close.
+
+    A scan that fails inside the engine surfaces as the engine's error; `failure` then holds the
+    provider's own error, if any, and `verify` tells tampering from anything else.
+    """
+
+    def __init__(self, provider: DataKeyProvider) -> None:
+        self._session = _KeySession(provider, Path("."))
+        self._format = self._session.dataset_format()
+
+    def __enter__(self) -> ParquetScanSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._session.__exit__(None, None, None)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The provider's first error in this session (missing key, access denied), if any."""
+        return self._session.failure
+
+    def dataset(self, paths: Sequence[Path]) -> ds.Dataset:
+        """One dataset over encrypted Parquet files (the parts of one table): their footers are
+        decrypted now (schemas, row group statistics), their columns only when scanned."""
+        import pyarrow.dataset as ds
+        import pyarrow.fs as pafs
+
+        local = pafs.LocalFileSystem()
+        files = [Path(p).absolute() for p in paths]
+        if not files:
+            raise UsageError("no Parquet files to read")
+        schemas = []
+        for path in files:
+            _require_encrypted(path)
+            with self._guard(path):
+                schemas.append(self._format.inspect(str(path), filesystem=local))
+        if len(schemas) == 1:
+            schema = schemas[0]
+        else:
+            try:
+                schema = pa.unify_schemas(schemas, promote_options="default")
+            except (pa.ArrowException, TypeError):
+                raise UsageError(
+                    "the Parquet parts have incompatible schemas", path=files[0].parent
+                ) from None
+        with self._guard(files[0]):
+            dataset = ds.dataset(
+                [str(p) for p in files],
+                schema=schema.remove_metadata(),
+                format=self._format,
+                filesystem=local,
+            )
+        return dataset
+
+    def verify(self, paths: Sequence[Path], *, columns: Sequence[str] | None = None) -> None:
+        """Decrypt `columns` (default: all) of every row group of `paths` and discard them:
+        IntegrityError (or the provider's error) for the first file that does not decrypt."""
+        for path in paths:
+            path = Path(path)
+            _require_encrypted(path)
+            with self._guard(path):
+                props = self._session.decryption_properties()
+                with pq.ParquetFile(path, decryption_properties=props) as pf:
+                    names = pf.schema_arrow.names
+                    present = None if columns is None else [c for c in columns if c in names]
+                    for index in range(pf.num_row_groups):
+                        pf.read_row_group(index, columns=present)
+
+    def located(self, exc: BaseException, path: Path) -> BaseException:
+        """`exc` (a provider failure) with `path` attached; integrity failures stay opaque."""
+        return _locate(exc, path)
+
+    @contextlib.contextmanager
+    def _guard(self, path: Path) -> Iterator[None]:
+        try:
+            yield
+        except PPMLError as exc:
+            raise _locate(self._session.failure or exc, path) from None
+        except (OSError, pa.ArrowException) as exc:
+            if self._session.failure is not None:
+                raise _locate(self._session.failure, path) from None
+            _log.debug("parquet decryption failed for %s: %s", path, exc)
+            raise IntegrityError(path=path) from None
+
+
+def _locate(exc: BaseException, path: Path) -> BaseException:
+    if isinstance(exc, IntegrityError):
+        return IntegrityError(path=path)
+    if isinstance(exc, PPMLError) and exc.path is None:
+        exc.path = str(path)
+    return exc
+
+
 # --------------------------------------------------------------------------- key plumbing
 
 
@@ -276,12 +393,20 @@ class _PPMLKmsClient(pe.KmsClient):
     wrap_key seals pyarrow's key with a fresh ppml data key and returns the wrapped data key with
     the sealed bytes; unwrap_key has the provider unwrap that data key. Errors raised here cross
     pyarrow's C++ layer, which may re-wrap them, so the first one is kept to be re-raised as is.
+
+    Unwrapped keys are kept for the life of the client (one operation), keyed by the exact
+    wrapped text, so the provider sees one unwrap per wrapped key -- per named key and file --
+    however many row groups, column chunks or scan threads ask for it. pyarrow may call from
+    several threads at once: a key being unwrapped is waited for, not unwrapped twice.
     """
 
     def __init__(self, provider: DataKeyProvider) -> None:
         super().__init__()
         self._provider = provider
         self.failure: BaseException | None = None
+        self._lock = threading.Lock()
+        self._unwrapped: dict[tuple[str, str], bytes] = {}
+        self._in_flight: dict[tuple[str, str], threading.Lock] = {}
 
     def wrap_key(self, key_bytes: bytes, master_key_identifier: str) -> str:
         try:
@@ -297,6 +422,24 @@ class _PPMLKmsClient(pe.KmsClient):
     def unwrap_key(  # type: ignore[override]
         self, wrapped_key: str, master_key_identifier: str
     ) -> bytes:
+        entry = (wrapped_key, master_key_identifier)
+        with self._lock:
+            known = self._unwrapped.get(entry)
+            if known is not None:
+                return known
+            gate = self._in_flight.setdefault(entry, threading.Lock())
+        with gate:
+            with self._lock:
+                known = self._unwrapped.get(entry)
+            if known is not None:
+                return known
+            key = self._unwrap(wrapped_key, master_key_identifier)
+            with self._lock:
+                self._unwrapped[entry] = key
+                self._in_flight.pop(entry, None)
+            return key
+
+    def _unwrap(self, wrapped_key: str, master_key_identifier: str) -> bytes:
         try:
             wrapped, sealed = _parse_wrapped(wrapped_key, master_key_identifier)
             data_key = self._provider.unwrap(wrapped)
@@ -306,9 +449,16 @@ class _PPMLKmsClient(pe.KmsClient):
             self._record(exc)
             raise
 
+    def forget(self) -> None:
+        """Drop every unwrapped key."""
+        with self._lock:
+            self._unwrapped.clear()
+            self._in_flight.clear()
+
     def _record(self, exc: BaseException) -> None:
-        if self.failure is None:
-            self.failure = exc
+        with self._lock:
+            if self.failure is None:
+                self.failure = exc
 
 
 def _parse_wrapped(text: str, master_key_identifier: str) -> tuple[WrappedKey, bytes]:
@@ -347,6 +497,26 @@ class _KeySession:
 
     def __exit__(self, *_exc: object) -> None:
         self._factory.remove_cache_entries_for_all_tokens()
+        self._client.forget()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The provider's first error in this session, if any."""
+        return self._client.failure
+
+    def dataset_format(self) -> ds.ParquetFileFormat:
+        """A pyarrow dataset format that decrypts with this session's keys."""
+        import pyarrow.dataset as ds
+
+        config = pe.DecryptionConfiguration(cache_lifetime=_CACHE_LIFETIME)
+        # The stub types the third argument as an EncryptionConfiguration; it is the decryption one.
+        decryption = ds.ParquetDecryptionConfig(
+            self._factory,
+            self._connection,
+            config,  # type: ignore[arg-type]
+        )
+        options = ds.ParquetFragmentScanOptions(decryption_config=decryption)
+        return ds.ParquetFileFormat(default_fragment_scan_options=options)
 
     def encryption_properties(self, config: pe.EncryptionConfiguration) -> Any:
         return self._factory.file_encryption_properties(self._connection, config)
@@ -371,11 +541,7 @@ class _KeySession:
             raise IntegrityError(path=self._path) from None
 
     def _located(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, IntegrityError):
-            return IntegrityError(path=self._path)
-        if isinstance(exc, PPMLError) and exc.path is None:
-            exc.path = str(self._path)
-        return exc
+        return _locate(exc, self._path)
 
 
 def _key_layout(

@@ -1,7 +1,12 @@
-"""Embedded SQL over encrypted tables: DuckDB in-process, over decrypted Arrow tables.
+"""Embedded SQL over encrypted tables: DuckDB in-process, scanning the tables as they decrypt.
 
-Each input table is decrypted into memory with `ppml.data.read_table` and registered in a fresh
-in-memory DuckDB connection; nothing is ever written to disk:
+Each encrypted Parquet table is registered with DuckDB as a lazy pyarrow dataset (Parquet Modular
+Encryption, `ppml.data.parquet.ParquetScanSession`): DuckDB pushes its projections and filters into
+the scan, so only the columns a query reads are decrypted (a column under a key the provider
+refuses can stay unread), row groups whose statistics exclude the filter are skipped, and the
+data streams through the query instead of being decrypted whole beforehand. CSV, JSON and text
+files, which have no columns on disk, are decrypted whole into Arrow tables. Nothing is ever
+written to disk:
 
 - spilling is off (``temp_directory=''``): a query that does not fit in ``memory_limit`` fails
   instead of writing plaintext to a temporary file;
@@ -11,16 +16,16 @@ in-memory DuckDB connection; nothing is ever written to disk:
 - before DuckDB sees the text, it must be exactly one ``SELECT`` statement (``WITH``, ``VALUES``,
   ``FROM t``, ``DESCRIBE``, ``SUMMARIZE`` and ``SHOW`` are SELECTs too).
 
-Error messages never carry cell values. The query is first bound and run against empty tables of
-the same schemas: any error there depends on the query text and the schemas only, and DuckDB's
-message is passed on. An error that appears only on the real data (a value that does not
-convert, ``error(col)``, ...) may quote a value, so its message is replaced by a generic one.
+Only the tables a query names are opened (DuckDB's parse tree says which); if the query reaches
+another one without naming it in FROM, the others are registered too.
 
-Only the tables a query names, and of those only the columns its plan reads, are decrypted
-(Parquet Modular Encryption decrypts per column): DuckDB plans the query over empty tables of
-the same schemas and its projection pushdown says which columns each scan needs; the pruned
-tables are used only when the query binds to them with exactly the result schema it has on the
-full tables. CSV, JSON and text files are decrypted whole (they have no columns on disk).
+Error messages never carry cell values. Binding the query reads schemas only, so an error there
+(bad SQL, unknown table or column, wrong types) depends on the query text and the schemas, and
+DuckDB's message is passed on. An error that appears only while running on the data (a value
+that does not convert, ``error(col)``, ...) may quote a value, so its message is replaced by a
+generic one. A scan that fails while decrypting is the provider's error (missing key, access
+denied) or, once the table's files have been checked, an integrity error; if the files check
+out, the query is run again over the needed columns decrypted into memory.
 
 The engine knows nothing of workspaces: keys come from the `DataKeyProvider` it is given (the
 workspace's KMS under ``ppml sql``, a remote attested provider inside a TEE).
@@ -32,7 +37,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +49,9 @@ from ppml.errors import InputNotFound, UsageError
 if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from ppml.data.parquet import ParquetScanSession
 
 __all__ = [
     "SqlOptions",
@@ -76,8 +84,10 @@ class SqlOptions:
     `memory_limit`: DuckDB's memory limit (e.g. "4GB", "50%"); default DuckDB's (80% of RAM).
     Spilling is always off, so a query over the limit fails rather than writing to disk.
     `threads`: DuckDB worker threads (default: one per core).
-    `prune_columns`: decrypt only the columns the query names.
-    `read_workers`: files decrypted in parallel (default: the number of cores, at most 8).
+    `prune_columns`: decrypt only the columns (and row groups) the query reads, while it runs;
+    False decrypts every column of each Parquet table it names before the query.
+    `read_workers`: CSV, JSON and text files decrypted in parallel (default: the number of
+    cores, at most 8).
     """
 
     memory_limit: str | None = None
@@ -104,30 +114,34 @@ def run_sql(
     *,
     options: SqlOptions | None = None,
 ) -> pa.Table:
-    """Run one SELECT over `tables` ({name: encrypted or plain file or directory, or an Arrow
-    table}) and return the result as an Arrow table.
+    """Run one SELECT over `tables` ({name: encrypted file or directory, or an Arrow table})
+    and return the result as an Arrow table.
 
     Files are decrypted with keys from `provider`, into memory only. Bad SQL, unknown tables or
     columns, and refused statements raise `UsageError` (exit 2) with a one-line message.
     """
-    import pyarrow as pa
+    from ppml.data.parquet import ParquetScanSession
 
     opts = options or SqlOptions()
     check_query(query)
     sources = _sources(tables)
-    referenced = _referenced_tables(query)
-    plan = _plan(query, sources, referenced, provider, opts)
-    loaded = _load(sources, plan, provider, opts)
-    con = connect(loaded, opts)
-    try:
+    with ParquetScanSession(provider) as session:
+        con = _open(opts)
         try:
-            result = con.sql(query).to_arrow_table()
-        except Exception as exc:
-            raise _data_error(exc) from None
-    finally:
-        con.close()
-    assert isinstance(result, pa.Table)
-    return result
+            referenced = _referenced_tables(con, query)
+            named = [
+                s for s in sources.values() if referenced is None or s.name.lower() in referenced
+            ]
+            _register(con, named, session, provider, opts)
+            _lock(con)
+            relation = _bind(con, query, sources, session, provider, opts)
+            try:
+                return _fetch(relation)
+            except Exception as exc:
+                failure = exc
+        finally:
+            con.close()
+        return _after_scan_failure(failure, query, sources, session, opts)
 
 
 def check_query(query: str) -> None:
@@ -161,35 +175,16 @@ def validate_table_name(name: str) -> str:
 
 
 def connect(
-    tables: Mapping[str, pa.Table], options: SqlOptions | None = None
+    tables: Mapping[str, pa.Table | ds.Dataset], options: SqlOptions | None = None
 ) -> duckdb.DuckDBPyConnection:
-    """A fresh in-memory DuckDB connection with `tables` registered, then locked down: no
-    spilling to disk, no external access, no extensions, configuration locked."""
-    import duckdb
-
-    opts = options or SqlOptions()
-    config: dict[str, str | bool | int | float | list[str]] = {
-        "temp_directory": "",  # never spill (plaintext) to disk
-        "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False,
-        "allow_community_extensions": False,
-        "allow_unsigned_extensions": False,
-        "python_enable_replacements": False,
-    }
-    if opts.memory_limit is not None:
-        config["memory_limit"] = opts.memory_limit.strip()
-    if opts.threads is not None:
-        config["threads"] = opts.threads
-    try:
-        con = duckdb.connect(":memory:", config=config)
-    except duckdb.Error as exc:
-        raise UsageError(_one_line(exc)) from None
+    """A fresh in-memory DuckDB connection with `tables` (Arrow tables or pyarrow datasets)
+    registered, then locked down: no spilling to disk, no external access, no extensions,
+    configuration locked."""
+    con = _open(options or SqlOptions())
     try:
         for name, table in tables.items():
             con.register(name, table)
-        con.execute("SET enable_progress_bar = false")  # never draw on the terminal
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
+        _lock(con)
     except BaseException:
         con.close()
         raise
@@ -208,22 +203,155 @@ def needed_columns(
     return _scanned_columns(query, schemas, opts)
 
 
+# --------------------------------------------------------------------------- connection
+
+
+def _open(opts: SqlOptions) -> duckdb.DuckDBPyConnection:
+    import duckdb
+
+    config: dict[str, str | bool | int | float | list[str]] = {
+        "temp_directory": "",  # never spill (plaintext) to disk
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "allow_community_extensions": False,
+        "allow_unsigned_extensions": False,
+        "python_enable_replacements": False,
+    }
+    if opts.memory_limit is not None:
+        config["memory_limit"] = opts.memory_limit.strip()
+    if opts.threads is not None:
+        config["threads"] = opts.threads
+    try:
+        return duckdb.connect(":memory:", config=config)
+    except duckdb.Error as exc:
+        raise UsageError(_one_line(exc)) from None
+
+
+def _lock(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("SET enable_progress_bar = false")  # never draw on the terminal
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _bind(
+    con: duckdb.DuckDBPyConnection,
+    query: str,
+    sources: dict[str, _Source],
+    session: ParquetScanSession,
+    provider: DataKeyProvider,
+    opts: SqlOptions,
+) -> duckdb.DuckDBPyRelation:
+    """Parse and bind `query` (schemas only, no data); a failure is the query's fault."""
+    import duckdb
+
+    try:
+        return con.sql(query)
+    except duckdb.Error as exc:
+        rest = [s for s in sources.values() if not s.registered]
+        if not rest:
+            raise UsageError(_query_error(exc)) from None
+    # The query may reach a table without naming it in FROM: bind again with every table.
+    _register(con, rest, session, provider, opts)
+    try:
+        return con.sql(query)
+    except duckdb.Error as exc:
+        raise UsageError(_query_error(exc)) from None
+
+
+def _fetch(relation: duckdb.DuckDBPyRelation) -> pa.Table:
+    import pyarrow as pa
+
+    result = relation.to_arrow_table()
+    assert isinstance(result, pa.Table)
+    return result
+
+
+_STREAM_FAILED = re.compile(r"stream registered as '([A-Za-z_][A-Za-z0-9_]*)'")
+
+
+def _after_scan_failure(
+    exc: BaseException,
+    query: str,
+    sources: dict[str, _Source],
+    session: ParquetScanSession,
+    opts: SqlOptions,
+) -> pa.Table:
+    """The query failed while running. The provider's own error (a refused or missing key) is
+    raised as is; a table whose files do not decrypt is an integrity error; a scan that failed
+    for another reason is retried over the needed columns decrypted into memory; anything else
+    failed on the data, and its message is withheld."""
+    scanned = [s for s in sources.values() if s.dataset is not None]
+    match = _STREAM_FAILED.search(str(exc))
+    suspects = [s for s in scanned if match is None or s.name.lower() == match[1].lower()]
+    if session.failure is not None:
+        where = suspects[0].root if len(suspects) == 1 else None
+        failure = session.failure
+        raise (session.located(failure, where) if where is not None else failure) from None
+    if match is None or not suspects:
+        raise _data_error(exc) from None
+    columns = _columns_or_all(query, {s.name: s.schema() for s in scanned}, opts)
+    for source in suspects:
+        assert source.dataset is not None
+        session.verify(source.files, columns=columns.get(source.name))
+    # The files are sound: the scan itself failed (a filter pyarrow could not evaluate, ...).
+    _log.debug("dataset scan failed (%s): reading the needed columns first", type(exc).__name__)
+    tables: dict[str, Any] = {}
+    for source in sources.values():
+        if not source.registered:
+            continue
+        if source.dataset is not None:
+            tables[source.name] = _materialize(source, columns.get(source.name), session)
+        else:
+            tables[source.name] = source.table
+    con = connect(tables, opts)
+    try:
+        try:
+            return _fetch(con.sql(query))
+        except Exception as again:
+            raise _data_error(again) from None
+    finally:
+        con.close()
+
+
+def _columns_or_all(
+    query: str, schemas: Mapping[str, pa.Schema], opts: SqlOptions
+) -> dict[str, list[str] | None]:
+    try:
+        return _scanned_columns(query, schemas, opts)
+    except Exception:  # the probe is an optimization only: read everything
+        _log.debug("the plan could not be inspected", exc_info=True)
+        return {name: None for name in schemas}
+
+
+def _materialize(source: _Source, columns: list[str] | None, session: ParquetScanSession) -> Any:
+    import pyarrow as pa
+
+    assert source.dataset is not None
+    try:
+        return source.dataset.to_table(columns=columns)
+    except (OSError, pa.ArrowException):
+        session.verify(source.files, columns=columns)
+        raise
+
+
 # --------------------------------------------------------------------------- sources
-
-
-@dataclass
-class _Part:
-    path: Path
-    kind: str  # "parquet" or "other"
-    schema: pa.Schema | None = None
-    table: pa.Table | None = None  # non-Parquet parts are read whole to learn their schema
 
 
 @dataclass
 class _Source:
     name: str
-    table: pa.Table | None = None  # an Arrow table given by the caller
-    parts: list[_Part] = field(default_factory=list)
+    root: Path | None = None  # the file or directory given
+    files: list[Path] = field(default_factory=list)
+    table: pa.Table | None = None  # given by the caller, or decrypted whole (CSV, JSON, text)
+    dataset: ds.Dataset | None = None  # encrypted Parquet, scanned lazily
+    registered: bool = False
+
+    def schema(self) -> pa.Schema:
+        if self.dataset is not None:
+            schema: pa.Schema = self.dataset.schema
+            return schema
+        assert self.table is not None
+        return self.table.schema
 
 
 def _sources(tables: Mapping[str, Path | str | pa.Table]) -> dict[str, _Source]:
@@ -241,7 +369,7 @@ def _sources(tables: Mapping[str, Path | str | pa.Table]) -> dict[str, _Source]:
         if isinstance(value, pa.Table):
             sources[name] = _Source(name, table=value)
         else:
-            sources[name] = _Source(name, parts=[_Part(p, _kind(p)) for p in _part_files(value)])
+            sources[name] = _Source(name, root=Path(value), files=_part_files(value))
     return sources
 
 
@@ -262,78 +390,57 @@ def _part_files(value: Path | str) -> list[Path]:
     return files
 
 
-def _kind(path: Path) -> str:
+def _is_parquet(path: Path) -> bool:
     from ppml.data import detect_file_kind
 
     try:
-        return "parquet" if detect_file_kind(path) == "parquet" else "other"
+        return detect_file_kind(path) == "parquet"
     except OSError as exc:
         raise UsageError(exc.strerror or "cannot read the file", path=path) from None
 
 
-def _parquet_schema(path: Path, provider: DataKeyProvider) -> pa.Schema:
-    """The Arrow schema from a Parquet footer (decrypting the footer only, not the data)."""
+def _register(
+    con: duckdb.DuckDBPyConnection,
+    sources: Sequence[_Source],
+    session: ParquetScanSession,
+    provider: DataKeyProvider,
+    opts: SqlOptions,
+) -> None:
+    """Open `sources` (Parquet: footers only; other files: decrypted whole) and register them."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from ppml.data.files import annotate_errors
-    from ppml.data.parquet import _KeySession, is_encrypted_parquet
-
-    with annotate_errors(path):
-        if not is_encrypted_parquet(path):
-            try:
-                schema = pq.read_schema(path)
-            except (OSError, pa.ArrowException):
-                raise UsageError("not a readable Parquet file", path=path) from None
+    whole: list[_Source] = []
+    for source in sources:
+        if source.table is not None or source.dataset is not None:
+            continue
+        if all(_is_parquet(p) for p in source.files):
+            source.dataset = session.dataset(source.files)
+            if not opts.prune_columns:
+                source.table = _materialize(source, None, session)
+                source.dataset = None
         else:
-            with _KeySession(provider, path) as session, session.guard(decrypting=True):
-                props = session.decryption_properties()
-                with pq.ParquetFile(path, decryption_properties=props) as pf:
-                    schema = pf.schema_arrow
-    return schema.remove_metadata()
+            whole.append(source)
+    jobs = [(s, p) for s in whole for p in s.files]
+    read = _parallel(lambda job: _read_whole(job[1], provider), jobs, _workers(opts, len(jobs)))
+    for source in whole:
+        parts = [t for (s, _), t in zip(jobs, read, strict=True) if s is source]
+        try:
+            source.table = (
+                parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="default")
+            )
+        except pa.ArrowException:
+            raise UsageError(
+                f"the parts of table {source.name!r} have incompatible schemas"
+            ) from None
+    for source in sources:
+        con.register(source.name, source.dataset if source.dataset is not None else source.table)
+        source.registered = True
 
 
-def _learn_schema(part: _Part, provider: DataKeyProvider) -> None:
+def _read_whole(path: Path, provider: DataKeyProvider) -> pa.Table:
     from ppml.data import read_table
 
-    if part.schema is not None:
-        return
-    if part.kind == "parquet":
-        part.schema = _parquet_schema(part.path, provider)
-    else:
-        part.table = read_table(part.path, provider)
-        part.schema = part.table.schema
-
-
-def _read_part(part: _Part, columns: list[str] | None, provider: DataKeyProvider) -> pa.Table:
-    from ppml.data import read_table
-
-    if part.table is not None:
-        return part.table if columns is None else part.table.select(columns)
-    assert part.schema is not None
-    present = None if columns is None else [c for c in columns if c in part.schema.names]
-    if present is not None and not present and part.schema.names:
-        present = [part.schema.names[0]]  # keep the row count
-    table = read_table(part.path, provider, columns=present)
-    if columns is not None:
-        table = table.select([c for c in columns if c in table.schema.names])
-    return table
-
-
-def _schema_of(source: _Source) -> pa.Schema:
-    import pyarrow as pa
-
-    if source.table is not None:
-        return source.table.schema
-    schemas = [p.schema for p in source.parts]
-    assert all(s is not None for s in schemas)
-    if len(schemas) == 1:
-        assert schemas[0] is not None
-        return schemas[0]
-    try:
-        return pa.unify_schemas([s for s in schemas if s is not None], promote_options="default")
-    except (pa.ArrowException, TypeError):
-        raise UsageError(f"the parts of table {source.name!r} have incompatible schemas") from None
+    return read_table(path, provider)
 
 
 def _workers(opts: SqlOptions, jobs: int) -> int:
@@ -362,17 +469,13 @@ def _walk(node: Any) -> Iterator[dict[str, Any]]:
             stack.extend(item)
 
 
-def _referenced_tables(query: str) -> frozenset[str] | None:
+def _referenced_tables(con: duckdb.DuckDBPyConnection, query: str) -> frozenset[str] | None:
     """The (lower-case) names the query's FROM clauses name, from DuckDB's parse tree; None if
-    the tree is not available (then every table is loaded)."""
+    the tree is not available (then every table is opened)."""
     import duckdb
 
     try:
-        con = duckdb.connect(":memory:", config={"enable_external_access": False})
-        try:
-            rows = con.sql("SELECT json_serialize_sql($1)", params=[query]).fetchall()
-        finally:
-            con.close()
+        rows = con.sql("SELECT json_serialize_sql($1)", params=[query]).fetchall()
         tree = json.loads(rows[0][0])
     except (duckdb.Error, ValueError, IndexError, TypeError):
         return None
@@ -461,61 +564,6 @@ def _probe_connection(schemas: Mapping[str, pa.Schema], opts: SqlOptions) -> Any
     return con
 
 
-@dataclass(frozen=True)
-class _Plan:
-    columns: dict[str, list[str] | None]  # the tables to load, with their columns (None: all)
-
-
-def _plan(
-    query: str,
-    sources: dict[str, _Source],
-    referenced: frozenset[str] | None,
-    provider: DataKeyProvider,
-    opts: SqlOptions,
-) -> _Plan:
-    """Decide what to decrypt, and check the query against empty tables (no data at all)."""
-    wanted = (
-        [s for s in sources.values() if s.name.lower() in referenced]
-        if referenced is not None
-        else list(sources.values())
-    )
-    _learn_schemas(wanted, provider, opts)
-    schemas = {s.name: _schema_of(s) for s in wanted}
-    try:
-        full_result = _dry_run(query, schemas, None, opts)
-    except UsageError:
-        if len(wanted) == len(sources):
-            raise
-        # The query may reach a table without naming it in FROM: check with every table.
-        _learn_schemas(list(sources.values()), provider, opts)
-        schemas = {s.name: _schema_of(s) for s in sources.values()}
-        _dry_run(query, schemas, None, opts)
-        return _Plan({name: None for name in schemas})
-    full: dict[str, list[str] | None] = {name: None for name in schemas}
-    if not opts.prune_columns:
-        return _Plan(full)
-    try:
-        pruned = _scanned_columns(query, schemas, opts)
-    except Exception:  # the probe is an optimization only: read everything
-        _log.debug("no column pruning: the plan could not be inspected", exc_info=True)
-        return _Plan(full)
-    if all(cols is None or len(cols) == len(schemas[n]) for n, cols in pruned.items()):
-        return _Plan(full)
-    try:
-        pruned_result = _dry_run(query, schemas, pruned, opts)
-    except UsageError:
-        pruned_result = None
-    if pruned_result is None or not pruned_result.equals(full_result):
-        _log.debug("column pruning does not preserve the result schema: reading every column")
-        return _Plan(full)
-    return _Plan(pruned)
-
-
-def _learn_schemas(sources: Iterable[_Source], provider: DataKeyProvider, opts: SqlOptions) -> None:
-    parts = [p for s in sources for p in s.parts if p.schema is None]
-    _parallel(lambda p: _learn_schema(p, provider), parts, _workers(opts, len(parts)))
-
-
 def _dry_run(
     query: str,
     schemas: Mapping[str, pa.Schema],
@@ -545,46 +593,6 @@ def _select_schema(schema: pa.Schema, columns: Sequence[str]) -> pa.Schema:
     import pyarrow as pa
 
     return pa.schema([schema.field(c) for c in columns])
-
-
-def _load(
-    sources: dict[str, _Source], plan: _Plan, provider: DataKeyProvider, opts: SqlOptions
-) -> dict[str, pa.Table]:
-    """Decrypt what the plan needs, each part file in parallel."""
-    import pyarrow as pa
-
-    jobs: list[tuple[str, _Part | None, list[str] | None]] = []
-    for name, cols in plan.columns.items():
-        source = sources[name]
-        if source.table is not None:
-            jobs.append((name, None, cols))
-        else:
-            jobs.extend((name, part, cols) for part in source.parts)
-
-    def one(job: tuple[str, _Part | None, list[str] | None]) -> pa.Table:
-        name, part, cols = job
-        if part is None:
-            table = sources[name].table
-            assert table is not None
-            return table  # DuckDB reads only the columns it needs from an Arrow table
-        return _read_part(part, cols, provider)
-
-    tables = _parallel(one, jobs, _workers(opts, len(jobs)))
-    pieces: dict[str, list[pa.Table]] = {}
-    for (name, _, _), table in zip(jobs, tables, strict=True):
-        pieces.setdefault(name, []).append(table)
-    for source in sources.values():  # drop what was read only to learn a schema
-        for part in source.parts:
-            part.table = None
-    loaded: dict[str, pa.Table] = {}
-    for name, parts in pieces.items():
-        try:
-            loaded[name] = (
-                parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="default")
-            )
-        except pa.ArrowException:
-            raise UsageError(f"the parts of table {name!r} have incompatible schemas") from None
-    return loaded
 
 
 # --------------------------------------------------------------------------- errors

@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from ppml.attestation import AttestationService
@@ -22,7 +23,7 @@ from ppml.crypto.envelope import WrappedKey
 from ppml.errors import AttestationFailed, UsageError
 from ppml.kms import KeyService
 from ppml.kms.broker import KeyBroker
-from ppml.server.errors import install_error_handlers, refusal
+from ppml.server.errors import CATALOGUE, install_error_handlers, refusal
 
 __all__ = ["MAX_BODY_BYTES", "Services", "create_app"]
 
@@ -30,8 +31,13 @@ MAX_BODY_BYTES = 64 * 1024
 PEER_CERT_EXTENSION = "ppml.peer_cert"
 
 AdminCheck = Callable[[Request], None]
+_bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="attestationToken",
+    description="An attestation token from POST /attestation/v1/attest.",
+)
 # Module level: FastAPI resolves (string) annotations in the module's namespace.
-Authorization = Annotated[str | None, Header()]
+Authorization = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)]
 
 
 @dataclass(frozen=True)
@@ -44,18 +50,20 @@ class Services:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class AttestRequest(_Strict):
-    tee: str = Field(max_length=16)
-    evidence: str = Field(max_length=48 * 1024, description="base64")
-    nonce: str = Field(max_length=128, description="base64")
-    public_key: str = Field(max_length=128, description="base64, raw X25519 public key")
+    tee: str = Field(max_length=16, description="TEE type: sim, sgx, tdx or snp")
+    evidence: str = Field(max_length=48 * 1024, description="the TEE's evidence, base64")
+    nonce: str = Field(max_length=128, description="the challenge nonce, base64")
+    public_key: str = Field(max_length=128, description="raw X25519 public key (32 bytes), base64")
 
 
 class UnwrapRequest(_Strict):
-    wrapped_key: str = Field(max_length=8192, description="the file's wrapped data key, text form")
+    wrapped_key: str = Field(
+        max_length=8192, description="the file's wrapped data key, text form ppml1:NAME:VERSION:B64"
+    )
 
 
 class CreateKeyRequest(_Strict):
@@ -64,13 +72,65 @@ class CreateKeyRequest(_Strict):
 
 class PolicyRule(_Strict):
     tee: str = Field(max_length=16)
-    measurement: str = Field(max_length=96)
+    measurement: str = Field(max_length=96, description="64 or 96 lowercase hex digits")
     debug_ok: bool = False
     min_tcb: str = Field(default="UpToDate", max_length=64)
 
 
 class PolicyRequest(_Strict):
     rules: list[PolicyRule] = Field(max_length=256)
+
+
+class ChallengeResponse(BaseModel):
+    nonce: str = Field(description="32 random bytes, base64; single use")
+    expires_at: str = Field(description="ISO 8601, UTC")
+
+
+class AttestResponse(BaseModel):
+    token: str = Field(description="ES256 JWT (see docs/api.md)")
+    expires_at: str = Field(description="ISO 8601, UTC")
+
+
+class ReleasedKeyResponse(BaseModel):
+    wrapped_key: str = Field(description="the data key wrapped by the named key, text form")
+    sealed_key: str = Field(description="HPKE-sealed data key, base64: enc (32) || ciphertext")
+    purpose: str = Field(description="datakey or unwrap")
+
+
+class KeyVersionResponse(BaseModel):
+    version: int
+    created_at: str
+
+
+class KeyResponse(BaseModel):
+    name: str
+    created_at: str
+    current_version: int
+    versions: list[KeyVersionResponse]
+
+
+class PolicyResponse(BaseModel):
+    key: str
+    rules: list[PolicyRule]
+
+
+class AuditEntryResponse(BaseModel):
+    seq: int
+    ts: str
+    actor: str
+    op: str
+    key_name: str | None
+    version: int | None
+    outcome: str
+    detail: dict[str, Any]
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class RefusalResponse(BaseModel):
+    error: str = Field(description="one of the fixed catalogue texts")
 
 
 def _b64(field: str, value: str) -> bytes:
@@ -80,10 +140,10 @@ def _b64(field: str, value: str) -> bytes:
         raise UsageError(f"{field} is not base64") from None
 
 
-def _bearer(authorization: str | None) -> str:
-    if not authorization or not authorization.startswith("Bearer "):
-        raise AttestationFailed("no bearer token")
-    return authorization.removeprefix("Bearer ").strip()
+def _bearer(credentials: HTTPAuthorizationCredentials | None) -> str:
+    """The bearer token, or "" when there is none: the key broker refuses (and audits) that
+    like any other token that does not verify."""
+    return credentials.credentials.strip() if credentials is not None else ""
 
 
 def require_client_certificate(request: Request) -> None:
@@ -91,6 +151,11 @@ def require_client_certificate(request: Request) -> None:
     cert = request.scope.get("extensions", {}).get(PEER_CERT_EXTENSION)
     if not cert:
         raise AttestationFailed("administrator route without a client certificate")
+
+
+def _refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the catalogue refusals a route can answer."""
+    return {s: {"model": RefusalResponse, "description": CATALOGUE[s]} for s in statuses}
 
 
 def create_app(
@@ -105,13 +170,15 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(_BodyLimit)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=HealthResponse)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    attestation = APIRouter(prefix="/attestation/v1", tags=["attestation"])
+    attestation = APIRouter(
+        prefix="/attestation/v1", tags=["attestation"], responses=_refusals(400, 413)
+    )
 
-    @attestation.post("/challenge")
+    @attestation.post("/challenge", response_model=ChallengeResponse, responses=_refusals(401))
     def challenge() -> dict[str, str]:
         c = services.attestation.challenge()
         return {
@@ -119,7 +186,7 @@ def create_app(
             "expires_at": c.expires_at.isoformat(),
         }
 
-    @attestation.post("/attest")
+    @attestation.post("/attest", response_model=AttestResponse, responses=_refusals(401))
     def attest(body: AttestRequest) -> dict[str, Any]:
         result = services.attestation.attest(
             body.tee,
@@ -129,13 +196,13 @@ def create_app(
         )
         return {"token": result.token, "expires_at": result.expires_at.isoformat()}
 
-    kms = APIRouter(prefix="/kms/v1", tags=["kms"])
+    kms = APIRouter(prefix="/kms/v1", tags=["kms"], responses=_refusals(400, 401, 403, 413))
 
-    @kms.post("/keys/{name}/datakey")
+    @kms.post("/keys/{name}/datakey", response_model=ReleasedKeyResponse)
     def datakey(name: str, authorization: Authorization = None) -> dict[str, Any]:
         return services.broker.datakey(name, _bearer(authorization)).to_dict()
 
-    @kms.post("/keys/{name}/unwrap")
+    @kms.post("/keys/{name}/unwrap", response_model=ReleasedKeyResponse)
     def unwrap(
         name: str, body: UnwrapRequest, authorization: Authorization = None
     ) -> dict[str, Any]:
@@ -145,27 +212,30 @@ def create_app(
         return services.broker.unwrap(wrapped, _bearer(authorization)).to_dict()
 
     admin = APIRouter(
-        prefix="/kms/v1", tags=["administration"], dependencies=[Depends(admin_check)]
+        prefix="/kms/v1",
+        tags=["administration"],
+        dependencies=[Depends(admin_check)],
+        responses=_refusals(400, 401, 404, 413),
     )
 
-    @admin.post("/keys")
+    @admin.post("/keys", response_model=KeyResponse, responses=_refusals(409))
     def create_key(body: CreateKeyRequest) -> dict[str, Any]:
         return services.keys.create_key(body.name).to_dict()
 
-    @admin.get("/keys")
+    @admin.get("/keys", response_model=list[KeyResponse])
     def list_keys() -> list[dict[str, Any]]:
         return [k.to_dict() for k in services.keys.list_keys()]
 
-    @admin.put("/keys/{name}/policy")
+    @admin.put("/keys/{name}/policy", response_model=PolicyResponse)
     def set_policy(name: str, body: PolicyRequest) -> dict[str, Any]:
         rules = [r.model_dump() for r in body.rules]
         return services.broker.set_policy(name, rules)
 
-    @admin.get("/keys/{name}/policy")
+    @admin.get("/keys/{name}/policy", response_model=PolicyResponse)
     def get_policy(name: str) -> dict[str, Any]:
         return services.broker.get_policy(name)
 
-    @admin.get("/audit")
+    @admin.get("/audit", response_model=list[AuditEntryResponse])
     def audit(limit: int = 100) -> list[dict[str, Any]]:
         return [e.to_dict() for e in services.keys.audit.entries(limit=max(1, min(limit, 10000)))]
 
@@ -176,12 +246,18 @@ def create_app(
 
 
 Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 
 class _BodyLimit:
-    """Refuse bodies over MAX_BODY_BYTES (declared or streamed) with 413, before parsing."""
+    """Refuse bodies over MAX_BODY_BYTES with 413 before anything parses them.
+
+    A declared Content-Length is checked first; a streamed (chunked) body is read here, up to
+    the limit, and replayed to the application, so the route never sees a partial body and the
+    refusal is 413 however the body was sent.
+    """
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
@@ -194,21 +270,27 @@ class _BodyLimit:
             if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY_BYTES):
                 await refusal(413)(scope, receive, send)
                 return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> MutableMapping[str, Any]:
-            nonlocal seen
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return  # the client went away
+            body = message.get("body", b"")
+            seen += len(body)
             if seen > MAX_BODY_BYTES:
-                raise _TooLarge()
-            return message
+                await refusal(413)(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await refusal(413)(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
