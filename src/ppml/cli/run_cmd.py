@@ -86,6 +86,15 @@ def run(
     ] = False,
     trusted: TrustedOption = None,
     env: EnvOption = None,
+    kms: Annotated[
+        str | None,
+        typer.Option(
+            "--kms",
+            metavar="URL",
+            help="Use the attestation service and KMS of a `ppml serve` at URL (its certificate "
+            "must chain to this workspace's CA) instead of serving them here.",
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
@@ -98,7 +107,9 @@ def run(
         if measure_only:
             typer.echo(m.measurement())
             return
-        raise typer.Exit(_run_manifest(m, tee, workspace, passphrase_file))
+        if kms is not None and not kms.startswith("https://"):
+            raise UsageError("--kms takes an https:// URL (ppml never speaks plain HTTP)")
+        raise typer.Exit(_run_manifest(m, tee, workspace, passphrase_file, kms))
 
 
 def run_attested(
@@ -109,7 +120,11 @@ def run_attested(
 
 
 def _run_manifest(
-    m: WorkloadManifest, tee: str, workspace: Path | None, passphrase_file: Path | None
+    m: WorkloadManifest,
+    tee: str,
+    workspace: Path | None,
+    passphrase_file: Path | None,
+    kms_url: str | None = None,
 ) -> int:
     if tee != "sim":
         raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
@@ -120,10 +135,10 @@ def _run_manifest(
             path=ws.path,
         )
     typer.echo(SIM_NOTICE, err=True)
-    return _launch(ws, m)
+    return _launch(ws, m, kms_url)
 
 
-def _launch(ws: Workspace, manifest: WorkloadManifest) -> int:
+def _launch(ws: Workspace, manifest: WorkloadManifest, kms_url: str | None = None) -> int:
     from ppml.attestation.sim import SimPlatform
     from ppml.server.app import create_app
     from ppml.server.embedded import services_for, tls_files_for
@@ -133,32 +148,40 @@ def _launch(ws: Workspace, manifest: WorkloadManifest) -> int:
 
     measurement = manifest.measurement()
     platform = SimPlatform(ws.sim_platform_key())
-    services = services_for(ws, actor=f"sim:{measurement[:16]}")
     channel = EvidenceChannelServer(lambda rd: platform.quote(measurement, rd), tee="sim")
-    try:
-        with serving(create_app(services), tls_files_for(ws)) as server:
-            child_env = manifest.child_environment(dict(os.environ))
-            child_env.update(
-                {
-                    TEE_ENV: "sim",
-                    CHANNEL_ENV: str(channel.child_fd),
-                    KMS_URL_ENV: server.url,
-                    CA_PEM_ENV: ws.ca_cert.read_text(),
-                    "PPML_MEASUREMENT": measurement,
-                }
+
+    def start(url: str) -> int:
+        child_env = manifest.child_environment(dict(os.environ))
+        child_env.update(
+            {
+                TEE_ENV: "sim",
+                CHANNEL_ENV: str(channel.child_fd),
+                KMS_URL_ENV: url,
+                CA_PEM_ENV: ws.ca_cert.read_text(),
+                "PPML_MEASUREMENT": measurement,
+            }
+        )
+        channel.start()
+        try:
+            proc = subprocess.Popen(  # noqa: S603 -- the user's own command, measured
+                manifest.command(), env=child_env, pass_fds=(channel.child_fd,)
             )
-            channel.start()
-            try:
-                proc = subprocess.Popen(  # noqa: S603 -- the user's own command, measured
-                    manifest.command(), env=child_env, pass_fds=(channel.child_fd,)
-                )
-            except OSError as exc:
-                raise UsageError(f"cannot start the workload: {exc.strerror}") from None
-            channel.child_started()
-            return _wait(proc)
+        except OSError as exc:
+            raise UsageError(f"cannot start the workload: {exc.strerror}") from None
+        channel.child_started()
+        return _wait(proc)
+
+    try:
+        if kms_url is not None:
+            return start(kms_url.rstrip("/"))
+        services = services_for(ws, actor=f"sim:{measurement[:16]}")
+        try:
+            with serving(create_app(services), tls_files_for(ws)) as server:
+                return start(server.url)
+        finally:
+            services.keys.close()
     finally:
         channel.close()
-        services.keys.close()
 
 
 def _wait(proc: subprocess.Popen[bytes]) -> int:

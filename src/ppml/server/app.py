@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -29,6 +30,8 @@ __all__ = ["MAX_BODY_BYTES", "Services", "create_app"]
 
 MAX_BODY_BYTES = 64 * 1024
 PEER_CERT_EXTENSION = "ppml.peer_cert"
+
+_log = logging.getLogger("ppml.server")
 
 AdminCheck = Callable[[Request], None]
 _bearer_scheme = HTTPBearer(
@@ -268,7 +271,7 @@ class _BodyLimit:
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY_BYTES):
-                await refusal(413)(scope, receive, send)
+                await _too_large(scope, receive, send)
                 return
         chunks: list[bytes] = []
         seen = 0
@@ -279,7 +282,7 @@ class _BodyLimit:
             body = message.get("body", b"")
             seen += len(body)
             if seen > MAX_BODY_BYTES:
-                await refusal(413)(scope, receive, send)
+                await _too_large(scope, receive, send)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -294,3 +297,13 @@ class _BodyLimit:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    _log.info(
+        "refused %s %r: 413: body over %d bytes",
+        scope.get("method"),
+        scope.get("path"),
+        MAX_BODY_BYTES,
+    )
+    await refusal(413)(scope, receive, send)

@@ -10,6 +10,7 @@ from ppml.attestation import AttestationService, TokenVerifier
 from ppml.kms.broker import KeyBroker
 from ppml.server.app import Services
 from ppml.server.tls import TlsFiles
+from ppml.server.tokens import CachedTokenVerifier
 from ppml.workspace import Workspace
 
 __all__ = ["services_for", "tls_files_for"]
@@ -20,8 +21,8 @@ def services_for(ws: Workspace, *, actor: str = "local") -> Services:
     only in a development workspace (`ppml init --dev`)."""
     keys = ws.key_service(actor=actor)
     token_key = ws.token_signing_key()
-    verifier = TokenVerifier(token_key.public_key())
-    broker = KeyBroker(keys, verifier.verify, allow_sim=ws.dev)
+    verifier = CachedTokenVerifier(TokenVerifier(token_key.public_key()).verify)
+    broker = KeyBroker(keys, verifier, allow_sim=ws.dev)
     attestation = AttestationService.for_keys(
         token_key,
         ws.sim_platform_key().public_key() if ws.dev else None,

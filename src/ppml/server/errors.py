@@ -64,12 +64,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PPMLError)
     async def _ppml_error(request: Request, exc: PPMLError) -> JSONResponse:
         status = status_for(exc)
-        _log.info("refused %s %s: %s: %s", request.method, request.url.path, status, exc.message)
+        _log.info("refused %s %r: %s: %s", request.method, request.url.path, status, exc.message)
         return refusal(status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        _log.info("refused %s %s: invalid request body", request.method, request.url.path)
+        _log.info("refused %s %r: invalid request body", request.method, request.url.path)
         return refusal(400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -80,6 +80,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         _log.error(
-            "internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__
+            "internal error on %s %r: %s", request.method, request.url.path, type(exc).__name__
         )
         return refusal(500)

@@ -198,7 +198,7 @@ def test_a_scan_that_fails_for_another_reason_is_retried_in_memory(
     result = run_sql(
         "SELECT count(*) AS n FROM orders WHERE city = 'Rome'", {"orders": table_dir}, gate
     )
-    assert result.to_pylist() == [{"n": 3 * ROWS // 2}]
+    assert result.to_pylist() == [{"n": 3 * ROWS // 2 - 1}]  # row 7 holds SECRET
     assert len(calls) == 2
     assert gate.unwraps["pii"] == 0
 
