@@ -5,8 +5,9 @@ Modular Encryption under a key of a real workspace KMS, then runs the 22 TPC-H q
 (benchmarks/tpch_queries/, the specification's validation parameters) three ways, interleaved:
 
   (a) plain: DuckDB over the plaintext Parquet files (read_parquet views), the baseline;
-  (b) ppml:  `ppml.engines.sql.run_sql` over the encrypted files: decrypt the columns the query
-             needs into Arrow (in memory only), then DuckDB, locked down, over those tables;
+  (b) ppml:  `ppml.engines.sql.run_sql` over the encrypted files: DuckDB, locked down, scans
+             each table as a lazy pyarrow dataset that decrypts (in memory only) the row groups
+             and columns the scan asks for, with projections and filters pushed into it;
   (c) query: the same engine over tables already decrypted into memory (every column): the
              query alone, without reading or decryption; (b) - (c) is what reading costs.
 
@@ -146,8 +147,8 @@ def main() -> None:
                     dst,
                     kms,
                     key_name=KEY,
-                    # Keep tpchgen's layout: decimals as INT64, not pyarrow's default
-                    # FIXED_LEN_BYTE_ARRAY, which decodes about 4x slower.
+                    # ppml's default keeps tpchgen's layout (decimals as INT64); pyarrow's own
+                    # default, FIXED_LEN_BYTE_ARRAY, decodes about 4x slower.
                     store_decimal_as_integer=not args.flba_decimals,
                 )
             size = sum((plain / f"{t}.parquet").stat().st_size for t in TABLES)

@@ -336,14 +336,18 @@ class ParquetScanSession:
                 raise UsageError(
                     "the Parquet parts have incompatible schemas", path=files[0].parent
                 ) from None
-        with self._guard(files[0]):
-            dataset = ds.dataset(
-                [str(p) for p in files],
-                schema=schema.remove_metadata(),
-                format=self._format,
-                filesystem=local,
-            )
-        return dataset
+        # Footers are decrypted here, on this thread, and kept in the fragments: a scan then
+        # needs no footer key. pyarrow unwraps a key while holding its key cache's lock, so a
+        # thread holding the GIL that waited on that lock (to open a footer while the engine
+        # scans) would deadlock with a scan thread waiting for the GIL to call the provider.
+        fragments: list[ds.Fragment] = []
+        for path in files:
+            with self._guard(path):
+                fragment = self._format.make_fragment(str(path), filesystem=local)
+                assert isinstance(fragment, ds.ParquetFileFragment)
+                fragment.ensure_complete_metadata()
+                fragments.append(fragment)
+        return ds.FileSystemDataset(fragments, schema.remove_metadata(), self._format, local)
 
     def verify(self, paths: Sequence[Path], *, columns: Sequence[str] | None = None) -> None:
         """Decrypt `columns` (default: all) of every row group of `paths` and discard them:

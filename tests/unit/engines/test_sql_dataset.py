@@ -122,7 +122,12 @@ def test_results_match_a_plain_duckdb_run(table_dir: Path, gate: Gate) -> None:
         "WHERE amount > 2.5 AND day BETWEEN DATE '2024-03-01' AND DATE '2024-06-30' "
         "GROUP BY city ORDER BY city"
     )
-    expected = duckdb.connect().sql(query.replace("FROM orders", "FROM plain")).to_arrow_table()
+    con = duckdb.connect()
+    try:
+        con.register("orders", plain)
+        expected = con.sql(query).to_arrow_table()
+    finally:
+        con.close()
     assert run_sql(query, {"orders": table_dir}, gate).equals(expected)
 
 
