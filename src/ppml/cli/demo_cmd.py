@@ -79,7 +79,7 @@ class _Story:
     def __init__(self, workdir: Path) -> None:
         from rich.console import Console
 
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)
         self.workdir = workdir
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("PPML_")},
