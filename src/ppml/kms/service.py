@@ -440,8 +440,8 @@ class KeyService:
         token refusals). `detail` must not hold secrets."""
         self._require_master()
         ts = self._now()
-        with self._store.write() as conn:
-            return self._audit.append(
+        return self._store.write_shared(
+            lambda conn: self._audit.append(
                 conn,
                 ts=ts,
                 actor=self._actor,
@@ -451,6 +451,7 @@ class KeyService:
                 outcome=outcome,
                 detail=detail,
             )
+        )
 
     # -- internals -----------------------------------------------------------------------
 
@@ -539,22 +540,25 @@ class KeyService:
         """
         self._require_master()
         ts = self._now()
-        refusal: Refusal | None = None
-        with self._store.write() as conn:
+
+        def work(conn: sqlite3.Connection) -> tuple[_T | None, Refusal | None]:
             try:
                 with _store.savepoint(conn):
                     value, version, detail = body(conn, ts.isoformat(timespec="microseconds"))
             except Refusal as exc:
-                refusal = exc
                 self._record(
                     conn, ts, op, key_name, version_asked, exc.outcome, exc.record_detail()
                 )
-            else:
-                self._record(conn, ts, op, key_name, version, "ok", detail)
+                return None, exc
+            self._record(conn, ts, op, key_name, version, "ok", detail)
+            return value, None
+
+        # Group commit: concurrent operations share one durable commit.
+        value, refusal = self._store.write_shared(work)
         if refusal is not None:
             _log.info("kms %s %r by %s: %s", op, key_name, self._actor, refusal.reason)
             raise refusal.error from None
-        return value
+        return value  # type: ignore[return-value]  # None only together with a refusal
 
     def _record(
         self,

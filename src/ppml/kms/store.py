@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ppml._internal.fs import PRIVATE_FILE_MODE
 from ppml.errors import ConfigurationError, UsageError
@@ -46,6 +47,7 @@ SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
@@ -127,6 +129,18 @@ def savepoint(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("RELEASE ppml_op")
 
 
+class _Pending:
+    """One thread's work waiting for a shared write transaction."""
+
+    __slots__ = ("done", "error", "result", "work")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any]) -> None:
+        self.work = work
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
 class KeyStore:
     """An open key store file. Thread-safe; several processes may open the same file."""
 
@@ -135,6 +149,8 @@ class KeyStore:
     ) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
         self._conn: sqlite3.Connection | None = _connect(self.path)
         try:
             self.store_id = self._initialize(new_store_id, on_create)
@@ -157,6 +173,55 @@ class KeyStore:
         """A write transaction (``BEGIN IMMEDIATE``): committed if the block completes."""
         with self._transaction("BEGIN IMMEDIATE") as conn:
             yield conn
+
+    def write_shared(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `work` in a write transaction that it may share with other threads' work, and
+        return its result once that transaction has committed (group commit: one durable
+        commit for all the operations that queued up while the previous one was writing).
+
+        Each work runs in its own savepoint: if it raises, its writes are undone, the others'
+        are not, and the exception is raised in its own thread.
+        """
+        item = _Pending(work)
+        with self._queue_lock:
+            self._queue.append(item)
+        with self._lock:
+            if not item.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._run_batch(batch)
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[no-any-return]
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        try:
+            if self._conn is None:
+                raise UsageError("the key store is closed")
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for item in batch:
+                    conn.execute("SAVEPOINT ppml_shared")
+                    try:
+                        item.result = item.work(conn)
+                    except BaseException as exc:
+                        conn.execute("ROLLBACK TO ppml_shared")
+                        item.error = exc
+                    conn.execute("RELEASE ppml_shared")
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                _log.error("key store %s: %s: %s", self.path, type(exc).__name__, exc)
+                raise ConfigurationError("the key store is unavailable", path=self.path) from None
+        except BaseException as exc:
+            for item in batch:
+                if item.error is None:
+                    item.result, item.error = None, exc
+        finally:
+            for item in batch:
+                item.done = True
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
