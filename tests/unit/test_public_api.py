@@ -18,6 +18,15 @@ PUBLIC_MODULES = [
     "ppml.workspace",
     "ppml.data",
     "ppml.data.parquet",
+    "ppml.crypto.hpke",
+    "ppml.attestation",
+    "ppml.kms.broker",
+    "ppml.kms.policy",
+    "ppml.tee.manifest",
+    "ppml.tee.runtime",
+    "ppml.tee.channel",
+    "ppml.api",
+    "ppml",
 ]
 
 

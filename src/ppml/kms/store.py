@@ -196,25 +196,13 @@ class KeyStore:
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         try:
-            if self._conn is None:
-                raise UsageError("the key store is closed")
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
+            with self._transaction("BEGIN IMMEDIATE") as conn:
                 for item in batch:
-                    conn.execute("SAVEPOINT ppml_shared")
                     try:
-                        item.result = item.work(conn)
+                        with savepoint(conn):
+                            item.result = item.work(conn)
                     except BaseException as exc:
-                        conn.execute("ROLLBACK TO ppml_shared")
                         item.error = exc
-                    conn.execute("RELEASE ppml_shared")
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                _log.error("key store %s: %s: %s", self.path, type(exc).__name__, exc)
-                raise ConfigurationError("the key store is unavailable", path=self.path) from None
         except BaseException as exc:
             for item in batch:
                 if item.error is None:
