@@ -13,7 +13,16 @@ import sys
 import typer
 
 from ppml import __version__
-from ppml.cli import demo_cmd, file_cmds, init_cmd, key_cmds, policy_cmds, run_cmd, sql_cmd
+from ppml.cli import (
+    demo_cmd,
+    file_cmds,
+    init_cmd,
+    key_cmds,
+    policy_cmds,
+    run_cmd,
+    spark_cmds,
+    sql_cmd,
+)
 
 __all__ = ["app", "main"]
 
@@ -52,6 +61,7 @@ policy_cmds.register(app)
 sql_cmd.register(app)
 run_cmd.register(app)
 demo_cmd.register(app)
+spark_cmds.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,439 @@
+"""`PPMLContext`: PySpark over encrypted files, as ordinary DataFrames.
+
+```python
+ctx = PPMLContext(app_name="sales")
+df = ctx.read().csv("people.csv.ppml", header=True)
+ctx.write(df, key="sales").mode("overwrite").parquet("out")
+```
+
+The driver holds the key provider (`ppml.api.key_provider()`: attested under `ppml run`, else
+the workspace's KMS, or one given as ``keys=``). It plans each read and write and gives every
+partition only the keys of its own file; see `ppml.engines.spark.datasource`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ppml.crypto.envelope import DataKeyProvider, WrappedKey
+from ppml.crypto.stream import ContentType, plaintext_size
+from ppml.errors import InputNotFound, IntegrityError, OutputExists, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
+    from ppml.engines.spark.datasource import CsvOptions, ReleasedKey
+
+__all__ = ["PPMLContext", "PPMLReader", "PPMLWriter"]
+
+DEFAULT_SPLIT_BYTES = 128 << 20
+_SAMPLE_BYTES = 1 << 20
+_FORMAT_TYPES = {
+    "csv": (ContentType.CSV,),
+    "json": (ContentType.JSON,),
+    "text": (ContentType.TEXT, ContentType.CSV, ContentType.JSON),
+}
+
+
+class PPMLContext:
+    """A SparkSession plus the keys to read and write encrypted files."""
+
+    def __init__(
+        self,
+        app_name: str = "ppml",
+        *,
+        spark: SparkSession | None = None,
+        keys: DataKeyProvider | None = None,
+        master: str | None = None,
+    ) -> None:
+        if spark is None:
+            from pyspark.sql import SparkSession
+
+            # The Python workers must import ppml: run them with this interpreter.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            builder = SparkSession.builder.appName(app_name)
+            if master is not None:
+                builder = builder.master(master)
+            spark = builder.getOrCreate()
+        self._spark = spark
+        self._keys = keys
+
+    @property
+    def spark(self) -> SparkSession:
+        return self._spark
+
+    @property
+    def keys(self) -> DataKeyProvider:
+        if self._keys is None:
+            from ppml.api import key_provider
+
+            self._keys = key_provider()
+        return self._keys
+
+    def read(self) -> PPMLReader:
+        """A reader for encrypted (or plain) CSV, JSON lines, text and Parquet."""
+        return PPMLReader(self)
+
+    def write(self, df: DataFrame, *, key: str) -> PPMLWriter:
+        """A writer that encrypts every part file under a fresh data key of the named `key`."""
+        return PPMLWriter(self, df, key)
+
+    def stop(self) -> None:
+        self._spark.stop()
+
+
+def _part_files(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise InputNotFound("no such file or directory", path=path)
+        if path.is_file():
+            files.append(path)
+            continue
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+        )
+        if not found:
+            raise UsageError("directory holds no data files", path=path)
+        files.extend(found)
+    return [f.absolute() for f in files]
+
+
+class PPMLReader:
+    """Like `spark.read`, for files that may be encrypted (detected per file)."""
+
+    def __init__(self, ctx: PPMLContext) -> None:
+        self._ctx = ctx
+        self._options: dict[str, str] = {}
+        self._schema: StructType | str | None = None
+
+    def option(self, key: str, value: object) -> PPMLReader:
+        self._options[key.lower()] = str(value)
+        return self
+
+    def options(self, **options: object) -> PPMLReader:
+        for key, value in options.items():
+            self.option(key, value)
+        return self
+
+    def schema(self, schema: StructType | str) -> PPMLReader:
+        self._schema = schema
+        return self
+
+    def _flag(self, name: str, default: bool = False) -> bool:
+        return self._options.get(name.lower(), str(default)).lower() == "true"
+
+    def csv(self, path: str | Path | Sequence[str | Path], **options: object) -> DataFrame:
+        self.options(**options)
+        return self._load("csv", path)
+
+    def json(self, path: str | Path | Sequence[str | Path], **options: object) -> DataFrame:
+        self.options(**options)
+        return self._load("json", path)
+
+    def text(self, path: str | Path | Sequence[str | Path], **options: object) -> DataFrame:
+        self.options(**options)
+        return self._load("text", path)
+
+    def parquet(self, path: str | Path | Sequence[str | Path], **options: object) -> DataFrame:
+        self.options(**options)
+        return self._load("parquet", path)
+
+    # ----------------------------------------------------------------------- planning
+
+    def _load(self, fmt: str, path: str | Path | Sequence[str | Path]) -> DataFrame:
+        from ppml.engines.spark.datasource import CsvOptions, ReadSpec, register_read
+
+        paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+        files = _part_files(paths)
+        csv = CsvOptions(
+            header=self._flag("header"),
+            sep=self._options.get("sep", self._options.get("delimiter", ",")),
+            quote=self._options.get("quote", '"'),
+            multi_line=self._flag("multiLine"),
+        )
+        if fmt == "parquet":
+            schema, partitions = self._plan_parquet(files)
+        else:
+            planned = [self._plan_stream(f, fmt, csv) for f in files]
+            partitions = [p for parts, _ in planned for p in parts]
+            schema = self._given_schema() or self._infer(fmt, csv, files, [k for _, k in planned])
+        spec = ReadSpec(fmt, schema.json(), tuple(partitions), csv)
+        name = register_read(self._ctx.spark, spec)
+        return self._ctx.spark.read.format(name).schema(schema).load()
+
+    def _given_schema(self) -> StructType | None:
+        if self._schema is None:
+            return None
+        from pyspark.sql.types import StructType
+
+        if isinstance(self._schema, StructType):
+            return self._schema
+        parsed = StructType.fromDDL(self._schema)
+        if not isinstance(parsed, StructType):
+            raise UsageError("a schema is a struct type (DDL such as 'name STRING, age INT')")
+        return parsed
+
+    def _split_bytes(self) -> int:
+        value = int(self._options.get("maxpartitionbytes", DEFAULT_SPLIT_BYTES))
+        if value <= 0:
+            raise UsageError("maxPartitionBytes must be positive")
+        return value
+
+    def _unwrap(self, wrapped: WrappedKey, cache: dict[WrappedKey, ReleasedKey]) -> ReleasedKey:
+        from ppml.engines.spark.datasource import ReleasedKey
+
+        if wrapped not in cache:
+            cache[wrapped] = ReleasedKey(wrapped, self._ctx.keys.unwrap(wrapped))
+        return cache[wrapped]
+
+    def _plan_stream(
+        self, path: Path, fmt: str, csv: CsvOptions
+    ) -> tuple[list[Any], ReleasedKey | None]:
+        from ppml.data.files import annotate_errors, read_stream_header
+        from ppml.data.tables import detect_file_kind
+        from ppml.engines.spark.datasource import StreamPartition
+
+        kind = detect_file_kind(path)
+        key: ReleasedKey | None = None
+        if kind == "parquet":
+            raise UsageError(f"a Parquet file: read it with .parquet(), not .{fmt}()", path=path)
+        if kind == "stream":
+            header, header_len = read_stream_header(path)
+            if header.content_type not in _FORMAT_TYPES[fmt]:
+                raise UsageError(
+                    f"holds {header.content_type.name.lower()} content, not {fmt}", path=path
+                )
+            with annotate_errors(path):
+                key = self._unwrap(header.wrapped, {})
+            size = plaintext_size(header, header_len, path.stat().st_size)
+            if size < 0:
+                raise IntegrityError(path=path)
+            unit = header.segment_size
+        else:
+            size = path.stat().st_size
+            unit = 1
+        if (fmt == "csv" and csv.multi_line) or size == 0:
+            return [StreamPartition(str(path), 0, size, key)], key
+        step = max(unit, self._split_bytes() // unit * unit)
+        parts = [
+            StreamPartition(str(path), start, min(start + step, size), key)
+            for start in range(0, size, step)
+        ]
+        return parts, key
+
+    def _sample(self, path: Path, key: ReleasedKey | None, whole: bool) -> bytes:
+        """The first whole lines (about a megabyte; everything when `whole`) of a file."""
+        from ppml.crypto.stream import StreamReader
+
+        with open(path, "rb") as raw:
+            if key is None:
+                data = raw.read() if whole else raw.read(_SAMPLE_BYTES)
+                at_end = whole or not raw.read(1)
+            else:
+                reader = StreamReader(raw, lambda _w: key.plaintext)
+                data = reader.read() if whole else reader.read(_SAMPLE_BYTES)
+                at_end = reader.tell() >= reader.size
+        if not at_end and b"\n" in data:
+            data = data[: data.rfind(b"\n") + 1]
+        return data
+
+    def _infer(
+        self, fmt: str, csv: CsvOptions, files: list[Path], keys: list[ReleasedKey | None]
+    ) -> StructType:
+        import io
+
+        import pyarrow as pa
+        from pyspark.sql.types import StringType, StructField, StructType
+
+        if fmt == "text":
+            return StructType([StructField("value", StringType(), True)])
+        if fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            data = self._sample(files[0], keys[0], csv.multi_line)
+            table = pacsv.read_csv(
+                io.BytesIO(data),
+                read_options=pacsv.ReadOptions(autogenerate_column_names=not csv.header),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=csv.sep, quote_char=csv.quote, newlines_in_values=csv.multi_line
+                ),
+            )
+            names = (
+                table.column_names if csv.header else [f"_c{i}" for i in range(table.num_columns)]
+            )
+            if not self._flag("inferSchema"):
+                return StructType([StructField(n, StringType(), True) for n in names])
+            schema = pa.schema(
+                [pa.field(n, f.type) for n, f in zip(names, table.schema, strict=True)]
+            )
+            return _to_spark(schema)
+        import pyarrow.json as pajson
+
+        tables = [
+            pajson.read_json(io.BytesIO(self._sample(f, k, False)))
+            for f, k in zip(files[:16], keys[:16], strict=True)
+            if f.stat().st_size
+        ]
+        if not tables:
+            return StructType([])
+        merged = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
+        ordered = pa.schema(sorted(merged, key=lambda f: f.name))
+        return _to_spark(ordered)
+
+    def _plan_parquet(self, files: list[Path]) -> tuple[StructType, list[Any]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from ppml.data.files import annotate_errors
+        from ppml.data.parquet import ParquetScanSession, is_encrypted_parquet
+        from ppml.engines.spark.datasource import ParquetPartition, ReleasedKey
+
+        schemas: list[pa.Schema] = []
+        partitions: list[Any] = []
+        for path in files:
+            if not is_encrypted_parquet(path):
+                with pq.ParquetFile(path) as pf:
+                    schemas.append(pf.schema_arrow)
+                    groups = pf.num_row_groups
+                keys = None
+            else:
+                recorder = _Recorder(self._ctx.keys)
+                with annotate_errors(path), ParquetScanSession(recorder) as session:
+                    dataset = session.dataset([path])
+                    schemas.append(dataset.schema)
+                    fragment = next(iter(dataset.get_fragments()))
+                    metadata = fragment.metadata
+                    groups = metadata.num_row_groups
+                    for i in range(groups):  # column metadata under column keys
+                        group = metadata.row_group(i)
+                        for j in range(group.num_columns):
+                            group.column(j)
+                keys = tuple(ReleasedKey(w, k) for w, k in recorder.keys.items())
+            ranges: list[tuple[int, ...]] = [(i,) for i in range(groups)] or [()]
+            partitions.extend(ParquetPartition(str(path), r, keys) for r in ranges)
+        given = self._given_schema()
+        if given is not None:
+            return given, partitions
+        merged = pa.unify_schemas(schemas, promote_options="permissive")
+        merged = merged.remove_metadata()
+        return _to_spark(merged), partitions
+
+
+def _to_spark(schema: pa.Schema) -> StructType:
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    fixed = pa.schema(
+        [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema]
+    )
+    return from_arrow_schema(fixed, prefer_timestamp_ntz=False)
+
+
+class _Recorder:
+    """A provider for the driver's planning: unwraps through `inner` and keeps what it got."""
+
+    def __init__(self, inner: DataKeyProvider) -> None:
+        self._inner = inner
+        self.keys: dict[WrappedKey, bytes] = {}
+
+    def generate_data_key(self, key_name: str) -> Any:
+        raise UsageError("planning a read does not make data keys")
+
+    def unwrap(self, wrapped: WrappedKey) -> bytes:
+        key = self._inner.unwrap(wrapped)
+        self.keys[wrapped] = key
+        return key
+
+
+class PPMLWriter:
+    """Like `df.write`: a directory of part files, each under a fresh data key."""
+
+    _MODES = frozenset({"error", "errorifexists", "ignore", "overwrite", "append"})
+
+    def __init__(self, ctx: PPMLContext, df: DataFrame, key: str) -> None:
+        from ppml.crypto.envelope import validate_key_name
+
+        self._ctx = ctx
+        self._df = df
+        self._key = validate_key_name(key)
+        self._mode = "error"
+
+    def mode(self, mode: str) -> PPMLWriter:
+        if mode.lower() not in self._MODES:
+            raise UsageError(f"unknown save mode {mode!r}")
+        self._mode = mode.lower()
+        return self
+
+    def csv(self, path: str | Path) -> None:
+        self._save("csv", Path(path))
+
+    def json(self, path: str | Path) -> None:
+        self._save("json", Path(path))
+
+    def text(self, path: str | Path) -> None:
+        from pyspark.sql.types import StringType
+
+        fields = self._df.schema.fields
+        if len(fields) != 1 or not isinstance(fields[0].dataType, StringType):
+            raise UsageError("text output needs one string column")
+        self._save("text", Path(path))
+
+    def parquet(self, path: str | Path) -> None:
+        self._save("parquet", Path(path))
+
+    def _save(self, fmt: str, out: Path) -> None:
+        from ppml.data.files import output_directory
+
+        if out.exists():
+            if self._mode in ("error", "errorifexists"):
+                raise OutputExists("output exists (use mode('overwrite'))", path=out)
+            if self._mode == "ignore":
+                return
+        if self._mode == "append" and out.exists():
+            if not out.is_dir():
+                raise UsageError("output exists and is not a directory", path=out)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            try:
+                self._run(fmt, staging)
+                for part in sorted(staging.iterdir()):
+                    os.replace(part, out / part.name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            return
+        with output_directory(out, overwrite=True) as staging:
+            self._run(fmt, staging)
+
+    def _run(self, fmt: str, staging: Path) -> None:
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        from ppml.data.tables import write_table
+        from ppml.engines.spark.datasource import WriteSpec, register_write
+
+        provider = self._ctx.keys
+        tasks = self._df.rdd.getNumPartitions()
+        keys = tuple((provider.generate_data_key(self._key),) for _ in range(tasks))
+        spec = WriteSpec(fmt, str(staging.absolute()), self._key, keys)
+        name = register_write(self._ctx.spark, spec)
+        self._df.write.format(name).mode("append").save()
+        if not any(staging.iterdir()):
+            import pyarrow as pa
+
+            empty = pa.Table.from_batches(
+                [], schema=to_arrow_schema(self._df.schema, timezone="UTC")
+            )
+            ext = {"csv": "csv", "json": "json", "text": "txt", "parquet": "parquet"}[fmt]
+            write_table(
+                empty, staging / f"part-00000.{ext}", provider, key_name=self._key, format=fmt
+            )

@@ -1,0 +1,401 @@
+"""Spark Python Data Sources over encrypted files: the executor side of `PPMLContext`.
+
+The driver plans every read and write (`ppml.engines.spark.context`): it lists the files, reads
+their headers, gets their data keys from the key provider and cuts the files into partitions.
+Each plan is attached to a data source class made for that one read or write and registered
+under a unique name; Spark pickles the class and its partitions and ships them to the Python
+workers over its own channels. A partition carries only the data keys of its own file (a
+write task only the fresh keys of its own part file), never the provider itself; its `repr`
+shows no key, and no key goes into an option, the Spark conf or a log.
+
+Splitting (CSV, JSON lines, text). A partition is a byte range ``[start, end)`` of a file's
+plaintext; for an encrypted file both ends are segment boundaries, so a task decrypts only the
+segments it reads (plus the one before `start`). A line belongs to the partition holding its
+first byte: a partition that does not begin the file skips everything up to and including the
+first line break at or after ``start - 1``, and reads on past ``end`` to the end of the line that
+holds byte ``end - 1``. With ``multiLine`` CSV a record may span line breaks, so such files are
+not split: one partition per file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+import pyarrow as pa
+from pyspark.sql.datasource import (
+    DataSource,
+    DataSourceArrowWriter,
+    DataSourceReader,
+    InputPartition,
+    WriterCommitMessage,
+)
+from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.types import StructType
+
+from ppml.crypto.envelope import DataKey, WrappedKey
+from ppml.crypto.stream import StreamReader
+from ppml.errors import IntegrityError, KeyAccessError, PPMLError, UsageError
+
+__all__ = [
+    "CsvOptions",
+    "ParquetPartition",
+    "ReadSpec",
+    "ReleasedKey",
+    "StreamPartition",
+    "WriteSpec",
+    "register_read",
+    "register_write",
+]
+
+_BLOCK_BYTES = 4 << 20
+"""Whole lines are parsed in blocks of about this size (a partition is streamed, not loaded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasedKey:
+    """A data key the driver unwrapped for one file; the plaintext never shows in a repr."""
+
+    wrapped: WrappedKey
+    plaintext: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CsvOptions:
+    header: bool = False
+    sep: str = ","
+    quote: str = '"'
+    multi_line: bool = False
+
+
+class StreamPartition(InputPartition):
+    """Bytes ``[start, end)`` of one file's plaintext (ppml stream format or plain)."""
+
+    def __init__(self, path: str, start: int, end: int, key: ReleasedKey | None) -> None:
+        super().__init__(None)
+        self.path = path
+        self.start = start
+        self.end = end
+        self.key = key
+
+    def __repr__(self) -> str:
+        kind = "encrypted" if self.key is not None else "plain"
+        return f"StreamPartition({self.path!r}, {self.start}..{self.end}, {kind})"
+
+
+class ParquetPartition(InputPartition):
+    """Some row groups of one Parquet file; `keys` are the file's unwrapped keys (PME)."""
+
+    def __init__(
+        self, path: str, row_groups: tuple[int, ...], keys: tuple[ReleasedKey, ...] | None
+    ) -> None:
+        super().__init__(None)
+        self.path = path
+        self.row_groups = row_groups
+        self.keys = keys
+
+    def __repr__(self) -> str:
+        kind = "encrypted" if self.keys is not None else "plain"
+        return f"ParquetPartition({self.path!r}, row_groups={list(self.row_groups)}, {kind})"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadSpec:
+    """Everything a read needs, planned by the driver."""
+
+    fmt: str
+    schema_json: str
+    partitions: tuple[InputPartition, ...]
+    csv: CsvOptions = CsvOptions()
+
+    def __repr__(self) -> str:
+        return f"ReadSpec({self.fmt}, {len(self.partitions)} partitions)"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSpec:
+    """A write: the staging directory and, per task (partition id), its fresh data keys."""
+
+    fmt: str
+    directory: str
+    key_name: str
+    keys: tuple[tuple[DataKey, ...], ...] = field(repr=False)
+
+
+class _ReleasedKeys:
+    """A DataKeyProvider in a task: serves the keys the driver released to it and no others."""
+
+    def __init__(self, keys: Sequence[ReleasedKey], fresh: Sequence[DataKey] = ()) -> None:
+        self._keys = {k.wrapped: k.plaintext for k in keys}
+        self._keys.update({k.wrapped: k.plaintext for k in fresh})
+        self._fresh = list(fresh)
+
+    def generate_data_key(self, key_name: str) -> DataKey:
+        for i, key in enumerate(self._fresh):
+            if key.wrapped.key_name == key_name:
+                return self._fresh.pop(i)
+        raise KeyAccessError(f"no data key of {key_name!r} was issued to this task")
+
+    def unwrap(self, wrapped: WrappedKey) -> bytes:
+        key = self._keys.get(wrapped)
+        if key is None:
+            raise KeyAccessError("a key this task needs was not released to it")
+        return key
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _spark_schema(schema_json: str) -> StructType:
+    return StructType.fromJson(json.loads(schema_json))
+
+
+class PPMLReadSource(DataSource):
+    """Base of the per-read data source classes; `_spec` and `_name` are set per read."""
+
+    _spec: ClassVar[ReadSpec]
+    _name: ClassVar[str]
+
+    @classmethod
+    def name(cls) -> str:
+        return cls._name
+
+    def schema(self) -> StructType:
+        return _spark_schema(self._spec.schema_json)
+
+    def reader(self, schema: StructType) -> DataSourceReader:
+        return _Reader(self._spec, schema)
+
+
+class _Reader(DataSourceReader):
+    def __init__(self, spec: ReadSpec, schema: StructType) -> None:
+        self._spec = spec
+        self._schema = schema
+
+    def partitions(self) -> Sequence[InputPartition]:
+        return list(self._spec.partitions)
+
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        target = to_arrow_schema(self._schema, timezone="UTC")
+        if isinstance(partition, ParquetPartition):
+            yield from _read_parquet(partition, target)
+        elif isinstance(partition, StreamPartition):
+            yield from _read_stream(partition, self._spec, target)
+        else:
+            raise UsageError(f"unexpected partition {partition!r}")
+
+
+def _open_plaintext(partition: StreamPartition) -> tuple[Any, BinaryIO | None]:
+    raw = open(partition.path, "rb")  # noqa: SIM115 -- closed by the caller
+    key = partition.key
+    if key is None:
+        return raw, None
+
+    def resolve(wrapped: WrappedKey) -> bytes:
+        if wrapped != key.wrapped:
+            raise IntegrityError()
+        return key.plaintext
+
+    try:
+        reader = StreamReader(raw, resolve)
+    except BaseException:
+        raw.close()
+        raise
+    return io.BufferedReader(reader, 1 << 20), raw
+
+
+def line_blocks(fh: BinaryIO, start: int, end: int, block: int | None) -> Iterator[bytes]:
+    """The whole lines that begin in ``[start, end)``, in blocks of about `block` bytes
+    (all in one block when `block` is None). See the module docstring for the rule."""
+    if start > 0:
+        fh.seek(start - 1)
+        pos = start - 1 + len(fh.readline())
+    else:
+        fh.seek(0)
+        pos = 0
+    carry = b""
+    while pos < end:
+        chunk = fh.read(end - pos if block is None else min(block, end - pos))
+        if not chunk:
+            break
+        pos += len(chunk)
+        data = carry + chunk
+        carry = b""
+        if pos >= end:
+            if not data.endswith(b"\n"):
+                data += fh.readline()
+            yield data
+            return
+        cut = data.rfind(b"\n") + 1
+        if cut:
+            yield data[:cut]
+            carry = data[cut:]
+        else:
+            carry = data
+    if carry:
+        yield carry
+
+
+def _read_stream(
+    partition: StreamPartition, spec: ReadSpec, target: pa.Schema
+) -> Iterator[pa.RecordBatch]:
+    fh, raw = _open_plaintext(partition)
+    try:
+        with fh:
+            if partition.end == 0:
+                fh.read(1)  # an empty encrypted file: still verify its one segment
+                return
+            block = None if spec.csv.multi_line else _BLOCK_BYTES
+            first = partition.start == 0
+            for data in line_blocks(fh, partition.start, partition.end, block):
+                table = _parse_block(data, spec, target, skip_header=first and spec.csv.header)
+                first = False
+                yield from table.cast(target).to_batches()
+    except PPMLError as exc:
+        if exc.path is None:
+            exc.path = partition.path
+        raise
+    finally:
+        if raw is not None:
+            raw.close()
+
+
+def _parse_block(data: bytes, spec: ReadSpec, target: pa.Schema, *, skip_header: bool) -> pa.Table:
+    if spec.fmt == "text":
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        values = [(ln[:-1] if ln.endswith(b"\r") else ln).decode("utf-8") for ln in lines]
+        return pa.table({target.names[0]: pa.array(values, type=pa.string())})
+    if spec.fmt == "json":
+        import pyarrow.json as pajson
+
+        options = pajson.ParseOptions(explicit_schema=target, unexpected_field_behavior="ignore")
+        table = pajson.read_json(io.BytesIO(data), parse_options=options)
+        return table.select(target.names)
+    if spec.fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        csv = spec.csv
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(
+                column_names=target.names, skip_rows=1 if skip_header else 0
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=csv.sep, quote_char=csv.quote, newlines_in_values=csv.multi_line
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types=target, strings_can_be_null=True, quoted_strings_can_be_null=False
+            ),
+        )
+        return table
+    raise UsageError(f"not a line format: {spec.fmt}")
+
+
+def _read_parquet(partition: ParquetPartition, target: pa.Schema) -> Iterator[pa.RecordBatch]:
+    import pyarrow.parquet as pq
+
+    path = Path(partition.path)
+    if partition.keys is None:
+        with pq.ParquetFile(path) as pf:
+            for rg in partition.row_groups:
+                yield from _conform(pf.read_row_group(rg), target).to_batches()
+        return
+    from ppml.data.parquet import ParquetScanSession
+
+    with ParquetScanSession(_ReleasedKeys(partition.keys)) as session:
+        dataset = session.dataset([path])
+        fragment = next(iter(dataset.get_fragments()))
+        for rg in partition.row_groups:
+            part = fragment.subset(row_group_ids=[rg])
+            try:
+                table = part.to_table()
+            except (OSError, pa.ArrowException) as exc:
+                raise session.located(session.failure or IntegrityError(), path) from exc
+            yield from _conform(table, target).to_batches()
+
+
+def _conform(table: pa.Table, target: pa.Schema) -> pa.Table:
+    """`table` with exactly the columns of `target` (missing ones null), cast to its types."""
+    columns = [
+        table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in target
+    ]
+    return pa.Table.from_arrays(columns, schema=target.remove_metadata()).cast(target)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class PPMLWriteSource(DataSource):
+    """Base of the per-write data source classes; `_spec` and `_name` are set per write."""
+
+    _spec: ClassVar[WriteSpec]
+    _name: ClassVar[str]
+
+    @classmethod
+    def name(cls) -> str:
+        return cls._name
+
+    def writer(self, schema: StructType, overwrite: bool) -> _Writer:
+        return _Writer(self._spec, schema)
+
+
+@dataclass(frozen=True)
+class _Written(WriterCommitMessage):
+    file: str | None
+
+
+_EXTENSIONS = {"csv": "csv", "json": "json", "text": "txt", "parquet": "parquet"}
+
+
+class _Writer(DataSourceArrowWriter):
+    def __init__(self, spec: WriteSpec, schema: StructType) -> None:
+        self._spec = spec
+        self._schema = schema
+
+    def write(self, iterator: Iterator[pa.RecordBatch]) -> WriterCommitMessage:  # type: ignore[override,unused-ignore]
+        from pyspark import TaskContext
+
+        from ppml.data.tables import write_table
+
+        context = TaskContext.get()
+        task = context.partitionId() if context is not None else 0
+        batches = [b for b in iterator if b.num_rows]
+        if not batches:
+            return _Written(None)
+        if task >= len(self._spec.keys):
+            raise UsageError("more write tasks than planned: no data key for this task")
+        target = to_arrow_schema(self._schema, timezone="UTC")
+        table = pa.Table.from_batches(batches).cast(target)
+        name = f"part-{task:05d}-{uuid.uuid4().hex[:12]}.{_EXTENSIONS[self._spec.fmt]}"
+        path = Path(self._spec.directory) / name
+        provider = _ReleasedKeys((), self._spec.keys[task])
+        write_table(table, path, provider, key_name=self._spec.key_name, format=self._spec.fmt)
+        return _Written(name)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _register(spark: Any, base: type[DataSource], prefix: str, attrs: Mapping[str, Any]) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex}"
+    cls = type(f"{base.__name__}_{name}", (base,), {**attrs, "_name": name})
+    spark.dataSource.register(cls)
+    return name
+
+
+def register_read(spark: Any, spec: ReadSpec) -> str:
+    """Register a data source for one planned read; returns its format name."""
+    return _register(spark, PPMLReadSource, "ppml_read", {"_spec": spec})
+
+
+def register_write(spark: Any, spec: WriteSpec) -> str:
+    """Register a data source for one planned write; returns its format name."""
+    return _register(spark, PPMLWriteSource, "ppml_write", {"_spec": spec})

