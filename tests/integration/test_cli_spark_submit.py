@@ -144,3 +144,26 @@ def test_sim_needs_a_dev_workspace(tmp_path: Path) -> None:
     assert run_ppml("init", "--dir", prod).code == 0
     r = run_ppml("spark-submit", "--tee", "sim", PI, home=prod)
     assert r.code == 5 and "development workspace" in r.err
+
+
+def test_keyed_job_runs_attested_only_when_the_policy_names_it(
+    ws: Path, tmp_path: Path, secrets: list[str]
+) -> None:
+    """sql_basic over an encrypted people.json: refused without a policy, allowed with one."""
+    assert run_ppml("key", "create", "people", home=ws).code == 0
+    enc = tmp_path / "people.json.ppml"
+    people = ROOT / "examples" / "data" / "people.json"
+    assert run_ppml("encrypt", people, "-o", enc, "--key", "people", home=ws).code == 0
+    app = ROOT / "examples" / "spark" / "sql_basic.py"
+    denied = run_watched("spark-submit", "--tee", "sim", app, enc, home=ws)
+    assert denied.code != 0 and "access denied" in denied.out + denied.err
+    measured = run_ppml("spark-submit", "--measure", app, enc, home=ws)
+    measurement = measured.out.splitlines()[0]
+    r = run_ppml("policy", "allow", "people", "--tee", "sim", "--measurement", measurement, home=ws)
+    assert r.code == 0, r.err
+    allowed = run_watched("spark-submit", "--tee", "sim", app, enc, home=ws)
+    assert allowed.code == 0, allowed.err[-2000:]
+    assert re.search(r"\|\s*19\|\s*Justin\|", allowed.out)
+    for secret in secrets:
+        assert all(secret not in snap for snap in allowed.ps)
+        assert secret not in allowed.out + allowed.err
