@@ -3,6 +3,6 @@
 source "$(dirname "$0")/_venv.sh"
 "$VENV/bin/pip" install -q -e "$ROOT[dev]"
 cd "$ROOT"
-echo "== ruff" && "$VENV/bin/ruff" check src tests benchmarks
+echo "== ruff" && "$VENV/bin/ruff" check src tests benchmarks examples
 echo "== mypy" && "$VENV/bin/mypy"
 echo "== pytest" && "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
