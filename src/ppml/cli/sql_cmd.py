@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import decimal
 import enum
 import json
 import sys
@@ -213,15 +211,12 @@ def _csv_ready(result: pa.Table) -> pa.Table:
 
 
 def _json_value(value: object) -> object:
-    if isinstance(value, _dt.datetime | _dt.date | _dt.time):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
+    from ppml.data.tables import json_default
+
+    try:
+        return json_default(value)
+    except TypeError:
         return str(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, _dt.timedelta):
-        return value.total_seconds()
-    return str(value)
 
 
 def _text_value(value: object) -> str:

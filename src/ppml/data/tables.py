@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = [
     "TableFormat",
     "detect_file_kind",
+    "json_default",
+    "part_files",
     "read_pandas",
     "read_polars",
     "read_table",
@@ -87,7 +89,8 @@ def detect_file_kind(path: Path) -> str:
     return "plain"
 
 
-def _part_files(path: Path) -> list[Path]:
+def part_files(path: Path) -> list[Path]:
+    """The data files of a file or directory (hidden and `_`-prefixed entries left out)."""
     if not path.exists():
         raise InputNotFound("no such file or directory", path=path)
     if path.is_file():
@@ -117,7 +120,7 @@ def read_table(
     """
     import pyarrow as pa
 
-    tables = [_read_one(p, provider, columns, format) for p in _part_files(Path(path))]
+    tables = [_read_one(p, provider, columns, format) for p in part_files(Path(path))]
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
 
 
@@ -228,7 +231,7 @@ def _serialize(table: pa.Table, sink: Any, fmt: TableFormat) -> None:
     elif fmt is TableFormat.JSON:
         for batch in table.to_batches(max_chunksize=8192):
             for row in batch.to_pylist():
-                sink.write(json.dumps(row, default=_json_default, ensure_ascii=False).encode())
+                sink.write(json.dumps(row, default=json_default, ensure_ascii=False).encode())
                 sink.write(b"\n")
     else:
         for batch in table.to_batches(max_chunksize=65536):
@@ -238,7 +241,8 @@ def _serialize(table: pa.Table, sink: Any, fmt: TableFormat) -> None:
                 sink.write(("" if line is None else line).encode() + b"\n")
 
 
-def _json_default(value: object) -> object:
+def json_default(value: object) -> object:
+    """JSON for the Arrow values json cannot encode itself (dates, decimals, bytes, durations)."""
     if isinstance(value, _dt.datetime | _dt.date | _dt.time):
         return value.isoformat()
     if isinstance(value, decimal.Decimal):

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppml.crypto.envelope import DataKeyProvider
-from ppml.errors import InputNotFound, UsageError
+from ppml.data.tables import part_files
+from ppml.errors import UsageError
 
 if TYPE_CHECKING:
     import duckdb
@@ -369,25 +370,8 @@ def _sources(tables: Mapping[str, Path | str | pa.Table]) -> dict[str, _Source]:
         if isinstance(value, pa.Table):
             sources[name] = _Source(name, table=value)
         else:
-            sources[name] = _Source(name, root=Path(value), files=_part_files(value))
+            sources[name] = _Source(name, root=Path(value), files=part_files(Path(value)))
     return sources
-
-
-def _part_files(value: Path | str) -> list[Path]:
-    path = Path(value)
-    if not path.exists():
-        raise InputNotFound("no such file or directory", path=path)
-    if path.is_file():
-        return [path]
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise UsageError("directory holds no data files", path=path)
-    return files
 
 
 def _is_parquet(path: Path) -> bool:
