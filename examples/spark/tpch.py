@@ -106,6 +106,8 @@ def main(argv: list[str]) -> int:
     if (args.out is None) != (args.key is None):
         parser.error("--out and --key go together")
 
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     ctx = PPMLContext(app_name="tpch")
     try:
         start = time.perf_counter()

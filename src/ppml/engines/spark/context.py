@@ -335,9 +335,15 @@ def _to_spark(schema: pa.Schema) -> StructType:
     import pyarrow as pa
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    fixed = pa.schema(
-        [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema]
-    )
+    def spark_compatible(t: pa.DataType) -> pa.DataType:
+        # Types Spark has no Arrow mapping for, read as their plain equivalents.
+        if pa.types.is_null(t) or pa.types.is_string_view(t) or pa.types.is_large_string(t):
+            return pa.string()
+        if pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
+            return pa.binary()
+        return t
+
+    fixed = pa.schema([pa.field(f.name, spark_compatible(f.type)) for f in schema])
     return from_arrow_schema(fixed, prefer_timestamp_ntz=False)
 
 
