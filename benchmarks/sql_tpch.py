@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,31 +32,12 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+from tpch_data import TABLES, benchmark_workspace, encrypt_tables, generate
 
-from ppml.crypto.passphrase import KdfParams
 from ppml.data import read_table
-from ppml.data.parquet import encrypt_parquet_file
 from ppml.engines.sql import SqlOptions, run_sql
-from ppml.workspace import Workspace
 
-TABLES = ("region", "nation", "supplier", "customer", "part", "partsupp", "orders", "lineitem")
 QUERIES = Path(__file__).with_name("tpch_queries")
-KEY = "tpch"
-
-
-def tpchgen() -> str:
-    found = shutil.which("tpchgen-cli") or str(Path(sys.executable).with_name("tpchgen-cli"))
-    if not Path(found).exists():
-        sys.exit("tpchgen-cli not found: pip install tpchgen-cli")
-    return found
-
-
-def generate(scale: float, plain: Path) -> None:
-    if all((plain / f"{t}.parquet").exists() for t in TABLES):
-        return
-    plain.mkdir(parents=True, exist_ok=True)
-    cmd = [tpchgen(), "parquet", "-s", str(scale), "-o", str(plain), "--overwrite"]
-    subprocess.run(cmd, check=True)
 
 
 def query_text(n: int, scale: float) -> str:
@@ -130,32 +109,11 @@ def main() -> None:
         generate(args.scale, plain)
         print(f"data: TPC-H scale {args.scale:g} in {plain} ({time.perf_counter() - start:.1f} s)")
 
-        ws_dir = root / "workspace"
-        if ws_dir.exists():
-            shutil.rmtree(ws_dir)
-        ws = Workspace.create(ws_dir, b"tpch benchmark passphrase", kdf=KdfParams())
+        ws = benchmark_workspace(root)
         with ws.key_service() as kms:
-            kms.create_key(KEY)
-            enc.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
-            for t in TABLES:
-                dst = enc / f"{t}.parquet"
-                if dst.exists():
-                    dst.unlink()
-                encrypt_parquet_file(
-                    plain / f"{t}.parquet",
-                    dst,
-                    kms,
-                    key_name=KEY,
-                    # ppml's default keeps tpchgen's layout (decimals as INT64); pyarrow's own
-                    # default, FIXED_LEN_BYTE_ARRAY, decodes about 4x slower.
-                    store_decimal_as_integer=not args.flba_decimals,
-                )
-            size = sum((plain / f"{t}.parquet").stat().st_size for t in TABLES)
-            print(
-                f"encrypted {len(TABLES)} tables ({size / 1e6:.0f} MB of Parquet) with PME in "
-                f"{time.perf_counter() - start:.1f} s"
-            )
+            # ppml's default keeps tpchgen's layout (decimals as INT64); pyarrow's own default,
+            # FIXED_LEN_BYTE_ARRAY, decodes about 4x slower.
+            encrypt_tables(plain, enc, kms, store_decimal_as_integer=not args.flba_decimals)
             options = SqlOptions(
                 threads=args.threads,
                 read_workers=args.read_workers,

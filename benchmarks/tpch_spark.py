@@ -23,8 +23,6 @@ import decimal
 import importlib.util
 import math
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,12 +30,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ppml.crypto.passphrase import KdfParams
-from ppml.data.parquet import encrypt_parquet_file
-from ppml.workspace import Workspace
+from tpch_data import benchmark_workspace, encrypt_tables, generate
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "tpch"
 
 
 def load_example() -> ModuleType:
@@ -50,21 +45,6 @@ def load_example() -> ModuleType:
 
 
 tpch = load_example()
-
-
-def tpchgen() -> str:
-    found = shutil.which("tpchgen-cli") or str(Path(sys.executable).with_name("tpchgen-cli"))
-    if not Path(found).exists():
-        sys.exit("tpchgen-cli not found: pip install tpchgen-cli")
-    return found
-
-
-def generate(scale: float, plain: Path) -> None:
-    if all((plain / f"{t}.parquet").exists() for t in tpch.TABLES):
-        return
-    plain.mkdir(parents=True, exist_ok=True)
-    cmd = [tpchgen(), "parquet", "-s", str(scale), "-o", str(plain), "--overwrite"]
-    subprocess.run(cmd, check=True)
 
 
 def normalized(rows: list[Any]) -> list[tuple[Any, ...]]:
@@ -114,24 +94,9 @@ def main() -> None:
         generate(args.sf, plain)
         print(f"data: TPC-H scale {args.sf:g} in {plain} ({time.perf_counter() - start:.1f} s)")
 
-        ws_dir = root / "workspace"
-        if ws_dir.exists():
-            shutil.rmtree(ws_dir)
-        ws = Workspace.create(ws_dir, b"tpch benchmark passphrase", kdf=KdfParams())
+        ws = benchmark_workspace(root)
         with ws.key_service() as kms:
-            kms.create_key(KEY)
-            enc.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
-            for t in tpch.TABLES:
-                dst = enc / f"{t}.parquet"
-                if dst.exists():
-                    dst.unlink()
-                encrypt_parquet_file(plain / f"{t}.parquet", dst, kms, key_name=KEY)
-            size = sum((plain / f"{t}.parquet").stat().st_size for t in tpch.TABLES)
-            print(
-                f"encrypted {len(tpch.TABLES)} tables ({size / 1e6:.0f} MB of Parquet) with PME "
-                f"in {time.perf_counter() - start:.1f} s"
-            )
+            encrypt_tables(plain, enc, kms)
             run(args, numbers, plain, enc, kms)
     finally:
         if temp is not None:
