@@ -62,3 +62,15 @@ def locked_directory(path: Path) -> Iterator[Path]:
         if immutable:
             subprocess.run(["chattr", "-i", str(path)], check=True)
         path.chmod(0o700)
+
+
+def dev_workspace_with_keys(path: Path, passphrase: str, *key_names: str) -> Path:
+    """A dev workspace at `path` (cheap KDF, for tests) holding the named keys."""
+    from ppml.crypto.passphrase import KdfParams
+    from ppml.workspace import Workspace
+
+    ws = Workspace.create(path, passphrase.encode(), dev=True, kdf=KdfParams.for_testing())
+    with ws.key_service() as keys:
+        for name in key_names:
+            keys.create_key(name)
+    return path

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_support import PASSPHRASE, run_ppml
+from cli_support import PASSPHRASE, ppml_serve, run_ppml
 
 WORKLOAD = """\
 import json, os, sys
@@ -164,49 +164,17 @@ def test_passphrase_is_not_needed_by_the_workload(project: Path) -> None:
     assert PASSPHRASE not in r.out + r.err
 
 
-def test_run_against_a_separate_ppml_serve(project: Path) -> None:
+def test_run_against_a_separate_ppml_serve(project: Path, tmp_path: Path) -> None:
     """The launcher only signs evidence; keys come from a `ppml serve` in another process."""
-    import os
-    import socket
-    import ssl
-    import subprocess
-    import time
-
-    import httpx
-
     ws = project / "ws"
     _allow(project, _measure(project, sys.executable, "job.py"), "sales", "results")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
-    env.update(PPML_HOME=str(ws), PPML_PASSPHRASE=PASSPHRASE)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "ppml", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        context = ssl.create_default_context(cafile=str(ws / "tls" / "ca.pem"))
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, "ppml serve ended early"
-            try:
-                if (
-                    httpx.get(f"https://127.0.0.1:{port}/healthz", verify=context).status_code
-                    == 200
-                ):
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+    with ppml_serve(ws, tmp_path / "serve.log") as (_, url):
         r = run_ppml(
             "run",
             "--tee",
             "sim",
             "--kms",
-            f"https://127.0.0.1:{port}",
+            url,
             "--",
             sys.executable,
             "job.py",
@@ -215,17 +183,6 @@ def test_run_against_a_separate_ppml_serve(project: Path) -> None:
         )
         assert r.code == 0, r.err
         assert json.loads(r.out.strip().splitlines()[-1])["rows"] == 3
-        r = run_ppml(
-            "run",
-            "--kms",
-            f"http://127.0.0.1:{port}",
-            "--",
-            sys.executable,
-            "job.py",
-            home=ws,
-            cwd=project,
-        )
+        plain = url.replace("https://", "http://")
+        r = run_ppml("run", "--kms", plain, "--", sys.executable, "job.py", home=ws, cwd=project)
         assert r.code == 2 and "https" in r.err
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cli_support import admin_tls_context, ppml_serve
 
 from ppml.crypto.passphrase import KdfParams
 from ppml.workspace import Workspace
@@ -30,13 +30,6 @@ PASSPHRASE = "crash test passphrase 0042"
 KEYS = 1000
 KILL_AFTER = 300
 WORKERS = 16
-START_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -46,53 +39,13 @@ def _env() -> dict[str, str]:
 
 
 def _context(ws: Workspace) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ws.ca_cert))
-    context.load_cert_chain(str(ws.client_cert), str(ws.client_key))
-    return context
+    return admin_tls_context(ws.path)
 
 
 @contextmanager
 def _server(ws: Workspace, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`ppml serve` on a free loopback port, once /healthz answers."""
-    port = _free_port()
-    with open(log, "ab") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ppml",
-                "serve",
-                "--port",
-                str(port),
-                "--workspace",
-                str(ws.path),
-            ],
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    url = f"https://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        with httpx.Client(base_url=url, verify=_context(ws), timeout=2.0) as client:
-            while True:
-                assert proc.poll() is None, log.read_text()
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the server did not start: " + log.read_text()
-                time.sleep(0.05)  # polling another process's start-up; nothing to wait on
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with ppml_serve(ws.path, log, PASSPHRASE) as running:
+        yield running
 
 
 @pytest.mark.slow

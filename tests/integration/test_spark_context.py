@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("pyspark")
 
-from ppml.crypto.passphrase import KdfParams
+from tests.support import dev_workspace_with_keys
+
 from ppml.data import encrypt_file, read_table, write_table
 from ppml.kms import KeyService
 from ppml.workspace import Workspace
@@ -32,15 +33,9 @@ LINES = [f"line {i} " + "word " * (i % 23) + "x" * (i % 61) for i in range(400)]
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ws") / "workspace"
-    ws = Workspace.create(path, PASSPHRASE.encode(), dev=True, kdf=KdfParams.for_testing())
-    keys = ws.key_service()
-    try:
-        keys.create_key("sales")
-        keys.create_key("pii")
-    finally:
-        keys.close()
-    return path
+    return dev_workspace_with_keys(
+        tmp_path_factory.mktemp("ws") / "workspace", PASSPHRASE, "sales", "pii"
+    )
 
 
 @pytest.fixture(scope="module")

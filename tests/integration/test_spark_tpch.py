@@ -25,8 +25,8 @@ import pytest
 pytest.importorskip("pyspark")
 
 import duckdb
+from tests.support import dev_workspace_with_keys
 
-from ppml.crypto.passphrase import KdfParams
 from ppml.data import read_table
 from ppml.data.parquet import encrypt_parquet_file, is_encrypted_parquet
 from ppml.kms import KeyService
@@ -65,15 +65,9 @@ def _tpchgen() -> str:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ws") / "workspace"
-    ws = Workspace.create(path, PASSPHRASE.encode(), dev=True, kdf=KdfParams.for_testing())
-    keys = ws.key_service()
-    try:
-        keys.create_key("tpch")
-        keys.create_key("results")
-    finally:
-        keys.close()
-    return path
+    return dev_workspace_with_keys(
+        tmp_path_factory.mktemp("ws") / "workspace", PASSPHRASE, "tpch", "results"
+    )
 
 
 @pytest.fixture(scope="module")
