@@ -62,11 +62,18 @@ def query_text(n: int, scale: float) -> str:
     return text.replace("{FRACTION}", f"{0.0001 / scale:.10f}")
 
 
-def register_tables(ctx: PPMLContext, data_dir: Path) -> dict[str, DataFrame]:
-    """Read the eight tables (encrypted or plain) and register each as a temporary view."""
+def register_tables(
+    ctx: PPMLContext, data_dir: Path, *, reader: str = "auto"
+) -> dict[str, DataFrame]:
+    """Read the eight tables (encrypted or plain) and register each as a temporary view.
+
+    `reader` is ppml's Parquet reader: ``auto`` (Spark's own when the session has ppml's jar),
+    ``spark`` or ``python``.
+    """
     frames: dict[str, DataFrame] = {}
     for table in TABLES:
-        df = ctx.read().schema(SCHEMAS[table]).parquet(data_dir / f"{table}.parquet")
+        read = ctx.read().option("ppml.reader", reader).schema(SCHEMAS[table])
+        df = read.parquet(data_dir / f"{table}.parquet")
         df.createOrReplaceTempView(table)
         frames[table] = df
     return frames

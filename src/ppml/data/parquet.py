@@ -312,6 +312,15 @@ class ParquetScanSession:
         """The provider's first error in this session (missing key, access denied), if any."""
         return self._session.failure
 
+    def released_key_encryption_keys(self) -> dict[tuple[str, str], bytes]:
+        """The key-encryption keys unwrapped so far, by (master key id, wrapped key text).
+
+        These are what another Parquet reader (Spark's JVM reader, through ppml's KMS client
+        there) needs to read the same files without asking the KMS again; the caller owns
+        handing them only to readers of those files.
+        """
+        return self._session.released_key_encryption_keys()
+
     def dataset(self, paths: Sequence[Path]) -> ds.Dataset:
         """One dataset over encrypted Parquet files (the parts of one table): their footers are
         decrypted now (schemas, row group statistics), their columns only when scanned."""
@@ -453,6 +462,11 @@ class _PPMLKmsClient(pe.KmsClient):
             self._record(exc)
             raise
 
+    def unwrapped(self) -> list[tuple[tuple[str, str], bytes]]:
+        """Every key unwrapped so far, as ((wrapped text, master key id), key)."""
+        with self._lock:
+            return list(self._unwrapped.items())
+
     def forget(self) -> None:
         """Drop every unwrapped key."""
         with self._lock:
@@ -507,6 +521,9 @@ class _KeySession:
     def failure(self) -> BaseException | None:
         """The provider's first error in this session, if any."""
         return self._client.failure
+
+    def released_key_encryption_keys(self) -> dict[tuple[str, str], bytes]:
+        return {(master, wrapped): key for (wrapped, master), key in self._client.unwrapped()}
 
     def dataset_format(self) -> ds.ParquetFileFormat:
         """A pyarrow dataset format that decrypts with this session's keys."""

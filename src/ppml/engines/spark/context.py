@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from ppml.crypto.envelope import DataKeyProvider, WrappedKey
 from ppml.crypto.stream import ContentType, plaintext_size
-from ppml.errors import InputNotFound, IntegrityError, OutputExists, UsageError
+from ppml.errors import (
+    ConfigurationError,
+    InputNotFound,
+    IntegrityError,
+    OutputExists,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -62,6 +68,7 @@ class PPMLContext:
             builder = SparkSession.builder.appName(app_name)
             if master is not None:
                 builder = builder.master(master)
+            builder = _with_kms_client_jar(builder)
             spark = builder.getOrCreate()
         self._spark = spark
         self._keys = keys
@@ -88,6 +95,22 @@ class PPMLContext:
 
     def stop(self) -> None:
         self._spark.stop()
+
+
+def _with_kms_client_jar(builder: Any) -> Any:
+    """Put ppml's Parquet KMS client on the class path of a Spark this process will start.
+
+    An existing JVM (``spark-submit``, an earlier session) keeps its class path: `ppml
+    spark-submit` adds the jar itself; elsewhere encrypted Parquet is read by the Python reader.
+    """
+    from pyspark import SparkContext
+
+    from ppml.engines.spark.jvm import kms_client_jar
+
+    jar = kms_client_jar()
+    if SparkContext._gateway is not None or not jar.is_file():
+        return builder
+    return builder.config("spark.jars", str(jar))
 
 
 def _part_files(paths: Sequence[Path]) -> list[Path]:
@@ -163,6 +186,8 @@ class PPMLReader:
             quote=self._options.get("quote", '"'),
             multi_line=self._flag("multiLine"),
         )
+        if fmt == "parquet" and self._spark_parquet_reader():
+            return self._load_parquet_natively(files)
         if fmt == "parquet":
             schema, partitions = self._plan_parquet(files)
         else:
@@ -292,6 +317,67 @@ class PPMLReader:
         ordered = pa.schema(sorted(merged, key=lambda f: f.name))
         return _to_spark(ordered)
 
+    def _spark_parquet_reader(self) -> bool:
+        """Whether Parquet is read by Spark's own reader (``ppml.reader``: auto, spark, python).
+
+        Spark's reader prunes columns, pushes filters down and decodes on the JVM; ``auto``
+        uses it whenever the session's JVM has ppml's KMS client class.
+        """
+        from ppml.engines.spark.jvm import jvm_class_available, kms_client_jar
+
+        choice = self._options.get("ppml.reader", "auto").lower()
+        if choice not in ("auto", "spark", "python"):
+            raise UsageError("ppml.reader is one of auto, spark, python")
+        if choice == "python":
+            return False
+        available = jvm_class_available(self._ctx.spark)
+        if choice == "spark" and not available:
+            raise ConfigurationError(
+                "Spark's JVM cannot load ppml's Parquet KMS client: start the session with "
+                f"spark.jars={kms_client_jar()} (PPMLContext and `ppml spark-submit` do)"
+            )
+        return available
+
+    def _load_parquet_natively(self, files: list[Path]) -> DataFrame:
+        """Read with Spark's Parquet reader, each encrypted file's keys released by the driver."""
+        import pyarrow.parquet as pq
+
+        from ppml.data.files import annotate_errors
+        from ppml.data.parquet import ParquetScanSession, is_encrypted_parquet
+        from ppml.engines.spark.jvm import scan_options
+
+        encrypted = [f for f in files if is_encrypted_parquet(f)]
+        plain = [f for f in files if f not in set(encrypted)]
+        schemas = []
+        keys: dict[tuple[str, str], bytes] = {}
+        if encrypted:
+            with ParquetScanSession(self._ctx.keys) as session:
+                for path in encrypted:
+                    with annotate_errors(path):
+                        dataset = session.dataset([path])
+                        schemas.append(dataset.schema.remove_metadata())
+                        _touch_column_keys(next(iter(dataset.get_fragments())).metadata)
+                keys = session.released_key_encryption_keys()
+        for path in plain:
+            with annotate_errors(path):
+                schemas.append(pq.read_schema(path).remove_metadata())
+        options = {k: v for k, v in self._options.items() if not k.startswith("ppml.")}
+        options.pop("maxpartitionbytes", None)
+        if any(not s.equals(schemas[0]) for s in schemas[1:]):
+            options.setdefault("mergeschema", "true")
+        given = self._given_schema()
+        frames = []
+        for group, extra in ((encrypted, scan_options(keys)), (plain, {})):
+            if not group:
+                continue
+            reader = self._ctx.spark.read.options(**options, **extra)
+            if given is not None:
+                reader = reader.schema(given)
+            frames.append(reader.parquet(*(str(f) for f in group)))
+        if len(frames) == 1:
+            return frames[0]
+        return frames[0].unionByName(frames[1], allowMissingColumns=True)
+
     def _plan_parquet(self, files: list[Path]) -> tuple[StructType, list[Any]]:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -316,10 +402,7 @@ class PPMLReader:
                     fragment = next(iter(dataset.get_fragments()))
                     metadata = fragment.metadata
                     groups = metadata.num_row_groups
-                    for i in range(groups):  # column metadata under column keys
-                        group = metadata.row_group(i)
-                        for j in range(group.num_columns):
-                            group.column(j)
+                    _touch_column_keys(metadata)
                 keys = tuple(ReleasedKey(w, k) for w, k in recorder.keys.items())
             ranges: list[tuple[int, ...]] = [(i,) for i in range(groups)] or [()]
             partitions.extend(ParquetPartition(str(path), r, keys) for r in ranges)
@@ -329,6 +412,15 @@ class PPMLReader:
         merged = pa.unify_schemas(schemas, promote_options="permissive")
         merged = merged.remove_metadata()
         return _to_spark(merged), partitions
+
+
+def _touch_column_keys(metadata: Any) -> None:
+    """Read every column chunk's metadata, so that the keys of columns under column keys are
+    unwrapped (they are recorded inside the encrypted footer, per column)."""
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        for j in range(group.num_columns):
+            group.column(j)
 
 
 def _to_spark(schema: pa.Schema) -> StructType:
