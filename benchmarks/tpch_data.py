@@ -72,5 +72,7 @@ def plaintext_twins(enc: Path, out: Path, kms: Any) -> None:
         if dst.exists():
             dst.unlink()
         decrypt_parquet_file(enc / f"{t}.parquet", dst, kms, store_decimal_as_integer=True)
-    print(f"decrypted {len(TABLES)} tables into their plaintext twins in "
-          f"{time.perf_counter() - start:.1f} s")
+    print(
+        f"decrypted {len(TABLES)} tables into their plaintext twins in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
