@@ -1,7 +1,13 @@
-"""PySpark over encrypted data: ``from ppml.spark import PPMLContext``."""
+"""PySpark over encrypted data: ``from ppml.spark import PPMLContext``.
+
+A session made by `PPMLContext` (or `ppml spark-submit`) has ppml's jar on its class path, so
+encrypted Parquet is read by Spark's own reader; for a session you build yourself, add
+``.config("spark.jars", str(kms_client_jar()))``.
+"""
 
 from __future__ import annotations
 
 from ppml.engines.spark.context import PPMLContext
+from ppml.engines.spark.jvm import kms_client_jar
 
-__all__ = ["PPMLContext"]
+__all__ = ["PPMLContext", "kms_client_jar"]
