@@ -167,3 +167,35 @@ def test_keyed_job_runs_attested_only_when_the_policy_names_it(
     for secret in secrets:
         assert all(secret not in snap for snap in allowed.ps)
         assert secret not in allowed.out + allowed.err
+
+
+JAR_CHECK = """\
+import sys
+from pyspark.sql import SparkSession
+
+spark = SparkSession.builder.appName("jar-check").getOrCreate()
+jvm = spark.sparkContext._jvm
+cls = jvm.org.apache.spark.util.Utils.classForName(sys.argv[1], True, False)
+loader = jvm.org.apache.spark.util.Utils.getContextOrSparkClassLoader()
+print("loaded", cls.getName())
+print("user resource", loader.getResource("ppml-user-marker.txt") is not None)
+spark.stop()
+"""
+
+
+def test_ppml_jar_and_the_users_jars_are_both_on_the_class_path(ws: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    from ppml.engines.spark.jvm import KMS_CLIENT_CLASS, kms_client_jar
+
+    if not kms_client_jar().is_file():
+        pytest.skip("ppml's jar is not built (scripts/build_jar.sh)")
+    user_jar = tmp_path / "user.jar"
+    with zipfile.ZipFile(user_jar, "w") as z:
+        z.writestr("ppml-user-marker.txt", "marker")
+    app = tmp_path / "jar_check.py"
+    app.write_text(JAR_CHECK)
+    w = run_watched("spark-submit", "--jars", user_jar, app, KMS_CLIENT_CLASS, home=ws)
+    assert w.code == 0, w.err[-3000:]
+    assert f"loaded {KMS_CLIENT_CLASS}" in w.out
+    assert "user resource True" in w.out

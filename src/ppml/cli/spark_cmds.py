@@ -35,7 +35,7 @@ _SUBMIT_CONTEXT = {
 spark_app = typer.Typer(help="Spark on this machine.", no_args_is_help=True)
 cluster_app = typer.Typer(
     help="A local Spark standalone cluster (master and workers on 127.0.0.1), with "
-    "authentication and RPC encryption.",
+    "authentication and TLS on RPC.",
     no_args_is_help=True,
 )
 spark_app.add_typer(cluster_app, name="cluster")
@@ -121,7 +121,7 @@ def spark_submit(
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
-    """Run a Spark application with authentication, RPC and I/O encryption and TLS switched on,
+    """Run a Spark application with authentication, TLS (RPC and HTTP) and I/O encryption on,
     configured from the workspace; its secrets never appear on a command line.
 
     With --tee sim the driver runs attested as in `ppml run --tee sim`: keys are released to it
@@ -153,6 +153,7 @@ def _submit(
     from ppml.cli.run_cmd import SIM_NOTICE, _launch, _wait
     from ppml.engines.spark.java import find_java
     from ppml.engines.spark.launcher import (
+        ppml_jars,
         private_conf_dir,
         security_properties,
         spark_environment,
@@ -169,12 +170,13 @@ def _submit(
     home = spark_home()
     runs = _spark_dir(ws) / "run"
     ensure_private_dir(runs)
+    options = req.submit_options(extra_jars=ppml_jars())
     with private_conf_dir(security_properties(ws, ui=ui), parent=runs) as conf_dir:
         if tee is None:
             env = spark_environment(java, conf_dir)
             command = [
                 str(home / "bin" / "spark-submit"),
-                *req.submit_options(),
+                *options,
                 str(req.app),
                 *req.app_args,
             ]
@@ -184,7 +186,7 @@ def _submit(
                 raise UsageError(f"cannot start spark-submit: {exc.strerror}") from None
             return _wait(proc)
         typer.echo(SIM_NOTICE, err=True)
-        env = spark_environment(java, conf_dir, submit_args=req.submit_options())
+        env = spark_environment(java, conf_dir, submit_args=options)
         from ppml.engines.spark.launcher import SPARK_ENV_ALLOW
 
         with _environ({k: env[k] for k in SPARK_ENV_ALLOW if k in env}):

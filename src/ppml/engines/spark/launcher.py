@@ -9,13 +9,20 @@ directory under ``<workspace>/spark/run/`` removed when the job ends; for a stan
   ``spark-auth-secret``): Spark reads the secret from its configuration, which it redacts in the
   UI's environment page, in event logs and in ``--verbose`` output (``spark.redaction.regex``);
   it is never on a command line, so ``ps`` does not show it;
-- ``spark.network.crypto.enabled=true`` (AES-GCM on every RPC and block-transfer connection,
-  keyed by the authentication handshake), ``spark.io.encryption.enabled=true`` (shuffle and spill
-  files encrypted with a per-application key);
-- ``spark.ssl.*`` with the workspace's PKCS12 keystore and truststore and the
-  ``keystore-password`` secret, for Spark's HTTP endpoints (UI, standalone master and worker UIs);
-  RPC is protected by ``spark.network.crypto`` (``spark.ssl.rpc.enabled=false``, one transport
-  protection at a time);
+- ``spark.ssl.rpc.enabled=true`` and ``spark.ssl.*`` with the workspace's PKCS12 keystore (its
+  server certificate and key) and truststore (its CA) and the ``keystore-password`` secret: TLS
+  1.3 on every RPC and block-transfer connection (driver, executors, standalone master and
+  workers; Spark's JDK TLS provider, which reads PKCS12 stores), and on Spark's HTTP endpoints
+  (UI, standalone master and worker UIs). A client accepts only a server certificate issued by
+  the workspace CA (Spark asks no client certificate: clients prove themselves with the shared
+  secret); standalone executors receive the store passwords from their worker in their
+  environment (``_SPARK_SSL_RPC_*``), never on a command line;
+- ``spark.network.crypto.enabled=true`` (authentication protocol version 2, AES-GCM): Spark's
+  AES-based authentication of every connection with the shared secret, with no SASL fallback.
+  Spark logs "Network encryption disabled as RPC SSL encryption is enabled", yet its transport
+  layer still runs this handshake inside TLS and keeps the derived AES-GCM channel under it (with
+  it off, authentication would fall back to SASL DIGEST-MD5); ``spark.io.encryption.enabled=true``
+  (shuffle and spill files encrypted with a per-application key);
 - ``spark.ui.enabled=false`` unless asked for, and ``local[*]`` unless a master is given.
 
 Settings that would weaken this (the ``spark.authenticate*``, ``spark.network.crypto*``,
@@ -46,7 +53,9 @@ __all__ = [
     "DEFAULT_MASTER",
     "SPARK_ENV_ALLOW",
     "SubmitRequest",
+    "merge_jars",
     "parse_submit_args",
+    "ppml_jars",
     "private_conf_dir",
     "properties_text",
     "security_properties",
@@ -67,7 +76,16 @@ SPARK_ENV_ALLOW = (
     "PYSPARK_SUBMIT_ARGS",
 )
 # Variables never handed to a Spark process (the workspace passphrase unseals every key).
-_WITHHELD_ENV = frozenset({"PPML_PASSPHRASE", "_SPARK_AUTH_SECRET"})
+_WITHHELD_ENV = frozenset(
+    {
+        "PPML_PASSPHRASE",
+        "_SPARK_AUTH_SECRET",
+        "_SPARK_SSL_RPC_KEY_PASSWORD",
+        "_SPARK_SSL_RPC_PRIVATE_KEY_PASSWORD",
+        "_SPARK_SSL_RPC_KEY_STORE_PASSWORD",
+        "_SPARK_SSL_RPC_TRUST_STORE_PASSWORD",
+    }
+)
 _PROTECTED_PREFIXES = (
     "spark.authenticate",
     "spark.network.crypto",
@@ -140,15 +158,42 @@ class SubmitRequest:
     py_files: tuple[Path, ...]
     app: Path
     app_args: tuple[str, ...] = field(default=())
+    jars: tuple[str, ...] = field(default=())  # --jars and --conf spark.jars, in order
 
-    def submit_options(self) -> list[str]:
-        """The spark-submit options (master first), without APP and its ARGS."""
+    def submit_options(self, extra_jars: Sequence[str | Path] = ()) -> list[str]:
+        """The spark-submit options (master first), without APP and its ARGS; the user's jars
+        and `extra_jars` go together in one --jars (spark.jars)."""
         opts = ["--master", self.master, *self.options]
         for key, value in self.conf:
             opts += ["--conf", f"{key}={value}"]
+        jars = merge_jars(self.jars, extra_jars)
+        if jars:
+            opts += ["--jars", ",".join(jars)]
         if self.py_files:
             opts += ["--py-files", ",".join(str(p) for p in self.py_files)]
         return opts
+
+
+def merge_jars(user: Sequence[str], extra: Sequence[str | Path] = ()) -> list[str]:
+    """The user's jars (comma-separated lists allowed) then `extra`, without blanks or repeats.
+
+    spark-submit keeps one value of `spark.jars`: a `--jars` replaces a `--conf spark.jars`, so
+    ppml passes a single merged `--jars` rather than adding its own and losing the user's."""
+    out: list[str] = []
+    for item in [*user, *(str(p) for p in extra)]:
+        for jar in item.split(","):
+            jar = jar.strip()
+            if jar and jar not in out:
+                out.append(jar)
+    return out
+
+
+def ppml_jars() -> list[Path]:
+    """ppml's own jars for Spark's class path (the Parquet KMS client), those that exist."""
+    from ppml.engines.spark.jvm import kms_client_jar
+
+    jar = kms_client_jar()
+    return [jar] if jar.is_file() else []
 
 
 def _check_conf(pair: str) -> tuple[str, str]:
@@ -167,6 +212,7 @@ def parse_submit_args(
     """Split `[spark-submit options] APP [ARGS]`; refuse options that would weaken security."""
     options: list[str] = []
     conf: list[tuple[str, str]] = []
+    jars: list[str] = []
     files: list[str] = [f for item in py_files for f in item.split(",") if f]
     i = 0
     while i < len(args):
@@ -194,8 +240,14 @@ def parse_submit_args(
             master = value
         elif name == "--py-files":
             files += [f for f in value.split(",") if f]
+        elif name == "--jars":
+            jars.append(value)
         elif name in ("--conf", "-c"):
-            conf.append(_check_conf(value))
+            key, val = _check_conf(value)
+            if key == "spark.jars":
+                jars.append(val)
+            else:
+                conf.append((key, val))
         else:
             options += [name, value]
     if i >= len(args):
@@ -214,21 +266,28 @@ def parse_submit_args(
         py_files=tuple(paths),
         app=app,
         app_args=tuple(args[i + 1 :]),
+        jars=tuple(merge_jars(jars)),
     )
 
 
 def security_properties(ws: Workspace, *, ui: bool = False) -> dict[str, str]:
     """Spark's security configuration from the workspace (holds secrets: write it privately)."""
+    for store in (ws.keystore, ws.truststore):
+        # Without its truststore Spark's RPC TLS would trust any certificate.
+        if not store.is_file():
+            raise ConfigurationError("the workspace has no Java key store", path=store)
     password = ws.secret(KEYSTORE_PASSWORD)
     return {
         "spark.authenticate": "true",
         "spark.authenticate.secret": ws.secret(AUTH_SECRET),
         "spark.network.crypto.enabled": "true",
+        "spark.network.crypto.authEngineVersion": "2",
+        "spark.network.crypto.cipher": "AES/GCM/NoPadding",
         "spark.network.crypto.saslFallback": "false",
         "spark.authenticate.enableSaslEncryption": "false",
         "spark.io.encryption.enabled": "true",
         "spark.ssl.enabled": "true",
-        "spark.ssl.rpc.enabled": "false",
+        "spark.ssl.rpc.enabled": "true",
         "spark.ssl.protocol": "TLSv1.3",
         "spark.ssl.keyStore": str(ws.keystore),
         "spark.ssl.keyStoreType": "PKCS12",

@@ -1,0 +1,125 @@
+"""The Spark launcher's configuration: ppml's jar merged with the user's into one `spark.jars`,
+and the security properties (TLS on RPC from the workspace's stores, authentication on)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from ppml.engines.spark import launcher
+from ppml.engines.spark.launcher import (
+    merge_jars,
+    parse_submit_args,
+    ppml_jars,
+    security_properties,
+)
+from ppml.errors import ConfigurationError
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Path:
+    path = tmp_path / "job.py"
+    path.write_text("print('hi')\n")
+    return path
+
+
+def _jars_of(options: list[str]) -> list[str]:
+    """The --jars values of a spark-submit option list (there must be at most one)."""
+    values = [options[i + 1] for i, opt in enumerate(options) if opt == "--jars"]
+    assert len(values) <= 1, options
+    return values[0].split(",") if values else []
+
+
+def test_merge_keeps_the_users_jars_first_then_adds_extra_once() -> None:
+    assert merge_jars([]) == []
+    assert merge_jars(["a.jar,b.jar", " c.jar ", ""], [Path("/p/ppml.jar")]) == [
+        "a.jar",
+        "b.jar",
+        "c.jar",
+        "/p/ppml.jar",
+    ]
+    assert merge_jars(["/p/ppml.jar,a.jar"], ["/p/ppml.jar"]) == ["/p/ppml.jar", "a.jar"]
+    assert merge_jars([], ["x.jar"]) == ["x.jar"]
+
+
+def test_users_jars_and_spark_jars_conf_merge_with_ppmls(app: Path, tmp_path: Path) -> None:
+    ppml_jar = tmp_path / "ppml-spark.jar"
+    req = parse_submit_args(
+        [
+            "--jars",
+            "hdfs://nn/u1.jar,local:/opt/u2.jar",
+            "--conf",
+            "spark.jars=u3.jar",
+            "--jars=u4.jar",
+            "--conf",
+            "spark.executor.memory=1g",
+            str(app),
+        ]
+    )
+    assert req.jars == ("hdfs://nn/u1.jar", "local:/opt/u2.jar", "u3.jar", "u4.jar")
+    assert ("spark.jars", "u3.jar") not in req.conf
+    assert req.conf == (("spark.executor.memory", "1g"),)
+    opts = req.submit_options(extra_jars=[ppml_jar])
+    assert _jars_of(opts) == [*req.jars, str(ppml_jar)]
+    assert "spark.jars=u3.jar" not in opts  # one --jars carries them all
+    # Without ppml's jar the user's are passed unchanged; without any, no --jars at all.
+    assert _jars_of(req.submit_options()) == list(req.jars)
+    assert _jars_of(parse_submit_args([str(app)]).submit_options()) == []
+    assert _jars_of(parse_submit_args([str(app)]).submit_options([ppml_jar])) == [str(ppml_jar)]
+
+
+def test_ppml_jar_is_added_only_when_it_exists(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import ppml.engines.spark.jvm as jvm
+
+    jar = tmp_path / "jars" / "ppml-spark.jar"
+    monkeypatch.setattr(jvm, "kms_client_jar", lambda: jar)
+    assert ppml_jars() == []
+    jar.parent.mkdir()
+    jar.write_bytes(b"PK\x05\x06" + bytes(18))
+    assert ppml_jars() == [jar]
+
+
+class _FakeWorkspace:
+    def __init__(self, root: Path) -> None:
+        self.keystore = root / "keystore.p12"
+        self.truststore = root / "truststore.p12"
+
+    def secret(self, name: str) -> str:
+        return {"spark-auth-secret": "auth-s3cret", "keystore-password": "ks-s3cret"}[name]
+
+
+def test_security_properties_turn_tls_on_for_rpc(tmp_path: Path) -> None:
+    ws = _FakeWorkspace(tmp_path)
+    ws.keystore.write_bytes(b"k")
+    ws.truststore.write_bytes(b"t")
+    props = security_properties(cast(Any, ws))
+    assert props["spark.authenticate"] == "true"
+    assert props["spark.authenticate.secret"] == "auth-s3cret"
+    assert props["spark.ssl.enabled"] == props["spark.ssl.rpc.enabled"] == "true"
+    assert props["spark.ssl.protocol"] == "TLSv1.3"
+    # RPC inherits the stores from spark.ssl.*; Spark reads them with the JVM's default
+    # key store type (PKCS12), and PEM settings would switch it to another code path.
+    assert props["spark.ssl.keyStore"] == str(ws.keystore)
+    assert props["spark.ssl.trustStore"] == str(ws.truststore)
+    assert not any(k.startswith("spark.ssl.rpc.") and k != "spark.ssl.rpc.enabled" for k in props)
+    assert props["spark.network.crypto.saslFallback"] == "false"
+    assert props["spark.io.encryption.enabled"] == "true"
+
+
+def test_security_properties_need_both_stores(tmp_path: Path) -> None:
+    ws = _FakeWorkspace(tmp_path)
+    ws.keystore.write_bytes(b"k")
+    # Spark's RPC TLS trusts every certificate when its truststore is missing: refuse instead.
+    with pytest.raises(ConfigurationError, match="key store"):
+        security_properties(cast(Any, ws))
+
+
+def test_spark_processes_never_inherit_ppml_or_spark_secrets() -> None:
+    withheld = launcher._WITHHELD_ENV
+    assert {"PPML_PASSPHRASE", "_SPARK_AUTH_SECRET", "_SPARK_SSL_RPC_KEY_STORE_PASSWORD"} <= (
+        withheld
+    )
