@@ -3,6 +3,7 @@ and the security properties (TLS on RPC from the workspace's stores, authenticat
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -123,3 +124,33 @@ def test_spark_processes_never_inherit_ppml_or_spark_secrets() -> None:
     assert {"PPML_PASSPHRASE", "_SPARK_AUTH_SECRET", "_SPARK_SSL_RPC_KEY_STORE_PASSWORD"} <= (
         withheld
     )
+
+
+def test_conf_dirs_of_killed_launchers_are_swept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    # A launcher that died: its recorded owner process no longer exists.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = runs / "ppml-spark-dead"
+    dead.mkdir()
+    (dead / "owner").write_text(f"{child.pid}:1")
+    (dead / "spark-defaults.conf").write_text("spark.authenticate.secret=s3cret\n")
+    # A recorded pid that now belongs to another process (start time differs): stale too.
+    reused = runs / "ppml-spark-reused"
+    reused.mkdir()
+    (reused / "owner").write_text(f"{os.getpid()}:0")
+    # One with no owner record (being created right now by another launcher): kept.
+    fresh = runs / "ppml-spark-fresh"
+    fresh.mkdir()
+    with launcher.private_conf_dir({"spark.x": "1"}, parent=runs) as live:
+        assert not dead.exists() and not reused.exists()
+        assert fresh.exists()
+        # The live directory records this process, so a concurrent launcher keeps it.
+        assert launcher.sweep_stale_conf_dirs(runs) == []
+        assert live.exists()
+        assert (live / "owner").read_text().startswith(f"{os.getpid()}:")
+    assert not live.exists()

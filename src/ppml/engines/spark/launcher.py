@@ -61,6 +61,7 @@ __all__ = [
     "security_properties",
     "spark_environment",
     "spark_home",
+    "sweep_stale_conf_dirs",
 ]
 
 DEFAULT_MASTER = "local[*]"
@@ -335,12 +336,50 @@ def properties_text(props: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_OWNER_FILE = "owner"
+
+
+def _process_identity(pid: int) -> str | None:
+    """``PID:START`` (start time in clock ticks since boot), None when no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    fields = stat.rsplit(")", 1)[1].split()
+    return f"{pid}:{fields[19]}"
+
+
+def sweep_stale_conf_dirs(parent: Path) -> list[Path]:
+    """Remove the conf directories of launchers that died without cleaning up (SIGKILL, power
+    loss); a directory whose owner still runs, or that has no owner record yet, is kept."""
+    removed: list[Path] = []
+    for d in sorted(parent.glob("ppml-spark-*")):
+        try:
+            owner = (d / _OWNER_FILE).read_text().strip()
+            pid = int(owner.split(":", 1)[0])
+        except (OSError, ValueError):
+            continue
+        if _process_identity(pid) != owner:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 @contextlib.contextmanager
 def private_conf_dir(props: Mapping[str, str], *, parent: Path | None = None) -> Iterator[Path]:
-    """A 0700 directory holding a 0600 `spark-defaults.conf` with `props`; removed afterwards."""
+    """A 0700 directory holding a 0600 `spark-defaults.conf` with `props`; removed afterwards.
+
+    Under `parent`, directories left by launchers that were killed are removed first (each
+    records its owner process, so that a later launcher can tell)."""
+    if parent is not None:
+        sweep_stale_conf_dirs(parent)
     d = Path(tempfile.mkdtemp(prefix="ppml-spark-", dir=parent))
     try:
         os.chmod(d, PRIVATE_DIR_MODE)
+        identity = _process_identity(os.getpid())
+        if identity is not None:
+            write_private(d / _OWNER_FILE, identity.encode())
         write_private(d / "spark-defaults.conf", properties_text(props).encode())
         yield d
     finally:
