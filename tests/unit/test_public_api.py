@@ -27,6 +27,18 @@ PUBLIC_MODULES = [
     "ppml.tee.channel",
     "ppml.api",
     "ppml",
+    "ppml.spark",
+    "ppml.engines.spark.jvm",
+    "ppml.serving",
+    "ppml.serving.codec",
+    "ppml.serving.queue",
+    "ppml.serving.redis_server",
+    "ppml.serving.model",
+    "ppml.serving.batching",
+    "ppml.serving.worker",
+    "ppml.serving.frontend",
+    "ppml.serving.client",
+    "ppml.serving.metrics",
 ]
 
 

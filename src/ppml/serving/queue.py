@@ -11,15 +11,47 @@ answered reach `max_length`, never trimming accepted work away.
 Every payload (request input, result output) is sealed by a `PayloadCodec` (AES-GCM under the
 deployment's key, bound to the deployment, the request id and the direction), so that Redis
 holds no plaintext inputs or outputs.
+
+The Redis layout, in full (``<p>`` is ``ppml:serving:<deployment>``):
+
+- ``<p>:requests``: the stream; each entry has the fields ``id`` (request id), ``model`` and
+  ``payload`` (the sealed input, bound to the request id and the model name too). Entries are
+  deleted when answered, so its length is the number of requests accepted and not answered.
+- ``<p>:accepted:<request id>``: the marker of an accepted id (value: its stream entry id). It
+  has no TTL while the request is pending and gets ``result_ttl_s + 60`` seconds when answered
+  (it outlives the result, so a resubmitted id can never be answered by a stale result);
+  `submit` refuses an id whose marker exists with `DuplicateRequest`.
+- ``<p>:result:<request id>``: the sealed result (an output array or an error text).
+
+Atomicity. `submit` is one Lua script (duplicate check, length check, XADD, marker): Redis runs
+scripts atomically, so concurrent submitters can never overshoot `max_length`, and it costs one
+round trip with no retry loop (WATCH/MULTI would retry under contention). `complete` runs, per
+result, one script that XACKs the entry and, only if it was still pending, stores the result with
+SET NX PX and starts the marker's TTL, then XDELs the entry; the scripts of a batch go in one
+pipeline. A result is therefore stored exactly when its entry stops being pending: a slow worker
+completing a request that another worker already answered (after a reclaim) stores nothing, and
+a result the client already took cannot reappear.
+
+Entries that cannot be used (a payload that fails to open, missing fields) are never handed to a
+worker: they are answered with the error result ``"integrity check failed"`` (when their request
+id is usable) and acknowledged and deleted; the reason goes to the log. With `max_deliveries`
+set, a reclaimed request delivered more often than that is answered with an error too (a
+request that kills its workers must not circulate forever).
+
+Redis client errors (connection lost, timeouts) propagate as ``redis.RedisError``: the caller
+retries; nothing is lost, since accepted entries stay until answered. The client must be made
+with ``decode_responses=False`` (payloads are binary); see `ppml.serving.redis_server`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
-from ppml.errors import PPMLError, UsageError
+from ppml.errors import IntegrityError, PPMLError, UsageError
+from ppml.serving.codec import validate_deployment, validate_model, validate_request_id
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,12 +60,44 @@ if TYPE_CHECKING:
     from ppml.serving.codec import PayloadCodec
 
 __all__ = [
+    "GROUP",
+    "INTEGRITY_ERROR",
     "DuplicateRequest",
     "QueueFull",
     "Request",
     "Result",
     "ServingQueue",
 ]
+
+_log = logging.getLogger("ppml.serving")
+
+GROUP: Final = "workers"
+# The error text of a result whose request (or stored result) failed to open.
+INTEGRITY_ERROR: Final = "integrity check failed"
+_MARKER_MARGIN_S: Final = 60
+_CLAIM_ROUNDS: Final = 16  # XAUTOCLAIM calls per reclaim (each scans up to 10 x count entries)
+
+# KEYS: stream, marker. ARGV: max_length, request id, model, payload.
+# Returns -1 (duplicate), -2 (full) or the new entry id.
+_SUBMIT_LUA: Final = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -2 end
+local id = redis.call('XADD', KEYS[1], '*', 'id', ARGV[2], 'model', ARGV[3], 'payload', ARGV[4])
+redis.call('SET', KEYS[2], id)
+return id
+"""
+
+# KEYS: stream, result, marker. ARGV: group, entry id, sealed result, result TTL ms, marker TTL ms.
+# Returns 1 if the result was stored, 0 if the entry was no longer pending (answered already).
+_COMPLETE_LUA: Final = """
+local stored = 0
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then stored = 1 end
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+return stored
+"""
 
 
 class QueueFull(PPMLError):
@@ -64,8 +128,16 @@ class Result:
     error: str | None = None
 
 
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 class ServingQueue:
-    """The queue of one deployment. Thread-safe as far as the Redis client is."""
+    """The queue of one deployment. Thread-safe as far as the Redis client is.
+
+    `max_deliveries` (default: no limit) answers a reclaimed request with an error once it has
+    been delivered more than that many times.
+    """
 
     def __init__(
         self,
@@ -75,37 +147,297 @@ class ServingQueue:
         codec: PayloadCodec,
         max_length: int = 10_000,
         result_ttl_s: int = 3600,
+        max_deliveries: int | None = None,
     ) -> None:
-        raise NotImplementedError
+        validate_deployment(deployment)
+        if codec.deployment != deployment:
+            raise UsageError(
+                f"the codec is for deployment {codec.deployment!r}, not {deployment!r}"
+            )
+        if max_length < 1:
+            raise UsageError("max_length must be at least 1")
+        if result_ttl_s < 1:
+            raise UsageError("result_ttl_s must be at least 1")
+        if max_deliveries is not None and max_deliveries < 1:
+            raise UsageError("max_deliveries must be at least 1 (or None for no limit)")
+        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
+        if kwargs.get("decode_responses"):
+            raise UsageError("the Redis client must be made with decode_responses=False")
+        self._client = client
+        self.deployment = deployment
+        self.codec = codec
+        self.max_length = max_length
+        self.result_ttl_s = result_ttl_s
+        self.max_deliveries = max_deliveries
+        prefix = f"ppml:serving:{deployment}"
+        self._prefix = prefix
+        self.stream_key = f"{prefix}:requests"
+        self._submit = client.register_script(_SUBMIT_LUA)
+        self._complete = client.register_script(_COMPLETE_LUA)
+
+    def __repr__(self) -> str:
+        return f"ServingQueue(deployment={self.deployment!r}, max_length={self.max_length})"
+
+    def result_key(self, request_id: str) -> str:
+        return f"{self._prefix}:result:{request_id}"
+
+    def marker_key(self, request_id: str) -> str:
+        return f"{self._prefix}:accepted:{request_id}"
+
+    # -- front end -----------------------------------------------------------------------------
 
     def ensure_group(self) -> None:
         """Create the stream and the consumer group if missing (idempotent)."""
-        raise NotImplementedError
+        import redis
+
+        try:
+            # From id 0: requests submitted before the group existed are delivered too.
+            self._client.xgroup_create(self.stream_key, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
 
     def submit(self, request_id: str, model: str, array: np.ndarray) -> None:
         """Accept a request or raise `QueueFull` / `DuplicateRequest`; never drops silently."""
-        raise NotImplementedError
+        import redis
+
+        validate_request_id(request_id)
+        validate_model(model)
+        payload = self.codec.seal(request_id, "request", array, model=model)
+        try:
+            outcome = self._submit(
+                keys=[self.stream_key, self.marker_key(request_id)],
+                args=[self.max_length, request_id, model, payload],
+            )
+        except redis.ResponseError as exc:
+            if str(exc).startswith("OOM"):  # maxmemory reached (noeviction): back-pressure
+                raise QueueFull("the serving queue is out of memory; retry later") from None
+            raise
+        if outcome == -1:
+            raise DuplicateRequest(f"a request with id {request_id!r} was accepted already")
+        if outcome == -2:
+            raise QueueFull(
+                f"the serving queue holds {self.max_length} unanswered requests; retry later"
+            )
 
     def depth(self) -> int:
         """Requests accepted and not yet answered (waiting plus in flight)."""
-        raise NotImplementedError
+        return int(self._client.xlen(self.stream_key))
+
+    # -- workers -------------------------------------------------------------------------------
 
     def read(self, consumer: str, count: int, block_ms: int) -> list[Request]:
-        """Up to `count` new requests for `consumer`, waiting at most `block_ms` for the first."""
-        raise NotImplementedError
+        """Up to `count` new requests for `consumer`, waiting at most `block_ms` for the first.
+
+        `block_ms=0` does not wait (unlike Redis's BLOCK 0, which waits forever).
+        """
+        import redis
+
+        self._check_consumer(consumer, count)
+        if block_ms < 0:
+            raise UsageError("block_ms must not be negative")
+        block = block_ms if block_ms > 0 else None
+
+        def xread() -> Any:
+            return self._client.xreadgroup(
+                GROUP, consumer, {self.stream_key: ">"}, count=count, block=block
+            )
+
+        try:
+            response = xread()
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+            self.ensure_group()
+            response = xread()
+        entries: list[tuple[Any, Any]] = []
+        for _stream, stream_entries in response or []:
+            entries.extend(stream_entries)
+        return self._accept(entries, {})
 
     def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[Request]:
         """Take over up to `count` requests delivered to others and idle for `min_idle_ms`."""
-        raise NotImplementedError
+        self._check_consumer(consumer, count)
+        if min_idle_ms < 0:
+            raise UsageError("min_idle_ms must not be negative")
+        claimed: list[tuple[Any, Any]] = []
+        cursor: Any = "0-0"
+        for _ in range(_CLAIM_ROUNDS):
+            response = self._client.xautoclaim(
+                self.stream_key,
+                GROUP,
+                consumer,
+                min_idle_ms,
+                start_id=cursor,
+                count=count - len(claimed),
+            )
+            cursor = response[0]
+            claimed.extend(e for e in response[1] if e[0] is not None and e[1] is not None)
+            deleted = response[2] if len(response) > 2 else []
+            for entry_id in deleted:
+                # Deleted while pending (not by `complete`, which acknowledges first): the
+                # request is gone; XAUTOCLAIM has removed it from the pending list.
+                _log.warning(
+                    "serving %s: pending entry %s was deleted; its request is lost",
+                    self.deployment,
+                    _text(entry_id),
+                )
+            if len(claimed) >= count or _text(cursor) == "0-0":
+                break
+        if not claimed:
+            return []
+        # XAUTOCLAIM does not report delivery counts: one pipelined XPENDING per entry does.
+        pipe = self._client.pipeline(transaction=False)
+        for entry_id, _fields in claimed:
+            pipe.xpending_range(self.stream_key, GROUP, min=entry_id, max=entry_id, count=1)
+        deliveries: dict[str, int] = {}
+        for info in pipe.execute():
+            for item in info:
+                deliveries[_text(item["message_id"])] = int(item["times_delivered"])
+        return self._accept(claimed, deliveries)
 
     def complete(self, requests: Sequence[tuple[Request, Result]]) -> None:
-        """Store each result (SET NX with TTL), then XACK and XDEL its entry, in one pipeline."""
-        raise NotImplementedError
+        """Store each result (SET NX with TTL), then XACK and XDEL its entry, in one pipeline.
+
+        Each result goes through one atomic script (see the module docstring): a result whose
+        entry is no longer pending (answered by another worker already) is not stored.
+        """
+        items: list[tuple[str, str, bytes]] = []
+        for request, result in requests:
+            if result.request_id != request.request_id:
+                raise UsageError(
+                    f"result for {result.request_id!r} given for request {request.request_id!r}"
+                )
+            blob = self.codec.seal_result(request.request_id, result.array, result.error)
+            items.append((request.request_id, request.entry_id, blob))
+        self._store(items)
+
+    def _store(self, items: Sequence[tuple[str, str, bytes]]) -> None:
+        if not items:
+            return
+        ttl_ms = self.result_ttl_s * 1000
+        marker_ms = (self.result_ttl_s + _MARKER_MARGIN_S) * 1000
+        pipe = self._client.pipeline(transaction=False)
+        for request_id, entry_id, blob in items:
+            self._complete(
+                keys=[self.stream_key, self.result_key(request_id), self.marker_key(request_id)],
+                args=[GROUP, entry_id, blob, ttl_ms, marker_ms],
+                client=pipe,
+            )
+        for (request_id, _entry, _blob), stored in zip(items, pipe.execute(), strict=True):
+            if not stored:
+                _log.info(
+                    "serving %s: request %s was answered already; this result is dropped",
+                    self.deployment,
+                    request_id,
+                )
+
+    # -- results -------------------------------------------------------------------------------
 
     def result(self, request_id: str) -> Result | None:
         """The stored result, or None while pending (or unknown, or expired)."""
-        raise NotImplementedError
+        validate_request_id(request_id)
+        blob = self._client.get(self.result_key(request_id))
+        return None if blob is None else self._open_result(request_id, blob)
 
     def take_results(self, request_ids: Iterable[str] | None = None) -> list[Result]:
-        """Finished results, removed from Redis as they are returned (all when ids is None)."""
-        raise NotImplementedError
+        """Finished results, removed from Redis as they are returned (all when ids is None).
+
+        A stored result that fails to open is returned as an error `INTEGRITY_ERROR`.
+        """
+        if request_ids is None:
+            prefix = self.result_key("")
+            ids = []
+            for key in self._client.scan_iter(match=prefix + "*", count=1000):
+                request_id = _text(key)[len(prefix) :]
+                try:
+                    ids.append(validate_request_id(request_id))
+                except UsageError:
+                    _log.warning("serving %s: ignoring a malformed result key", self.deployment)
+        else:
+            ids = [validate_request_id(i) for i in dict.fromkeys(request_ids)]
+        if not ids:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for request_id in ids:
+            pipe.getdel(self.result_key(request_id))
+        return [
+            self._open_result(request_id, blob)
+            for request_id, blob in zip(ids, pipe.execute(), strict=True)
+            if blob is not None
+        ]
+
+    # -- internals -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_consumer(consumer: str, count: int) -> None:
+        if not isinstance(consumer, str) or not consumer or len(consumer) > 128:
+            raise UsageError("a consumer name must be 1-128 characters")
+        if count < 1:
+            raise UsageError("count must be at least 1")
+
+    def _open_result(self, request_id: str, blob: Any) -> Result:
+        try:
+            array, error = self.codec.open_result(request_id, blob)
+        except IntegrityError:
+            _log.warning(
+                "serving %s: the stored result of %s failed to open", self.deployment, request_id
+            )
+            return Result(request_id, None, INTEGRITY_ERROR)
+        return Result(request_id, array, error)
+
+    def _accept(
+        self, entries: Sequence[tuple[Any, Any]], deliveries: dict[str, int]
+    ) -> list[Request]:
+        """Open the entries; answer the unusable ones with an error and drop them."""
+        good: list[Request] = []
+        rejected: list[tuple[str, str, bytes]] = []
+        dropped: list[str] = []
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            request_id, model, payload = (
+                fields.get(b"id"),
+                fields.get(b"model"),
+                fields.get(b"payload"),
+            )
+            try:
+                if request_id is None or model is None or payload is None:
+                    raise IntegrityError()
+                request_id = validate_request_id(_text(request_id))
+            except (IntegrityError, UsageError, UnicodeDecodeError):
+                _log.warning("serving %s: entry %s is malformed", self.deployment, entry_id)
+                dropped.append(entry_id)
+                continue
+            try:
+                model = validate_model(_text(model))
+                array = self.codec.open(request_id, "request", payload, model=model)
+            except (IntegrityError, UsageError, UnicodeDecodeError):
+                _log.warning(
+                    "serving %s: request %s (entry %s) failed its integrity check",
+                    self.deployment,
+                    request_id,
+                    entry_id,
+                )
+                rejected.append(
+                    (request_id, entry_id, self.codec.seal_error(request_id, INTEGRITY_ERROR))
+                )
+                continue
+            count = deliveries.get(entry_id, 1)
+            if self.max_deliveries is not None and count > self.max_deliveries:
+                _log.warning(
+                    "serving %s: request %s was delivered %d times; answering with an error",
+                    self.deployment,
+                    request_id,
+                    count,
+                )
+                message = f"the request failed {count - 1} times in the workers; not retried"
+                rejected.append((request_id, entry_id, self.codec.seal_error(request_id, message)))
+                continue
+            good.append(Request(request_id, model, array, entry_id, count))
+        self._store(rejected)
+        if dropped:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.xack(self.stream_key, GROUP, *dropped)
+            pipe.xdel(self.stream_key, *dropped)
+            pipe.execute()
+        return good

@@ -1,0 +1,337 @@
+"""Clients of the serving front end, in the spirit of BigDL Cluster Serving's Python API.
+
+::
+
+    from ppml.serving import InputQueue, OutputQueue
+
+    q = InputQueue(url="https://127.0.0.1:10023")   # trusts the workspace CA ($PPML_HOME)
+    q.enqueue("req-1", x=np.array([...]))            # asynchronous: returns the request id
+    y = q.predict(x=np.array([...]), timeout=5)      # synchronous: the prediction (np.ndarray)
+    OutputQueue(url=...).query("req-1")              # the prediction, or None while pending
+    OutputQueue(url=...).dequeue()                   # every finished result: {id: array}
+
+HTTPS only, and the server's certificate is always verified: against the CA file given as
+`ca=`, else the CA of the workspace (`$PPML_HOME`, else ``./.ppml``). There is no way to turn
+verification off. The front end's refusals become exceptions (all `PPMLError`)::
+
+    PPMLError
+    ├── UsageError
+    │   ├── InvalidInput         400, 413  the input was refused; `reason` says why
+    │   ├── PredictionFailed     400       the request was run and failed; `reason` says why
+    │   ├── UnknownRequest       404       no such request id (never accepted, taken, expired)
+    │   └── DuplicateRequest     409       ServingDuplicate: the id was accepted already
+    ├── QueueFull                503       ServingFull: the queue is full, retry later
+    ├── RateLimited              429       too many requests: retry later
+    ├── PredictionTimeout        504       no answer in time; `request_ids` fetch them later
+    └── ServingError                       anything else: another status, no connection, or a
+                                           certificate that did not verify against the CA
+
+(`DuplicateRequest` and `QueueFull` are the queue's own, so that code written against the
+in-process queue catches the same failures.) Each of them also derives from `ServingError`,
+which carries `status`, `reason` and `retry_after` (seconds, from the Retry-After header).
+With ``retries=N`` a client waits Retry-After (at most `max_retry_wait_s`) and tries again,
+up to N times, on 429 and 503.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+
+from ppml.errors import ConfigurationError, PPMLError, UsageError
+from ppml.serving.queue import DuplicateRequest, QueueFull
+
+__all__ = [
+    "InputQueue",
+    "InvalidInput",
+    "OutputQueue",
+    "PredictionFailed",
+    "PredictionTimeout",
+    "RateLimited",
+    "ServingDuplicate",
+    "ServingError",
+    "ServingFull",
+    "UnknownRequest",
+]
+
+_RETRIED = frozenset({429, 503})
+
+
+class ServingError(PPMLError):
+    """The front end refused or failed a call: `status` (HTTP), `reason` (its text)."""
+
+    def __init__(
+        self, message: str, *, status: int = 0, reason: str = "", retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class InvalidInput(ServingError, UsageError):
+    """400 or 413: the front end refused the input."""
+
+
+class PredictionFailed(ServingError, UsageError):
+    """The request was accepted and run, and its result is an error."""
+
+
+class UnknownRequest(ServingError, UsageError):
+    """404: the front end knows no request of that id."""
+
+
+class ServingDuplicate(ServingError, DuplicateRequest):
+    """409: a request with this id was accepted already."""
+
+
+class ServingFull(ServingError, QueueFull):
+    """503: the queue is full (or the front end unavailable); `retry_after` says when."""
+
+
+class RateLimited(ServingError):
+    """429: the front end's rate limit; `retry_after` says when."""
+
+
+class PredictionTimeout(ServingError):
+    """504: the results were not ready in time; `request_ids` can be fetched later."""
+
+    def __init__(self, message: str, *, request_ids: list[str], **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.request_ids = request_ids
+
+
+def _workspace_ca() -> Path:
+    from ppml.workspace import Layout, WorkspaceConfig, default_workspace_dir
+
+    root = default_workspace_dir()
+    config_path = Layout(root).config
+    if not config_path.is_file():
+        raise ConfigurationError(
+            "no workspace to take the CA from: pass ca=PATH or set PPML_HOME", path=root
+        )
+    return Layout(root, WorkspaceConfig.load(config_path).files).path("ca_cert")
+
+
+def _tls_context(ca: str | Path | ssl.SSLContext | None) -> ssl.SSLContext:
+    """A verifying TLS context; refuses anything that would not verify the server."""
+    if isinstance(ca, bool):
+        raise UsageError("certificate verification cannot be turned off: pass ca=PATH")
+    if isinstance(ca, ssl.SSLContext):
+        if ca.verify_mode != ssl.CERT_REQUIRED or not ca.check_hostname:
+            raise UsageError("the TLS context must verify certificates and host names")
+        return ca
+    path = Path(ca) if ca is not None else _workspace_ca()
+    if not path.is_file():
+        raise ConfigurationError("the CA certificate file is missing", path=path)
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError:
+        raise ConfigurationError("the CA certificate file cannot be read", path=path) from None
+
+
+def _one_input(data: Any, inputs: Mapping[str, Any]) -> np.ndarray:
+    """The one input array, given positionally or by keyword (BigDL style, `x=...`)."""
+    given = ([data] if data is not None else []) + list(inputs.values())
+    if len(given) != 1:
+        raise UsageError("give exactly one input array (positionally or as one keyword)")
+    array = np.asarray(given[0])
+    if array.dtype.kind not in "biuf":
+        raise UsageError("the input must be an array of numbers")
+    return array
+
+
+class _Client:
+    def __init__(
+        self,
+        url: str,
+        *,
+        ca: str | Path | ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+        retries: int = 0,
+        max_retry_wait_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not url.startswith("https://"):
+            raise UsageError("the serving front end is reached over https:// only")
+        if retries < 0:
+            raise UsageError("retries must be >= 0")
+        # Built even when a transport is injected (tests), so a missing CA always fails.
+        verify = _tls_context(ca)
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"), verify=verify, transport=transport, timeout=timeout
+        )
+        self._timeout = timeout
+        self._retries = retries
+        self._max_wait = max_retry_wait_s
+        self._sleep = sleep
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.ConnectError as exc:
+                if _certificate_failure(exc):
+                    raise ServingError(
+                        "TLS: the front end's certificate did not verify against the CA"
+                    ) from exc
+                raise ServingError(f"cannot reach the front end: {type(exc).__name__}") from exc
+            except httpx.TransportError as exc:
+                raise ServingError(f"cannot reach the front end: {type(exc).__name__}") from exc
+            if response.status_code not in _RETRIED or attempt >= self._retries:
+                return response
+            wait = _retry_after(response)
+            self._sleep(min(wait if wait is not None else 1.0, self._max_wait))
+            attempt += 1
+
+
+def _certificate_failure(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _raise_for(response: httpx.Response, *, failed: bool = False) -> None:
+    """The exception for a refusal (nothing for 2xx). `failed`: a 400 means a failed result."""
+    status = response.status_code
+    if status < 400:
+        return
+    body = _body(response)
+    reason = str(body.get("reason") or body.get("error") or response.reason_phrase)
+    kwargs: dict[str, Any] = {
+        "status": status,
+        "reason": reason,
+        "retry_after": _retry_after(response),
+    }
+    message = f"serving front end: {status} {reason}"
+    if status in (400, 413):
+        failed = failed or body.get("status") == "failed"
+        raise (PredictionFailed if failed else InvalidInput)(message, **kwargs)
+    if status == 404:
+        raise UnknownRequest(message, **kwargs)
+    if status == 409:
+        raise ServingDuplicate(message, **kwargs)
+    if status == 429:
+        raise RateLimited(message, **kwargs)
+    if status == 503:
+        raise ServingFull(message, **kwargs)
+    if status == 504:
+        ids = body.get("ids")
+        ids = [str(i) for i in ids] if isinstance(ids, list) else []
+        raise PredictionTimeout(message, request_ids=ids, **kwargs)
+    raise ServingError(message, **kwargs)
+
+
+class InputQueue(_Client):
+    """Sends inputs: `enqueue` (asynchronous, by id) and `predict` (synchronous)."""
+
+    def __init__(self, url: str, *, model: str | None = None, **kwargs: Any) -> None:
+        """`model`: which served model (None: the front end's only one). `ca`: the CA file (or
+        a verifying `ssl.SSLContext`); `timeout` (s) per HTTP call; `retries` on 429/503."""
+        super().__init__(url, **kwargs)
+        self._model = model
+
+    def _with_model(self, body: dict[str, Any]) -> dict[str, Any]:
+        return body if self._model is None else {**body, "model": self._model}
+
+    def enqueue(self, request_id: str | None = None, data: Any = None, **inputs: Any) -> str:
+        """Submit one instance under `request_id` (None: the server picks one); returns the id.
+        Fetch the answer with `OutputQueue.query(id)` or `OutputQueue.dequeue()`."""
+        array = _one_input(data, inputs)
+        body = self._with_model({"inputs": array.tolist()})
+        if request_id is not None:
+            body["id"] = request_id
+        response = self._call("POST", "/v1/requests", json=body)
+        _raise_for(response)
+        return str(_body(response)["id"])
+
+    def predict(self, data: Any = None, *, timeout: float | None = None, **inputs: Any) -> Any:
+        """The prediction for one instance, waiting up to `timeout` seconds (the server's
+        limit when None). `PredictionTimeout` carries the request id to fetch it later."""
+        return self.predict_batch([_one_input(data, inputs)], timeout=timeout)[0]
+
+    def predict_batch(self, instances: Any, *, timeout: float | None = None) -> list[np.ndarray]:
+        """Predictions for several instances, in their order."""
+        arrays = [np.asarray(x) for x in instances]
+        if not arrays:
+            return []
+        params = {"timeout": timeout} if timeout is not None else None
+        http_timeout = max(self._timeout, (timeout or 0.0) + 10.0)
+        response = self._call(
+            "POST",
+            "/predict",
+            json=self._with_model({"instances": [a.tolist() for a in arrays]}),
+            params=params,
+            timeout=http_timeout,
+        )
+        _raise_for(response)
+        return [np.asarray(p) for p in _body(response)["predictions"]]
+
+
+class OutputQueue(_Client):
+    """Fetches results: one by id (`query`) or every finished one (`dequeue`)."""
+
+    def query(self, request_id: str) -> np.ndarray | None:
+        """The prediction of `request_id`, or None while it is pending. `PredictionFailed` if it
+        failed, `UnknownRequest` if the front end does not know it."""
+        response = self._call("GET", f"/v1/requests/{quote(request_id, safe='')}")
+        if response.status_code == 202:
+            return None
+        _raise_for(response, failed=True)
+        return np.asarray(_body(response)["prediction"])
+
+    def dequeue(self) -> dict[str, np.ndarray | PredictionFailed]:
+        """Every finished result of the requests accepted for later fetching, removed from the
+        queue: id -> prediction (a failed request maps to its `PredictionFailed`)."""
+        response = self._call("GET", "/v1/results")
+        _raise_for(response)
+        out: dict[str, np.ndarray | PredictionFailed] = {}
+        for item in _body(response).get("results", []):
+            request_id = str(item["id"])
+            if item.get("status") == "failed":
+                reason = str(item.get("reason", ""))
+                out[request_id] = PredictionFailed(
+                    f"request {request_id}: {reason}", status=400, reason=reason
+                )
+            else:
+                out[request_id] = np.asarray(item["prediction"])
+        return out

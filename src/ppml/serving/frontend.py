@@ -1,0 +1,675 @@
+"""The HTTPS front end of Trusted Cluster Serving: JSON in, queue requests out, results back.
+
+Clients send instances as nested JSON lists; the front end checks them against the served
+model (shape, dtype, finite numbers), submits **one queue request per instance** and answers by
+request id. One request per instance is what lets the workers batch across clients (the
+batcher stacks instances of any origin), keeps a result addressable by one id, and keeps the
+order of a `/predict` answer trivially the order of its ids. The price is one submission per
+instance; a `QueueFull` in the middle of a list leaves the earlier instances accepted (they are
+computed and their results expire with the queue's TTL) and the client is told 503.
+
+Routes::
+
+    POST /predict?timeout=S      {"instances": [...], "model"?}  -> 200 {"predictions": [...]}
+                                 504 {"ids": [...]} when the results are late: fetch them later
+    POST /v1/requests            {"id"?, "model"?, "inputs": x} -> 202 {"id", "status": "pending"}
+                                 ("instances": [x] is accepted too, with exactly one instance)
+    GET  /v1/requests/{id}       200 done {"prediction"} | 202 pending | 400 failed {"reason"}
+                                 | 404 unknown (never accepted here, taken, or expired)
+    GET  /v1/results             200 {"results": [...]}: every finished result of the requests
+                                 accepted by /v1/requests (or left over by a 504), removed
+    GET  /models, /metrics, /healthz
+
+Refusals are ``{"error": <fixed text>, "reason": <what was wrong>}``; a reason names positions,
+shapes and dtypes, never values from the request, and neither do the logs. 413 when the body
+is over `max_body_bytes` (checked before anything parses it), 429 and 503 carry Retry-After.
+
+Pending and unknown: the queue's `result()` cannot tell a pending request from an unknown one,
+so this front end remembers the ids it accepted (bounded, for `pending_ttl_s`). Behind several
+front ends without sticky routing, a pending request asked of another replica reads as 404
+until its result exists; a queue-side "is this id accepted" would remove that limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ppml.errors import UsageError
+from ppml.serving.metrics import CONTENT_TYPE, ServingMetrics
+from ppml.serving.queue import DuplicateRequest, QueueFull, Result
+
+__all__ = [
+    "CATALOGUE",
+    "FrontendSettings",
+    "ModelInfo",
+    "PollingWaiter",
+    "QueueLike",
+    "RateLimit",
+    "ResultWaiter",
+    "TokenBucket",
+    "create_app",
+]
+
+_log = logging.getLogger("ppml.serving")
+
+CATALOGUE: dict[int, str] = {
+    400: "bad request",
+    404: "not found",
+    405: "method not allowed",
+    409: "conflict",
+    413: "request too large",
+    429: "too many requests",
+    500: "internal error",
+    503: "service unavailable",
+    504: "timeout",
+}
+
+# The queue's own rules (ppml.serving.codec), checked here so that a refusal is a 400 with a reason.
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+_NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a JSON number list may become
+
+Clock = Callable[[], float]
+
+
+# -- what is served, and how -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A served model as clients see it: one input of a fixed shape and dtype (None in the shape
+    means any size on that axis), and the names of its outputs. The workers describe their model
+    with the same facts."""
+
+    name: str
+    input_shape: tuple[int | None, ...]
+    dtype: str = "float32"
+    output_names: tuple[str, ...] = ("output",)
+
+    def __post_init__(self) -> None:
+        if not _MODEL_NAME.fullmatch(self.name):
+            raise UsageError("a model name is 1-128 letters, digits, '.', '_', ':', '@', '+', '-'")
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        object.__setattr__(self, "output_names", tuple(self.output_names))
+        if any(d is not None and (not isinstance(d, int) or d < 1) for d in self.input_shape):
+            raise UsageError("input_shape holds positive integers or None")
+        try:
+            dtype = np.dtype(self.dtype)
+        except TypeError:
+            raise UsageError(f"unknown dtype {self.dtype!r}") from None
+        if dtype.kind not in _NUMERIC_KINDS:
+            raise UsageError("a model input must be numeric (bool, int, uint or float)")
+        object.__setattr__(self, "dtype", dtype.name)
+        if not self.output_names:
+            raise UsageError("a model has at least one output")
+
+    @classmethod
+    def from_model(cls, model: Any) -> ModelInfo:
+        """The facts of a loaded `ppml.serving.model.Model` (its input shape without the batch
+        dimension)."""
+        return cls(
+            name=model.name,
+            input_shape=tuple(model.input_shape[1:]),
+            dtype=np.dtype(model.input_dtype).name,
+            output_names=tuple(model.output_names),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "dtype": self.dtype,
+            "output_names": list(self.output_names),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: `rate` requests per second on average, bursts of up to `burst`."""
+
+    rate: float
+    burst: int
+
+    def __post_init__(self) -> None:
+        if not (self.rate > 0 and math.isfinite(self.rate)) or self.burst < 1:
+            raise UsageError("a rate limit needs rate > 0 and burst >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendSettings:
+    sync_timeout_s: float = 10.0  # the longest /predict waits (a client may ask for less)
+    max_body_bytes: int = 1024 * 1024
+    max_instances: int = 256  # per /predict call
+    rate_limit: RateLimit | None = None  # over the data routes (predict, /v1/*)
+    retry_after_s: int = 1  # told to clients on 503 (queue full)
+    pending_ttl_s: float = 3600.0  # how long an accepted id is remembered (the result TTL)
+    max_tracked: int = 100_000  # accepted ids remembered at most (the oldest are forgotten)
+
+    def __post_init__(self) -> None:
+        if not self.sync_timeout_s > 0 or self.max_body_bytes < 1 or self.max_instances < 1:
+            raise UsageError("sync_timeout_s, max_body_bytes and max_instances must be positive")
+        if self.retry_after_s < 1 or not self.pending_ttl_s > 0 or self.max_tracked < 1:
+            raise UsageError("retry_after_s, pending_ttl_s and max_tracked must be positive")
+
+
+class QueueLike(Protocol):
+    """What the front end uses of `ppml.serving.queue.ServingQueue` (blocking calls; the front
+    end runs them in worker threads)."""
+
+    def submit(self, request_id: str, model: str, array: np.ndarray) -> None: ...
+    def depth(self) -> int: ...
+    def result(self, request_id: str) -> Result | None: ...
+    def take_results(self, request_ids: Iterable[str] | None = None) -> list[Result]: ...
+
+
+class ResultWaiter(Protocol):
+    """How `/predict` waits between two looks at the queue. Polling is the default; a
+    notification (Redis keyspace events, a BLPOP on a per-request key) plugs in here by
+    returning as soon as one of `request_ids` may have a result."""
+
+    async def wait(self, request_ids: Sequence[str], attempt: int, remaining_s: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PollingWaiter:
+    """Exponential backoff: `initial_s`, doubling, at most `max_s`, never past the deadline."""
+
+    initial_s: float = 0.005
+    max_s: float = 0.1
+    sleep: Callable[[float], Awaitable[None]] | None = None
+
+    async def wait(self, request_ids: Sequence[str], attempt: int, remaining_s: float) -> None:
+        import asyncio
+
+        delay = min(self.initial_s * (2 ** min(attempt, 30)), self.max_s, max(remaining_s, 0.0))
+        await (self.sleep or asyncio.sleep)(delay)
+
+
+class TokenBucket:
+    """Thread-safe token bucket; `take()` is 0.0 when granted, else the seconds to wait."""
+
+    def __init__(self, limit: RateLimit, clock: Clock = time.monotonic) -> None:
+        self._rate = limit.rate
+        self._burst = float(limit.burst)
+        self._clock = clock
+        self._tokens = self._burst
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> float:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return 0.0
+            return (1.0 - self._tokens) / self._rate
+
+
+class _Accepted:
+    """The ids this front end accepted for later fetching, oldest first, bounded and expiring."""
+
+    def __init__(self, ttl_s: float, capacity: int, clock: Clock) -> None:
+        self._ttl = ttl_s
+        self._capacity = capacity
+        self._clock = clock
+        self._ids: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, ids: Iterable[str]) -> None:
+        with self._lock:
+            now = self._clock()
+            for request_id in ids:
+                self._ids[request_id] = now
+                self._ids.move_to_end(request_id)
+            self._expire(now)
+
+    def __contains__(self, request_id: str) -> bool:
+        with self._lock:
+            self._expire(self._clock())
+            return request_id in self._ids
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            self._expire(self._clock())
+            return list(self._ids)
+
+    def discard(self, ids: Iterable[str]) -> None:
+        with self._lock:
+            for request_id in ids:
+                self._ids.pop(request_id, None)
+
+    def _expire(self, now: float) -> None:
+        while self._ids:
+            oldest, at = next(iter(self._ids.items()))
+            if now - at <= self._ttl and len(self._ids) <= self._capacity:
+                break
+            del self._ids[oldest]
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """A refusal: the status, a metric code, a reason for the client (no request values)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        reason: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.code = code
+        self.reason = reason
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+
+def _bad(code: str, reason: str) -> NoReturn:
+    raise _Refused(400, code, reason)
+
+
+def _refusal_response(exc: _Refused) -> JSONResponse:
+    body = {"error": CATALOGUE[exc.status], "reason": exc.reason, **exc.extra}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+# -- parsing at the boundary ---------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> NoReturn:
+    _bad("non_numeric", "NaN and Infinity are not numbers here")
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The JSON object of the body, refusing more than `limit` bytes before parsing anything."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise _Refused(413, "too_large", f"the body is over {limit} bytes")
+    chunks: list[bytes] = []
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise _Refused(413, "too_large", f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks), parse_constant=_reject_constant)
+    except _Refused:
+        raise
+    except (ValueError, RecursionError):
+        _bad("bad_json", "the body is not valid JSON")
+    if not isinstance(body, dict):
+        _bad("bad_json", "the body must be a JSON object")
+    return body
+
+
+def _fields(body: Mapping[str, Any], allowed: set[str]) -> None:
+    if set(body) - allowed:
+        _bad("bad_field", f"unexpected fields; allowed: {sorted(allowed)}")
+
+
+def _model(body: Mapping[str, Any], models: Mapping[str, ModelInfo]) -> ModelInfo:
+    name = body.get("model")
+    if name is None:
+        if len(models) == 1:
+            return next(iter(models.values()))
+        _bad("unknown_model", "several models are served: name one in 'model'")
+    if not isinstance(name, str) or name not in models:
+        _bad("unknown_model", "unknown model")
+    return models[name]
+
+
+def _shape_text(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("*" if d is None else str(d) for d in shape) + ")"
+
+
+def to_array(value: Any, info: ModelInfo, where: str) -> np.ndarray:
+    """One instance (nested lists of numbers) as an array of the model's shape and dtype."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        _bad("ragged", f"{where}: ragged nested lists")
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        _bad("non_numeric", f"{where}: not an array of numbers")
+    expected = info.input_shape
+    if array.ndim != len(expected) or any(
+        d is not None and d != n for d, n in zip(expected, array.shape, strict=True)
+    ):
+        _bad(
+            "shape",
+            f"{where}: expected shape {_shape_text(expected)}, got {_shape_text(array.shape)}",
+        )
+    target = np.dtype(info.dtype)
+    if target.kind == "b":
+        if array.dtype.kind != "b":
+            _bad("dtype", f"{where}: expected booleans")
+        return array.astype(target)
+    if array.dtype.kind == "b":
+        _bad("dtype", f"{where}: expected numbers, got booleans")
+    if target.kind in "iu":
+        if array.dtype.kind == "f":
+            _bad("dtype", f"{where}: expected integers ({info.dtype})")
+        limits = np.iinfo(target)
+        if array.size and (int(array.min()) < limits.min or int(array.max()) > limits.max):
+            _bad("dtype", f"{where}: integers out of range for {info.dtype}")
+        return array.astype(target)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected just below
+        converted = array.astype(target)
+    if not np.all(np.isfinite(converted)):
+        _bad("dtype", f"{where}: numbers out of range for {info.dtype}")
+    return converted
+
+
+def _request_id(value: Any) -> str:
+    if not isinstance(value, str) or not REQUEST_ID.fullmatch(value):
+        _bad("bad_id", "a request id is 1-128 letters, digits, '.', '_' or '-'")
+    return value
+
+
+_NOT_FINITE = "the model's output is not a finite number"
+
+
+def _checked(result: Result) -> Result:
+    """A result fit for JSON: an output that is missing, non-numeric or not finite (JSON has
+    no NaN) becomes an error result."""
+    array = result.array
+    if result.error is not None:
+        return result
+    if array is None or array.dtype.kind not in _NUMERIC_KINDS:
+        return Result(result.request_id, None, "the model gave no numeric output")
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        return Result(result.request_id, None, _NOT_FINITE)
+    return result
+
+
+def _answer(result: Result) -> dict[str, Any]:
+    assert result.array is not None
+    return {"id": result.request_id, "status": "done", "prediction": result.array.tolist()}
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+def create_app(
+    queue: QueueLike,
+    *,
+    models: Mapping[str, ModelInfo],
+    settings: FrontendSettings | None = None,
+    metrics: ServingMetrics | None = None,
+    waiter: ResultWaiter | None = None,
+    clock: Clock = time.monotonic,
+    new_id: Callable[[], str] = lambda: secrets.token_hex(16),
+) -> FastAPI:
+    """The front end over `queue`, serving `models` (keyed by name). `app.state.metrics` is the
+    `ServingMetrics` (pass one in to share it with in-process workers)."""
+    if not models:
+        raise UsageError("a front end serves at least one model")
+    if any(name != info.name for name, info in models.items()):
+        raise UsageError("models must be keyed by their names")
+    settings = settings or FrontendSettings()
+    metrics = metrics or ServingMetrics()
+    waiter = waiter or PollingWaiter()
+    bucket = TokenBucket(settings.rate_limit, clock) if settings.rate_limit else None
+    accepted = _Accepted(settings.pending_ttl_s, settings.max_tracked, clock)
+    metrics.track_queue_depth(queue.depth)
+    catalogue_models = {"models": [m.to_dict() for m in models.values()]}
+
+    app = FastAPI(title="ppml serving front end", version="1", openapi_url=None, docs_url=None)
+    app.state.metrics = metrics
+    app.add_middleware(_Observe, metrics=metrics)
+
+    @app.exception_handler(_Refused)
+    async def _refused(request: Request, exc: _Refused) -> JSONResponse:
+        metrics.observe_error(exc.code)
+        _log.info(
+            "refused %s %s: %d %s", request.method, _route(request.scope), exc.status, exc.code
+        )
+        return _refusal_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await _refused(request, _Refused(400, "bad_parameter", "invalid query parameter"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return _refusal_response(_Refused(500, "internal", CATALOGUE[500]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code if exc.status_code in CATALOGUE else 400
+        return _refusal_response(_Refused(status, "http", CATALOGUE[status]))
+
+    def limit_rate() -> None:
+        if bucket is None:
+            return
+        wait = bucket.take()
+        if wait > 0:
+            raise _Refused(
+                429,
+                "rate_limited",
+                "too many requests",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+    def submit_all(model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        for i, (request_id, array) in enumerate(items):
+            try:
+                queue.submit(request_id, model, array)
+            except QueueFull:
+                if i:
+                    _log.warning("queue full after %d of %d instances were accepted", i, len(items))
+                raise _Refused(
+                    503,
+                    "queue_full",
+                    "the queue is full: retry later",
+                    headers={"Retry-After": str(settings.retry_after_s)},
+                ) from None
+            except DuplicateRequest:
+                raise _Refused(
+                    409, "duplicate", "a request with this id was accepted already"
+                ) from None
+            except UsageError:  # the queue's own checks (its message may quote the request)
+                _bad("refused", "the queue refused the request")
+            metrics.instances.inc()
+
+    def fetch_results(ids: Sequence[str]) -> list[Result | None]:
+        return [queue.result(i) for i in ids]
+
+    @app.post("/predict")
+    async def predict(
+        request: Request, timeout: Annotated[float | None, Query(gt=0)] = None
+    ) -> JSONResponse:
+        limit_rate()
+        body = await _read_json(request, settings.max_body_bytes)
+        _fields(body, {"instances", "model"})
+        info = _model(body, models)
+        instances = body.get("instances")
+        if not isinstance(instances, list) or not instances:
+            _bad("bad_field", "'instances' must be a non-empty list")
+        if len(instances) > settings.max_instances:
+            _bad("too_many", f"at most {settings.max_instances} instances per call")
+        arrays = [to_array(x, info, f"instance {i}") for i, x in enumerate(instances)]
+        base = new_id()
+        ids = [f"{base}-{i}" for i in range(len(arrays))]
+        await run_in_threadpool(submit_all, info.name, list(zip(ids, arrays, strict=True)))
+
+        wait_s = min(timeout or settings.sync_timeout_s, settings.sync_timeout_s)
+        deadline = clock() + wait_s
+        found: dict[str, Result] = {}
+        attempt = 0
+        while True:
+            missing = [i for i in ids if i not in found]
+            fetched = await run_in_threadpool(fetch_results, missing)
+            found.update((r.request_id, _checked(r)) for r in fetched if r is not None)
+            if len(found) == len(ids):
+                break
+            remaining = deadline - clock()
+            if remaining <= 0:
+                accepted.add(ids)  # the client may fetch them with /v1/requests or /v1/results
+                raise _Refused(
+                    504,
+                    "timeout",
+                    f"no result within {wait_s:g} s: fetch them later by id",
+                    extra={"ids": ids},
+                )
+            await waiter.wait([i for i in ids if i not in found], attempt, remaining)
+            attempt += 1
+        try:
+            await run_in_threadpool(queue.take_results, ids)  # done with them: free the queue
+        except Exception as exc:  # the answer is complete; the results expire anyway
+            _log.warning("could not remove delivered results: %s", type(exc).__name__)
+        predictions = []
+        for n, i in enumerate(ids):
+            array, error = found[i].array, found[i].error
+            if error is not None or array is None:
+                _bad("failed", f"instance {n}: {error or 'no output'}")
+            predictions.append(array.tolist())
+        return JSONResponse({"model": info.name, "predictions": predictions})
+
+    @app.post("/v1/requests", status_code=202)
+    async def enqueue(request: Request) -> JSONResponse:
+        limit_rate()
+        body = await _read_json(request, settings.max_body_bytes)
+        _fields(body, {"id", "model", "inputs", "instances"})
+        info = _model(body, models)
+        request_id = _request_id(body["id"]) if "id" in body else new_id()
+        if ("inputs" in body) == ("instances" in body):
+            _bad("bad_field", "give exactly one of 'inputs' and 'instances'")
+        if "instances" in body:
+            instances = body["instances"]
+            if not isinstance(instances, list) or len(instances) != 1:
+                _bad("bad_field", "'instances' must hold exactly one instance per request id")
+            value = instances[0]
+        else:
+            value = body["inputs"]
+        array = to_array(value, info, "inputs")
+        await run_in_threadpool(submit_all, info.name, [(request_id, array)])
+        accepted.add([request_id])
+        return JSONResponse(
+            {"id": request_id, "status": "pending"},
+            status_code=202,
+            headers={"Location": f"/v1/requests/{request_id}"},
+        )
+
+    @app.get("/v1/requests/{request_id}")
+    async def fetch(request_id: str) -> JSONResponse:
+        limit_rate()
+        _request_id(request_id)
+        result = await run_in_threadpool(queue.result, request_id)
+        result = _checked(result) if result is not None else None
+        if result is None:
+            if request_id in accepted:
+                return JSONResponse({"id": request_id, "status": "pending"}, status_code=202)
+            raise _Refused(
+                404, "unknown_id", "unknown request id (never accepted, taken or expired)"
+            )
+        if result.error is not None:
+            raise _Refused(
+                400, "failed", result.error, extra={"id": request_id, "status": "failed"}
+            )
+        return JSONResponse(_answer(result))
+
+    @app.get("/v1/results")
+    async def results() -> JSONResponse:
+        limit_rate()
+        ids = accepted.ids()
+        taken = await run_in_threadpool(queue.take_results, ids) if ids else []
+        accepted.discard(r.request_id for r in taken)
+        out = [
+            _answer(r)
+            if r.error is None
+            else {"id": r.request_id, "status": "failed", "reason": r.error}
+            for r in map(_checked, taken)
+        ]
+        return JSONResponse({"results": out})
+
+    @app.get("/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(catalogue_models)
+
+    @app.get("/metrics")
+    async def scrape() -> Response:
+        return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        try:
+            await run_in_threadpool(queue.depth)
+        except Exception as exc:  # whatever the backend raises, the answer is "not ready"
+            _log.warning("health check: queue unavailable: %s", type(exc).__name__)
+            return JSONResponse({"status": "queue unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    return app
+
+
+# -- observing every request -----------------------------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def _route(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class _Observe:
+    """Counts each answer by route template and status, and times it. Outermost, so that an
+    unexpected exception (answered 500 by Starlette) is counted too."""
+
+    def __init__(
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], metrics: ServingMetrics
+    ):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception:
+            self.metrics.observe_error("internal")
+            _log.error("internal error on %s %s", scope.get("method"), _route(scope))
+            status = 500
+            raise
+        finally:
+            self.metrics.observe_request(_route(scope), status, time.perf_counter() - start)
