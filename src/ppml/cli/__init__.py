@@ -20,6 +20,7 @@ from ppml.cli import (
     key_cmds,
     policy_cmds,
     run_cmd,
+    serving_cmds,
     spark_cmds,
     sql_cmd,
 )
@@ -62,6 +63,7 @@ sql_cmd.register(app)
 run_cmd.register(app)
 demo_cmd.register(app)
 spark_cmds.register(app)
+serving_cmds.register(app)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +51,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _MAX_SECRET_FILE = 4096
+REDIS_PORT_ENV = "PPML_SERVING_REDIS_PORT"
 
 
 class WorkerQueue(Protocol):
@@ -346,7 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-dtype", default="float32", help="TorchScript: the input dtype")
     p.add_argument("--intra-op-threads", type=int, default=1)
     p.add_argument("--redis-host", default="127.0.0.1")
-    p.add_argument("--redis-port", type=int, default=6379)
+    p.add_argument(
+        "--redis-port",
+        type=int,
+        default=int(os.environ.get(REDIS_PORT_ENV) or 6379),
+        help=f"default: ${REDIS_PORT_ENV}, else 6379 (a variable, so that a port chosen at "
+        "start-up does not change an attested worker's measurement)",
+    )
     p.add_argument("--redis-ca", type=Path, help="CA certificate: connect with TLS")
     p.add_argument("--redis-password-file", type=Path)
     p.add_argument("--payload-key-file", type=Path, required=True)
@@ -361,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-allow-plaintext-model",
         action="store_true",
         help="development only: accept a model file that is not encrypted",
+    )
+    p.add_argument(
+        "--keys-from-stdin",
+        action="store_true",
+        help="development, no TEE: read the data keys that `ppml serving up` unwrapped for this "
+        "worker from stdin (a JSON bundle on a pipe) instead of asking a KMS",
     )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
@@ -379,6 +393,10 @@ def main(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        if provider is None and args.keys_from_stdin:
+            from ppml.serving.deploy import read_key_bundle
+
+            provider = read_key_bundle(sys.stdin.buffer)
         if provider is None:
             from ppml.api import key_provider
 

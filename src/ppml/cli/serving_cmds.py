@@ -1,0 +1,236 @@
+"""`ppml serving up|status|down`: Trusted Cluster Serving on this machine.
+
+See `ppml.serving.deploy` for what runs, where the keys come from and what the state holds.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ppml.cli._common import (
+    FormatOption,
+    PassphraseFileOption,
+    WorkspaceOption,
+    handle_errors,
+    open_workspace,
+    print_json,
+)
+from ppml.errors import ConfigurationError
+
+serving_app = typer.Typer(
+    help="Serve an encrypted model: redis-server (TLS, password, AOF), an HTTPS front end and "
+    "worker processes on this machine; attested with --tee sim.",
+    no_args_is_help=True,
+)
+
+_CONFIG_HELP = (
+    "Settings in a TOML file (keys at the top level or under [serving]; flags win): model, "
+    "deployment, workers, tee, host, port, runtime, model_name, input_shape, input_dtype, "
+    "max_batch_size, max_wait_ms, intra_op_threads, sync_timeout_s, max_body_bytes, "
+    "max_instances, redis_maxmemory, start_timeout_s. A relative model path is relative to the "
+    "file."
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(serving_app, name="serving")
+
+
+@serving_app.command("up")
+def up(
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", metavar="PATH", help="The ppml-encrypted model (ONNX default)."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, max=64, help="Worker processes. (default: 1)")
+    ] = None,
+    tee: Annotated[
+        str | None,
+        typer.Option(
+            "--tee",
+            help="Run the front end and the workers attested on this TEE backend (sim): keys "
+            "are released to them only by the keys' policies (see --measure).",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="Address the front end listens on. (default: 127.0.0.1)"),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port", help="HTTPS port of the front end; 0: any free port. (default: 8500)"
+        ),
+    ] = None,
+    deployment: Annotated[
+        str | None,
+        typer.Option("--deployment", help="Deployment (queue) name. (default: default)"),
+    ] = None,
+    runtime: Annotated[
+        str | None, typer.Option("--runtime", help="onnx or torchscript. (default: onnx)")
+    ] = None,
+    model_name: Annotated[
+        str | None,
+        typer.Option("--model-name", help="Name clients use. Default: from the file name."),
+    ] = None,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="Return once everything is ready (stop with `down`)."),
+    ] = False,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure",
+            help="Print the workers' and the front end's measurements and the `ppml policy "
+            "allow` commands --tee sim needs (same settings, same measurements); start nothing.",
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", metavar="FILE.toml", help=_CONFIG_HELP)
+    ] = None,
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Start a serving deployment: redis-server, N workers and the HTTPS front end; print the
+    front end's URL once all are ready.
+
+    In the foreground until Ctrl-C or SIGTERM, then everything is stopped; with --detach it
+    returns after readiness. State, logs and the deployment's encrypted secrets are under
+    <workspace>/serving/ (private). The payload key and the Redis password are never on a
+    command line, in an environment or a log. Clients: `ppml.serving.InputQueue(URL)`.
+    """
+    with handle_errors():
+        from ppml.serving.deploy import load_settings, plan_deployment
+
+        settings = load_settings(
+            config,
+            {
+                "model": model,
+                "workers": workers,
+                "tee": tee,
+                "host": host,
+                "port": port,
+                "deployment": deployment,
+                "runtime": runtime,
+                "model_name": model_name,
+            },
+        )
+        if measure:  # the measurements of attested processes
+            from ppml.serving.deploy import with_overrides
+
+            settings = with_overrides(settings, tee=settings.tee or "sim")
+        ws = open_workspace(workspace, passphrase_file)
+        if (settings.tee is not None or measure) and not ws.dev:
+            raise ConfigurationError(
+                "the sim TEE runs only with a development workspace (`ppml init --dev`)",
+                path=ws.path,
+            )
+        with ws.key_service(actor=f"serving-{settings.deployment}") as keys:
+            plan = plan_deployment(ws, keys, settings)
+            if measure:
+                for line in plan.allow_lines():
+                    typer.echo(line)
+                return
+            code = _up(ws, keys, plan, detach)
+        raise typer.Exit(code)
+
+
+def _up(ws: Any, keys: Any, plan: Any, detach: bool) -> int:
+    import contextlib
+
+    from ppml.cli.run_cmd import SIM_NOTICE
+    from ppml.serving.deploy import signals_to_event, start_deployment
+
+    def echo(text: str) -> None:
+        typer.echo(f"ppml serving: {text}", err=True)
+
+    stop = threading.Event()
+    with contextlib.ExitStack() as stack:
+        kms_url = None
+        if plan.settings.tee is not None:
+            from ppml.server.app import create_app
+            from ppml.server.embedded import services_for, tls_files_for
+            from ppml.server.tls import serving
+
+            typer.echo(SIM_NOTICE, err=True)
+            services = services_for(ws, actor=f"sim:serving-{plan.settings.deployment}")
+            stack.callback(services.keys.close)
+            kms_url = stack.enter_context(serving(create_app(services), tls_files_for(ws))).url
+        # Signals during start-up stop it too (start_deployment cleans up on any exception).
+        stack.enter_context(signals_to_event(stop))
+        dep = start_deployment(ws, keys, plan, kms_url=kms_url, echo=echo)
+        typer.echo(dep.url)
+        if detach:
+            dep.close_channels()
+            echo("detached; `ppml serving status` to watch, `ppml serving down` to stop")
+            return 0
+        echo("serving in the foreground; Ctrl-C (or SIGTERM) stops everything")
+        try:
+            problem = dep.wait(stop)
+        finally:
+            dep.stop()
+        if problem is not None:
+            echo(f"{problem}; stopped everything")
+            return 0 if problem.startswith("stopped by") else 1
+        echo("stopped")
+        return 0
+    return 0  # pragma: no cover -- ExitStack does not swallow exceptions
+
+
+@serving_app.command("status")
+def status(fmt: FormatOption = "text", workspace: WorkspaceOption = None) -> None:
+    """Show the deployment: URL, processes (alive or not), health and queue depth (needs no
+    passphrase). Exits 1 when no deployment is recorded."""
+    with handle_errors():
+        from ppml.cli._common import check_format, workspace_dir
+        from ppml.serving.deploy import deployment_status, serving_dir_of
+
+        check_format(fmt)
+        info = deployment_status(serving_dir_of(workspace_dir(workspace)))
+        if info is None:
+            if fmt == "json":
+                print_json({"running": False})
+            else:
+                typer.echo("no serving deployment")
+            raise typer.Exit(1)
+        info["running"] = True
+        if fmt == "json":
+            print_json(info)
+            return
+
+        def state(p: dict[str, Any] | None) -> str:
+            return "missing" if p is None else ("up" if p["alive"] else "DOWN")
+
+        typer.echo(
+            f"deployment {info['deployment']}  {info['url']}  {info['status']}  "
+            f"tee {info['tee'] or 'none'}  {'healthy' if info['healthy'] else 'UNHEALTHY'}  "
+            f"queue depth {info['queue_depth'] if info['queue_depth'] is not None else '?'}"
+        )
+        redis = info["redis"]
+        typer.echo(
+            f"redis     pid {redis and redis['pid']}  {state(redis)}  "
+            f"port {redis and redis['port']}"
+        )
+        front = info["frontend"]
+        typer.echo(
+            f"front end pid {front and front['pid']}  {state(front)}  log {front and front['log']}"
+        )
+        for n, w in enumerate(info["workers"]):
+            typer.echo(f"worker {n}  pid {w and w['pid']}  {state(w)}  log {w and w['log']}")
+
+
+@serving_app.command("down")
+def down(workspace: WorkspaceOption = None) -> None:
+    """Stop the front end, the workers (each finishes its batch) and redis-server (it flushes
+    its AOF); needs no passphrase. Accepted requests stay in Redis for the next `up`."""
+    with handle_errors():
+        from ppml.cli._common import workspace_dir
+        from ppml.serving.deploy import serving_dir_of, stop_deployment
+
+        stopped = stop_deployment(serving_dir_of(workspace_dir(workspace)))
+        typer.echo(f"stopped {stopped} process(es)")
