@@ -94,10 +94,7 @@ def _plan(df: Any) -> str:
 def _released(keys: Any, paths: list[Path]) -> dict[tuple[str, str], bytes]:
     with ParquetScanSession(keys) as session:
         for path in paths:
-            metadata = next(iter(session.dataset([path]).get_fragments())).metadata
-            for i in range(metadata.num_row_groups):
-                for j in range(metadata.row_group(i).num_columns):
-                    metadata.row_group(i).column(j)
+            session.unwrap_keys(session.dataset([path]))
         return session.released_key_encryption_keys()
 
 

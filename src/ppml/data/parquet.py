@@ -13,9 +13,11 @@ import base64
 import binascii
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -349,14 +351,55 @@ class ParquetScanSession:
         # needs no footer key. pyarrow unwraps a key while holding its key cache's lock, so a
         # thread holding the GIL that waited on that lock (to open a footer while the engine
         # scans) would deadlock with a scan thread waiting for the GIL to call the provider.
-        fragments: list[ds.Fragment] = []
+        fragments: list[ds.ParquetFileFragment] = []
         for path in files:
             with self._guard(path):
                 fragment = self._format.make_fragment(str(path), filesystem=local)
                 assert isinstance(fragment, ds.ParquetFileFragment)
                 fragment.ensure_complete_metadata()
                 fragments.append(fragment)
-        return ds.FileSystemDataset(fragments, schema.remove_metadata(), self._format, local)
+        dataset = _prewarming_dataset_class()(
+            list[ds.Fragment](fragments), schema.remove_metadata(), self._format, local
+        )
+        # Column keys are the same deadlock waiting to happen: a scan thread would unwrap them
+        # while the engine's thread holds the GIL. So each scan first unwraps, on the calling
+        # thread, the keys of the columns it may read (projected or named in its filter).
+        dataset._ppml_prewarm = lambda columns, filter_: self._prewarm(  # type: ignore[attr-defined]
+            list(zip(files, fragments, strict=True)), schema.names, columns, filter_
+        )
+        return dataset
+
+    def _prewarm(
+        self,
+        parts: Sequence[tuple[Path, ds.ParquetFileFragment]],
+        names: Sequence[str],
+        columns: Any,
+        filter_: Any,
+    ) -> None:
+        needed = set(names) if columns is None else {str(c) for c in columns}
+        if filter_ is not None:
+            # Field names in the expression's text, string literals removed: conservative (a
+            # name inside another token is not taken; a literal naming a column is dropped).
+            text = re.sub(r'"(?:[^"\\]|\\.)*"', "", str(filter_))
+            needed |= {n for n in names if re.search(rf"(?<![\w.]){re.escape(n)}(?![\w])", text)}
+        for path, fragment in parts:
+            present = [n for n in fragment.physical_schema.names if n in needed]
+            if not present or fragment.metadata.num_row_groups == 0:
+                continue
+            # One batch of the first row group, read serially on this thread: its column
+            # metadata and first pages are decrypted here, which unwraps each named key's
+            # key-encryption key (one per named key and file) into pyarrow's cache. (Touching
+            # column metadata directly would abort the process when a key is refused.)
+            first: Any = fragment.subset(row_group_ids=[0])
+            with self._guard(path):
+                for _ in first.to_batches(columns=present, use_threads=False, batch_size=1):
+                    break
+
+    def unwrap_keys(self, dataset: ds.Dataset, columns: Sequence[str] | None = None) -> None:
+        """Unwrap now, on this thread, the keys a scan of `columns` (default: all) of a dataset
+        of this session needs: the provider's refusal is raised here, as the provider raised
+        it, and the scan itself asks the provider nothing."""
+        dataset._ppml_prewarm(columns, None)  # type: ignore[attr-defined]
 
     def verify(self, paths: Sequence[Path], *, columns: Sequence[str] | None = None) -> None:
         """Decrypt `columns` (default: all) of every row group of `paths` and discard them:
@@ -387,6 +430,28 @@ class ParquetScanSession:
                 raise _locate(self._session.failure, path) from None
             _log.debug("parquet decryption failed for %s: %s", path, exc)
             raise IntegrityError(path=path) from None
+
+
+@functools.cache
+def _prewarming_dataset_class() -> type[ds.FileSystemDataset]:
+    import pyarrow.dataset as ds
+
+    class PrewarmingDataset(ds.FileSystemDataset):
+        """A dataset whose scans unwrap the keys they need before any scan thread starts."""
+
+        def scanner(self, *args: Any, **kwargs: Any) -> ds.Scanner:
+            self._ppml_prewarm(kwargs.get("columns"), kwargs.get("filter"))  # type: ignore[attr-defined]
+            return super().scanner(*args, **kwargs)
+
+        def to_table(self, *args: Any, **kwargs: Any) -> pa.Table:
+            self._ppml_prewarm(kwargs.get("columns"), kwargs.get("filter"))  # type: ignore[attr-defined]
+            return super().to_table(*args, **kwargs)
+
+        def to_batches(self, *args: Any, **kwargs: Any) -> Iterator[pa.RecordBatch]:
+            self._ppml_prewarm(kwargs.get("columns"), kwargs.get("filter"))  # type: ignore[attr-defined]
+            return super().to_batches(*args, **kwargs)
+
+    return PrewarmingDataset
 
 
 def _locate(exc: BaseException, path: Path) -> BaseException:

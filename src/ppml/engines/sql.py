@@ -267,7 +267,9 @@ def _fetch(relation: duckdb.DuckDBPyRelation) -> pa.Table:
     return result
 
 
-_STREAM_FAILED = re.compile(r"stream registered as '([A-Za-z_][A-Za-z0-9_]*)'")
+# DuckDB names the failing source: "... stream registered as 'T' ..." when the scan failed,
+# "exporting a stream from the object registered as 'T' failed: ..." when making it did.
+_STREAM_FAILED = re.compile(r"registered as '([A-Za-z_][A-Za-z0-9_]*)'")
 
 
 def _after_scan_failure(

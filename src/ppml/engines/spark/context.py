@@ -356,7 +356,7 @@ class PPMLReader:
                     with annotate_errors(path):
                         dataset = session.dataset([path])
                         schemas.append(dataset.schema.remove_metadata())
-                        _touch_column_keys(next(iter(dataset.get_fragments())).metadata)
+                        session.unwrap_keys(dataset)
                 keys = session.released_key_encryption_keys()
         for path in plain:
             with annotate_errors(path):
@@ -400,9 +400,8 @@ class PPMLReader:
                     dataset = session.dataset([path])
                     schemas.append(dataset.schema)
                     fragment = next(iter(dataset.get_fragments()))
-                    metadata = fragment.metadata
-                    groups = metadata.num_row_groups
-                    _touch_column_keys(metadata)
+                    groups = fragment.metadata.num_row_groups
+                    session.unwrap_keys(dataset)
                 keys = tuple(ReleasedKey(w, k) for w, k in recorder.keys.items())
             ranges: list[tuple[int, ...]] = [(i,) for i in range(groups)] or [()]
             partitions.extend(ParquetPartition(str(path), r, keys) for r in ranges)
@@ -412,15 +411,6 @@ class PPMLReader:
         merged = pa.unify_schemas(schemas, promote_options="permissive")
         merged = merged.remove_metadata()
         return _to_spark(merged), partitions
-
-
-def _touch_column_keys(metadata: Any) -> None:
-    """Read every column chunk's metadata, so that the keys of columns under column keys are
-    unwrapped (they are recorded inside the encrypted footer, per column)."""
-    for i in range(metadata.num_row_groups):
-        group = metadata.row_group(i)
-        for j in range(group.num_columns):
-            group.column(j)
 
 
 def _to_spark(schema: pa.Schema) -> StructType:
