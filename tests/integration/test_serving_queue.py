@@ -76,6 +76,11 @@ def test_submit_read_complete_round_trip(redis_server: RedisServer, deployment: 
     stored = queue.result("r0")
     assert stored is not None and stored.error is None
     np.testing.assert_array_equal(stored.array, inputs["r0"] * 2)
+    several = queue.results_of(["r2", "r0", "r1"])  # one round trip, in the order asked
+    assert several[0] is None and several[1] is not None and several[1].request_id == "r0"
+    np.testing.assert_array_equal(several[1].array, inputs["r0"] * 2)
+    assert several[2] == Result("r1", None, "bad input shape")
+    assert queue.results_of([]) == []
     assert queue.take_results(["r1", "r1", "r2"]) == [Result("r1", None, "bad input shape")]
     assert queue.result("r1") is None  # taken
 

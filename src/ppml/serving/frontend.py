@@ -176,6 +176,7 @@ class QueueLike(Protocol):
     def submit(self, request_id: str, model: str, array: np.ndarray) -> None: ...
     def depth(self) -> int: ...
     def result(self, request_id: str) -> Result | None: ...
+    def results_of(self, request_ids: Sequence[str]) -> list[Result | None]: ...
     def take_results(self, request_ids: Iterable[str] | None = None) -> list[Result]: ...
 
 
@@ -191,8 +192,8 @@ class ResultWaiter(Protocol):
 class PollingWaiter:
     """Exponential backoff: `initial_s`, doubling, at most `max_s`, never past the deadline."""
 
-    initial_s: float = 0.005
-    max_s: float = 0.1
+    initial_s: float = 0.001
+    max_s: float = 0.01
     sleep: Callable[[float], Awaitable[None]] | None = None
 
     async def wait(self, request_ids: Sequence[str], attempt: int, remaining_s: float) -> None:
@@ -497,7 +498,7 @@ def create_app(
             metrics.instances.inc()
 
     def fetch_results(ids: Sequence[str]) -> list[Result | None]:
-        return [queue.result(i) for i in ids]
+        return queue.results_of(ids)
 
     @app.post("/predict")
     async def predict(

@@ -340,6 +340,17 @@ class ServingQueue:
         blob = self._client.get(self.result_key(request_id))
         return None if blob is None else self._open_result(request_id, blob)
 
+    def results_of(self, request_ids: Sequence[str]) -> list[Result | None]:
+        """`result` for each of `request_ids`, in order, in one round trip (MGET)."""
+        ids = [validate_request_id(i) for i in request_ids]
+        if not ids:
+            return []
+        blobs = self._client.mget([self.result_key(i) for i in ids])
+        return [
+            None if blob is None else self._open_result(i, blob)
+            for i, blob in zip(ids, blobs, strict=True)
+        ]
+
     def take_results(self, request_ids: Iterable[str] | None = None) -> list[Result]:
         """Finished results, removed from Redis as they are returned (all when ids is None).
 

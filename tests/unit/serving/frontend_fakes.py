@@ -63,6 +63,9 @@ class FakeQueue:
         with self._cond:
             return self.results.get(request_id)
 
+    def results_of(self, request_ids: Sequence[str]) -> list[Result | None]:
+        return [self.result(i) for i in request_ids]
+
     def take_results(self, request_ids: Iterable[str] | None = None) -> list[Result]:
         self._check()
         with self._cond:
