@@ -255,3 +255,14 @@ def test_example_sql_basic(keys: KeyService, home: Path, tmp_path: Path) -> None
     assert "| 30|Andy|" in out  # filter age > 21
     assert "| 19|Justin|" in out  # the SQL query
     assert "Michael" in out
+
+
+def test_a_session_started_without_the_jar_reads_parquet_with_sparks_reader(
+    ctx, keys: KeyService, tmp_path: Path
+) -> None:
+    # This module's session was built without spark.jars: PPMLContext adds the jar at run time.
+    path = tmp_path / "late.parquet"
+    write_table(pa.table({"id": [1, 2, 3]}), path, keys, key_name="sales")
+    df = ctx.read().parquet(path)
+    assert "FileScan parquet" in str(df._jdf.queryExecution().toString())
+    assert sorted(r["id"] for r in df.where("id > 1").collect()) == [2, 3]

@@ -205,9 +205,13 @@ def test_a_scan_without_the_files_keys_is_refused(
 
 def test_a_tampered_page_fails_the_job(ctx: Any, keys: KeyService, tmp_path: Path) -> None:
     path = tmp_path / "t.parquet"
-    write_parquet(_table(0, 2000), path, keys, key_name="sales", compression="none")
+    write_parquet(
+        _table(0, 2000), path, keys, key_name="sales", compression="none", row_group_size=400
+    )
     data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0x01  # inside the column chunks, far from the footer
+    # Inside the last row groups, far from the footer and from the first row group (which the
+    # driver reads a batch of when it unwraps the keys).
+    data[len(data) * 4 // 5] ^= 0x01
     path.write_bytes(bytes(data))
     df = ctx.read().parquet(path)  # the footer is intact and authenticated
     with pytest.raises(Exception, match=r"(?i)tag mismatch|AEADBadTag|decrypt"):

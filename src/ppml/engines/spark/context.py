@@ -323,14 +323,14 @@ class PPMLReader:
         Spark's reader prunes columns, pushes filters down and decodes on the JVM; ``auto``
         uses it whenever the session's JVM has ppml's KMS client class.
         """
-        from ppml.engines.spark.jvm import jvm_class_available, kms_client_jar
+        from ppml.engines.spark.jvm import kms_client_jar, load_kms_client
 
         choice = self._options.get("ppml.reader", "auto").lower()
         if choice not in ("auto", "spark", "python"):
             raise UsageError("ppml.reader is one of auto, spark, python")
         if choice == "python":
             return False
-        available = jvm_class_available(self._ctx.spark)
+        available = load_kms_client(self._ctx.spark)
         if choice == "spark" and not available:
             raise ConfigurationError(
                 "Spark's JVM cannot load ppml's Parquet KMS client: start the session with "

@@ -24,6 +24,7 @@ __all__ = [
     "TOKEN_PREFIX",
     "jvm_class_available",
     "kms_client_jar",
+    "load_kms_client",
     "released_keys_token",
     "scan_options",
 ]
@@ -69,3 +70,28 @@ def jvm_class_available(spark: Any, name: str = KMS_CLIENT_CLASS) -> bool:
     except Exception:  # py4j errors, missing attributes: not available
         return False
     return True
+
+
+def load_kms_client(spark: Any) -> bool:
+    """Make `KMS_CLIENT_CLASS` loadable in a running session; whether it is.
+
+    A session started with the jar in ``spark.jars`` has it already. In a JVM started without it
+    (a session made before, by other code) the jar is added at run time: to the driver's class
+    loader (Spark's, which takes URLs at run time) and with ``SparkContext.addJar`` for the
+    executors, which fetch it before their next task.
+    """
+    if jvm_class_available(spark):
+        return True
+    jar = kms_client_jar()
+    if not jar.is_file():
+        return False
+    try:
+        sc = spark.sparkContext
+        jvm = sc._jvm
+        loader = jvm.org.apache.spark.util.Utils.getContextOrSparkClassLoader()
+        loader.addURL(jvm.java.io.File(str(jar)).toURI().toURL())
+        if str(jar) not in str(sc._jsc.sc().listJars()):
+            sc._jsc.sc().addJar(str(jar))
+    except Exception:  # not Spark's mutable loader, Spark Connect, ...: the Python reader
+        return False
+    return jvm_class_available(spark)
