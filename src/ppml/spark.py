@@ -1,8 +1,8 @@
 """PySpark over encrypted data: ``from ppml.spark import PPMLContext``.
 
 A session made by `PPMLContext` (or `ppml spark-submit`) has ppml's jar on its class path, so
-encrypted Parquet is read by Spark's own reader; for a session you build yourself, add
-``.config("spark.jars", str(kms_client_jar()))``.
+encrypted Parquet is read by Spark's own reader; for a session built elsewhere `PPMLContext`
+adds the jar at run time (``.config("spark.jars", str(kms_client_jar()))`` does it up front).
 """
 
 from __future__ import annotations
