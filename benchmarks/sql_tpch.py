@@ -32,7 +32,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-from tpch_data import TABLES, benchmark_workspace, encrypt_tables, generate
+from tpch_data import TABLES, benchmark_workspace, encrypt_tables, generate_under
 
 from ppml.data import read_table
 from ppml.engines.sql import SqlOptions, run_sql
@@ -103,11 +103,8 @@ def main() -> None:
         root = Path(temp.name)
     else:
         root = args.dir
-    plain, enc = root / f"sf{args.scale:g}" / "plain", root / f"sf{args.scale:g}" / "encrypted"
     try:
-        start = time.perf_counter()
-        generate(args.scale, plain)
-        print(f"data: TPC-H scale {args.scale:g} in {plain} ({time.perf_counter() - start:.1f} s)")
+        plain, enc = generate_under(root, args.scale)
 
         ws = benchmark_workspace(root)
         with ws.key_service() as kms:

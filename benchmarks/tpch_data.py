@@ -34,6 +34,17 @@ def generate(scale: float, plain: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
+def generate_under(root: Path, scale: float) -> tuple[Path, Path]:
+    """Generate (or reuse) the plaintext tables under `root`; prints how long it took.
+
+    Returns the plaintext directory and the directory the encrypted tables go to."""
+    plain, enc = root / f"sf{scale:g}" / "plain", root / f"sf{scale:g}" / "encrypted"
+    start = time.perf_counter()
+    generate(scale, plain)
+    print(f"data: TPC-H scale {scale:g} in {plain} ({time.perf_counter() - start:.1f} s)")
+    return plain, enc
+
+
 def benchmark_workspace(root: Path) -> Workspace:
     """A fresh workspace (real Argon2id cost) at root/workspace with the key KEY."""
     ws_dir = root / "workspace"

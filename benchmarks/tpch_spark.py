@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tpch_data import benchmark_workspace, encrypt_tables, generate, plaintext_twins
+from tpch_data import benchmark_workspace, encrypt_tables, generate_under, plaintext_twins
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,11 +98,8 @@ def main() -> None:
         root = Path(temp.name)
     else:
         root = args.dir
-    plain, enc = root / f"sf{args.sf:g}" / "plain", root / f"sf{args.sf:g}" / "encrypted"
     try:
-        start = time.perf_counter()
-        generate(args.sf, plain)
-        print(f"data: TPC-H scale {args.sf:g} in {plain} ({time.perf_counter() - start:.1f} s)")
+        plain, enc = generate_under(root, args.sf)
 
         ws = benchmark_workspace(root)
         with ws.key_service() as kms:

@@ -346,8 +346,10 @@ class PPMLReader:
         from ppml.data.parquet import ParquetScanSession, is_encrypted_parquet
         from ppml.engines.spark.jvm import scan_options
 
-        encrypted = [f for f in files if is_encrypted_parquet(f)]
-        plain = [f for f in files if f not in set(encrypted)]
+        encrypted: list[Path] = []
+        plain: list[Path] = []
+        for f in files:
+            (encrypted if is_encrypted_parquet(f) else plain).append(f)
         schemas = []
         keys: dict[tuple[str, str], bytes] = {}
         if encrypted:
