@@ -15,6 +15,7 @@ The families say what the caller can do about it, and the CLI maps each family t
     │   ├── KeyVersionNotFound
     │   ├── SecretNotFound                  no workspace secret of that name
     │   ├── AttestationFailed               evidence or token did not verify (opaque to clients)
+    │   │   └── EvidenceError               TEE evidence or collateral malformed or not verified
     │   └── AccessDenied                    the key's release policy does not allow this workload
     └── ConfigurationError         exit 5   the workspace or environment is missing or broken
         ├── WorkspaceNotFound
@@ -32,6 +33,7 @@ __all__ = [
     "AccessDenied",
     "AttestationFailed",
     "ConfigurationError",
+    "EvidenceError",
     "InputNotFound",
     "IntegrityError",
     "KeyAccessError",
@@ -143,6 +145,12 @@ class SecretNotFound(KeyAccessError):
 class AttestationFailed(KeyAccessError):
     """Evidence, a challenge or a token did not verify. Clients see a fixed message; the reason
     goes to the server's log only."""
+
+
+class EvidenceError(AttestationFailed):
+    """TEE evidence or its collateral (a quote, a report, a certificate chain, TCB info) is
+    malformed or does not verify. Parsers and verifiers of hardware evidence raise only this;
+    its message names the step and the field that failed, never a secret."""
 
 
 class AccessDenied(KeyAccessError):
