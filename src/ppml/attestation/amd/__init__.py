@@ -1,0 +1,1 @@
+"""AMD SEV-SNP evidence: attestation reports, the VCEK / VLEK -> ASK -> ARK chain."""
