@@ -177,7 +177,10 @@ def _frontend_main(argv: list[str]) -> int:
     queue = ServingQueue(client, deployment=deployment, codec=codec, max_length=100_000)
     queue.ensure_group()
     info = ModelInfo.from_model(load_model(Path(cfg["model_file"]), provider, name=MODEL))
-    app = create_app(queue, models={MODEL: info}, settings=FrontendSettings(max_instances=256))
+    notifier = queue.result_notifier().start()
+    app = create_app(
+        queue, models={MODEL: info}, settings=FrontendSettings(max_instances=256), waiter=notifier
+    )
     tls = TlsFiles(cert=Path(cfg["cert"]), key=Path(cfg["key"]), ca=Path(cfg["ca"]))
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:

@@ -1,4 +1,5 @@
-"""`ppml measure`, `ppml run` (attested runs on the sim TEE) and `ppml serve`."""
+"""`ppml measure`, `ppml run` (attested runs: sim, sgx through Gramine, tdx and snp guests) and
+`ppml serve`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,8 +16,10 @@ import typer
 
 from ppml.cli._common import PassphraseFileOption, WorkspaceOption, handle_errors, open_workspace
 from ppml.errors import ConfigurationError, UsageError
+from ppml.tee.gramine import DEFAULT_ENCLAVE_SIZE, DEFAULT_MAX_THREADS
 
 if TYPE_CHECKING:
+    from ppml.tee.gramine import EnclaveOptions
     from ppml.tee.manifest import WorkloadManifest
     from ppml.workspace import Workspace
 
@@ -78,11 +82,30 @@ def measure(
             typer.echo(json.dumps(m.to_dict(), indent=2))
 
 
+TEE_BACKENDS = ("sim", "sgx", "tdx", "snp")
+TEE_HELP = (
+    "TEE backend: sim (simulated: development only, needs a `ppml init --dev` workspace); "
+    "sgx (an Intel SGX enclave through Gramine: needs gramine-manifest, gramine-sgx-sign and "
+    "gramine-sgx on PATH and /dev/sgx_enclave); tdx or snp (this machine is an Intel TDX or "
+    "AMD SEV-SNP confidential VM: the command runs as it is, evidence comes from "
+    "/sys/kernel/config/tsm/report, Linux 6.7+)."
+)
+DEBUG_ENCLAVE_NOTICE = (
+    "ppml: DEBUG ENCLAVE (--debug-enclave): the host can read the enclave's memory. "
+    "For development only; production key policies refuse debug enclaves."
+)
+
+
 def run(
     command: CommandArg,
-    tee: Annotated[str, typer.Option("--tee", help="TEE backend: sim.")] = "sim",
+    tee: Annotated[str, typer.Option("--tee", help=TEE_HELP)] = "sim",
     measure_only: Annotated[
-        bool, typer.Option("--measure", help="Print the measurement and exit.")
+        bool,
+        typer.Option(
+            "--measure",
+            help="Print the measurement and exit (sim: the workload's SHA-384; sgx: the "
+            "enclave's MRENCLAVE, which needs Gramine's tools and the workspace).",
+        ),
     ] = False,
     trusted: TrustedOption = None,
     env: EnvOption = None,
@@ -95,28 +118,82 @@ def run(
             "must chain to this workspace's CA) instead of serving them here.",
         ),
     ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--data",
+            metavar="DIR",
+            help="sgx: a directory of ppml-encrypted data the enclave may read and write "
+            "(repeatable; default: the current directory). It must not hold the workload's code.",
+        ),
+    ] = None,
+    enclave_size: Annotated[
+        str,
+        typer.Option("--enclave-size", metavar="SIZE", help="sgx: enclave size, a power of two."),
+    ] = DEFAULT_ENCLAVE_SIZE,
+    max_threads: Annotated[
+        int, typer.Option("--max-threads", metavar="N", help="sgx: most threads at a time.")
+    ] = DEFAULT_MAX_THREADS,
+    edmm: Annotated[
+        bool,
+        typer.Option("--edmm/--no-edmm", help="sgx: add enclave memory on demand (SGX2, EDMM)."),
+    ] = False,
+    debug_enclave: Annotated[
+        bool,
+        typer.Option(
+            "--debug-enclave",
+            help="sgx, INSECURE, development only: a debug enclave, whose memory the host can "
+            "read. Needs a dev workspace.",
+        ),
+    ] = False,
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
-    """Run a workload attested: measure it, launch it with an evidence channel, and serve it
-    the attestation service and the KMS on loopback TLS. Keys are released to it only if a
-    key's policy names its measurement (`ppml policy allow`). Exits with the workload's code.
+    """Run a workload attested: measure it, launch it in the TEE with a way to get evidence,
+    and serve it the attestation service and the KMS on loopback TLS. Keys are released to it
+    only if a key's policy names its measurement (`ppml policy allow`). Exits with the
+    workload's code.
     """
     with handle_errors():
+        _check_tee(tee)
         m = _manifest(command, trusted, env)
-        if measure_only:
-            typer.echo(m.measurement())
-            return
         if kms is not None and not kms.startswith("https://"):
             raise UsageError("--kms takes an https:// URL (ppml never speaks plain HTTP)")
+        if tee == "sgx":
+            from ppml.tee.gramine import EnclaveOptions
+
+            options = EnclaveOptions(enclave_size, max_threads, edmm, debug_enclave)
+            raise typer.Exit(
+                _run_sgx(m, options, data, workspace, passphrase_file, kms, measure_only)
+            )
+        if measure_only:
+            if tee != "sim":
+                raise UsageError(
+                    f"--measure with --tee {tee}: the measurement is the VM's (MRTD for tdx, "
+                    "MEASUREMENT for snp), which its image tooling computes, not ppml"
+                )
+            typer.echo(m.measurement())
+            return
         raise typer.Exit(_run_manifest(m, tee, workspace, passphrase_file, kms))
+
+
+def _check_tee(tee: str) -> None:
+    if tee not in TEE_BACKENDS:
+        raise UsageError(
+            f"unknown or unsupported TEE backend {tee!r} (available: {', '.join(TEE_BACKENDS)})"
+        )
 
 
 def run_attested(
     command: list[str], tee: str, workspace: Path | None, passphrase_file: Path | None
 ) -> int:
     """Run `command` attested, as `ppml run --tee TEE -- command` does; returns its exit code."""
-    return _run_manifest(_manifest(command, None, None), tee, workspace, passphrase_file)
+    m = _manifest(command, None, None)
+    if tee == "sgx":
+        from ppml.tee.gramine import EnclaveOptions
+
+        return _run_sgx(m, EnclaveOptions(), None, workspace, passphrase_file, None, False)
+    return _run_manifest(m, tee, workspace, passphrase_file)
 
 
 def _run_manifest(
@@ -126,8 +203,11 @@ def _run_manifest(
     passphrase_file: Path | None,
     kms_url: str | None = None,
 ) -> int:
+    _check_tee(tee)
+    if tee in ("tdx", "snp"):
+        return _run_tsm(m, tee, workspace, passphrase_file, kms_url)
     if tee != "sim":
-        raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
+        raise UsageError(f"--tee {tee} is not run this way")
     ws = open_workspace(workspace, passphrase_file)
     if not ws.dev:
         raise ConfigurationError(
@@ -135,26 +215,116 @@ def _run_manifest(
             path=ws.path,
         )
     typer.echo(SIM_NOTICE, err=True)
-    return _launch(ws, m, kms_url)
+    return _launch_sim(ws, m, kms_url)
 
 
-def _launch(ws: Workspace, manifest: WorkloadManifest, kms_url: str | None = None) -> int:
+def _launch_sim(ws: Workspace, m: WorkloadManifest, kms_url: str | None = None) -> int:
+    """Run `m` attested by the workspace's simulated TEE (the caller checked it is dev)."""
     from ppml.attestation.sim import SimPlatform
+
+    measurement = m.measurement()
+    platform = SimPlatform(ws.sim_platform_key())
+    return _launch(ws, m, "sim", lambda rd: platform.quote(measurement, rd), kms_url)
+
+
+def _run_tsm(
+    m: WorkloadManifest,
+    tee: str,
+    workspace: Path | None,
+    passphrase_file: Path | None,
+    kms_url: str | None,
+) -> int:
+    """A TDX or SEV-SNP guest: the command runs as it is; the launcher gets reports from
+    configfs-tsm and hands them over the evidence channel."""
+    from ppml.tee.hardware import require_tsm_guest
+
+    client = require_tsm_guest(tee)  # before anything is opened or started
+    ws = open_workspace(workspace, passphrase_file)
+    return _launch(ws, m, tee, lambda rd: client.report(rd).outblob, kms_url)
+
+
+def _run_sgx(
+    m: WorkloadManifest,
+    options: EnclaveOptions,
+    data: list[Path] | None,
+    workspace: Path | None,
+    passphrase_file: Path | None,
+    kms_url: str | None,
+    measure_only: bool,
+) -> int:
+    """Gramine-SGX: write the manifest, sign it with the workspace's enclave key, and (unless
+    only measuring) start `gramine-sgx`; the workload makes its own quotes in the enclave."""
+    from ppml.tee import gramine, hardware
+    from ppml.tee.runtime import KMS_URL_ENV
+
+    # Everything this machine lacks is reported before anything is opened or started.
+    hardware.require_gramine(hardware.GRAMINE_TOOLS[:2] if measure_only else hardware.GRAMINE_TOOLS)
+    if not measure_only:
+        hardware.require_sgx_device()
+    ws = open_workspace(workspace, passphrase_file)
+    if options.debug:
+        if not ws.dev:
+            raise ConfigurationError(
+                "--debug-enclave runs only with a development workspace (`ppml init --dev`)",
+                path=ws.path,
+            )
+        typer.echo(DEBUG_ENCLAVE_NOTICE, err=True)
+    host = gramine.host_for(m, ca_pem=ws.ca_cert.read_text(), data_dirs=data or [Path.cwd()])
+    template = gramine.render_manifest_template(m, options, host)
+    with gramine.enclave_build(template, ws.enclave_key_path) as enclave:
+        if measure_only:
+            typer.echo(enclave.mrenclave)
+            return 0
+        argv = gramine.launch_command(enclave)
+        typer.echo(f"ppml: SGX enclave {enclave.mrenclave} (Gramine)", err=True)
+
+        def start(url: str) -> int:
+            child_env = m.child_environment(dict(os.environ))
+            child_env[KMS_URL_ENV] = url
+            try:
+                proc = subprocess.Popen(argv, env=child_env)  # noqa: S603 -- gramine-sgx, signed
+            except OSError as exc:
+                raise UsageError(f"cannot start gramine-sgx: {exc.strerror}") from None
+            return _wait(proc)
+
+        return _serve(ws, f"sgx:{enclave.mrenclave[:16]}", kms_url, start)
+
+
+def _serve(ws: Workspace, actor: str, kms_url: str | None, start: Callable[[str], int]) -> int:
+    """Call `start(url)` with the URL of the attestation service and KMS: `kms_url`, or this
+    workspace's, served on loopback TLS for as long as `start` runs."""
     from ppml.server.app import create_app
     from ppml.server.embedded import services_for, tls_files_for
     from ppml.server.tls import serving
+
+    if kms_url is not None:
+        return start(kms_url.rstrip("/"))
+    services = services_for(ws, actor=actor)
+    try:
+        with serving(create_app(services), tls_files_for(ws)) as server:
+            return start(server.url)
+    finally:
+        services.keys.close()
+
+
+def _launch(
+    ws: Workspace,
+    manifest: WorkloadManifest,
+    tee: str,
+    quote: Callable[[bytes], bytes],
+    kms_url: str | None = None,
+) -> int:
     from ppml.tee.channel import CHANNEL_ENV, EvidenceChannelServer
     from ppml.tee.runtime import CA_PEM_ENV, KMS_URL_ENV, TEE_ENV
 
     measurement = manifest.measurement()
-    platform = SimPlatform(ws.sim_platform_key())
-    channel = EvidenceChannelServer(lambda rd: platform.quote(measurement, rd), tee="sim")
+    channel = EvidenceChannelServer(quote, tee=tee)
 
     def start(url: str) -> int:
         child_env = manifest.child_environment(dict(os.environ))
         child_env.update(
             {
-                TEE_ENV: "sim",
+                TEE_ENV: tee,
                 CHANNEL_ENV: str(channel.child_fd),
                 KMS_URL_ENV: url,
                 CA_PEM_ENV: ws.ca_cert.read_text(),
@@ -172,14 +342,7 @@ def _launch(ws: Workspace, manifest: WorkloadManifest, kms_url: str | None = Non
         return _wait(proc)
 
     try:
-        if kms_url is not None:
-            return start(kms_url.rstrip("/"))
-        services = services_for(ws, actor=f"sim:{measurement[:16]}")
-        try:
-            with serving(create_app(services), tls_files_for(ws)) as server:
-                return start(server.url)
-        finally:
-            services.keys.close()
+        return _serve(ws, f"{tee}:{measurement[:16]}", kms_url, start)
     finally:
         channel.close()
 

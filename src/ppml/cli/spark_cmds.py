@@ -150,7 +150,7 @@ def _submit(
     passphrase_file: Path | None,
 ) -> int:
     from ppml._internal.fs import ensure_private_dir
-    from ppml.cli.run_cmd import SIM_NOTICE, _launch, _wait
+    from ppml.cli.run_cmd import SIM_NOTICE, _launch_sim, _wait
     from ppml.engines.spark.java import find_java
     from ppml.engines.spark.launcher import (
         ppml_jars,
@@ -190,7 +190,7 @@ def _submit(
         from ppml.engines.spark.launcher import SPARK_ENV_ALLOW
 
         with _environ({k: env[k] for k in SPARK_ENV_ALLOW if k in env}):
-            return _launch(ws, manifest)
+            return _launch_sim(ws, manifest)
 
 
 # -- the standalone cluster ----------------------------------------------------------------------

@@ -1,16 +1,20 @@
 """Dynamic batching, independent of Redis: gather requests briefly, run the model once per batch.
 
 `gather` collects up to `max_batch_size` items from any `fetch(max_count, timeout_ms)` source,
-waiting at most `max_wait_ms` after the first one arrived. `run_batch` validates each request's
-instance, stacks the valid ones, runs the model once (once per distinct instance shape, for
-models with dynamic non-batch dimensions) and splits the outputs back into one `Result` per
-request. A bad instance gets its own error result; a model failure fails only its batch; no
-payload content ever reaches a log line or an error text.
+waiting at most `max_wait_ms` after the first one arrived. Only the first fetch blocks (until a
+first item comes); the batch then fills by polling without blocking, every `poll_ms`: a blocking
+read with a timeout of a few milliseconds is not an option on Redis, which serves such timeouts
+on its clock tick (every 100 ms at the default ``hz 10``), not at the millisecond asked for.
+`run_batch` validates each request's instance, stacks the valid ones, runs the model once (once
+per distinct instance shape, for models with dynamic non-batch dimensions) and splits the
+outputs back into one `Result` per request. A bad instance gets its own error result; a model
+failure fails only its batch; no payload content ever reaches a log line or an error text.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,8 +38,8 @@ _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Fetch = Callable[[int, int], list[T]]
-"""`fetch(max_count, timeout_ms)`: up to `max_count` items, waiting at most `timeout_ms` (>= 1)
-for the first; an empty list when none came in time."""
+"""`fetch(max_count, timeout_ms)`: up to `max_count` items, waiting at most `timeout_ms` for the
+first (0: not at all, only what is there now); an empty list when none came in time."""
 
 MODEL_FAILED = "the model failed on this request's batch"
 MAX_BATCH_SIZE = 4096
@@ -74,31 +78,36 @@ def gather(
     *,
     first_wait_ms: int,
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
     stop: Callable[[], bool] | None = None,
+    poll_ms: float = 0.5,
 ) -> list[T]:
     """One batch: wait up to `first_wait_ms` for a first item, then fill up to
-    `max_batch_size` for at most `max_wait_ms` more (measured on `clock`, in seconds).
+    `max_batch_size` for at most `max_wait_ms` more (measured on `clock`, in seconds), looking
+    every `poll_ms` without blocking.
 
-    `fetch` is never asked to wait less than 1 ms (to Redis, a block of 0 means forever); with
-    `max_wait_ms=0` only the first fetch is made. `stop()` returning true ends the filling early
-    (what was fetched is returned, never dropped).
+    The first fetch is never asked to wait less than 1 ms (to Redis, a block of 0 means
+    forever); with `max_wait_ms=0` only the first fetch is made. `stop()` returning true ends
+    the filling early (what was fetched is returned, never dropped).
     """
     if first_wait_ms < 1:
         raise UsageError("the first wait must be at least 1 ms")
+    if poll_ms <= 0:
+        raise UsageError("the poll interval must be positive")
     items = list(fetch(settings.max_batch_size, first_wait_ms))
-    if not items:
+    if not items or settings.max_wait_ms == 0:
         return items
     deadline = clock() + settings.max_wait_ms / 1000.0
-    while len(items) < settings.max_batch_size:
+    polls = math.ceil(settings.max_wait_ms / poll_ms)  # a bound whatever the clock does
+    while len(items) < settings.max_batch_size and polls > 0:
+        polls -= 1
         if stop is not None and stop():
             break
-        remaining_ms = round((deadline - clock()) * 1000.0)
-        if remaining_ms < 1:
+        remaining = deadline - clock()
+        if remaining < 1e-6:  # below a microsecond: the deadline (rounding aside)
             break
-        more = fetch(settings.max_batch_size - len(items), remaining_ms)
-        if not more:
-            break
-        items.extend(more)
+        sleep(min(remaining, poll_ms / 1000.0))
+        items.extend(fetch(settings.max_batch_size - len(items), 0))
     return items
 
 

@@ -4,9 +4,11 @@ Clients send instances as nested JSON lists; the front end checks them against t
 model (shape, dtype, finite numbers), submits **one queue request per instance** and answers by
 request id. One request per instance is what lets the workers batch across clients (the
 batcher stacks instances of any origin), keeps a result addressable by one id, and keeps the
-order of a `/predict` answer trivially the order of its ids. The price is one submission per
-instance; a `QueueFull` in the middle of a list leaves the earlier instances accepted (they are
-computed and their results expire with the queue's TTL) and the client is told 503.
+order of a `/predict` answer trivially the order of its ids. The instances of one call are
+submitted together, in one round trip, and accepted all or none (a `QueueFull` accepts none).
+A `/predict` call then waits for its results with a `ResultWaiter`: the `ResultNotifier`
+(woken by the workers' notifications, see `ppml.serving.notify`) in deployments, polling
+otherwise; it takes them in one round trip when all are there.
 
 Routes::
 
@@ -173,10 +175,11 @@ class QueueLike(Protocol):
     """What the front end uses of `ppml.serving.queue.ServingQueue` (blocking calls; the front
     end runs them in worker threads)."""
 
-    def submit(self, request_id: str, model: str, array: np.ndarray) -> None: ...
+    def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None: ...
     def depth(self) -> int: ...
     def result(self, request_id: str) -> Result | None: ...
     def results_of(self, request_ids: Sequence[str]) -> list[Result | None]: ...
+    def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]: ...
     def take_results(self, request_ids: Iterable[str] | None = None) -> list[Result]: ...
 
 
@@ -477,28 +480,22 @@ def create_app(
             )
 
     def submit_all(model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
-        for i, (request_id, array) in enumerate(items):
-            try:
-                queue.submit(request_id, model, array)
-            except QueueFull:
-                if i:
-                    _log.warning("queue full after %d of %d instances were accepted", i, len(items))
-                raise _Refused(
-                    503,
-                    "queue_full",
-                    "the queue is full: retry later",
-                    headers={"Retry-After": str(settings.retry_after_s)},
-                ) from None
-            except DuplicateRequest:
-                raise _Refused(
-                    409, "duplicate", "a request with this id was accepted already"
-                ) from None
-            except UsageError:  # the queue's own checks (its message may quote the request)
-                _bad("refused", "the queue refused the request")
-            metrics.instances.inc()
-
-    def fetch_results(ids: Sequence[str]) -> list[Result | None]:
-        return queue.results_of(ids)
+        try:
+            queue.submit_many([(request_id, model, array) for request_id, array in items])
+        except QueueFull:
+            raise _Refused(
+                503,
+                "queue_full",
+                "the queue is full: retry later",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ) from None
+        except DuplicateRequest:
+            raise _Refused(
+                409, "duplicate", "a request with this id was accepted already"
+            ) from None
+        except UsageError:  # the queue's own checks (its message may quote the request)
+            _bad("refused", "the queue refused the request")
+        metrics.instances.inc(len(items))
 
     @app.post("/predict")
     async def predict(
@@ -520,16 +517,18 @@ def create_app(
 
         wait_s = min(timeout or settings.sync_timeout_s, settings.sync_timeout_s)
         deadline = clock() + wait_s
-        found: dict[str, Result] = {}
         attempt = 0
         while True:
-            missing = [i for i in ids if i not in found]
-            fetched = await run_in_threadpool(fetch_results, missing)
-            found.update((r.request_id, _checked(r)) for r in fetched if r is not None)
-            if len(found) == len(ids):
-                break
+            # Wait first: a result is never there right after submitting (a worker needs at
+            # least a batch), and a notifying waiter returns as soon as one is stored.
             remaining = deadline - clock()
-            if remaining <= 0:
+            await waiter.wait(ids, attempt, remaining)
+            attempt += 1
+            fetched = await run_in_threadpool(queue.take_if_complete, ids)
+            if all(r is not None for r in fetched):
+                found = {r.request_id: _checked(r) for r in fetched if r is not None}
+                break
+            if deadline - clock() <= 0:
                 accepted.add(ids)  # the client may fetch them with /v1/requests or /v1/results
                 raise _Refused(
                     504,
@@ -537,12 +536,6 @@ def create_app(
                     f"no result within {wait_s:g} s: fetch them later by id",
                     extra={"ids": ids},
                 )
-            await waiter.wait([i for i in ids if i not in found], attempt, remaining)
-            attempt += 1
-        try:
-            await run_in_threadpool(queue.take_results, ids)  # done with them: free the queue
-        except Exception as exc:  # the answer is complete; the results expire anyway
-            _log.warning("could not remove delivered results: %s", type(exc).__name__)
         predictions = []
         for n, i in enumerate(ids):
             array, error = found[i].array, found[i].error

@@ -138,7 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
         provider,
     )
     sock = _listening_socket(args)
-    app = create_app(queue, models={info.name: info}, settings=settings)
+    notifier = queue.result_notifier().start()  # wakes /predict calls as results are stored
+    app = create_app(queue, models={info.name: info}, settings=settings, waiter=notifier)
     config = uvicorn.Config(
         app,
         ssl_certfile=str(args.tls_cert),
@@ -151,7 +152,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     host, port = sock.getsockname()[:2]
     _log.info("front end of %s serving %s on https://%s:%d", args.deployment, info.name, host, port)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        notifier.close()
     _log.info("front end of %s stopped", args.deployment)
     return 0
 

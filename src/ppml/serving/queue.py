@@ -17,20 +17,27 @@ The Redis layout, in full (``<p>`` is ``ppml:serving:<deployment>``):
 - ``<p>:requests``: the stream; each entry has the fields ``id`` (request id), ``model`` and
   ``payload`` (the sealed input, bound to the request id and the model name too). Entries are
   deleted when answered, so its length is the number of requests accepted and not answered.
-- ``<p>:accepted:<request id>``: the marker of an accepted id (value: its stream entry id). It
-  has no TTL while the request is pending and gets ``result_ttl_s + 60`` seconds when answered
-  (it outlives the result, so a resubmitted id can never be answered by a stale result);
-  `submit` refuses an id whose marker exists with `DuplicateRequest`.
+- ``<p>:accepted:<request id>``: the marker of an accepted id (value: its stream entry id, ``|``,
+  the random token of the submission that added it). It has no TTL while the request is pending
+  and gets ``result_ttl_s + 60`` seconds when answered (it outlives the result, so a resubmitted
+  id can never be answered by a stale result); `submit` refuses an id whose marker exists with
+  `DuplicateRequest`, unless the marker holds the same submission's token (the Redis client
+  retried a call whose reply was lost: it was accepted, and the retry succeeds).
 - ``<p>:result:<request id>``: the sealed result (an output array or an error text).
+- ``<p>:done`` (a pub/sub channel): after each batch of stored results, their request ids,
+  space-separated. Front ends subscribe to wake up waiting `/predict` calls; nothing depends on
+  it for correctness (a lost message only delays an answer until the next poll).
 
-Atomicity. `submit` is one Lua script (duplicate check, length check, XADD, marker): Redis runs
-scripts atomically, so concurrent submitters can never overshoot `max_length`, and it costs one
-round trip with no retry loop (WATCH/MULTI would retry under contention). `complete` runs, per
-result, one script that XACKs the entry and, only if it was still pending, stores the result with
-SET NX PX and starts the marker's TTL, then XDELs the entry; the scripts of a batch go in one
-pipeline. A result is therefore stored exactly when its entry stops being pending: a slow worker
-completing a request that another worker already answered (after a reclaim) stores nothing, and
-a result the client already took cannot reappear.
+Atomicity. `submit_many` is one Lua script (duplicate checks, length check, XADDs, markers):
+Redis runs scripts atomically, so concurrent submitters can never overshoot `max_length`, a
+multi-instance call is accepted whole or not at all, and it costs one round trip with no retry
+loop (WATCH/MULTI would retry under contention). `complete` runs, per result, one script that
+XACKs the entry and, only if it was still pending, stores the result with SET NX PX and starts
+the marker's TTL, then XDELs the entry; the scripts of a batch go in one pipeline. A result is
+therefore stored exactly when its entry stops being pending: a slow worker completing a request
+that another worker already answered (after a reclaim) stores nothing, and a result the client
+already took cannot reappear. `take_if_complete` reads a call's results and deletes them only
+when all are there, in one script.
 
 Entries that cannot be used (a payload that fails to open, missing fields) are never handed to a
 worker: they are answered with the error result ``"integrity check failed"`` (when their request
@@ -46,6 +53,7 @@ with ``decode_responses=False`` (payloads are binary); see `ppml.serving.redis_s
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -58,6 +66,7 @@ if TYPE_CHECKING:
     import redis
 
     from ppml.serving.codec import PayloadCodec
+    from ppml.serving.notify import ResultNotifier
 
 __all__ = [
     "GROUP",
@@ -77,14 +86,41 @@ INTEGRITY_ERROR: Final = "integrity check failed"
 _MARKER_MARGIN_S: Final = 60
 _CLAIM_ROUNDS: Final = 16  # XAUTOCLAIM calls per reclaim (each scans up to 10 x count entries)
 
-# KEYS: stream, marker. ARGV: max_length, request id, model, payload.
-# Returns -1 (duplicate), -2 (full) or the new entry id.
+# KEYS: stream, then one marker per request. ARGV: max_length, submission token, then
+# (request id, model, payload) per request. All or nothing: returns {0, added}, {-1, index of
+# a duplicate (1-based)} or {-2, 0} (full). A marker holding this call's token is the same
+# submission retried by the client library after a lost reply: accepted already, not a duplicate.
 _SUBMIT_LUA: Final = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -2 end
-local id = redis.call('XADD', KEYS[1], '*', 'id', ARGV[2], 'model', ARGV[3], 'payload', ARGV[4])
-redis.call('SET', KEYS[2], id)
-return id
+local n = #KEYS - 1
+local fresh = {}
+for i = 1, n do
+  local marker = redis.call('GET', KEYS[i + 1])
+  if marker then
+    local sep = string.find(marker, '|', 1, true)
+    if not sep or string.sub(marker, sep + 1) ~= ARGV[2] then return {-1, i} end
+  else
+    fresh[#fresh + 1] = i
+  end
+end
+if #fresh == 0 then return {0, 0} end
+if redis.call('XLEN', KEYS[1]) + #fresh > tonumber(ARGV[1]) then return {-2, 0} end
+for _, i in ipairs(fresh) do
+  local a = 3 + (i - 1) * 3
+  local id = redis.call('XADD', KEYS[1], '*', 'id', ARGV[a], 'model', ARGV[a + 1],
+                        'payload', ARGV[a + 2])
+  redis.call('SET', KEYS[i + 1], id .. '|' .. ARGV[2])
+end
+return {0, #fresh}
+"""
+
+# KEYS: result keys. Returns their values (MGET) and deletes them, but only when all exist.
+_TAKE_IF_COMPLETE_LUA: Final = """
+local values = redis.call('MGET', unpack(KEYS))
+for i = 1, #KEYS do
+  if not values[i] then return values end
+end
+redis.call('DEL', unpack(KEYS))
+return values
 """
 
 # KEYS: stream, result, marker. ARGV: group, entry id, sealed result, result TTL ms, marker TTL ms.
@@ -174,6 +210,8 @@ class ServingQueue:
         self.stream_key = f"{prefix}:requests"
         self._submit = client.register_script(_SUBMIT_LUA)
         self._complete = client.register_script(_COMPLETE_LUA)
+        self._take_if_complete = client.register_script(_TAKE_IF_COMPLETE_LUA)
+        self.notify_channel = f"{prefix}:done"
 
     def __repr__(self) -> str:
         return f"ServingQueue(deployment={self.deployment!r}, max_length={self.max_length})"
@@ -183,6 +221,13 @@ class ServingQueue:
 
     def marker_key(self, request_id: str) -> str:
         return f"{self._prefix}:accepted:{request_id}"
+
+    def result_notifier(self, **options: Any) -> ResultNotifier:
+        """A `ResultNotifier` on this queue's notification channel (not started yet); the
+        options go to its constructor."""
+        from ppml.serving.notify import ResultNotifier
+
+        return ResultNotifier(self._client, self.notify_channel, **options)
 
     # -- front end -----------------------------------------------------------------------------
 
@@ -199,25 +244,42 @@ class ServingQueue:
 
     def submit(self, request_id: str, model: str, array: np.ndarray) -> None:
         """Accept a request or raise `QueueFull` / `DuplicateRequest`; never drops silently."""
+        self.submit_many([(request_id, model, array)])
+
+    def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """Accept all of `requests` ((request id, model, array) each) in one round trip, or
+        none: `QueueFull` when they do not all fit, `DuplicateRequest` when one id was accepted
+        before. Safe to retry after a lost reply (Redis clients retry by themselves): the
+        submission's random token is stored with each marker, so the same call arriving twice
+        is accepted once and answers success both times."""
         import redis
 
-        validate_request_id(request_id)
-        validate_model(model)
-        payload = self.codec.seal(request_id, "request", array, model=model)
+        if not requests:
+            raise UsageError("nothing to submit")
+        ids = [validate_request_id(request_id) for request_id, _m, _a in requests]
+        if len(set(ids)) != len(ids):
+            raise UsageError("a request id appears twice in one submission")
+        args: list[Any] = [self.max_length, secrets.token_hex(16)]
+        for request_id, model, array in requests:
+            validate_model(model)
+            payload = self.codec.seal(request_id, "request", array, model=model)
+            args += [request_id, model, payload]
         try:
-            outcome = self._submit(
-                keys=[self.stream_key, self.marker_key(request_id)],
-                args=[self.max_length, request_id, model, payload],
+            status, index = self._submit(
+                keys=[self.stream_key, *(self.marker_key(i) for i in ids)], args=args
             )
         except redis.ResponseError as exc:
             if str(exc).startswith("OOM"):  # maxmemory reached (noeviction): back-pressure
                 raise QueueFull("the serving queue is out of memory; retry later") from None
             raise
-        if outcome == -1:
-            raise DuplicateRequest(f"a request with id {request_id!r} was accepted already")
-        if outcome == -2:
+        if status == -1:
+            raise DuplicateRequest(
+                f"a request with id {ids[int(index) - 1]!r} was accepted already"
+            )
+        if status == -2:
             raise QueueFull(
-                f"the serving queue holds {self.max_length} unanswered requests; retry later"
+                f"the serving queue cannot take {len(ids)} more request(s): it holds up to "
+                f"{self.max_length} unanswered requests; retry later"
             )
 
     def depth(self) -> int:
@@ -253,6 +315,20 @@ class ServingQueue:
         entries: list[tuple[Any, Any]] = []
         for _stream, stream_entries in response or []:
             entries.extend(stream_entries)
+        return self._accept(entries, {})
+
+    def read_pending(self, consumer: str, count: int) -> list[Request]:
+        """Up to `count` requests delivered to `consumer` earlier and not yet answered (its own
+        pending list): what a worker lost when a read's reply was lost (the client library
+        retried, or the connection broke) or when a previous process of the same name died."""
+        self._check_consumer(consumer, count)
+        response: Any = self._client.xreadgroup(
+            GROUP, consumer, {self.stream_key: "0"}, count=count
+        )
+        entries: list[tuple[Any, Any]] = []
+        for _stream, stream_entries in response or []:
+            # An entry deleted while pending comes back with no fields: nothing to answer.
+            entries.extend(e for e in stream_entries if e[1])
         return self._accept(entries, {})
 
     def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[Request]:
@@ -324,7 +400,10 @@ class ServingQueue:
                 args=[GROUP, entry_id, blob, ttl_ms, marker_ms],
                 client=pipe,
             )
-        for (request_id, _entry, _blob), stored in zip(items, pipe.execute(), strict=True):
+        # Front ends waiting for these results wake up on this message (and poll slowly as a
+        # fallback: a message published while a subscriber reconnects is lost).
+        pipe.publish(self.notify_channel, " ".join(request_id for request_id, _e, _b in items))
+        for (request_id, _entry, _blob), stored in zip(items, pipe.execute()[:-1], strict=True):
             if not stored:
                 _log.info(
                     "serving %s: request %s was answered already; this result is dropped",
@@ -346,6 +425,18 @@ class ServingQueue:
         if not ids:
             return []
         blobs = self._client.mget([self.result_key(i) for i in ids])
+        return [
+            None if blob is None else self._open_result(i, blob)
+            for i, blob in zip(ids, blobs, strict=True)
+        ]
+
+    def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
+        """`results_of(request_ids)`, in one round trip, and when every one of them is there
+        they are also removed from Redis (atomically); while some are missing none is."""
+        ids = [validate_request_id(i) for i in request_ids]
+        if not ids:
+            return []
+        blobs = self._take_if_complete(keys=[self.result_key(i) for i in ids])
         return [
             None if blob is None else self._open_result(i, blob)
             for i, blob in zip(ids, blobs, strict=True)

@@ -5,7 +5,9 @@ claim timeout (their worker died), then gather a batch of new requests (blocking
 the first), run the model and `complete` the batch. SIGTERM (or `Worker.stop`) ends the loop
 after the current batch is answered; a request read but not answered stays pending in the
 consumer group and is reclaimed, so stopping never loses one. Queue errors (Redis restarting)
-are logged and retried with a capped backoff.
+are logged and retried with a capped backoff; on start and after each queue error the worker
+first takes back its own pending requests (a read whose reply was lost, or a previous process of
+the same consumer name that died), without waiting for the claim timeout.
 
 `main(argv)` is the process entry (`python -m ppml.serving.worker MODEL --deployment NAME ...`),
 started by `ppml serving up`, typically under `ppml run --tee sim`: keys (for the model, the
@@ -61,6 +63,7 @@ class WorkerQueue(Protocol):
 
     def read(self, consumer: str, count: int, block_ms: int) -> list[Request]: ...
 
+    def read_pending(self, consumer: str, count: int) -> list[Request]: ...
     def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[Request]: ...
 
     def complete(self, requests: Sequence[tuple[Request, Result]]) -> None: ...
@@ -99,6 +102,7 @@ class WorkerStats:
     requests: int = 0
     errors: int = 0  # requests answered with an error
     reclaimed: int = 0
+    recovered: int = 0  # its own pending requests taken back after a failure or on start
     queue_failures: int = 0
 
 
@@ -123,6 +127,9 @@ class Worker:
         self._stop = threading.Event()
         self._sleep = sleep if sleep is not None else self._stop.wait
         self._next_reclaim: float | None = None  # None: reclaim on the first iteration
+        # Take back our own pending requests first: on start (a previous process of this name
+        # died) and after a queue failure (a read whose reply was lost delivered requests).
+        self._recover = True
         self._unsent: list[tuple[Request, Result]] = []
         self.stats = WorkerStats()
 
@@ -156,6 +163,7 @@ class Worker:
             except Exception as exc:  # the queue (Redis) failed: retry, never lose requests
                 failures += 1
                 self.stats.queue_failures += 1
+                self._recover = True
                 delay = min(self._settings.max_backoff_s, 0.1 * 2 ** min(failures - 1, 16))
                 _log.warning(
                     "worker %s: queue operation failed (%s); retrying in %.1f s",
@@ -189,6 +197,8 @@ class Worker:
         """One iteration: reclaim when due, then one gathered batch. Returns requests answered."""
         # Results computed before a queue failure go first (no recomputation, no reclaim wait).
         answered = self._flush()
+        if self._recover:
+            answered += self._recover_own()
         if self._reclaim_due():
             answered += self._reclaim()
         if self._stop.is_set():
@@ -203,6 +213,20 @@ class Worker:
             stop=self._stop.is_set,
         )
         return answered + self._process(batch)
+
+    def _recover_own(self) -> int:
+        s = self._settings
+        answered = 0
+        while not self._stop.is_set():
+            requests = self._queue.read_pending(s.consumer, s.batch.max_batch_size)
+            if requests:
+                _log.info("worker %s took back %d of its own requests", s.consumer, len(requests))
+                self.stats.recovered += len(requests)
+            answered += self._process(requests)
+            if len(requests) < s.batch.max_batch_size:
+                break
+        self._recover = False
+        return answered
 
     def _reclaim_due(self) -> bool:
         return self._next_reclaim is None or self._clock() >= self._next_reclaim

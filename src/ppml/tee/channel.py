@@ -16,7 +16,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from ppml.errors import AttestationFailed
+from ppml.errors import AttestationFailed, PPMLError
 
 __all__ = ["CHANNEL_ENV", "EvidenceChannelServer", "request_evidence"]
 
@@ -81,6 +81,11 @@ class EvidenceChannelServer:
         except (ValueError, KeyError, TypeError) as exc:
             _log.warning("evidence channel: refused a request: %s", exc)
             return json.dumps({"ok": False, "error": "bad request"}).encode()
+        except (PPMLError, OSError) as exc:
+            # The TEE could not produce evidence (a hardware backend): the workload is told so
+            # and the channel keeps serving.
+            _log.warning("evidence channel: no evidence: %s", exc)
+            return json.dumps({"ok": False, "error": "no evidence"}).encode()
         return json.dumps(
             {"ok": True, "tee": self._tee, "evidence": base64.b64encode(evidence).decode()}
         ).encode()

@@ -46,8 +46,9 @@ Evidence = Callable[[bytes], tuple[str, bytes]]
 
 
 def in_attested_run(env: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process was started by `ppml run` (it has an evidence channel)."""
-    return CHANNEL_ENV in env and KMS_URL_ENV in env
+    """Whether this process was started by `ppml run`: it has a KMS, and an evidence channel
+    or (in a Gramine-SGX enclave) evidence of its own."""
+    return KMS_URL_ENV in env and (CHANNEL_ENV in env or env.get(TEE_ENV) == "sgx")
 
 
 def _b64(data: bytes) -> str:
@@ -80,8 +81,10 @@ class AttestedKeyProvider:
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] = os.environ) -> AttestedKeyProvider:
+        from ppml.tee.hardware import evidence_source
+
         try:
-            return cls(env[KMS_URL_ENV], env[CA_PEM_ENV])
+            return cls(env[KMS_URL_ENV], env[CA_PEM_ENV], evidence=evidence_source(env))
         except KeyError as exc:
             raise ConfigurationError(f"not an attested run: {exc.args[0]} is not set") from None
 

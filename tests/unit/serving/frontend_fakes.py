@@ -1,6 +1,7 @@
 """In-memory stand-ins for the front end's unit tests: a queue keeping the `ServingQueue`
-contract (submit/depth/result/take_results, `QueueFull`, `DuplicateRequest`), a worker thread
-answering it, and a clock that tests move by hand. The real queue is tested against Redis."""
+contract (submit_many, depth, result, take_if_complete, take_results, `QueueFull`,
+`DuplicateRequest`), a worker thread answering it, and a clock that tests move by hand. The
+real queue is tested against Redis."""
 
 from __future__ import annotations
 
@@ -41,16 +42,18 @@ class FakeQueue:
         if self.fail is not None:
             raise self.fail("the backend is down")
 
-    def submit(self, request_id: str, model: str, array: np.ndarray) -> None:
+    def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """All or none, as the real queue."""
         self._check()
         with self._cond:
-            if request_id in self.accepted:
+            if any(request_id in self.accepted for request_id, _m, _a in requests):
                 raise DuplicateRequest("duplicate")
-            if len(self.pending) >= self.max_length:
+            if len(self.pending) + len(requests) > self.max_length:
                 raise QueueFull("full")
-            self.accepted.add(request_id)
-            self.pending[request_id] = (model, array)
-            self.submitted.append((request_id, model, array))
+            for request_id, model, array in requests:
+                self.accepted.add(request_id)
+                self.pending[request_id] = (model, array)
+                self.submitted.append((request_id, model, array))
             self._cond.notify_all()
 
     def depth(self) -> int:
@@ -65,6 +68,15 @@ class FakeQueue:
 
     def results_of(self, request_ids: Sequence[str]) -> list[Result | None]:
         return [self.result(i) for i in request_ids]
+
+    def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
+        self._check()
+        with self._cond:
+            found = [self.results.get(i) for i in request_ids]
+            if all(r is not None for r in found):
+                for i in request_ids:
+                    self.results.pop(i, None)
+            return found
 
     def take_results(self, request_ids: Iterable[str] | None = None) -> list[Result]:
         self._check()

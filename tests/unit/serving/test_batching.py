@@ -27,85 +27,95 @@ class FakeClock:
         return self.now
 
 
-class ScriptedSource:
-    """A fetch function: each call pops the next step, (items, seconds the call takes)."""
+class Arrivals:
+    """A fetch function over items arriving at given clock times. A fetch returns what has
+    arrived (up to `max_count`); with nothing there it blocks until the next arrival or its
+    timeout (0: no blocking). `sleep` advances the clock, as time passing does."""
 
-    def __init__(self, clock: FakeClock, steps: list[tuple[list[int], float]]) -> None:
+    def __init__(self, clock: FakeClock, arrivals: list[tuple[float, int]]) -> None:
         self.clock = clock
-        self.steps = list(steps)
+        self.arrivals = sorted((clock.now + dt, item) for dt, item in arrivals)
         self.calls: list[tuple[int, int]] = []
+        self.slept: list[float] = []
 
     def __call__(self, max_count: int, timeout_ms: int) -> list[int]:
         self.calls.append((max_count, timeout_ms))
-        assert timeout_ms >= 1
-        if not self.steps:
-            self.clock.now += timeout_ms / 1000.0
-            return []
-        items, took = self.steps.pop(0)
-        assert len(items) <= max_count
-        if took > timeout_ms / 1000.0:  # not here in time: the fetch times out empty
-            self.clock.now += timeout_ms / 1000.0
-            self.steps.insert(0, (items, took - timeout_ms / 1000.0))
-            return []
-        self.clock.now += took
-        return items
+        if not self._ready() and timeout_ms > 0:
+            wake = self.clock.now + timeout_ms / 1000.0
+            if self.arrivals and self.arrivals[0][0] <= wake:
+                wake = self.arrivals[0][0]
+            self.clock.now = wake
+        got = self._ready()[:max_count]
+        del self.arrivals[: len(got)]
+        return [item for _t, item in got]
+
+    def _ready(self) -> list[tuple[float, int]]:
+        return [a for a in self.arrivals if a[0] <= self.clock.now]
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.clock.now += seconds
+
+
+def _gather(source: Arrivals, settings: BatchSettings, **kw: Any) -> list[int]:
+    return gather(source, settings, clock=source.clock, sleep=source.sleep, **kw)
 
 
 # -- gather -------------------------------------------------------------------------------------
 
 
 def test_gather_returns_nothing_when_nothing_comes() -> None:
-    clock = FakeClock()
-    source = ScriptedSource(clock, [([], 0.5)])
-    assert gather(source, BatchSettings(8, 10), first_wait_ms=500, clock=clock) == []
-    assert source.calls == [(8, 500)]
+    source = Arrivals(FakeClock(), [])
+    assert _gather(source, BatchSettings(8, 10), first_wait_ms=500) == []
+    assert source.calls == [(8, 500)] and source.slept == []
 
 
-def test_gather_fills_until_the_batch_is_full() -> None:
-    clock = FakeClock()
-    source = ScriptedSource(clock, [([1, 2], 0.0), ([3], 0.001), ([4, 5, 6], 0.001)])
-    got = gather(source, BatchSettings(6, 10), first_wait_ms=1000, clock=clock)
-    assert got == [1, 2, 3, 4, 5, 6]
-    assert source.calls == [(6, 1000), (4, 10), (3, 9)]
+def test_gather_fills_until_the_batch_is_full_without_blocking_again() -> None:
+    source = Arrivals(FakeClock(), [(0.0, 1), (0.0, 2), (0.001, 3), (0.002, 4), (0.002, 5)])
+    assert _gather(source, BatchSettings(4, 10), first_wait_ms=1000) == [1, 2, 3, 4]
+    assert source.calls[0] == (4, 1000)
+    assert all(timeout == 0 for _n, timeout in source.calls[1:])  # fills never block
+    assert [n for n, _t in source.calls if n != 4] == sorted(
+        (n for n, _t in source.calls if n != 4), reverse=True
+    )
+    assert source.arrivals  # item 5 stays for the next batch
 
 
 def test_gather_waits_at_most_max_wait_after_the_first() -> None:
     clock = FakeClock()
-    # The first item arrives late (after 0.3 s of blocking); the wait counts from then.
-    source = ScriptedSource(clock, [([1], 0.3), ([2], 0.004), ([3], 0.004), ([4], 0.004)])
-    got = gather(source, BatchSettings(16, 10), first_wait_ms=1000, clock=clock)
-    assert got == [1, 2, 3]  # the fourth would come 12 ms after the first: too late
-    assert [c[1] for c in source.calls] == [1000, 10, 6, 2]
+    # The first item arrives after 0.3 s of blocking; the wait counts from then.
+    arrivals = [(0.3, 1), (0.304, 2), (0.308, 3), (0.312, 4)]
+    source = Arrivals(clock, arrivals)
+    start = clock.now
+    assert _gather(source, BatchSettings(16, 10), first_wait_ms=1000) == [1, 2, 3]
+    assert clock.now - start == pytest.approx(0.310)  # 4 would come 12 ms after the first
+    assert max(source.slept) <= 0.0005 + 1e-12
+    assert sum(source.slept) == pytest.approx(0.010)
 
 
-def test_gather_stops_at_the_first_empty_fetch() -> None:
-    clock = FakeClock()
-    source = ScriptedSource(clock, [([1], 0.0), ([], 0.010)])
-    assert gather(source, BatchSettings(4, 10), first_wait_ms=50, clock=clock) == [1]
-    assert len(source.calls) == 2
+def test_an_empty_poll_does_not_end_the_filling() -> None:
+    source = Arrivals(FakeClock(), [(0.0, 1), (0.005, 2)])
+    assert _gather(source, BatchSettings(4, 10), first_wait_ms=50) == [1, 2]
 
 
 def test_gather_without_wait_takes_only_what_the_first_fetch_brings() -> None:
-    clock = FakeClock()
-    source = ScriptedSource(clock, [([1, 2], 0.0), ([3], 0.0)])
-    assert gather(source, BatchSettings(4, 0), first_wait_ms=50, clock=clock) == [1, 2]
-    assert len(source.calls) == 1
+    source = Arrivals(FakeClock(), [(0.0, 1), (0.0, 2), (0.0001, 3)])
+    assert _gather(source, BatchSettings(4, 0), first_wait_ms=50) == [1, 2]
+    assert len(source.calls) == 1 and source.slept == []
 
 
-def test_gather_never_asks_for_a_zero_ms_block() -> None:
-    clock = FakeClock()
-    source = ScriptedSource(clock, [([1], 0.0), ([2], 0.0099)])
-    assert gather(source, BatchSettings(4, 10), first_wait_ms=50, clock=clock) == [1, 2]
-    assert [c[1] for c in source.calls] == [50, 10]  # 0.1 ms left: not fetched again
+def test_the_poll_interval_is_configurable() -> None:
+    source = Arrivals(FakeClock(), [(0.0, 1)])
+    assert _gather(source, BatchSettings(4, 10), first_wait_ms=50, poll_ms=2.5) == [1]
+    assert source.slept == pytest.approx([0.0025] * 4)
+    with pytest.raises(UsageError):
+        _gather(source, BatchSettings(4, 10), first_wait_ms=50, poll_ms=0)
 
 
 def test_gather_stops_filling_when_asked_but_keeps_what_it_has() -> None:
-    clock = FakeClock()
-    source = ScriptedSource(clock, [([1], 0.0), ([2], 0.0)])
+    source = Arrivals(FakeClock(), [(0.0, 1), (0.0001, 2)])
     stopped = iter([False, True])
-    got = gather(
-        source, BatchSettings(4, 10), first_wait_ms=50, clock=clock, stop=lambda: next(stopped)
-    )
+    got = _gather(source, BatchSettings(4, 10), first_wait_ms=50, stop=lambda: next(stopped))
     assert got == [1, 2]
 
 

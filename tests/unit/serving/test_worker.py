@@ -59,6 +59,7 @@ class FakeQueue:
         self.on_read: Callable[[list[Request]], None] = lambda got: None
         self.fail_completes = 0
         self.fail_reads = 0
+        self.lose_read_replies = 0  # reads that deliver, then fail (the reply was lost)
         self._ids = itertools.count(1)
 
     def submit(self, request_id: str, array: Any, model: str = "mlp") -> None:
@@ -91,10 +92,25 @@ class FakeQueue:
             delivered = Request(r.request_id, r.model, r.array, r.entry_id, 1)
             self.pending[r.entry_id] = (delivered, consumer, self.clock())
             got.append(delivered)
+        if got and self.lose_read_replies:
+            self.lose_read_replies -= 1
+            raise ConnectionError("the reply was lost")
         if not got:
             self.clock.now += block_ms / 1000.0
             self.on_idle()
         self.on_read(got)
+        return got
+
+    def read_pending(self, consumer: str, count: int) -> list[Request]:
+        self.calls.append("read_pending")
+        got: list[Request] = []
+        for entry, (r, owner, _at) in list(self.pending.items()):
+            if len(got) >= count:
+                break
+            if owner == consumer:
+                again = Request(r.request_id, r.model, r.array, r.entry_id, r.deliveries + 1)
+                self.pending[entry] = (again, consumer, self.clock())
+                got.append(again)
         return got
 
     def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[Request]:
@@ -277,6 +293,39 @@ def test_a_failed_complete_is_retried_without_recomputing(mlp: Model) -> None:
     assert stats.queue_failures == 2 and stats.requests == 2
     _check_answers(queue, x)
     assert queue.pending == {}
+
+
+def test_requests_of_a_lost_read_reply_are_taken_back_at_once(mlp: Model) -> None:
+    clock = FakeClock()
+    queue = FakeQueue(clock)
+    x = _x(3)
+    for i in range(3):
+        queue.submit(f"r{i}", x[i])
+    queue.lose_read_replies = 1  # delivered to w1 (pending), but w1 never saw them
+    worker, slept = _worker(queue, mlp, clock, batch=BatchSettings(4, 5))
+    queue.on_idle = worker.stop
+    stats = worker.run()
+    _check_answers(queue, x)
+    assert queue.pending == {}
+    assert stats.queue_failures == 1 and stats.recovered == 3 and stats.reclaimed == 0
+    assert slept == [0.1]  # taken back after the backoff, not after the 60 s claim timeout
+    after = queue.calls[queue.calls.index("read") :]
+    assert after.index("read_pending") < after.index("complete")
+
+
+def test_a_restarted_worker_takes_back_its_own_pending_requests_first(mlp: Model) -> None:
+    clock = FakeClock()
+    queue = FakeQueue(clock)
+    x = _x(2)
+    queue.deliver_to("w1", "r0", x[0], at=clock())  # a previous w1 read them and died
+    queue.deliver_to("w1", "r1", x[1], at=clock())
+    queue.deliver_to("w9", "other", x[0], at=clock())  # another live worker's: left alone
+    worker, _ = _worker(queue, mlp, clock)
+    assert worker.run_once() == 2
+    assert queue.calls[:3] == ["read_pending", "complete", "read_pending"]  # full: look again
+    _check_answers(queue, x)
+    assert worker.stats.recovered == 2 and worker.stats.reclaimed == 0
+    assert [r.request_id for r, _, _ in queue.pending.values()] == ["other"]
 
 
 def test_results_unsent_at_stop_stay_pending_for_reclaim(mlp: Model) -> None:

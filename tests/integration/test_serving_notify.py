@@ -1,0 +1,238 @@
+"""The serving queue's multi-instance submission, retry safety, own-pending recovery and result
+notifications, against a real redis-server (TLS, password, AOF)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import redis.connection
+import redis_support
+from redis_support import running_redis
+
+from ppml.errors import UsageError
+from ppml.serving.codec import PayloadCodec
+from ppml.serving.notify import ResultNotifier
+from ppml.serving.queue import DuplicateRequest, QueueFull, Request, Result, ServingQueue
+from ppml.serving.redis_server import RedisServer
+
+redis_workspace = redis_support.redis_workspace
+redis_server = redis_support.redis_server
+deployment = redis_support.deployment
+
+KEY = bytes(range(32))
+
+
+def make_queue(server: RedisServer, name: str, **options: Any) -> ServingQueue:
+    queue = ServingQueue(server.client(), deployment=name, codec=PayloadCodec(KEY, name), **options)
+    queue.ensure_group()
+    return queue
+
+
+def answer(request: Request) -> tuple[Request, Result]:
+    return request, Result(request.request_id, request.array * 2)
+
+
+def markers(server: RedisServer, queue: ServingQueue) -> list[bytes]:
+    return sorted(server.client().keys(queue.marker_key("*")))
+
+
+# -- submit_many -------------------------------------------------------------------------------
+
+
+def test_submit_many_accepts_all_in_one_call(redis_server: RedisServer, deployment: str) -> None:
+    queue = make_queue(redis_server, deployment)
+    queue.submit_many([(f"r{i}", "m", np.full(2, float(i))) for i in range(5)])
+    assert queue.depth() == 5
+    got = queue.read("w", count=10, block_ms=0)
+    assert [r.request_id for r in got] == [f"r{i}" for i in range(5)]
+    np.testing.assert_array_equal(got[3].array, np.full(2, 3.0))
+
+
+def test_submit_many_is_all_or_nothing(redis_server: RedisServer, deployment: str) -> None:
+    queue = make_queue(redis_server, deployment, max_length=5)
+    queue.submit_many([("a", "m", np.ones(2)), ("b", "m", np.ones(2))])
+    before = markers(redis_server, queue)
+
+    with pytest.raises(QueueFull):  # 2 + 4 > 5: none of the 4 is accepted
+        queue.submit_many([(f"c{i}", "m", np.ones(2)) for i in range(4)])
+    with pytest.raises(DuplicateRequest, match="'b'"):  # "b" was accepted: "x" is not taken
+        queue.submit_many([("x", "m", np.ones(2)), ("b", "m", np.ones(2))])
+    with pytest.raises(UsageError, match="twice"):
+        queue.submit_many([("y", "m", np.ones(2)), ("y", "m", np.ones(2))])
+    with pytest.raises(UsageError):
+        queue.submit_many([])
+    assert queue.depth() == 2
+    assert markers(redis_server, queue) == before
+
+    queue.submit_many([(f"c{i}", "m", np.ones(2)) for i in range(3)])  # exactly fits
+    assert queue.depth() == 5
+
+
+@pytest.fixture
+def lose_next_reply(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Armed, the next reply read from Redis is read and then dropped with a connection error,
+    as when a connection breaks after Redis ran the command: the client library reconnects and
+    sends the same command again (redis-py retries connection errors by itself)."""
+    armed = threading.Event()
+    real = redis.connection.AbstractConnection.read_response
+
+    def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        response = real(self, *args, **kwargs)
+        if armed.is_set():
+            armed.clear()
+            self.disconnect()
+            raise redis.ConnectionError("the reply was lost")
+        return response
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", read_response)
+    yield armed
+
+
+def test_a_submission_retried_after_a_lost_reply_is_accepted_once(
+    redis_server: RedisServer, deployment: str, lose_next_reply: threading.Event
+) -> None:
+    queue = make_queue(redis_server, deployment)
+    queue.submit("warm", "m", np.ones(2))  # the script is loaded: the next reply is its answer
+    lose_next_reply.set()
+    queue.submit_many([("r1", "m", np.ones(2)), ("r2", "m", np.ones(2))])  # no 409
+    assert not lose_next_reply.is_set()  # the reply was indeed lost once
+    assert queue.depth() == 3  # the retry added nothing
+    got = queue.read("w", count=10, block_ms=0)
+    assert [r.request_id for r in got] == ["warm", "r1", "r2"]
+    with pytest.raises(DuplicateRequest):  # another call with the same id still is a duplicate
+        queue.submit("r1", "m", np.ones(2))
+
+
+def test_read_pending_returns_what_a_lost_read_reply_delivered(
+    redis_server: RedisServer, deployment: str, lose_next_reply: threading.Event
+) -> None:
+    queue = make_queue(redis_server, deployment)
+    queue.submit_many([(f"r{i}", "m", np.full(2, float(i))) for i in range(3)])
+    queue.depth()
+    # The reply of the first XREADGROUP is lost; the client library sends it again, and the
+    # retry finds nothing new: the entries were delivered to "w" by the first one, unseen.
+    lose_next_reply.set()
+    assert queue.read("w", count=10, block_ms=0) == []
+    assert not lose_next_reply.is_set()
+    assert queue.depth() == 3
+    own = queue.read_pending("w", count=10)
+    assert [r.request_id for r in own] == ["r0", "r1", "r2"]
+    assert queue.read_pending("other", count=10) == []
+    queue.complete([answer(r) for r in own])
+    assert queue.read_pending("w", count=10) == [] and queue.depth() == 0
+
+
+def test_take_if_complete_removes_only_complete_sets(
+    redis_server: RedisServer, deployment: str
+) -> None:
+    queue = make_queue(redis_server, deployment)
+    queue.submit_many([(i, "m", np.ones(2)) for i in ("a", "b")])
+    got = queue.read("w", count=10, block_ms=0)
+    queue.complete([answer(got[0])])
+    partial = queue.take_if_complete(["a", "b"])
+    assert partial[0] is not None and partial[1] is None
+    assert queue.result("a") is not None  # not removed: the set is not complete
+    queue.complete([answer(got[1])])
+    both = queue.take_if_complete(["a", "b"])
+    assert [r.request_id for r in both if r is not None] == ["a", "b"]
+    np.testing.assert_array_equal(both[1].array, np.full(2, 2.0))  # type: ignore[union-attr]
+    assert queue.results_of(["a", "b"]) == [None, None]
+
+
+# -- notifications ----------------------------------------------------------------------------
+
+
+def _wait(notifier: ResultNotifier, ids: list[str], limit_s: float = 10.0) -> None:
+    """Wait as `/predict` does; fails the test unless a notification ends the wait (the
+    fallback poll is far longer than `limit_s`)."""
+
+    async def run() -> None:
+        await asyncio.wait_for(notifier.wait(ids, 0, 600.0), limit_s)
+
+    asyncio.run(run())
+
+
+def slow_fallback(server: RedisServer, queue: ServingQueue) -> ResultNotifier:
+    return ResultNotifier(
+        server.client(), queue.notify_channel, fallback_initial_s=300, fallback_max_s=300
+    )
+
+
+def test_a_waiting_call_wakes_when_its_result_is_stored(
+    redis_server: RedisServer, deployment: str
+) -> None:
+    queue = make_queue(redis_server, deployment)
+    with slow_fallback(redis_server, queue) as notifier:
+        assert notifier.subscribed
+        queue.submit("r1", "m", np.ones(2))
+        worker = threading.Timer(
+            0.2, lambda: queue.complete([answer(r) for r in queue.read("w", 10, 0)])
+        )
+        worker.start()
+        _wait(notifier, ["r1"])
+        worker.join()
+        assert notifier.messages == 1
+        assert queue.take_if_complete(["r1"])[0] is not None
+
+
+def test_a_result_stored_before_the_wait_starts_is_not_waited_for(
+    redis_server: RedisServer, deployment: str
+) -> None:
+    queue = make_queue(redis_server, deployment)
+    with slow_fallback(redis_server, queue) as notifier:
+        queue.submit_many([("r1", "m", np.ones(2)), ("r2", "m", np.ones(2))])
+        queue.complete([answer(r) for r in queue.read("w", 10, 0)])
+        deadline = threading.Event()
+        while notifier.messages < 1 and not deadline.wait(0.01):
+            pass
+        _wait(notifier, ["r2"], limit_s=1.0)  # remembered: returns at once
+
+
+def test_without_notifications_the_wait_ends_at_the_fallback(
+    redis_server: RedisServer, deployment: str
+) -> None:
+    queue = make_queue(redis_server, deployment)
+    notifier = ResultNotifier(
+        redis_server.client(), queue.notify_channel, fallback_initial_s=0.01, fallback_max_s=0.01
+    )  # not started: no notification can come
+
+    async def run() -> None:
+        await asyncio.wait_for(notifier.wait(["nobody"], 0, 600.0), 5.0)
+
+    asyncio.run(run())  # ends by the 10 ms fallback, long before the 5 s limit
+
+
+@pytest.mark.slow
+def test_notifications_resume_after_redis_restarts(tmp_path: Path) -> None:
+    with running_redis(tmp_path) as (_ws, server):
+        queue = make_queue(server, "restarting")
+        with slow_fallback(server, queue) as notifier:
+            server.kill()
+            server.restart()
+            queue = make_queue(server, "restarting")
+            resubscribed = threading.Event()
+            for _ in range(200):  # the listener backs off and resubscribes by itself
+                if notifier.subscribed and notifier.messages == 0:
+                    try:
+                        n = int(server.client().pubsub_numsub(queue.notify_channel)[0][1])
+                    except redis.RedisError:
+                        n = 0
+                    if n:
+                        resubscribed.set()
+                        break
+                threading.Event().wait(0.05)
+            assert resubscribed.is_set()
+            queue.submit("after", "m", np.ones(2))
+            worker = threading.Timer(
+                0.1, lambda: queue.complete([answer(r) for r in queue.read("w", 10, 0)])
+            )
+            worker.start()
+            _wait(notifier, ["after"])
+            worker.join()
