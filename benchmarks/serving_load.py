@@ -6,13 +6,15 @@
 Real parts only: a TLS + password redis-server with AOF (`ppml.serving.redis_server`), worker
 processes running `ppml.serving.worker.main` on a small MLP (16 -> 32 -> 4, built here with
 onnx.helper) encrypted under a workspace key, and the front end (`create_app` over a real
-`ServingQueue`) served over HTTPS by uvicorn in its own process. Everything runs twice, once
-with the AES-256-GCM payload codec and once with `PayloadCodec.plaintext` (the workers are the
-same code, given a plaintext queue through `main`'s `queue_factory`).
+`ServingQueue`) served over HTTPS by uvicorn in its own process. Two deployments run side by
+side, one with the AES-256-GCM payload codec and one with `PayloadCodec.plaintext` (the workers
+are the same code, given a plaintext queue through `main`'s `queue_factory`); at each level the
+two take turns (A B B A, ``--rounds``), so that the drift of a noisy machine falls on both.
 
 The load: `level` concurrent clients (threads in `--client-procs` processes, one keep-alive
-HTTP/1.1 httpx connection each) calling ``POST /predict`` in a closed loop, with 1 instance
-per call (how most clients call) and with `n` instances per call (``--request-sizes``).
+HTTP/1.1 connection each, the standard library's `http.client` over TLS: a lean client leaves
+more of the shared cores to the system under test) calling ``POST /predict`` in a closed loop,
+with 1 instance per call and with `n` instances per call (``--request-sizes``).
 Reported per codec, request size and level: predictions/s, calls/s, p50 and p99 call latency,
 then the encrypted/plaintext throughput ratio and the goals. ``--breakdown`` adds where the
 time of one call goes (HTTPS alone, the queue's round trips, the codec).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import http.client
 import json
 import math
 import multiprocessing as mp
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +158,8 @@ def _worker_main(argv: list[str]) -> int:
 def _frontend_main(argv: list[str]) -> int:
     """``_frontend --config FILE``: the front end over the deployment's queue, over HTTPS."""
     from ppml.api import key_provider
-    from ppml.server.tls import TlsFiles, serve_forever
     from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
+    from ppml.serving.frontend_main import run_https
     from ppml.serving.model import load_model
     from ppml.serving.queue import ServingQueue
     from ppml.serving.worker import read_secret_file
@@ -181,11 +185,16 @@ def _frontend_main(argv: list[str]) -> int:
     app = create_app(
         queue, models={MODEL: info}, settings=FrontendSettings(max_instances=256), waiter=notifier
     )
-    tls = TlsFiles(cert=Path(cfg["cert"]), key=Path(cfg["key"]), ca=Path(cfg["ca"]))
+    sock = socket.socket(socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", cfg["port"]))
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
-    serve_forever(app, tls, host="127.0.0.1", port=cfg["port"], log_level="warning")
+    try:  # the deployment's own server set-up (uvicorn with uvloop and httptools when present)
+        run_https(app, sock, tls_cert=Path(cfg["cert"]), tls_key=Path(cfg["key"]))
+    finally:
+        notifier.close()
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(str(args.profile))
@@ -356,24 +365,33 @@ def _client_proc(
         x = rng.normal(0.0, 1.0, (request_size, INPUT_DIM)).astype(np.float32)
         body = json.dumps({"instances": x.tolist()}).encode()
         headers = {"content-type": "application/json"}
-        with httpx.Client(base_url=url, verify=verify, timeout=30.0, http2=False) as client:
-            client.get("/healthz")  # the connection (TLS handshake) before the clock starts
+        parsed = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPSConnection(
+            parsed.hostname or "127.0.0.1", parsed.port, context=verify, timeout=30.0
+        )
+        try:
+            conn.request("GET", "/healthz")  # the connection (TLS handshake) before the clock
+            conn.getresponse().read()
             while time.time() < start_at:
                 threading.Event().wait(max(0.0, min(0.05, start_at - time.time())))
             end = start_at + duration
             while time.time() < end:
                 t0 = time.perf_counter()
-                response = client.post("/predict", content=body, headers=headers)
+                conn.request("POST", "/predict", body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
                 elapsed = time.perf_counter() - t0
-                if response.status_code != 200:
+                if response.status != 200:
                     failures[t] += 1
                     continue
                 if not checked[t]:
-                    got = np.asarray(response.json()["predictions"], dtype=np.float32)
+                    got = np.asarray(json.loads(data)["predictions"], dtype=np.float32)
                     np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-4)
                     checked[t] = True
                 latencies[t].append(elapsed)
                 predictions[t] += request_size
+        finally:
+            conn.close()
 
     pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
     for th in pool:
@@ -396,9 +414,40 @@ class Row:
     failures: int
 
 
+@dataclass
+class Sample:
+    """The raw outcome of load runs of one codec at one (request size, level)."""
+
+    latencies: list[float]
+    predictions: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: Sample) -> None:
+        self.latencies += other.latencies
+        self.predictions += other.predictions
+        self.failures += other.failures
+        self.seconds += other.seconds
+
+    def row(self, codec: str, request_size: int, level: int) -> Row:
+        if not self.latencies:
+            return Row(codec, request_size, level, 0.0, 0.0, math.nan, math.nan, self.failures)
+        lat = np.asarray(self.latencies) * 1000
+        return Row(
+            codec,
+            request_size,
+            level,
+            len(self.latencies) / self.seconds,
+            self.predictions / self.seconds,
+            float(np.percentile(lat, 50)),
+            float(np.percentile(lat, 99)),
+            self.failures,
+        )
+
+
 def run_level(
     url: str, ca: Path, level: int, request_size: int, duration: float, client_procs: int
-) -> tuple[float, float, float, float, int]:
+) -> Sample:
     procs_n = max(1, min(client_procs, level))
     shares = [level // procs_n + (1 if i < level % procs_n else 0) for i in range(procs_n)]
     ctx = mp.get_context("spawn")
@@ -414,27 +463,17 @@ def run_level(
         child.close()
         pipes.append(parent)
         procs.append(proc)
-    latencies: list[float] = []
-    predictions = failures = 0
+    sample = Sample([], seconds=duration)
     for parent in pipes:
         lat, pred, fail = parent.recv()
-        latencies += lat
-        predictions += pred
-        failures += fail
+        sample.latencies += lat
+        sample.predictions += pred
+        sample.failures += fail
     for proc in procs:
         proc.join()
         if proc.exitcode != 0:
             raise SystemExit(f"a client process failed (exit {proc.exitcode})")
-    if not latencies:
-        return 0.0, 0.0, math.nan, math.nan, failures
-    lat = np.asarray(latencies) * 1000
-    return (
-        len(latencies) / duration,
-        predictions / duration,
-        float(np.percentile(lat, 50)),
-        float(np.percentile(lat, 99)),
-        failures,
-    )
+    return sample
 
 
 # -- where the time goes -------------------------------------------------------------------------
@@ -521,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="worker batch size (32)")
     p.add_argument("--max-wait-ms", type=int, default=2, help="worker batch fill wait (2)")
     p.add_argument("--client-procs", type=int, default=2, help="load generator processes (2)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="turns per codec and level, interleaved A B B A (2)",
+    )
     p.add_argument("--codecs", default=",".join(CODECS), help="encrypted,plaintext")
     p.add_argument("--breakdown", action="store_true", help="time the parts of one call")
     p.add_argument("--profile", action="store_true", help="cProfile the front end's loop")
@@ -532,30 +577,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     codecs = [c for c in args.codecs.split(",") if c]
     if not set(codecs) <= set(CODECS) or args.workers < 1 or args.duration <= 0:
         raise SystemExit("--codecs is encrypted and/or plaintext; --workers, --duration > 0")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="ppml-serving-bench-") as tmp:
         files = _prepare(Path(tmp))
         server = start_redis(files.ws)
         try:
             print(
-                f"{os.cpu_count()} CPUs; {args.workers} workers (batch {args.max_batch_size}, "
-                f"{args.max_wait_ms} ms wait); {args.duration:g} s per level; "
-                f"{args.client_procs} client processes",
+                f"{os.cpu_count()} CPUs; {args.workers} workers per codec (batch "
+                f"{args.max_batch_size}, {args.max_wait_ms} ms wait); {args.duration:g} s per "
+                f"level and codec, in {args.rounds} interleaved rounds; {args.client_procs} "
+                "client processes",
                 flush=True,
             )
-            for codec in codecs:
-                with deployment_running(files, server, codec, args) as url:
+            with contextlib.ExitStack() as stack:
+                # Both deployments run side by side (idle workers block on Redis, costing
+                # nothing); the codecs then take turns, A B B A ..., so that drift on a noisy
+                # machine falls on both alike.
+                urls = {
+                    c: stack.enter_context(deployment_running(files, server, c, args))
+                    for c in codecs
+                }
+                for url in urls.values():
                     run_level(url, files.ws.ca_cert, 4, 1, 1.0, 1)  # warm up
-                    for size in args.request_sizes:
-                        for level in args.levels:
-                            calls, preds, p50, p99, fail = run_level(
-                                url, files.ws.ca_cert, level, size, args.duration, args.client_procs
-                            )
-                            row = Row(codec, size, level, calls, preds, p50, p99, fail)
+                for size in args.request_sizes:
+                    for level in args.levels:
+                        samples = {c: Sample([]) for c in codecs}
+                        for r in range(args.rounds):
+                            order = codecs if r % 2 == 0 else codecs[::-1]
+                            for codec in order:
+                                samples[codec].add(
+                                    run_level(
+                                        urls[codec],
+                                        files.ws.ca_cert,
+                                        level,
+                                        size,
+                                        args.duration / args.rounds,
+                                        args.client_procs,
+                                    )
+                                )
+                        for codec in codecs:
+                            row = samples[codec].row(codec, size, level)
                             rows.append(row)
                             print(_format(row), flush=True)
-                    if args.breakdown:
-                        breakdown(files, server, url, codec)
+                if args.breakdown:
+                    for codec in codecs:
+                        breakdown(files, server, urls[codec], codec)
         finally:
             server.stop()
     _report(rows)

@@ -18,6 +18,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ppml.errors import PPMLError, UsageError
 
@@ -98,9 +99,25 @@ def _listening_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
-def _serve(args: argparse.Namespace) -> int:
+def run_https(app: Any, sock: socket.socket, *, tls_cert: Path, tls_key: Path) -> None:
+    """Serve `app` over HTTPS on the listening `sock` until SIGINT / SIGTERM. uvicorn picks its
+    fastest parts when installed (the `serving` extra has them: uvloop, httptools)."""
     import uvicorn
 
+    config = uvicorn.Config(
+        app,
+        ssl_certfile=str(tls_cert),
+        ssl_keyfile=str(tls_key),
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        lifespan="off",
+        timeout_keep_alive=30,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _serve(args: argparse.Namespace) -> int:
     from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
     from ppml.serving.worker import QueueConfig, open_queue
 
@@ -140,20 +157,10 @@ def _serve(args: argparse.Namespace) -> int:
     sock = _listening_socket(args)
     notifier = queue.result_notifier().start()  # wakes /predict calls as results are stored
     app = create_app(queue, models={info.name: info}, settings=settings, waiter=notifier)
-    config = uvicorn.Config(
-        app,
-        ssl_certfile=str(args.tls_cert),
-        ssl_keyfile=str(args.tls_key),
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        lifespan="off",
-        timeout_keep_alive=30,
-    )
     host, port = sock.getsockname()[:2]
     _log.info("front end of %s serving %s on https://%s:%d", args.deployment, info.name, host, port)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        run_https(app, sock, tls_cert=args.tls_cert, tls_key=args.tls_key)
     finally:
         notifier.close()
     _log.info("front end of %s stopped", args.deployment)
