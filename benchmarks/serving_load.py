@@ -181,9 +181,24 @@ def _frontend_main(argv: list[str]) -> int:
     queue = ServingQueue(client, deployment=deployment, codec=codec, max_length=100_000)
     queue.ensure_group()
     info = ModelInfo.from_model(load_model(Path(cfg["model_file"]), provider, name=MODEL))
+    import redis.asyncio
+
+    aio_client = redis.asyncio.Redis(
+        host="127.0.0.1",
+        port=cfg["redis_port"],
+        password=password,
+        ssl=True,
+        ssl_ca_certs=cfg["ca"],
+        ssl_cert_reqs="required",
+        ssl_check_hostname=True,
+    )
     notifier = queue.result_notifier().start()
     app = create_app(
-        queue, models={MODEL: info}, settings=FrontendSettings(max_instances=256), waiter=notifier
+        queue,
+        models={MODEL: info},
+        settings=FrontendSettings(max_instances=256),
+        waiter=notifier,
+        aio=queue.asynchronous(aio_client),
     )
     sock = socket.socket(socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

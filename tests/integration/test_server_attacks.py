@@ -383,7 +383,8 @@ ATTESTATION_ROWS = [
     ),
     Row("sim evidence, non-dev workspace", _sim_in_prod, 401, None, "sim evidence is not accepted"),
     Row("unknown TEE type", _tee("tpm"), 401, None, "unknown TEE type"),
-    Row("TEE type without a verifier (sgx)", _tee("sgx"), 401, None, "no verifier"),
+    # SGX and TDX have verifiers by default; SEV-SNP needs a VCEK the workspace does not have.
+    Row("TEE type without a verifier (snp)", _tee("snp"), 401, None, "no verifier"),
     Row(
         "attest: evidence not base64",
         _json(

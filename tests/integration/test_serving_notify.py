@@ -146,6 +146,42 @@ def test_take_if_complete_removes_only_complete_sets(
     assert queue.results_of(["a", "b"]) == [None, None]
 
 
+def test_async_ops_submit_and_take_like_the_queue(
+    redis_server: RedisServer, deployment: str
+) -> None:
+    import redis.asyncio
+
+    queue = make_queue(redis_server, deployment, max_length=3)
+    client = redis.asyncio.Redis(
+        host=redis_server.host,
+        port=redis_server.port,
+        password=redis_server.client().get_connection_kwargs()["password"],
+        ssl=True,
+        ssl_ca_certs=str(redis_server.client().get_connection_kwargs()["ssl_ca_certs"]),
+        ssl_cert_reqs="required",
+    )
+
+    async def run() -> None:
+        aio = queue.asynchronous(client)
+        try:
+            await aio.submit_many([("a", "m", np.ones(2)), ("b", "m", np.full(2, 3.0))])
+            with pytest.raises(DuplicateRequest):
+                await aio.submit_many([("a", "m", np.ones(2))])
+            with pytest.raises(QueueFull):
+                await aio.submit_many([("c", "m", np.ones(2)), ("d", "m", np.ones(2))])
+            assert await aio.take_if_complete(["a", "b"]) == [None, None]
+            queue.complete([answer(r) for r in queue.read("w", 10, 0)])
+            both = await aio.take_if_complete(["a", "b"])
+            assert [r.request_id for r in both if r is not None] == ["a", "b"]
+            np.testing.assert_array_equal(both[1].array, np.full(2, 6.0))  # type: ignore[union-attr]
+            assert queue.results_of(["a", "b"]) == [None, None]  # taken
+        finally:
+            await aio.aclose()
+
+    asyncio.run(run())
+    assert queue.depth() == 0
+
+
 # -- notifications ----------------------------------------------------------------------------
 
 

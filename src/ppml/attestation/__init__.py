@@ -2,6 +2,8 @@
 
 `AttestationService` hands out challenges and turns verified evidence into short-lived signed
 tokens; `TokenVerifier` is what a relying party (the key broker) uses to check them.
+`verify_evidence` verifies an SGX or TDX quote or an SEV-SNP report on its own; `SgxVerifier`,
+`TdxVerifier` and `SnpVerifier` are the service's verifiers for them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from ppml.attestation.claims import (
     TokenClaims,
     report_data_for,
 )
+from ppml.attestation.evidence import EvidenceVerification, verify_evidence
+from ppml.attestation.hardware import SgxVerifier, SnpVerifier, TdxVerifier
 from ppml.attestation.service import (
     Appraiser,
     AttestationResult,
@@ -34,11 +38,15 @@ __all__ = [
     "ChallengeCapacityExceeded",
     "ChallengeStore",
     "EvidenceClaims",
+    "EvidenceVerification",
     "IssuedToken",
+    "SgxVerifier",
     "SimEvidence",
     "SimPlatform",
     "SimVerifier",
+    "SnpVerifier",
     "TcbStatus",
+    "TdxVerifier",
     "TeeType",
     "TokenClaims",
     "TokenIssuer",
@@ -49,4 +57,5 @@ __all__ = [
     "no_policies",
     "report_data_for",
     "sim_platform_key_id",
+    "verify_evidence",
 ]

@@ -104,3 +104,5 @@ class TokenClaims:
     issued_at: _dt.datetime
     expires_at: _dt.datetime
     token_id: str
+    # Facts besides measurements (an SGX ISVSVN, an SEV-SNP guest policy, advisory ids ...).
+    extra: Mapping[str, object] = field(default_factory=dict)

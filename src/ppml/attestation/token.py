@@ -3,8 +3,11 @@ workload's X25519 public key (RFC 7800 `cnf`) from the attestation service to th
 
 Header ``{"alg": "ES256", "kid": <RFC 7638 thumbprint of the signing key>, "typ": "JWT"}``;
 payload exactly ``iss, iat, nbf, exp, jti, tee, measurements, debug, tcb_status,
-policies_matched, cnf`` (times are integer seconds; ``cnf = {"jwk": {"kty": "OKP", "crv":
-"X25519", "x": <base64url>}}``).
+policies_matched, cnf`` and, when the evidence attests more facts than measurements, ``extra``
+(times are integer seconds; ``cnf = {"jwk": {"kty": "OKP", "crv": "X25519", "x":
+<base64url>}}``; ``extra`` maps names to booleans, integers, short strings, lists of short
+strings or maps of names to integers: an SGX enclave's ISVPRODID and ISVSVN, an SEV-SNP
+guest policy and reported TCB, TCB advisory ids).
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _MEASUREMENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _HEX = re.compile(r"(?:[0-9a-f]{2}){1,512}")
 _MAX_MEASUREMENTS = 64
+_MAX_EXTRA = 32
+_MAX_EXTRA_TEXT = 256
+_MAX_EXTRA_ITEMS = 256
+_EXTRA_CLAIM = "extra"
 _MAX_POLICIES = 1024
 _MAX_NAME = 256
 
@@ -125,6 +132,56 @@ def _valid_measurements(value: object) -> dict[str, str] | None:
             return None
         out[name] = digest
     return out
+
+
+def _valid_extra_value(value: object) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return 0 <= value < 1 << 64
+    if isinstance(value, str):
+        return len(value) <= _MAX_EXTRA_TEXT
+    if isinstance(value, list | tuple):
+        return len(value) <= _MAX_EXTRA_ITEMS and all(
+            isinstance(v, str) and len(v) <= _MAX_NAME for v in value
+        )
+    if isinstance(value, Mapping):
+        return len(value) <= _MAX_MEASUREMENTS and all(
+            isinstance(k, str)
+            and _MEASUREMENT_NAME.fullmatch(k)
+            and isinstance(v, int)
+            and not isinstance(v, bool)
+            and 0 <= v < 1 << 64
+            for k, v in value.items()
+        )
+    return False
+
+
+def _valid_extra(value: object) -> dict[str, Any] | None:
+    """Extra facts, JSON-shaped (lists for sequences, dicts for maps), or None if invalid."""
+    if not isinstance(value, Mapping) or len(value) > _MAX_EXTRA:
+        return None
+    out: dict[str, Any] = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not _MEASUREMENT_NAME.fullmatch(name):
+            return None
+        if not _valid_extra_value(item):
+            return None
+        if isinstance(item, list | tuple):
+            item = list(item)
+        elif isinstance(item, Mapping):
+            item = dict(item)
+        out[name] = item
+    return out
+
+
+def _frozen_extra(extra: dict[str, Any]) -> Mapping[str, Any]:
+    def freeze(value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(value)
+        return MappingProxyType(value) if isinstance(value, dict) else value
+
+    return MappingProxyType({k: freeze(v) for k, v in extra.items()})
 
 
 def _valid_policies(value: object) -> tuple[str, ...] | None:
@@ -211,6 +268,9 @@ class TokenIssuer:
         policies = _valid_policies(policies_matched)
         if policies is None:
             raise UsageError("policies_matched must be a list of policy names")
+        extra = _valid_extra(claims.extra)
+        if extra is None:
+            raise UsageError("extra claims must be names mapped to simple JSON values")
         iat = math.floor(self._clock().timestamp())
         exp = iat + self._ttl_seconds
         jti = _b64url(self._random(_JTI_BYTES))
@@ -227,6 +287,8 @@ class TokenIssuer:
             "policies_matched": list(policies),
             "cnf": {"jwk": {"kty": "OKP", "crv": "X25519", "x": _b64url(public_key)}},
         }
+        if extra:
+            payload[_EXTRA_CLAIM] = extra
         token = jwt.encode(
             payload,
             self._key,
@@ -245,6 +307,7 @@ class TokenIssuer:
                 issued_at=_utc(iat),
                 expires_at=_utc(exp),
                 token_id=jti,
+                extra=_frozen_extra(extra),
             ),
         )
 
@@ -339,8 +402,15 @@ class TokenVerifier:
             _fail("signed by an unknown key (kid)")
 
     def _claims(self, payload: dict[str, Any]) -> TokenClaims:
-        if set(payload) != _CLAIMS:
+        if set(payload) - {_EXTRA_CLAIM} != _CLAIMS:
             _fail("unexpected claims")
+        extra = _valid_extra(payload.get(_EXTRA_CLAIM, {}))
+        if (
+            extra is None
+            or not isinstance(payload.get(_EXTRA_CLAIM, {}), dict)
+            or (_EXTRA_CLAIM in payload and not extra)
+        ):
+            _fail("claim 'extra' must map names to simple values")
         iat, nbf, exp = payload["iat"], payload["nbf"], payload["exp"]
         for name, value in (("iat", iat), ("nbf", nbf), ("exp", exp)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -381,6 +451,7 @@ class TokenVerifier:
             issued_at=_utc(iat),
             expires_at=_utc(exp),
             token_id=jti,
+            extra=_frozen_extra(extra),
         )
 
 

@@ -14,6 +14,7 @@ import typer
 
 from ppml import __version__
 from ppml.cli import (
+    attest_cmds,
     demo_cmd,
     file_cmds,
     init_cmd,
@@ -59,6 +60,7 @@ init_cmd.register(app)
 file_cmds.register(app)
 key_cmds.register(app)
 policy_cmds.register(app)
+attest_cmds.register(app)
 sql_cmd.register(app)
 run_cmd.register(app)
 demo_cmd.register(app)

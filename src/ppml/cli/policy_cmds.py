@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,6 +16,7 @@ from ppml.cli._common import (
     open_workspace,
     print_json,
 )
+from ppml.errors import UsageError
 
 if TYPE_CHECKING:
     from ppml.kms.policy import Policy
@@ -53,6 +55,23 @@ def _show_policy(policy: Policy, fmt: str) -> None:
     for rule in policy.rules:
         debug = "ok" if rule.debug_ok else "no"
         typer.echo(f"{rule.tee.value:<4} {debug:<6} {rule.min_tcb.value:<34} {rule.measurement}")
+        for name, value in rule.constraints().items():
+            if isinstance(value, dict):
+                value = ",".join(f"{k}={v}" for k, v in value.items())
+            typer.echo(f"     {name}: {value}")
+
+
+def _min_reported_tcb(text: str | None) -> dict[str, int] | None:
+    """``bootloader=4,tee=0,snp=24,microcode=219`` -> a dict (validated by `Rule`)."""
+    if text is None:
+        return None
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise UsageError("--min-reported-tcb takes NAME=LEVEL pairs, comma-separated")
+        out[name.strip().lower()] = int(value)
+    return out
 
 
 @policy_app.command("allow")
@@ -70,23 +89,77 @@ def policy_allow(
         str,
         typer.Option("--min-tcb", help="Lowest TCB status accepted, e.g. UpToDate, OutOfDate."),
     ] = "UpToDate",
+    mr_signer: Annotated[
+        str | None, typer.Option("--mr-signer", help="SGX: required MRSIGNER (64 hex digits).")
+    ] = None,
+    isv_prod_id: Annotated[
+        int | None, typer.Option("--isv-prod-id", help="SGX: required ISVPRODID.")
+    ] = None,
+    min_isv_svn: Annotated[
+        int | None, typer.Option("--min-isv-svn", help="SGX: lowest ISVSVN accepted.")
+    ] = None,
+    mr_seam: Annotated[
+        str | None, typer.Option("--mr-seam", help="TDX: required MRSEAM (96 hex digits).")
+    ] = None,
+    rtmr: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rtmr", help="TDX: required RTMR as N=HEX (N from 0 to 3); repeat for several."
+        ),
+    ] = None,
+    no_migration_agent: Annotated[
+        bool,
+        typer.Option(
+            "--no-migration-agent",
+            help="SEV-SNP: refuse guests whose policy allows a migration agent.",
+        ),
+    ] = False,
+    no_smt: Annotated[
+        bool, typer.Option("--no-smt", help="SEV-SNP: refuse guests whose policy allows SMT.")
+    ] = False,
+    min_reported_tcb: Annotated[
+        str | None,
+        typer.Option(
+            "--min-reported-tcb",
+            help="SEV-SNP: lowest REPORTED_TCB levels, e.g. bootloader=4,tee=0,snp=24,"
+            "microcode=219 (and fmc=N on Turin).",
+        ),
+    ] = None,
     fmt: FormatOption = "text",
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Allow workloads with this TEE type and measurement to get KEY.
 
-    The sim TEE is accepted only in a dev workspace (`ppml init --dev`).
+    The sim TEE is accepted only in a dev workspace (`ppml init --dev`). The TEE-specific
+    options add reference values that must hold too.
     """
     with handle_errors():
         from ppml.kms.policy import Rule, parse_measurement, parse_tcb_status, parse_tee
 
         check_format(fmt)
+        extra: dict[str, Any] = {
+            "mr_signer": mr_signer,
+            "isv_prod_id": isv_prod_id,
+            "min_isv_svn": min_isv_svn,
+            "mr_seam": mr_seam,
+            "min_reported_tcb": _min_reported_tcb(min_reported_tcb),
+        }
+        for item in rtmr or ():
+            index, sep, value = item.partition("=")
+            if not sep or index.strip() not in ("0", "1", "2", "3"):
+                raise UsageError("--rtmr takes N=HEX with N from 0 to 3")
+            extra[f"rtmr{index.strip()}"] = value
+        if no_migration_agent:
+            extra["migration_agent_ok"] = False
+        if no_smt:
+            extra["smt_ok"] = False
         rule = Rule(
             parse_tee(tee),
             parse_measurement(measurement),
             debug_ok,
             parse_tcb_status(min_tcb),
+            **{k: v for k, v in extra.items() if v is not None},
         )
         ws = open_workspace(workspace, passphrase_file)
         with ws.key_service() as keys:
@@ -96,6 +169,33 @@ def policy_allow(
                 "ppml: warning: --debug-ok accepts debug TEEs, whose memory their host can read",
                 err=True,
             )
+        _show_policy(policy, fmt)
+
+
+@policy_app.command("set")
+def policy_set(
+    key: KeyArg,
+    file: Annotated[
+        Path,
+        typer.Option(
+            "--file",
+            help="Policy file: the JSON `ppml policy show --format json` prints "
+            '({"key": ..., "rules": [...]}); replaces every rule of KEY.',
+        ),
+    ],
+    fmt: FormatOption = "text",
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Replace KEY's whole release policy with the rules of a policy file."""
+    with handle_errors():
+        from ppml.kms.policy import load_policy_file
+
+        check_format(fmt)
+        loaded = load_policy_file(file, key_name=key)
+        ws = open_workspace(workspace, passphrase_file)
+        with ws.key_service() as keys:
+            policy = keys.policies(allow_sim=ws.dev).replace(key, loaded.rules)
         _show_policy(policy, fmt)
 
 

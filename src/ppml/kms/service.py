@@ -5,6 +5,7 @@ audit log. The release operations are the key broker's primitives (`ppml.kms.bro
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _pyca_hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ppml._internal.canonical import canonical_json
 from ppml._internal.clock import Clock, utc_now
 from ppml.attestation.claims import TcbStatus, TeeType
 from ppml.crypto.envelope import (
@@ -493,6 +495,7 @@ class KeyService:
             min_tcb=rule.min_tcb.value,
             created_at=now,
             mac=self._rule_mac(key_name, rule),
+            constraints=canonical_json(rule.constraints()).decode("utf-8"),
         )
 
     def _rule_mac(self, key_name: str, rule: Rule) -> bytes:
@@ -516,15 +519,23 @@ class KeyService:
         try:
             if not isinstance(row.debug_ok, int) or row.debug_ok not in (0, 1):
                 return None
-            if not all(isinstance(v, str) for v in (row.tee, row.measurement, row.min_tcb)):
+            if not all(
+                isinstance(v, str) for v in (row.tee, row.measurement, row.min_tcb, row.constraints)
+            ):
                 return None
-            rule = Rule(
-                TeeType(str(row.tee)),
-                str(row.measurement),
-                bool(row.debug_ok),
-                TcbStatus(str(row.min_tcb)),
+            constraints = json.loads(str(row.constraints))
+            if not isinstance(constraints, dict):
+                return None
+            rule = Rule.from_dict(
+                {
+                    "tee": TeeType(str(row.tee)),
+                    "measurement": str(row.measurement),
+                    "debug_ok": bool(row.debug_ok),
+                    "min_tcb": TcbStatus(str(row.min_tcb)),
+                    **constraints,
+                }
             )
-        except (ValueError, UsageError):
+        except (ValueError, UsageError, TypeError, RecursionError):
             return None
         if rule.measurement != row.measurement or not isinstance(row.mac, bytes):
             return None

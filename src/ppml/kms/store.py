@@ -4,7 +4,9 @@ It owns the connection, the schema (and its migrations) and the key and release-
 writes run in ``BEGIN IMMEDIATE`` transactions so that concurrent writers serialise instead of
 interleaving.
 
-Schema versions: 1 keys, key versions, audit log; 2 adds ``release_rules`` (the release policies).
+Schema versions: 1 keys, key versions, audit log; 2 adds ``release_rules`` (the release policies);
+3 adds ``release_rules.constraints`` (a rule's reference values beyond the primary measurement,
+canonical JSON).
 An older store is upgraded in place, in one transaction, when it is opened.
 """
 
@@ -43,7 +45,7 @@ __all__ = [
     "wrapped_kek",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 
 _log = logging.getLogger(__name__)
@@ -88,9 +90,11 @@ _RELEASE_RULES = (
         PRIMARY KEY (key_name, tee, measurement))""",
 )
 
+_RULE_CONSTRAINTS = ("ALTER TABLE release_rules ADD COLUMN constraints TEXT NOT NULL DEFAULT '{}'",)
+
 # _MIGRATIONS[n] takes a store from schema version n to n + 1.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _RELEASE_RULES}
-_CURRENT_SCHEMA = _SCHEMA + _RELEASE_RULES
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _RELEASE_RULES, 2: _RULE_CONSTRAINTS}
+_CURRENT_SCHEMA = _SCHEMA + _RELEASE_RULES + _RULE_CONSTRAINTS
 
 OnCreate = Callable[[sqlite3.Connection, bytes], None]
 
@@ -114,6 +118,7 @@ class RuleRow:
     debug_ok: object
     min_tcb: object
     mac: object
+    constraints: object = "{}"
 
 
 @contextlib.contextmanager
@@ -412,11 +417,12 @@ def key_rows(conn: sqlite3.Connection, name: str | None = None) -> list[KeyRow]:
 def rule_rows(conn: sqlite3.Connection, key_name: str | None = None) -> list[RuleRow]:
     """Release rules (all, or those of `key_name`), ordered by key, TEE and measurement."""
     rows = conn.execute(
-        "SELECT key_name, tee, measurement, debug_ok, min_tcb, mac FROM release_rules "
-        "WHERE (?1 IS NULL OR key_name = ?1) ORDER BY key_name, tee, measurement",
+        "SELECT key_name, tee, measurement, debug_ok, min_tcb, mac, constraints "
+        "FROM release_rules WHERE (?1 IS NULL OR key_name = ?1) "
+        "ORDER BY key_name, tee, measurement",
         (key_name,),
     ).fetchall()
-    return [RuleRow(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+    return [RuleRow(str(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
 
 def upsert_rule(
@@ -429,6 +435,7 @@ def upsert_rule(
     min_tcb: str,
     created_at: str,
     mac: bytes,
+    constraints: str = "{}",
 ) -> bool:
     """Insert a rule, or replace the key's rule for the same TEE and measurement; True if it
     replaced one."""
@@ -441,9 +448,9 @@ def upsert_rule(
     )
     conn.execute(
         "INSERT OR REPLACE INTO release_rules "
-        "(key_name, tee, measurement, debug_ok, min_tcb, created_at, mac) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (key_name, tee, measurement, int(debug_ok), min_tcb, created_at, mac),
+        "(key_name, tee, measurement, debug_ok, min_tcb, created_at, mac, constraints) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (key_name, tee, measurement, int(debug_ok), min_tcb, created_at, mac, constraints),
     )
     return replaced
 

@@ -78,6 +78,18 @@ class PolicyRule(_Strict):
     measurement: str = Field(max_length=96, description="64 or 96 lowercase hex digits")
     debug_ok: bool = False
     min_tcb: str = Field(default="UpToDate", max_length=64)
+    # Optional reference values of the rule's TEE type (see ppml.kms.policy).
+    mr_signer: str | None = Field(default=None, max_length=64)
+    isv_prod_id: int | None = None
+    min_isv_svn: int | None = None
+    mr_seam: str | None = Field(default=None, max_length=96)
+    rtmr0: str | None = Field(default=None, max_length=96)
+    rtmr1: str | None = Field(default=None, max_length=96)
+    rtmr2: str | None = Field(default=None, max_length=96)
+    rtmr3: str | None = Field(default=None, max_length=96)
+    migration_agent_ok: bool = True
+    smt_ok: bool = True
+    min_reported_tcb: dict[str, int] | None = Field(default=None, max_length=5)
 
 
 class PolicyRequest(_Strict):
@@ -114,7 +126,9 @@ class KeyResponse(BaseModel):
 
 class PolicyResponse(BaseModel):
     key: str
-    rules: list[PolicyRule]
+    rules: list[dict[str, Any]] = Field(
+        description="rules as in PolicyRule; optional fields only when set"
+    )
 
 
 class AuditEntryResponse(BaseModel):
@@ -134,6 +148,16 @@ class HealthResponse(BaseModel):
 
 class RefusalResponse(BaseModel):
     error: str = Field(description="one of the fixed catalogue texts")
+
+
+def _rule_dict(rule: PolicyRule) -> dict[str, Any]:
+    """A rule as `Rule.from_dict` reads it: the base fields always, optional ones when set."""
+    base = {"tee", "measurement", "debug_ok", "min_tcb"}
+    return {
+        k: v
+        for k, v in rule.model_dump().items()
+        if k in base or k in rule.model_fields_set or v != PolicyRule.model_fields[k].default
+    }
 
 
 def _b64(field: str, value: str) -> bytes:
@@ -231,7 +255,7 @@ def create_app(
 
     @admin.put("/keys/{name}/policy", response_model=PolicyResponse)
     def set_policy(name: str, body: PolicyRequest) -> dict[str, Any]:
-        rules = [r.model_dump() for r in body.rules]
+        rules = [_rule_dict(r) for r in body.rules]
         return services.broker.set_policy(name, rules)
 
     @admin.get("/keys/{name}/policy", response_model=PolicyResponse)

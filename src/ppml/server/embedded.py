@@ -6,7 +6,11 @@ launches. Both build them here, so the two cannot drift apart.
 
 from __future__ import annotations
 
-from ppml.attestation import AttestationService, TokenVerifier
+from collections.abc import Mapping
+from pathlib import Path
+
+from ppml.attestation import AttestationService, TeeType, TokenVerifier, Verifier
+from ppml.attestation.hardware import hardware_verifiers
 from ppml.kms.broker import KeyBroker
 from ppml.server.app import Services
 from ppml.server.tls import TlsFiles
@@ -16,9 +20,27 @@ from ppml.workspace import Workspace
 __all__ = ["services_for", "tls_files_for"]
 
 
-def services_for(ws: Workspace, *, actor: str = "local") -> Services:
+def services_for(
+    ws: Workspace,
+    *,
+    actor: str = "local",
+    verifiers: Mapping[TeeType, Verifier] | None = None,
+) -> Services:
     """The attestation service, the key broker and the KMS of `ws`. Sim evidence is accepted
-    only in a development workspace (`ppml init --dev`)."""
+    only in a development workspace (`ppml init --dev`). Hardware evidence is verified by
+    `verifiers` when given, else as the workspace's ``[attestation]`` settings say: SGX and TDX
+    quotes against the pinned Intel root, SEV-SNP reports with the VCEK of the collateral
+    directory."""
+    settings = ws.config.attestation
+    if verifiers is None:
+        collateral = settings.collateral
+        if collateral is not None and not Path(collateral).is_absolute():
+            collateral = str(ws.path / collateral)  # relative to the workspace
+        verifiers = hardware_verifiers(
+            tuple(TeeType(t) for t in settings.tee_types),
+            collateral=collateral,
+            allow_outdated=settings.allow_outdated,
+        )
     keys = ws.key_service(actor=actor)
     token_key = ws.token_signing_key()
     verifier = CachedTokenVerifier(TokenVerifier(token_key.public_key()).verify)
@@ -28,6 +50,7 @@ def services_for(ws: Workspace, *, actor: str = "local") -> Services:
         ws.sim_platform_key().public_key() if ws.dev else None,
         allow_sim=ws.dev,
         appraise=broker.matching_keys,
+        verifiers=verifiers,
     )
     return Services(attestation=attestation, broker=broker, keys=keys)
 

@@ -119,7 +119,7 @@ def run_https(app: Any, sock: socket.socket, *, tls_cert: Path, tls_key: Path) -
 
 def _serve(args: argparse.Namespace) -> int:
     from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
-    from ppml.serving.worker import QueueConfig, open_queue
+    from ppml.serving.worker import QueueConfig, open_async_client, open_queue
 
     info = ModelInfo(
         name=args.model_name,
@@ -143,20 +143,19 @@ def _serve(args: argparse.Namespace) -> int:
     for path in (args.tls_cert, args.tls_key):
         if not path.is_file():
             raise UsageError("TLS file missing", path=path)
-    queue = open_queue(
-        QueueConfig(
-            deployment=args.deployment,
-            redis_host=args.redis_host,
-            redis_port=args.redis_port,
-            redis_ca=args.redis_ca,
-            redis_password_file=args.redis_password_file,
-            payload_key_file=args.payload_key_file,
-        ),
-        provider,
+    config = QueueConfig(
+        deployment=args.deployment,
+        redis_host=args.redis_host,
+        redis_port=args.redis_port,
+        redis_ca=args.redis_ca,
+        redis_password_file=args.redis_password_file,
+        payload_key_file=args.payload_key_file,
     )
+    queue = open_queue(config, provider)
+    aio = queue.asynchronous(open_async_client(config, provider))
     sock = _listening_socket(args)
     notifier = queue.result_notifier().start()  # wakes /predict calls as results are stored
-    app = create_app(queue, models={info.name: info}, settings=settings, waiter=notifier)
+    app = create_app(queue, models={info.name: info}, settings=settings, waiter=notifier, aio=aio)
     host, port = sock.getsockname()[:2]
     _log.info("front end of %s serving %s on https://%s:%d", args.deployment, info.name, host, port)
     try:

@@ -64,6 +64,7 @@ from ppml.serving.codec import validate_deployment, validate_model, validate_req
 if TYPE_CHECKING:
     import numpy as np
     import redis
+    import redis.asyncio
 
     from ppml.serving.codec import PayloadCodec
     from ppml.serving.notify import ResultNotifier
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GROUP",
     "INTEGRITY_ERROR",
+    "AsyncQueueOps",
     "DuplicateRequest",
     "QueueFull",
     "Request",
@@ -254,6 +256,17 @@ class ServingQueue:
         is accepted once and answers success both times."""
         import redis
 
+        ids, keys, args = self._submission(requests)
+        try:
+            status, index = self._submit(keys=keys, args=args)
+        except redis.ResponseError as exc:
+            self._submit_failed(exc)
+            raise
+        self._submit_outcome(ids, status, index)
+
+    def _submission(
+        self, requests: Sequence[tuple[str, str, np.ndarray]]
+    ) -> tuple[list[str], list[str], list[Any]]:
         if not requests:
             raise UsageError("nothing to submit")
         ids = [validate_request_id(request_id) for request_id, _m, _a in requests]
@@ -264,14 +277,14 @@ class ServingQueue:
             validate_model(model)
             payload = self.codec.seal(request_id, "request", array, model=model)
             args += [request_id, model, payload]
-        try:
-            status, index = self._submit(
-                keys=[self.stream_key, *(self.marker_key(i) for i in ids)], args=args
-            )
-        except redis.ResponseError as exc:
-            if str(exc).startswith("OOM"):  # maxmemory reached (noeviction): back-pressure
-                raise QueueFull("the serving queue is out of memory; retry later") from None
-            raise
+        return ids, [self.stream_key, *(self.marker_key(i) for i in ids)], args
+
+    @staticmethod
+    def _submit_failed(exc: Exception) -> None:
+        if str(exc).startswith("OOM"):  # maxmemory reached (noeviction): back-pressure
+            raise QueueFull("the serving queue is out of memory; retry later") from None
+
+    def _submit_outcome(self, ids: Sequence[str], status: Any, index: Any) -> None:
         if status == -1:
             raise DuplicateRequest(
                 f"a request with id {ids[int(index) - 1]!r} was accepted already"
@@ -436,11 +449,18 @@ class ServingQueue:
         ids = [validate_request_id(i) for i in request_ids]
         if not ids:
             return []
-        blobs = self._take_if_complete(keys=[self.result_key(i) for i in ids])
+        return self._opened(ids, self._take_if_complete(keys=[self.result_key(i) for i in ids]))
+
+    def _opened(self, ids: Sequence[str], blobs: Sequence[Any]) -> list[Result | None]:
         return [
             None if blob is None else self._open_result(i, blob)
             for i, blob in zip(ids, blobs, strict=True)
         ]
+
+    def asynchronous(self, client: redis.asyncio.Redis) -> AsyncQueueOps:
+        """The front end's hot path (`submit_many`, `take_if_complete`) as coroutines over an
+        asyncio Redis client connected like this queue's: no thread hop per call."""
+        return AsyncQueueOps(self, client)
 
     def take_results(self, request_ids: Iterable[str] | None = None) -> list[Result]:
         """Finished results, removed from Redis as they are returned (all when ids is None).
@@ -543,3 +563,38 @@ class ServingQueue:
             pipe.xdel(self.stream_key, *dropped)
             pipe.execute()
         return good
+
+
+class AsyncQueueOps:
+    """`ServingQueue.submit_many` and `take_if_complete` as coroutines, for an asyncio front
+    end: the same scripts, keys, codec and errors, over a `redis.asyncio.Redis` client."""
+
+    def __init__(self, queue: ServingQueue, client: redis.asyncio.Redis) -> None:
+        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
+        if kwargs.get("decode_responses"):
+            raise UsageError("the Redis client must be made with decode_responses=False")
+        self.queue = queue
+        self._client = client
+        self._submit = client.register_script(_SUBMIT_LUA)
+        self._take_if_complete = client.register_script(_TAKE_IF_COMPLETE_LUA)
+
+    async def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        import redis
+
+        ids, keys, args = self.queue._submission(requests)
+        try:
+            status, index = await self._submit(keys=keys, args=args)
+        except redis.ResponseError as exc:
+            self.queue._submit_failed(exc)
+            raise
+        self.queue._submit_outcome(ids, status, index)
+
+    async def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
+        ids = [validate_request_id(i) for i in request_ids]
+        if not ids:
+            return []
+        keys = [self.queue.result_key(i) for i in ids]
+        return self.queue._opened(ids, await self._take_if_complete(keys=keys))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.crypto.stream import looks_encrypted
@@ -39,6 +39,8 @@ from ppml.serving.batching import BatchSettings, Predictor, gather, run_batch
 from ppml.serving.queue import Request, Result
 
 if TYPE_CHECKING:
+    import redis.asyncio
+
     from ppml.serving.queue import ServingQueue
 
 __all__ = [
@@ -49,6 +51,8 @@ __all__ = [
     "WorkerSettings",
     "WorkerStats",
     "main",
+    "open_async_client",
+    "redis_options",
 ]
 
 _log = logging.getLogger(__name__)
@@ -322,32 +326,44 @@ def open_queue(config: QueueConfig, provider: DataKeyProvider) -> ServingQueue:
     key = read_secret_file(config.payload_key_file, provider)
     if len(key) != KEY_BYTES:
         raise UsageError(f"the payload key must be {KEY_BYTES} bytes", path=config.payload_key_file)
-    password: str | None = None
-    if config.redis_password_file is not None:
-        password = read_secret_file(config.redis_password_file, provider).decode().strip()
-    tls: dict[str, object] = {}
-    if config.redis_ca is not None:
-        tls = {
-            "ssl": True,
-            "ssl_ca_certs": str(config.redis_ca),
-            "ssl_cert_reqs": "required",
-            "ssl_check_hostname": True,
-        }
-    client = redis.Redis(
-        host=config.redis_host,
-        port=config.redis_port,
-        password=password,
-        socket_timeout=30.0,
-        socket_connect_timeout=10.0,
-        health_check_interval=30,
-        **tls,  # type: ignore[arg-type]
-    )
+    client = redis.Redis(**redis_options(config, provider))
     return ServingQueue(
         client,
         deployment=config.deployment,
         codec=PayloadCodec(key, config.deployment),
         max_deliveries=config.max_deliveries,
     )
+
+
+def open_async_client(config: QueueConfig, provider: DataKeyProvider) -> redis.asyncio.Redis:
+    """An asyncio Redis client connected as `open_queue`'s (for `ServingQueue.asynchronous`)."""
+    import redis.asyncio
+
+    return redis.asyncio.Redis(**redis_options(config, provider))
+
+
+def redis_options(config: QueueConfig, provider: DataKeyProvider) -> dict[str, Any]:
+    """The keyword arguments of a Redis client for `config`: host, port, the password (read
+    from its file through `provider`), TLS checked against `redis_ca` (host name included)."""
+    password: str | None = None
+    if config.redis_password_file is not None:
+        password = read_secret_file(config.redis_password_file, provider).decode().strip()
+    options: dict[str, Any] = {
+        "host": config.redis_host,
+        "port": config.redis_port,
+        "password": password,
+        "socket_timeout": 30.0,
+        "socket_connect_timeout": 10.0,
+        "health_check_interval": 30,
+    }
+    if config.redis_ca is not None:
+        options.update(
+            ssl=True,
+            ssl_ca_certs=str(config.redis_ca),
+            ssl_cert_reqs="required",
+            ssl_check_hostname=True,
+        )
+    return options
 
 
 def _shape(text: str) -> list[int | None]:

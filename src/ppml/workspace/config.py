@@ -1,5 +1,18 @@
 """`config.toml`: the workspace's public settings (format version, profile, hosts, KDF cost,
-default segment size, file names), parsed into a frozen, validated `WorkspaceConfig`."""
+default segment size, file names, attestation), parsed into a frozen, validated `WorkspaceConfig`.
+
+The optional ``[attestation]`` table says which hardware evidence the attestation service
+accepts and with what collateral::
+
+    [attestation]
+    tee_types = ["sgx", "tdx", "snp"]   # hardware TEE types accepted (default: all three)
+    collateral = "/etc/ppml/collateral" # Intel PCS collateral; vcek.der + ask_ark.pem for SNP
+    allow_outdated = false              # accept collateral past its nextUpdate
+
+Without collateral, Intel quotes verify with TCB status Unknown (which the default release
+policy minimum, UpToDate, refuses) and SEV-SNP is not accepted (no VCEK to verify with). The sim
+TEE is governed by the profile (dev), not by this table.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +30,78 @@ from ppml.errors import ConfigurationError, UsageError
 from ppml.workspace.layout import PUBLIC_FILE_MODE, FileNames
 from ppml.workspace.pki import normalize_hosts
 
-__all__ = ["DEFAULT_SEGMENT_SIZE", "FORMAT_VERSION", "Profile", "WorkspaceConfig"]
+__all__ = [
+    "DEFAULT_SEGMENT_SIZE",
+    "FORMAT_VERSION",
+    "AttestationSettings",
+    "Profile",
+    "WorkspaceConfig",
+]
 
 FORMAT_VERSION = 1
 DEFAULT_SEGMENT_SIZE = 1024 * 1024
 _MAX_SEGMENT_SIZE = 1 << 30
 
 Profile = Literal["dev", "production"]
+HARDWARE_TEES = ("sgx", "tdx", "snp")
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationSettings:
+    """The ``[attestation]`` table: accepted hardware TEE types, collateral, outdated
+    collateral."""
+
+    tee_types: tuple[str, ...] = HARDWARE_TEES
+    collateral: str | None = None
+    allow_outdated: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tee_types, tuple) or not all(
+            t in HARDWARE_TEES for t in self.tee_types
+        ):
+            raise ConfigurationError(
+                "attestation.tee_types must list some of: " + ", ".join(HARDWARE_TEES)
+            )
+        if len(set(self.tee_types)) != len(self.tee_types):
+            raise ConfigurationError("attestation.tee_types lists a TEE type twice")
+        if self.collateral is not None and (
+            not isinstance(self.collateral, str) or not self.collateral
+        ):
+            raise ConfigurationError("attestation.collateral must be a directory path")
+        if not isinstance(self.allow_outdated, bool):
+            raise ConfigurationError("attestation.allow_outdated must be true or false")
+
+    @property
+    def is_default(self) -> bool:
+        return self == AttestationSettings()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tee_types": list(self.tee_types),
+            "allow_outdated": self.allow_outdated,
+        }
+        if self.collateral is not None:
+            out["collateral"] = self.collateral
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: object) -> AttestationSettings:
+        if not isinstance(doc, dict) or not set(doc) <= {
+            "tee_types",
+            "collateral",
+            "allow_outdated",
+        }:
+            raise ConfigurationError(
+                "[attestation] holds only tee_types, collateral and allow_outdated"
+            )
+        tee_types = doc.get("tee_types", list(HARDWARE_TEES))
+        if not isinstance(tee_types, list):
+            raise ConfigurationError("attestation.tee_types must be a list")
+        return cls(
+            tee_types=tuple(tee_types),
+            collateral=doc.get("collateral"),
+            allow_outdated=doc.get("allow_outdated", False),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +115,7 @@ class WorkspaceConfig:
     default_segment_size: int = DEFAULT_SEGMENT_SIZE
     files: FileNames = field(default_factory=FileNames)
     format_version: int = FORMAT_VERSION
+    attestation: AttestationSettings = field(default_factory=AttestationSettings)
 
     def __post_init__(self) -> None:
         if self.format_version != FORMAT_VERSION:
@@ -58,6 +137,8 @@ class WorkspaceConfig:
             raise ConfigurationError(exc.message) from None
         if normalized != tuple(self.hosts):
             raise ConfigurationError("hosts must be normalized (use normalize_hosts)")
+        if not isinstance(self.attestation, AttestationSettings):
+            raise ConfigurationError("attestation must be AttestationSettings")
 
     @property
     def dev(self) -> bool:
@@ -78,6 +159,8 @@ class WorkspaceConfig:
             },
             "files": self.files.as_dict(),
         }
+        if not self.attestation.is_default:
+            doc["attestation"] = self.attestation.to_dict()
         return tomli_w.dumps(doc).encode()
 
     @classmethod
@@ -102,6 +185,7 @@ class WorkspaceConfig:
                 kdf=KdfParams(kdf["memory_kib"], kdf["iterations"], kdf["lanes"]),
                 default_segment_size=doc["default_segment_size"],
                 files=FileNames.from_dict(doc["files"]),
+                attestation=AttestationSettings.from_dict(doc.get("attestation", {})),
             )
         except ConfigurationError as exc:
             raise ConfigurationError(f"config.toml: {exc.message}") from None

@@ -10,6 +10,9 @@ MODULES = [
     "ppml.attestation",
     "ppml.attestation.challenge",
     "ppml.attestation.claims",
+    "ppml.attestation.evidence",
+    "ppml.attestation.hardware",
+    "ppml.attestation.testing.evidence",
     "ppml.attestation.service",
     "ppml.attestation.sim",
     "ppml.attestation.token",
@@ -30,3 +33,10 @@ def test_package_reexports_the_main_api() -> None:
     package = importlib.import_module("ppml.attestation")
     for name in ("AttestationService", "TokenVerifier", "SimVerifier", "Verifier", "TeeType"):
         assert name in package.__all__
+    for name in ("verify_evidence", "EvidenceVerification", "SgxVerifier", "TdxVerifier",
+                 "SnpVerifier"):  # fmt: skip
+        assert name in package.__all__
+        assert getattr(package, name).__module__ in (
+            "ppml.attestation.evidence",
+            "ppml.attestation.hardware",
+        )

@@ -47,8 +47,8 @@ def v1_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
 def test_a_version_1_store_upgrades_in_place(v1_store: tuple[Path, DataKey]) -> None:
     db, dek = v1_store
     with KeyService(db, MASTER) as kms:
-        assert kms_store.SCHEMA_VERSION == 2
-        assert _schema(db) == (2, {"meta", "keys", "key_versions", "audit", "audit_head",
+        assert kms_store.SCHEMA_VERSION == 3
+        assert _schema(db) == (3, {"meta", "keys", "key_versions", "audit", "audit_head",
                                    "release_rules"})  # fmt: skip
         assert kms.unwrap(dek.wrapped) == dek.plaintext
         assert kms.describe("sales").current_version == 2
@@ -69,7 +69,7 @@ def test_several_openers_migrate_once(v1_store: tuple[Path, DataKey]) -> None:
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert set(pool.map(open_and_use, range(8))) == {dek.plaintext}
-    assert _schema(db)[0] == 2
+    assert _schema(db)[0] == 3
 
 
 def test_a_failed_migration_leaves_the_store_at_version_1(
@@ -89,13 +89,13 @@ def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "kms.db"
     KeyService(db, MASTER).close()
     raw = sqlite3.connect(db)
-    raw.execute("PRAGMA user_version = 3")
+    raw.execute("PRAGMA user_version = 4")
     raw.close()
-    with pytest.raises(ConfigurationError, match="schema version 3 is not supported"):
+    with pytest.raises(ConfigurationError, match="schema version 4 is not supported"):
         KeyService(db, MASTER)
 
 
 def test_a_new_store_starts_at_the_current_version(tmp_path: Path) -> None:
     db = tmp_path / "kms.db"
     KeyService(db, MASTER).close()
-    assert _schema(db)[0] == kms_store.SCHEMA_VERSION == 2
+    assert _schema(db)[0] == kms_store.SCHEMA_VERSION == 3

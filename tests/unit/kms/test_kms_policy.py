@@ -342,8 +342,11 @@ RULE_EDITS = {
     "moved to another key": "UPDATE release_rules SET key_name = 'pii'",
     "mac": "UPDATE release_rules SET mac = zeroblob(32)",
     "debug_ok as text": "UPDATE release_rules SET debug_ok = 'yes'",
-    "inserted": f"INSERT INTO release_rules VALUES ('pii', 'sgx', '{M}', 0, 'UpToDate', "
-    "'2030-01-01', zeroblob(32))",
+    "inserted": "INSERT INTO release_rules "
+    "(key_name, tee, measurement, debug_ok, min_tcb, created_at, mac) "
+    f"VALUES ('pii', 'sgx', '{M}', 0, 'UpToDate', '2030-01-01', zeroblob(32))",
+    "constraints added": "UPDATE release_rules SET constraints = '{\"isv_prod_id\":1}'",
+    "constraints not JSON": "UPDATE release_rules SET constraints = '{'",
 }
 
 

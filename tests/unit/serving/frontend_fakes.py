@@ -157,3 +157,20 @@ class JumpingWaiter:
             self.between()
         else:
             self.clock.advance(remaining_s)
+
+
+class FakeAsyncOps:
+    """`AsyncQueueLike` over a `FakeQueue` (what `ServingQueue.asynchronous` is to the real
+    queue), counting its calls."""
+
+    def __init__(self, queue: FakeQueue) -> None:
+        self.queue = queue
+        self.calls: list[str] = []
+
+    async def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        self.calls.append("submit_many")
+        self.queue.submit_many(requests)
+
+    async def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
+        self.calls.append("take_if_complete")
+        return self.queue.take_if_complete(request_ids)

@@ -18,6 +18,7 @@ import pytest
 from fastapi import FastAPI
 from tests.unit.serving.frontend_fakes import (
     MODELS,
+    FakeAsyncOps,
     FakeClock,
     FakeQueue,
     FakeWorker,
@@ -119,6 +120,22 @@ def test_predict_answers_each_instance_in_order(queue: FakeQueue, worker: FakeWo
     assert [a.dtype for _, _, a in queue.submitted] == [np.float32] * 3
     assert [a.shape for _, _, a in queue.submitted] == [(3,)] * 3
     assert queue.results == {}
+
+
+def test_with_async_ops_the_hot_path_stays_on_the_event_loop(
+    queue: FakeQueue, worker: FakeWorker
+) -> None:
+    aio = FakeAsyncOps(queue)
+    client = Client(create_app(queue, models={"double": MODELS["double"]}, aio=aio))
+    r = client.post("/predict", json={"instances": [[1, 2, 3], [0, 1, 0]]})
+    assert r.json()["predictions"] == [[2, 4, 6], [0, 2, 0]]
+    assert aio.calls[0] == "submit_many" and set(aio.calls[1:]) == {"take_if_complete"}
+    assert client.post("/v1/requests", json={"id": "a1", "inputs": [1, 1, 1]}).status_code == 202
+    assert aio.calls.count("submit_many") == 2
+    refused(client.post("/v1/requests", json={"id": "a1", "inputs": [1, 1, 1]}), 409)
+    queue.max_length = 0
+    refused(client.post("/predict", json={"instances": [[1, 2, 3]]}), 503)
+    assert set(queue.results) <= {"a1"}  # /predict took its own; "a1" waits for its client
 
 
 def test_predict_waits_with_the_waiter_until_the_results_come(

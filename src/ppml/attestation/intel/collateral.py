@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -626,7 +626,8 @@ def parse_pem_chain(data: bytes, *, source: str) -> tuple[x509.Certificate, ...]
         for cert in certs:  # force the lazily parsed parts now, not later
             _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key())
             _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+        # e.g. a key on a curve cryptography does not support: malformed collateral too.
         _fail(source, "is not a PEM certificate chain")
     if not 1 <= len(certs) <= _MAX_CHAIN_CERTS:
         _fail(source, f"must hold 1 to {_MAX_CHAIN_CERTS} certificates")
@@ -646,7 +647,7 @@ def parse_crl(data: bytes, *, source: str) -> x509.CertificateRevocationList:
         _ = crl.signature_hash_algorithm
         for entry in crl:
             _ = (entry.serial_number, entry.revocation_date_utc, entry.extensions)
-    except (ValueError, TypeError, x509.UnsupportedGeneralNameType):
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType):
         _fail(source, "is not a DER or PEM CRL")
     return crl
 

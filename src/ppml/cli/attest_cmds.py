@@ -1,0 +1,226 @@
+"""`ppml attest ...`: verify hardware evidence (an SGX or TDX quote, an SEV-SNP report) offline,
+optionally against a release policy file."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ppml.cli._common import FormatOption, check_format, fail, handle_errors, print_json
+from ppml.errors import AttestationFailed, InputNotFound, UsageError
+
+if TYPE_CHECKING:
+    from ppml.attestation.evidence import EvidenceVerification
+    from ppml.kms.policy import Policy
+
+attest_app = typer.Typer(
+    help="Verify TEE evidence: SGX and TDX quotes, SEV-SNP reports.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+_MAX_INPUT = 64 * 1024
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(attest_app, name="attest")
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(_MAX_INPUT + 1)
+    except FileNotFoundError:
+        raise InputNotFound(f"{what} not found", path=path) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what}: {exc.strerror}", path=path) from None
+    if len(data) > _MAX_INPUT:
+        raise UsageError(f"the {what} is larger than {_MAX_INPUT} bytes", path=path)
+    return data
+
+
+def _parse_at(text: str | None) -> dt.datetime | None:
+    if text is None:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--at {text[:40]!r} is not an ISO-8601 date-time (e.g. 2026-01-01T00:00:00Z)"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _policy_result(result: EvidenceVerification, policy: Policy) -> dict[str, Any]:
+    from ppml.attestation.claims import TcbStatus
+    from ppml.attestation.hardware import evidence_claims
+
+    # No TCB status (no matching level) satisfies no minimum: appraise as Revoked.
+    facts = evidence_claims(result, tcb_status=result.tcb_status or TcbStatus.REVOKED)
+    decision = policy.evaluate(facts, allow_sim=False)
+    return {
+        "allowed": decision.allowed,
+        "reason": decision.reason,
+        "rules": [
+            {"rule": i + 1, "tee": r.tee.value, "result": r.check(facts)}
+            for i, r in enumerate(policy.rules)
+        ],
+    }
+
+
+def _failure(result: EvidenceVerification, policy: dict[str, Any] | None) -> str | None:
+    """Why the command fails, naming the step, or None when everything asked for holds."""
+    from ppml.attestation.claims import TcbStatus
+
+    if not result.verified:
+        bad = result.failed_step
+        return f"{bad.name}: {bad.detail}" if bad is not None else "no verification step ran"
+    if result.tcb_status is None:
+        return f"tcb_level: {result.tcb_detail}"
+    if result.tcb_status is TcbStatus.REVOKED:
+        return "tcb_level: TCB status Revoked"
+    if policy is not None and not policy["allowed"]:
+        return f"policy: denied ({policy['reason']})"
+    return None
+
+
+def _show_text(
+    result: EvidenceVerification, policy: dict[str, Any] | None, failure: str | None
+) -> None:
+    tcb = result.tcb_status.value if result.tcb_status is not None else "none"
+    typer.echo(f"type:           {result.type.value}")
+    typer.echo(f"verified:       {'yes' if result.verified else 'NO'}")
+    typer.echo(f"tcb status:     {tcb}" + (f" ({result.tcb_detail})" if result.tcb_detail else ""))
+    typer.echo(f"advisory ids:   {', '.join(result.advisory_ids) or '-'}")
+    typer.echo(f"trailing bytes: {len(result.trailing_bytes)}")
+    typer.echo(f"at:             {result.at.isoformat()}")
+    typer.echo("steps:")
+    for step in result.steps.steps:
+        detail = f"  {step.detail}" if step.detail else ""
+        typer.echo(f"  {step.status.value:<12} {step.name}{detail}")
+    typer.echo("claims:")
+    for name, value in result.claims.items():
+        if isinstance(value, dict) or hasattr(value, "items"):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        typer.echo(f"  {name}: {value}")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    if policy is not None:
+        verdict = "allowed" if policy["allowed"] else "DENIED"
+        typer.echo(f"policy:         {verdict} ({policy['reason']})")
+        for rule in policy["rules"]:
+            typer.echo(f"  rule {rule['rule']} ({rule['tee']}): {rule['result']}")
+    typer.echo(f"result:         {'ok' if failure is None else 'FAILED at ' + failure}")
+
+
+@attest_app.command("verify")
+def attest_verify(
+    evidence: Annotated[
+        Path,
+        typer.Argument(help="File holding the raw evidence: a quote or an SEV-SNP report."),
+    ],
+    tee: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="Evidence type: sgx, tdx, snp, or auto (detected from the header: quote "
+            "version and TEE type, or SEV-SNP report size, version and signature algorithm).",
+        ),
+    ] = "auto",
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="PEM trust anchor instead of the pinned one: an Intel SGX root CA for quotes, "
+            "an AMD ARK for SEV-SNP reports.",
+            show_default=False,
+        ),
+    ] = None,
+    collateral: Annotated[
+        Path | None,
+        typer.Option(
+            "--collateral",
+            help="Directory of Intel PCS collateral (tcb_info.json, qe_identity.json, their "
+            "issuer chains, pck_crl.der, root_ca_crl.der) to evaluate the TCB status; for "
+            "SEV-SNP, vcek.der and ask_ark.pem. Without it Intel TCB status is Unknown.",
+            show_default=False,
+        ),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            help="Verify as of this ISO-8601 time (default: now; without a zone: UTC).",
+            show_default=False,
+        ),
+    ] = None,
+    policy_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Also appraise the evidence against this release policy file (the JSON "
+            "`ppml policy show --format json` prints).",
+            show_default=False,
+        ),
+    ] = None,
+    allow_outdated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-outdated",
+            help="Accept collateral and CRLs past their nextUpdate (reported as notes).",
+        ),
+    ] = False,
+    vcek: Annotated[
+        Path | None,
+        typer.Option(
+            "--vcek",
+            help="The VCEK (or VLEK) certificate, PEM or DER, that signed an SEV-SNP report.",
+            show_default=False,
+        ),
+    ] = None,
+    fmt: FormatOption = "text",
+) -> None:
+    """Verify EVIDENCE: signatures, certificate chains to the pinned (or given) root, and the
+    TCB status against collateral.
+
+    Exit 0 only when everything asked for holds: the evidence verified, its TCB status is
+    not failing (a platform no TCB level matches, or Revoked, fails) and, with --policy, the
+    policy allows it. Otherwise exit 4, naming the failed step; bad arguments exit 2.
+    """
+    with handle_errors():
+        from ppml.attestation.evidence import verify_evidence
+        from ppml.kms.policy import load_policy_file
+
+        check_format(fmt)
+        kind = tee.strip().lower()
+        if kind not in ("auto", "sgx", "tdx", "snp"):
+            raise UsageError(f"--type {tee[:16]!r}: use sgx, tdx, snp or auto")
+        when = _parse_at(at)
+        if collateral is not None and not collateral.is_dir():
+            raise InputNotFound("collateral directory not found", path=collateral)
+        policy = load_policy_file(policy_file) if policy_file is not None else None
+        data = _read(evidence, "evidence file")
+        result = verify_evidence(
+            data,
+            kind,
+            root_pem=_read(root, "root certificate") if root is not None else None,
+            collateral=collateral,
+            at=when,
+            allow_outdated=allow_outdated,
+            vcek=_read(vcek, "VCEK certificate") if vcek is not None else None,
+        )
+        appraisal = _policy_result(result, policy) if policy is not None else None
+        failure = _failure(result, appraisal)
+        if fmt == "json":
+            out = result.to_dict()
+            if appraisal is not None:
+                out["policy"] = appraisal
+            out["ok"] = failure is None
+            print_json(out)
+        else:
+            _show_text(result, appraisal, failure)
+        if failure is not None:
+            fail(AttestationFailed(f"evidence not accepted: {failure}"))
