@@ -184,21 +184,25 @@ def _frontend_main(argv: list[str]) -> int:
     import redis.asyncio
 
     aio_client = redis.asyncio.Redis(
-        host="127.0.0.1",
-        port=cfg["redis_port"],
-        password=password,
-        ssl=True,
-        ssl_ca_certs=cfg["ca"],
-        ssl_cert_reqs="required",
-        ssl_check_hostname=True,
-    )
-    notifier = queue.result_notifier().start()
+        connection_pool=redis.asyncio.BlockingConnectionPool(
+            max_connections=128,
+            timeout=30,
+            connection_class=redis.asyncio.SSLConnection,
+            host="127.0.0.1",
+            port=cfg["redis_port"],
+            password=password,
+            ssl_ca_certs=cfg["ca"],
+            ssl_cert_reqs="required",
+            ssl_check_hostname=True,
+        )
+    )  # as `ppml.serving.worker.open_async_client` makes it
+    aio = queue.asynchronous(aio_client)
     app = create_app(
         queue,
         models={MODEL: info},
         settings=FrontendSettings(max_instances=256),
-        waiter=notifier,
-        aio=queue.asynchronous(aio_client),
+        waiter=aio.result_notifier(),
+        aio=aio,
     )
     sock = socket.socket(socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -206,10 +210,8 @@ def _frontend_main(argv: list[str]) -> int:
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
-    try:  # the deployment's own server set-up (uvicorn with uvloop and httptools when present)
-        run_https(app, sock, tls_cert=Path(cfg["cert"]), tls_key=Path(cfg["key"]))
-    finally:
-        notifier.close()
+    # the deployment's own server set-up (uvicorn with uvloop and httptools when present)
+    run_https(app, sock, tls_cert=Path(cfg["cert"]), tls_key=Path(cfg["key"]))
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(str(args.profile))
@@ -497,14 +499,15 @@ def run_level(
 def breakdown(files: Files, server: RedisServer, url: str, codec: str, n: int = 2000) -> None:
     """Single-threaded costs of the parts of one /predict call (the encrypted deployment)."""
     from ppml.serving.codec import PayloadCodec as Codec
-    from ppml.serving.queue import ServingQueue
+    from ppml.serving.queue import Result, ServingQueue
     from ppml.serving.worker import read_secret_file
 
     with files.ws.key_service() as keys:
         key = read_secret_file(files.payload_key_file, keys)
     name = f"bench-breakdown-{codec}"
     codecs = {"encrypted": Codec(key, name), "plaintext": Codec.plaintext(name)}
-    queue = ServingQueue(server.client(), deployment=name, codec=codecs[codec])
+    queue = ServingQueue(server.client(), deployment=name, codec=codecs[codec], max_length=n + 1)
+    queue.ensure_group()
     x = np.random.default_rng(0).normal(size=INPUT_DIM).astype(np.float32)
 
     def per_call(fn: Any, count: int = n) -> float:
@@ -518,8 +521,9 @@ def breakdown(files: Files, server: RedisServer, url: str, codec: str, n: int = 
     blob = c.seal("r1", "request", x, model=MODEL)
     open_ = per_call(lambda i: c.open("r1", "request", blob, model=MODEL))
     submit = per_call(lambda i: queue.submit(f"b{i}", MODEL, x))
-    result = per_call(lambda i: queue.result(f"b{i}"))
-    take = per_call(lambda i: queue.take_results([f"b{i}"]))
+    pending = per_call(lambda i: queue.take_if_complete([f"b{i}"]))
+    queue.complete([(r, Result(r.request_id, r.array)) for r in queue.read("bench", n, 0)])
+    take = per_call(lambda i: queue.take_if_complete([f"b{i}"]))
     server.client().delete(queue.stream_key)
     body = json.dumps({"instances": [x.tolist()]}).encode()
     parse = per_call(lambda i: np.asarray(json.loads(body)["instances"][0], dtype=np.float32))
@@ -535,8 +539,8 @@ def breakdown(files: Files, server: RedisServer, url: str, codec: str, n: int = 
         ("HTTPS GET /healthz (one XLEN via the threadpool)", healthz),
         ("POST /predict, 1 instance, end to end", predict),
         ("  queue.submit (seal + Lua script round trip)", submit),
-        ("  queue.result (GET, pending: one poll)", result),
-        ("  queue.take_results (GETDEL pipeline)", take),
+        ("  queue.take_if_complete, still pending", pending),
+        ("  queue.take_if_complete, done (taken, opened)", take),
         ("  codec seal, 1 instance", seal),
         ("  codec open, 1 instance", open_),
         ("  JSON parse + to array (client side estimate)", parse),
@@ -614,8 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     c: stack.enter_context(deployment_running(files, server, c, args))
                     for c in codecs
                 }
-                for url in urls.values():
-                    run_level(url, files.ws.ca_cert, 4, 1, 1.0, 1)  # warm up
+                for url in urls.values():  # warm up, up to the highest level (connections)
+                    run_level(url, files.ws.ca_cert, max(args.levels), 1, 1.0, args.client_procs)
                 for size in args.request_sizes:
                     for level in args.levels:
                         samples = {c: Sample([]) for c in codecs}

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+import redis.asyncio
 import redis.connection
 import redis_support
 from redis_support import running_redis
@@ -149,17 +150,8 @@ def test_take_if_complete_removes_only_complete_sets(
 def test_async_ops_submit_and_take_like_the_queue(
     redis_server: RedisServer, deployment: str
 ) -> None:
-    import redis.asyncio
-
     queue = make_queue(redis_server, deployment, max_length=3)
-    client = redis.asyncio.Redis(
-        host=redis_server.host,
-        port=redis_server.port,
-        password=redis_server.client().get_connection_kwargs()["password"],
-        ssl=True,
-        ssl_ca_certs=str(redis_server.client().get_connection_kwargs()["ssl_ca_certs"]),
-        ssl_cert_reqs="required",
-    )
+    client = async_client(redis_server)
 
     async def run() -> None:
         aio = queue.asynchronous(client)
@@ -185,50 +177,72 @@ def test_async_ops_submit_and_take_like_the_queue(
 # -- notifications ----------------------------------------------------------------------------
 
 
-def _wait(notifier: ResultNotifier, ids: list[str], limit_s: float = 10.0) -> None:
-    """Wait as `/predict` does; fails the test unless a notification ends the wait (the
-    fallback poll is far longer than `limit_s`)."""
-
-    async def run() -> None:
-        await asyncio.wait_for(notifier.wait(ids, 0, 600.0), limit_s)
-
-    asyncio.run(run())
+def async_client(server: RedisServer) -> redis.asyncio.Redis:
+    kwargs = server.client().get_connection_kwargs()
+    return redis.asyncio.Redis(
+        host=server.host,
+        port=server.port,
+        password=kwargs["password"],
+        ssl=True,
+        ssl_ca_certs=str(kwargs["ssl_ca_certs"]),
+        ssl_cert_reqs="required",
+    )
 
 
 def slow_fallback(server: RedisServer, queue: ServingQueue) -> ResultNotifier:
+    """A notifier whose fallback poll (300 s) is far longer than any test waits: a wait that
+    ends in time ended by a notification."""
     return ResultNotifier(
-        server.client(), queue.notify_channel, fallback_initial_s=300, fallback_max_s=300
+        async_client(server), queue.notify_channel, fallback_initial_s=300, fallback_max_s=300
     )
+
+
+async def complete_later(queue: ServingQueue, delay_s: float) -> None:
+    """A worker answering everything, `delay_s` from now, in a thread (as a worker process)."""
+    await asyncio.sleep(delay_s)
+    await asyncio.to_thread(lambda: queue.complete([answer(r) for r in queue.read("w", 10, 0)]))
 
 
 def test_a_waiting_call_wakes_when_its_result_is_stored(
     redis_server: RedisServer, deployment: str
 ) -> None:
     queue = make_queue(redis_server, deployment)
-    with slow_fallback(redis_server, queue) as notifier:
-        assert notifier.subscribed
-        queue.submit("r1", "m", np.ones(2))
-        worker = threading.Timer(
-            0.2, lambda: queue.complete([answer(r) for r in queue.read("w", 10, 0)])
-        )
-        worker.start()
-        _wait(notifier, ["r1"])
-        worker.join()
-        assert notifier.messages == 1
-        assert queue.take_if_complete(["r1"])[0] is not None
+
+    async def run() -> None:
+        notifier = await slow_fallback(redis_server, queue).start()
+        try:
+            assert notifier.subscribed
+            queue.submit("r1", "m", np.ones(2))
+            worker = asyncio.create_task(complete_later(queue, 0.2))
+            await asyncio.wait_for(notifier.wait(["r1"], 0, 600.0), 10.0)
+            await worker
+            assert notifier.messages == 1
+        finally:
+            await notifier.aclose()
+
+    asyncio.run(run())
+    assert queue.take_if_complete(["r1"])[0] is not None
 
 
 def test_a_result_stored_before_the_wait_starts_is_not_waited_for(
     redis_server: RedisServer, deployment: str
 ) -> None:
     queue = make_queue(redis_server, deployment)
-    with slow_fallback(redis_server, queue) as notifier:
-        queue.submit_many([("r1", "m", np.ones(2)), ("r2", "m", np.ones(2))])
-        queue.complete([answer(r) for r in queue.read("w", 10, 0)])
-        deadline = threading.Event()
-        while notifier.messages < 1 and not deadline.wait(0.01):
-            pass
-        _wait(notifier, ["r2"], limit_s=1.0)  # remembered: returns at once
+
+    async def run() -> None:
+        notifier = await slow_fallback(redis_server, queue).start()
+        try:
+            queue.submit_many([("r1", "m", np.ones(2)), ("r2", "m", np.ones(2))])
+            await complete_later(queue, 0.0)
+            for _ in range(500):
+                if notifier.messages:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.wait_for(notifier.wait(["r2"], 0, 600.0), 1.0)  # remembered
+        finally:
+            await notifier.aclose()
+
+    asyncio.run(run())
 
 
 def test_without_notifications_the_wait_ends_at_the_fallback(
@@ -236,39 +250,47 @@ def test_without_notifications_the_wait_ends_at_the_fallback(
 ) -> None:
     queue = make_queue(redis_server, deployment)
     notifier = ResultNotifier(
-        redis_server.client(), queue.notify_channel, fallback_initial_s=0.01, fallback_max_s=0.01
-    )  # not started: no notification can come
+        async_client(redis_server),
+        queue.notify_channel,
+        fallback_initial_s=0.01,
+        fallback_max_s=0.01,
+    )
 
     async def run() -> None:
-        await asyncio.wait_for(notifier.wait(["nobody"], 0, 600.0), 5.0)
+        try:  # nobody answers "nobody": the 10 ms fallback ends the wait, long before 5 s
+            await asyncio.wait_for(notifier.wait(["nobody"], 0, 600.0), 5.0)
+        finally:
+            await notifier.aclose()
 
-    asyncio.run(run())  # ends by the 10 ms fallback, long before the 5 s limit
+    asyncio.run(run())
 
 
 @pytest.mark.slow
 def test_notifications_resume_after_redis_restarts(tmp_path: Path) -> None:
     with running_redis(tmp_path) as (_ws, server):
         queue = make_queue(server, "restarting")
-        with slow_fallback(server, queue) as notifier:
-            server.kill()
-            server.restart()
-            queue = make_queue(server, "restarting")
-            resubscribed = threading.Event()
-            for _ in range(200):  # the listener backs off and resubscribes by itself
-                if notifier.subscribed and notifier.messages == 0:
-                    try:
-                        n = int(server.client().pubsub_numsub(queue.notify_channel)[0][1])
-                    except redis.RedisError:
-                        n = 0
-                    if n:
-                        resubscribed.set()
-                        break
-                threading.Event().wait(0.05)
-            assert resubscribed.is_set()
-            queue.submit("after", "m", np.ones(2))
-            worker = threading.Timer(
-                0.1, lambda: queue.complete([answer(r) for r in queue.read("w", 10, 0)])
-            )
-            worker.start()
-            _wait(notifier, ["after"])
-            worker.join()
+
+        async def run() -> None:
+            notifier = await slow_fallback(server, queue).start()
+            try:
+                await asyncio.to_thread(server.kill)
+                await asyncio.to_thread(server.restart)
+                for _ in range(400):  # the listener backs off and resubscribes by itself
+                    if notifier.subscribed:
+                        subscribers = await asyncio.to_thread(
+                            lambda: server.client().pubsub_numsub(queue.notify_channel)
+                        )
+                        if subscribers and int(subscribers[0][1]):
+                            break
+                    await asyncio.sleep(0.05)
+                else:
+                    pytest.fail("the notifier did not resubscribe")
+                fresh = make_queue(server, "restarting")
+                fresh.submit("after", "m", np.ones(2))
+                worker = asyncio.create_task(complete_later(fresh, 0.1))
+                await asyncio.wait_for(notifier.wait(["after"], 0, 600.0), 10.0)
+                await worker
+            finally:
+                await notifier.aclose()
+
+        asyncio.run(run())

@@ -154,14 +154,12 @@ def _serve(args: argparse.Namespace) -> int:
     queue = open_queue(config, provider)
     aio = queue.asynchronous(open_async_client(config, provider))
     sock = _listening_socket(args)
-    notifier = queue.result_notifier().start()  # wakes /predict calls as results are stored
-    app = create_app(queue, models={info.name: info}, settings=settings, waiter=notifier, aio=aio)
+    app = create_app(
+        queue, models={info.name: info}, settings=settings, waiter=aio.result_notifier(), aio=aio
+    )
     host, port = sock.getsockname()[:2]
     _log.info("front end of %s serving %s on https://%s:%d", args.deployment, info.name, host, port)
-    try:
-        run_https(app, sock, tls_cert=args.tls_cert, tls_key=args.tls_key)
-    finally:
-        notifier.close()
+    run_https(app, sock, tls_cert=args.tls_cert, tls_key=args.tls_key)
     _log.info("front end of %s stopped", args.deployment)
     return 0
 

@@ -224,13 +224,6 @@ class ServingQueue:
     def marker_key(self, request_id: str) -> str:
         return f"{self._prefix}:accepted:{request_id}"
 
-    def result_notifier(self, **options: Any) -> ResultNotifier:
-        """A `ResultNotifier` on this queue's notification channel (not started yet); the
-        options go to its constructor."""
-        from ppml.serving.notify import ResultNotifier
-
-        return ResultNotifier(self._client, self.notify_channel, **options)
-
     # -- front end -----------------------------------------------------------------------------
 
     def ensure_group(self) -> None:
@@ -595,6 +588,13 @@ class AsyncQueueOps:
             return []
         keys = [self.queue.result_key(i) for i in ids]
         return self.queue._opened(ids, await self._take_if_complete(keys=keys))
+
+    def result_notifier(self, **options: Any) -> ResultNotifier:
+        """A `ResultNotifier` on the queue's notification channel over this client (it starts
+        with its first wait); the options go to its constructor."""
+        from ppml.serving.notify import ResultNotifier
+
+        return ResultNotifier(self._client, self.queue.notify_channel, **options)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -335,11 +335,25 @@ def open_queue(config: QueueConfig, provider: DataKeyProvider) -> ServingQueue:
     )
 
 
-def open_async_client(config: QueueConfig, provider: DataKeyProvider) -> redis.asyncio.Redis:
-    """An asyncio Redis client connected as `open_queue`'s (for `ServingQueue.asynchronous`)."""
+def open_async_client(
+    config: QueueConfig, provider: DataKeyProvider, *, max_connections: int = 128
+) -> redis.asyncio.Redis:
+    """An asyncio Redis client connected as `open_queue`'s (for `ServingQueue.asynchronous`),
+    with at most `max_connections` connections: beyond that, a burst of calls waits for a free
+    one instead of opening (and TLS-handshaking) still more."""
     import redis.asyncio
 
-    return redis.asyncio.Redis(**redis_options(config, provider))
+    options = redis_options(config, provider)
+    connection_class: Any = redis.asyncio.Connection
+    if options.pop("ssl", False):
+        connection_class = redis.asyncio.SSLConnection
+    pool = redis.asyncio.BlockingConnectionPool(
+        max_connections=max_connections,
+        timeout=options["socket_timeout"],
+        connection_class=connection_class,
+        **options,
+    )
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 def redis_options(config: QueueConfig, provider: DataKeyProvider) -> dict[str, Any]:
