@@ -115,6 +115,14 @@ def main() -> None:
     def parse_only() -> object:
         return parse_quote(raw)
 
+    from ppml.attestation import verify_evidence
+
+    def api() -> object:  # the library call: auto-detection, claims, the module's chain cache
+        return verify_evidence(raw, root_pem=root, at=at)
+
+    if not verify_evidence(raw, root_pem=root, at=at).verified:
+        raise SystemExit("verify_evidence refuses the quote")
+
     print(f"quote: {note}, {len(raw)} bytes; verified at {at.date()}")
     print(f"one process, one thread, {opts.duration:g} s per measurement")
     r_ecdsa = rate(raw_ecdsa(), opts.duration)
@@ -122,6 +130,7 @@ def main() -> None:
     r_parsed = rate(cached_parsed, opts.duration)
     r_uncached = rate(uncached, opts.duration)
     r_parse = rate(parse_only, opts.duration)
+    r_api = rate(api, opts.duration)
     assert cache.misses == 1, "the cached path must hit the cache"
 
     print()
@@ -138,14 +147,17 @@ def main() -> None:
     row("verify_quote(parsed quote), chain cached", r_parsed)
     row("verify_quote(bytes), no cache", r_uncached)
     row("parse_quote(bytes) alone", r_parse)
+    row("verify_evidence(bytes), the library call", r_api)
     print()
     print(f"  cached verify rate / raw ECDSA rate: {r_cached / r_ecdsa:.3f}")
     print(f"  cached verify rate / ceiling (raw ECDSA / 2): {2 * r_cached / r_ecdsa:.3f}")
     print(f"  cached / uncached: {r_cached / r_uncached:.2f}x")
-    met = "met" if r_cached >= GOAL else "NOT met"
-    print(
-        f"at least {GOAL:,} quote verifications per second on one core: {met} ({r_cached:,.0f}/s)"
-    )
+    for label, value in (("verify_quote", r_cached), ("verify_evidence", r_api)):
+        met = "met" if value >= GOAL else "NOT met"
+        print(
+            f"at least {GOAL:,} quote verifications per second on one core ({label}): "
+            f"{met} ({value:,.0f}/s)"
+        )
     if opts.profile:
         print()
         print("profile of verify_quote(bytes) with the chain cached, by own time:")
