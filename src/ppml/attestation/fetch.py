@@ -162,6 +162,18 @@ class _Response:
         self.headers = headers
 
 
+def _tls_refused(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is a failed TLS certificate verification."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class _Http:
     """GET with verified TLS, timeouts, a bounded body and a bounded retry on 429/503."""
 
@@ -226,6 +238,8 @@ class _Http:
                 raise ConfigurationError(f"collateral fetch: {shown}: timed out") from exc
             except httpx.TransportError as exc:
                 reason = type(exc).__name__
+                if _tls_refused(exc):
+                    reason = "the server's TLS certificate is not trusted"
                 raise ConfigurationError(
                     f"collateral fetch: {shown}: cannot connect ({reason})"
                 ) from exc

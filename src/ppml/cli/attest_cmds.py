@@ -4,6 +4,7 @@ optionally against a release policy file."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -52,6 +53,69 @@ def _parse_at(text: str | None) -> dt.datetime | None:
             f"--at {text[:40]!r} is not an ISO-8601 date-time (e.g. 2026-01-01T00:00:00Z)"
         ) from None
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ppml" / "collateral"
+
+
+def _snp_product(data: bytes, product: str | None) -> str:
+    """The SEV-SNP product for a KDS query: as given, or from the report's CPUID."""
+    from ppml.attestation.amd.report import parse_report
+
+    if product is not None:
+        name = product.strip().capitalize()
+        if name not in ("Milan", "Genoa", "Turin"):
+            raise UsageError(f"--product {product[:16]!r}: use Milan, Genoa or Turin")
+        return name
+    report = parse_report(data)
+    family, model = report.cpuid_family, report.cpuid_model
+    if family == 0x1A:
+        return "Turin"
+    if family == 0x19 and model is not None:
+        if model <= 0x0F:
+            return "Milan"
+        if 0x10 <= model <= 0x1F or 0xA0 <= model <= 0xAF:
+            return "Genoa"
+    raise UsageError("cannot tell the SEV-SNP product from this report: give --product")
+
+
+def _fetch(
+    data: bytes,
+    kind: str,
+    pccs: str | None,
+    kds: str | None,
+    product: str | None,
+    fetch_ca: Path | None,
+    cache_dir: Path | None,
+    when: dt.datetime | None,
+    collateral: Any,
+    vcek: bytes | None,
+) -> tuple[Any, bytes | None, bytes | None]:
+    """Fetch (or take from the cache) what --pccs / --kds name: (collateral, vcek, ask_ark)."""
+    from ppml.attestation.evidence import detect_type
+    from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource
+
+    if fetch_ca is not None and not fetch_ca.is_file():
+        raise InputNotFound("--fetch-ca file not found", path=fetch_ca)
+    verify: bool | str = str(fetch_ca) if fetch_ca is not None else True
+    cache = cache_dir if cache_dir is not None else _default_cache_dir()
+    tee = detect_type(data) if kind == "auto" else kind
+    ask_ark: bytes | None = None
+    if tee in ("sgx", "tdx"):
+        if kds is not None:
+            raise UsageError("--kds is for SEV-SNP reports; this is an Intel quote")
+        assert pccs is not None
+        source = IntelCollateralSource(pccs, cache_dir=cache, verify=verify)
+        collateral = source.fetch_for(data, at=when)
+    else:
+        if pccs is not None:
+            raise UsageError("--pccs is for Intel quotes; this is an SEV-SNP report")
+        assert kds is not None
+        amd = AmdKdsSource(kds, cache_dir=cache, verify=verify)
+        vcek, ask_ark = amd.fetch_for(data, _snp_product(data, product), at=when)
+    return collateral, vcek, ask_ark
 
 
 def _policy_result(result: EvidenceVerification, policy: Policy) -> dict[str, Any]:
@@ -181,6 +245,52 @@ def attest_verify(
             show_default=False,
         ),
     ] = None,
+    pccs: Annotated[
+        str | None,
+        typer.Option(
+            "--pccs",
+            help="Without --collateral: fetch the Intel collateral for this quote from this "
+            "PCCS or Intel PCS base URL (Intel's: https://api.trustedservices.intel.com) and "
+            "cache it until its nextUpdate.",
+            show_default=False,
+        ),
+    ] = None,
+    kds: Annotated[
+        str | None,
+        typer.Option(
+            "--kds",
+            help="Without --vcek: fetch this SEV-SNP report's VCEK and the ASK/ARK from this "
+            "AMD KDS base URL (AMD's: https://kdsintf.amd.com) and cache them.",
+            show_default=False,
+        ),
+    ] = None,
+    product: Annotated[
+        str | None,
+        typer.Option(
+            "--product",
+            help="SEV-SNP with --kds: Milan, Genoa or Turin (default: from the report's CPUID, "
+            "reports of version 3 and later).",
+            show_default=False,
+        ),
+    ] = None,
+    fetch_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--fetch-ca",
+            help="PEM CA bundle to check the PCCS / KDS server certificate with (default: the "
+            "system's).",
+            show_default=False,
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="Where fetched collateral is cached (default: $XDG_CACHE_HOME/ppml/collateral "
+            "or ~/.cache/ppml/collateral).",
+            show_default=False,
+        ),
+    ] = None,
     fmt: FormatOption = "text",
 ) -> None:
     """Verify EVIDENCE: signatures, certificate chains to the pinned (or given) root, and the
@@ -203,14 +313,28 @@ def attest_verify(
             raise InputNotFound("collateral directory not found", path=collateral)
         policy = load_policy_file(policy_file) if policy_file is not None else None
         data = _read(evidence, "evidence file")
+        if (pccs or kds) is None and (product, fetch_ca, cache_dir) != (None, None, None):
+            raise UsageError("--product, --fetch-ca and --cache-dir go with --pccs or --kds")
+        if pccs is not None and collateral is not None:
+            raise UsageError("give either --collateral or --pccs, not both")
+        if kds is not None and vcek is not None:
+            raise UsageError("give either --vcek or --kds, not both")
+        vcek_bytes = _read(vcek, "VCEK certificate") if vcek is not None else None
+        ask_ark: bytes | None = None
+        fetched: Any = collateral
+        if pccs is not None or kds is not None:
+            fetched, vcek_bytes, ask_ark = _fetch(
+                data, kind, pccs, kds, product, fetch_ca, cache_dir, when, fetched, vcek_bytes
+            )
         result = verify_evidence(
             data,
             kind,
             root_pem=_read(root, "root certificate") if root is not None else None,
-            collateral=collateral,
+            collateral=fetched,
             at=when,
             allow_outdated=allow_outdated,
-            vcek=_read(vcek, "VCEK certificate") if vcek is not None else None,
+            vcek=vcek_bytes,
+            ask_ark=ask_ark,
         )
         appraisal = _policy_result(result, policy) if policy is not None else None
         failure = _failure(result, appraisal)

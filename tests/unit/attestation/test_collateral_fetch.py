@@ -681,3 +681,133 @@ def test_kds_refuses_what_it_cannot_fetch(server: Server, tls: Tls, tmp_path: Pa
         with pytest.raises(EvidenceError, match="not a certificate"):
             kds.fetch_for(report, "Milan")
     assert not (tmp_path / "amd").exists() or not any((tmp_path / "amd").iterdir())
+
+
+# ------------------------------------------------------------ the CLI: --pccs and --kds
+
+
+def _cli(*args: str | Path) -> tuple[int, dict[str, Any] | None, str]:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ppml.cli import app
+
+    result = CliRunner().invoke(app, ["attest", "verify", *map(str, args), "--format", "json"])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    try:
+        return result.exit_code, json.loads(result.stdout), result.stderr
+    except ValueError:
+        return result.exit_code, None, result.stderr
+
+
+def serve_matching(server: Server, pcs: Pcs) -> None:
+    """Serve, as a PCCS would, collateral that matches `pcs`'s quotes (their QE too)."""
+    from ppml.attestation.testing.evidence import matching_collateral
+
+    files = matching_collateral(pcs.qpki, issue_date=JAN, next_update=FEB)
+    server.set(
+        f"/sgx/certification/v4/tcb?fmspc={pcs.fmspc}",
+        (
+            200,
+            {"TCB-Info-Issuer-Chain": _chain_header(files["tcb_info_issuer_chain.pem"])},
+            files["tcb_info.json"],
+        ),
+    )
+    server.set(
+        "/sgx/certification/v4/qe/identity",
+        (
+            200,
+            {
+                "SGX-Enclave-Identity-Issuer-Chain": _chain_header(
+                    files["qe_identity_issuer_chain.pem"]
+                )
+            },
+            files["qe_identity.json"],
+        ),
+    )
+    server.set(
+        "/sgx/certification/v4/pckcrl?ca=platform&encoding=der",
+        (
+            200,
+            {"SGX-PCK-CRL-Issuer-Chain": _chain_header(files["pck_crl_issuer_chain.pem"])},
+            files["pck_crl.der"],
+        ),
+    )
+    server.set("/sgx/certification/v4/rootcacrl", (200, {}, files["root_ca_crl.der"]))
+
+
+def test_cli_fetches_intel_collateral_from_a_pccs_and_caches_it(
+    server: Server, tls: Tls, pcs: Pcs, tmp_path: Path
+) -> None:
+    serve_matching(server, pcs)
+    quote, root = tmp_path / "quote.dat", tmp_path / "root.pem"
+    quote.write_bytes(sgx_quote(pcs.qpki))
+    root.write_bytes(_pem(pcs.qpki.root_cert))
+    args = (quote, "--root", root, "--at", AT.isoformat(), "--pccs", server.url)
+    fetch = ("--fetch-ca", tls.ca_file, "--cache-dir", tmp_path / "cache")
+    code, out, err = _cli(*args, *fetch)
+    assert code == 0, (err, out and [s for s in out["steps"] if s["status"] != "passed"])
+    assert out is not None and out["verified"] and out["tcb_status"] == "UpToDate"
+    assert server.count() == 4
+    code, out, _ = _cli(*args, *fetch)  # the second time from the cache
+    assert code == 0 and out is not None and out["tcb_status"] == "UpToDate"
+    assert server.count() == 4
+    # an untrusted PCCS certificate: refused before anything is used (exit 5: configuration)
+    code, _, err = _cli(*args, "--fetch-ca", tls.other_ca_file, "--cache-dir", tmp_path / "c2")
+    assert code == 5 and "TLS certificate is not trusted" in err
+
+
+def test_cli_fetches_an_snp_vcek_from_kds(server: Server, tls: Tls, tmp_path: Path) -> None:
+    ev = make_evidence(product="Milan")
+    report = parse_report(ev.raw)
+    spl = "blSPL=4&teeSPL=0&snpSPL=24&ucodeSPL=219"
+    server.set(
+        f"/vcek/v1/Milan/{report.chip_id.hex()}?{spl}",
+        (200, {}, ev.vcek.public_bytes(serialization.Encoding.DER)),
+    )
+    server.set("/vcek/v1/Milan/cert_chain", (200, {}, _pem(*ev.ask_ark)))
+    evidence, ark = tmp_path / "report.bin", tmp_path / "ark.pem"
+    evidence.write_bytes(ev.raw)
+    ark.write_bytes(_pem(ev.ask_ark[1]))
+    code, out, err = _cli(
+        evidence,
+        "--root",
+        ark,
+        "--at",
+        ev.at.isoformat(),
+        "--kds",
+        server.url,
+        "--fetch-ca",
+        tls.ca_file,
+        "--cache-dir",
+        tmp_path / "cache",
+    )
+    assert code == 0, err
+    assert out is not None and out["type"] == "snp" and out["verified"]
+    assert server.count() == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--collateral", "."), "either --collateral or --pccs"),
+        (("--kds", "https://127.0.0.1:1"), "--kds is for SEV-SNP"),
+    ],
+)
+def test_cli_fetch_options_are_checked(
+    pcs: Pcs, tmp_path: Path, extra: tuple[str, ...], message: str
+) -> None:
+    quote = tmp_path / "quote.dat"
+    quote.write_bytes(sgx_quote(pcs.qpki))
+    pccs = () if "--kds" in extra else ("--pccs", "https://127.0.0.1:1")
+    code, _, err = _cli(quote, *pccs, *extra)
+    assert code == 2 and message in err
+
+
+def test_cli_fetch_only_options_need_a_source(pcs: Pcs, tmp_path: Path) -> None:
+    quote = tmp_path / "quote.dat"
+    quote.write_bytes(sgx_quote(pcs.qpki))
+    code, _, err = _cli(quote, "--product", "Milan")
+    assert code == 2 and "go with --pccs or --kds" in err
