@@ -60,7 +60,7 @@ from ppml.attestation.amd.verify import PRODUCTS
 from ppml.attestation.intel.collateral import MAX_CHAIN_BYTES, Collateral, parse_pem_chain
 from ppml.attestation.intel.pck import parse_pck_extensions
 from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
-from ppml.errors import ConfigurationError, EvidenceError
+from ppml.errors import ConfigurationError, EvidenceError, UsageError
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
@@ -699,3 +699,23 @@ def _ask_ark_pem(body: bytes, where: str) -> tuple[bytes, _dt.datetime]:
         raise EvidenceError(f"KDS fetch: {where}: expected 2 certificates (ASK, ARK)")
     pem = b"".join(c.public_bytes(Encoding.PEM) for c in certs)
     return pem, min(c.not_valid_after_utc for c in certs)
+
+
+def snp_product(report: SnpReport | bytes, product: str | None = None) -> str:
+    """The SEV-SNP product (Milan, Genoa or Turin) for a KDS query: `product` when given,
+    otherwise from the report's CPUID family and model (reports of version 3 and later)."""
+    if product is not None:
+        name = product.strip().capitalize()
+        if name not in ("Milan", "Genoa", "Turin"):
+            raise UsageError(f"unknown SEV-SNP product {product[:16]!r}: Milan, Genoa or Turin")
+        return name
+    parsed = parse_report(report) if isinstance(report, bytes) else report
+    family, model = parsed.cpuid_family, parsed.cpuid_model
+    if family == 0x1A:
+        return "Turin"
+    if family == 0x19 and model is not None:
+        if model <= 0x0F:
+            return "Milan"
+        if 0x10 <= model <= 0x1F or 0xA0 <= model <= 0xAF:
+            return "Genoa"
+    raise EvidenceError("cannot tell the SEV-SNP product from this report (no CPUID): name it")

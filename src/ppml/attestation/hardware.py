@@ -18,7 +18,7 @@ import datetime as _dt
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from cryptography import x509
 
@@ -28,6 +28,9 @@ from ppml.attestation.evidence import EvidenceVerification, verify_evidence
 from ppml.attestation.intel.collateral import Collateral
 from ppml.attestation.verifier import check_report_data
 from ppml.errors import AttestationFailed, ConfigurationError, EvidenceError
+
+if TYPE_CHECKING:
+    from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource
 
 __all__ = ["SgxVerifier", "SnpVerifier", "TdxVerifier", "evidence_claims", "hardware_verifiers"]
 
@@ -63,6 +66,7 @@ class _HardwareVerifier:
         vcek: bytes | None = None,
         ask_ark: bytes | None = None,
         clock: Clock = utc_now,
+        source: CollateralSource | None = None,
     ) -> None:
         if not isinstance(allow_outdated, bool):
             raise ConfigurationError("allow_outdated must be true or false")
@@ -72,6 +76,7 @@ class _HardwareVerifier:
         self._vcek = vcek
         self._ask_ark = ask_ark
         self._collateral: Collateral | Path | None = None
+        self._source = source
         try:
             if root_pem is not None:
                 x509.load_pem_x509_certificates(root_pem)
@@ -90,10 +95,17 @@ class _HardwareVerifier:
             raise ConfigurationError(f"{self._TEE.value} verifier: {exc}") from None
 
     @classmethod
-    def default(cls, *, collateral: str | Path | None = None, allow_outdated: bool = False) -> Self:
-        """Trust the vendor's pinned root; evaluate the TCB against `collateral` when given
-        (without it, Intel TCB status is Unknown)."""
-        return cls(collateral=collateral, allow_outdated=allow_outdated)
+    def default(
+        cls,
+        *,
+        collateral: str | Path | None = None,
+        allow_outdated: bool = False,
+        source: CollateralSource | None = None,
+    ) -> Self:
+        """Trust the vendor's pinned root; evaluate the TCB against `collateral` when given,
+        else against what `source` fetches for each piece of evidence (a PCCS / Intel PCS,
+        AMD KDS); with neither, Intel TCB status is Unknown."""
+        return cls(collateral=collateral, allow_outdated=allow_outdated, source=source)
 
     @classmethod
     def for_testing(
@@ -105,6 +117,7 @@ class _HardwareVerifier:
         vcek: bytes | None = None,
         ask_ark: bytes | None = None,
         clock: Clock = utc_now,
+        source: CollateralSource | None = None,
     ) -> Self:
         """Trust a test root (an Intel root CA, or an AMD ARK for SEV-SNP) instead of the
         vendor's; `clock` pins the verification time."""
@@ -118,6 +131,7 @@ class _HardwareVerifier:
             vcek=vcek,
             ask_ark=ask_ark,
             clock=clock,
+            source=source,
         )
 
     @property
@@ -126,15 +140,29 @@ class _HardwareVerifier:
 
     def check(self, evidence: bytes, *, at: _dt.datetime | None = None) -> EvidenceVerification:
         """The full verification result, without the report data check or any refusal."""
+        when = at if at is not None else self._clock()
+        collateral: Any = self._collateral
+        vcek, ask_ark = self._vcek, self._ask_ark
+        if self._source is not None and (
+            (self._TEE is TeeType.SNP and vcek is None and collateral is None)
+            or (self._TEE is not TeeType.SNP and collateral is None)
+        ):
+            try:
+                if self._TEE is TeeType.SNP:
+                    vcek, ask_ark = self._source.snp(evidence, when)
+                else:
+                    collateral = self._source.intel(evidence, when)
+            except ConfigurationError as exc:  # the server unreachable: refuse, say why
+                raise EvidenceError(f"collateral unavailable: {exc}") from None
         return verify_evidence(
             evidence,
             self._TEE,
             root_pem=self._root_pem,
-            collateral=self._collateral,
-            at=at if at is not None else self._clock(),
+            collateral=collateral,
+            at=when,
             allow_outdated=self._allow_outdated,
-            vcek=self._vcek,
-            ask_ark=self._ask_ark,
+            vcek=vcek,
+            ask_ark=ask_ark,
         )
 
     def verify(self, evidence: bytes, *, expected_report_data: bytes) -> EvidenceClaims:
@@ -215,22 +243,55 @@ _CLASSES: Mapping[TeeType, Callable[..., _HardwareVerifier]] = {
 }
 
 
+class CollateralSource:
+    """Fetches (and caches) what a hardware verifier needs per piece of evidence: Intel
+    collateral from a PCCS or Intel PCS, SEV-SNP VCEKs (and ASK/ARK) from AMD KDS. Either may
+    be None: that kind of evidence is then verified without (Intel: TCB status Unknown;
+    SEV-SNP: refused without a VCEK)."""
+
+    def __init__(self, intel: IntelCollateralSource | None, amd: AmdKdsSource | None) -> None:
+        self._intel = intel
+        self._amd = amd
+
+    @property
+    def has_amd(self) -> bool:
+        return self._amd is not None
+
+    def intel(self, evidence: bytes, at: _dt.datetime) -> Collateral | None:
+        return None if self._intel is None else self._intel.fetch_for(evidence, at=at)
+
+    def snp(self, evidence: bytes, at: _dt.datetime) -> tuple[bytes | None, bytes | None]:
+        if self._amd is None:
+            return None, None
+        from ppml.attestation.fetch import snp_product
+
+        return self._amd.fetch_for(evidence, snp_product(evidence), at=at)
+
+
 def hardware_verifiers(
     tee_types: tuple[TeeType, ...] | frozenset[TeeType],
     *,
     collateral: str | Path | None = None,
     allow_outdated: bool = False,
+    source: CollateralSource | None = None,
 ) -> dict[TeeType, _HardwareVerifier]:
     """Default verifiers for the enabled hardware TEE types (what a workspace configures).
-    SEV-SNP needs a VCEK in `collateral`; without one it is left out (and refused)."""
+    SEV-SNP needs a VCEK in `collateral` or a KDS in `source`; without either it is left out
+    (and refused)."""
     out: dict[TeeType, _HardwareVerifier] = {}
     for tee in tee_types:
         if tee not in _CLASSES:
             raise ConfigurationError(f"no hardware verifier for TEE type {tee!s}")
-        if tee is TeeType.SNP and (
-            collateral is None
-            or not any((Path(collateral) / n).exists() for n in ("vcek.der", "vcek.pem"))
+        if (
+            tee is TeeType.SNP
+            and (
+                collateral is None
+                or not any((Path(collateral) / n).exists() for n in ("vcek.der", "vcek.pem"))
+            )
+            and not (source is not None and source.has_amd)
         ):
             continue
-        out[tee] = _CLASSES[tee](collateral=collateral, allow_outdated=allow_outdated)
+        out[tee] = _CLASSES[tee](
+            collateral=collateral, allow_outdated=allow_outdated, source=source
+        )
     return out

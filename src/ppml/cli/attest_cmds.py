@@ -60,27 +60,6 @@ def _default_cache_dir() -> Path:
     return Path(base) / "ppml" / "collateral"
 
 
-def _snp_product(data: bytes, product: str | None) -> str:
-    """The SEV-SNP product for a KDS query: as given, or from the report's CPUID."""
-    from ppml.attestation.amd.report import parse_report
-
-    if product is not None:
-        name = product.strip().capitalize()
-        if name not in ("Milan", "Genoa", "Turin"):
-            raise UsageError(f"--product {product[:16]!r}: use Milan, Genoa or Turin")
-        return name
-    report = parse_report(data)
-    family, model = report.cpuid_family, report.cpuid_model
-    if family == 0x1A:
-        return "Turin"
-    if family == 0x19 and model is not None:
-        if model <= 0x0F:
-            return "Milan"
-        if 0x10 <= model <= 0x1F or 0xA0 <= model <= 0xAF:
-            return "Genoa"
-    raise UsageError("cannot tell the SEV-SNP product from this report: give --product")
-
-
 def _fetch(
     data: bytes,
     kind: str,
@@ -95,7 +74,7 @@ def _fetch(
 ) -> tuple[Any, bytes | None, bytes | None]:
     """Fetch (or take from the cache) what --pccs / --kds name: (collateral, vcek, ask_ark)."""
     from ppml.attestation.evidence import detect_type
-    from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource
+    from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource, snp_product
 
     if fetch_ca is not None and not fetch_ca.is_file():
         raise InputNotFound("--fetch-ca file not found", path=fetch_ca)
@@ -114,7 +93,7 @@ def _fetch(
             raise UsageError("--pccs is for Intel quotes; this is an SEV-SNP report")
         assert kds is not None
         amd = AmdKdsSource(kds, cache_dir=cache, verify=verify)
-        vcek, ask_ark = amd.fetch_for(data, _snp_product(data, product), at=when)
+        vcek, ask_ark = amd.fetch_for(data, snp_product(data, product), at=when)
     return collateral, vcek, ask_ark
 
 

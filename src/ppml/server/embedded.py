@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ppml.attestation import AttestationService, TeeType, TokenVerifier, Verifier
-from ppml.attestation.hardware import hardware_verifiers
+from ppml.attestation.hardware import CollateralSource, hardware_verifiers
 from ppml.kms.broker import KeyBroker
 from ppml.server.app import Services
 from ppml.server.tls import TlsFiles
@@ -40,6 +40,7 @@ def services_for(
             tuple(TeeType(t) for t in settings.tee_types),
             collateral=collateral,
             allow_outdated=settings.allow_outdated,
+            source=_collateral_source(ws),
         )
     keys = ws.key_service(actor=actor)
     token_key = ws.token_signing_key()
@@ -53,6 +54,27 @@ def services_for(
         verifiers=verifiers,
     )
     return Services(attestation=attestation, broker=broker, keys=keys)
+
+
+def _collateral_source(ws: Workspace) -> CollateralSource | None:
+    """What the ``[attestation]`` settings say to fetch per piece of evidence, cached under
+    ``<workspace>/attestation/cache`` (private)."""
+    settings = ws.config.attestation
+    if settings.pccs_url is None and settings.kds_url is None:
+        return None
+    from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource
+
+    verify: bool | str = True
+    if settings.fetch_ca is not None:
+        ca = Path(settings.fetch_ca)
+        verify = str(ca if ca.is_absolute() else ws.path / ca)
+    cache = ws.path / "attestation" / "cache"
+    intel = amd = None
+    if settings.pccs_url is not None:
+        intel = IntelCollateralSource(settings.pccs_url, cache_dir=cache, verify=verify)
+    if settings.kds_url is not None:
+        amd = AmdKdsSource(settings.kds_url, cache_dir=cache, verify=verify)
+    return CollateralSource(intel, amd)
 
 
 def tls_files_for(ws: Workspace) -> TlsFiles:

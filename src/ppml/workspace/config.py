@@ -54,6 +54,9 @@ class AttestationSettings:
     tee_types: tuple[str, ...] = HARDWARE_TEES
     collateral: str | None = None
     allow_outdated: bool = False
+    pccs_url: str | None = None  # fetch Intel collateral per quote (a PCCS or Intel PCS)
+    kds_url: str | None = None  # fetch SEV-SNP VCEKs per report (AMD KDS)
+    fetch_ca: str | None = None  # a CA bundle for those servers (default: the system's)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tee_types, tuple) or not all(
@@ -70,6 +73,12 @@ class AttestationSettings:
             raise ConfigurationError("attestation.collateral must be a directory path")
         if not isinstance(self.allow_outdated, bool):
             raise ConfigurationError("attestation.allow_outdated must be true or false")
+        for name in ("pccs_url", "kds_url"):
+            url = getattr(self, name)
+            if url is not None and (not isinstance(url, str) or not url.startswith("https://")):
+                raise ConfigurationError(f"attestation.{name} must be an https:// URL")
+        if self.fetch_ca is not None and (not isinstance(self.fetch_ca, str) or not self.fetch_ca):
+            raise ConfigurationError("attestation.fetch_ca must be a file path")
 
     @property
     def is_default(self) -> bool:
@@ -80,20 +89,16 @@ class AttestationSettings:
             "tee_types": list(self.tee_types),
             "allow_outdated": self.allow_outdated,
         }
-        if self.collateral is not None:
-            out["collateral"] = self.collateral
+        for name in ("collateral", "pccs_url", "kds_url", "fetch_ca"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     @classmethod
     def from_dict(cls, doc: object) -> AttestationSettings:
-        if not isinstance(doc, dict) or not set(doc) <= {
-            "tee_types",
-            "collateral",
-            "allow_outdated",
-        }:
-            raise ConfigurationError(
-                "[attestation] holds only tee_types, collateral and allow_outdated"
-            )
+        keys = ("tee_types", "collateral", "allow_outdated", "pccs_url", "kds_url", "fetch_ca")
+        if not isinstance(doc, dict) or not set(doc) <= set(keys):
+            raise ConfigurationError("[attestation] holds only " + ", ".join(keys))
         tee_types = doc.get("tee_types", list(HARDWARE_TEES))
         if not isinstance(tee_types, list):
             raise ConfigurationError("attestation.tee_types must be a list")
@@ -101,6 +106,9 @@ class AttestationSettings:
             tee_types=tuple(tee_types),
             collateral=doc.get("collateral"),
             allow_outdated=doc.get("allow_outdated", False),
+            pccs_url=doc.get("pccs_url"),
+            kds_url=doc.get("kds_url"),
+            fetch_ca=doc.get("fetch_ca"),
         )
 
 

@@ -811,3 +811,47 @@ def test_cli_fetch_only_options_need_a_source(pcs: Pcs, tmp_path: Path) -> None:
     quote.write_bytes(sgx_quote(pcs.qpki))
     code, _, err = _cli(quote, "--product", "Milan")
     assert code == 2 and "go with --pccs or --kds" in err
+
+
+# ------------------------------------------------------------ the service's verifiers fetch too
+
+
+def test_a_hardware_verifier_fetches_the_collateral_of_each_quote(
+    server: Server, tls: Tls, pcs: Pcs, tmp_path: Path
+) -> None:
+    from ppml.attestation import SgxVerifier, TcbStatus
+    from ppml.attestation.hardware import CollateralSource
+    from ppml.errors import EvidenceError
+
+    serve_matching(server, pcs)
+    with source(server, tls, tmp_path / "cache") as intel:
+        verifier = SgxVerifier.for_testing(
+            root=pcs.qpki.root_cert, clock=lambda: AT, source=CollateralSource(intel, None)
+        )
+        quote = sgx_quote(pcs.qpki)
+        assert verifier.check(quote).tcb_status is TcbStatus.UP_TO_DATE
+        assert verifier.check(quote).tcb_status is TcbStatus.UP_TO_DATE
+        assert server.count() == 4  # fetched once, then cached
+        # without a source: the same quote has no TCB status to give
+        bare = SgxVerifier.for_testing(root=pcs.qpki.root_cert, clock=lambda: AT)
+        assert bare.check(quote).tcb_status is TcbStatus.UNKNOWN
+    with source(server, tls, tmp_path / "cold", verify=tls.other_ca_file) as untrusted:
+        refusing = SgxVerifier.for_testing(
+            root=pcs.qpki.root_cert, clock=lambda: AT, source=CollateralSource(untrusted, None)
+        )
+        with pytest.raises(EvidenceError, match="collateral unavailable"):
+            refusing.check(sgx_quote(pcs.qpki))
+
+
+def test_the_workspace_settings_name_the_servers(tmp_path: Path) -> None:
+    from ppml.errors import ConfigurationError
+    from ppml.workspace.config import AttestationSettings
+
+    settings = AttestationSettings.from_dict(
+        {"pccs_url": "https://pccs.example:8081", "kds_url": "https://kdsintf.amd.com"}
+    )
+    assert settings.to_dict()["pccs_url"] == "https://pccs.example:8081"
+    assert AttestationSettings.from_dict(settings.to_dict()) == settings
+    for bad in ({"pccs_url": "http://pccs.example"}, {"kds_url": 3}, {"fetch_ca": ""}):
+        with pytest.raises(ConfigurationError):
+            AttestationSettings.from_dict(bad)
