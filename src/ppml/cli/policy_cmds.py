@@ -33,7 +33,8 @@ MeasurementOption = Annotated[
     typer.Option(
         "--measurement",
         help="The TEE's primary measurement, 64 or 96 hex digits (sim: measurement, "
-        "sgx: MRENCLAVE, tdx: MRTD, snp: MEASUREMENT).",
+        "sgx: MRENCLAVE, tdx: MRTD, snp: MEASUREMENT); for SGX, '*' allows any enclave of "
+        "--mr-signer and --isv-prod-id at --min-isv-svn or later.",
         show_default=False,
     ),
 ]

@@ -4,7 +4,9 @@ A policy is a set of rules; a rule names a TEE type, the TEE's primary measureme
 debug TEE is acceptable and the lowest TCB status accepted, and optionally more reference values
 of its TEE type (all must hold):
 
-- SGX: ``mr_signer``, ``isv_prod_id``, ``min_isv_svn``;
+- SGX: ``mr_signer``, ``isv_prod_id``, ``min_isv_svn``; with all three, the measurement may
+  be ``*`` (`ANY_MEASUREMENT`): any enclave of that signer and product at that security version
+  or later (how a vendor's enclave updates keep their keys), instead of one MRENCLAVE;
 - TDX: ``mr_seam``, ``rtmr0`` .. ``rtmr3``;
 - SEV-SNP: ``migration_agent_ok`` and ``smt_ok`` (False refuses a guest whose launch policy
   allows a migration agent, or SMT), ``min_reported_tcb`` (the lowest REPORTED_TCB component
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from ppml.kms.service import KeyService
 
 __all__ = [
+    "ANY_MEASUREMENT",
     "PRIMARY_MEASUREMENT",
     "AttestedFacts",
     "Decision",
@@ -155,9 +158,15 @@ def parse_tcb_status(text: str | TcbStatus) -> TcbStatus:
     return status
 
 
+ANY_MEASUREMENT: Final = "*"
+
+
 def parse_measurement(text: str) -> str:
-    """A measurement as lowercase hex of 32 or 48 bytes (64 or 96 hex digits)."""
+    """A measurement as lowercase hex of 32 or 48 bytes (64 or 96 hex digits), or
+    `ANY_MEASUREMENT` (``*``, which only an SGX signer rule may use)."""
     value = text.strip().lower() if isinstance(text, str) else ""
+    if value == ANY_MEASUREMENT:
+        return value
     if not _HEX.match(value) or len(value) // 2 not in MEASUREMENT_BYTES or len(value) % 2:
         raise UsageError(
             "invalid measurement: expected 64 or 96 hex digits (32 or 48 bytes), "
@@ -265,6 +274,16 @@ class Rule:
             raise UsageError(
                 "migration_agent_ok, smt_ok and min_reported_tcb are SEV-SNP reference values"
             )
+        if self.measurement == ANY_MEASUREMENT and (
+            self.tee is not TeeType.SGX
+            or self.mr_signer is None
+            or self.isv_prod_id is None
+            or self.min_isv_svn is None
+        ):
+            raise UsageError(
+                "a rule for any measurement ('*') is an SGX signer rule: it needs mr_signer, "
+                "isv_prod_id and min_isv_svn"
+            )
         if self.min_reported_tcb is not None:
             tcb = self.min_reported_tcb
             if not isinstance(tcb, Mapping) or not tcb or not set(tcb) <= set(_TCB_COMPONENTS):
@@ -281,7 +300,9 @@ class Rule:
             return Reason.TEE_MISMATCH
         measured = primary_measurement(facts)
         measured_bytes = _measurement_bytes(measured) if measured is not None else None
-        if measured_bytes is None or not compare_digest(
+        if measured_bytes is None:
+            return Reason.MEASUREMENT_MISMATCH
+        if self.measurement != ANY_MEASUREMENT and not compare_digest(
             measured_bytes, bytes.fromhex(self.measurement)
         ):
             return Reason.MEASUREMENT_MISMATCH

@@ -241,3 +241,76 @@ def test_policy_files(tmp_path: Path) -> None:
             load_policy_file(file)
     with pytest.raises(UsageError):
         load_policy_file(tmp_path / "missing.json")
+
+
+# -- SGX signer rules: any MRENCLAVE of one signer and product, at a minimum SVN -----------------
+
+SIGNER_RULE = Rule(TeeType.SGX, "*", mr_signer=SIGNER, isv_prod_id=4, min_isv_svn=6)
+
+
+def test_a_signer_rule_allows_any_enclave_of_its_signer_product_and_svn() -> None:
+    assert reason(SIGNER_RULE, facts(TeeType.SGX)) == Reason.ALLOWED
+    other_enclave = facts(TeeType.SGX, measurements={"mr_enclave": "77" * 32})
+    assert reason(SIGNER_RULE, other_enclave) == Reason.ALLOWED
+    later = facts(TeeType.SGX, measurements={"mr_enclave": "78" * 32}, extra={"isv_svn": 9})
+    assert reason(SIGNER_RULE, later) == Reason.ALLOWED
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"measurements": {"mr_signer": "34" * 32}}, Reason.MEASUREMENT_MISMATCH),
+        ({"measurements": {"mr_signer": "33" * 31}}, Reason.MEASUREMENT_MISMATCH),
+        ({"extra": {"isv_prod_id": 5}}, Reason.ATTRIBUTE_MISMATCH),
+        ({"extra": {"isv_svn": 5}}, Reason.SVN_TOO_LOW),
+        ({"measurements": {"mr_enclave": "11" * 31}}, Reason.MEASUREMENT_MISMATCH),
+        ({"debug": True}, Reason.DEBUG_NOT_ALLOWED),
+        ({"tcb_status": TcbStatus.OUT_OF_DATE}, Reason.TCB_TOO_LOW),
+    ],
+)
+def test_a_signer_rule_refuses_every_other_enclave(changes: dict[str, Any], expected: str) -> None:
+    assert reason(SIGNER_RULE, facts(TeeType.SGX, **changes)) == expected
+
+
+def test_a_signer_rule_refuses_other_tees_and_a_missing_enclave_measurement() -> None:
+    assert reason(SIGNER_RULE, facts(TeeType.TDX)) == Reason.TEE_MISMATCH
+    no_enclave = facts(TeeType.SGX)
+    no_enclave = replace(
+        no_enclave,
+        measurements={k: v for k, v in no_enclave.measurements.items() if k != "mr_enclave"},
+    )
+    assert not Policy("k", (SIGNER_RULE,)).evaluate(no_enclave, allow_sim=False).allowed
+
+
+@pytest.mark.parametrize(
+    "tee, fields",
+    [
+        (TeeType.SGX, {"mr_signer": SIGNER, "isv_prod_id": 4}),  # no minimum SVN
+        (TeeType.SGX, {"mr_signer": SIGNER, "min_isv_svn": 6}),  # no product
+        (TeeType.SGX, {"isv_prod_id": 4, "min_isv_svn": 6}),  # no signer
+        (TeeType.TDX, {}),
+        (TeeType.SNP, {}),
+        (TeeType.SIM, {}),
+    ],
+)
+def test_any_measurement_is_only_for_complete_sgx_signer_rules(
+    tee: TeeType, fields: dict[str, Any]
+) -> None:
+    with pytest.raises(UsageError, match="signer rule"):
+        Rule(tee, "*", **fields)
+
+
+def test_a_stored_signer_rule_keeps_its_meaning(tmp_path: Path) -> None:
+    db = tmp_path / "keys.db"
+    with KeyService(db, bytes(range(32))) as kms:
+        kms.create_key("k")
+        kms.policies(allow_sim=False).allow("k", SIGNER_RULE)
+    with KeyService(db, bytes(range(32))) as kms:
+        store = kms.policies(allow_sim=False)
+        policy = store.show("k")
+        assert policy.intact and policy.rules == (SIGNER_RULE,)
+        assert store.evaluate("k", facts(TeeType.SGX)).allowed
+        other = facts(TeeType.SGX, measurements={"mr_enclave": "77" * 32}, extra={"isv_svn": 5})
+        assert store.evaluate("k", other).reason == Reason.SVN_TOO_LOW
+        store.revoke("k", "*")
+        assert store.show("k").rules == ()
