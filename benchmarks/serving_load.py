@@ -114,40 +114,21 @@ def mlp_onnx_bytes() -> bytes:
 # -- the worker and front end processes (internal subcommands) ----------------------------------
 
 
-def _redis_client(host: str, port: int, ca: Path, password: str) -> Any:
-    import redis
-
-    return redis.Redis(
-        host=host,
-        port=port,
-        password=password,
-        ssl=True,
-        ssl_ca_certs=str(ca),
-        ssl_cert_reqs="required",
-        ssl_check_hostname=True,
-        socket_timeout=30.0,
-        socket_connect_timeout=10.0,
-        max_connections=256,
-    )
-
-
 def _worker_main(argv: list[str]) -> int:
     """``_worker CODEC <worker argv>``: `ppml.serving.worker.main`, with a plaintext queue
     when CODEC is "plaintext" (the worker's own CLI always encrypts)."""
+    import redis
+
     from ppml.serving.queue import ServingQueue
-    from ppml.serving.worker import QueueConfig, main, open_queue, read_secret_file
+    from ppml.serving.worker import QueueConfig, main, open_queue, redis_options
 
     codec_name, rest = argv[0], argv[1:]
 
     def plaintext_queue(config: QueueConfig, provider: DataKeyProvider) -> ServingQueue:
-        assert config.redis_ca is not None and config.redis_password_file is not None
-        password = read_secret_file(config.redis_password_file, provider).decode().strip()
-        client = _redis_client(config.redis_host, config.redis_port, config.redis_ca, password)
-        codec = PayloadCodec.plaintext(config.deployment)
         return ServingQueue(
-            client,
+            redis.Redis(**redis_options(config, provider)),
             deployment=config.deployment,
-            codec=codec,
+            codec=PayloadCodec.plaintext(config.deployment),
             max_deliveries=config.max_deliveries,
         )
 
@@ -157,12 +138,19 @@ def _worker_main(argv: list[str]) -> int:
 
 def _frontend_main(argv: list[str]) -> int:
     """``_frontend --config FILE``: the front end over the deployment's queue, over HTTPS."""
+    import redis
+
     from ppml.api import key_provider
     from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
     from ppml.serving.frontend_main import run_https
     from ppml.serving.model import load_model
     from ppml.serving.queue import ServingQueue
-    from ppml.serving.worker import read_secret_file
+    from ppml.serving.worker import (
+        QueueConfig,
+        open_async_client,
+        read_secret_file,
+        redis_options,
+    )
 
     p = argparse.ArgumentParser(prog="serving_load.py _frontend")
     p.add_argument("--config", type=Path, required=True)
@@ -170,32 +158,24 @@ def _frontend_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     cfg = json.loads(args.config.read_text())
     provider = key_provider()
-    password = read_secret_file(Path(cfg["password_file"]), provider).decode().strip()
-    client = _redis_client("127.0.0.1", cfg["redis_port"], Path(cfg["ca"]), password)
     deployment = cfg["deployment"]
+    config = QueueConfig(  # how the deployment's own front end reaches its queue
+        deployment=deployment,
+        redis_port=cfg["redis_port"],
+        redis_ca=Path(cfg["ca"]),
+        redis_password_file=Path(cfg["password_file"]),
+        payload_key_file=Path(cfg["payload_key_file"]),
+    )
     if cfg["codec"] == "encrypted":
         key = read_secret_file(Path(cfg["payload_key_file"]), provider)
         codec = PayloadCodec(key, deployment)
     else:
         codec = PayloadCodec.plaintext(deployment)
+    client = redis.Redis(**redis_options(config, provider))
     queue = ServingQueue(client, deployment=deployment, codec=codec, max_length=100_000)
     queue.ensure_group()
     info = ModelInfo.from_model(load_model(Path(cfg["model_file"]), provider, name=MODEL))
-    import redis.asyncio
-
-    aio_client = redis.asyncio.Redis(
-        connection_pool=redis.asyncio.BlockingConnectionPool(
-            max_connections=128,
-            timeout=30,
-            connection_class=redis.asyncio.SSLConnection,
-            host="127.0.0.1",
-            port=cfg["redis_port"],
-            password=password,
-            ssl_ca_certs=cfg["ca"],
-            ssl_cert_reqs="required",
-            ssl_check_hostname=True,
-        )
-    )  # as `ppml.serving.worker.open_async_client` makes it
+    aio_client = open_async_client(config, provider)
     aio = queue.asynchronous(aio_client)
     app = create_app(
         queue,

@@ -11,11 +11,8 @@ in any log.
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -33,6 +30,7 @@ from types import ModuleType
 
 import pytest
 from cli_support import PASSPHRASE, run_ppml
+from tests.tpch_rows import same_value, sorted_rows
 
 from ppml.engines.spark.jvm import kms_client_jar
 from ppml.workspace import Workspace
@@ -293,35 +291,6 @@ def test_sql_basic_over_encrypted_json_on_the_cluster(
 # -- TPC-H ---------------------------------------------------------------------------------------
 
 
-def _value(v: object) -> object:
-    return float(v) if isinstance(v, decimal.Decimal | float) else v
-
-
-def _sort_key(row: tuple[object, ...]) -> tuple[tuple[int, object], ...]:
-    # Floats rounded for ordering only; None first; the comparison itself uses a tolerance.
-    out: list[tuple[int, object]] = []
-    for v in row:
-        if v is None:
-            out.append((0, 0))
-        elif isinstance(v, float):
-            out.append((1, round(v, 2)))
-        elif isinstance(v, datetime.date):
-            out.append((2, v.isoformat()))
-        else:
-            out.append((1, v) if isinstance(v, int) else (3, str(v)))
-    return tuple(out)
-
-
-def _rows(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
-    return sorted((tuple(_value(v) for v in row) for row in rows), key=_sort_key)
-
-
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, float | int) and isinstance(b, float | int):
-        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-6)
-    return a == b
-
-
 def _load_tpch() -> ModuleType:
     spec = importlib.util.spec_from_file_location("ppml_cluster_tpch", EXAMPLES / "tpch.py")
     assert spec is not None and spec.loader is not None
@@ -387,15 +356,15 @@ def test_tpch_queries_over_encrypted_parquet_on_the_cluster_match_duckdb(
             path = str(plain / f"{table}.parquet").replace("'", "''")
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{path}')")
         for n in range(1, 23):
-            want = _rows(con.sql(tpch.query_text(n, TPCH_SCALE)).fetchall())
+            want = sorted_rows(con.sql(tpch.query_text(n, TPCH_SCALE)).fetchall())
             assert want, f"Q{n} returns no rows"
             parts = [p for p in (out / f"q{n}").iterdir() if not p.name.startswith(("_", "."))]
             assert parts and all(is_encrypted_parquet(p) for p in parts)
             table = read_table(out / f"q{n}", keys, format="parquet")
-            got = _rows([tuple(r.values()) for r in table.to_pylist()])
+            got = sorted_rows([tuple(r.values()) for r in table.to_pylist()])
             assert int(counts[str(n)]) == len(got) == len(want), f"Q{n}"
             for i, (g, w) in enumerate(zip(got, want, strict=True)):
-                assert all(_same(x, y) for x, y in zip(g, w, strict=True)), f"Q{n} row {i}"
+                assert all(same_value(x, y) for x, y in zip(g, w, strict=True)), f"Q{n} row {i}"
     finally:
         keys.close()
         con.close()

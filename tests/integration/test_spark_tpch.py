@@ -7,10 +7,7 @@ under a key of a real workspace KMS; a real local Spark (local[2]).
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import importlib.util
-import math
 import os
 import shutil
 import subprocess
@@ -21,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from tests.tpch_rows import same_value, sorted_rows
 
 pytest.importorskip("pyspark")
 
@@ -128,39 +126,6 @@ def duck(data: tuple[Path, Path]) -> Iterator[duckdb.DuckDBPyConnection]:
     con.close()
 
 
-def _value(v: object) -> object:
-    if isinstance(v, decimal.Decimal | float):
-        return float(v)
-    return v
-
-
-def _sort_key(row: tuple[object, ...]) -> tuple[tuple[int, object], ...]:
-    # Floats rounded for ordering only; None first; the comparison itself uses a tolerance.
-    out: list[tuple[int, object]] = []
-    for v in row:
-        if v is None:
-            out.append((0, 0))
-        elif isinstance(v, float):
-            out.append((1, round(v, 2)))
-        elif isinstance(v, datetime.date):
-            out.append((2, v.isoformat()))
-        else:
-            out.append((1, v) if isinstance(v, int) else (3, str(v)))
-    return tuple(out)
-
-
-def _rows(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
-    return sorted((tuple(_value(v) for v in row) for row in rows), key=_sort_key)
-
-
-def _same(a: object, b: object) -> bool:
-    if isinstance(a, float) and isinstance(b, float | int):
-        return math.isclose(a, float(b), rel_tol=1e-6, abs_tol=1e-6)
-    if isinstance(b, float) and isinstance(a, int):
-        return math.isclose(float(a), b, rel_tol=1e-6, abs_tol=1e-6)
-    return a == b
-
-
 def test_the_queries_read_the_encrypted_tables(ctx: Any, data: tuple[Path, Path]) -> None:
     assert tpch.scale_of(ctx) == pytest.approx(SCALE)
     assert all(is_encrypted_parquet(data[1] / f"{t}.parquet") for t in tpch.TABLES)
@@ -175,13 +140,13 @@ def test_the_queries_read_the_encrypted_tables(ctx: Any, data: tuple[Path, Path]
 @pytest.mark.parametrize("n", range(1, 23))
 def test_query_matches_duckdb(ctx: Any, duck: duckdb.DuckDBPyConnection, n: int) -> None:
     df = tpch.run_query(ctx, n, SCALE)
-    got = _rows([tuple(r) for r in df.collect()])
-    want = _rows(duck.sql(tpch.query_text(n, SCALE)).fetchall())
+    got = sorted_rows([tuple(r) for r in df.collect()])
+    want = sorted_rows(duck.sql(tpch.query_text(n, SCALE)).fetchall())
     assert want, f"Q{n} returns no rows at scale {SCALE}"
     assert len(got) == len(want), f"Q{n}: {len(got)} rows, DuckDB {len(want)}"
     assert len(df.columns) == len(want[0])
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert all(_same(x, y) for x, y in zip(g, w, strict=True)), f"Q{n} row {i}: {g} != {w}"
+        assert all(same_value(x, y) for x, y in zip(g, w, strict=True)), f"Q{n} row {i}: {g} != {w}"
 
 
 def test_example_writes_encrypted_results(

@@ -40,7 +40,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Self
 
 import httpx
 from cryptography import x509
@@ -378,10 +378,54 @@ def _fresh_until(collateral: Collateral) -> _dt.datetime | None:
     return min(ends) if ends else None
 
 
+class _Source:
+    """What both sources share: the checked base URL, the cache directory, the HTTP client
+    (verified TLS, timeouts, bounded bodies and retries) and a lock; closing."""
+
+    def __init__(
+        self,
+        base_url: str,
+        what: str,
+        *,
+        cache_dir: str | Path | None,
+        client: httpx.Client | None,
+        verify: bool | str | os.PathLike[str],
+        timeout: float,
+        max_response_bytes: int,
+        retries: int,
+        max_retry_after: float,
+        clock: Clock,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.base_url = _check_base_url(base_url, what)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._clock = clock
+        self._http = _Http(
+            client=client,
+            verify=verify,
+            timeout=timeout,
+            max_response_bytes=max_response_bytes,
+            retries=retries,
+            max_retry_after=max_retry_after,
+            sleep=sleep,
+            clock=clock,
+        )
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- Intel
 
 
-class IntelCollateralSource:
+class IntelCollateralSource(_Source):
     """Collateral for Intel SGX and TDX quotes from Intel PCS or a PCCS (API v4).
 
     `fetch_for(quote)` derives the FMSPC and the PCK CA (platform or processor) from the
@@ -409,7 +453,19 @@ class IntelCollateralSource:
         clock: Clock = utc_now,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.base_url = _check_base_url(base_url, "Intel collateral source")
+        super().__init__(
+            base_url,
+            "Intel collateral source",
+            cache_dir=cache_dir,
+            client=client,
+            verify=verify,
+            timeout=timeout,
+            max_response_bytes=max_response_bytes,
+            retries=retries,
+            max_retry_after=max_retry_after,
+            clock=clock,
+            sleep=sleep,
+        )
         if root_ca_crl_url is None:
             is_pcs = (
                 urllib.parse.urlsplit(self.base_url).hostname == "api.trustedservices.intel.com"
@@ -427,28 +483,6 @@ class IntelCollateralSource:
                     " is not an https:// URL"
                 )
         self.root_ca_crl_url = root_ca_crl_url
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._clock = clock
-        self._http = _Http(
-            client=client,
-            verify=verify,
-            timeout=timeout,
-            max_response_bytes=max_response_bytes,
-            retries=retries,
-            max_retry_after=max_retry_after,
-            sleep=sleep,
-            clock=clock,
-        )
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> IntelCollateralSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @staticmethod
     def platform_of(quote: SgxQuote | TdxQuote | bytes) -> tuple[TeeName, str, str]:
@@ -557,7 +591,7 @@ class IntelCollateralSource:
 # --------------------------------------------------------------------------- AMD
 
 
-class AmdKdsSource:
+class AmdKdsSource(_Source):
     """VCEK certificates and ASK/ARK chains for SEV-SNP reports from AMD's KDS.
 
     `fetch_for(report, product)` returns ``(vcek_der, ask_ark_pem)``: the VCEK of the report's
@@ -580,29 +614,19 @@ class AmdKdsSource:
         clock: Clock = utc_now,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.base_url = _check_base_url(base_url, "AMD KDS source")
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._clock = clock
-        self._http = _Http(
+        super().__init__(
+            base_url,
+            "AMD KDS source",
+            cache_dir=cache_dir,
             client=client,
             verify=verify,
             timeout=timeout,
             max_response_bytes=max_response_bytes,
             retries=retries,
             max_retry_after=max_retry_after,
-            sleep=sleep,
             clock=clock,
+            sleep=sleep,
         )
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> AmdKdsSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @staticmethod
     def vcek_query(report: SnpReport | bytes, product: str) -> tuple[str, Mapping[str, int]]:
@@ -706,7 +730,7 @@ def snp_product(report: SnpReport | bytes, product: str | None = None) -> str:
     otherwise from the report's CPUID family and model (reports of version 3 and later)."""
     if product is not None:
         name = product.strip().capitalize()
-        if name not in ("Milan", "Genoa", "Turin"):
+        if name not in PRODUCTS:
             raise UsageError(f"unknown SEV-SNP product {product[:16]!r}: Milan, Genoa or Turin")
         return name
     parsed = parse_report(report) if isinstance(report, bytes) else report

@@ -143,12 +143,10 @@ class _HardwareVerifier:
         when = at if at is not None else self._clock()
         collateral: Any = self._collateral
         vcek, ask_ark = self._vcek, self._ask_ark
-        if self._source is not None and (
-            (self._TEE is TeeType.SNP and vcek is None and collateral is None)
-            or (self._TEE is not TeeType.SNP and collateral is None)
-        ):
+        snp = self._TEE is TeeType.SNP
+        if self._source is not None and collateral is None and not (snp and vcek is not None):
             try:
-                if self._TEE is TeeType.SNP:
+                if snp:
                     vcek, ask_ark = self._source.snp(evidence, when)
                 else:
                     collateral = self._source.intel(evidence, when)

@@ -430,11 +430,7 @@ class ServingQueue:
         ids = [validate_request_id(i) for i in request_ids]
         if not ids:
             return []
-        blobs = self._client.mget([self.result_key(i) for i in ids])
-        return [
-            None if blob is None else self._open_result(i, blob)
-            for i, blob in zip(ids, blobs, strict=True)
-        ]
+        return self._opened(ids, self._client.mget([self.result_key(i) for i in ids]))
 
     def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
         """`results_of(request_ids)`, in one round trip, and when every one of them is there

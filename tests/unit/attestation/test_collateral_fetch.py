@@ -855,3 +855,32 @@ def test_the_workspace_settings_name_the_servers(tmp_path: Path) -> None:
     for bad in ({"pccs_url": "http://pccs.example"}, {"kds_url": 3}, {"fetch_ca": ""}):
         with pytest.raises(ConfigurationError):
             AttestationSettings.from_dict(bad)
+
+
+def test_an_snp_verifier_fetches_the_vcek_of_each_report(
+    server: Server, tls: Tls, tmp_path: Path
+) -> None:
+    from ppml.attestation import SnpVerifier
+    from ppml.attestation.hardware import CollateralSource
+    from ppml.errors import EvidenceError
+
+    ev = make_evidence(product="Milan")
+    report = parse_report(ev.raw)
+    spl = "blSPL=4&teeSPL=0&snpSPL=24&ucodeSPL=219"
+    vcek_path = f"/vcek/v1/Milan/{report.chip_id.hex()}?{spl}"
+    server.set("/vcek/v1/Milan/cert_chain", (200, {}, _pem(*ev.ask_ark)))
+    ark = ev.ask_ark[1]
+    with AmdKdsSource(server.url, cache_dir=tmp_path / "a", verify=tls.ca_file) as kds:
+        missing = SnpVerifier.for_testing(
+            root=ark, clock=lambda: ev.at, source=CollateralSource(None, kds)
+        )
+        with pytest.raises(EvidenceError):  # KDS has no VCEK for this chip: refused
+            missing.check(ev.raw)
+    server.set(vcek_path, (200, {}, ev.vcek.public_bytes(serialization.Encoding.DER)))
+    with AmdKdsSource(server.url, cache_dir=tmp_path / "b", verify=tls.ca_file) as kds:
+        verifier = SnpVerifier.for_testing(
+            root=ark, clock=lambda: ev.at, source=CollateralSource(None, kds)
+        )
+        assert verifier.check(ev.raw).verified
+        assert verifier.check(ev.raw).verified  # the second time from the cache
+    assert server.count(vcek_path.split("?")[0]) == 2  # the refused one, then one fetch

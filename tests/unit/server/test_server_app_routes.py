@@ -3,16 +3,15 @@ limit, bearer parsing and the administrator check, which is injected here."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from cryptography import x509
-from fastapi import FastAPI, Request
+from fastapi import Request
+from tests.asgi_client import AsgiClient
 
 from ppml.attestation import SimPlatform, report_data_for
 from ppml.crypto.hpke import generate_keypair
@@ -47,33 +46,6 @@ def _allow_all(request: Request) -> None:
     return None
 
 
-class TestClient:
-    """A synchronous client over httpx's in-process ASGI transport (one event loop per call)."""
-
-    __test__ = False
-
-    def __init__(self, app: FastAPI, *, raise_server_exceptions: bool = True) -> None:
-        self._transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_server_exceptions)
-
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        async def go() -> httpx.Response:
-            async with httpx.AsyncClient(
-                transport=self._transport, base_url="http://ppml.test"
-            ) as client:
-                return await client.request(method, url, **kwargs)
-
-        return asyncio.run(go())
-
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
-
-    def put(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("PUT", url, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     return Workspace.create(
@@ -96,16 +68,16 @@ def services(workspace: Workspace) -> Iterator[Services]:
 
 
 @pytest.fixture
-def admin(services: Services) -> TestClient:
-    return TestClient(create_app(services, admin_check=_allow_all))
+def admin(services: Services) -> AsgiClient:
+    return AsgiClient(create_app(services, admin_check=_allow_all))
 
 
 @pytest.fixture
-def anonymous(services: Services) -> TestClient:
-    return TestClient(create_app(services))
+def anonymous(services: Services) -> AsgiClient:
+    return AsgiClient(create_app(services))
 
 
-def _token(client: TestClient, workspace: Workspace, measurement: str = M) -> tuple[str, Any]:
+def _token(client: AsgiClient, workspace: Workspace, measurement: str = M) -> tuple[str, Any]:
     nonce = base64.b64decode(client.post("/attestation/v1/challenge").json()["nonce"])
     private, public = generate_keypair()
     evidence = SimPlatform(workspace.sim_platform_key()).quote(
@@ -125,17 +97,17 @@ def _token(client: TestClient, workspace: Workspace, measurement: str = M) -> tu
     return r.json()["token"], private
 
 
-def test_healthz(anonymous: TestClient) -> None:
+def test_healthz(anonymous: AsgiClient) -> None:
     assert anonymous.get("/healthz").json() == {"status": "ok"}
 
 
-def test_challenge_is_fresh_base64(anonymous: TestClient) -> None:
+def test_challenge_is_fresh_base64(anonymous: AsgiClient) -> None:
     a, b = (anonymous.post("/attestation/v1/challenge").json() for _ in range(2))
     assert len(base64.b64decode(a["nonce"])) == 32 and a["nonce"] != b["nonce"]
     assert a["expires_at"].endswith("+00:00")
 
 
-def test_release_round_trip_in_process(anonymous: TestClient, workspace: Workspace) -> None:
+def test_release_round_trip_in_process(anonymous: AsgiClient, workspace: Workspace) -> None:
     token, private = _token(anonymous, workspace)
     r = anonymous.post("/kms/v1/keys/sales/datakey", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200, r.text
@@ -156,7 +128,7 @@ def test_release_round_trip_in_process(anonymous: TestClient, workspace: Workspa
     [{}, {"Authorization": "Bearer"}, {"Authorization": "Basic YTpi"}, {"Authorization": "x"}],
 )
 def test_missing_token_is_refused_and_audited(
-    anonymous: TestClient, services: Services, headers: dict[str, str]
+    anonymous: AsgiClient, services: Services, headers: dict[str, str]
 ) -> None:
     before = services.keys.audit.entries(limit=1)[-1].seq
     r = anonymous.post("/kms/v1/keys/sales/datakey", headers=headers)
@@ -167,7 +139,7 @@ def test_missing_token_is_refused_and_audited(
     ]
 
 
-def test_admin_routes_refused_without_a_peer_certificate(anonymous: TestClient) -> None:
+def test_admin_routes_refused_without_a_peer_certificate(anonymous: AsgiClient) -> None:
     for method, path in (
         ("GET", "/kms/v1/keys"),
         ("POST", "/kms/v1/keys"),
@@ -189,7 +161,7 @@ def test_require_client_certificate_reads_the_scope() -> None:
             require_client_certificate(request(ext))
 
 
-def test_admin_routes_with_injected_check(admin: TestClient) -> None:
+def test_admin_routes_with_injected_check(admin: AsgiClient) -> None:
     r = admin.post("/kms/v1/keys", json={"name": "routes-new"})
     assert r.status_code == 200 and r.json()["current_version"] == 1
     assert admin.post("/kms/v1/keys", json={"name": "routes-new"}).status_code == 409
@@ -223,12 +195,12 @@ def test_admin_routes_with_injected_check(admin: TestClient) -> None:
         ("/kms/v1/keys", {"name": True}),
     ],
 )
-def test_invalid_bodies_are_400(admin: TestClient, path: str, body: Any) -> None:
+def test_invalid_bodies_are_400(admin: AsgiClient, path: str, body: Any) -> None:
     r = admin.post(path, json=body)
     assert (r.status_code, r.json()) == (400, {"error": "bad request"})
 
 
-def test_strict_types_in_policies(admin: TestClient) -> None:
+def test_strict_types_in_policies(admin: AsgiClient) -> None:
     for debug_ok in ("true", 1, None):
         r = admin.put(
             "/kms/v1/keys/sales/policy",
@@ -237,7 +209,7 @@ def test_strict_types_in_policies(admin: TestClient) -> None:
         assert r.status_code == 400, debug_ok
 
 
-def test_unknown_route_and_method(anonymous: TestClient) -> None:
+def test_unknown_route_and_method(anonymous: AsgiClient) -> None:
     assert anonymous.get("/nope").json() == {"error": "not found"}
     r = anonymous.get("/attestation/v1/attest")
     assert (r.status_code, r.json()) == (405, {"error": "method not allowed"})
@@ -246,7 +218,7 @@ def test_unknown_route_and_method(anonymous: TestClient) -> None:
 # -- the body limit ----------------------------------------------------------------------------
 
 
-def test_body_at_the_limit_is_parsed(anonymous: TestClient) -> None:
+def test_body_at_the_limit_is_parsed(anonymous: AsgiClient) -> None:
     body = b'{"wrapped_key": "' + b"A" * (MAX_BODY_BYTES - 19) + b'"}'
     assert len(body) == MAX_BODY_BYTES
     r = anonymous.post("/kms/v1/keys/sales/unwrap", content=body)
@@ -254,7 +226,7 @@ def test_body_at_the_limit_is_parsed(anonymous: TestClient) -> None:
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_body_over_the_limit_is_413(anonymous: TestClient, chunked: bool) -> None:
+def test_body_over_the_limit_is_413(anonymous: AsgiClient, chunked: bool) -> None:
     body = b" " * (MAX_BODY_BYTES + 1)
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -266,7 +238,7 @@ def test_body_over_the_limit_is_413(anonymous: TestClient, chunked: bool) -> Non
     assert (r.status_code, r.json()) == (413, {"error": "request too large"})
 
 
-def test_non_numeric_content_length_is_413(anonymous: TestClient) -> None:
+def test_non_numeric_content_length_is_413(anonymous: AsgiClient) -> None:
     r = anonymous.post(
         "/kms/v1/keys/sales/unwrap", content=b"{}", headers={"content-length": "1e3"}
     )
@@ -297,7 +269,7 @@ def test_unexpected_exception_is_500_with_a_fixed_body(services: Services) -> No
     def boom(request: Request) -> None:
         raise RuntimeError("secret detail")
 
-    c = TestClient(create_app(services, admin_check=boom), raise_server_exceptions=False)
+    c = AsgiClient(create_app(services, admin_check=boom), raise_app_exceptions=False)
     r = c.get("/kms/v1/keys")
     assert (r.status_code, r.json()) == (500, {"error": "internal error"})
     assert "secret" not in r.text
@@ -307,7 +279,7 @@ def test_every_refusal_body_is_in_the_catalogue() -> None:
     assert set(CATALOGUE) >= {400, 401, 403, 404, 409, 413, 500}
 
 
-def test_openapi_describes_every_route(anonymous: TestClient) -> None:
+def test_openapi_describes_every_route(anonymous: AsgiClient) -> None:
     spec = anonymous.get("/openapi.json").json()
     ops = {(m.upper(), p) for p, item in spec["paths"].items() for m in item}
     assert ops == {

@@ -66,9 +66,6 @@ class FakeQueue:
         with self._cond:
             return self.results.get(request_id)
 
-    def results_of(self, request_ids: Sequence[str]) -> list[Result | None]:
-        return [self.result(i) for i in request_ids]
-
     def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
         self._check()
         with self._cond:

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
+from tests.asgi_client import AsgiClient
 from tests.unit.serving.frontend_fakes import (
     MODELS,
     FakeAsyncOps,
@@ -41,28 +42,6 @@ from ppml.serving.queue import Result
 SECRET = 31337.25  # a value that must never show in a log line or a refusal
 
 
-class Client:
-    """httpx over the in-process ASGI transport, one event loop per call."""
-
-    def __init__(self, app: FastAPI, *, raise_app_exceptions: bool = True) -> None:
-        self._transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
-
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        async def go() -> httpx.Response:
-            async with httpx.AsyncClient(
-                transport=self._transport, base_url="http://serving.test"
-            ) as client:
-                return await client.request(method, url, **kwargs)
-
-        return asyncio.run(go())
-
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
-
-
 @pytest.fixture
 def queue() -> FakeQueue:
     return FakeQueue()
@@ -80,7 +59,7 @@ def make(
     models: dict[str, ModelInfo] | None = None,
     raise_app_exceptions: bool = True,
     **settings: Any,
-) -> tuple[Client, FastAPI]:
+) -> tuple[AsgiClient, FastAPI]:
     clock = clock or FakeClock()
     app = create_app(
         queue,
@@ -89,7 +68,7 @@ def make(
         waiter=JumpingWaiter(clock),
         clock=clock,
     )
-    return Client(app, raise_app_exceptions=raise_app_exceptions), app
+    return AsgiClient(app, raise_app_exceptions=raise_app_exceptions), app
 
 
 @pytest.fixture
@@ -111,7 +90,7 @@ def refused(response: httpx.Response, status: int, reason_part: str = "") -> dic
 
 def test_predict_answers_each_instance_in_order(queue: FakeQueue, worker: FakeWorker) -> None:
     app = create_app(queue, models={"double": MODELS["double"]})  # real polling waiter
-    client = Client(app)
+    client = AsgiClient(app)
     xs: list[list[float]] = [[1, 2, 3], [4.5, 5, 6], [0, 0, 0.25]]
     r = client.post("/predict", json={"instances": xs})
     assert r.status_code == 200, r.text
@@ -126,7 +105,7 @@ def test_with_async_ops_the_hot_path_stays_on_the_event_loop(
     queue: FakeQueue, worker: FakeWorker
 ) -> None:
     aio = FakeAsyncOps(queue)
-    client = Client(create_app(queue, models={"double": MODELS["double"]}, aio=aio))
+    client = AsgiClient(create_app(queue, models={"double": MODELS["double"]}, aio=aio))
     r = client.post("/predict", json={"instances": [[1, 2, 3], [0, 1, 0]]})
     assert r.json()["predictions"] == [[2, 4, 6], [0, 2, 0]]
     assert aio.calls[0] == "submit_many" and set(aio.calls[1:]) == {"take_if_complete"}
@@ -143,7 +122,7 @@ def test_predict_waits_with_the_waiter_until_the_results_come(
 ) -> None:
     waiter = JumpingWaiter(clock, between=queue.process)
     app = create_app(queue, models=MODELS, waiter=waiter, clock=clock)
-    r = Client(app).post("/predict", json={"model": "double", "instances": [[1, 2, 3]]})
+    r = AsgiClient(app).post("/predict", json={"model": "double", "instances": [[1, 2, 3]]})
     assert r.json()["predictions"] == [[2, 4, 6]]
     assert len(waiter.calls) == 1 and waiter.calls[0][1] == 0
 
@@ -171,7 +150,7 @@ def test_predict_with_a_failed_instance_is_400_naming_it(
     queue: FakeQueue, worker: FakeWorker
 ) -> None:
     app = create_app(queue, models={"double": MODELS["double"]})
-    r = Client(app).post("/predict", json={"instances": [[1, 2, 3], [-1, -2, -3]]})
+    r = AsgiClient(app).post("/predict", json={"instances": [[1, 2, 3], [-1, -2, -3]]})
     assert refused(r, 400)["reason"] == "instance 1: negative input"
 
 
@@ -412,7 +391,7 @@ def test_a_failing_queue_is_an_opaque_500(
 
 def test_metrics_text(queue: FakeQueue, worker: FakeWorker) -> None:
     app = create_app(queue, models={"double": MODELS["double"]})
-    client = Client(app)
+    client = AsgiClient(app)
     client.post("/predict", json={"instances": [[1, 2, 3], [1, 2, 3]]})
     client.post("/predict", json={"instances": [[1, 2]]})
     client.get("/v1/requests/unknown-1")
@@ -440,9 +419,9 @@ def test_each_app_has_its_own_registry(queue: FakeQueue) -> None:
     a = create_app(queue, models=MODELS, metrics=shared)
     b = create_app(queue, models=MODELS)
     assert a.state.metrics is shared and b.state.metrics is not shared
-    Client(a).get("/models")
-    assert "/models" in Client(a).get("/metrics").text
-    assert 'route="/models"' not in Client(b).get("/metrics").text
+    AsgiClient(a).get("/models")
+    assert "/models" in AsgiClient(a).get("/metrics").text
+    assert 'route="/models"' not in AsgiClient(b).get("/metrics").text
 
 
 # -- the parts -----------------------------------------------------------------------------------
@@ -562,5 +541,5 @@ def test_non_finite_outputs_are_failed_results_not_crashes(queue: FakeQueue) -> 
     app = create_app(
         queue, models=MODELS, waiter=JumpingWaiter(clock, between=answer_nan), clock=clock
     )
-    r = Client(app).post("/predict", json={"model": "double", "instances": [[1, 2, 3]]})
+    r = AsgiClient(app).post("/predict", json={"model": "double", "instances": [[1, 2, 3]]})
     refused(r, 400, "instance 0: the model's output is not a finite number")

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from ppml.attestation.intel.collateral import Collateral
+from ppml.attestation.testing.intel import Validity, _certificate
+from ppml.attestation.testing.intel import make_crl as intel_crl
 
 __all__ = [
     "DEFAULT_FMSPC",
@@ -68,31 +70,16 @@ def make_cert(
 ) -> x509.Certificate:
     """A P-256 certificate; self-signed when no issuer is given."""
     subject = _name(cn)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer is not None else subject)
-        .public_key(key.public_key())
-        .serial_number(serial if serial is not None else x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=not ca,
-                content_commitment=not ca,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+    return _certificate(
+        subject=subject,
+        issuer=issuer.subject if issuer is not None else subject,
+        key=key,
+        signer=issuer_key if issuer_key is not None else key,
+        serial=serial if serial is not None else x509.random_serial_number(),
+        validity=Validity(not_before, not_after),
+        ca=ca,
+        path_length=None,
     )
-    return builder.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
 
 
 @dataclass(frozen=True)
@@ -346,20 +333,9 @@ def make_crl(
     signer_key: ec.EllipticCurvePrivateKey | None = None,
 ) -> bytes:
     """A CRL from `issuer` (DER, or PEM), signed by `signer_key` if given (to break it)."""
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer.subject)
-        .last_update(last_update)
-        .next_update(next_update)
+    crl = intel_crl(
+        issuer, signer_key or issuer_key, tuple(revoked_serials), last_update, next_update
     )
-    for serial in revoked_serials:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(serial)
-            .revocation_date(last_update)
-            .build()
-        )
-    crl = builder.sign(signer_key or issuer_key, hashes.SHA256())
     return crl.public_bytes(serialization.Encoding.PEM if pem else serialization.Encoding.DER)
 
 
