@@ -17,6 +17,8 @@ from ppml.errors import InputNotFound, OutputExists, UsageError
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from ppml.engines.sql import SqlOptions
+
 
 class OutputFormat(enum.StrEnum):
     TEXT = "text"
@@ -101,8 +103,25 @@ def sql(
         typer.Option(
             "--tee",
             help="Run the query attested inside this TEE backend (sim): keys are released "
-            "only if their policies name the measurement of this exact command "
-            "(`ppml run --measure -- python -m ppml sql ...`).",
+            "only if their policies name the measurement of this exact command (printed by "
+            "the same command with --measure).",
+        ),
+    ] = None,
+    measure_only: Annotated[
+        bool,
+        typer.Option(
+            "--measure",
+            help="Print the measurement of the attested query (for `ppml policy allow`) and "
+            "exit.",
+        ),
+    ] = False,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--data",
+            metavar="DIR",
+            help="With --tee: a directory the attested query may write to (default: the "
+            "current directory).",
         ),
     ] = None,
     workspace: WorkspaceOption = None,
@@ -124,15 +143,19 @@ def sql(
             raise UsageError("--key applies to an encrypted output: add -o OUT")
         options = SqlOptions(memory_limit=memory_limit, threads=threads)
         check_query(query)  # a bad query fails before the passphrase is asked for
-        if tee is not None:
-            from ppml.cli.run_cmd import run_attested
+        if tee is not None or measure_only:
+            from ppml.cli._attested import Launch, Workload, launch
 
-            inner = _without_tee_option(sys.argv[1:])
-            raise typer.Exit(
-                run_attested(
-                    [sys.executable, "-m", "ppml", *inner], tee, workspace, passphrase_file
-                )
-            )
+            if tee not in (None, "sim"):
+                raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
+            inner = _inner_command(query, table or [], output, key, force, fmt, max_rows, options)
+            # -I: ppml comes from the measured environment, never from the working directory.
+            workload = Workload((sys.executable, "-I", "-m", "ppml", *inner))
+            if measure_only:
+                typer.echo(workload.manifest().measurement())
+                return
+            how = Launch("sim", data=tuple(data or ()))
+            raise typer.Exit(launch(workload, how, workspace, passphrase_file))
         with key_provider(workspace, passphrase_file) as keys:
             if output is not None and key is not None:
                 describe = getattr(keys, "describe", None)
@@ -253,15 +276,30 @@ def _is_numeric(kind: pa.DataType) -> bool:
     )
 
 
-def _without_tee_option(argv: list[str]) -> list[str]:
-    """The command line again, minus `--tee X` / `--tee=X` (the attested child runs it)."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--tee":
-            skip = True
-        elif not arg.startswith("--tee="):
-            out.append(arg)
-    return out
+def _inner_command(
+    query: str,
+    tables: list[str],
+    output: Path | None,
+    key: str | None,
+    force: bool,
+    fmt: OutputFormat | None,
+    max_rows: int,
+    options: SqlOptions,
+) -> list[str]:
+    """The same query as a `ppml sql` command line, for the attested child: built from the
+    parsed options (not copied from argv), so that one query always has one measurement."""
+    argv = ["sql", query]
+    for spec in tables:
+        argv += ["--table", spec]
+    if output is not None:
+        argv += ["--output", str(output), "--key", str(key)]
+    if force:
+        argv.append("--force")
+    if fmt is not None:
+        argv += ["--format", fmt.value]
+    argv += ["--max-rows", str(max_rows)]
+    if options.memory_limit is not None:
+        argv += ["--memory-limit", options.memory_limit]
+    if options.threads is not None:
+        argv += ["--threads", str(options.threads)]
+    return argv

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
 
 from ppml._internal.fs import ensure_private_dir, write_private
+from ppml._internal.procs import process_identity
 from ppml.crypto.envelope import DataKey, WrappedKey
 from ppml.errors import (
     ConfigurationError,
@@ -424,22 +425,10 @@ def _unwrapped(keys: KeyService, paths: Sequence[Path]) -> dict[WrappedKey, byte
 # -- processes -------------------------------------------------------------------------------------
 
 
-def _identity(pid: int) -> str | None:
-    """``PID:START`` for a live (not zombie) process, else None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = stat.rsplit(")", 1)[1].split()
-    if rest[0] in ("Z", "X"):
-        return None
-    return f"{pid}:{rest[19]}"
-
-
 def _alive(entry: Mapping[str, Any]) -> bool:
     ident = entry.get("identity")
     pid = entry.get("pid")
-    return isinstance(pid, int) and ident is not None and _identity(pid) == ident
+    return isinstance(pid, int) and ident is not None and process_identity(pid) == ident
 
 
 def _terminate(entries: Sequence[Mapping[str, Any]], *, group: bool, grace: float) -> int:
@@ -633,7 +622,7 @@ def start_deployment(
         "up_pid": os.getpid(),
         "redis": {
             "pid": redis.pid,
-            "identity": _identity(redis.pid or 0),
+            "identity": process_identity(redis.pid or 0),
             "port": redis.port,
             "log": str(redis.log_file),
         },
@@ -744,7 +733,7 @@ def _launch(
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(_bundle(keys))
         proc.stdin.close()
-    identity = _identity(proc.pid) or f"{proc.pid}:?"
+    identity = process_identity(proc.pid) or f"{proc.pid}:?"
     return _Child(role, proc, log, identity, channel)
 
 

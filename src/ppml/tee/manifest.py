@@ -1,170 +1,273 @@
-"""Workload manifests and their measurement: what runs, from which bytes, with which environment.
+"""Workload manifests and their measurement: which code runs, from which bytes, in which
+environment, with which variables.
 
-A manifest names the interpreter (by path and SHA-256 of its binary), the entry script, the
-arguments, every trusted file (the script, the local modules it imports, and `--trusted` paths)
-with its SHA-256, and the names of the environment variables the workload may receive. Its
-measurement is SHA-384 over the manifest's canonical JSON encoding, printed as lowercase hex:
-any change to a trusted byte, an argument or the allow-list changes it.
+A manifest names the resolved command (`ppml.tee.command`: the program's path and the SHA-256 of
+its real binary, the interpreter's options, the mode and target, the arguments), every trusted
+file (the script, the local modules it imports, ``--trusted`` paths, a local ``-m`` module) with
+its SHA-256, the workload's environment variables with their values, the measured Python
+environment (`ppml.tee.environment`) and the launch protocol (the sandbox and the import guard,
+whose rules are part of what is measured). Extra sections (Spark's options, jars and Java)
+come from the command that launches the workload. The measurement is SHA-384 over the
+canonical JSON encoding, lowercase hex.
+
+With a snapshot directory, each trusted file is copied there and hashed from the bytes written,
+so that the copy, which the launcher then mounts read-only over the original inside the
+sandbox, holds exactly the measured bytes whatever happens to the original afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ppml._internal.canonical import canonical_json
 from ppml.errors import InputNotFound, UsageError
+from ppml.tee.command import (
+    DEFAULT_ENV,
+    ResolvedCommand,
+    resolve_command,
+    workload_environment,
+)
+from ppml.tee.environment import EnvironmentCache, PythonEnvironment, measure_environment
 from ppml.tee.imports import local_imports
 
 __all__ = [
-    "DEFAULT_ENV_ALLOW",
+    "DEFAULT_ENV",
+    "LAUNCH_PROTOCOL",
     "MANIFEST_FORMAT",
     "TrustedFile",
     "WorkloadManifest",
     "build_manifest",
 ]
 
-MANIFEST_FORMAT = "ppml-workload/1"
-# Variables a workload gets unless told otherwise: none of them can change which code runs.
-DEFAULT_ENV_ALLOW = ("HOME", "LANG", "LC_ALL", "LC_CTYPE", "PATH", "TERM", "TMPDIR", "TZ", "USER")
-# Variables that change which code an interpreter loads: never passed, even when asked for.
-_FORBIDDEN_ENV = frozenset(
-    {"LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT"}
-)
-_PYTHON_NAMES = ("python", "python3")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+MANIFEST_FORMAT = "ppml-workload/2"
+# The sandbox (ppml.tee.sandbox) and the import guard (ppml.tee.guard), version 1.
+LAUNCH_PROTOCOL = "ppml-sandbox/1"
+_COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class TrustedFile:
-    """A file whose bytes are part of the measurement; `path` is relative to the base dir."""
+    """A file whose bytes are measured. `path` is relative to the base directory (absolute
+    when outside it); `source` is its real path, `copy` its snapshot (neither is measured)."""
 
     path: str
     sha256: str
+    source: str = field(default="", compare=False)
+    copy: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class WorkloadManifest:
     """Everything the measurement covers. Build it with `build_manifest`."""
 
-    interpreter: str
-    interpreter_sha256: str
-    entry: str | None
-    args: tuple[str, ...]
+    command: ResolvedCommand
     base_dir: Path
     trusted_files: tuple[TrustedFile, ...]
-    env_allow: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    environment: PythonEnvironment | None
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    # -- what other modules read ----------------------------------------------------------------
+
+    @property
+    def interpreter(self) -> str:
+        return self.command.program
+
+    @property
+    def interpreter_sha256(self) -> str:
+        return _sha256(self.command.real)
+
+    @property
+    def entry(self) -> str | None:
+        return self._relative(self.command.script) if self.command.script else None
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The arguments after the program, as it will be started (`launch_argv` minus argv[0])."""
+        return tuple(self.command.launch_argv()[1:])
+
+    @property
+    def env_allow(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.env)
+
+    def child_environment(self) -> dict[str, str]:
+        """The workload's variables (the launcher adds its own PPML_* ones)."""
+        return dict(self.env)
+
+    def _relative(self, path: Path) -> str:
+        return _relative(path, self.base_dir)
+
+    # -- the measurement ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The canonical content that is measured (the base directory is not: moving a
-        workload to another directory keeps its measurement)."""
-        return {
+        """The canonical content that is measured. The base directory is not: moving a workload
+        to another directory keeps its measurement."""
+        c = self.command
+        target = self.entry if c.mode == "script" else c.target
+        doc: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
-            "interpreter": {"path": self.interpreter, "sha256": self.interpreter_sha256},
-            "entry": self.entry,
-            # The script is measured by its name and bytes, not by the path it was called by.
-            "args": [self.entry, *self.args[1:]] if self.entry is not None else list(self.args),
+            "launch": LAUNCH_PROTOCOL,
+            "command": {
+                "kind": c.kind,
+                "program": c.program,
+                "real": {"path": c.real, "sha256": self.interpreter_sha256},
+                "flags": list(c.flags),
+                "mode": c.mode,
+                "target": target,
+                "args": list(c.args),
+            },
             "trusted_files": [{"path": f.path, "sha256": f.sha256} for f in self.trusted_files],
-            "env_allow": list(self.env_allow),
+            "env": dict(self.env),
+            "environment": self.environment.to_dict() if self.environment else None,
         }
+        for key, value in self.extra:
+            doc[key] = value
+        return doc
+
+    def describe(self) -> dict[str, Any]:
+        """`to_dict` plus what is shown but not measured (sizes, where the files are)."""
+        doc = self.to_dict()
+        if self.environment is not None:
+            doc["environment"] = {
+                **doc["environment"],
+                "version": self.environment.version,
+                "files": self.environment.files,
+                "bytes": self.environment.size,
+            }
+        doc["base_dir"] = str(self.base_dir)
+        return doc
 
     def measurement(self) -> str:
         """SHA-384 of the canonical manifest, lowercase hex (96 characters)."""
         return hashlib.sha384(canonical_json(self.to_dict())).hexdigest()
 
-    def command(self) -> list[str]:
-        """The argv to launch."""
-        return [self.interpreter, *self.args]
-
-    def child_environment(self, env: dict[str, str]) -> dict[str, str]:
-        """The allow-listed subset of `env`."""
-        return {k: env[k] for k in self.env_allow if k in env}
+    def launch_argv(self) -> list[str]:
+        return self.command.launch_argv()
 
 
-def _resolve_interpreter(name: str) -> Path:
-    found = shutil.which(name)
-    if found is None:
-        raise InputNotFound(f"command not found: {name}")
-    return Path(found)
+_SHA_CACHE: dict[tuple[str, int, int, int], str] = {}
 
 
-def _is_python(interpreter: Path) -> bool:
-    base = interpreter.name
-    return base.startswith(_PYTHON_NAMES) or Path(sys.executable).resolve() == interpreter.resolve()
+def _sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    value = _SHA_CACHE.get(key)
+    if value is None:
+        with open(path, "rb") as fh:
+            value = hashlib.file_digest(fh, "sha256").hexdigest()
+        _SHA_CACHE[key] = value
+    return value
 
 
 def _relative(path: Path, base: Path) -> str:
+    real = Path(os.path.realpath(path))
     try:
-        return path.resolve().relative_to(base).as_posix()
+        return real.relative_to(base).as_posix()
     except ValueError:
-        return path.resolve().as_posix()
+        return real.as_posix()
+
+
+def _copy_and_hash(source: Path, snapshot: Path | None, index: int) -> tuple[str, str | None]:
+    """SHA-256 of `source`; with a snapshot directory, of the bytes copied there (0400)."""
+    h = hashlib.sha256()
+    if snapshot is None:
+        with open(source, "rb") as fh:
+            while chunk := fh.read(_COPY_CHUNK):
+                h.update(chunk)
+        return h.hexdigest(), None
+    copy = snapshot / f"{index:05d}"
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+        while chunk := src.read(_COPY_CHUNK):
+            h.update(chunk)
+            dst.write(chunk)
+    os.chmod(copy, 0o400)
+    return h.hexdigest(), str(copy)
+
+
+def _python_imports(files: Iterable[Path]) -> list[Path]:
+    found: list[Path] = []
+    for f in files:
+        if f.suffix == ".py":
+            found += local_imports(f)
+    return found
 
 
 def build_manifest(
-    command: Sequence[str],
+    command: list[str] | tuple[str, ...],
     *,
     trusted: Iterable[Path] = (),
-    env_allow: Iterable[str] = (),
+    env: Iterable[str] = (),
+    env_source: Mapping[str, str] | None = None,
+    fixed_env: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    snapshot: Path | None = None,
+    environment_cache: EnvironmentCache | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> WorkloadManifest:
-    """Describe `command` (interpreter, then its arguments) as a measurable manifest.
+    """Resolve and describe `command` as a measurable manifest.
 
-    For a Python interpreter whose first argument is a script, the script and the local modules
-    it imports (found by reading its imports, transitively, under the script's directory) are
-    trusted files. `trusted` adds files or directories (every file below them).
+    `trusted` adds files or directories (every file below them); `env` adds variables
+    (``NAME`` takes its value from `env_source`, default the process environment, ``NAME=VALUE``
+    sets it); `fixed_env` adds variables that ppml itself sets for the workload (Spark's), whose
+    values are measured like the others; `extra` adds measured sections; `snapshot` (a private, empty directory) receives a
+    copy of every trusted file, hashed as it is copied.
     """
-    if not command:
-        raise UsageError("no command given: use `-- CMD [ARGS...]`")
-    interpreter = _resolve_interpreter(command[0])
-    args = tuple(command[1:])
-    entry: Path | None = None
-    if _is_python(interpreter) and args and not args[0].startswith("-"):
-        entry = Path(args[0])
-        if not entry.is_file():
-            raise InputNotFound("no such script", path=entry)
-    base = (entry.parent if entry is not None else Path.cwd()).resolve()
+    resolved = resolve_command(list(command), path=(env_source or os.environ).get("PATH"))
+    variables = workload_environment(env, os.environ if env_source is None else env_source)
+    for name, value in (fixed_env or {}).items():
+        if name.startswith("PPML_"):
+            raise UsageError(f"{name}: PPML_* variables are the launcher's own")
+        variables[name] = value
+    variables = dict(sorted(variables.items()))
+    entry = resolved.script if resolved.kind in ("python", "shell") else None
+    base = Path(os.path.realpath(entry.parent if entry is not None else Path.cwd()))
     files: dict[Path, None] = {}
     if entry is not None:
-        files[entry.resolve()] = None
-        for module in local_imports(entry):
-            files[module.resolve()] = None
+        files[Path(os.path.realpath(entry))] = None
+    if resolved.module_file is not None:
+        files[Path(os.path.realpath(resolved.module_file))] = None
     for t in trusted:
         t = Path(t)
         if not t.exists():
             raise InputNotFound("no such trusted file or directory", path=t)
         paths = sorted(p for p in t.rglob("*") if p.is_file()) if t.is_dir() else [t]
         for p in paths:
-            files[p.resolve()] = None
-    allow = set(DEFAULT_ENV_ALLOW)
-    for name in env_allow:
-        if not name or "=" in name:
-            raise UsageError(f"invalid environment variable name {name!r}")
-        if name in _FORBIDDEN_ENV:
-            raise UsageError(f"{name} changes which code runs and cannot be passed to a workload")
-        allow.add(name)
-    trusted_files = tuple(
-        sorted(
-            (TrustedFile(_relative(p, base), _sha256_file(p)) for p in files),
-            key=lambda f: f.path,
-        )
-    )
+            files[Path(os.path.realpath(p))] = None
+    if resolved.kind == "python" or resolved.kind == "shell":
+        for module in _python_imports(list(files)):
+            files[Path(os.path.realpath(module))] = None
+    python = resolved.program if resolved.kind == "python" else _launcher_python()
+    environment = measure_environment(python, cache=environment_cache, progress=progress)
+    for f in files:
+        if any(f.as_posix() == r or f.as_posix().startswith(r + "/") for r in environment.roots):
+            continue  # covered by the environment's digest
+        if not f.is_file():
+            raise InputNotFound("a trusted path is not a regular file", path=f)
+    ordered = sorted(files, key=lambda p: _relative(p, base))
+    trusted_files = []
+    for index, path in enumerate(ordered):
+        sha, copy = _copy_and_hash(path, snapshot, index)
+        trusted_files.append(TrustedFile(_relative(path, base), sha, str(path), copy))
     return WorkloadManifest(
-        interpreter=str(interpreter),
-        interpreter_sha256=_sha256_file(interpreter.resolve()),
-        entry=_relative(entry, base) if entry is not None else None,
-        args=args,
+        command=resolved,
         base_dir=base,
-        trusted_files=trusted_files,
-        env_allow=tuple(sorted(allow)),
+        trusted_files=tuple(trusted_files),
+        env=tuple(variables.items()),
+        environment=environment,
+        extra=tuple(sorted((extra or {}).items())),
     )
+
+
+def _launcher_python() -> str:
+    """The interpreter that Python programs of a non-Python workload must use: this one."""
+    import sys
+
+    if not sys.executable:
+        raise UsageError("cannot tell which Python interpreter runs ppml")
+    return sys.executable

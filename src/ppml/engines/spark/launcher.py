@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppml._internal.fs import PRIVATE_DIR_MODE, write_private
+from ppml._internal.procs import process_identity
 from ppml.errors import ConfigurationError, InputNotFound, UsageError
 
 if TYPE_CHECKING:
@@ -339,17 +340,6 @@ def properties_text(props: Mapping[str, str]) -> str:
 _OWNER_FILE = "owner"
 
 
-def _process_identity(pid: int) -> str | None:
-    """``PID:START`` (start time in clock ticks since boot), None when no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
-    fields = stat.rsplit(")", 1)[1].split()
-    return f"{pid}:{fields[19]}"
-
-
 def sweep_stale_conf_dirs(parent: Path) -> list[Path]:
     """Remove the conf directories of launchers that died without cleaning up (SIGKILL, power
     loss); a directory whose owner still runs, or that has no owner record yet, is kept."""
@@ -360,7 +350,7 @@ def sweep_stale_conf_dirs(parent: Path) -> list[Path]:
             pid = int(owner.split(":", 1)[0])
         except (OSError, ValueError):
             continue
-        if _process_identity(pid) != owner:
+        if process_identity(pid) != owner:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
@@ -377,7 +367,7 @@ def private_conf_dir(props: Mapping[str, str], *, parent: Path | None = None) ->
     d = Path(tempfile.mkdtemp(prefix="ppml-spark-", dir=parent))
     try:
         os.chmod(d, PRIVATE_DIR_MODE)
-        identity = _process_identity(os.getpid())
+        identity = process_identity(os.getpid())
         if identity is not None:
             write_private(d / _OWNER_FILE, identity.encode())
         write_private(d / "spark-defaults.conf", properties_text(props).encode())

@@ -1,0 +1,264 @@
+"""The measured environment of a Python workload: its interpreter and every file it can import.
+
+The environment is the interpreter's real binary and the directories on its import path as an
+attested workload runs it (``-s``, no ``PYTHONPATH``): the standard library, ``lib-dynload``,
+site-packages, and the directories that ``.pth`` files and editable installs add. Its digest is
+SHA-384 over the canonical list of every regular file (and symbolic link) below those roots, by
+root, relative path and SHA-256 (or link target), leaving out ``__pycache__`` directories
+(bytecode caches come and go; the import guard never reads one for a measured file) and the
+``site-packages`` of a base interpreter that a virtual environment does not use.
+
+Hashing a large environment takes seconds (a few GB with Spark, PyTorch and a JDK), so the
+SHA-256 of each file is cached (``~/.cache/ppml/environments``, private) with the file's device,
+inode, size, modification and change times: an unchanged file is not read again, and any write
+changes its change time, which no unprivileged process can set back. The cache is as
+trustworthy as the environment it describes: whoever can write it can as well change ppml's own
+launcher, which lives in that environment; an attested workload can write neither (its sandbox
+mounts both read-only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ppml._internal.canonical import canonical_json
+from ppml._internal.fs import atomic_output, ensure_private_dir
+from ppml.errors import ConfigurationError
+
+__all__ = [
+    "ENVIRONMENT_FORMAT",
+    "EnvironmentCache",
+    "PythonEnvironment",
+    "default_cache_dir",
+    "measure_directory",
+    "measure_environment",
+    "probe_interpreter",
+]
+
+ENVIRONMENT_FORMAT = "ppml-environment/1"
+_CACHE_FORMAT = "ppml-environment-cache/1"
+_SKIP_DIRS = frozenset({"__pycache__"})
+_SITE_DIRS = frozenset({"site-packages", "dist-packages"})
+_HASH_THREADS = 4
+
+# Run by the interpreter itself: where it imports from, as an attested workload runs it.
+_PROBE = r"""
+import json, sys
+roots = [p for p in sys.path if p and p.startswith("/")]
+for finder in sys.meta_path:
+    module = sys.modules.get(getattr(finder, "__module__", "") or "")
+    mapping = getattr(module, "MAPPING", None)
+    if isinstance(mapping, dict) and module.__name__.startswith("__editable__"):
+        roots += [str(v) for v in mapping.values()]
+print(json.dumps({"prefix": sys.prefix, "roots": roots, "version": sys.version}))
+"""
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PythonEnvironment:
+    """What an attested Python workload may load code from, and its digest."""
+
+    interpreter: str  # the real binary (symbolic links resolved)
+    interpreter_sha256: str
+    prefix: str  # sys.prefix (a virtual environment's directory)
+    version: str
+    roots: tuple[str, ...]  # import roots, real paths, in import order
+    digest: str  # SHA-384 of the file list, lowercase hex
+    files: int
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the measurement covers (the counts are shown, not measured)."""
+        return {
+            "format": ENVIRONMENT_FORMAT,
+            "interpreter": {"path": self.interpreter, "sha256": self.interpreter_sha256},
+            "prefix": self.prefix,
+            "roots": list(self.roots),
+            "digest": self.digest,
+        }
+
+
+def _sha256_file(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def probe_interpreter(program: str) -> tuple[str, str, list[str]]:
+    """(sys.prefix, sys.version, import roots) of a Python interpreter, asked directly."""
+    try:
+        out = subprocess.run(  # noqa: S603 -- the workload's own interpreter
+            [program, "-s", "-E", "-c", _PROBE],
+            capture_output=True,
+            check=True,
+            timeout=60,
+            env={"PATH": os.defpath},
+            cwd="/",
+        ).stdout
+        doc = json.loads(out)
+        return str(doc["prefix"]), str(doc["version"]), [str(r) for r in doc["roots"]]
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError):
+        raise ConfigurationError(
+            f"cannot ask {program} where it imports from (is it a Python interpreter?)"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    root: int
+    rel: str
+    kind: str  # "f" (file) or "l" (symbolic link)
+    key: tuple[int, ...]  # (dev, ino, size, mtime_ns, ctime_ns); a link: ()
+    value: str  # SHA-256, or the link's target
+
+
+def _scan(roots: list[str]) -> list[tuple[int, str, str, os.stat_result]]:
+    """Every file below `roots`, each once: a root inside another is scanned on its own; caches
+    and a site directory that is not a root (a base interpreter's, below its standard library)
+    are left out."""
+    found: list[tuple[int, str, str, os.stat_result]] = []
+    all_roots = set(roots)
+    for index, root in enumerate(roots):
+        st = os.stat(root)
+        if not stat.S_ISDIR(st.st_mode):  # a zip archive on the path
+            found.append((index, ".", root, st))
+            continue
+        prefix = len(root.rstrip("/")) + 1
+        stack = [root]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot read the Python environment: {exc.strerror}", path=Path(directory)
+                ) from None
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if entry.name in _SKIP_DIRS or entry.name in _SITE_DIRS:
+                        continue
+                    if entry.path not in all_roots:
+                        stack.append(entry.path)
+                elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                    found.append((index, entry.path[prefix:], entry.path, st))
+    return found
+
+
+def _key(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class EnvironmentCache:
+    """SHA-256 per file, keyed by path and stat data."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def _path(self, name: str) -> Path:
+        return self._directory / f"{name}.json"
+
+    def load(self, name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The cached entries; empty when missing or damaged."""
+        try:
+            header, _, body = self._path(name).read_bytes().partition(b"\n")
+            if json.loads(header).get("format") != _CACHE_FORMAT:
+                return {}
+            return {str(p): (tuple(k), str(v)) for p, k, v in json.loads(body)}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def save(self, name: str, entries: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        body = json.dumps(
+            [[p, list(k), v] for p, (k, v) in sorted(entries.items())], separators=(",", ":")
+        ).encode()
+        header = {"format": _CACHE_FORMAT}
+        try:
+            ensure_private_dir(self._directory)
+            with atomic_output(self._path(name)) as fh:
+                fh.write(json.dumps(header).encode() + b"\n" + body)
+        except OSError:
+            pass  # a cache that cannot be written costs time, never correctness
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/ppml/environments`, else `~/.cache/ppml/environments`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ppml" / "environments"
+
+
+def measure_directory(
+    roots: list[str],
+    *,
+    cache: EnvironmentCache | None = None,
+    cache_name: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[str, int, int]:
+    """(digest, files, bytes) of every file below `roots` (real, absolute paths)."""
+    outer = list(dict.fromkeys(roots))
+    found = _scan(outer)
+    cached = cache.load(cache_name) if cache is not None and cache_name else {}
+    todo = [
+        (path, st)
+        for _, _, path, st in found
+        if stat.S_ISREG(st.st_mode) and cached.get(path, ((), ""))[0] != _key(st)
+    ]
+    if todo and progress is not None:
+        size = sum(st.st_size for _, st in todo) >> 20
+        progress(f"measuring {len(todo)} files ({size} MiB) of the environment once; cached")
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        digests = dict(zip((p for p, _ in todo), pool.map(_sha256_file, (p for p, _ in todo))))
+    fresh: dict[str, tuple[tuple[int, ...], str]] = {}
+    listing: list[list[Any]] = []
+    total = 0
+    for index, rel, path, st in sorted(found, key=lambda f: (f[0], f[1])):
+        if stat.S_ISLNK(st.st_mode):
+            listing.append([index, rel, "l", os.readlink(path)])
+            continue
+        value = digests.get(path) or cached[path][1]
+        fresh[path] = (_key(st), value)
+        listing.append([index, rel, "f", value])
+        total += st.st_size
+    if cache is not None and cache_name and fresh != cached:
+        cache.save(cache_name, fresh)
+    digest = hashlib.sha384(canonical_json({"roots": outer, "files": listing})).hexdigest()
+    return digest, len(listing), total
+
+
+def measure_environment(
+    program: str,
+    *,
+    cache: EnvironmentCache | None = None,
+    progress: Progress | None = None,
+) -> PythonEnvironment:
+    """Probe the interpreter `program` and measure its environment (`cache` default: the
+    user's cache directory)."""
+    if cache is None:
+        cache = EnvironmentCache(default_cache_dir())
+    prefix, version, probed = probe_interpreter(program)
+    roots = list(dict.fromkeys(os.path.realpath(r) for r in probed if os.path.exists(r)))
+    real = os.path.realpath(program)
+    name = hashlib.sha256(canonical_json([real, prefix, roots])).hexdigest()[:32]
+    digest, files, size = measure_directory(
+        roots, cache=cache, cache_name=name, progress=progress
+    )
+    return PythonEnvironment(
+        interpreter=real,
+        interpreter_sha256=_sha256_file(real),
+        prefix=os.path.realpath(prefix),
+        version=version.split()[0],
+        roots=tuple(roots),
+        digest=digest,
+        files=files,
+        size=size,
+    )

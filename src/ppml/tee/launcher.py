@@ -1,0 +1,382 @@
+"""The attested launcher: one way to start a measured workload, for `ppml run`, `ppml sql --tee`,
+`ppml spark-submit --tee` and `ppml serving up --tee`.
+
+The caller (which holds the workspace) hardens its own process first (`harden_launcher`: not
+dumpable, the passphrase variable gone), then:
+
+1. `RunDirectory.create` makes a private directory under the workspace (hidden from every
+   workload) with the snapshot of the measured files, the workload's private ``/tmp`` and the
+   boot directory;
+2. `build_manifest(..., snapshot=run.snapshot)` measures the copies;
+3. `start` writes the boot directory (the import guard and the part of the manifest it needs),
+   opens an evidence channel whose quotes carry the measurement the launcher computed, and
+   starts the workload in its sandbox (`ppml.tee.sandbox`) with only the manifest's variables and
+   the launcher's protocol variables (``PPML_TEE``, ``PPML_TEE_CHANNEL``, ``PPML_KMS_URL``,
+   ``PPML_KMS_CA_PEM``, ``PPML_MEASUREMENT``, the guard's ``PYTHONPATH``). It returns once the
+   workload's program has been executed, or raises the sandbox's set-up error.
+
+Nothing secret is handed over: the workload gets keys only from the key broker, after
+attestation, sealed to a key of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ppml._internal.fs import ensure_private_dir, write_private
+from ppml._internal.procs import process_identity
+from ppml.errors import ConfigurationError, UsageError
+from ppml.tee import guard, sandbox
+from ppml.tee.channel import CHANNEL_ENV, EvidenceChannelServer
+from ppml.tee.manifest import WorkloadManifest
+from ppml.tee.runtime import CA_PEM_ENV, KMS_URL_ENV, TEE_ENV
+
+__all__ = [
+    "MEASUREMENT_ENV",
+    "Isolation",
+    "LaunchedWorkload",
+    "RunDirectory",
+    "harden_launcher",
+    "prepared_run",
+    "start",
+    "wait_forwarding_signals",
+]
+
+MEASUREMENT_ENV = "PPML_MEASUREMENT"
+SECRET_ENV = ("PPML_PASSPHRASE",)  # never in a launcher's environment once it has the workspace
+_PR_SET_DUMPABLE = 4
+_OWNER_FILE = "owner"
+_RUN_PREFIX = "run-"
+
+Quote = Callable[[bytes], bytes]
+
+
+def harden_launcher() -> None:
+    """Make this process unreadable to others of the same user (no /proc/PID/mem, environ,
+    ptrace) and drop the passphrase variable, so that no child inherits it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise ConfigurationError("cannot make the launcher non-dumpable (prctl failed)")
+    for name in SECRET_ENV:
+        os.environ.pop(name, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Isolation:
+    """What the workload must not see, and where it may write.
+
+    `hidden`: covered by empty read-only mounts (the workspace, the passphrase file).
+    `writable`: data directories (default: the working directory).
+    `exposed`: read-only views of paths inside hidden ones (a serving deployment's encrypted
+    files). `visible`: paths that must stay readable (files under /tmp are otherwise gone)."""
+
+    hidden: tuple[Path, ...] = ()
+    writable: tuple[Path, ...] = ()
+    exposed: tuple[Path, ...] = ()
+    visible: tuple[Path, ...] = ()
+
+
+class RunDirectory:
+    """A private directory for one launch: ``snapshot/``, ``tmp/`` and ``boot/``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def snapshot(self) -> Path:
+        return self.path / "snapshot"
+
+    @property
+    def tmp(self) -> Path:
+        return self.path / "tmp"
+
+    @property
+    def boot(self) -> Path:
+        return self.path / "boot"
+
+    @classmethod
+    def create(cls, parent: Path) -> RunDirectory:
+        """Under `parent` (made private), after removing the directories of launches whose
+        owner is gone."""
+        ensure_private_dir(parent)
+        cls.sweep(parent)
+        path = parent / f"{_RUN_PREFIX}{secrets.token_hex(8)}"
+        path.mkdir(mode=0o700)
+        run = cls(path)
+        for d in (run.snapshot, run.tmp, run.boot):
+            d.mkdir(mode=0o700)
+        run.set_owner(os.getpid())
+        return run
+
+    def set_owner(self, pid: int) -> None:
+        identity = process_identity(pid)
+        if identity is not None:
+            write_private(self.path / _OWNER_FILE, identity.encode())
+
+    def remove(self) -> None:
+        _remove_tree(self.path)
+
+    @staticmethod
+    def sweep(parent: Path) -> list[Path]:
+        """Remove run directories whose recorded owner process no longer runs."""
+        removed = []
+        for d in sorted(parent.glob(f"{_RUN_PREFIX}*")):
+            try:
+                owner = (d / _OWNER_FILE).read_text().strip()
+                pid = int(owner.split(":", 1)[0])
+            except (OSError, ValueError):
+                continue
+            if process_identity(pid) != owner:
+                _remove_tree(d)
+                removed.append(d)
+        return removed
+
+
+def _remove_tree(path: Path) -> None:
+    def writable(func: Any, p: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o600)
+            func(p)
+
+    shutil.rmtree(path, onerror=writable)
+
+
+@dataclass
+class LaunchedWorkload:
+    """A started workload (its sandbox process) and what must live as long as it does."""
+
+    proc: subprocess.Popen[bytes]
+    measurement: str
+    run: RunDirectory
+    channel: EvidenceChannelServer | None = None
+    keep_run: bool = False
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait(self) -> int:
+        """Wait for the workload (forwarding Ctrl-C and SIGTERM), clean up, return its code."""
+        try:
+            return wait_forwarding_signals(self.proc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.channel is not None:
+            self.channel.close()
+        if not self.keep_run:
+            self.run.remove()
+
+
+def wait_forwarding_signals(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for `proc`, passing Ctrl-C and SIGTERM on to it."""
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _guard_document(
+    manifest: WorkloadManifest, isolation: Isolation, visible: Sequence[str]
+) -> dict[str, Any]:
+    env = manifest.environment
+    replaced = (sandbox.TMP, sandbox.SHM)
+    # Host paths re-mounted inside /tmp or /dev/shm are not the run's own scratch space.
+    host = [
+        p
+        for p in [*visible, *(str(w) for w in isolation.writable)]
+        if any(p == r or p.startswith(r + "/") for r in replaced)
+    ]
+    return {
+        "interpreter": env.interpreter if env else "",
+        "roots": list(env.roots) if env else [],
+        "trusted": {f.source: f.sha256 for f in manifest.trusted_files},
+        "scratch": list(replaced),
+        "host": host,
+        "writable": [str(w) for w in isolation.writable],
+    }
+
+
+def _write_boot(run: RunDirectory, document: Mapping[str, Any]) -> None:
+    source = Path(guard.__file__).read_bytes()
+    write_private(run.boot / "sitecustomize.py", source)
+    write_private(run.boot / guard.WORKLOAD_FILE, json.dumps(document).encode())
+    for f in run.boot.iterdir():
+        os.chmod(f, 0o400)
+
+
+def _visible_paths(manifest: WorkloadManifest, isolation: Isolation, cwd: Path) -> list[str]:
+    paths: list[str] = [str(manifest.base_dir), str(cwd)]
+    env = manifest.environment
+    if env is not None:
+        paths += [*env.roots, env.prefix, os.path.dirname(env.interpreter)]
+    paths.append(os.path.dirname(os.path.realpath(manifest.command.program)))
+    paths.append(os.path.dirname(os.path.abspath(manifest.command.program)))
+    paths += [os.path.dirname(f.source) for f in manifest.trusted_files]
+    paths += [str(p) for p in isolation.visible]
+    return list(dict.fromkeys(os.path.realpath(p) for p in paths))
+
+
+def start(
+    manifest: WorkloadManifest,
+    run: RunDirectory,
+    *,
+    tee: str,
+    quote: Quote | None,
+    kms_url: str,
+    ca_pem: str,
+    isolation: Isolation,
+    extra_env: Mapping[str, str] | None = None,
+    pass_fds: Iterable[int] = (),
+    cwd: Path | None = None,
+    stdin: int | IO[Any] | None = None,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+    detach: bool = False,
+) -> LaunchedWorkload:
+    """Start `manifest` (built with ``snapshot=run.snapshot``) in its sandbox.
+
+    `quote(report_data)` makes evidence for the measurement (sim, tdx, snp: served on the
+    evidence channel); None when the workload makes its own (sgx). `extra_env` adds launcher
+    variables (their names must start with ``PPML_``). With `detach`, the workload outlives this
+    process (its own session, the run directory kept)."""
+    cwd = Path(os.path.realpath(cwd or Path.cwd()))
+    measurement = manifest.measurement()
+    for name in extra_env or {}:
+        if not name.startswith("PPML_"):
+            raise UsageError(f"launcher variables are PPML_*, not {name}")
+    for t in manifest.trusted_files:
+        if t.copy is None:
+            raise UsageError("the manifest was built without a snapshot")
+    hidden = [os.path.realpath(p) for p in isolation.hidden]
+    for inside in [cwd, manifest.base_dir, *(Path(f.source) for f in manifest.trusted_files)]:
+        if any(str(inside) == h or str(inside).startswith(h + "/") for h in hidden):
+            raise UsageError(
+                f"{inside} is inside the workspace, which an attested workload never sees: "
+                "keep the workload's code and data outside it"
+            )
+    writable = isolation.writable or (cwd,)
+    isolation = Isolation(
+        hidden=tuple(Path(h) for h in hidden),
+        writable=tuple(Path(os.path.realpath(w)) for w in writable),
+        exposed=tuple(Path(os.path.realpath(e)) for e in isolation.exposed),
+        visible=isolation.visible,
+    )
+    visible = _visible_paths(manifest, isolation, cwd)
+    _write_boot(run, _guard_document(manifest, isolation, visible))
+
+    env = manifest.child_environment()
+    env.update(
+        {
+            "PYTHONPATH": sandbox.BOOT_DIR,
+            "PYTHONNOUSERSITE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            TEE_ENV: tee,
+            KMS_URL_ENV: kms_url,
+            CA_PEM_ENV: ca_pem,
+            MEASUREMENT_ENV: measurement,
+            **(extra_env or {}),
+        }
+    )
+    fds = list(pass_fds)
+    channel = None
+    if quote is not None:
+        channel = EvidenceChannelServer(quote, tee=tee)
+        env[CHANNEL_ENV] = str(channel.child_fd)
+        fds.append(channel.child_fd)
+    status_read, status_write = os.pipe()
+    spec_read, spec_write = os.pipe()
+    spec = sandbox.Spec(
+        argv=manifest.launch_argv(),
+        env=env,
+        cwd=str(cwd),
+        tmp=str(run.tmp),
+        boot=str(run.boot),
+        writable=[str(w) for w in isolation.writable],
+        visible=visible,
+        pinned=[[str(f.copy), f.source] for f in manifest.trusted_files],
+        hidden=hidden,
+        exposed=[str(e) for e in isolation.exposed],
+        keep_fds=fds,
+        status_fd=status_write,
+        die_with_parent=not detach,
+    )
+    try:
+        proc = subprocess.Popen(  # noqa: S603 -- ppml's own sandbox, then the measured command
+            [sys.executable, "-I", "-S", sandbox.__file__, str(spec_read)],
+            pass_fds=(spec_read, status_write, *fds),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            cwd="/",
+        )
+    except OSError as exc:
+        for fd in (status_read, status_write, spec_read, spec_write):
+            os.close(fd)
+        if channel is not None:
+            channel.close()
+        raise ConfigurationError(f"cannot start the workload's sandbox: {exc.strerror}") from None
+    os.close(spec_read)
+    os.close(status_write)
+    with os.fdopen(spec_write, "wb") as fh:
+        fh.write(spec.to_json())
+    if channel is not None:
+        channel.start()
+        channel.child_started()
+    launched = LaunchedWorkload(proc, measurement, run, channel, keep_run=detach)
+    if detach:
+        run.set_owner(proc.pid)
+    failure = _read_status(status_read)
+    if failure is not None:
+        proc.wait()
+        launched.close()
+        raise ConfigurationError(f"cannot start the attested workload: {failure}")
+    return launched
+
+
+def _read_status(fd: int) -> str | None:
+    """The sandbox's set-up error, or None once the workload's program runs (end of file)."""
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(1 << 16)
+    if not data:
+        return None
+    try:
+        return str(json.loads(data.splitlines()[0])["error"])
+    except (ValueError, KeyError, IndexError):
+        return data.decode("utf-8", "replace").strip()
+
+
+@contextlib.contextmanager
+def prepared_run(parent: Path) -> Iterator[RunDirectory]:
+    """A run directory that is removed when the block fails before the workload starts."""
+    run = RunDirectory.create(parent)
+    try:
+        yield run
+    except BaseException:
+        run.remove()
+        raise
