@@ -18,6 +18,7 @@ from ppml.errors import ConfigurationError, UsageError
 
 if TYPE_CHECKING:
     from ppml.tee.environment import EnvironmentCache
+    from ppml.tee.launcher import RunDirectory
     from ppml.tee.manifest import WorkloadManifest
     from ppml.workspace import Workspace
 
@@ -127,6 +128,17 @@ def launch(
     passphrase_file: Path | None,
 ) -> int:
     """Measure `workload`, start it sandboxed with its evidence and the KMS, wait; its code."""
+    return launch_prepared(lambda _ws, _run: workload, how, workspace, passphrase_file)
+
+
+def launch_prepared(
+    prepare: Callable[[Workspace, RunDirectory], Workload],
+    how: Launch,
+    workspace: Path | None,
+    passphrase_file: Path | None,
+) -> int:
+    """`launch`, with the workload made by `prepare` once the workspace is open and the run
+    directory exists (Spark writes its configuration into the boot directory)."""
     from ppml.tee import launcher
 
     if how.tee in ("tdx", "snp"):
@@ -142,7 +154,7 @@ def launch(
         hidden=tuple(hidden), writable=tuple(how.data), visible=tuple(how.visible)
     )
     with launcher.prepared_run(ws.path / RUN_DIR) as run:
-        manifest = workload.manifest(snapshot=run.snapshot)
+        manifest = prepare(ws, run).manifest(snapshot=run.snapshot)
         measurement = manifest.measurement()
         if how.tee == "sim":
             typer.echo(SIM_NOTICE, err=True)

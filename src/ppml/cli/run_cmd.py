@@ -11,8 +11,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ppml.cli._attested import Launch, Workload, launch, loopback_services, open_for_launch
-from ppml.cli._attested import require_dev
+from ppml.cli._attested import (
+    Launch,
+    Workload,
+    launch,
+    loopback_services,
+    open_for_launch,
+    require_dev,
+)
 from ppml.cli._common import PassphraseFileOption, WorkspaceOption, handle_errors, open_workspace
 from ppml.errors import UsageError
 from ppml.tee.command import DEFAULT_ENV

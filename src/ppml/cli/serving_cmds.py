@@ -125,6 +125,10 @@ def up(
 
             settings = with_overrides(settings, tee=settings.tee or "sim")
         ws = open_workspace(workspace, passphrase_file)
+        if settings.tee is not None and not measure:
+            from ppml.tee.launcher import harden_launcher
+
+            harden_launcher()
         if (settings.tee is not None or measure) and not ws.dev:
             raise ConfigurationError(
                 "the sim TEE runs only with a development workspace (`ppml init --dev`)",
@@ -143,7 +147,7 @@ def up(
 def _up(ws: Any, keys: Any, plan: Any, detach: bool) -> int:
     import contextlib
 
-    from ppml.cli.run_cmd import SIM_NOTICE
+    from ppml.cli._attested import SIM_NOTICE
     from ppml.serving.deploy import signals_to_event, start_deployment
 
     def echo(text: str) -> None:

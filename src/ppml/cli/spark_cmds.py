@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
+import hashlib
 import subprocess
-import sys
-from collections.abc import Iterator, Mapping
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ppml.cli._attested import Launch, Workload, launch_prepared, progress
 from ppml.cli._common import (
     PassphraseFileOption,
     WorkspaceOption,
@@ -19,11 +18,13 @@ from ppml.cli._common import (
     open_workspace,
     print_json,
 )
-from ppml.errors import ConfigurationError, UsageError
+from ppml.errors import UsageError
+from ppml.tee.launcher import wait_forwarding_signals
 
 if TYPE_CHECKING:
+    from ppml.engines.spark.java import JavaRuntime
     from ppml.engines.spark.launcher import SubmitRequest
-    from ppml.tee.manifest import WorkloadManifest
+    from ppml.tee.launcher import RunDirectory
     from ppml.workspace import Workspace
 
 _SUBMIT_CONTEXT = {
@@ -44,38 +45,6 @@ spark_app.add_typer(cluster_app, name="cluster")
 def register(app: typer.Typer) -> None:
     app.command("spark-submit", context_settings=_SUBMIT_CONTEXT)(spark_submit)
     app.add_typer(spark_app, name="spark")
-
-
-def _driver_manifest(req: SubmitRequest) -> WorkloadManifest:
-    """What an attested Spark driver measures: this interpreter running APP with ARGS, APP's
-    local imports, every --py-files entry, and the names of the variables Spark needs.
-
-    The Python driver is the attested process (it starts the JVM through pyspark's gateway with
-    PYSPARK_SUBMIT_ARGS): a JVM does not pass inherited descriptors on to the processes it
-    starts, so the evidence channel could not reach a driver started by spark-submit."""
-    from ppml.engines.spark.launcher import SPARK_ENV_ALLOW
-    from ppml.tee.manifest import build_manifest
-
-    return build_manifest(
-        [sys.executable, str(req.app), *req.app_args],
-        trusted=list(req.py_files),
-        env_allow=SPARK_ENV_ALLOW,
-    )
-
-
-@contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set `values` in os.environ for the block (the attested launcher reads it), then restore."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _spark_dir(ws: Workspace) -> Path:
@@ -134,23 +103,63 @@ def spark_submit(
         req = parse_submit_args(args, master=master, py_files=py_files or [])
         if tee is not None and tee != "sim":
             raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
-        manifest = _driver_manifest(req)
         if measure_only:
+            from ppml.engines.spark.java import find_java
+
+            with tempfile.TemporaryDirectory(prefix="ppml-measure-") as tmp:
+                workload = _driver_workload(req, find_java(Path(tmp)))
+                manifest = workload.manifest()
             typer.echo(manifest.measurement())
+            spark = dict(workload.extra)["spark"]
+            typer.echo(
+                f"ppml: covers Spark {spark['version']} ({spark['home']}) and Java "
+                f"{spark['java']['version']} ({spark['java']['home']}, digest "
+                f"{spark['java']['digest'][:16]}...)",
+                err=True,
+            )
             return
-        raise typer.Exit(_submit(req, manifest, tee, ui, workspace, passphrase_file))
+        if tee is not None:
+            raise typer.Exit(_submit_attested(req, ui, workspace, passphrase_file))
+        raise typer.Exit(_submit(req, ui, workspace, passphrase_file))
+
+
+def _driver_workload(req: SubmitRequest, java: JavaRuntime) -> Workload:
+    """The attested driver, as `ppml.engines.spark.attested` describes it."""
+    from ppml.engines.spark.attested import driver_parts, real_java_home
+    from ppml.engines.spark.launcher import ppml_jars
+    from ppml.tee.environment import EnvironmentCache, default_cache_dir, measure_directory
+
+    home = real_java_home(java)
+    digest, _, _ = measure_directory(
+        [str(home)],
+        cache=EnvironmentCache(default_cache_dir()),
+        cache_name="java-" + hashlib.sha256(str(home).encode()).hexdigest()[:24],
+        progress=progress,
+    )
+    parts = driver_parts(req, java, req.submit_options(extra_jars=ppml_jars()), digest)
+    return Workload(parts.command, parts.trusted, fixed_env=parts.fixed_env, extra=parts.extra)
+
+
+def _submit_attested(
+    req: SubmitRequest, ui: bool, workspace: Path | None, passphrase_file: Path | None
+) -> int:
+    """The driver attested on the sim TEE, its JVM in the same sandbox."""
+    from ppml.engines.spark.attested import write_driver_boot
+    from ppml.engines.spark.java import find_java
+    from ppml.engines.spark.launcher import security_properties
+
+    def prepare(ws: Workspace, run: RunDirectory) -> Workload:
+        java = find_java(run.path / "java")
+        write_driver_boot(ws, java, run.boot, security_properties(ws, ui=ui))
+        return _driver_workload(req, java)
+
+    return launch_prepared(prepare, Launch("sim"), workspace, passphrase_file)
 
 
 def _submit(
-    req: SubmitRequest,
-    manifest: WorkloadManifest,
-    tee: str | None,
-    ui: bool,
-    workspace: Path | None,
-    passphrase_file: Path | None,
+    req: SubmitRequest, ui: bool, workspace: Path | None, passphrase_file: Path | None
 ) -> int:
     from ppml._internal.fs import ensure_private_dir
-    from ppml.cli.run_cmd import SIM_NOTICE, _launch_sim, _wait
     from ppml.engines.spark.java import find_java
     from ppml.engines.spark.launcher import (
         ppml_jars,
@@ -161,36 +170,19 @@ def _submit(
     )
 
     ws = open_workspace(workspace, passphrase_file)
-    if tee is not None and not ws.dev:
-        raise ConfigurationError(
-            "the sim TEE runs only with a development workspace (`ppml init --dev`)",
-            path=ws.path,
-        )
     java = find_java(_spark_dir(ws))
     home = spark_home()
     runs = _spark_dir(ws) / "run"
     ensure_private_dir(runs)
     options = req.submit_options(extra_jars=ppml_jars())
     with private_conf_dir(security_properties(ws, ui=ui), parent=runs) as conf_dir:
-        if tee is None:
-            env = spark_environment(java, conf_dir)
-            command = [
-                str(home / "bin" / "spark-submit"),
-                *options,
-                str(req.app),
-                *req.app_args,
-            ]
-            try:
-                proc = subprocess.Popen(command, env=env)  # noqa: S603 -- the user's job
-            except OSError as exc:
-                raise UsageError(f"cannot start spark-submit: {exc.strerror}") from None
-            return _wait(proc)
-        typer.echo(SIM_NOTICE, err=True)
-        env = spark_environment(java, conf_dir, submit_args=options)
-        from ppml.engines.spark.launcher import SPARK_ENV_ALLOW
-
-        with _environ({k: env[k] for k in SPARK_ENV_ALLOW if k in env}):
-            return _launch_sim(ws, manifest)
+        env = spark_environment(java, conf_dir)
+        command = [str(home / "bin" / "spark-submit"), *options, str(req.app), *req.app_args]
+        try:
+            proc = subprocess.Popen(command, env=env)  # noqa: S603 -- the user's job
+        except OSError as exc:
+            raise UsageError(f"cannot start spark-submit: {exc.strerror}") from None
+        return wait_forwarding_signals(proc)
 
 
 # -- the standalone cluster ----------------------------------------------------------------------

@@ -111,8 +111,7 @@ def sql(
         bool,
         typer.Option(
             "--measure",
-            help="Print the measurement of the attested query (for `ppml policy allow`) and "
-            "exit.",
+            help="Print the measurement of the attested query (for `ppml policy allow`) and exit.",
         ),
     ] = False,
     data: Annotated[

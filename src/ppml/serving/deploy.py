@@ -76,12 +76,15 @@ from ppml.errors import (
 )
 from ppml.serving.frontend_main import LISTEN_FD_ENV
 from ppml.serving.worker import REDIS_PORT_ENV
+from ppml.tee.command import DEFAULT_ENV
+from ppml.tee.sandbox import BOOT_DIR
 
 if TYPE_CHECKING:
     from ppml.kms import KeyService
     from ppml.serving.frontend import ModelInfo
     from ppml.serving.redis_server import RedisServer
     from ppml.tee.channel import EvidenceChannelServer
+    from ppml.tee.launcher import LaunchedWorkload
     from ppml.tee.manifest import WorkloadManifest
     from ppml.workspace import Workspace
 
@@ -102,7 +105,7 @@ __all__ = [
 ]
 
 STATE_FILE: Final = "deployment.json"
-_ENV_ALLOW: Final = (REDIS_PORT_ENV, LISTEN_FD_ENV)
+_BOOT_SUBDIR: Final = "serving"
 _READY_NEEDLE: Final = "serving model"
 _MAX_BUNDLE: Final = 64 * 1024
 
@@ -261,19 +264,29 @@ class Plan:
     ca: Path
     worker_command: tuple[str, ...]
     frontend_command: tuple[str, ...]
+    files: Mapping[str, Path] = field(default_factory=dict)
 
     @property
     def serving_key(self) -> str:
         return f"serving-{self.settings.deployment}"
 
-    def manifests(self) -> tuple[WorkloadManifest, WorkloadManifest]:
+    def manifests(
+        self, snapshots: tuple[Path | None, Path | None] = (None, None)
+    ) -> tuple[WorkloadManifest, WorkloadManifest]:
         """The worker's and the front end's manifests (as `ppml run` would measure them)."""
         from ppml.tee.manifest import build_manifest
 
         return (
-            build_manifest(list(self.worker_command), env_allow=_ENV_ALLOW),
-            build_manifest(list(self.frontend_command), env_allow=_ENV_ALLOW),
+            build_manifest(list(self.worker_command), snapshot=snapshots[0]),
+            build_manifest(list(self.frontend_command), snapshot=snapshots[1]),
         )
+
+    def boot_files(self, role: str) -> dict[str, Path]:
+        """What an attested child finds in its boot directory (the worker: no TLS key)."""
+        names = ["ca.pem", "redis-password.ppml", "payload.key.ppml"]
+        if role == "front end":
+            names += ["server.pem", "server-key.pem"]
+        return {n: self.files[n] for n in names}
 
     def allow_lines(self) -> list[str]:
         """What `--measure` prints: the measurements and the policy commands they need."""
@@ -331,20 +344,30 @@ def plan_deployment(ws: Workspace, keys: KeyService, settings: DeploySettings) -
         keys.describe(serving_key)
     except KeyNotFound:
         keys.create_key(serving_key)
+    files = {
+        "ca.pem": ws.ca_cert,
+        "redis-password.ppml": password_file,
+        "payload.key.ppml": payload_file,
+        "server.pem": ws.server_cert,
+        "server-key.pem": ws.server_key,
+    }
+    # An attested child never sees the workspace: it finds these copies in its boot directory.
+    where = {n: f"{BOOT_DIR}/{_BOOT_SUBDIR}/{n}" if s.tee else str(p) for n, p in files.items()}
     common = [
         "--deployment",
         s.deployment,
         "--redis-ca",
-        str(ws.ca_cert),
+        where["ca.pem"],
         "--redis-password-file",
-        str(password_file),
+        where["redis-password.ppml"],
         "--payload-key-file",
-        str(payload_file),
+        where["payload.key.ppml"],
     ]
     dev = [] if s.tee else ["--keys-from-stdin"]
     python = sys.executable
     worker = [
         python,
+        "-I",
         "-m",
         "ppml.serving.worker",
         str(s.model),
@@ -365,6 +388,7 @@ def plan_deployment(ws: Workspace, keys: KeyService, settings: DeploySettings) -
         worker += ["--input-shape", _shape_text(s.input_shape), "--input-dtype", s.input_dtype]
     frontend = [
         python,
+        "-I",
         "-m",
         "ppml.serving.frontend_main",
         *common,
@@ -377,9 +401,9 @@ def plan_deployment(ws: Workspace, keys: KeyService, settings: DeploySettings) -
         "--output-names",
         ",".join(info.output_names),
         "--tls-cert",
-        str(ws.server_cert),
+        where["server.pem"],
         "--tls-key",
-        str(ws.server_key),
+        where["server-key.pem"],
         "--sync-timeout-s",
         repr(s.sync_timeout_s),
         "--max-body-bytes",
@@ -398,6 +422,7 @@ def plan_deployment(ws: Workspace, keys: KeyService, settings: DeploySettings) -
         ca=ws.ca_cert,
         worker_command=tuple(worker),
         frontend_command=tuple(frontend),
+        files=files,
     )
 
 
@@ -636,11 +661,11 @@ def start_deployment(
         if s.tee is None:
             frontend_keys = _unwrapped(keys, [plan.payload_key_file, plan.password_file])
             worker_keys = {**frontend_keys, **_unwrapped(keys, [s.model])}
-        worker_manifest, frontend_manifest = plan.manifests()
         for n in range(s.workers):
             child = _launch(
                 f"worker {n}",
-                worker_manifest,
+                plan,
+                plan.worker_command,
                 env_extra,
                 logs / f"worker-{n}.log",
                 kms_url=kms_url,
@@ -652,7 +677,8 @@ def start_deployment(
             dep._save()
         child = _launch(
             "front end",
-            frontend_manifest,
+            plan,
+            plan.frontend_command,
             {**env_extra, LISTEN_FD_ENV: str(sock.fileno())},
             logs / "frontend.log",
             kms_url=kms_url,
@@ -676,7 +702,8 @@ def start_deployment(
 
 def _launch(
     role: str,
-    manifest: WorkloadManifest,
+    plan: Plan,
+    command: Sequence[str],
     env_extra: Mapping[str, str],
     log: Path,
     *,
@@ -685,56 +712,83 @@ def _launch(
     keys: Mapping[WrappedKey, bytes] | None,
     pass_fds: tuple[int, ...] = (),
 ) -> _Child:
-    env = manifest.child_environment(dict(os.environ))
-    env.update(env_extra)
-    channel = None
-    fds = list(pass_fds)
-    if kms_url is not None:
-        from ppml.attestation.sim import SimPlatform
-        from ppml.tee.channel import CHANNEL_ENV, EvidenceChannelServer
-        from ppml.tee.runtime import CA_PEM_ENV, KMS_URL_ENV, TEE_ENV
-
-        measurement = manifest.measurement()
-        platform = SimPlatform(ws.sim_platform_key())
-        channel = EvidenceChannelServer(lambda rd: platform.quote(measurement, rd), tee="sim")
-        env.update(
-            {
-                TEE_ENV: "sim",
-                CHANNEL_ENV: str(channel.child_fd),
-                KMS_URL_ENV: kms_url,
-                CA_PEM_ENV: ws.ca_cert.read_text(),
-                "PPML_MEASUREMENT": measurement,
-            }
-        )
-        fds.append(channel.child_fd)
-        channel.start()
     out = _open_log(log)
     try:
-        proc = subprocess.Popen(  # noqa: S603 -- our own measured command, no shell
-            manifest.command(),
-            env=env,
-            stdin=subprocess.PIPE if keys is not None else subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            pass_fds=tuple(fds),
-            start_new_session=True,
-            cwd=str(log.parent),
-        )
-    except OSError as exc:
-        if channel is not None:
-            channel.close()
-        raise ConfigurationError(f"cannot start the {role}: {exc.strerror}") from None
+        if kms_url is not None:
+            launched = _launch_attested(role, plan, command, env_extra, out, kms_url, ws, pass_fds)
+            return _Child(role, launched.proc, log, _identity_of(launched.proc), launched.channel)
+        env = {k: os.environ[k] for k in DEFAULT_ENV if k in os.environ}
+        env.update(env_extra)
+        try:
+            proc = subprocess.Popen(  # noqa: S603 -- our own command, no shell
+                list(command),
+                env=env,
+                stdin=subprocess.PIPE if keys is not None else subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=pass_fds,
+                start_new_session=True,
+                cwd=str(log.parent),
+            )
+        except OSError as exc:
+            raise ConfigurationError(f"cannot start the {role}: {exc.strerror}") from None
     finally:
         os.close(out)
-    if channel is not None:
-        channel.child_started()
     if keys is not None:
         assert proc.stdin is not None
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(_bundle(keys))
         proc.stdin.close()
-    identity = process_identity(proc.pid) or f"{proc.pid}:?"
-    return _Child(role, proc, log, identity, channel)
+    return _Child(role, proc, log, _identity_of(proc))
+
+
+def _identity_of(proc: subprocess.Popen[bytes]) -> str:
+    return process_identity(proc.pid) or f"{proc.pid}:?"
+
+
+def _launch_attested(
+    role: str,
+    plan: Plan,
+    command: Sequence[str],
+    env_extra: Mapping[str, str],
+    out: int,
+    kms_url: str,
+    ws: Workspace,
+    pass_fds: tuple[int, ...],
+) -> LaunchedWorkload:
+    """A sandboxed, attested child (`ppml.tee.launcher`), detached: it outlives `up`."""
+    import shutil
+
+    from ppml.attestation.sim import SimPlatform
+    from ppml.tee import launcher
+    from ppml.tee.manifest import build_manifest
+
+    with launcher.prepared_run(ws.path / "run") as run:
+        boot = run.boot / _BOOT_SUBDIR
+        ensure_private_dir(boot)
+        for name, source in plan.boot_files(role).items():
+            shutil.copyfile(source, boot / name)
+        manifest = build_manifest(list(command), snapshot=run.snapshot)
+        measurement = manifest.measurement()
+        platform = SimPlatform(ws.sim_platform_key())
+        return launcher.start(
+            manifest,
+            run,
+            tee="sim",
+            quote=lambda rd: platform.quote(measurement, rd),
+            kms_url=kms_url,
+            ca_pem=ws.ca_cert.read_text(),
+            isolation=launcher.Isolation(
+                hidden=(ws.path,), writable=(), visible=(plan.settings.model,)
+            ),
+            extra_env=env_extra,
+            pass_fds=pass_fds,
+            cwd=Path("/"),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            detach=True,
+        )
 
 
 def _wait_ready(dep: Deployment, timeout: float, echo: Callable[[str], None]) -> None:

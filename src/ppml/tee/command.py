@@ -24,6 +24,7 @@ that says what to do instead:
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import re
 import shutil
@@ -143,6 +144,7 @@ class ResolvedCommand:
     kind: str  # "python", "shell" or "program"
     program: str
     real: str
+    real_sha256: str
     flags: tuple[str, ...]  # interpreter options, one item each
     mode: str  # python: script, module, command; shell: script, command; program: program
     target: str | None  # the script path as given, the module name, the code text
@@ -169,6 +171,19 @@ class ResolvedCommand:
                 flags.append(flag)
         mode = {"script": [], "module": ["-m"], "command": ["-c"]}[self.mode]
         return [self.program, *dict.fromkeys(flags), *mode, self.target or "", *self.args]
+
+
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _sha256(path: str) -> str:
+    """SHA-256 of a program's binary (remembered per inode and change time)."""
+    st = os.stat(path)
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        with open(path, "rb") as fh:
+            _DIGESTS[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return _DIGESTS[key]
 
 
 def _which(name: str, path: str | None) -> Path:
@@ -248,7 +263,9 @@ def _resolve_binary(program: Path, args: list[str]) -> ResolvedCommand:
             f"ppml cannot measure the code that {program.name} loads: run a Python program "
             "(`ppml run -- python job.py`) or a shell script"
         )
-    return ResolvedCommand("program", str(program), real, (), "program", None, tuple(args), None)
+    return ResolvedCommand(
+        "program", str(program), real, _sha256(real), (), "program", None, tuple(args), None
+    )
 
 
 def _resolve_python(program: Path, real: str, args: list[str]) -> ResolvedCommand:
@@ -259,9 +276,11 @@ def _resolve_python(program: Path, real: str, args: list[str]) -> ResolvedComman
     for flag in parsed.flags:
         reason = _REFUSED_PYTHON.get(flag)
         if reason is None and flag.startswith("--"):
-            reason = f"{flag}: ppml decides how bytecode caches are used" if flag.startswith(
-                "--check-hash-based-pycs"
-            ) else f"{flag} runs nothing"
+            reason = (
+                f"{flag}: ppml decides how bytecode caches are used"
+                if flag.startswith("--check-hash-based-pycs")
+                else f"{flag} runs nothing"
+            )
         if reason is None and flag.startswith("-X"):
             option = flag[2:].split("=", 1)[0]
             if option not in _SAFE_X:
@@ -287,6 +306,7 @@ def _resolve_python(program: Path, real: str, args: list[str]) -> ResolvedComman
         "python",
         str(program),
         real,
+        _sha256(real),
         tuple(parsed.flags),
         parsed.mode,
         parsed.target,
@@ -329,7 +349,7 @@ def _resolve_shell(program: Path, real: str, args: list[str]) -> ResolvedCommand
             if i + 1 >= len(args):
                 raise UsageError(f"{program.name} -c needs a command")
             return ResolvedCommand(
-                "shell", str(program), real, tuple(flags), "command", args[i + 1],
+                "shell", str(program), real, _sha256(real), tuple(flags), "command", args[i + 1],
                 tuple(args[i + 2 :]), None,
             )  # fmt: skip
         elif arg == "--":
@@ -351,5 +371,13 @@ def _resolve_shell(program: Path, real: str, args: list[str]) -> ResolvedCommand
     if not script.is_file():
         raise InputNotFound("no such script", path=script)
     return ResolvedCommand(
-        "shell", str(program), real, tuple(flags), "script", args[i], tuple(args[i + 1 :]), script
+        "shell",
+        str(program),
+        real,
+        _sha256(real),
+        tuple(flags),
+        "script",
+        args[i],
+        tuple(args[i + 1 :]),
+        script,
     )

@@ -217,7 +217,8 @@ def measure_directory(
         size = sum(st.st_size for _, st in todo) >> 20
         progress(f"measuring {len(todo)} files ({size} MiB) of the environment once; cached")
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        digests = dict(zip((p for p, _ in todo), pool.map(_sha256_file, (p for p, _ in todo))))
+        paths = [p for p, _ in todo]
+        digests = dict(zip(paths, pool.map(_sha256_file, paths), strict=True))
     fresh: dict[str, tuple[tuple[int, ...], str]] = {}
     listing: list[list[Any]] = []
     total = 0
@@ -249,9 +250,7 @@ def measure_environment(
     roots = list(dict.fromkeys(os.path.realpath(r) for r in probed if os.path.exists(r)))
     real = os.path.realpath(program)
     name = hashlib.sha256(canonical_json([real, prefix, roots])).hexdigest()[:32]
-    digest, files, size = measure_directory(
-        roots, cache=cache, cache_name=name, progress=progress
-    )
+    digest, files, size = measure_directory(roots, cache=cache, cache_name=name, progress=progress)
     return PythonEnvironment(
         interpreter=real,
         interpreter_sha256=_sha256_file(real),

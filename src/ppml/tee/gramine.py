@@ -90,7 +90,8 @@ class EnclaveHost:
     """What the manifest needs to know about this host: the interpreter's library directories
     (standard library) and `sys.path` additions (site-packages), the multiarch library
     directory, the directory to start in, the directories holding data, the workspace CA that
-    the workload must find on the KMS (public), and the variables passed through by name."""
+    the workload must find on the KMS (public), and the workload's variables with their values
+    (fixed in the manifest, so measured in MRENCLAVE)."""
 
     python_lib: tuple[str, ...]
     python_path: tuple[str, ...]
@@ -98,7 +99,7 @@ class EnclaveHost:
     start_dir: str
     data_dirs: tuple[str, ...]
     ca_pem: str
-    pass_env: tuple[str, ...] = field(default=())
+    env: tuple[tuple[str, str], ...] = field(default=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +137,14 @@ def _outermost(paths: Iterable[str]) -> list[str]:
     return [p for p in unique if not _covered(p, [d for d in unique if d != p])]
 
 
+_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".so", ".pth", ".pyd", ".jar", ".class", ".sh")
+
+
 def _check_data_dirs(workload: WorkloadManifest, host: EnclaveHost) -> None:
+    """Data directories are allowed files (not integrity-checked): they may hold no code, and
+    may not overlap the workload's code or the directories Python imports from."""
     code = [str(workload.base_dir / f.path) for f in workload.trusted_files]
-    libraries = [*host.python_lib, *host.python_path]
+    libraries = [*host.python_lib, *host.python_path, str(workload.base_dir)]
     for data in host.data_dirs:
         clash = next((p for p in code if _covered(p, [data])), None) or next(
             (d for d in libraries if _covered(d, [data]) or _covered(data, [d])), None
@@ -149,6 +155,13 @@ def _check_data_dirs(workload: WorkloadManifest, host: EnclaveHost) -> None:
                 "are not integrity-checked in the enclave, so keep data and code in separate "
                 "directories (--data DIR)"
             )
+        for root, _dirs, files in os.walk(data):
+            found = next((f for f in files if f.endswith(_CODE_SUFFIXES)), None)
+            if found is not None:
+                raise UsageError(
+                    f"data directory {data} holds code ({os.path.join(root, found)}): the "
+                    "enclave would load it unchecked; move it out or measure it with --trusted"
+                )
 
 
 def render_manifest_template(
@@ -173,7 +186,7 @@ def render_manifest_template(
         'loader.log_level = "error"',
         f"loader.argv = [{', '.join(_q(a) for a in argv)}]",
         "",
-        "# Fixed values are measured; passthrough names are measured, their values are not.",
+        "# Fixed values are measured; only the KMS URL (chosen at start) passes through.",
         f"loader.env.LD_LIBRARY_PATH = {_q(library_path)}",
     ]
     if python:
@@ -189,7 +202,7 @@ def render_manifest_template(
         f"loader.env.PPML_KMS_CA_PEM = {_q(host.ca_pem)}",
         "loader.env.PPML_KMS_URL = { passthrough = true }",
     ]
-    lines += [f"loader.env.{name} = {{ passthrough = true }}" for name in host.pass_env]
+    lines += [f"loader.env.{name} = {_q(value)}" for name, value in host.env]
     mounts = [
         '  { path = "/lib", uri = "file:{{ gramine.runtimedir() }}" },',
         f"  {{ path = {_q(arch)}, uri = {_q('file:' + arch)} }},",
@@ -291,14 +304,16 @@ def host_for(
         if not Path(d).is_dir():
             raise UsageError(f"data directory {d} does not exist")
         data.append(str(Path(d).resolve()))
-    for name in workload.env_allow:
+    for name, _ in workload.env:
         if not _ENV_NAME.fullmatch(name):
             raise UsageError(f"environment variable {name!r} cannot be passed into an enclave")
-    # Passed through by name, as for every backend, except: ppml's own variables (the launcher
-    # sets those), and PATH and TMPDIR, which name host locations (temporary files stay in the
-    # enclave's tmpfs).
-    pass_env = tuple(
-        n for n in workload.env_allow if not n.startswith("PPML_") and n not in ("PATH", "TMPDIR")
+    # The workload's variables with their values, except ppml's own (the launcher sets those),
+    # and PATH and TMPDIR, which name host locations (temporary files stay in the enclave's
+    # tmpfs).
+    env = tuple(
+        (n, v)
+        for n, v in workload.env
+        if n not in ("PATH", "TMPDIR") and not n.startswith("PPML_")
     )
     return EnclaveHost(
         python_lib=tuple(lib),
@@ -307,7 +322,7 @@ def host_for(
         start_dir=str((start_dir or Path.cwd()).resolve()),
         data_dirs=tuple(data),
         ca_pem=ca_pem,
-        pass_env=pass_env,
+        env=env,
     )
 
 

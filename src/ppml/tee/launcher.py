@@ -55,7 +55,6 @@ __all__ = [
 ]
 
 MEASUREMENT_ENV = "PPML_MEASUREMENT"
-SECRET_ENV = ("PPML_PASSPHRASE",)  # never in a launcher's environment once it has the workspace
 _PR_SET_DUMPABLE = 4
 _OWNER_FILE = "owner"
 _RUN_PREFIX = "run-"
@@ -64,13 +63,12 @@ Quote = Callable[[bytes], bytes]
 
 
 def harden_launcher() -> None:
-    """Make this process unreadable to others of the same user (no /proc/PID/mem, environ,
-    ptrace) and drop the passphrase variable, so that no child inherits it."""
+    """Make this process unreadable to other processes of the same user: no /proc/PID/mem,
+    environ or ptrace (its memory holds the master key). Every child it starts gets an
+    environment of its own, never this process's (which may hold the passphrase)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise ConfigurationError("cannot make the launcher non-dumpable (prctl failed)")
-    for name in SECRET_ENV:
-        os.environ.pop(name, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +332,7 @@ def start(
             stderr=stderr,
             start_new_session=True,
             cwd="/",
+            env={"PATH": os.defpath},  # never the launcher's own (the passphrase may be there)
         )
     except OSError as exc:
         for fd in (status_read, status_write, spec_read, spec_write):

@@ -80,7 +80,7 @@ class WorkloadManifest:
 
     @property
     def interpreter_sha256(self) -> str:
-        return _sha256(self.command.real)
+        return self.command.real_sha256
 
     @property
     def entry(self) -> str | None:
@@ -150,20 +150,6 @@ class WorkloadManifest:
         return self.command.launch_argv()
 
 
-_SHA_CACHE: dict[tuple[str, int, int, int], str] = {}
-
-
-def _sha256(path: str) -> str:
-    st = os.stat(path)
-    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
-    value = _SHA_CACHE.get(key)
-    if value is None:
-        with open(path, "rb") as fh:
-            value = hashlib.file_digest(fh, "sha256").hexdigest()
-        _SHA_CACHE[key] = value
-    return value
-
-
 def _relative(path: Path, base: Path) -> str:
     real = Path(os.path.realpath(path))
     try:
@@ -215,8 +201,8 @@ def build_manifest(
     `trusted` adds files or directories (every file below them); `env` adds variables
     (``NAME`` takes its value from `env_source`, default the process environment, ``NAME=VALUE``
     sets it); `fixed_env` adds variables that ppml itself sets for the workload (Spark's), whose
-    values are measured like the others; `extra` adds measured sections; `snapshot` (a private, empty directory) receives a
-    copy of every trusted file, hashed as it is copied.
+    values are measured like the others; `extra` adds measured sections; `snapshot` (a private,
+    empty directory) receives a copy of every trusted file, hashed as it is copied.
     """
     resolved = resolve_command(list(command), path=(env_source or os.environ).get("PATH"))
     variables = workload_environment(env, os.environ if env_source is None else env_source)

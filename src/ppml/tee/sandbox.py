@@ -28,6 +28,7 @@ workload's `execve`, so end-of-file with nothing written means the workload star
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -92,7 +93,7 @@ _FORWARDED = (
     signal.SIGUSR2,
 )
 TMP = "/tmp"  # noqa: S108 -- the sandbox's own private /tmp
-SHM = "/dev/shm"
+SHM = "/dev/shm"  # noqa: S108 -- a private tmpfs inside the sandbox
 RUN_USER = "/run/user"
 # Where the launcher's boot directory (the import guard and the workload manifest) appears.
 BOOT_DIR = "/tmp/.ppml"  # noqa: S108 -- inside the private /tmp, mounted read-only
@@ -174,7 +175,7 @@ def _prctl(option: int, arg: int = 0) -> None:
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 -- ctypes' own convention
+    _fields_ = [
         ("attr_set", ctypes.c_uint64),
         ("attr_clr", ctypes.c_uint64),
         ("propagation", ctypes.c_uint64),
@@ -200,8 +201,9 @@ def _set_readonly(path: str, *, readonly: bool, recursive: bool) -> None:
         err = ctypes.get_errno()
         if err == errno.ENOSYS:
             raise SandboxError("mount_setattr is missing: attested runs need Linux 5.12 or later")
-        raise SandboxError(f"cannot make {path} {'read-only' if readonly else 'writable'}: "
-                           f"{os.strerror(err)}")
+        raise SandboxError(
+            f"cannot make {path} {'read-only' if readonly else 'writable'}: {os.strerror(err)}"
+        )
 
 
 # -- namespaces ----------------------------------------------------------------------------------
@@ -217,8 +219,9 @@ def _enter_namespaces() -> None:
     uid, gid = os.getuid(), os.getgid()
     if _c().unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID) != 0:
         err = ctypes.get_errno()
-        raise SandboxError(f"cannot create the workload's namespaces ({os.strerror(err)}): "
-                           + USERNS_HINT)
+        raise SandboxError(
+            f"cannot create the workload's namespaces ({os.strerror(err)}): " + USERNS_HINT
+        )
     # The same ids inside as outside: files keep their owners, names resolve.
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"{uid} {uid} 1")
@@ -343,15 +346,13 @@ def _cover(path: str, exposed: list[tuple[str, int]]) -> None:
         _set_readonly(path, readonly=True, recursive=False)
 
 
-# -- the processes -----------------------------------------------------------------------------------
+# -- the processes -----------------------------------------------------------------------------
 
 
 def _report(status_fd: int, message: str) -> None:
     if status_fd >= 0:
-        try:
+        with contextlib.suppress(OSError):
             os.write(status_fd, json.dumps({"error": message}).encode() + b"\n")
-        except OSError:
-            pass
 
 
 def _exit_code(status: int) -> int:
@@ -362,10 +363,8 @@ def _exit_code(status: int) -> int:
 
 def _forward_signals(pid: int) -> None:
     def forward(signum: int, _frame: object) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)
@@ -405,9 +404,11 @@ def _exec_workload(spec: Spec) -> None:
     try:
         os.chdir(spec.cwd)
     except OSError as exc:
-        raise SandboxError(f"cannot enter the working directory {spec.cwd}: {exc.strerror}")
+        raise SandboxError(
+            f"cannot enter the working directory {spec.cwd}: {exc.strerror}"
+        ) from None
     try:
-        os.execve(spec.argv[0], spec.argv, spec.env)
+        os.execve(spec.argv[0], spec.argv, spec.env)  # noqa: S606 -- the measured command
     except OSError as exc:
         raise SandboxError(f"cannot start {spec.argv[0]}: {exc.strerror}") from None
 
@@ -455,7 +456,7 @@ def run(spec: Spec) -> int:
             _init(spec)
         except SandboxError as exc:
             _report(spec.status_fd, str(exc))
-        except Exception as exc:  # noqa: BLE001 -- reported, never a half-made sandbox
+        except Exception as exc:
             _report(spec.status_fd, f"sandbox set-up failed: {type(exc).__name__}: {exc}")
         os._exit(127)
     if spec.status_fd >= 0:

@@ -23,10 +23,11 @@ from ppml.workspace.config import WorkspaceConfig
 from ppml.workspace.layout import Layout, is_workspace
 from ppml.workspace.secrets import SecretStore
 
-__all__ = ["INITIAL_SECRETS", "MASTER_KEY_BYTES", "Progress", "build_workspace"]
+__all__ = ["INITIAL_SECRETS", "MASTER_KEY_BYTES", "PROFILE_SECRET", "Progress", "build_workspace"]
 
 MASTER_KEY_BYTES = 32
-INITIAL_SECRETS = ("spark-auth-secret", "keystore-password", "ca-key-password")
+PROFILE_SECRET = "workspace-profile"  # noqa: S105 -- a secret's name, not its value
+INITIAL_SECRETS = ("spark-auth-secret", "keystore-password", "ca-key-password", PROFILE_SECRET)
 
 _log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -115,6 +116,8 @@ def _build(layout: Layout, config: WorkspaceConfig, passphrase: bytes, say: Prog
         "spark-auth-secret": os.urandom(32).hex(),
         "keystore-password": _random.token_urlsafe(32),
         "ca-key-password": _random.token_urlsafe(32),
+        # The profile, authenticated: editing config.toml cannot turn production into dev.
+        PROFILE_SECRET: config.profile,
     }
     store = SecretStore(layout.path("secrets"), master_key)
     store.set_many(values, create=True)

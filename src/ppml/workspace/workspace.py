@@ -18,7 +18,7 @@ from ppml._internal.fs import ensure_private_dir, write_private
 from ppml.crypto.passphrase import KdfParams, unseal_with_passphrase
 from ppml.errors import ConfigurationError, SecretNotFound, WorkspaceNotFound, WrongPassphrase
 from ppml.workspace import pki
-from ppml.workspace.build import MASTER_KEY_BYTES, Progress, build_workspace
+from ppml.workspace.build import MASTER_KEY_BYTES, PROFILE_SECRET, Progress, build_workspace
 from ppml.workspace.config import WorkspaceConfig
 from ppml.workspace.layout import CONFIG_FILE, Layout, is_workspace
 from ppml.workspace.secrets import SecretStore
@@ -43,13 +43,24 @@ def default_workspace_dir(env: Mapping[str, str] = os.environ, cwd: Path | None 
 class Workspace:
     """An opened workspace. It holds the master key in memory; it never shows it."""
 
-    __slots__ = ("_master_key", "config", "layout", "path")
+    __slots__ = ("_master_key", "config", "layout", "path", "profile")
 
     def __init__(self, path: Path, config: WorkspaceConfig, master_key: bytes) -> None:
         self.path = path
         self.config = config
         self.layout = Layout(path, config.files)
         self._master_key = master_key
+        self.profile = self._sealed_profile()
+
+    def _sealed_profile(self) -> str:
+        """The profile in force: dev only when both config.toml (which anyone who can write the
+        workspace's files can edit) and the profile sealed under the master key say dev. A
+        workspace without a sealed profile (made by an older ppml) is production."""
+        try:
+            sealed = self._secrets().get(PROFILE_SECRET)
+        except SecretNotFound:
+            sealed = "production"
+        return "dev" if sealed == "dev" and self.config.profile == "dev" else "production"
 
     def __repr__(self) -> str:
         return f"Workspace(path={str(self.path)!r}, profile={self.config.profile!r})"
@@ -126,7 +137,8 @@ class Workspace:
 
     @property
     def dev(self) -> bool:
-        return self.config.dev
+        """A development workspace (the sim TEE, debug enclaves): as sealed, not as written."""
+        return self.profile == "dev"
 
     def key_service(self, *, actor: str = "local") -> KeyService:
         """The embedded KMS of this workspace, backed by `kms_path`."""
@@ -264,7 +276,7 @@ class Workspace:
         return {
             "path": str(self.path),
             "format_version": self.config.format_version,
-            "profile": self.config.profile,
+            "profile": self.profile,
             "created_at": self.config.created_at.isoformat(),
             "hosts": [*pki.DEFAULT_HOSTS, *self.config.hosts],
             "kdf": {

@@ -23,6 +23,7 @@ from ppml.tee.gramine import (
     render_manifest_template,
 )
 from ppml.tee.hardware import GramineAttester
+from ppml.tee.command import ResolvedCommand
 from ppml.tee.manifest import TrustedFile, WorkloadManifest, build_manifest
 
 # The SIGSTRUCT builder is shared with the fake gramine-sgx-sign, which runs it as a script.
@@ -64,18 +65,37 @@ CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 PASSPHRASE = "correct horse battery staple"
 
 
-def fixed_workload() -> WorkloadManifest:
+def fixed_command(*args: str) -> ResolvedCommand:
+    return ResolvedCommand(
+        kind="python",
+        program="/opt/py/bin/python3.11",
+        real="/opt/py/bin/python3.11",
+        real_sha256="ef" * 32,
+        flags=(),
+        mode="script",
+        target="app/job.py",
+        args=args or ("--rows", "10"),
+        script=Path("/srv/app/job.py"),
+    )
+
+
+def fixed_workload(*args: str) -> WorkloadManifest:
     return WorkloadManifest(
-        interpreter="/opt/py/bin/python3.11",
-        interpreter_sha256="ef" * 32,
-        entry="job.py",
-        args=("app/job.py", "--rows", "10"),
+        command=fixed_command(*args),
         base_dir=Path("/srv/app"),
         trusted_files=(
             TrustedFile("helpers/maths.py", "cd" * 32),
             TrustedFile("job.py", "ab" * 32),
         ),
-        env_allow=("HOME", "LANG", "MY_SETTING", "PATH", "PPML_PASSPHRASE", "TMPDIR"),
+        env=(
+            ("HOME", "/home/ann"),
+            ("LANG", "C.UTF-8"),
+            ("MY_SETTING", "on"),
+            ("PATH", "/usr/bin"),
+            ("PPML_PASSPHRASE", "hunter2"),
+            ("TMPDIR", "/tmp"),
+        ),
+        environment=None,
     )
 
 
@@ -87,7 +107,7 @@ def fixed_host(**changes: object) -> EnclaveHost:
         "start_dir": "/srv",
         "data_dirs": ("/srv/data",),
         "ca_pem": CA_PEM,
-        "pass_env": ("HOME", "LANG", "MY_SETTING"),
+        "env": (("HOME", "/home/ann"), ("LANG", "C.UTF-8"), ("MY_SETTING", "on")),
     }
     values.update(changes)
     return EnclaveHost(**values)  # type: ignore[arg-type]
@@ -101,9 +121,9 @@ def expected_template(measurement: str) -> str:
 libos.entrypoint = "/opt/py/bin/python3.11"
 loader.entrypoint = "file:{{{{ gramine.libos }}}}"
 loader.log_level = "error"
-loader.argv = ["/opt/py/bin/python3.11", "app/job.py", "--rows", "10"]
+loader.argv = ["/opt/py/bin/python3.11", "-B", "-s", "app/job.py", "--rows", "10"]
 
-# Fixed values are measured; passthrough names are measured, their values are not.
+# Fixed values are measured; only the KMS URL (chosen at start) passes through.
 loader.env.LD_LIBRARY_PATH = "/lib:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu:/opt/py/lib"
 loader.env.PYTHONPATH = "/opt/venv/site-packages"
 loader.env.PYTHONNOUSERSITE = "1"
@@ -112,9 +132,9 @@ loader.env.PYTHONPYCACHEPREFIX = "/tmp/ppml-pycache"
 loader.env.PPML_TEE = "sgx"
 loader.env.PPML_KMS_CA_PEM = "-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n"
 loader.env.PPML_KMS_URL = {{ passthrough = true }}
-loader.env.HOME = {{ passthrough = true }}
-loader.env.LANG = {{ passthrough = true }}
-loader.env.MY_SETTING = {{ passthrough = true }}
+loader.env.HOME = "/home/ann"
+loader.env.LANG = "C.UTF-8"
+loader.env.MY_SETTING = "on"
 
 fs.start_dir = "/srv"
 fs.mounts = [
@@ -193,30 +213,36 @@ def test_bad_options(kwargs: dict[str, object], message: str) -> None:
 def test_no_secret_and_no_template_markup_reaches_the_manifest() -> None:
     workload = fixed_workload()
     host = host_for(workload, ca_pem=CA_PEM, start_dir=Path("/"), python_paths=lambda _: ([], []))
-    # The passphrase variable is never passed through, even when allow-listed; PATH and TMPDIR
-    # name host locations.
-    assert host.pass_env == ("HOME", "LANG", "MY_SETTING")
+    # A ppml variable is never passed in, even when listed; PATH and TMPDIR name host
+    # locations. The others go in with their values, which MRENCLAVE then covers.
+    assert host.env == (("HOME", "/home/ann"), ("LANG", "C.UTF-8"), ("MY_SETTING", "on"))
     text = render_manifest_template(workload, EnclaveOptions(), host)
-    assert "PASSPHRASE" not in text and "PRIVATE KEY" not in text
-    sneaky = WorkloadManifest(
-        **{**_fields(workload), "args": ("job.py", "{{ env.PPML_PASSPHRASE }}")}
-    )
+    assert "PASSPHRASE" not in text and "hunter2" not in text and "PRIVATE KEY" not in text
+    sneaky = fixed_workload("{{ env.PPML_PASSPHRASE }}")
     with pytest.raises(UsageError, match="template markup"):
         render_manifest_template(sneaky, EnclaveOptions(), fixed_host())
 
 
-def _fields(m: WorkloadManifest) -> dict[str, object]:
-    return {name: getattr(m, name) for name in WorkloadManifest.__slots__}
-
-
 def test_data_directories_must_not_hold_code(tmp_path: Path) -> None:
-    for bad in ("/srv", "/srv/app", "/opt/venv"):
+    for bad in ("/srv", "/srv/app", "/srv/app/data", "/opt/venv"):
         with pytest.raises(UsageError, match="overlaps the workload's code"):
             render_manifest_template(
                 fixed_workload(), EnclaveOptions(), fixed_host(data_dirs=(bad,))
             )
     text = render_manifest_template(fixed_workload(), EnclaveOptions(), fixed_host(data_dirs=()))
     assert "allowed_files" not in text
+    # A data directory holding code, wherever it is, is refused: it would be loaded unchecked.
+    data = tmp_path / "data"
+    (data / "nested").mkdir(parents=True)
+    (data / "table.csv.ppml").write_bytes(b"PPML")
+    render_manifest_template(fixed_workload(), EnclaveOptions(), fixed_host(data_dirs=(str(data),)))
+    for name in ("helper.py", "ext.cpython-311-x86_64-linux-gnu.so", "evil.pth", "x.pyc"):
+        (data / "nested" / name).write_bytes(b"code")
+        with pytest.raises(UsageError, match="holds code"):
+            render_manifest_template(
+                fixed_workload(), EnclaveOptions(), fixed_host(data_dirs=(str(data),))
+            )
+        (data / "nested" / name).unlink()
 
 
 def test_host_for_a_real_workload(tmp_path: Path) -> None:

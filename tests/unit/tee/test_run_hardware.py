@@ -239,8 +239,10 @@ def test_vm_run_hands_reports_to_the_workload(
     monkeypatch.setattr(hardware, "TSM_REPORT_DIR", base)
     monkeypatch.setattr(tsm, "ConfigfsOps", lambda: kernel)
     (project / "app" / "attest.py").write_text(WORKLOAD)
-    result = tmp_path / "result.json"
-    code, _, err = ppml("run", "--tee", tee, "--", sys.executable, "app/attest.py", str(result))
+    result = project / "data" / "result.json"  # the workload writes to its data directories only
+    code, _, err = ppml(
+        "run", "--tee", tee, "--data", "data", "--", sys.executable, "app/attest.py", str(result)
+    )
     assert code == 0, err
     assert json.loads(result.read_text()) == {
         "tee": tee,
@@ -267,7 +269,9 @@ def test_vm_report_failure_reaches_the_workload_as_a_refusal(
     monkeypatch.setattr(hardware, "TSM_REPORT_DIR", base)
     monkeypatch.setattr(tsm, "ConfigfsOps", lambda: kernel)
     (project / "app" / "attest.py").write_text(WORKLOAD)
-    result = tmp_path / "result.json"
-    code, _, _ = ppml("run", "--tee", "tdx", "--", sys.executable, "app/attest.py", str(result))
+    result = project / "data" / "result.json"
+    code, _, _ = ppml(
+        "run", "--tee", "tdx", "--data", "data", "--", sys.executable, "app/attest.py", str(result)
+    )
     assert code == 1  # the workload's AttestationFailed; the launcher did not hang
     assert not result.exists() and list(base.iterdir()) == []

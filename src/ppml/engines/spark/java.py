@@ -29,6 +29,7 @@ __all__ = [
     "JavaRuntime",
     "find_java",
     "java_version",
+    "wrap_java_home",
 ]
 
 MIN_JAVA_VERSION = 17
@@ -126,7 +127,7 @@ exec {java} "$@"
 """
 
 
-def _wrap(real_home: Path, work_dir: Path) -> Path:
+def wrap_java_home(real_home: Path, work_dir: Path) -> Path:
     """A JAVA_HOME under `work_dir` that mirrors `real_home` but whose bin/java drops the
     vector-module flag. Rewritten on every call (cheap), so a moved runtime is followed."""
     home = work_dir / "java-home"
@@ -187,7 +188,7 @@ def find_java(
             continue
         if _has_vector_module(java):
             return JavaRuntime(home, version, source)
-        return JavaRuntime(_wrap(home, work_dir), version, source, wrapped=True)
+        return JavaRuntime(wrap_java_home(home, work_dir), version, source, wrapped=True)
     detail = "; ".join(rejected) if rejected else "none found"
     raise ConfigurationError(
         f"Spark needs Java {MIN_JAVA_VERSION} or later ({detail}): set JAVA_HOME, put java "

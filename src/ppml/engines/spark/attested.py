@@ -1,0 +1,217 @@
+"""An attested Spark driver: what `ppml spark-submit --tee` measures, refuses and hands over.
+
+The attested process is the Python driver (``python APP ARGS``); pyspark starts Spark's JVM
+from it with ``PYSPARK_SUBMIT_ARGS``, inside the same sandbox. Everything that puts code into the
+driver or the executors is measured or refused:
+
+- measured: the application and its local imports, every ``--py-files``, ``--jars``,
+  ``--files`` and ``--archives`` entry (their bytes; local files only), the spark-submit options
+  and ``--conf`` values (through ``PYSPARK_SUBMIT_ARGS``, whose value is measured like every
+  variable), Spark itself (pyspark's distribution is part of the measured Python environment;
+  its version and path are named), ppml's jar (likewise), and the Java runtime (every file of
+  its home directory, by a digest cached like the environment's);
+- refused: ``--packages``, ``--repositories`` and the ``spark.jars.*`` resolution settings (code
+  fetched at run time), class and library path additions (``--driver-class-path``,
+  ``spark.*.extraClassPath``, ``spark.*.extraLibraryPath``), JVM options other than memory
+  sizes, ``-XX`` flags that run nothing and ``-D`` properties that load no code
+  (``-javaagent``, ``-agentlib``, ``-Xbootclasspath``, ``-XX:OnError`` ... are refused),
+  executor variables that change which code runs (as for the workload's own), another Python
+  for the workers, resource discovery scripts, and remote (URL) resources.
+
+Spark's configuration for the driver (the workspace's secret and key stores, which it needs to
+join the authenticated, encrypted Spark network) is written to the run's boot directory, which
+the sandbox mounts read-only at ``/tmp/.ppml``: fixed paths, so that the measurement is stable.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ppml._internal.fs import ensure_private_dir, write_private
+from ppml.engines.spark.launcher import SubmitRequest, properties_text, spark_home
+from ppml.errors import UsageError
+from ppml.tee.command import check_env_name
+from ppml.tee.sandbox import BOOT_DIR
+
+if TYPE_CHECKING:
+    from ppml.engines.spark.java import JavaRuntime
+    from ppml.workspace import Workspace
+
+__all__ = [
+    "SPARK_BOOT",
+    "DriverParts",
+    "check_attested_request",
+    "driver_parts",
+    "real_java_home",
+    "write_driver_boot",
+]
+
+SPARK_BOOT = "spark"  # below the boot directory
+_CONF_INSIDE = f"{BOOT_DIR}/{SPARK_BOOT}/conf"
+_JAVA_INSIDE = f"{BOOT_DIR}/{SPARK_BOOT}/java-home"
+
+_REFUSED_OPTIONS = {
+    "--packages": "packages are fetched at run time and cannot be measured; pass --jars",
+    "--exclude-packages": "packages are fetched at run time and cannot be measured",
+    "--repositories": "packages are fetched at run time and cannot be measured",
+    "--driver-class-path": "class path additions are not measured; pass --jars",
+    "--driver-library-path": "native library paths are not measured",
+    "--proxy-user": "not supported for an attested driver",
+    "--principal": "not supported for an attested driver",
+    "--keytab": "not supported for an attested driver",
+}
+_REFUSED_CONF = re.compile(
+    r"spark\.jars\.(packages|excludes|repositories|ivy|ivySettings)"
+    r"|spark\.(driver|executor)\.(extraClassPath|extraLibraryPath)"
+    r"|spark\.(driver|executor)\.resource\..*\.discoveryScript"
+    r"|spark\.pyspark\.(python|driver\.python)"
+    r"|spark\.sql\.hive\.metastore\.jars(\.path)?"
+    r"|spark\.(files|archives|submit\.pyFiles)"
+)
+_JAVA_OPTION_CONF = re.compile(r"spark\.(driver|executor)\.(extra|default)JavaOptions")
+_ENV_CONF = re.compile(r"spark\.(executorEnv|yarn\.appMasterEnv)\.(.+)")
+_SAFE_JAVA = re.compile(
+    r"-Xm[sx]\d+[kKmMgG]?|-Xss\d+[kKmMgG]?|--add-(opens|exports)[= ]\S+"
+    r"|-XX:[+-]?(Use\w+GC|MaxMetaspaceSize=\w+|MaxDirectMemorySize=\w+|ParallelGCThreads=\d+"
+    r"|ActiveProcessorCount=\d+|MaxRAMPercentage=[\d.]+|InitialRAMPercentage=[\d.]+)"
+)
+_CODE_PROPERTIES = re.compile(
+    r"java\.(system\.class\.loader|security\.(manager|policy)|class\.path|library\.path"
+    r"|ext\.dirs|endorsed\.dirs|util\.logging\.config\.(file|class))|log4j.*|jdk\.module\..*"
+    r"|javax\.script\..*|spark\..*"
+)
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def _check_java_options(where: str, value: str) -> None:
+    for token in shlex.split(value):
+        if _SAFE_JAVA.fullmatch(token):
+            continue
+        prop = re.fullmatch(r"-D([^=]+)(=.*)?", token)
+        if prop is not None and not _CODE_PROPERTIES.fullmatch(prop.group(1)):
+            continue
+        raise UsageError(
+            f"{where}: {token!r} can put unmeasured code into the JVM; an attested driver "
+            "accepts memory sizes, -D properties that load no code and GC flags only"
+        )
+
+
+def check_attested_request(req: SubmitRequest) -> None:
+    """Refuse what would put unmeasured code into the driver or the executors."""
+    options = list(req.options)
+    for i in range(0, len(options), 1):
+        name = options[i]
+        if name in _REFUSED_OPTIONS:
+            raise UsageError(f"{name} under --tee: {_REFUSED_OPTIONS[name]}")
+        if name == "--driver-java-options" and i + 1 < len(options):
+            _check_java_options(name, options[i + 1])
+    for key, value in req.conf:
+        if _REFUSED_CONF.fullmatch(key):
+            raise UsageError(
+                f"--conf {key} under --tee: it names code or resources that are not measured "
+                "(pass local files with --jars, --py-files, --files or --archives)"
+            )
+        if _JAVA_OPTION_CONF.fullmatch(key):
+            _check_java_options(f"--conf {key}", value)
+        env = _ENV_CONF.fullmatch(key)
+        if env is not None:
+            check_env_name(env.group(2))
+    for resource in [*req.jars, *(str(p) for p in req.py_files), *_listed(req, "--files")]:
+        if _REMOTE.match(resource) and not resource.startswith("file://"):
+            raise UsageError(f"{resource}: only local files can be measured under --tee")
+    for resource in _listed(req, "--archives"):
+        if _REMOTE.match(resource):
+            raise UsageError(f"{resource}: only local files can be measured under --tee")
+
+
+def _listed(req: SubmitRequest, option: str) -> list[str]:
+    options = list(req.options)
+    out: list[str] = []
+    for i, name in enumerate(options[:-1]):
+        if name == option:
+            out += [f.split("#", 1)[0] for f in options[i + 1].split(",") if f]
+    return out
+
+
+def _local(resource: str) -> Path:
+    path = Path(resource.removeprefix("file://"))
+    if not path.exists():
+        raise UsageError(f"{resource}: no such file")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class DriverParts:
+    """The driver's measured command, files, variables and Spark section."""
+
+    command: tuple[str, ...]
+    trusted: tuple[Path, ...]
+    fixed_env: Mapping[str, str]
+    extra: Mapping[str, Any]
+
+
+def driver_parts(
+    req: SubmitRequest, java: JavaRuntime, options: list[str], java_digest: str
+) -> DriverParts:
+    """What `ppml spark-submit --tee` measures for `req` (`options`: the spark-submit options
+    as passed, ppml's jar included)."""
+    import pyspark
+
+    check_attested_request(req)
+    trusted = [*req.py_files, *(_local(j) for j in req.jars)]
+    trusted += [_local(f) for f in [*_listed(req, "--files"), *_listed(req, "--archives")]]
+    java_home = _JAVA_INSIDE if java.wrapped else str(java.java_home)
+    real_java = real_java_home(java)
+    fixed_env = {
+        "JAVA_HOME": java_home,
+        "SPARK_HOME": str(spark_home()),
+        "SPARK_CONF_DIR": _CONF_INSIDE,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYSPARK_SUBMIT_ARGS": shlex.join([*options, "pyspark-shell"]),
+    }
+    extra = {
+        "spark": {
+            "version": pyspark.__version__,
+            "home": str(spark_home()),
+            "java": {"home": str(real_java), "version": java.version, "digest": java_digest},
+        }
+    }
+    return DriverParts(
+        (sys.executable, str(req.app), *req.app_args), tuple(trusted), fixed_env, extra
+    )
+
+
+def real_java_home(java: JavaRuntime) -> Path:
+    """The runtime's real home (behind a wrapper JAVA_HOME, whose `lib` links into it)."""
+    if not java.wrapped:
+        return java.java_home.resolve()
+    return (java.java_home / "lib").resolve().parent
+
+
+def write_driver_boot(
+    ws: Workspace, java: JavaRuntime, boot: Path, props: Mapping[str, str]
+) -> None:
+    """Spark's configuration and, for a wrapped runtime, its JAVA_HOME, into `boot`/spark (the
+    paths inside the sandbox are fixed)."""
+    conf = boot / SPARK_BOOT / "conf"
+    ensure_private_dir(conf)
+    inside = dict(props)
+    for key, store in (
+        ("spark.ssl.keyStore", ws.keystore),
+        ("spark.ssl.trustStore", ws.truststore),
+    ):
+        shutil.copyfile(store, conf / store.name)
+        inside[key] = f"{_CONF_INSIDE}/{store.name}"
+    write_private(conf / "spark-defaults.conf", properties_text(inside).encode())
+    if java.wrapped:
+        from ppml.engines.spark.java import wrap_java_home
+
+        wrap_java_home(real_java_home(java), boot / SPARK_BOOT)
