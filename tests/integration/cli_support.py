@@ -31,6 +31,7 @@ def run_ppml(
     passphrase: str | None = PASSPHRASE,
     cwd: Path | None = None,
     stdin: str | None = None,
+    isolated: bool = False,
 ) -> Result:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
     if home is not None:
@@ -38,7 +39,7 @@ def run_ppml(
     if passphrase is not None:
         env["PPML_PASSPHRASE"] = passphrase
     proc = subprocess.run(
-        [sys.executable, "-m", "ppml", *map(str, args)],
+        [sys.executable, *(["-I"] if isolated else []), "-m", "ppml", *map(str, args)],
         capture_output=True,
         text=True,
         env=env,

@@ -298,6 +298,8 @@ def _setup_mounts(spec: Spec) -> None:
     # environment in the working directory stays read-only). Parents before children.
     dirs: list[tuple[str, int, bool]] = [(p, _open_path(p), True) for p in spec.writable]
     for p in spec.visible:
+        if p in spec.writable:
+            continue  # a data directory that also holds code: its measured files are pinned
         if os.path.exists(p) and any(_under(p, r) for r in [*replaced, *spec.writable]):
             dirs.append((p, _open_path(p), False))
     dirs.sort(key=lambda item: (item[0], not item[2]))

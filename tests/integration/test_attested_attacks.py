@@ -1,0 +1,417 @@
+"""Attested runs tried as an attacker would: each way a workload or a planted file could reach
+an owner secret or run unmeasured code under a measurement that a policy allows.
+
+Every test drives the real `ppml` command (a real workspace, the real launcher serving TLS on
+loopback, the real sandbox) and asserts that the attack either runs the measured code only or
+is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import py_compile
+import re
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from cli_support import PASSPHRASE, run_ppml
+
+PY = sys.executable
+READER = """\
+import ppml
+table = ppml.read_table("people.csv")
+print("rows", table.num_rows)
+"""
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("attacks")
+    ws = d / "ws"
+    assert run_ppml("init", "--dev", "--dir", ws).code == 0
+    assert run_ppml("key", "create", "sales", home=ws).code == 0
+    return ws
+
+
+@pytest.fixture
+def project(ws: Path, tmp_path: Path) -> Path:
+    """A fresh project directory holding an encrypted people.csv."""
+    plain = tmp_path / "plain.csv"
+    plain.write_text("name,age\nMichael,29\nAndy,30\nJustin,19\n")
+    d = tmp_path / "project"
+    d.mkdir()
+    assert run_ppml("encrypt", plain, "-o", d / "people.csv", "-k", "sales", home=ws).code == 0
+    plain.unlink()
+    return d
+
+
+def measure(project: Path, *command: str, extra: tuple[str, ...] = ()) -> str:
+    r = run_ppml("measure", *extra, "--", *command, cwd=project)
+    assert r.code == 0, r.err
+    line = r.out.splitlines()[0]
+    assert re.fullmatch(r"[0-9a-f]{96}", line)
+    return line
+
+
+def allow(ws: Path, measurement: str) -> None:
+    r = run_ppml("policy", "allow", "sales", "--tee", "sim", "--measurement", measurement, home=ws)
+    assert r.code == 0, r.err
+
+
+def run(ws: Path, project: Path, *command: str, options: tuple[str, ...] = ()) -> tuple[int, str]:
+    r = run_ppml("run", "--tee", "sim", *options, "--", *command, home=ws, cwd=project)
+    return r.code, r.out + r.err
+
+
+# -- 1. no owner secret within the workload's reach ---------------------------------------------
+
+THIEF = """\
+import json, os, sys
+needles = [n.encode() for n in json.loads(sys.argv[1])]
+found = []
+for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
+    for name in ("environ", "cmdline", "mem", "maps"):
+        try:
+            data = open(f"/proc/{pid}/{name}", "rb").read(1 << 22)
+        except OSError:
+            continue
+        found += [f"{pid}/{name}" for n in needles if n in data]
+for name, value in os.environ.items():
+    found += [f"env {name}" for n in needles if n in value.encode()]
+ws = json.loads(sys.argv[2])
+for root, _dirs, files in os.walk(ws):
+    for f in files:
+        try:
+            found.append("file " + os.path.join(root, f) + " " + open(os.path.join(root, f), "rb").read(8).hex())
+        except OSError:
+            pass
+for path in json.loads(sys.argv[3]):
+    try:
+        data = open(path, "rb").read()
+        if data:
+            found.append("passphrase file " + path)
+    except OSError:
+        pass
+print(json.dumps({"found": found, "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}))
+"""
+
+
+@pytest.mark.parametrize("via", ["environment", "file"])
+def test_the_workload_finds_no_owner_secret_anywhere(
+    ws: Path, project: Path, tmp_path: Path, via: str
+) -> None:
+    """The launcher's /proc entries, the environment, the workspace's files, the passphrase
+    file: none gives the workload the passphrase, the workspace path or a key."""
+    (project / "thief.py").write_text(THIEF)
+    passfile = tmp_path / "secret" / "passphrase.txt"
+    passfile.parent.mkdir()
+    passfile.write_text(PASSPHRASE + "\n")
+    needles = [PASSPHRASE, str(ws), str(passfile)]
+    args = ["thief.py", json.dumps(needles), json.dumps(str(ws)), json.dumps([str(passfile)])]
+    options: tuple[str, ...] = ()
+    env_passphrase: str | None = PASSPHRASE
+    if via == "file":
+        options, env_passphrase = ("--passphrase-file", str(passfile)), None
+    r = run_ppml(
+        "run", "--tee", "sim", *options, "--", PY, *args,
+        home=ws, cwd=project, passphrase=env_passphrase,
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    report = json.loads(r.out.strip().splitlines()[-1])
+    assert report["found"] == []
+    assert report["pids"] == [1, 2]  # the sandbox's init and the workload: nothing else
+
+
+def test_the_admin_credentials_cannot_be_used_from_the_workload(ws: Path, project: Path) -> None:
+    """The client certificate that makes a caller administrator of the loopback KMS lives in
+    the workspace, which the workload sees as an empty directory (or not at all: here it lies
+    in /tmp, and the workload's /tmp is its own)."""
+    (project / "admin.py").write_text(
+        textwrap.dedent(
+            """\
+            import os, sys
+            ws = sys.argv[1]
+            print(sorted(os.listdir(ws)) if os.path.isdir(ws) else [])
+            for name in ("tls/client-key.pem", "tls/server-key.pem", "kms.sqlite", "config.toml"):
+                print(name, os.path.exists(os.path.join(ws, name)))
+            """
+        )
+    )
+    code, out = run(ws, project, PY, "admin.py", str(ws))
+    assert code == 0, out
+    assert "[]" in out and "True" not in out
+
+
+# -- 2. every command form measured completely, or refused ---------------------------------------
+
+
+def test_a_script_after_interpreter_flags_is_measured_and_pinned(ws: Path, project: Path) -> None:
+    (project / "job.py").write_text(READER)
+    allow(ws, measure(project, PY, "-u", "-X", "utf8", "job.py"))
+    code, out = run(ws, project, PY, "-u", "-X", "utf8", "job.py")
+    assert code == 0 and "rows 3" in out, out
+    (project / "job.py").write_text(READER + "print('changed')\n")
+    code, out = run(ws, project, PY, "-u", "-X", "utf8", "job.py")
+    assert code != 0 and "access denied" in out
+
+
+def test_a_local_module_run_with_m_is_measured(ws: Path, project: Path) -> None:
+    (project / "job.py").write_text("import helper\n" + READER)
+    (project / "helper.py").write_text("VALUE = 1\n")
+    allow(ws, measure(project, PY, "-m", "job"))
+    code, out = run(ws, project, PY, "-m", "job")
+    assert code == 0 and "rows 3" in out, out
+    (project / "helper.py").write_text("VALUE = 2\n")
+    code, out = run(ws, project, PY, "-m", "job")
+    assert code != 0 and "access denied" in out  # another measurement: no key
+
+
+def test_a_planted_ppml_package_does_not_replace_ppml_in_an_attested_query(
+    ws: Path, project: Path
+) -> None:
+    args = ["sql", "SELECT count(*) AS n FROM t", "-t", "t=people.csv", "--format", "json"]
+    r = run_ppml(*args, "--measure", cwd=project)
+    assert r.code == 0, r.err
+    allow(ws, r.out.splitlines()[0])
+    (project / "ppml").mkdir()
+    (project / "ppml" / "__init__.py").write_text("print('PLANTED'); import sys; sys.exit(0)\n")
+    (project / "ppml" / "__main__.py").write_text("print('PLANTED')\n")
+    # The owner's own command runs isolated here (`python -m` would take ./ppml itself; the
+    # installed `ppml` script does not); the attested child's working directory is the project.
+    again = run_ppml(*args, "--measure", cwd=project, isolated=True)
+    assert again.out.splitlines()[0] == r.out.splitlines()[0]
+    r = run_ppml(*args, "--tee", "sim", home=ws, cwd=project, isolated=True)
+    assert r.code == 0, r.err
+    assert "PLANTED" not in r.out + r.err
+    assert json.loads(r.out.splitlines()[0]) == {"n": 3}
+
+
+def test_a_shell_script_is_measured_and_runs_only_measured_python(
+    ws: Path, project: Path
+) -> None:
+    (project / "job.py").write_text(READER)
+    (project / "job.sh").write_text(f"set -e\n{PY} job.py\n")
+    allow(ws, measure(project, "bash", "job.sh", extra=("--trusted", str(project / "job.py"))))
+    code, out = run(ws, project, "bash", "job.sh", options=("--trusted", str(project / "job.py")))
+    assert code == 0 and "rows 3" in out, out
+    # The same script without job.py measured: Python refuses to run an unmeasured script.
+    allow(ws, measure(project, "bash", "job.sh"))
+    code, out = run(ws, project, "bash", "job.sh")
+    assert code != 0 and "job.py is not a measured file" in out and "rows" not in out
+    (project / "job.sh").write_text(f"set -e\n{PY} job.py\necho changed\n")
+    code, out = run(ws, project, "bash", "job.sh", options=("--trusted", str(project / "job.py")))
+    assert code != 0 and "access denied" in out
+
+
+def test_env_resolves_to_the_program_it_names(ws: Path, project: Path) -> None:
+    (project / "job.py").write_text(READER)
+    assert measure(project, "/usr/bin/env", PY, "job.py") == measure(project, PY, "job.py")
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ((PY,), "standard input"),
+        ((PY, "-"), "standard input"),
+        ((PY, "-i", "job.py"), "-i reads code"),
+        ((PY, "-S", "job.py"), "import guard"),
+        ((PY, "-X", "pycache_prefix=/tmp/x", "job.py"), "-X pycache_prefix"),
+        ((PY, "--check-hash-based-pycs", "never", "job.py"), "bytecode caches"),
+        (("bash",), "standard input"),
+        (("bash", "--rcfile", "x", "job.sh"), "other files"),
+        (("/usr/bin/env", "-i", PY, "job.py"), "--env NAME=VALUE"),
+        (("java", "-jar", "app.jar"), "cannot measure the code that java loads"),
+    ],
+)
+def test_forms_that_cannot_be_measured_are_refused(
+    project: Path, command: tuple[str, ...], message: str
+) -> None:
+    (project / "job.py").write_text(READER)
+    (project / "job.sh").write_text("true\n")
+    if command[0] == "java" and shutil.which("java") is None:
+        pytest.skip("no java on PATH to resolve")
+    r = run_ppml("measure", "--", *command, cwd=project)
+    assert r.code == 2 and message in r.err, r.err
+
+
+def test_a_shim_is_refused(project: Path, tmp_path: Path) -> None:
+    """A pyenv-style shim picks the interpreter from the working directory (.python-version):
+    ppml refuses it and says to name the interpreter."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    shim = shims / "python"
+    shim.write_text('#!/usr/bin/env bash\nexec "$(pyenv which python)" "$@"\n')
+    shim.chmod(0o755)
+    (project / "job.py").write_text(READER)
+    r = run_ppml("measure", "--", str(shim), "job.py", cwd=project)
+    assert r.code == 2 and "shim" in r.err and "pyenv which python" in r.err
+
+
+# -- 3. Python loads only measured files -----------------------------------------------------------
+
+
+def _helper_project(ws: Path, project: Path) -> None:
+    (project / "job.py").write_text("import helper\nprint('helper', helper.VALUE)\n" + READER)
+    (project / "helper.py").write_text("VALUE = 'measured'\n")
+    allow(ws, measure(project, PY, "job.py"))
+
+
+def test_a_package_planted_beside_a_measured_module_is_refused(ws: Path, project: Path) -> None:
+    _helper_project(ws, project)
+    (project / "helper").mkdir()
+    (project / "helper" / "__init__.py").write_text("VALUE = 'PLANTED'\n")
+    code, out = run(ws, project, PY, "job.py")
+    assert code != 0 and "PLANTED" not in out and "refused to import helper" in out
+
+
+def test_an_extension_module_planted_beside_a_measured_module_is_refused(
+    ws: Path, project: Path
+) -> None:
+    import importlib.machinery
+
+    _helper_project(ws, project)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (project / f"helper{suffix}").write_bytes(b"\x7fELF not really")
+    code, out = run(ws, project, PY, "job.py")
+    assert code != 0 and "refused to import helper" in out
+
+
+def test_a_forged_bytecode_cache_is_never_read(ws: Path, project: Path) -> None:
+    _helper_project(ws, project)
+    source = project / "helper.py"
+    forged_source = project / "forged.py"
+    forged_source.write_text("VALUE = 'FORGED'\n".ljust(len(source.read_text())))
+    cache = project / "__pycache__" / f"helper.{sys.implementation.cache_tag}.pyc"
+    cache.parent.mkdir()
+    st = source.stat()
+    os.utime(forged_source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    py_compile.compile(str(forged_source), cfile=str(cache), dfile=str(source))
+    forged_source.unlink()
+    code, out = run(ws, project, PY, "job.py")
+    assert code == 0, out
+    assert "helper measured" in out and "FORGED" not in out
+
+
+def test_a_module_named_like_a_library_one_is_refused(ws: Path, project: Path) -> None:
+    """pyarrow.py beside the script: ppml imports pyarrow, the script does not, so the planted
+    file is not measured and the guard refuses it."""
+    (project / "job.py").write_text(READER)
+    allow(ws, measure(project, PY, "job.py"))
+    (project / "pyarrow.py").write_text("print('PLANTED')\n")
+    code, out = run(ws, project, PY, "job.py")
+    assert code != 0 and "PLANTED" not in out and "refused to import pyarrow" in out
+
+
+def test_a_sitecustomize_beside_the_script_does_not_run(ws: Path, project: Path) -> None:
+    (project / "job.py").write_text(READER)
+    allow(ws, measure(project, PY, "job.py"))
+    (project / "sitecustomize.py").write_text("print('PLANTED')\n")
+    (project / "usercustomize.py").write_text("print('PLANTED')\n")
+    code, out = run(ws, project, PY, "job.py")
+    assert code == 0 and "rows 3" in out and "PLANTED" not in out
+
+
+def test_dynamic_imports_and_files_run_by_path_are_guarded(ws: Path, project: Path) -> None:
+    (project / "job.py").write_text(
+        textwrap.dedent(
+            """\
+            import importlib, runpy, sys
+            for attempt in (
+                lambda: importlib.import_module("plug" + "in"),
+                lambda: __import__("plugin"),
+                lambda: runpy.run_path("plugin.py"),
+                lambda: exec(compile(open("plugin.py").read(), "plugin.py", "exec")),
+            ):
+                try:
+                    attempt()
+                    print("RAN")
+                except (ImportError, RuntimeError) as exc:
+                    print("refused:", exc)
+            """
+        )
+    )
+    (project / "plugin.py").write_text("print('PLANTED')\n")
+    allow(ws, measure(project, PY, "job.py"))
+    code, out = run(ws, project, PY, "job.py")
+    assert code == 0, out
+    assert out.count("refused:") == 4 and "PLANTED" not in out and "RAN" not in out
+
+
+def test_a_pth_file_added_to_site_packages_changes_the_measurement(
+    ws: Path, project: Path
+) -> None:
+    import sysconfig
+
+    (project / "job.py").write_text(READER)
+    before = measure(project, PY, "job.py")
+    allow(ws, before)
+    pth = Path(sysconfig.get_paths()["purelib"]) / "zz-ppml-attack-test.pth"
+    try:
+        pth.write_text("/nonexistent/planted\n")
+        assert measure(project, PY, "job.py") != before
+        code, out = run(ws, project, PY, "job.py")
+        assert code != 0 and "access denied" in out
+    finally:
+        pth.unlink(missing_ok=True)
+    assert measure(project, PY, "job.py") == before
+
+
+# -- 5. the environment: an allow-list of names whose values are measured -------------------------
+
+REFUSED = ["LD_AUDIT", "LD_PRELOAD", "GCONV_PATH", "PYTHONUSERBASE", "PYTHONWARNINGS",
+           "PYTHONPYCACHEPREFIX", "PYTHONPATH", "BASH_ENV", "JAVA_TOOL_OPTIONS", "PPML_HOME"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_variables_that_change_which_code_runs_are_refused(project: Path, name: str) -> None:
+    (project / "job.py").write_text(READER)
+    for item in (name, f"{name}=/tmp/evil"):
+        r = run_ppml("measure", "--env", item, "--", PY, "job.py", cwd=project)
+        assert r.code == 2 and "can change which code runs" in r.err, r.err
+
+
+def test_values_are_measured_and_the_user_site_is_off(ws: Path, project: Path) -> None:
+    (project / "job.py").write_text(
+        "import os, site, sys\nprint(os.environ.get('MODE'), site.ENABLE_USER_SITE, "
+        "sys.flags.no_user_site)\n"
+    )
+    one = measure(project, PY, "job.py", extra=("--env", "MODE=one"))
+    two = measure(project, PY, "job.py", extra=("--env", "MODE=two"))
+    assert one != two
+    code, out = run(ws, project, PY, "job.py", options=("--env", "MODE=one"))
+    assert code == 0 and "one False 1" in out, out
+
+
+# -- 6. the workspace profile is sealed ----------------------------------------------------------
+
+
+def test_editing_config_toml_does_not_turn_production_into_dev(tmp_path: Path) -> None:
+    prod = tmp_path / "prod"
+    assert run_ppml("init", "--dir", prod).code == 0
+    config = prod / "config.toml"
+    config.write_text(config.read_text().replace('profile = "production"', 'profile = "dev"'))
+    assert 'profile = "dev"' in config.read_text()
+    r = run_ppml("policy", "allow", "k", "--tee", "sim", "--measurement", "ab" * 48, home=prod)
+    assert r.code != 0
+    (tmp_path / "job.py").write_text("print('ran')\n")
+    r = run_ppml("run", "--tee", "sim", "--", PY, "job.py", home=prod, cwd=tmp_path)
+    assert r.code == 5 and "development workspace" in r.err and "ran" not in r.out
+    from ppml.workspace import Workspace
+
+    opened = Workspace.open(prod, PASSPHRASE.encode())
+    assert opened.profile == "production" and not opened.dev
+    assert opened.describe()["profile"] == "production"
+
+
+def test_a_stricter_config_toml_is_honoured(tmp_path: Path) -> None:
+    from ppml.workspace import Workspace
+
+    dev = tmp_path / "dev"
+    assert run_ppml("init", "--dev", "--dir", dev).code == 0
+    assert Workspace.open(dev, PASSPHRASE.encode()).dev
+    config = dev / "config.toml"
+    config.write_text(config.read_text().replace('profile = "dev"', 'profile = "production"'))
+    assert not Workspace.open(dev, PASSPHRASE.encode()).dev
