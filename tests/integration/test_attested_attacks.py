@@ -85,7 +85,8 @@ ws = json.loads(sys.argv[2])
 for root, _dirs, files in os.walk(ws):
     for f in files:
         try:
-            found.append("file " + os.path.join(root, f) + " " + open(os.path.join(root, f), "rb").read(8).hex())
+            path = os.path.join(root, f)
+            found.append("file " + path + " " + open(path, "rb").read(8).hex())
         except OSError:
             pass
 for path in json.loads(sys.argv[3]):
@@ -95,7 +96,8 @@ for path in json.loads(sys.argv[3]):
             found.append("passphrase file " + path)
     except OSError:
         pass
-print(json.dumps({"found": found, "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}))
+pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+print(json.dumps({"found": found, "pids": pids}))
 """
 
 
@@ -189,9 +191,7 @@ def test_a_planted_ppml_package_does_not_replace_ppml_in_an_attested_query(
     assert json.loads(r.out.splitlines()[0]) == {"n": 3}
 
 
-def test_a_shell_script_is_measured_and_runs_only_measured_python(
-    ws: Path, project: Path
-) -> None:
+def test_a_shell_script_is_measured_and_runs_only_measured_python(ws: Path, project: Path) -> None:
     (project / "job.py").write_text(READER)
     (project / "job.sh").write_text(f"set -e\n{PY} job.py\n")
     allow(ws, measure(project, "bash", "job.sh", extra=("--trusted", str(project / "job.py"))))
@@ -340,9 +340,7 @@ def test_dynamic_imports_and_files_run_by_path_are_guarded(ws: Path, project: Pa
     assert out.count("refused:") == 4 and "PLANTED" not in out and "RAN" not in out
 
 
-def test_a_pth_file_added_to_site_packages_changes_the_measurement(
-    ws: Path, project: Path
-) -> None:
+def test_a_pth_file_added_to_site_packages_changes_the_measurement(ws: Path, project: Path) -> None:
     import sysconfig
 
     (project / "job.py").write_text(READER)
@@ -361,8 +359,18 @@ def test_a_pth_file_added_to_site_packages_changes_the_measurement(
 
 # -- 5. the environment: an allow-list of names whose values are measured -------------------------
 
-REFUSED = ["LD_AUDIT", "LD_PRELOAD", "GCONV_PATH", "PYTHONUSERBASE", "PYTHONWARNINGS",
-           "PYTHONPYCACHEPREFIX", "PYTHONPATH", "BASH_ENV", "JAVA_TOOL_OPTIONS", "PPML_HOME"]  # fmt: skip
+REFUSED = [
+    "LD_AUDIT",
+    "LD_PRELOAD",
+    "GCONV_PATH",
+    "PYTHONUSERBASE",
+    "PYTHONWARNINGS",
+    "PYTHONPYCACHEPREFIX",
+    "PYTHONPATH",
+    "BASH_ENV",
+    "JAVA_TOOL_OPTIONS",
+    "PPML_HOME",
+]
 
 
 @pytest.mark.parametrize("name", REFUSED)
@@ -415,3 +423,44 @@ def test_a_stricter_config_toml_is_honoured(tmp_path: Path) -> None:
     config = dev / "config.toml"
     config.write_text(config.read_text().replace('profile = "dev"', 'profile = "production"'))
     assert not Workspace.open(dev, PASSPHRASE.encode()).dev
+
+
+# -- 4. time of check, time of use -----------------------------------------------------------------
+
+
+def test_a_script_swapped_after_measurement_never_runs(
+    ws: Path, project: Path, tmp_path: Path
+) -> None:
+    """The launcher measures a private copy and mounts that copy over the script: replacing the
+    script between measurement and start changes nothing."""
+    from ppml.attestation.sim import SimPlatform
+    from ppml.cli._attested import loopback_services
+    from ppml.tee import launcher
+    from ppml.tee.manifest import build_manifest
+    from ppml.workspace import Workspace
+
+    script = project / "job.py"
+    script.write_text(READER)
+    opened = Workspace.open(ws, PASSPHRASE.encode())
+    platform = SimPlatform(opened.sim_platform_key())
+    log = tmp_path / "out.log"
+    with launcher.prepared_run(ws / "run") as run_dir:
+        manifest = build_manifest([PY, str(script)], snapshot=run_dir.snapshot)
+        allow(ws, manifest.measurement())
+        script.write_text("print('SWAPPED')\n" + READER)  # after the measurement
+        with loopback_services(opened, "sim:toctou", None) as url, open(log, "wb") as out:
+            started = launcher.start(
+                manifest,
+                run_dir,
+                tee="sim",
+                quote=lambda rd: platform.quote(manifest.measurement(), rd),
+                kms_url=url,
+                ca_pem=opened.ca_cert.read_text(),
+                isolation=launcher.Isolation(hidden=(ws,)),
+                cwd=project,
+                stdout=out,
+                stderr=out,
+            )
+            assert started.wait() == 0, log.read_text()
+    assert "rows 3" in log.read_text() and "SWAPPED" not in log.read_text()
+    assert not run_dir.path.exists()

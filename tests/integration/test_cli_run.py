@@ -140,7 +140,8 @@ def test_sql_inside_the_sim_tee(project: Path) -> None:
     args = ["sql", query, "-t", "people=people.csv", "--format", "json"]
     r = run_ppml(*args, "--tee", "sim", home=ws, cwd=project)
     assert r.code == 4 and "access denied" in r.err  # no policy names this query yet
-    r = run_ppml("run", "--measure", "--", sys.executable, "-m", "ppml", *args, cwd=project)
+    r = run_ppml(*args, "--measure", cwd=project)
+    assert r.code == 0, r.err
     _allow(project, r.out.splitlines()[0], "sales")
     r = run_ppml(*args, "--tee", "sim", home=ws, cwd=project)
     assert r.code == 0, r.err

@@ -130,6 +130,61 @@ def test_measure_prints_a_stable_measurement_without_running(ws: Path) -> None:
     assert r3.out.splitlines()[0] != first
 
 
+def _measure(*options: str | Path) -> str:
+    r = run_ppml("spark-submit", "--measure", *options, PI, "2", passphrase=None)
+    assert r.code == 0, r.err
+    assert "covers Spark" in r.err and "Java" in r.err
+    return r.out.splitlines()[0]
+
+
+def test_code_that_reaches_the_jvm_is_measured(tmp_path: Path) -> None:
+    """A jar, a py-file, the JVM options that are allowed: each is part of the measurement,
+    by value and by content."""
+    import zipfile
+
+    base = _measure()
+    jar = tmp_path / "extra.jar"
+    with zipfile.ZipFile(jar, "w") as z:
+        z.writestr("A.class", b"one")
+    with_jar = _measure("--jars", jar)
+    assert with_jar != base
+    with zipfile.ZipFile(jar, "w") as z:
+        z.writestr("A.class", b"two")
+    assert _measure("--jars", jar) != with_jar
+    options = "spark.driver.extraJavaOptions=-Xss4m -Dmy.setting=1"
+    assert _measure("--conf", options) not in (base, with_jar)
+    assert _measure("--conf", "spark.plugins=org.example.Plugin") != base
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        ("--conf", "spark.driver.extraJavaOptions=-javaagent:/tmp/evil.jar"),
+        ("--conf", "spark.executor.extraJavaOptions=-XX:OnError=/bin/sh"),
+        ("--conf", "spark.driver.defaultJavaOptions=-agentpath:/tmp/evil.so"),
+        ("--conf", "spark.executor.extraJavaOptions=-Djava.system.class.loader=Evil"),
+        ("--driver-java-options=-Xbootclasspath/a:/tmp/evil.jar",),
+        ("--packages", "org.example:evil:1.0"),
+        ("--repositories", "https://evil.example"),
+        ("--conf", "spark.jars.packages=org.example:evil:1.0"),
+        ("--conf", "spark.jars.ivySettings=/tmp/ivy.xml"),
+        ("--conf", "spark.driver.extraClassPath=/tmp/evil"),
+        ("--conf", "spark.executor.extraLibraryPath=/tmp/evil"),
+        ("--driver-class-path", "/tmp/evil"),
+        ("--conf", "spark.executorEnv.LD_PRELOAD=/tmp/evil.so"),
+        ("--conf", "spark.executorEnv.JAVA_TOOL_OPTIONS=-javaagent:x"),
+        ("--conf", "spark.pyspark.python=/tmp/evil-python"),
+        ("--conf", "spark.executor.resource.gpu.discoveryScript=/tmp/evil.sh"),
+        ("--jars", "https://evil.example/evil.jar"),
+    ],
+)
+def test_code_that_cannot_be_measured_is_refused(refused: tuple[str, ...]) -> None:
+    r = run_ppml("spark-submit", "--measure", *refused, PI, passphrase=None)
+    assert r.code == 2, r.err
+    assert any(word in r.err for word in ("measured", "unmeasured", "cannot be measured",
+                                          "change which code runs")), r.err  # fmt: skip
+
+
 def test_weakening_settings_are_refused(ws: Path) -> None:
     r = run_ppml("spark-submit", "--conf", "spark.authenticate=false", PI, home=ws)
     assert r.code == 2 and "cannot be overridden" in r.err

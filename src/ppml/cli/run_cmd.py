@@ -23,7 +23,6 @@ from ppml.cli._common import PassphraseFileOption, WorkspaceOption, handle_error
 from ppml.errors import UsageError
 from ppml.tee.command import DEFAULT_ENV
 from ppml.tee.gramine import DEFAULT_ENCLAVE_SIZE, DEFAULT_MAX_THREADS
-from ppml.tee.launcher import wait_forwarding_signals
 
 if TYPE_CHECKING:
     from ppml.tee.gramine import EnclaveOptions
@@ -230,6 +229,8 @@ def _run_sgx(
                 proc = subprocess.Popen(argv, env=child_env)  # noqa: S603 -- gramine-sgx, signed
             except OSError as exc:
                 raise UsageError(f"cannot start gramine-sgx: {exc.strerror}") from None
+            from ppml.tee.launcher import wait_forwarding_signals
+
             return wait_forwarding_signals(proc)
 
 

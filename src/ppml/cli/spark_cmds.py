@@ -19,7 +19,6 @@ from ppml.cli._common import (
     print_json,
 )
 from ppml.errors import UsageError
-from ppml.tee.launcher import wait_forwarding_signals
 
 if TYPE_CHECKING:
     from ppml.engines.spark.java import JavaRuntime
@@ -182,6 +181,8 @@ def _submit(
             proc = subprocess.Popen(command, env=env)  # noqa: S603 -- the user's job
         except OSError as exc:
             raise UsageError(f"cannot start spark-submit: {exc.strerror}") from None
+        from ppml.tee.launcher import wait_forwarding_signals
+
         return wait_forwarding_signals(proc)
 
 

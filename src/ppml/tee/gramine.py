@@ -311,9 +311,7 @@ def host_for(
     # and PATH and TMPDIR, which name host locations (temporary files stay in the enclave's
     # tmpfs).
     env = tuple(
-        (n, v)
-        for n, v in workload.env
-        if n not in ("PATH", "TMPDIR") and not n.startswith("PPML_")
+        (n, v) for n, v in workload.env if n not in ("PATH", "TMPDIR") and not n.startswith("PPML_")
     )
     return EnclaveHost(
         python_lib=tuple(lib),

@@ -224,7 +224,8 @@ def _write_boot(run: RunDirectory, document: Mapping[str, Any]) -> None:
     write_private(run.boot / "sitecustomize.py", source)
     write_private(run.boot / guard.WORKLOAD_FILE, json.dumps(document).encode())
     for f in run.boot.iterdir():
-        os.chmod(f, 0o400)
+        if f.is_file():
+            os.chmod(f, 0o400)
 
 
 def _visible_paths(manifest: WorkloadManifest, isolation: Isolation, cwd: Path) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ppml.errors import AttestationFailed, ConfigurationError, UsageError
+from ppml.tee.command import ResolvedCommand
 from ppml.tee.gramine import (
     EnclaveHost,
     EnclaveOptions,
@@ -23,7 +24,6 @@ from ppml.tee.gramine import (
     render_manifest_template,
 )
 from ppml.tee.hardware import GramineAttester
-from ppml.tee.command import ResolvedCommand
 from ppml.tee.manifest import TrustedFile, WorkloadManifest, build_manifest
 
 # The SIGSTRUCT builder is shared with the fake gramine-sgx-sign, which runs it as a script.
@@ -488,3 +488,29 @@ def test_gramine_quote_refusals(tmp_path: Path) -> None:
         GramineAttester(fake.root).evidence(REPORT_DATA)
     with pytest.raises(UsageError):
         GramineAttester(fake.root).evidence(b"short")
+
+
+def test_a_local_module_run_with_m_is_listed_with_its_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m job` from a project directory: the module and its local imports are trusted
+    files with their SHA-256, never allowed files; the data directory is apart."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (tmp_path / "data").mkdir()
+    (project / "job.py").write_text("import helper\n")
+    (project / "helper.py").write_text("VALUE = 1\n")
+    monkeypatch.chdir(project)
+    workload = build_manifest([sys.executable, "-m", "job"])
+    host = host_for(workload, ca_pem=CA_PEM, data_dirs=[tmp_path / "data"], start_dir=project)
+    doc = tomllib.loads(render_manifest_template(workload, EnclaveOptions(), host))
+    hashed = {e["uri"]: e["sha256"] for e in doc["sgx"]["trusted_files"] if isinstance(e, dict)}
+    for name in ("job.py", "helper.py"):
+        path = (project / name).resolve()
+        assert hashed[f"file:{path}"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert doc["sgx"]["allowed_files"] == [f"file:{(tmp_path / 'data').resolve()}/"]
+    assert doc["loader"]["argv"][-2:] == ["-m", "job"]
+    # The project directory itself as data would let unchecked code in: refused.
+    host = host_for(workload, ca_pem=CA_PEM, data_dirs=[project], start_dir=project)
+    with pytest.raises(UsageError, match="overlaps the workload's code"):
+        render_manifest_template(workload, EnclaveOptions(), host)

@@ -111,7 +111,8 @@ def test_no_process_outside_the_sandbox_is_visible(world: dict[str, Path]) -> No
             f"""
             import os, sys
             needles = [b"SECRET-" + b"PASSPHRASE", {str(world["ws"]).encode()[:-1]!r} + b"s"]
-            print(os.getpid(), os.getppid(), sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
+            pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+            print(os.getpid(), os.getppid(), pids)
             found = []
             for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
                 for name in ("environ", "cmdline", "mem"):
@@ -164,7 +165,8 @@ def test_only_data_directories_and_the_private_tmp_are_writable(world: dict[str,
                 except OSError as exc:
                     return exc.errno
             print(attempt("out.csv"), attempt("/tmp/t"), attempt("/dev/shm/s"),
-                  attempt({str(world["elsewhere"] / "x")!r}), attempt(os.path.expanduser("~/.bashrc-x")),
+                  attempt({str(world["elsewhere"] / "x")!r}),
+                  attempt(os.path.expanduser("~/.bashrc-x")),
                   attempt({sys.prefix + "/evil.pth"!r}))
             print(sorted(os.listdir("/tmp")))
             """,
@@ -184,7 +186,9 @@ def test_pinned_files_run_whatever_the_original_holds(world: dict[str, Path]) ->
     original.write_text("print('SWAPPED IN')\n")
     copy = world["snap"] / "00000"
     copy.write_text("print('measured')\n")
-    spec = spec_for(world, "", argv=[sys.executable, "-I", "job.py"], pinned=[[str(copy), str(original)]])
+    spec = spec_for(
+        world, "", argv=[sys.executable, "-I", "job.py"], pinned=[[str(copy), str(original)]]
+    )
     code, out, err = run(spec)
     assert code == 0, err
     assert out == "measured\n"
@@ -220,7 +224,8 @@ def test_the_workload_has_no_capability_and_cannot_undo_a_mount(world: dict[str,
             f"""
             import ctypes, os
             status = open("/proc/self/status").read()
-            print([l.split()[1] for l in status.splitlines() if l.startswith(("CapEff", "CapPrm", "CapBnd", "NoNewPrivs"))])
+            wanted = ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs")
+            print([l.split()[1] for l in status.splitlines() if l.startswith(wanted)])
             libc = ctypes.CDLL(None, use_errno=True)
             print(libc.umount2({str(world["ws"]).encode()!r}, 2), ctypes.get_errno())
             print(libc.mount(b"none", b"/mnt", b"tmpfs", 0, None), ctypes.get_errno())
@@ -297,7 +302,8 @@ def test_the_sandbox_dies_with_its_launcher(world: dict[str, Path], tmp_path: Pa
             import os, subprocess, sys, time
             r, w = os.pipe()
             os.write(w, {spec.to_json()!r}); os.close(w)
-            subprocess.Popen([sys.executable, "-I", "-S", {sandbox.__file__!r}, str(r)], pass_fds=(r,))
+            argv = [sys.executable, "-I", "-S", {sandbox.__file__!r}, str(r)]
+            subprocess.Popen(argv, pass_fds=(r,))
             time.sleep(300)
             """
         )

@@ -1,0 +1,182 @@
+"""The import guard on its own: a real interpreter with the guard as its sitecustomize, the
+rules written as the launcher writes them (no sandbox here: the guard must hold by itself)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppml.tee import guard
+from ppml.tee.environment import measure_environment
+from ppml.tee.guard import PythonArgvError, parse_python_argv
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def roots() -> list[str]:
+    return list(measure_environment(sys.executable).roots)
+
+
+class Guarded:
+    def __init__(self, tmp_path: Path, roots: list[str]) -> None:
+        self.project = tmp_path / "project"
+        self.scratch = tmp_path / "scratch"
+        self.boot = tmp_path / "boot"
+        for d in (self.project, self.scratch, self.boot):
+            d.mkdir()
+        self.roots = roots
+        self.trusted: dict[str, str] = {}
+        (self.boot / "sitecustomize.py").write_bytes(Path(guard.__file__).read_bytes())
+
+    def measured(self, name: str, text: str) -> Path:
+        path = self.project / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        self.trusted[str(path.resolve())] = sha(path)
+        return path
+
+    def run(
+        self, *args: str, interpreter: str = sys.executable
+    ) -> subprocess.CompletedProcess[str]:
+        doc = {
+            "interpreter": os.path.realpath(sys.executable),
+            "roots": self.roots,
+            "trusted": self.trusted,
+            "scratch": [str(self.scratch)],
+            "host": [],
+            "writable": [str(self.project)],
+        }
+        (self.boot / guard.WORKLOAD_FILE).write_text(json.dumps(doc))
+        env = {
+            "PATH": os.defpath,
+            "PYTHONPATH": str(self.boot),
+            "PYTHONNOUSERSITE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        return subprocess.run(
+            [interpreter, "-B", "-s", *args],
+            cwd=self.project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+@pytest.fixture
+def g(tmp_path: Path, roots: list[str]) -> Guarded:
+    return Guarded(tmp_path, roots)
+
+
+def test_measured_code_and_the_environment_run(g: Guarded) -> None:
+    g.measured("job.py", "import helper, json, pyarrow\nprint(helper.VALUE, pyarrow.__name__)\n")
+    g.measured("helper.py", "VALUE = 'measured'\n")
+    r = g.run("job.py")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "measured pyarrow\n"
+
+
+def test_an_unmeasured_main_script_is_refused(g: Guarded) -> None:
+    (g.project / "job.py").write_text("print('ran')\n")
+    r = g.run("job.py")
+    assert r.returncode == guard.REFUSED_EXIT and r.stdout == ""
+    assert "job.py is not a measured file" in r.stderr
+
+
+def test_a_measured_file_changed_after_measurement_is_refused(g: Guarded) -> None:
+    g.measured("job.py", "import helper\n")
+    helper = g.measured("helper.py", "VALUE = 1\n")
+    helper.write_text("VALUE = 2\nprint('CHANGED')\n")
+    r = g.run("job.py")
+    assert r.returncode != 0 and "CHANGED" not in r.stdout
+    assert "not the file that was measured" in r.stderr
+    job = g.project / "job.py"
+    job.write_text("print('CHANGED')\n")
+    r = g.run("job.py")
+    assert r.returncode == guard.REFUSED_EXIT and "CHANGED" not in r.stdout
+
+
+def test_code_from_standard_input_is_refused(g: Guarded) -> None:
+    r = g.run("-")
+    assert r.returncode == guard.REFUSED_EXIT and "standard input" in r.stderr
+
+
+def test_another_interpreter_is_refused(g: Guarded, tmp_path: Path) -> None:
+    other = Path("/usr/bin/python3")
+    if not other.exists() or os.path.realpath(other) == os.path.realpath(sys.executable):
+        pytest.skip("no second Python interpreter here")
+    g.measured("job.py", "print('ran')\n")
+    r = g.run("job.py", interpreter=str(other))
+    assert r.returncode == guard.REFUSED_EXIT and "not the measured Python interpreter" in r.stderr
+
+
+def test_the_scratch_space_is_allowed(g: Guarded) -> None:
+    """A module the run wrote in its own /tmp (TorchDistributor writes its training script
+    there) is the run's own code."""
+    g.measured("job.py", f"import sys\nsys.path.insert(0, {str(g.scratch)!r})\nimport gen\n")
+    (g.scratch / "gen.py").write_text("print('generated')\n")
+    r = g.run("job.py")
+    assert r.returncode == 0 and r.stdout == "generated\n", r.stderr
+    r = g.run(str(g.scratch / "gen.py"))
+    assert r.returncode == 0 and r.stdout == "generated\n", r.stderr
+
+
+def test_ctypes_cannot_load_a_library_from_a_data_directory(g: Guarded) -> None:
+    g.measured("job.py", "import ctypes\nctypes.CDLL('./planted.so')\n")
+    (g.project / "planted.so").write_bytes(b"\x7fELF")
+    r = g.run("job.py")
+    assert r.returncode != 0 and "refused to load ./planted.so" in r.stderr
+
+
+def test_the_guard_survives_in_children(g: Guarded) -> None:
+    """Python programs started by the workload carry the guard (PYTHONPATH is inherited)."""
+    g.measured(
+        "job.py",
+        "import subprocess, sys\nprint(subprocess.run([sys.executable, 'other.py']).returncode)\n",
+    )
+    (g.project / "other.py").write_text("print('UNMEASURED')\n")
+    r = g.run("job.py")
+    assert r.returncode == 0
+    assert r.stdout.strip() == str(guard.REFUSED_EXIT) and "UNMEASURED" not in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "flags", "mode", "target", "args"),
+    [
+        (["job.py", "a"], [], "script", "job.py", ["a"]),
+        (["-u", "-B", "job.py"], ["-u", "-B"], "script", "job.py", []),
+        (["-uB", "job.py"], ["-u", "-B"], "script", "job.py", []),
+        (["-W", "error", "-Xutf8", "job.py"], ["-Werror", "-Xutf8"], "script", "job.py", []),
+        (["-Werror", "job.py", "-m"], ["-Werror"], "script", "job.py", ["-m"]),
+        (["-m", "pkg.mod", "x"], [], "module", "pkg.mod", ["x"]),
+        (["-Im", "pkg"], ["-I"], "module", "pkg", []),
+        (["-c", "print(1)", "y"], [], "command", "print(1)", ["y"]),
+        (["-cprint(1)"], [], "command", "print(1)", []),
+        (["--check-hash-based-pycs", "always", "j.py"], ["--check-hash-based-pycs=always"],
+         "script", "j.py", []),
+        ([], [], "stdin", None, []),
+        (["-"], [], "stdin", None, []),
+        (["--", "job.py"], [], "script", "job.py", []),
+    ],
+)  # fmt: skip
+def test_the_python_command_line_grammar(
+    argv: list[str], flags: list[str], mode: str, target: str | None, args: list[str]
+) -> None:
+    parsed = parse_python_argv(argv)
+    assert (parsed.flags, parsed.mode, parsed.target, parsed.args) == (flags, mode, target, args)
+
+
+@pytest.mark.parametrize("argv", [["-W"], ["-Z", "x.py"], ["-m"], ["-c"]])
+def test_bad_python_command_lines(argv: list[str]) -> None:
+    with pytest.raises(PythonArgvError):
+        parse_python_argv(argv)
