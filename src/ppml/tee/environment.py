@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 ENVIRONMENT_FORMAT = "ppml-environment/1"
-_CACHE_FORMAT = "ppml-environment-cache/1"
+_CACHE_FORMAT = "ppml-environment-cache/2"
 _SKIP_DIRS = frozenset({"__pycache__"})
 _SITE_DIRS = frozenset({"site-packages", "dist-packages"})
 _HASH_THREADS = 4
@@ -115,23 +115,26 @@ def probe_interpreter(program: str) -> tuple[str, str, list[str]]:
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
+    """A file (or symbolic link) below a root: where, and what identifies its content."""
+
     root: int
     rel: str
-    kind: str  # "f" (file) or "l" (symbolic link)
-    key: tuple[int, ...]  # (dev, ino, size, mtime_ns, ctime_ns); a link: ()
-    value: str  # SHA-256, or the link's target
+    path: str
+    link: str | None  # the target of a symbolic link, None for a file
+    key: str  # device, inode, size, modification and change times
+    size: int
 
 
-def _scan(roots: list[str]) -> list[tuple[int, str, str, os.stat_result]]:
+def _scan(roots: list[str]) -> list[_Entry]:
     """Every file below `roots`, each once: a root inside another is scanned on its own; caches
     and a site directory that is not a root (a base interpreter's, below its standard library)
     are left out."""
-    found: list[tuple[int, str, str, os.stat_result]] = []
+    found: list[_Entry] = []
     all_roots = set(roots)
     for index, root in enumerate(roots):
         st = os.stat(root)
         if not stat.S_ISDIR(st.st_mode):  # a zip archive on the path
-            found.append((index, ".", root, st))
+            found.append(_Entry(index, ".", root, None, _stat_key(st), st.st_size))
             continue
         prefix = len(root.rstrip("/")) + 1
         stack = [root]
@@ -151,16 +154,27 @@ def _scan(roots: list[str]) -> list[tuple[int, str, str, os.stat_result]]:
                     if entry.path not in all_roots:
                         stack.append(entry.path)
                 elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                    found.append((index, entry.path[prefix:], entry.path, st))
+                    link = os.readlink(entry.path) if stat.S_ISLNK(st.st_mode) else None
+                    rel = entry.path[prefix:]
+                    found.append(_Entry(index, rel, entry.path, link, _stat_key(st), st.st_size))
     return found
 
 
-def _key(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+def _stat_key(st: os.stat_result) -> str:
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+@dataclass(slots=True)
+class _Cached:
+    """What a cache file holds: each file's key and SHA-256, and the digest they made."""
+
+    entries: dict[str, tuple[str, str]]
+    digest: str | None = None
+    size: int = 0
 
 
 class EnvironmentCache:
-    """SHA-256 per file, keyed by path and stat data."""
+    """SHA-256 per file, keyed by path and stat data, and the last digest."""
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
@@ -168,25 +182,28 @@ class EnvironmentCache:
     def _path(self, name: str) -> Path:
         return self._directory / f"{name}.json"
 
-    def load(self, name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    def load(self, name: str) -> _Cached:
         """The cached entries; empty when missing or damaged."""
         try:
-            header, _, body = self._path(name).read_bytes().partition(b"\n")
-            if json.loads(header).get("format") != _CACHE_FORMAT:
-                return {}
-            return {str(p): (tuple(k), str(v)) for p, k, v in json.loads(body)}
-        except (OSError, ValueError, KeyError, TypeError):
-            return {}
+            doc = json.loads(self._path(name).read_bytes())
+            if doc.get("format") != _CACHE_FORMAT:
+                return _Cached({})
+            entries = {str(p): (str(k), str(v)) for p, (k, v) in doc["entries"].items()}
+            return _Cached(entries, str(doc["digest"]), int(doc["size"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return _Cached({})
 
-    def save(self, name: str, entries: dict[str, tuple[tuple[int, ...], str]]) -> None:
-        body = json.dumps(
-            [[p, list(k), v] for p, (k, v) in sorted(entries.items())], separators=(",", ":")
-        ).encode()
-        header = {"format": _CACHE_FORMAT}
+    def save(self, name: str, cached: _Cached) -> None:
+        doc = {
+            "format": _CACHE_FORMAT,
+            "digest": cached.digest,
+            "size": cached.size,
+            "entries": cached.entries,
+        }
         try:
             ensure_private_dir(self._directory)
             with atomic_output(self._path(name)) as fh:
-                fh.write(json.dumps(header).encode() + b"\n" + body)
+                fh.write(json.dumps(doc, separators=(",", ":")).encode())
         except OSError:
             pass  # a cache that cannot be written costs time, never correctness
 
@@ -207,32 +224,35 @@ def measure_directory(
     """(digest, files, bytes) of every file below `roots` (real, absolute paths)."""
     outer = list(dict.fromkeys(roots))
     found = _scan(outer)
-    cached = cache.load(cache_name) if cache is not None and cache_name else {}
-    todo = [
-        (path, st)
-        for _, _, path, st in found
-        if stat.S_ISREG(st.st_mode) and cached.get(path, ((), ""))[0] != _key(st)
-    ]
+    cached = cache.load(cache_name) if cache is not None and cache_name else _Cached({})
+    entries = cached.entries
+    unchanged = len(entries) == len(found) and all(
+        entries.get(e.path, ("", ""))[0] == e.key for e in found
+    )
+    if unchanged and cached.digest is not None:
+        return cached.digest, len(found), cached.size
+    todo = [e for e in found if e.link is None and entries.get(e.path, ("", ""))[0] != e.key]
     if todo and progress is not None:
-        size = sum(st.st_size for _, st in todo) >> 20
+        size = sum(e.size for e in todo) >> 20
         progress(f"measuring {len(todo)} files ({size} MiB) of the environment once; cached")
     with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        paths = [p for p, _ in todo]
+        paths = [e.path for e in todo]
         digests = dict(zip(paths, pool.map(_sha256_file, paths), strict=True))
-    fresh: dict[str, tuple[tuple[int, ...], str]] = {}
+    fresh: dict[str, tuple[str, str]] = {}
     listing: list[list[Any]] = []
     total = 0
-    for index, rel, path, st in sorted(found, key=lambda f: (f[0], f[1])):
-        if stat.S_ISLNK(st.st_mode):
-            listing.append([index, rel, "l", os.readlink(path)])
+    for e in sorted(found, key=lambda f: (f.root, f.rel)):
+        if e.link is not None:
+            listing.append([e.root, e.rel, "l", e.link])
+            fresh[e.path] = (e.key, e.link)
             continue
-        value = digests.get(path) or cached[path][1]
-        fresh[path] = (_key(st), value)
-        listing.append([index, rel, "f", value])
-        total += st.st_size
-    if cache is not None and cache_name and fresh != cached:
-        cache.save(cache_name, fresh)
+        value = digests.get(e.path) or entries[e.path][1]
+        fresh[e.path] = (e.key, value)
+        listing.append([e.root, e.rel, "f", value])
+        total += e.size
     digest = hashlib.sha384(canonical_json({"roots": outer, "files": listing})).hexdigest()
+    if cache is not None and cache_name:
+        cache.save(cache_name, _Cached(fresh, digest, total))
     return digest, len(listing), total
 
 
