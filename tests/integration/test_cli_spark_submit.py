@@ -210,13 +210,13 @@ def test_keyed_job_runs_attested_only_when_the_policy_names_it(
     people = ROOT / "examples" / "data" / "people.json"
     assert run_ppml("encrypt", people, "-o", enc, "--key", "people", home=ws).code == 0
     app = ROOT / "examples" / "spark" / "sql_basic.py"
-    denied = run_watched("spark-submit", "--tee", "sim", app, enc, home=ws)
+    denied = run_watched("spark-submit", "--tee", "sim", "--data", tmp_path, app, enc, home=ws)
     assert denied.code != 0 and "access denied" in denied.out + denied.err
     measured = run_ppml("spark-submit", "--measure", app, enc, home=ws)
     measurement = measured.out.splitlines()[0]
     r = run_ppml("policy", "allow", "people", "--tee", "sim", "--measurement", measurement, home=ws)
     assert r.code == 0, r.err
-    allowed = run_watched("spark-submit", "--tee", "sim", app, enc, home=ws)
+    allowed = run_watched("spark-submit", "--tee", "sim", "--data", tmp_path, app, enc, home=ws)
     assert allowed.code == 0, allowed.err[-2000:]
     assert re.search(r"\|\s*19\|\s*Justin\|", allowed.out)
     for secret in secrets:

@@ -61,9 +61,10 @@ def lenet() -> ModuleType:
     return module
 
 
-def submit(home: Path, *args: str | Path, allow: tuple[str, ...] = ()) -> Result:
-    """`ppml spark-submit --tee sim APP ARGS`, after letting the keys `allow` go to exactly
-    this command line (the measurement covers the arguments)."""
+def submit(home: Path, data: Path, *args: str | Path, allow: tuple[str, ...] = ()) -> Result:
+    """`ppml spark-submit --tee sim --data DATA APP ARGS`, after letting the keys `allow` go to
+    exactly this command line (the measurement covers the arguments); the attested driver
+    reads and writes under DATA."""
     argv = [str(APP), *map(str, args)]
     if allow:
         measured = run_ppml("spark-submit", "--measure", *argv, home=home)
@@ -77,7 +78,7 @@ def submit(home: Path, *args: str | Path, allow: tuple[str, ...] = ()) -> Result
     env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
     env.update(PPML_HOME=str(home), PPML_PASSPHRASE=PASSPHRASE)
     proc = subprocess.run(
-        [sys.executable, "-m", "ppml", "spark-submit", "--tee", "sim", *argv],
+        [sys.executable, "-m", "ppml", "spark-submit", "--tee", "sim", "--data", str(data), *argv],
         capture_output=True,
         text=True,
         env=env,
@@ -107,7 +108,7 @@ def test_digits_trains_to_95_percent_and_writes_the_model_encrypted(
 ) -> None:
     model_out = tmp_path / "lenet.pt.ppml"
     work = tmp_path / "work"
-    r = submit(home, "--model-out", model_out, "--work-dir", work, allow=("lenet",))
+    r = submit(home, tmp_path, "--model-out", model_out, "--work-dir", work, allow=("lenet",))
     assert r.code == 0, r.err[-3000:]
     assert r.err.count("SIMULATED TEE") == 1
     assert "1438 training, 359 test images" in r.out
@@ -153,7 +154,7 @@ def test_mnist_idx_files_encrypted_plain_and_gzipped(
     (data / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels[~is_test])))
     (data / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels[is_test]))
 
-    r = submit(home, "--data", data, "--epochs", "3", allow=("mnist",))
+    r = submit(home, tmp_path, "--data", data, "--epochs", "3", allow=("mnist",))
     assert r.code == 0, r.err[-3000:]
     assert "LeNet-5 on MNIST" in r.out and "1438 training, 359 test images" in r.out
     epochs, _, final = epochs_and_final(r.out)
@@ -166,17 +167,17 @@ def test_bad_inputs_fail_with_one_clear_line(home: Path, tmp_path: Path) -> None
     data.mkdir()
     (data / "train-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((4, 28, 28))))
 
-    r = submit(home, "--data", data)
+    r = submit(home, tmp_path, "--data", data)
     assert r.code == 2, r.err[-3000:]
     assert "no MNIST file train-labels-idx1-ubyte" in r.err
 
     labels = data / "train-labels-idx1-ubyte"
     labels.write_bytes(b"\x00\x00\x08\x03" + bytes(8))  # an images header on the labels
-    r = submit(home, "--data", data)
+    r = submit(home, tmp_path, "--data", data)
     assert r.code == 2, r.err[-3000:]
     line = next(x for x in r.err.splitlines() if "bad IDX magic" in x)
     assert str(labels) in line and "expected 00000801" in line
     assert "Traceback" not in r.err
 
-    r = submit(home, "--data", tmp_path / "nowhere")
+    r = submit(home, tmp_path, "--data", tmp_path / "nowhere")
     assert r.code == 2 and "no such directory" in r.err

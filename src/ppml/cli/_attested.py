@@ -156,6 +156,11 @@ def launch_prepared(
     with launcher.prepared_run(ws.path / RUN_DIR) as run:
         manifest = prepare(ws, run).manifest(snapshot=run.snapshot)
         measurement = manifest.measurement()
+        for arg in launcher.unseen_arguments(manifest, isolation, Path.cwd()):
+            progress(
+                f"note: {arg} is not visible to the workload (its /tmp is its own, the "
+                "workspace is hidden): pass its directory with --data"
+            )
         if how.tee == "sim":
             typer.echo(SIM_NOTICE, err=True)
         with loopback_services(ws, f"{how.tee}:{measurement[:16]}", how.kms_url) as url:

@@ -86,6 +86,15 @@ def spark_submit(
     ui: Annotated[
         bool, typer.Option("--ui", help="Enable the driver's web UI (HTTPS, workspace keystore).")
     ] = False,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--data",
+            metavar="DIR",
+            help="With --tee: a directory the attested driver may write to, or read under /tmp "
+            "(repeatable; default: the current directory).",
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
@@ -118,7 +127,7 @@ def spark_submit(
             )
             return
         if tee is not None:
-            raise typer.Exit(_submit_attested(req, ui, workspace, passphrase_file))
+            raise typer.Exit(_submit_attested(req, ui, data or [], workspace, passphrase_file))
         raise typer.Exit(_submit(req, ui, workspace, passphrase_file))
 
 
@@ -140,7 +149,11 @@ def _driver_workload(req: SubmitRequest, java: JavaRuntime) -> Workload:
 
 
 def _submit_attested(
-    req: SubmitRequest, ui: bool, workspace: Path | None, passphrase_file: Path | None
+    req: SubmitRequest,
+    ui: bool,
+    data: list[Path],
+    workspace: Path | None,
+    passphrase_file: Path | None,
 ) -> int:
     """The driver attested on the sim TEE, its JVM in the same sandbox."""
     from ppml.engines.spark.attested import write_driver_boot
@@ -152,7 +165,7 @@ def _submit_attested(
         write_driver_boot(ws, java, run.boot, security_properties(ws, ui=ui))
         return _driver_workload(req, java)
 
-    return launch_prepared(prepare, Launch("sim"), workspace, passphrase_file)
+    return launch_prepared(prepare, Launch("sim", data=tuple(data)), workspace, passphrase_file)
 
 
 def _submit(

@@ -51,6 +51,7 @@ __all__ = [
     "harden_launcher",
     "prepared_run",
     "start",
+    "unseen_arguments",
     "wait_forwarding_signals",
 ]
 
@@ -226,6 +227,39 @@ def _write_boot(run: RunDirectory, document: Mapping[str, Any]) -> None:
     for f in run.boot.iterdir():
         if f.is_file():
             os.chmod(f, 0o400)
+
+
+def unseen_arguments(manifest: WorkloadManifest, isolation: Isolation, cwd: Path) -> list[str]:
+    """The workload's arguments that name a file or directory of this host which the workload
+    will not see (its /tmp and /dev/shm are its own; the hidden paths appear empty), so that the
+    caller can say so instead of leaving the user with "no such file"."""
+    replaced = (sandbox.TMP, sandbox.SHM)
+    hidden = [os.path.realpath(h) for h in isolation.hidden]
+    shown = [
+        os.path.realpath(p)
+        for p in [*(isolation.writable or (cwd,)), *isolation.visible, *isolation.exposed]
+    ]
+
+    def under(path: str, roots: Iterable[str]) -> bool:
+        return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+    unseen = []
+    for arg in manifest.command.args:
+        candidate = arg.split("=", 1)[-1] if arg.startswith("-") else arg
+        if not candidate or "\0" in candidate:
+            continue
+        path = cwd / candidate
+        try:
+            if not path.exists():
+                continue
+        except OSError:
+            continue
+        real = os.path.realpath(path)
+        if under(real, shown):
+            continue
+        if under(real, hidden) or under(real, replaced):
+            unseen.append(arg)
+    return unseen
 
 
 def _visible_paths(manifest: WorkloadManifest, isolation: Isolation, cwd: Path) -> list[str]:
