@@ -464,3 +464,10 @@ def test_a_script_swapped_after_measurement_never_runs(
             assert started.wait() == 0, log.read_text()
     assert "rows 3" in log.read_text() and "SWAPPED" not in log.read_text()
     assert not run_dir.path.exists()
+
+
+def test_the_workspace_is_never_a_data_directory(ws: Path, project: Path) -> None:
+    (project / "job.py").write_text(READER)
+    for data in (ws, ws / "tls"):
+        code, out = run(ws, project, PY, "job.py", options=("--data", str(data)))
+        assert code == 2 and "never visible to a workload" in out

@@ -79,7 +79,10 @@ def submit(ws: Path, url: str, app: Path, *args: str | Path, tee: bool = False) 
     """`ppml spark-submit [--tee sim] --master URL APP ARGS` on the cluster, while a thread
     records `ps -ww -eo args` (every full command line) until it ends."""
     command = [sys.executable, "-m", "ppml", "spark-submit"]
-    command += ["--tee", "sim"] if tee else []
+    if tee:
+        # The attested driver sees this test's files under /tmp only as data directories.
+        data = {Path(a).resolve().parent for a in args if Path(a).exists()}
+        command += ["--tee", "sim", *(x for d in sorted(data) for x in ("--data", str(d)))]
     command += ["--master", url, *EXECUTOR_CONF, str(app), *map(str, args)]
     proc = subprocess.Popen(
         command,

@@ -313,6 +313,12 @@ def start(
                 "keep the workload's code and data outside it"
             )
     writable = isolation.writable or (cwd,)
+    for data in writable:
+        real = os.path.realpath(data)
+        if any(real == h or real.startswith(h + "/") for h in hidden):
+            raise UsageError(f"--data {data}: the workspace is never visible to a workload")
+        if not os.path.isdir(real):
+            raise UsageError(f"--data {data}: not a directory")
     isolation = Isolation(
         hidden=tuple(Path(h) for h in hidden),
         writable=tuple(Path(os.path.realpath(w)) for w in writable),

@@ -158,7 +158,8 @@ class Workspace:
         self._secrets().set_many({name: value})
 
     def secret_names(self) -> list[str]:
-        return self._secrets().names()
+        """The secrets' names (the sealed profile, which is not secret, is not listed)."""
+        return [n for n in self._secrets().names() if n != PROFILE_SECRET]
 
     # -- service keys ----------------------------------------------------------------------------
 
