@@ -81,7 +81,11 @@ def submit(ws: Path, url: str, app: Path, *args: str | Path, tee: bool = False) 
     command = [sys.executable, "-m", "ppml", "spark-submit"]
     if tee:
         # The attested driver sees this test's files under /tmp only as data directories.
-        data = {Path(a).resolve().parent for a in args if Path(a).exists()}
+        data = {
+            Path(a).resolve().parent
+            for a in args
+            if Path(a).is_absolute() and Path(a).resolve().parent.is_dir()
+        }
         command += ["--tee", "sim", *(x for d in sorted(data) for x in ("--data", str(d)))]
     command += ["--master", url, *EXECUTOR_CONF, str(app), *map(str, args)]
     proc = subprocess.Popen(
@@ -118,9 +122,12 @@ def submit(ws: Path, url: str, app: Path, *args: str | Path, tee: bool = False) 
     return Job(proc.returncode, out, err, snapshots)
 
 
-def allow(ws: Path, app: Path, *args: str | Path, keys: tuple[str, ...]) -> None:
-    """Let the attested driver `python APP ARGS` have `keys` (its measurement, by policy)."""
-    measured = run_ppml("spark-submit", "--measure", app, *args, home=ws)
+def allow(ws: Path, url: str, app: Path, *args: str | Path, keys: tuple[str, ...]) -> None:
+    """Let the attested driver `python APP ARGS`, submitted to `url` with the options `submit`
+    uses (they are measured too), have `keys` (its measurement, by policy)."""
+    measured = run_ppml(
+        "spark-submit", "--measure", "--master", url, *EXECUTOR_CONF, app, *args, home=ws
+    )
     assert measured.code == 0, measured.err
     measurement = measured.out.splitlines()[0]
     for key in keys:
@@ -259,7 +266,7 @@ def test_wordcount_over_an_encrypted_file_on_the_cluster(
     r = run_ppml("encrypt", src, "-o", enc, "--key", "data", home=ws)
     assert r.code == 0, r.err
     app = EXAMPLES / "wordcount.py"
-    allow(ws, app, enc, keys=("data",))
+    allow(ws, cluster, app, enc, keys=("data",))
     job = submit(ws, cluster, app, enc, tee=True)
     assert job.code == 0, job.err[-3000:]
     lines = job.out.splitlines()
@@ -279,7 +286,7 @@ def test_sql_basic_over_encrypted_json_on_the_cluster(
     app = EXAMPLES / "sql_basic.py"
     denied = submit(ws, cluster, app, enc, tee=True)
     assert denied.code != 0 and "access denied" in denied.out + denied.err
-    allow(ws, app, enc, keys=("data",))
+    allow(ws, cluster, app, enc, keys=("data",))
     job = submit(ws, cluster, app, enc, tee=True)
     assert job.code == 0, job.err[-3000:]
     out = job.out
@@ -345,7 +352,7 @@ def test_tpch_queries_over_encrypted_parquet_on_the_cluster_match_duckdb(
     out = tmp_path / "results"
     args = (enc, "--scale", str(TPCH_SCALE), "--out", out, "--key", "results")
     app = EXAMPLES / "tpch.py"
-    allow(ws, app, *args, keys=("tpch", "results"))
+    allow(ws, cluster, app, *args, keys=("tpch", "results"))
     job = submit(ws, cluster, app, *args, tee=True)
     assert job.code == 0, job.err[-3000:]
     assert "scale 0.01" in job.out
@@ -385,7 +392,7 @@ def test_lenet_trains_on_encrypted_digits_on_the_cluster(
     model = tmp_path / "lenet.pt.ppml"
     args = ("--model-out", model, "--work-dir", tmp_path / "work", "--epochs", "2")
     app = EXAMPLES / "lenet.py"
-    allow(ws, app, *args, keys=("lenet",))
+    allow(ws, cluster, app, *args, keys=("lenet",))
     job = submit(ws, cluster, app, *args, tee=True)
     assert job.code == 0, job.err[-3000:]
     assert "1438 training, 359 test images" in job.out

@@ -29,6 +29,15 @@ SIM_NOTICE = (
 RUN_DIR = "run"
 
 
+def shared_dir() -> Path:
+    """Where a launcher puts what it shares with processes outside the sandbox (a Spark
+    cluster's executors read the key stores there): hidden from every workload but the one it
+    is made for."""
+    from ppml.tee.environment import default_cache_dir
+
+    return default_cache_dir().parent / "shared"
+
+
 def progress(message: str) -> None:
     typer.echo(f"ppml: {message}", err=True)
 
@@ -68,6 +77,7 @@ class Launch:
     data: Sequence[Path] = ()
     kms_url: str | None = None
     visible: Sequence[Path] = ()
+    exposed: Sequence[Path] = ()  # inside the hidden shared directory
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -149,9 +159,12 @@ def launch_prepared(
     if how.tee == "sim":
         require_dev(ws)
     quote_for = _quote_for(ws, how.tee)
-    hidden = [ws.path, *([passphrase_file] if passphrase_file is not None else [])]
+    hidden = [ws.path, shared_dir(), *([passphrase_file] if passphrase_file else [])]
     isolation = launcher.Isolation(
-        hidden=tuple(hidden), writable=tuple(how.data), visible=tuple(how.visible)
+        hidden=tuple(hidden),
+        writable=tuple(how.data),
+        visible=tuple(how.visible),
+        exposed=tuple(how.exposed),
     )
     with launcher.prepared_run(ws.path / RUN_DIR) as run:
         manifest = prepare(ws, run).manifest(snapshot=run.snapshot)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ppml.cli._attested import Launch, Workload, launch_prepared, progress
+from ppml.cli._attested import Launch, Workload, launch_prepared, progress, shared_dir
 from ppml.cli._common import (
     PassphraseFileOption,
     WorkspaceOption,
@@ -160,12 +162,18 @@ def _submit_attested(
     from ppml.engines.spark.java import find_java
     from ppml.engines.spark.launcher import security_properties
 
+    stores = shared_dir() / f"spark-stores-{secrets.token_hex(8)}"
+
     def prepare(ws: Workspace, run: RunDirectory) -> Workload:
         java = find_java(run.path / "java")
-        write_driver_boot(ws, java, run.boot, security_properties(ws, ui=ui))
+        write_driver_boot(ws, java, run.boot, security_properties(ws, ui=ui), stores)
         return _driver_workload(req, java)
 
-    return launch_prepared(prepare, Launch("sim", data=tuple(data)), workspace, passphrase_file)
+    how = Launch("sim", data=tuple(data), exposed=(stores,))
+    try:
+        return launch_prepared(prepare, how, workspace, passphrase_file)
+    finally:
+        shutil.rmtree(stores, ignore_errors=True)
 
 
 def _submit(

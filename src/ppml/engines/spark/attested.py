@@ -21,10 +21,13 @@ driver or the executors is measured or refused:
 Spark's configuration for the driver (the workspace's secret and key stores, which it needs to
 join the authenticated, encrypted Spark network) is written to the run's boot directory, which
 the sandbox mounts read-only at ``/tmp/.ppml``: fixed paths, so that the measurement is stable.
+The key stores themselves go to a private directory outside the workspace that a cluster's
+executors can read at the same path, which every other workload's sandbox hides.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -197,19 +200,23 @@ def real_java_home(java: JavaRuntime) -> Path:
 
 
 def write_driver_boot(
-    ws: Workspace, java: JavaRuntime, boot: Path, props: Mapping[str, str]
+    ws: Workspace, java: JavaRuntime, boot: Path, props: Mapping[str, str], stores: Path
 ) -> None:
     """Spark's configuration and, for a wrapped runtime, its JAVA_HOME, into `boot`/spark (the
-    paths inside the sandbox are fixed)."""
+    paths inside the sandbox are fixed). The key stores go to `stores`, a private directory
+    that the executors of a cluster (outside the sandbox, on this machine) read at the same
+    path; they are encrypted with the password that only the configuration holds."""
     conf = boot / SPARK_BOOT / "conf"
     ensure_private_dir(conf)
+    ensure_private_dir(stores)
     inside = dict(props)
     for key, store in (
         ("spark.ssl.keyStore", ws.keystore),
         ("spark.ssl.trustStore", ws.truststore),
     ):
-        shutil.copyfile(store, conf / store.name)
-        inside[key] = f"{_CONF_INSIDE}/{store.name}"
+        shutil.copyfile(store, stores / store.name)
+        os.chmod(stores / store.name, 0o600)
+        inside[key] = str(stores / store.name)
     write_private(conf / "spark-defaults.conf", properties_text(inside).encode())
     if java.wrapped:
         from ppml.engines.spark.java import wrap_java_home
