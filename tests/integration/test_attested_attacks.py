@@ -471,3 +471,45 @@ def test_the_workspace_is_never_a_data_directory(ws: Path, project: Path) -> Non
     for data in (ws, ws / "tls"):
         code, out = run(ws, project, PY, "job.py", options=("--data", str(data)))
         assert code == 2 and "never visible to a workload" in out
+
+
+# -- what the launcher copies: only regular files of code -----------------------------------------
+
+
+def test_a_symbolic_link_cannot_make_the_launcher_copy_a_secret(ws: Path, project: Path) -> None:
+    """A "local module" or --trusted file that is a symbolic link into the workspace, to the
+    launcher's own /proc entries, or a FIFO: refused before anything is copied or measured."""
+    (project / "job.py").write_text(READER)
+    (project / "helper.py").symlink_to(ws / "tls" / "client-key.pem")
+    for command in ((PY, "-m", "helper"), (PY, "job.py")):
+        options = () if command[1] == "-m" else ("--trusted", str(project / "helper.py"))
+        code, out = run(ws, project, *command, options=options)
+        assert code == 2 and "inside the workspace" in out, out
+        r = run_ppml("measure", *options, "--", *command, home=ws, cwd=project)
+        assert r.code == 2 and "inside the workspace" in r.err, r.err
+    (project / "helper.py").unlink()
+    (project / "environ").symlink_to("/proc/self/environ")
+    code, out = run(ws, project, PY, "job.py", options=("--trusted", str(project / "environ")))
+    assert code == 2 and "file of the kernel" in out, out
+    os.mkfifo(project / "pipe.py")
+    code, out = run(ws, project, PY, "job.py", options=("--trusted", str(project / "pipe.py")))
+    assert code != 0 and "rows" not in out
+    assert not list((ws / "run").glob("run-*/snapshot/*"))
+
+
+def test_a_shell_script_starting_python_isolated_is_what_was_measured(
+    ws: Path, project: Path
+) -> None:
+    """The guard reaches the Python programs that inherit the workload's variables. A measured
+    shell script that starts `python -I` on purpose runs that interpreter without the guard:
+    the measurement covers that line, and a change to it changes the measurement."""
+    (project / "job.py").write_text(READER)
+    (project / "job.sh").write_text(f"set -e\n{PY} -I job.py\n")
+    trusted = ("--trusted", str(project / "job.py"))
+    allow(ws, measure(project, "bash", "job.sh", extra=trusted))
+    code, out = run(ws, project, "bash", "job.sh", options=trusted)
+    assert code == 0 and "rows 3" in out, out
+    (project / "job.sh").write_text(f"set -e\n{PY} -I other.py\n")
+    (project / "other.py").write_text(READER)
+    code, out = run(ws, project, "bash", "job.sh", options=trusted)
+    assert code != 0 and "access denied" in out and "rows" not in out

@@ -53,7 +53,11 @@ class Workload:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def manifest(
-        self, *, snapshot: Path | None = None, cache: EnvironmentCache | None = None
+        self,
+        *,
+        snapshot: Path | None = None,
+        cache: EnvironmentCache | None = None,
+        forbidden: Sequence[Path] = (),
     ) -> WorkloadManifest:
         from ppml.tee.manifest import build_manifest
 
@@ -66,6 +70,7 @@ class Workload:
             snapshot=snapshot,
             environment_cache=cache,
             progress=progress,
+            forbidden=forbidden,
         )
 
 
@@ -167,7 +172,7 @@ def launch_prepared(
         exposed=tuple(how.exposed),
     )
     with launcher.prepared_run(ws.path / RUN_DIR) as run:
-        manifest = prepare(ws, run).manifest(snapshot=run.snapshot)
+        manifest = prepare(ws, run).manifest(snapshot=run.snapshot, forbidden=hidden)
         measurement = manifest.measurement()
         for arg in launcher.unseen_arguments(manifest, isolation, Path.cwd()):
             progress(

@@ -18,6 +18,7 @@ from ppml.cli._attested import (
     loopback_services,
     open_for_launch,
     require_dev,
+    shared_dir,
 )
 from ppml.cli._common import PassphraseFileOption, WorkspaceOption, handle_errors, open_workspace
 from ppml.errors import UsageError
@@ -88,7 +89,10 @@ def measure(
     (the interpreter and every file it can import) and the launch protocol.
     """
     with handle_errors():
-        m = _workload(command, trusted, env).manifest()
+        from ppml.workspace.workspace import default_workspace_dir
+
+        forbidden = [default_workspace_dir(), shared_dir()]
+        m = _workload(command, trusted, env).manifest(forbidden=forbidden)
         typer.echo(m.measurement())
         if manifest:
             typer.echo(json.dumps(m.describe(), indent=2))

@@ -768,7 +768,7 @@ def _launch_attested(
         ensure_private_dir(boot)
         for name, source in plan.boot_files(role).items():
             shutil.copyfile(source, boot / name)
-        manifest = build_manifest(list(command), snapshot=run.snapshot)
+        manifest = build_manifest(list(command), snapshot=run.snapshot, forbidden=[ws.path])
         measurement = manifest.measurement()
         platform = SimPlatform(ws.sim_platform_key())
         return launcher.start(

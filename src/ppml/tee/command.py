@@ -12,7 +12,8 @@ that says what to do instead:
   the environment by the environment's digest; ``-c CODE`` is measured as its text.
 - **Shells** (``bash``, ``sh``, ``dash``): the script (or ``-c`` text) is measured; options that
   read other files (``--rcfile``, ``-l``, ``-i``, ...) are refused. Python programs the script
-  starts are guarded like the workload's own: they run only measured files (``--trusted``).
+  starts are guarded like the workload's own: they run only measured files (``--trusted``),
+  unless the script starts them with ``-I`` or ``-E`` (which the measured script then says).
 - **A script with ``#!``** (``./job.py``, a console script such as ``ppml``) runs with the
   interpreter its first line names; ``/usr/bin/env PROGRAM ARGS`` is resolved on ``PATH``.
 - **Shims** (pyenv, asdf: shell scripts that pick an interpreter from the working directory) are

@@ -3,12 +3,14 @@
 The launcher copies this file as ``sitecustomize.py`` into the run's boot directory (mounted
 read-only at ``/tmp/.ppml`` inside the sandbox, on ``PYTHONPATH``), beside ``workload.json``,
 the part of the manifest the guard needs. Every Python process of the workload, the workload
-itself and every Python program it starts, imports it at start-up, before any of its own code,
-and the guard then:
+itself and every Python program it starts with the workload's variables (not one started with
+``-I`` or ``-E``), imports it at start-up, before any of its own code, and the guard then:
 
 - stops the process unless its interpreter is the measured one, and unless its main script (if
   any) is a measured file, a file of the measured environment or a file the run wrote in its own
-  private ``/tmp``; code from standard input is refused;
+  private ``/tmp``; code from standard input is refused. A measured script's bytes are read once
+  and compiled; when the interpreter compiles the file itself to run it, the two code objects
+  must be equal (a file renamed over the script in between is refused);
 - puts a finder first on ``sys.meta_path`` that lets the usual finders choose a module's file,
   then allows it only if it is a measured file (its bytes checked against the manifest's SHA-256
   and compiled from those bytes, never from a bytecode cache), a file of the measured
@@ -18,8 +20,9 @@ and the guard then:
   a standard one in a data directory, is refused with `ImportError`, whether imported by a
   statement, `importlib.import_module` or `__import__`;
 - adds an audit hook (which cannot be removed) that refuses to compile Python source attributed
-  to a ``.py`` file outside those places (``runpy.run_path``, ``exec(compile(..., path))``) and
-  to load a shared library with ctypes from a data directory.
+  to a ``.py`` file outside those places (``runpy.run_path``, ``exec(compile(..., path))``), or
+  bytes attributed to a measured file that are not its measured bytes, and to load a shared
+  library with ctypes from a data directory.
 
 ``exec`` of a string is not restricted: libraries generate code that way (dataclasses, typing).
 
@@ -213,16 +216,50 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _audit_hook(rules: _Rules) -> Any:
+class _Main:
+    """The main script's code, compiled from the bytes that were checked. The interpreter
+    compiles the file again when it runs it (``cpython.run_file``, then ``exec`` with its code
+    object, with nothing executed in between): the two code objects must be equal, so that a
+    file swapped in after the check (by a rename, through a symbolic link, as another kind of
+    file) is refused, not run."""
+
+    __slots__ = ("armed", "code", "name")
+
+    def __init__(self, name: str, code: Any) -> None:
+        self.name = name
+        self.code = code
+        self.armed = False
+
+
+def _audit_hook(rules: _Rules, main: _Main | None) -> Any:
+    pending = [main] if main is not None else []
+
     def hook(event: str, args: tuple[Any, ...]) -> None:
-        if event == "compile" and len(args) == 2:
-            filename = args[1]
+        if event == "cpython.run_file" and pending:
+            pending[0].armed = True
+        elif event == "exec" and pending and pending[0].armed:
+            expected = pending.pop()
+            if not args or args[0] != expected.code:
+                _refuse(f"{expected.name} changed after it was measured")
+        elif event == "compile" and len(args) == 2:
+            source, filename = args
             if isinstance(filename, bytes):
                 filename = os.fsdecode(filename)
             if isinstance(filename, str) and filename.endswith((".py", ".pyw")):
                 real = os.path.realpath(filename)
                 if os.path.exists(real) and not rules.allowed(real):
+                    if pending and pending[0].armed:  # the main script, now another file
+                        _refuse(f"{pending[0].name} changed after it was measured")
                     raise RuntimeError(f"ppml: refused to compile {filename}: not a measured file")
+                expected = rules.trusted.get(real)
+                if (
+                    expected is not None
+                    and isinstance(source, bytes)
+                    and hashlib.sha256(source).hexdigest() != expected
+                ):
+                    raise RuntimeError(
+                        f"ppml: refused to compile {filename}: it is not the file that was measured"
+                    )
         elif event == "ctypes.dlopen" and args and isinstance(args[0], str) and "/" in args[0]:
             real = os.path.realpath(args[0])
             if _under(real, rules.writable) and real not in rules.trusted:
@@ -231,31 +268,45 @@ def _audit_hook(rules: _Rules) -> Any:
     return hook
 
 
-def _check_main(rules: _Rules) -> None:
+def _check_main(rules: _Rules) -> _Main | None:
+    """Refuse a main program that is not measured; for a measured script, the code its checked
+    bytes compile to (the bytes are read once: the file may change after this)."""
     try:
         parsed = parse_python_argv(list(sys.orig_argv[1:]))
     except PythonArgvError as exc:
         _refuse(str(exc))
-        return
+        return None
     if parsed.mode == "stdin":
         _refuse("Python code from standard input cannot be measured")
-    if parsed.mode == "script" and parsed.target is not None:
-        real = os.path.realpath(parsed.target)
-        if not rules.allowed(real):
-            _refuse(f"{parsed.target} is not a measured file (measure it with --trusted)")
-        try:
-            rules.check_file(real)
-        except (ImportError, OSError) as exc:
-            _refuse(str(exc))
+    if parsed.mode != "script" or parsed.target is None:
+        return None
+    real = os.path.realpath(parsed.target)
+    if not rules.allowed(real):
+        _refuse(f"{parsed.target} is not a measured file (measure it with --trusted)")
+    try:
+        data = rules.check_file(real)
+    except (ImportError, OSError) as exc:
+        _refuse(str(exc))
+        return None
+    if data is None:
+        return None  # a file of the environment or of the run's own /tmp
+    try:
+        code = compile(data, os.path.abspath(parsed.target), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        _refuse(f"{parsed.target} does not compile: {exc}")
+        return None
+    return _Main(parsed.target, code)
 
 
-def _chain_original(boot: str) -> None:
+def _chain_original(boot: str, rules: _Rules) -> None:
     """Run the environment's own sitecustomize, if it has one (Debian's, for example)."""
     spec = importlib.machinery.PathFinder.find_spec(
         "sitecustomize", [p for p in sys.path if p != boot]
     )
     if spec is None or spec.loader is None:
         return
+    if spec.origin is None or not rules.allowed(os.path.realpath(spec.origin)):
+        _refuse(f"{spec.origin}: a sitecustomize module that is not a measured file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
@@ -272,13 +323,13 @@ def install(boot: str) -> None:
         return
     if os.path.realpath(sys.executable) != interpreter:
         _refuse(f"{sys.executable} is not the measured Python interpreter ({interpreter})")
-    _check_main(rules)
+    main = _check_main(rules)
     while boot in sys.path:
         sys.path.remove(boot)
     sys.dont_write_bytecode = True
     sys.meta_path.insert(0, _Finder(rules))
-    sys.addaudithook(_audit_hook(rules))
-    _chain_original(boot)
+    sys.addaudithook(_audit_hook(rules, main))
+    _chain_original(boot, rules)
 
 
 if __name__ == "sitecustomize":

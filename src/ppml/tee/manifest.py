@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +46,10 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "ppml-workload/2"
-# The sandbox (ppml.tee.sandbox) and the import guard (ppml.tee.guard), version 1.
-LAUNCH_PROTOCOL = "ppml-sandbox/1"
+# The sandbox (ppml.tee.sandbox) and the import guard (ppml.tee.guard), version 2.
+LAUNCH_PROTOCOL = "ppml-sandbox/2"
 _COPY_CHUNK = 1 << 20
+_PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,20 +160,52 @@ def _relative(path: Path, base: Path) -> str:
         return real.as_posix()
 
 
+def _under(path: str, roots: Iterable[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _check_trusted_path(path: Path, forbidden: Iterable[str]) -> None:
+    """Refuse a trusted path (already resolved) that is no file of code: a file of the kernel's
+    pseudo file systems (``/proc/self/environ`` would copy the launcher's variables), or a file
+    of the workspace or of another path the workload must never see (reached through a
+    symbolic link: its bytes would be copied into the snapshot and mounted for the workload)."""
+    text = path.as_posix()
+    if _under(text, _PSEUDO_ROOTS):
+        raise UsageError(f"{path} is a file of the kernel, not code: it cannot be measured")
+    if _under(text, forbidden):
+        raise UsageError(
+            f"{path} is inside the workspace (or another path hidden from every workload): "
+            "it cannot be a workload's file; keep the workload's code outside it"
+        )
+
+
+def _open_regular(source: Path) -> int:
+    """A descriptor of `source`, which must be a regular file reached without a symbolic link
+    (the path is resolved already: a link here was planted since)."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InputNotFound(f"cannot read a trusted file: {exc.strerror}", path=source) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{source} is not a regular file: only regular files can be measured")
+    return fd
+
+
 def _copy_and_hash(source: Path, snapshot: Path | None, index: int) -> tuple[str, str | None]:
     """SHA-256 of `source`; with a snapshot directory, of the bytes copied there (0400)."""
     h = hashlib.sha256()
-    if snapshot is None:
-        with open(source, "rb") as fh:
-            while chunk := fh.read(_COPY_CHUNK):
+    with os.fdopen(_open_regular(source), "rb") as src:
+        if snapshot is None:
+            while chunk := src.read(_COPY_CHUNK):
                 h.update(chunk)
-        return h.hexdigest(), None
-    copy = snapshot / f"{index:05d}"
-    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-        while chunk := src.read(_COPY_CHUNK):
-            h.update(chunk)
-            dst.write(chunk)
+            return h.hexdigest(), None
+        copy = snapshot / f"{index:05d}"
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as dst:
+            while chunk := src.read(_COPY_CHUNK):
+                h.update(chunk)
+                dst.write(chunk)
     os.chmod(copy, 0o400)
     return h.hexdigest(), str(copy)
 
@@ -195,6 +229,7 @@ def build_manifest(
     snapshot: Path | None = None,
     environment_cache: EnvironmentCache | None = None,
     progress: Callable[[str], None] | None = None,
+    forbidden: Iterable[Path] = (),
 ) -> WorkloadManifest:
     """Resolve and describe `command` as a measurable manifest.
 
@@ -202,7 +237,9 @@ def build_manifest(
     (``NAME`` takes its value from `env_source`, default the process environment, ``NAME=VALUE``
     sets it); `fixed_env` adds variables that ppml itself sets for the workload (Spark's), whose
     values are measured like the others; `extra` adds measured sections; `snapshot` (a private,
-    empty directory) receives a copy of every trusted file, hashed as it is copied.
+    empty directory) receives a copy of every trusted file, hashed as it is copied;
+    `forbidden` names directories and files (the workspace, the passphrase file) that no
+    trusted file may be, even through a symbolic link.
     """
     resolved = resolve_command(list(command), path=(env_source or os.environ).get("PATH"))
     variables = workload_environment(env, os.environ if env_source is None else env_source)
@@ -225,13 +262,19 @@ def build_manifest(
         paths = sorted(p for p in t.rglob("*") if p.is_file()) if t.is_dir() else [t]
         for p in paths:
             files[Path(os.path.realpath(p))] = None
+    hidden = [os.path.realpath(p) for p in forbidden]
+    for f in files:  # before any is read (a FIFO would block, a link may lead anywhere)
+        _check_trusted_path(f, hidden)
+        if f.exists() and not f.is_file():
+            raise UsageError(f"{f} is not a regular file: only regular files can be measured")
     if resolved.kind == "python" or resolved.kind == "shell":
         for module in _python_imports(list(files)):
             files[Path(os.path.realpath(module))] = None
     python = resolved.program if resolved.kind == "python" else _launcher_python()
     environment = measure_environment(python, cache=environment_cache, progress=progress)
     for f in files:
-        if any(f.as_posix() == r or f.as_posix().startswith(r + "/") for r in environment.roots):
+        _check_trusted_path(f, hidden)
+        if _under(f.as_posix(), environment.roots):
             continue  # covered by the environment's digest
         if not f.is_file():
             raise InputNotFound("a trusted path is not a regular file", path=f)

@@ -5,14 +5,17 @@ module starts it so that it cannot reach what the launcher holds:
 
 - **a user namespace** in which it has no capability at all (no `CAP_SYS_ADMIN` to undo a mount,
   no `CAP_SYS_PTRACE`, no way to gain one: `no_new_privs`, an empty bounding set and the
-  "no root" secure bits, so that even uid 0 has nothing);
+  "no root" secure bits, so that even uid 0 has nothing), and in which the limit of user
+  namespaces is 0, so that it cannot make one of its own and have capabilities there;
 - **a PID namespace** with its own `/proc`: the launcher and every other process of the machine
   are not there to be read (`/proc/PPID/environ`, `cmdline`, `mem` do not exist for it);
+- **an IPC namespace**: no System V shared memory, semaphore or message queue of the host;
 - **a mount namespace** in which the whole file system is read-only, except its data
-  directories and a private `/tmp` and `/dev/shm`; the workspace and the passphrase file are
-  covered by empty read-only mounts; the measured files are bind-mounted read-only from the
-  launcher's private snapshot over their own paths, so that the bytes that run are the bytes
-  that were measured; `/run/user` (the user's session bus and agents) is covered;
+  directories and a private `/tmp` and `/dev/shm`; `/dev` holds only null, zero, full, random,
+  urandom, tty and a new `/dev/pts`; the workspace and the passphrase file are covered by empty
+  read-only mounts; the measured files are bind-mounted read-only from the launcher's private
+  snapshot over their own paths, so that the bytes that run are the bytes that were measured;
+  `/run/user` (the user's session bus and agents) is covered;
 - **a new session** (no controlling terminal to push keystrokes into), no inherited descriptor
   but the ones named.
 
@@ -43,6 +46,7 @@ __all__ = ["SandboxError", "Spec", "main"]
 
 # <linux/sched.h>
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 # <linux/mount.h>
@@ -95,6 +99,20 @@ _FORWARDED = (
 TMP = "/tmp"  # noqa: S108 -- the sandbox's own private /tmp
 SHM = "/dev/shm"  # noqa: S108 -- a private tmpfs inside the sandbox
 RUN_USER = "/run/user"
+DEV = "/dev"
+# The devices a program needs; every other one (disks, terminals, /dev/kvm, /dev/net/tun, loop
+# devices, the TEE's own) is absent from the sandbox's /dev.
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_DEV_LINKS = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+    "ptmx": "pts/ptmx",
+}
+# Per user namespace: 0 here means the workload cannot create one of its own (in which it would
+# have every capability again, over mounts it could then rearrange).
+_MAX_USER_NAMESPACES = "/proc/sys/user/max_user_namespaces"
 # Where the launcher's boot directory (the import guard and the workload manifest) appears.
 BOOT_DIR = "/tmp/.ppml"  # noqa: S108 -- inside the private /tmp, mounted read-only
 
@@ -217,7 +235,7 @@ USERNS_HINT = (
 
 def _enter_namespaces() -> None:
     uid, gid = os.getuid(), os.getgid()
-    if _c().unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID) != 0:
+    if _c().unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC) != 0:
         err = ctypes.get_errno()
         raise SandboxError(
             f"cannot create the workload's namespaces ({os.strerror(err)}): " + USERNS_HINT
@@ -234,6 +252,17 @@ def _write(path: str, text: str) -> None:
             fh.write(text)
     except OSError as exc:
         raise SandboxError(f"cannot write {path}: {exc.strerror}. " + USERNS_HINT) from None
+
+
+def _forbid_user_namespaces() -> None:
+    try:
+        with open(_MAX_USER_NAMESPACES, "w") as fh:
+            fh.write("0")
+    except OSError as exc:
+        raise SandboxError(
+            f"cannot forbid user namespaces inside the sandbox ({exc.strerror}): attested runs "
+            "need a kernel that limits them per namespace (Linux 4.9 or later)"
+        ) from None
 
 
 def _drop_privileges() -> None:
@@ -305,11 +334,11 @@ def _setup_mounts(spec: Spec) -> None:
     dirs.sort(key=lambda item: (item[0], not item[2]))
     pinned = [(dest, _open_path(src)) for src, dest in spec.pinned]
     exposed = [(p, _open_path(p)) for p in spec.exposed]
+    devices = [(name, _open_path(f"{DEV}/{name}")) for name in _DEVICES if _exists(f"{DEV}/{name}")]
 
     _set_readonly("/", readonly=True, recursive=True)
     _bind(tmp_fd, TMP, writable=True, is_dir=True)
-    if os.path.isdir(SHM):
-        _mount("tmpfs", SHM, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    _make_dev(devices)
     for path, fd, writable in dirs:
         is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
         _bind(fd, path, writable=writable, is_dir=is_dir, recursive=True)
@@ -319,9 +348,33 @@ def _setup_mounts(spec: Spec) -> None:
         _bind(boot_fd, BOOT_DIR, writable=False, is_dir=True)
     for path in [*spec.hidden, RUN_USER]:
         _cover(path, [(p, fd) for p, fd in exposed if _under(p, path) and p != path])
-    for fd in [tmp_fd, boot_fd, *(d[1] for d in dirs), *(fd for _, fd in [*pinned, *exposed])]:
+    opened = [*pinned, *exposed, *devices]
+    for fd in [tmp_fd, boot_fd, *(d[1] for d in dirs), *(fd for _, fd in opened)]:
         if fd >= 0:
             os.close(fd)
+
+
+def _exists(path: str) -> bool:
+    return os.path.lexists(path)
+
+
+def _make_dev(devices: list[tuple[str, int]]) -> None:
+    """A /dev of its own: the harmless devices bound from the host's, a private /dev/shm and a
+    new instance of /dev/pts; nothing else (no disk, terminal, loop, tun or KVM device)."""
+    _mount("tmpfs", DEV, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=0755")
+    for name, fd in devices:
+        target = f"{DEV}/{name}"
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+        _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
+    for name, link in _DEV_LINKS.items():
+        os.symlink(link, f"{DEV}/{name}")
+    os.mkdir(SHM, 0o1777)
+    _mount("tmpfs", SHM, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    os.mkdir(f"{DEV}/pts", 0o755)
+    with contextlib.suppress(SandboxError):  # no pseudo-terminals where devpts is refused
+        options = "newinstance,ptmxmode=0666,mode=0620"
+        _mount("devpts", f"{DEV}/pts", "devpts", MS_NOSUID | MS_NOEXEC, options)
+    _set_readonly(DEV, readonly=True, recursive=False)
 
 
 def _cover(path: str, exposed: list[tuple[str, int]]) -> None:
@@ -429,6 +482,7 @@ def _init(spec: Spec) -> None:
     _die_with_parent(0)  # the parent is outside this PID namespace: 0 from in here
     _setup_mounts(spec)
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _forbid_user_namespaces()
     _drop_privileges()
     _prctl(PR_SET_DUMPABLE, 0)  # the workload cannot read this process (the paths it knows)
     pid = os.fork()

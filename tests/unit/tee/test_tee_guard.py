@@ -45,7 +45,7 @@ class Guarded:
         return path
 
     def run(
-        self, *args: str, interpreter: str = sys.executable
+        self, *args: str, interpreter: str = sys.executable, pythonpath: list[Path] = ()
     ) -> subprocess.CompletedProcess[str]:
         doc = {
             "interpreter": os.path.realpath(sys.executable),
@@ -58,7 +58,7 @@ class Guarded:
         (self.boot / guard.WORKLOAD_FILE).write_text(json.dumps(doc))
         env = {
             "PATH": os.defpath,
-            "PYTHONPATH": str(self.boot),
+            "PYTHONPATH": os.pathsep.join([str(self.boot), *map(str, pythonpath)]),
             "PYTHONNOUSERSITE": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
@@ -104,6 +104,57 @@ def test_a_measured_file_changed_after_measurement_is_refused(g: Guarded) -> Non
     job.write_text("print('CHANGED')\n")
     r = g.run("job.py")
     assert r.returncode == guard.REFUSED_EXIT and "CHANGED" not in r.stdout
+
+
+def test_a_main_script_swapped_after_the_check_is_refused(g: Guarded) -> None:
+    """The guard reads the main script once; the interpreter reads it again to run it. A file
+    renamed over it in between (here by a sitecustomize module of the environment that runs
+    after the guard's check) is refused when the interpreter runs it, whatever the kind of swap:
+    another file of the same size or not, or a symbolic link to one."""
+    g.measured("job.py", "print('measured')\n")
+    evil, new, job = (str(g.project / n) for n in ("evil.py", "new", "job.py"))
+    for planted in ("print('SWAPPED!')\n", "SYMLINK", "print('SWAPPED')\n" * 50):
+        (g.project / "evil.py").write_text(
+            "print('SWAPPED')\n" if planted == "SYMLINK" else planted
+        )
+        make = "symlink" if planted == "SYMLINK" else "link"
+        original = (g.project / "job.py").read_bytes()
+        (g.scratch / "sitecustomize.py").write_text(
+            f"import os\nos.{make}({evil!r}, {new!r})\nos.rename({new!r}, {job!r})\n"
+        )
+        try:
+            r = g.run("job.py", pythonpath=[g.scratch])
+        finally:
+            (g.project / "job.py").unlink()
+            (g.project / "job.py").write_bytes(original)
+            (g.scratch / "sitecustomize.py").unlink()
+        assert r.returncode == guard.REFUSED_EXIT, (planted, r.stdout, r.stderr)
+        assert "SWAPPED" not in r.stdout
+        assert "job.py changed after it was measured" in r.stderr
+    r = g.run("job.py")
+    assert r.returncode == 0 and r.stdout == "measured\n", r.stderr
+
+
+def test_runpy_runs_only_the_measured_bytes(g: Guarded) -> None:
+    """`runpy.run_path` of a measured file reads it again: those bytes must be the measured ones."""
+    g.measured(
+        "job.py", "import os, runpy\nos.rename('evil.py', 'tool.py')\nrunpy.run_path('tool.py')\n"
+    )
+    g.measured("tool.py", "print('measured tool')\n")
+    (g.project / "evil.py").write_text("print('SWAPPED')\n")
+    r = g.run("job.py")
+    assert r.returncode != 0 and "SWAPPED" not in r.stdout
+    assert "not the file that was measured" in r.stderr
+
+
+def test_an_unmeasured_sitecustomize_is_refused(g: Guarded, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "sitecustomize.py").write_text("print('PLANTED')\n")
+    g.measured("job.py", "print('measured')\n")
+    r = g.run("job.py", pythonpath=[elsewhere])
+    assert r.returncode == guard.REFUSED_EXIT and "PLANTED" not in r.stdout
+    assert "sitecustomize module that is not a measured file" in r.stderr
 
 
 def test_code_from_standard_input_is_refused(g: Guarded) -> None:

@@ -237,6 +237,98 @@ def test_the_workload_has_no_capability_and_cannot_undo_a_mount(world: dict[str,
     lines = out.splitlines()
     assert lines[0] == "['0000000000000000', '0000000000000000', '0000000000000000', '1']"
     assert lines[1] == "-1 1" and lines[2] == "-1 1"  # EPERM
+    assert lines[3] == "-1"
+
+
+def test_no_user_namespace_of_its_own(world: dict[str, Path]) -> None:
+    """In a user namespace of its own the workload would have every capability again (and could
+    rearrange its mounts there): creating one is refused, whatever is asked with it."""
+    code, out, err = run(
+        spec_for(
+            world,
+            """
+            import ctypes, os
+            libc = ctypes.CDLL(None, use_errno=True)
+            for flags in (0x10000000, 0x10000000 | 0x00020000):
+                print(libc.unshare(flags), ctypes.get_errno())
+            print(open("/proc/sys/user/max_user_namespaces").read().strip())
+            try:
+                open("/proc/sys/user/max_user_namespaces", "w").write("10")
+                print("raised")
+            except OSError as exc:
+                print("refused", exc.errno)
+            """,
+        )
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[0] == "-1" and lines[1].split()[0] == "-1"
+    assert lines[2] == "0"
+    assert lines[3].startswith("refused")
+
+
+def test_only_harmless_devices(world: dict[str, Path]) -> None:
+    """/dev holds null, zero, full, random, urandom, tty, a private shm and pts: no disk, no
+    virtual console, no loop, tun or KVM device, even for a workload whose uid owns them."""
+    code, out, err = run(
+        spec_for(
+            world,
+            """
+            import json, os
+            print(json.dumps(sorted(os.listdir("/dev"))))
+            with open("/dev/null", "w") as fh:
+                fh.write("x")
+            print(len(open("/dev/urandom", "rb").read(16)))
+            open("/dev/shm/mine", "w").write("ok")
+            for dev in ("/dev/vcs", "/dev/loop-control", "/dev/kvm", "/dev/net/tun", "/dev/sda"):
+                try:
+                    os.open(dev, os.O_RDONLY)
+                    print("opened", dev)
+                except OSError:
+                    pass
+            try:
+                os.mknod("/dev/mine")
+                print("made a node")
+            except OSError:
+                pass
+            """,
+        )
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    names = json.loads(lines[0])
+    assert set(names) <= {
+        "null", "zero", "full", "random", "urandom", "tty", "shm", "pts", "fd", "stdin",
+        "stdout", "stderr", "ptmx",
+    }  # fmt: skip
+    assert {"null", "urandom", "shm"} <= set(names)
+    assert lines[1:] == ["16"]
+
+
+def test_sysv_ipc_is_private(world: dict[str, Path]) -> None:
+    """A System V shared memory segment of the launcher's user (another process's memory) is
+    not reachable from the sandbox, which has an IPC namespace of its own."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x5EC0 + os.getpid() % 1000
+    shmid = libc.shmget(key, 4096, 0o1000 | 0o600)  # IPC_CREAT
+    assert shmid >= 0, ctypes.get_errno()
+    try:
+        code, out, err = run(
+            spec_for(
+                world,
+                f"""
+                import ctypes
+                libc = ctypes.CDLL(None, use_errno=True)
+                print(libc.shmget({key}, 0, 0), ctypes.get_errno())
+                """,
+            )
+        )
+    finally:
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
+    assert code == 0, err
+    assert out.split() == ["-1", "2"]  # ENOENT: no such segment in here
 
 
 def test_no_descriptor_but_the_named_ones(world: dict[str, Path]) -> None:
