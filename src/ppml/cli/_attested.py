@@ -38,6 +38,14 @@ def shared_dir() -> Path:
     return default_cache_dir().parent / "shared"
 
 
+def hidden_paths(workspace: Path | None, passphrase_file: Path | None) -> list[Path]:
+    """What no workload sees and no measured file may be: the workspace, the shared directory,
+    the passphrase file."""
+    from ppml.cli._common import workspace_dir
+
+    return [workspace_dir(workspace), shared_dir(), *([passphrase_file] if passphrase_file else [])]
+
+
 def progress(message: str) -> None:
     typer.echo(f"ppml: {message}", err=True)
 
@@ -57,8 +65,9 @@ class Workload:
         *,
         snapshot: Path | None = None,
         cache: EnvironmentCache | None = None,
-        forbidden: Sequence[Path] = (),
+        forbidden: Sequence[Path] | None = None,
     ) -> WorkloadManifest:
+        """The manifest; no trusted file may be one of `forbidden` (default: `hidden_paths`)."""
         from ppml.tee.manifest import build_manifest
 
         return build_manifest(
@@ -70,7 +79,7 @@ class Workload:
             snapshot=snapshot,
             environment_cache=cache,
             progress=progress,
-            forbidden=forbidden,
+            forbidden=hidden_paths(None, None) if forbidden is None else forbidden,
         )
 
 
@@ -164,7 +173,7 @@ def launch_prepared(
     if how.tee == "sim":
         require_dev(ws)
     quote_for = _quote_for(ws, how.tee)
-    hidden = [ws.path, shared_dir(), *([passphrase_file] if passphrase_file else [])]
+    hidden = [ws.path, *hidden_paths(workspace, passphrase_file)[1:]]
     isolation = launcher.Isolation(
         hidden=tuple(hidden),
         writable=tuple(how.data),

@@ -14,11 +14,11 @@ import typer
 from ppml.cli._attested import (
     Launch,
     Workload,
+    hidden_paths,
     launch,
     loopback_services,
     open_for_launch,
     require_dev,
-    shared_dir,
 )
 from ppml.cli._common import PassphraseFileOption, WorkspaceOption, handle_errors, open_workspace
 from ppml.errors import UsageError
@@ -89,10 +89,7 @@ def measure(
     (the interpreter and every file it can import) and the launch protocol.
     """
     with handle_errors():
-        from ppml.workspace.workspace import default_workspace_dir
-
-        forbidden = [default_workspace_dir(), shared_dir()]
-        m = _workload(command, trusted, env).manifest(forbidden=forbidden)
+        m = _workload(command, trusted, env).manifest()
         typer.echo(m.measurement())
         if manifest:
             typer.echo(json.dumps(m.describe(), indent=2))
@@ -214,7 +211,7 @@ def _run_sgx(
     hardware.require_gramine(hardware.GRAMINE_TOOLS[:2] if measure_only else hardware.GRAMINE_TOOLS)
     if not measure_only:
         hardware.require_sgx_device()
-    m = workload.manifest()
+    m = workload.manifest(forbidden=hidden_paths(workspace, passphrase_file))
     ws = open_for_launch(workspace, passphrase_file)
     if options.debug:
         require_dev(ws, "--debug-enclave")

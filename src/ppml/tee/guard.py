@@ -238,9 +238,9 @@ def _audit_hook(rules: _Rules, main: _Main | None) -> Any:
         if event == "cpython.run_file" and pending:
             pending[0].armed = True
         elif event == "exec" and pending and pending[0].armed:
-            expected = pending.pop()
-            if not args or args[0] != expected.code:
-                _refuse(f"{expected.name} changed after it was measured")
+            main_script = pending.pop()
+            if not args or args[0] != main_script.code:
+                _refuse(f"{main_script.name} changed after it was measured")
         elif event == "compile" and len(args) == 2:
             source, filename = args
             if isinstance(filename, bytes):
@@ -251,11 +251,11 @@ def _audit_hook(rules: _Rules, main: _Main | None) -> Any:
                     if pending and pending[0].armed:  # the main script, now another file
                         _refuse(f"{pending[0].name} changed after it was measured")
                     raise RuntimeError(f"ppml: refused to compile {filename}: not a measured file")
-                expected = rules.trusted.get(real)
+                digest = rules.trusted.get(real)
                 if (
-                    expected is not None
+                    digest is not None
                     and isinstance(source, bytes)
-                    and hashlib.sha256(source).hexdigest() != expected
+                    and hashlib.sha256(source).hexdigest() != digest
                 ):
                     raise RuntimeError(
                         f"ppml: refused to compile {filename}: it is not the file that was measured"
