@@ -513,3 +513,53 @@ def test_a_shell_script_starting_python_isolated_is_what_was_measured(
     (project / "other.py").write_text(READER)
     code, out = run(ws, project, "bash", "job.sh", options=trusted)
     assert code != 0 and "access denied" in out and "rows" not in out
+
+
+def test_a_running_workload_cannot_change_another_ones_files(
+    ws: Path, project: Path, tmp_path: Path
+) -> None:
+    """A workload whose data directory holds another's measured shell script could rename a
+    file over it while it runs (a rename from another mount namespace detaches the read-only
+    pin). While the first runs, a second whose files the first can write is refused, and so is
+    one that could write the first one's files; one elsewhere runs."""
+    import subprocess
+    import time
+
+    (project / "slow.py").write_text(
+        "import os, time\nopen('started', 'w').close()\n"
+        "while not os.path.exists('stop'):\n    time.sleep(0.05)\n"
+    )
+    (project / "job.sh").write_text("echo measured shell\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
+    env.update(PPML_HOME=str(ws), PPML_PASSPHRASE=PASSPHRASE)
+    first = subprocess.Popen(
+        [PY, "-m", "ppml", "run", "--tee", "sim", "--", PY, "slow.py"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (project / "started").exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout
+            time.sleep(0.05)
+        other = tmp_path / "other"
+        other.mkdir()
+        code, out = run(ws, other, "bash", str(project / "job.sh"))
+        assert code == 2 and "needed unchanged by this workload" in out, out
+        assert "measured shell" not in out
+        (other / "job.sh").write_text("echo elsewhere\n")
+        code, out = run(ws, other, "bash", "job.sh", options=("--data", str(project.parent)))
+        assert code == 2 and "--data directory holds" in out, out
+        code, out = run(ws, other, "bash", "job.sh")
+        assert code == 0 and "elsewhere" in out, out
+    finally:
+        (project / "stop").touch()
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+    code, out = run(
+        ws, tmp_path, "bash", str(project / "job.sh"), options=("--data", str(tmp_path))
+    )
+    assert code == 0 and "measured shell" in out, out

@@ -32,10 +32,10 @@ RUN_DIR = "run"
 def shared_dir() -> Path:
     """Where a launcher puts what it shares with processes outside the sandbox (a Spark
     cluster's executors read the key stores there): hidden from every workload but the one it
-    is made for."""
-    from ppml.tee.environment import default_cache_dir
+    is made for (`ppml.tee.launcher.shared_directory`)."""
+    from ppml.tee.launcher import shared_directory
 
-    return default_cache_dir().parent / "shared"
+    return shared_directory()
 
 
 def hidden_paths(workspace: Path | None, passphrase_file: Path | None) -> list[Path]:

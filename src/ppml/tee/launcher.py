@@ -50,6 +50,7 @@ __all__ = [
     "RunDirectory",
     "harden_launcher",
     "prepared_run",
+    "shared_directory",
     "start",
     "unseen_arguments",
     "wait_forwarding_signals",
@@ -61,6 +62,21 @@ _OWNER_FILE = "owner"
 _RUN_PREFIX = "run-"
 
 Quote = Callable[[bytes], bytes]
+
+
+def shared_directory() -> Path:
+    """A private per-user directory that no workload sees: the registry of running workloads'
+    claims (`ppml.tee.claims`), and what a launcher shares with processes outside the sandbox
+    (a Spark cluster's executors read the key stores there)."""
+    from ppml.tee.environment import default_cache_dir
+
+    return default_cache_dir().parent / "shared"
+
+
+def _registry() -> Any:
+    from ppml.tee.claims import Registry
+
+    return Registry(shared_directory() / "runs")
 
 
 def harden_launcher() -> None:
@@ -162,6 +178,7 @@ class LaunchedWorkload:
     run: RunDirectory
     channel: EvidenceChannelServer | None = None
     keep_run: bool = False
+    claim: Path | None = None  # released when the workload ends (detached: when its sandbox does)
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -183,6 +200,8 @@ class LaunchedWorkload:
             self.channel.close()
         if not self.keep_run:
             self.run.remove()
+            if self.claim is not None:
+                _registry().release(self.claim)
 
 
 def wait_forwarding_signals(proc: subprocess.Popen[bytes]) -> int:
@@ -305,7 +324,8 @@ def start(
     for t in manifest.trusted_files:
         if t.copy is None:
             raise UsageError("the manifest was built without a snapshot")
-    hidden = [os.path.realpath(p) for p in isolation.hidden]
+    hidden = [os.path.realpath(p) for p in [*isolation.hidden, shared_directory()]]
+    hidden = list(dict.fromkeys(hidden))
     for inside in [cwd, manifest.base_dir, *(Path(f.source) for f in manifest.trusted_files)]:
         if any(str(inside) == h or str(inside).startswith(h + "/") for h in hidden):
             raise UsageError(
@@ -347,6 +367,7 @@ def start(
         channel = EvidenceChannelServer(quote, tee=tee)
         env[CHANNEL_ENV] = str(channel.child_fd)
         fds.append(channel.child_fd)
+    claim = _claim(manifest, isolation, visible)
     status_read, status_write = os.pipe()
     spec_read, spec_write = os.pipe()
     spec = sandbox.Spec(
@@ -380,6 +401,7 @@ def start(
             os.close(fd)
         if channel is not None:
             channel.close()
+        _registry().release(claim)
         raise ConfigurationError(f"cannot start the workload's sandbox: {exc.strerror}") from None
     os.close(spec_read)
     os.close(status_write)
@@ -388,15 +410,36 @@ def start(
     if channel is not None:
         channel.start()
         channel.child_started()
-    launched = LaunchedWorkload(proc, measurement, run, channel, keep_run=detach)
+    launched = LaunchedWorkload(proc, measurement, run, channel, keep_run=detach, claim=claim)
     if detach:
         run.set_owner(proc.pid)
+        _registry().transfer(claim, proc.pid)
     failure = _read_status(status_read)
     if failure is not None:
         proc.wait()
         launched.close()
+        _registry().release(claim)
         raise ConfigurationError(f"cannot start the attested workload: {failure}")
     return launched
+
+
+def _claim(manifest: WorkloadManifest, isolation: Isolation, visible: Sequence[str]) -> Path:
+    """Record what this workload may write and what it needs unchanged (`ppml.tee.claims`), or
+    refuse while another running workload could change its files (or it another's)."""
+    env = manifest.environment
+    protected = [f.source for f in manifest.trusted_files]
+    if env is not None:
+        protected += [*env.roots, os.path.realpath(env.interpreter)]
+    protected.append(manifest.command.real)
+    registry = _registry()
+    return Path(
+        registry.claim(
+            writable=[str(w) for w in isolation.writable],
+            readonly=[*visible, *(f.source for f in manifest.trusted_files)],
+            protected=protected,
+            what=" ".join(manifest.command.launch_argv())[:160],
+        )
+    )
 
 
 def _read_status(fd: int) -> str | None:
