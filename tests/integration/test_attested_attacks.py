@@ -563,3 +563,97 @@ def test_a_running_workload_cannot_change_another_ones_files(
         ws, tmp_path, "bash", str(project / "job.sh"), options=("--data", str(tmp_path))
     )
     assert code == 0 and "measured shell" in out, out
+
+
+# -- code that runs later: environments, bytecode, the home directory ------------------------------
+
+
+def test_a_data_directory_cannot_hold_the_environment_ppml_s_caches_or_home(
+    ws: Path, project: Path
+) -> None:
+    import sysconfig
+
+    from ppml.tee.environment import bytecode_dir
+
+    (project / "job.py").write_text(READER)
+    site = sysconfig.get_paths()["purelib"]
+    cases = [
+        (site, "Python environment"),  # an import root
+        (os.path.join(site, "ppml_attack_dir_that_does_not_exist", ".."), "Python environment"),
+        (os.path.join(sys.base_prefix, "lib"), "Python environment"),  # libpython's directory
+        (str(bytecode_dir()), "ppml's caches"),
+        (os.path.expanduser("~"), "home directory"),
+        ("/", "root directory"),
+    ]
+    for data, why in cases:
+        code, out = run(ws, project, PY, "job.py", options=("--data", data))
+        assert code == 2 and why in out, (data, out)
+        assert "rows" not in out
+
+
+PLANT_BYTECODE = """\
+import importlib.util, marshal, os, sys
+source = sys.argv[1]
+st = os.stat(source)
+code = compile("VALUE = 'PLANTED'\\n", "<planted>", "exec")
+header = importlib.util.MAGIC_NUMBER + bytes(4)
+header += int(st.st_mtime).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+pyc = os.path.join(os.path.dirname(source), "__pycache__",
+                   os.path.basename(importlib.util.cache_from_source(source)))
+os.makedirs(os.path.dirname(pyc), exist_ok=True)
+with open(pyc, "wb") as fh:
+    fh.write(header + marshal.dumps(code))
+print("planted", pyc)
+"""
+
+
+def test_bytecode_planted_in_another_environment_never_runs(
+    ws: Path, project: Path, tmp_path: Path
+) -> None:
+    """One run's data directory covers a second virtual environment; its workload plants a
+    forged __pycache__ file (right time stamp and size) for a module there. No measurement covers
+    bytecode, so a later attested run in that environment must run the module's source. After
+    that run, ppml's own bytecode cache holds the module, compiled by ppml."""
+    import subprocess
+
+    from ppml.tee.environment import bytecode_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    subprocess.run([PY, "-m", "venv", "--without-pip", shared / "venv2"], check=True)
+    python2 = shared / "venv2" / "bin" / "python"
+    site2 = subprocess.run(
+        [python2, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    module = Path(site2) / "envmod.py"
+    module.write_text("VALUE = 'source'\n")
+    (project / "plant.py").write_text(PLANT_BYTECODE)
+    code, out = run(ws, project, PY, "plant.py", str(module), options=("--data", str(shared)))
+    assert code == 0 and "planted" in out, out
+    assert any((Path(site2) / "__pycache__").glob("envmod.*.pyc"))
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "job2.py").write_text("import envmod\nprint('value', envmod.VALUE)\n")
+    code, out = run(ws, victim, str(python2), "job2.py")
+    assert code == 0 and "value source" in out and "PLANTED" not in out, out
+    cached = list(bytecode_dir().joinpath(os.path.realpath(site2).lstrip("/")).glob("envmod.*.pyc"))
+    assert len(cached) == 1 and cached[0].read_bytes()[4:8] == (3).to_bytes(4, "little")
+    code, out = run(ws, victim, str(python2), "job2.py")  # now from ppml's cache
+    assert code == 0 and "value source" in out, out
+
+
+def test_a_local_package_run_with_m_is_measured(ws: Path, project: Path) -> None:
+    """``python -m pkg`` runs pkg/__init__.py (empty or not) before pkg/__main__.py: both are
+    measured, and a changed __init__.py is another measurement."""
+    pkg = project / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(READER)
+    allow(ws, measure(project, PY, "-m", "pkg"))
+    code, out = run(ws, project, PY, "-m", "pkg")
+    assert code == 0 and "rows 3" in out, out
+    (pkg / "__init__.py").write_text("print('CHANGED')\n")
+    code, out = run(ws, project, PY, "-m", "pkg")
+    assert code != 0 and "access denied" in out

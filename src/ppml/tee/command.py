@@ -317,6 +317,18 @@ def _resolve_python(program: Path, real: str, args: list[str]) -> ResolvedComman
     )
 
 
+def local_package_inits(name: str) -> list[Path]:
+    """The ``__init__.py`` files that ``python -m name`` runs from the working directory before
+    the module itself (each package on the dotted path)."""
+    inits = []
+    directory = Path.cwd()
+    for part in name.split("."):
+        directory = directory / part
+        if (directory / "__init__.py").is_file():
+            inits.append(directory / "__init__.py")
+    return inits
+
+
 def _local_module(name: str) -> Path | None:
     """The file in the working directory that ``python -m name`` would run, if any."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):

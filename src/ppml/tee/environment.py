@@ -1,7 +1,8 @@
 """The measured environment of a Python workload: its interpreter and every file it can import.
 
-The environment is the interpreter's real binary and the directories on its import path as an
-attested workload runs it (``-s``, no ``PYTHONPATH``): the standard library, ``lib-dynload``,
+The environment is the interpreter's real binary, the shared libraries of its own installation
+that it loads (``libpython3.X.so`` of a shared build), and the directories on its import path as
+an attested workload runs it (``-s``, no ``PYTHONPATH``): the standard library, ``lib-dynload``,
 site-packages, and the directories that ``.pth`` files and editable installs add. Its digest is
 SHA-384 over the canonical list of every regular file (and symbolic link) below those roots, by
 root, relative path and SHA-256 (or link target), leaving out ``__pycache__`` directories
@@ -38,13 +39,15 @@ __all__ = [
     "ENVIRONMENT_FORMAT",
     "EnvironmentCache",
     "PythonEnvironment",
+    "bytecode_dir",
+    "cache_root",
     "default_cache_dir",
     "measure_directory",
     "measure_environment",
     "probe_interpreter",
 ]
 
-ENVIRONMENT_FORMAT = "ppml-environment/1"
+ENVIRONMENT_FORMAT = "ppml-environment/2"
 _CACHE_FORMAT = "ppml-environment-cache/2"
 _SKIP_DIRS = frozenset({"__pycache__"})
 _SITE_DIRS = frozenset({"site-packages", "dist-packages"})
@@ -52,14 +55,23 @@ _HASH_THREADS = 4
 
 # Run by the interpreter itself: where it imports from, as an attested workload runs it.
 _PROBE = r"""
-import json, sys
+import json, os, sys
 roots = [p for p in sys.path if p and p.startswith("/")]
 for finder in sys.meta_path:
     module = sys.modules.get(getattr(finder, "__module__", "") or "")
     mapping = getattr(module, "MAPPING", None)
     if isinstance(mapping, dict) and module.__name__.startswith("__editable__"):
         roots += [str(v) for v in mapping.values()]
-print(json.dumps({"prefix": sys.prefix, "roots": roots, "version": sys.version}))
+libraries = set()
+prefixes = tuple(p.rstrip("/") + "/" for p in (sys.prefix, sys.base_prefix))
+with open("/proc/self/maps") as maps:
+    for line in maps:
+        parts = line.split(None, 5)
+        path = parts[5].strip() if len(parts) == 6 else ""
+        if path.startswith(prefixes) and ".so" in os.path.basename(path):
+            libraries.add(path)
+print(json.dumps({"prefix": sys.prefix, "base_prefix": sys.base_prefix, "roots": roots,
+                  "libraries": sorted(libraries), "version": sys.version}))
 """
 
 Progress = Callable[[str], None]
@@ -72,6 +84,9 @@ class PythonEnvironment:
     interpreter: str  # the real binary (symbolic links resolved)
     interpreter_sha256: str
     prefix: str  # sys.prefix (a virtual environment's directory)
+    base_prefix: str  # sys.base_prefix (the installation the interpreter belongs to)
+    libraries: tuple[tuple[str, str], ...]  # (path, SHA-256) of the interpreter's own shared
+    # libraries, found in its prefix (libpython3.X.so of a shared build)
     version: str
     roots: tuple[str, ...]  # import roots, real paths, in import order
     digest: str  # SHA-384 of the file list, lowercase hex
@@ -84,6 +99,8 @@ class PythonEnvironment:
             "format": ENVIRONMENT_FORMAT,
             "interpreter": {"path": self.interpreter, "sha256": self.interpreter_sha256},
             "prefix": self.prefix,
+            "base_prefix": self.base_prefix,
+            "libraries": [{"path": p, "sha256": d} for p, d in self.libraries],
             "roots": list(self.roots),
             "digest": self.digest,
         }
@@ -94,11 +111,39 @@ def _sha256_file(path: str) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def probe_interpreter(program: str) -> tuple[str, str, list[str]]:
-    """(sys.prefix, sys.version, import roots) of a Python interpreter, asked directly."""
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    prefix: str
+    base_prefix: str
+    version: str
+    roots: list[str]
+    libraries: list[str]
+
+
+def cache_root() -> Path:
+    """`$XDG_CACHE_HOME/ppml`, else `~/.cache/ppml`: ppml's own caches, which no attested
+    workload may change (its sandbox shows them read-only, or not at all)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ppml"
+
+
+def bytecode_dir() -> Path:
+    """Where attested workloads read Python bytecode from (``PYTHONPYCACHEPREFIX``): compiled
+    by ppml from the environment's own sources, never by a workload. A ``__pycache__``
+    directory beside a source is never read, as any process that could write there could
+    plant code that no measurement covers."""
+    return cache_root() / "bytecode"
+
+
+def probe_interpreter(program: str) -> _Probe:
+    """Where a Python interpreter imports from, asked directly (reading no bytecode cache but
+    ppml's own)."""
+    cache = bytecode_dir()
+    ensure_private_dir(cache.parent)
+    ensure_private_dir(cache)
     try:
         out = subprocess.run(  # noqa: S603 -- the workload's own interpreter
-            [program, "-s", "-E", "-c", _PROBE],
+            [program, "-s", "-E", "-B", "-X", f"pycache_prefix={cache}", "-c", _PROBE],
             capture_output=True,
             check=True,
             timeout=60,
@@ -106,7 +151,13 @@ def probe_interpreter(program: str) -> tuple[str, str, list[str]]:
             cwd="/",
         ).stdout
         doc = json.loads(out)
-        return str(doc["prefix"]), str(doc["version"]), [str(r) for r in doc["roots"]]
+        return _Probe(
+            prefix=str(doc["prefix"]),
+            base_prefix=str(doc["base_prefix"]),
+            version=str(doc["version"]),
+            roots=[str(r) for r in doc["roots"]],
+            libraries=[str(r) for r in doc["libraries"]],
+        )
     except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError):
         raise ConfigurationError(
             f"cannot ask {program} where it imports from (is it a Python interpreter?)"
@@ -210,8 +261,7 @@ class EnvironmentCache:
 
 def default_cache_dir() -> Path:
     """`$XDG_CACHE_HOME/ppml/environments`, else `~/.cache/ppml/environments`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ppml" / "environments"
+    return cache_root() / "environments"
 
 
 def measure_directory(
@@ -266,15 +316,23 @@ def measure_environment(
     user's cache directory)."""
     if cache is None:
         cache = EnvironmentCache(default_cache_dir())
-    prefix, version, probed = probe_interpreter(program)
-    roots = list(dict.fromkeys(os.path.realpath(r) for r in probed if os.path.exists(r)))
+    probe = probe_interpreter(program)
+    prefix, version = probe.prefix, probe.version
+    roots = list(dict.fromkeys(os.path.realpath(r) for r in probe.roots if os.path.exists(r)))
     real = os.path.realpath(program)
     name = hashlib.sha256(canonical_json([real, prefix, roots])).hexdigest()[:32]
+    libraries = sorted(
+        lib
+        for lib in {os.path.realpath(p) for p in probe.libraries if os.path.isfile(p)}
+        if not any(lib.startswith(r.rstrip("/") + "/") for r in roots)
+    )
     digest, files, size = measure_directory(roots, cache=cache, cache_name=name, progress=progress)
     return PythonEnvironment(
         interpreter=real,
         interpreter_sha256=_sha256_file(real),
         prefix=os.path.realpath(prefix),
+        base_prefix=os.path.realpath(probe.base_prefix),
+        libraries=tuple((p, _sha256_file(p)) for p in libraries),
         version=version.split()[0],
         roots=tuple(roots),
         digest=digest,

@@ -11,6 +11,11 @@ itself and every Python program it starts with the workload's variables (not one
   private ``/tmp``; code from standard input is refused. A measured script's bytes are read once
   and compiled; when the interpreter compiles the file itself to run it, the two code objects
   must be equal (a file renamed over the script in between is refused);
+- stops the process unless Python reads bytecode from ppml's own cache only
+  (``PYTHONPYCACHEPREFIX``, which no workload can write: see `ppml.tee.environment.bytecode_dir`),
+  never from a ``__pycache__`` directory that a workload may once have written; a module of the
+  environment that has no bytecode there yet is compiled from its source and named in a hint
+  file of the run's /tmp, from which the launcher fills the cache after the run;
 - puts a finder first on ``sys.meta_path`` that lets the usual finders choose a module's file,
   then allows it only if it is a measured file (its bytes checked against the manifest's SHA-256
   and compiled from those bytes, never from a bytecode cache), a file of the measured
@@ -145,6 +150,31 @@ class _Rules:
         self.scratch = tuple(str(r).rstrip("/") for r in doc["scratch"])
         self.host = tuple(str(r).rstrip("/") for r in doc["host"])
         self.writable = tuple(str(r).rstrip("/") for r in doc["writable"])
+        self.bytecode = str(doc["bytecode"])
+        self.hints = str(doc["hints"]) if doc.get("hints") else None
+        self._noted: set[str] = set()
+
+    def note_uncached(self, spec: Any) -> None:
+        """Tell the launcher (a line in the run's own /tmp) that a module of the environment
+        had no bytecode in ppml's cache, so that it compiles the source there after the run.
+        Only a hint: the launcher compiles the environment's own file, whatever is written."""
+        origin, cached = spec.origin, spec.cached
+        if self.hints is None or not cached or origin in self._noted:
+            return
+        if not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            return
+        if not _under(os.path.realpath(origin), self.roots) or os.path.exists(cached):
+            return
+        self._noted.add(origin)
+        try:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.hints, flags, 0o600)
+            try:
+                os.write(fd, f"{sys.flags.optimize} {origin}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # a cache that is not filled costs time, never correctness
 
     def allowed(self, path: str) -> bool:
         """A measured file, a file of the environment, or one the run wrote in its own /tmp
@@ -213,6 +243,8 @@ class _Finder(importlib.abc.MetaPathFinder):
                 spec.cached = None
             else:
                 self._rules.check_file(real)  # an extension module: read-only, checked once
+        else:
+            self._rules.note_uncached(spec)
         return spec
 
 
@@ -323,7 +355,16 @@ def install(boot: str) -> None:
         return
     if os.path.realpath(sys.executable) != interpreter:
         _refuse(f"{sys.executable} is not the measured Python interpreter ({interpreter})")
+    if sys.pycache_prefix != rules.bytecode:
+        _refuse(
+            "Python may read bytecode from ppml's cache only "
+            "(no -X pycache_prefix, no PYTHONPYCACHEPREFIX of the workload's own)"
+        )
     main = _check_main(rules)
+    for module in list(sys.modules.values()):  # imported before the guard: site, .pth files
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.has_location and spec.origin:
+            rules.note_uncached(spec)
     while boot in sys.path:
         sys.path.remove(boot)
     sys.dont_write_bytecode = True

@@ -39,7 +39,9 @@ from ppml._internal.fs import ensure_private_dir, write_private
 from ppml._internal.procs import process_identity
 from ppml.errors import ConfigurationError, UsageError
 from ppml.tee import guard, sandbox
+from ppml.tee.bytecode import HINTS_NAME, cache_hinted
 from ppml.tee.channel import CHANNEL_ENV, EvidenceChannelServer
+from ppml.tee.environment import bytecode_dir
 from ppml.tee.manifest import WorkloadManifest
 from ppml.tee.runtime import CA_PEM_ENV, KMS_URL_ENV, TEE_ENV
 
@@ -68,9 +70,44 @@ def shared_directory() -> Path:
     """A private per-user directory that no workload sees: the registry of running workloads'
     claims (`ppml.tee.claims`), and what a launcher shares with processes outside the sandbox
     (a Spark cluster's executors read the key stores there)."""
-    from ppml.tee.environment import default_cache_dir
+    from ppml.tee.environment import cache_root
 
-    return default_cache_dir().parent / "shared"
+    return cache_root() / "shared"
+
+
+def _code_directories(manifest: WorkloadManifest) -> list[str]:
+    """What no data directory may be or lie in, and what stays read-only inside one: the
+    workload's Python environment (its import roots, its prefix, the installation its
+    interpreter belongs to, the directories of its interpreter and shared libraries) and ppml's
+    caches (the environments' digests, the bytecode attested workloads read)."""
+    from ppml.tee.environment import bytecode_dir, cache_root
+
+    ensure_private_dir(cache_root())
+    ensure_private_dir(bytecode_dir())
+    paths = [str(cache_root())]
+    env = manifest.environment
+    if env is not None:
+        paths += [*env.roots, env.prefix, env.base_prefix, os.path.dirname(env.interpreter)]
+        paths += [os.path.dirname(lib) for lib, _ in env.libraries]
+    return list(dict.fromkeys(os.path.realpath(p) for p in paths))
+
+
+def _check_data_directory(label: str, real: str, code: Sequence[str]) -> None:
+    """Refuse a data directory that would let the workload change code that runs later."""
+    home = os.path.realpath(os.path.expanduser("~"))
+    if real == "/":
+        raise UsageError(f"{label}: the root directory cannot be a data directory")
+    if home != "/" and (home == real or home.startswith(real + "/")):
+        raise UsageError(
+            f"{label}: holds your home directory ({home}), whose start-up files and caches an "
+            "attested workload could change; give it a directory of its own (--data DIR)"
+        )
+    for c in code:
+        if real == c or real.startswith(c + "/"):
+            raise UsageError(
+                f"{label}: lies in {c}, which holds the workload's Python environment or "
+                "ppml's caches, and no workload may change those; give it another directory"
+            )
 
 
 def _registry() -> Any:
@@ -179,6 +216,7 @@ class LaunchedWorkload:
     channel: EvidenceChannelServer | None = None
     keep_run: bool = False
     claim: Path | None = None  # released when the workload ends (detached: when its sandbox does)
+    manifest: WorkloadManifest | None = None
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -199,6 +237,9 @@ class LaunchedWorkload:
         if self.channel is not None:
             self.channel.close()
         if not self.keep_run:
+            env = self.manifest.environment if self.manifest is not None else None
+            if env is not None:
+                cache_hinted(env, self.run.tmp / HINTS_NAME)
             self.run.remove()
             if self.claim is not None:
                 _registry().release(self.claim)
@@ -236,6 +277,8 @@ def _guard_document(
         "scratch": list(replaced),
         "host": host,
         "writable": [str(w) for w in isolation.writable],
+        "bytecode": str(bytecode_dir()),
+        "hints": f"{sandbox.TMP}/{HINTS_NAME}",
     }
 
 
@@ -333,19 +376,22 @@ def start(
                 "keep the workload's code and data outside it"
             )
     writable = isolation.writable or (cwd,)
+    code = _code_directories(manifest)
     for data in writable:
         real = os.path.realpath(data)
+        label = f"--data {data}" if isolation.writable else f"the working directory {cwd}"
         if any(real == h or real.startswith(h + "/") for h in hidden):
-            raise UsageError(f"--data {data}: the workspace is never visible to a workload")
+            raise UsageError(f"{label}: the workspace is never visible to a workload")
         if not os.path.isdir(real):
-            raise UsageError(f"--data {data}: not a directory")
+            raise UsageError(f"{label}: not a directory")
+        _check_data_directory(label, real, code)
     isolation = Isolation(
         hidden=tuple(Path(h) for h in hidden),
         writable=tuple(Path(os.path.realpath(w)) for w in writable),
         exposed=tuple(Path(os.path.realpath(e)) for e in isolation.exposed),
         visible=isolation.visible,
     )
-    visible = _visible_paths(manifest, isolation, cwd)
+    visible = list(dict.fromkeys([*_visible_paths(manifest, isolation, cwd), *code]))
     _write_boot(run, _guard_document(manifest, isolation, visible))
 
     env = manifest.child_environment()
@@ -354,6 +400,7 @@ def start(
             "PYTHONPATH": sandbox.BOOT_DIR,
             "PYTHONNOUSERSITE": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONPYCACHEPREFIX": str(bytecode_dir()),
             TEE_ENV: tee,
             KMS_URL_ENV: kms_url,
             CA_PEM_ENV: ca_pem,
@@ -410,7 +457,9 @@ def start(
     if channel is not None:
         channel.start()
         channel.child_started()
-    launched = LaunchedWorkload(proc, measurement, run, channel, keep_run=detach, claim=claim)
+    launched = LaunchedWorkload(
+        proc, measurement, run, channel, keep_run=detach, claim=claim, manifest=manifest
+    )
     if detach:
         run.set_owner(proc.pid)
         _registry().transfer(claim, proc.pid)
@@ -430,7 +479,8 @@ def _claim(manifest: WorkloadManifest, isolation: Isolation, visible: Sequence[s
     protected = [f.source for f in manifest.trusted_files]
     if env is not None:
         protected += [*env.roots, os.path.realpath(env.interpreter)]
-    protected.append(manifest.command.real)
+        protected += [lib for lib, _ in env.libraries]
+    protected += [manifest.command.real, str(bytecode_dir())]
     registry = _registry()
     return Path(
         registry.claim(

@@ -30,6 +30,7 @@ from ppml.errors import InputNotFound, UsageError
 from ppml.tee.command import (
     DEFAULT_ENV,
     ResolvedCommand,
+    local_package_inits,
     resolve_command,
     workload_environment,
 )
@@ -47,7 +48,7 @@ __all__ = [
 
 MANIFEST_FORMAT = "ppml-workload/2"
 # The sandbox (ppml.tee.sandbox) and the import guard (ppml.tee.guard), version 2.
-LAUNCH_PROTOCOL = "ppml-sandbox/2"
+LAUNCH_PROTOCOL = "ppml-sandbox/3"
 _COPY_CHUNK = 1 << 20
 _PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
 
@@ -255,6 +256,8 @@ def build_manifest(
         files[Path(os.path.realpath(entry))] = None
     if resolved.module_file is not None:
         files[Path(os.path.realpath(resolved.module_file))] = None
+        for init in local_package_inits(str(resolved.target)):
+            files[Path(os.path.realpath(init))] = None
     for t in trusted:
         t = Path(t)
         if not t.exists():

@@ -31,7 +31,9 @@ class Guarded:
         self.project = tmp_path / "project"
         self.scratch = tmp_path / "scratch"
         self.boot = tmp_path / "boot"
-        for d in (self.project, self.scratch, self.boot):
+        self.bytecode = tmp_path / "bytecode"  # the launcher's cache: empty, read by the guard
+        self.hints = self.scratch / "hints"
+        for d in (self.project, self.scratch, self.boot, self.bytecode):
             d.mkdir()
         self.roots = roots
         self.trusted: dict[str, str] = {}
@@ -45,7 +47,11 @@ class Guarded:
         return path
 
     def run(
-        self, *args: str, interpreter: str = sys.executable, pythonpath: list[Path] = ()
+        self,
+        *args: str,
+        interpreter: str = sys.executable,
+        pythonpath: list[Path] = (),
+        pycache_prefix: str | None = "",
     ) -> subprocess.CompletedProcess[str]:
         doc = {
             "interpreter": os.path.realpath(sys.executable),
@@ -54,6 +60,8 @@ class Guarded:
             "scratch": [str(self.scratch)],
             "host": [],
             "writable": [str(self.project)],
+            "bytecode": str(self.bytecode),
+            "hints": str(self.hints),
         }
         (self.boot / guard.WORKLOAD_FILE).write_text(json.dumps(doc))
         env = {
@@ -62,6 +70,8 @@ class Guarded:
             "PYTHONNOUSERSITE": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
+        if pycache_prefix is not None:
+            env["PYTHONPYCACHEPREFIX"] = pycache_prefix or str(self.bytecode)
         return subprocess.run(
             [interpreter, "-B", "-s", *args],
             cwd=self.project,
@@ -155,6 +165,108 @@ def test_an_unmeasured_sitecustomize_is_refused(g: Guarded, tmp_path: Path) -> N
     r = g.run("job.py", pythonpath=[elsewhere])
     assert r.returncode == guard.REFUSED_EXIT and "PLANTED" not in r.stdout
     assert "sitecustomize module that is not a measured file" in r.stderr
+
+
+def _environment_module(g: Guarded, tmp_path: Path, text: str) -> Path:
+    """A module of the measured environment (its directory one of the roots)."""
+    root = tmp_path / "envroot"
+    root.mkdir(exist_ok=True)
+    g.roots = [*g.roots, str(root.resolve())]
+    module = root / "envmod.py"
+    module.write_text(text)
+    return module
+
+
+def _forge_pyc(source: Path, text: str) -> Path:
+    """A bytecode file beside `source` that Python's own check takes for `source`'s (same
+    modification time and size recorded), holding other code."""
+    import importlib.util
+    import marshal
+
+    st = source.stat()
+    code = compile(text, str(source), "exec")
+    header = importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little")
+    header += int(st.st_mtime).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    pyc = Path(importlib.util.cache_from_source(str(source)))
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(header + marshal.dumps(code))
+    return pyc
+
+
+def test_a_planted_pycache_file_of_the_environment_is_never_read(
+    g: Guarded, tmp_path: Path
+) -> None:
+    """A workload that could once write into an environment (a data directory covering
+    another virtual environment) plants bytecode there: no measurement covers it, so Python
+    must never read it."""
+    module = _environment_module(g, tmp_path, "VALUE = 'source'\n")
+    _forge_pyc(module, "VALUE = 'PLANTED'\n")
+    g.measured("job.py", "import envmod\nprint(envmod.VALUE)\n")
+    r = g.run("job.py", pythonpath=[module.parent])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "source\n"
+
+
+@pytest.mark.parametrize("prefix", [None, "elsewhere"])
+def test_a_bytecode_cache_other_than_ppml_s_is_refused(
+    g: Guarded, tmp_path: Path, prefix: str | None
+) -> None:
+    """Without ppml's PYTHONPYCACHEPREFIX (a child started without it, or with its own),
+    Python would read __pycache__ files or a cache the workload wrote: refused."""
+    g.measured("job.py", "print('ran')\n")
+    other = None if prefix is None else str(tmp_path / prefix)
+    r = g.run("job.py", pycache_prefix=other)
+    assert r.returncode == guard.REFUSED_EXIT and "ran" not in r.stdout
+    assert "bytecode from ppml's cache only" in r.stderr
+
+
+def test_uncached_environment_modules_are_hinted_and_compiled_by_the_launcher(
+    g: Guarded, tmp_path: Path
+) -> None:
+    from ppml.tee.bytecode import cache_hinted
+    from ppml.tee.environment import PythonEnvironment
+
+    module = _environment_module(g, tmp_path, "VALUE = 'first'\n")
+    g.measured("job.py", "import envmod\nprint(envmod.VALUE)\n")
+    r = g.run("job.py", pythonpath=[module.parent])
+    assert r.returncode == 0 and r.stdout == "first\n", r.stderr
+    hints = g.hints.read_text().splitlines()
+    assert f"0 {module}" in hints
+    # What a lying workload adds: files outside the environment, relative paths, "..".
+    outside = g.project / "job.py"
+    g.hints.write_text(
+        "\n".join([*hints, f"0 {outside}", "0 envmod.py", f"0 {module.parent}/../x/envmod.py"])
+        + "\n"
+    )
+    env = PythonEnvironment(
+        interpreter=os.path.realpath(sys.executable), interpreter_sha256="", prefix=sys.prefix,
+        base_prefix=sys.base_prefix, libraries=(), version="", roots=tuple(g.roots),
+        digest="", files=0, size=0,
+    )
+    from ppml.tee import bytecode as bc
+
+    original = bc.bytecode_dir
+    bc.bytecode_dir = lambda: g.bytecode  # type: ignore[assignment]
+    try:
+        assert cache_hinted(env, g.hints) >= 1
+    finally:
+        bc.bytecode_dir = original  # type: ignore[assignment]
+    cached = list(g.bytecode.rglob("*.pyc"))
+    names = {c.name.split(".")[0] for c in cached}
+    assert "envmod" in names and "job" not in names
+    assert all(str(c).startswith(str(g.bytecode)) for c in cached)
+    envmod_pyc = next(c for c in cached if c.name.startswith("envmod."))
+    assert envmod_pyc.read_bytes()[4:8] == (3).to_bytes(4, "little")  # checked-hash bytecode
+    g.hints.unlink()
+    r = g.run("job.py", pythonpath=[module.parent])
+    assert r.returncode == 0 and r.stdout == "first\n", r.stderr
+    assert not g.hints.exists() or f"0 {module}" not in g.hints.read_text()
+    # The source changes (same size, same modification time): the cached bytecode is not used.
+    st = module.stat()
+    module.write_text("VALUE = 'later'\n")
+    os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = g.run("job.py", pythonpath=[module.parent])
+    assert r.returncode == 0 and r.stdout == "later\n", r.stderr
 
 
 def test_code_from_standard_input_is_refused(g: Guarded) -> None:
