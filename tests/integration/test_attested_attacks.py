@@ -624,7 +624,9 @@ def test_bytecode_planted_in_another_environment_never_runs(
     python2 = shared / "venv2" / "bin" / "python"
     site2 = subprocess.run(
         [python2, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     module = Path(site2) / "envmod.py"
     module.write_text("VALUE = 'source'\n")

@@ -80,8 +80,16 @@ def cache_hinted(env: PythonEnvironment, hints: Path) -> int:
         return 0
     try:
         out = subprocess.run(  # noqa: S603 -- the environment's own interpreter
-            [env.interpreter, "-I", "-S", "-B", "-X", f"pycache_prefix={bytecode_dir()}", "-c",
-             _COMPILE],
+            [
+                env.interpreter,
+                "-I",
+                "-S",
+                "-B",
+                "-X",
+                f"pycache_prefix={bytecode_dir()}",
+                "-c",
+                _COMPILE,
+            ],
             input="\n".join(lines) + "\n",
             capture_output=True,
             text=True,

@@ -186,7 +186,8 @@ def _forge_pyc(source: Path, text: str) -> Path:
     st = source.stat()
     code = compile(text, str(source), "exec")
     header = importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little")
-    header += int(st.st_mtime).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    header += int(st.st_mtime).to_bytes(4, "little")
+    header += (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
     pyc = Path(importlib.util.cache_from_source(str(source)))
     pyc.parent.mkdir(exist_ok=True)
     pyc.write_bytes(header + marshal.dumps(code))
@@ -239,9 +240,16 @@ def test_uncached_environment_modules_are_hinted_and_compiled_by_the_launcher(
         + "\n"
     )
     env = PythonEnvironment(
-        interpreter=os.path.realpath(sys.executable), interpreter_sha256="", prefix=sys.prefix,
-        base_prefix=sys.base_prefix, libraries=(), version="", roots=tuple(g.roots),
-        digest="", files=0, size=0,
+        interpreter=os.path.realpath(sys.executable),
+        interpreter_sha256="",
+        prefix=sys.prefix,
+        base_prefix=sys.base_prefix,
+        libraries=(),
+        version="",
+        roots=tuple(g.roots),
+        digest="",
+        files=0,
+        size=0,
     )
     from ppml.tee import bytecode as bc
 
