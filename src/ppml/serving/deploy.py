@@ -779,7 +779,7 @@ def _launch_attested(
             kms_url=kms_url,
             ca_pem=ws.ca_cert.read_text(),
             isolation=launcher.Isolation(
-                hidden=(ws.path,), writable=(), visible=(plan.settings.model,)
+                hidden=(ws.path,), visible=(plan.settings.model,), no_data=True
             ),
             extra_env=env_extra,
             pass_fds=pass_fds,

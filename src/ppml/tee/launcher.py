@@ -130,7 +130,7 @@ class Isolation:
     """What the workload must not see, and where it may write.
 
     `hidden`: covered by empty read-only mounts (the workspace, the passphrase file).
-    `writable`: data directories (default: the working directory).
+    `writable`: data directories (default: the working directory; none with `no_data`).
     `exposed`: read-only views of paths inside hidden ones (a serving deployment's encrypted
     files). `visible`: paths that must stay readable (files under /tmp are otherwise gone)."""
 
@@ -138,6 +138,12 @@ class Isolation:
     writable: tuple[Path, ...] = ()
     exposed: tuple[Path, ...] = ()
     visible: tuple[Path, ...] = ()
+    no_data: bool = False  # no data directory at all (a serving worker writes nothing)
+
+    def data_directories(self, cwd: Path) -> tuple[Path, ...]:
+        if self.no_data:
+            return ()
+        return self.writable or (cwd,)
 
 
 class RunDirectory:
@@ -299,7 +305,7 @@ def unseen_arguments(manifest: WorkloadManifest, isolation: Isolation, cwd: Path
     hidden = [os.path.realpath(h) for h in isolation.hidden]
     shown = [
         os.path.realpath(p)
-        for p in [*(isolation.writable or (cwd,)), *isolation.visible, *isolation.exposed]
+        for p in [*isolation.data_directories(cwd), *isolation.visible, *isolation.exposed]
     ]
 
     def under(path: str, roots: Iterable[str]) -> bool:
@@ -375,7 +381,7 @@ def start(
                 f"{inside} is inside the workspace, which an attested workload never sees: "
                 "keep the workload's code and data outside it"
             )
-    writable = isolation.writable or (cwd,)
+    writable = isolation.data_directories(cwd)
     code = _code_directories(manifest)
     for data in writable:
         real = os.path.realpath(data)
@@ -390,6 +396,7 @@ def start(
         writable=tuple(Path(os.path.realpath(w)) for w in writable),
         exposed=tuple(Path(os.path.realpath(e)) for e in isolation.exposed),
         visible=isolation.visible,
+        no_data=isolation.no_data,
     )
     visible = list(dict.fromkeys([*_visible_paths(manifest, isolation, cwd), *code]))
     _write_boot(run, _guard_document(manifest, isolation, visible))
