@@ -210,6 +210,29 @@ class _MeasuredLoader(importlib.machinery.SourceFileLoader):
         return compile(data, self.path, "exec", dont_inherit=True)
 
 
+_FILE_LOADERS = (
+    importlib.machinery.SourceFileLoader,
+    importlib.machinery.SourcelessFileLoader,
+    importlib.machinery.ExtensionFileLoader,
+)
+
+
+def _resolved(fullname: str, spec: Any, real: str) -> Any:
+    """The spec of the very file that was checked: a loader that reads `real` (the path with
+    its symbolic links resolved), and a package's submodules looked up in its real directory.
+    Otherwise the loader would open the path as found, through links that a process able to
+    write a directory on the way (a data directory) could point elsewhere after the check."""
+    if real == spec.origin or not isinstance(spec.loader, _FILE_LOADERS):
+        return spec
+    package = spec.submodule_search_locations is not None
+    return importlib.util.spec_from_file_location(
+        fullname,
+        real,
+        loader=type(spec.loader)(fullname, real),
+        submodule_search_locations=[os.path.dirname(real)] if package else None,
+    )
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     """First on `sys.meta_path`: the usual finders choose, this one allows or refuses."""
 
@@ -237,6 +260,7 @@ class _Finder(importlib.abc.MetaPathFinder):
                 name=fullname,
                 path=spec.origin,
             )
+        spec = _resolved(fullname, spec, real)
         if real in self._rules.trusted:
             if isinstance(spec.loader, importlib.machinery.SourceFileLoader):
                 spec.loader = _MeasuredLoader(fullname, spec.origin, self._rules)

@@ -145,6 +145,38 @@ def test_a_main_script_swapped_after_the_check_is_refused(g: Guarded) -> None:
     assert r.returncode == 0 and r.stdout == "measured\n", r.stderr
 
 
+def test_a_link_swapped_between_the_check_and_the_load_is_not_followed(g: Guarded) -> None:
+    """The guard resolves a module's symbolic links to check where it lives; the loader must
+    then read that file, not the path as found: a link in a writable directory (a data
+    directory another process can write) could point elsewhere by then. The measured job plays
+    the racer here, swapping the link right after the check, so the race is won every time."""
+    import email
+
+    stdlib_email = Path(email.__file__).parent
+    evil = g.project / "evil"
+    evil.mkdir()
+    (evil / "__init__.py").write_text("print('UNMEASURED CODE RAN')\n")
+    (evil / "utils.py").write_text("print('UNMEASURED CODE RAN')\n")
+    (g.project / "mail").symlink_to(stdlib_email, target_is_directory=True)
+    g.measured(
+        "job.py",
+        "import importlib, importlib.util, os, sys\n"
+        "spec = importlib.util.find_spec('mail')\n"  # checked: the standard library's email
+        "os.symlink('evil', 'swap')\n"
+        "os.replace('swap', 'mail')\n"  # now the link leads to unmeasured code
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['mail'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "import mail.utils\n"  # a submodule, looked up after the swap
+        "print('loaded', module.__file__, mail.utils.__file__)\n",
+    )
+    r = g.run("job.py")
+    assert "UNMEASURED" not in r.stdout, r.stdout
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("loaded " + str(stdlib_email / "__init__.py"))
+    assert str(stdlib_email / "utils.py") in r.stdout
+
+
 def test_runpy_runs_only_the_measured_bytes(g: Guarded) -> None:
     """`runpy.run_path` of a measured file reads it again: those bytes must be the measured ones."""
     g.measured(
