@@ -169,10 +169,12 @@ def _bearer(token: str | None) -> dict[str, str]:
     return {} if token is None else {"Authorization": f"Bearer {token}"}
 
 
-def _context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+def _context(
+    ca: Path, cert: Path | None = None, key: Path | None = None, password: str | None = None
+) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca))
     if cert is not None and key is not None:
-        context.load_cert_chain(str(cert), str(key))
+        context.load_cert_chain(str(cert), str(key), password=password)
     return context
 
 
@@ -202,12 +204,18 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             ws=ws,
             services=services,
             client=client(server, _context(ws.ca_cert)),
-            admin=client(server, _context(ws.ca_cert, ws.client_cert, ws.client_key)),
+            admin=client(server, ws.client_ssl_context()),
             prod=client(prod_server, _context(prod_ws.ca_cert)),
             foreign_admin=client(
-                server, _context(ws.ca_cert, prod_ws.client_cert, prod_ws.client_key)
+                server,
+                _context(
+                    ws.ca_cert, prod_ws.client_cert, prod_ws.client_key, prod_ws.tls_key_password()
+                ),
             ),
-            server_cert_admin=client(server, _context(ws.ca_cert, ws.server_cert, ws.server_key)),
+            server_cert_admin=client(
+                server,
+                _context(ws.ca_cert, ws.server_cert, ws.server_key, ws.tls_key_password()),
+            ),
             platform=SimPlatform(ws.sim_platform_key()),
             workdir=d,
         )

@@ -20,6 +20,7 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "atomic_output",
     "ensure_private_dir",
+    "state_root",
     "write_private",
 ]
 
@@ -31,6 +32,15 @@ def ensure_private_dir(path: Path) -> None:
     """Create `path` (and parents) if needed and make it 0700."""
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     os.chmod(path, PRIVATE_DIR_MODE)
+
+
+def state_root() -> Path:
+    """`$XDG_STATE_HOME/ppml`, else `~/.local/state/ppml`: per-user state that outlives a run
+    and must not live in a workspace (the KMS state counters)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(base) / "ppml"
 
 
 def _temp_name(dest: Path) -> Path:

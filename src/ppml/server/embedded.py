@@ -78,4 +78,6 @@ def _collateral_source(ws: Workspace) -> CollateralSource | None:
 
 
 def tls_files_for(ws: Workspace) -> TlsFiles:
-    return TlsFiles(cert=ws.server_cert, key=ws.server_key, ca=ws.ca_cert)
+    return TlsFiles(
+        cert=ws.server_cert, key=ws.server_key, ca=ws.ca_cert, password=ws.tls_key_password()
+    )

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,13 @@ _log = logging.getLogger("ppml.server")
 
 @dataclass(frozen=True)
 class TlsFiles:
+    """The server's certificate, its key (encrypted PKCS#8 PEM under `password`) and the CA
+    that client certificates must chain to."""
+
     cert: Path
     key: Path
     ca: Path
+    password: str | None = field(default=None, repr=False)
 
 
 def _client_auth_cert(der: bytes | None) -> bytes | None:
@@ -78,6 +82,7 @@ def _config(app: Any, tls: TlsFiles, host: str, port: int, log_level: str) -> uv
         http=_PeerCertProtocol,
         ssl_certfile=str(tls.cert),
         ssl_keyfile=str(tls.key),
+        ssl_keyfile_password=tls.password,
         ssl_ca_certs=str(tls.ca),
         ssl_cert_reqs=ssl.CERT_OPTIONAL,
         log_level=log_level,

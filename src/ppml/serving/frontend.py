@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import secrets
 import threading
 import time
@@ -53,6 +52,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ppml import names
 from ppml.errors import UsageError
 from ppml.serving.metrics import CONTENT_TYPE, ServingMetrics
 from ppml.serving.queue import DuplicateRequest, QueueFull, Result
@@ -84,9 +84,6 @@ CATALOGUE: dict[int, str] = {
     504: "timeout",
 }
 
-# The queue's own rules (ppml.serving.codec), checked here so that a refusal is a 400 with a reason.
-REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a JSON number list may become
 
 Clock = Callable[[], float]
@@ -107,8 +104,7 @@ class ModelInfo:
     output_names: tuple[str, ...] = ("output",)
 
     def __post_init__(self) -> None:
-        if not _MODEL_NAME.fullmatch(self.name):
-            raise UsageError("a model name is 1-128 letters, digits, '.', '_', ':', '@', '+', '-'")
+        names.MODEL.check(self.name)
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "output_names", tuple(self.output_names))
         if any(d is not None and (not isinstance(d, int) or d < 1) for d in self.input_shape):
@@ -396,9 +392,10 @@ def to_array(value: Any, info: ModelInfo, where: str) -> np.ndarray:
 
 
 def _request_id(value: Any) -> str:
-    if not isinstance(value, str) or not REQUEST_ID.fullmatch(value):
-        _bad("bad_id", "a request id is 1-128 letters, digits, '.', '_' or '-'")
-    return value
+    # The queue's own rule (ppml.names), checked here so that a refusal is a 400 with a reason.
+    if not names.REQUEST_ID.ok(value):
+        _bad("bad_id", f"a request id is {names.REQUEST_ID.description}")
+    return str(value)
 
 
 _NOT_FINITE = "the model's output is not a finite number"

@@ -45,7 +45,7 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 KEYSTORE_ALIAS = "ppml-server"
 TRUSTSTORE_ALIAS = "ppml-ca"
 
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -68,7 +68,7 @@ def _parse_host(host: str) -> str | _IPAddr:
     if (
         not name.isascii()
         or len(name) > 253
-        or not all(_LABEL.match(label) for label in labels)
+        or not all(_LABEL.fullmatch(label) for label in labels)
         or labels[-1].isdigit()
     ):
         raise UsageError(

@@ -21,7 +21,8 @@ from tests.unit.serving.frontend_fakes import (
 
 from ppml.crypto.passphrase import KdfParams
 from ppml.errors import ConfigurationError, PPMLError, UsageError
-from ppml.server.tls import TlsFiles, serving
+from ppml.server.embedded import tls_files_for
+from ppml.server.tls import serving
 from ppml.serving import InputQueue, OutputQueue
 from ppml.serving.client import (
     InvalidInput,
@@ -84,7 +85,7 @@ def running(ws: Workspace, *, waiter: bool = False, **settings: Any) -> Iterator
         waiter=JumpingWaiter(clock) if waiter else None,
         clock=clock,
     )
-    tls = TlsFiles(cert=ws.server_cert, key=ws.server_key, ca=ws.ca_cert)
+    tls = tls_files_for(ws)
     with serving(app, tls) as handle:
         yield Server(handle.url, queue, clock, ws.ca_cert)
 
