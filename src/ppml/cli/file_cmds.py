@@ -65,9 +65,13 @@ def _each_file(
 ) -> None:
     """Apply `one` to a file, or to every file of a directory into an output directory that
     appears only when all of them succeeded."""
+    from ppml._internal.fs import sweep_stale
     from ppml.data import output_directory
+    from ppml.data.files import check_output_name
 
+    check_output_name(output)
     if not src.is_dir():
+        sweep_stale(output.parent if str(output.parent) else Path("."))
         with ByteProgress(src.stat().st_size, f"{verb}ing") as bar:
             one(src, output, force, bar)
         return
