@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from ppml.attestation import AttestationService, TeeType, TokenVerifier, Verifier
 from ppml.attestation.hardware import CollateralSource, hardware_verifiers
 from ppml.kms.broker import KeyBroker
@@ -53,7 +56,13 @@ def services_for(
         appraise=broker.matching_keys,
         verifiers=verifiers,
     )
-    return Services(attestation=attestation, broker=broker, keys=keys)
+    admin = x509.load_pem_x509_certificate(ws.client_cert.read_bytes())
+    return Services(
+        attestation=attestation,
+        broker=broker,
+        keys=keys,
+        admin_certificates=(admin.public_bytes(serialization.Encoding.DER),),
+    )
 
 
 def _collateral_source(ws: Workspace) -> CollateralSource | None:

@@ -18,7 +18,6 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ppml.errors import PPMLError, UsageError
 
@@ -57,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--payload-key-file", type=Path, required=True)
     p.add_argument("--tls-cert", type=Path, required=True)
     p.add_argument("--tls-key", type=Path, required=True, help="encrypted PKCS#8 PEM")
+    p.add_argument(
+        "--client-ca",
+        type=Path,
+        help="the CA that client certificates must chain to (default: --redis-ca, the "
+        "workspace CA)",
+    )
     p.add_argument(
         "--tls-key-password-file",
         type=Path,
@@ -104,28 +109,8 @@ def _listening_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
-def run_https(
-    app: Any, sock: socket.socket, *, tls_cert: Path, tls_key: Path, password: str | None = None
-) -> None:
-    """Serve `app` over HTTPS on the listening `sock` until SIGINT / SIGTERM. uvicorn picks its
-    fastest parts when installed (the `serving` extra has them: uvloop, httptools)."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app,
-        ssl_certfile=str(tls_cert),
-        ssl_keyfile=str(tls_key),
-        ssl_keyfile_password=password,
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        lifespan="off",
-        timeout_keep_alive=30,
-    )
-    uvicorn.Server(config).run(sockets=[sock])
-
-
 def _serve(args: argparse.Namespace) -> int:
+    from ppml.server.tls import TlsFiles, run_https
     from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
     from ppml.serving.worker import QueueConfig, open_async_client, open_queue
 
@@ -172,7 +157,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
     host, port = sock.getsockname()[:2]
     _log.info("front end of %s serving %s on https://%s:%d", args.deployment, info.name, host, port)
-    run_https(app, sock, tls_cert=args.tls_cert, tls_key=args.tls_key, password=tls_password)
+    tls = TlsFiles(
+        cert=args.tls_cert,
+        key=args.tls_key,
+        ca=args.client_ca or args.redis_ca,
+        password=tls_password,
+    )
+    run_https(app, tls, sock=sock)
     _log.info("front end of %s stopped", args.deployment)
     return 0
 
