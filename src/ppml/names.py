@@ -1,5 +1,6 @@
 """The names ppml accepts, one rule each: key, secret, deployment, serving client and model
-names, request ids, audit actors and SQL table names.
+names, request ids (as clients give them, and as the queue holds them), audit actors and SQL
+table names.
 
 Every rule is a full match of the whole string (`re.fullmatch`): a trailing newline, a control
 character or any non-ASCII letter is refused, so a name can go into a table, a log line, an
@@ -21,6 +22,7 @@ __all__ = [
     "DEPLOYMENT",
     "KEY",
     "MODEL",
+    "QUEUE_ID",
     "REQUEST_ID",
     "SECRET",
     "TABLE",
@@ -84,6 +86,13 @@ REQUEST_ID = NameRule(
     "request id",
     rf"[{_ALNUM}][{_ALNUM}._-]{{0,127}}",
     "1-128 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit",
+)
+# In the queue, a front end's request id is prefixed with its client's tag (16 hex digits and
+# a dot): ids are scoped per client.
+QUEUE_ID = NameRule(
+    "queued request id",
+    rf"[{_ALNUM}][{_ALNUM}._-]{{0,159}}",
+    "1-160 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit",
 )
 MODEL = NameRule(
     "model name",

@@ -77,6 +77,13 @@ class Services:
     keys: KeyService
     admin_certificates: tuple[bytes, ...] = field(default=(), repr=False)
 
+    def close(self) -> None:
+        """Record the refusals counted but not yet recorded, then close the key store."""
+        try:
+            self.broker.flush()
+        finally:
+            self.keys.close()
+
 
 _PER_ADDRESS = RateLimit(20.0, 40)
 _PER_TOKEN = RateLimit(500.0, 1000)

@@ -69,9 +69,9 @@ def validate_deployment(name: str) -> str:
 
 
 def validate_request_id(request_id: str) -> str:
-    """Request ids: 1-128 ASCII letters, digits, '.', '_', '-', starting alphanumeric (a UUID
-    fits)."""
-    return names.REQUEST_ID.check(request_id)
+    """Request ids in the queue: 1-160 ASCII letters, digits, '.', '_', '-', starting
+    alphanumeric (a client's id of at most 128, behind its client's tag; a UUID fits)."""
+    return names.QUEUE_ID.check(request_id)
 
 
 def validate_model(model: str) -> str:

@@ -200,6 +200,18 @@ class Workspace:
         ctx.load_cert_chain(self.client_cert, self.client_key, password=self.tls_key_password())
         return ctx
 
+    def certificate_authority(self) -> pki.IssuedCert:
+        """The workspace CA: its certificate and its private key (unsealed for the caller)."""
+        cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+        password = self.secret("ca-key-password").encode()
+        try:
+            key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password)
+        except (ValueError, TypeError):
+            raise ConfigurationError("the CA key is damaged", path=self.ca_key) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError("the CA key is not an EC key", path=self.ca_key)
+        return pki.IssuedCert(key, cert)
+
     def _encrypt_plain_tls_keys(self) -> None:
         """A workspace made before the TLS keys were encrypted at rest gets them encrypted in
         place (once; under a lock, so that concurrent openers agree on the password)."""
