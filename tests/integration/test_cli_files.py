@@ -354,3 +354,21 @@ def test_output_names_ppml_cannot_write_atomically_are_refused(home: Path, tmp_p
     assert r.code == 2 and "output name too long" in r.err and "Traceback" not in r.err
     r = run_ppml("encrypt", enc, "-o", "-", "--key", "sales", home=home, cwd=tmp_path)
     assert r.code == 2 and "standard output" in r.err
+
+
+def test_encrypting_a_directory_does_not_follow_symbolic_links(home: Path, tmp_path: Path) -> None:
+    """A link in the tree could lead to any file of the machine: it is left out, and named."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.txt").write_text("not part of the data set")
+    src = tmp_path / "data"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.csv").write_bytes(PEOPLE)
+    (src / "sub" / "b.csv").write_bytes(PEOPLE)
+    (src / "leak.txt").symlink_to(outside / "private.txt")
+    (src / "dirlink").symlink_to(outside, target_is_directory=True)
+    r = run_ppml("encrypt", src, "-o", tmp_path / "enc", "--key", "sales", home=home)
+    assert r.code == 0, r.err
+    assert "left out 2 symbolic link(s)" in r.err
+    written = sorted(str(p.relative_to(tmp_path / "enc")) for p in (tmp_path / "enc").rglob("*"))
+    assert written == ["a.csv", "sub", "sub/b.csv"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import threading
@@ -429,7 +428,7 @@ def https_front_end(env: Serving, queue: ServingQueue, **settings: Any) -> Itera
         info = ModelInfo.from_model(load_model(env.model_file, keys, name=MODEL))
     app = create_app(queue, models={MODEL: info}, settings=FrontendSettings(**settings))
     tls = tls_files_for(env.ws)
-    verify = ssl.create_default_context(cafile=str(env.ws.ca_cert))
+    verify = env.ws.client_ssl_context()  # the front end authenticates its clients
     with (
         serving(app, tls) as handle,
         httpx.Client(base_url=handle.url, verify=verify, timeout=20.0) as client,

@@ -253,7 +253,8 @@ class Boundary:
     """ASGI middleware: the checks above, for `rules`; outermost in the application.
 
     `default_body`: the body limit of a path no rule names. `on_refused` is told of every
-    refusal made here (metrics). `log_name`: the service, in log lines.
+    refusal made here (metrics). `reasons`: whether a refusal tells the client why (else the
+    catalogue text only; the reason is in the log either way).
     """
 
     def __init__(
@@ -265,8 +266,10 @@ class Boundary:
         on_refused: OnRefused | None = None,
         clock: Clock = time.monotonic,
         log: logging.Logger = _log,
+        reasons: bool = True,
     ) -> None:
         self.app = app
+        self._reasons = reasons
         self.rules = tuple(rules)
         self.default_body = default_body
         self._on_refused = on_refused
@@ -303,7 +306,12 @@ class Boundary:
                 raise Refused(500, "internal") from None
         except Refused as exc:
             self._refuse(scope, exc)
-            await exc.response()(scope, receive, send)
+            response = (
+                exc.response()
+                if self._reasons
+                else refusal_response(exc.status, headers=exc.headers)
+            )
+            await response(scope, receive, send)
             return
         if body is None:
             return  # the client went away

@@ -28,12 +28,15 @@ def services_for(
     *,
     actor: str = "local",
     verifiers: Mapping[TeeType, Verifier] | None = None,
+    refusal_audit_window_s: float = 10.0,
 ) -> Services:
     """The attestation service, the key broker and the KMS of `ws`. Sim evidence is accepted
     only in a development workspace (`ppml init --dev`). Hardware evidence is verified by
     `verifiers` when given, else as the workspace's ``[attestation]`` settings say: SGX and TDX
     quotes against the pinned Intel root, SEV-SNP reports with the VCEK of the collateral
-    directory."""
+    directory. Refusals of calls that no token authenticates are audited once per
+    `refusal_audit_window_s` per client address, operation and reason, with a count of the
+    others (`KeyBroker.authenticate`)."""
     settings = ws.config.attestation
     if verifiers is None:
         collateral = settings.collateral
@@ -48,7 +51,7 @@ def services_for(
     keys = ws.key_service(actor=actor)
     token_key = ws.token_signing_key()
     verifier = CachedTokenVerifier(TokenVerifier(token_key.public_key()).verify)
-    broker = KeyBroker(keys, verifier, allow_sim=ws.dev)
+    broker = KeyBroker(keys, verifier, allow_sim=ws.dev, refusal_window_s=refusal_audit_window_s)
     attestation = AttestationService.for_keys(
         token_key,
         ws.sim_platform_key().public_key() if ws.dev else None,
