@@ -194,6 +194,25 @@ class KeyBroker:
             raise UsageError(f"unknown release operation {op!r}")
         return self._verify(op, key_name, None, token, client=client)
 
+    def claims_of(self, token: str) -> TokenClaims | None:
+        """The claims of `token` if it verifies and is usable now, else None; records nothing
+        (the fast path of `authenticate`, for a caller that cannot wait on the audit log)."""
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            return None
+        try:
+            claims = self._verify_token(token)
+        except AttestationFailed:
+            return None
+        if not isinstance(claims, TokenClaims):
+            return None
+        expires = claims.expires_at
+        if expires.tzinfo is None or self._now() >= expires:
+            return None
+        public_key = claims.public_key
+        if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+            return None
+        return claims
+
     def datakey(
         self, key_name: str, token: str = "", *, claims: TokenClaims | None = None
     ) -> ReleasedKey:

@@ -503,9 +503,17 @@ class KeyService:
         self._require_master()
         with self._store.read() as conn, self._checked():
             summary = self._summary(conn)
-            names = sorted({row.key_name for row in _store.rule_rows(conn)} | set(summary))
-            keys = [self._key(conn, name) for name in names]
-        policies = [self._policy(k) for k in keys if k.exists and k.rows.rules]
+            rules = _state.rules_by_key(conn)  # one statement
+        policies = []
+        for name, rows in rules.items():
+            # Only the rules decide a match: a key with no rules matches nothing, so a key
+            # whose rules were deleted is denied; rules that differ from the record deny.
+            expected = summary.get(name)
+            if expected is None:
+                raise self._state_failure(f"key {name!r} is not in the authenticated state")
+            intact = _state.rules_digest(rows) == expected.rules
+            key = _Key(_state.KeyRows(name, (name, ""), (), rows), intact)
+            policies.append(self._policy(key))
         return [p.key_name for p in policies if p.evaluate(facts, allow_sim=allow_sim).allowed]
 
     # -- releases (the key broker's primitives) --------------------------------------------
@@ -703,17 +711,14 @@ class KeyService:
         The state record is read on every call; only a record not yet verified (another
         process changed the state, or `full`) is checked in full against every row.
         """
+        verified = self._verified
+        if verified is not None and not full:
+            head = _state.read_version(conn)
+            if head is not None and head[0] == verified[0] and compare_digest(head[1], verified[1]):
+                return verified[2]
         record = _state.read_record(conn)
         if record is None:
             raise _StateError("the state record is missing")
-        verified = self._verified
-        if (
-            verified is not None
-            and not full
-            and record.version == verified[0]
-            and compare_digest(record.mac, verified[1])
-        ):
-            return verified[2]
         if verified is not None and record.version < verified[0]:
             raise _StateError(f"the state went back from version {verified[0]} to {record.version}")
         self._check_record(conn, record)
@@ -770,7 +775,12 @@ class KeyService:
     def _key(self, conn: sqlite3.Connection, name: str) -> _Key:
         """One key's rows, checked against the authenticated state."""
         summary = self._summary(conn)
-        rows = _state.read_key_rows(conn, name)
+        return self._checked_rows(name, _state.read_key_rows(conn, name), summary)
+
+    @staticmethod
+    def _checked_rows(
+        name: str, rows: _state.KeyRows, summary: Mapping[str, _state.KeyDigests]
+    ) -> _Key:
         expected = summary.get(name)
         if expected is None:
             if rows.key is None and not rows.versions and not rows.rules:

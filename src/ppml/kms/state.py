@@ -54,7 +54,10 @@ __all__ = [
     "key_digests",
     "read_key_rows",
     "read_record",
+    "read_version",
     "record_mac",
+    "rules_by_key",
+    "rules_digest",
     "scan",
     "write_record",
 ]
@@ -144,22 +147,27 @@ class StateRecord:
         return compare_digest(expected, self.mac)
 
 
-def _value(v: Any) -> Any:
-    """A stored value, typed, for hashing: the same bytes for the same SQLite value only."""
-    if v is None or isinstance(v, bool):
-        return v
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str):
-        return "s:" + v
-    if isinstance(v, bytes):
-        return "b:" + v.hex()
-    return "f:" + repr(v)
-
-
 def _digest(rows: Any) -> str:
-    data = canonical_json([[_value(v) for v in row] for row in rows])
-    return hashlib.sha256(data).hexdigest()
+    """SHA-256 of rows of SQLite values, each value framed by its type and length, so that two
+    different sequences of rows never hash alike (a text '1' is not the integer 1)."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(b"r%d;" % len(row))
+        for v in row:
+            if v is None:
+                h.update(b"n;")
+            elif isinstance(v, int):
+                h.update(b"i%d;" % v)
+            elif isinstance(v, str):
+                data = v.encode("utf-8", "surrogatepass")
+                h.update(b"s%d:" % len(data))
+                h.update(data)
+            elif isinstance(v, bytes):
+                h.update(b"b%d:" % len(v))
+                h.update(v)
+            else:
+                h.update(b"f" + repr(v).encode() + b";")
+    return h.hexdigest()
 
 
 def key_digests(
@@ -188,6 +196,18 @@ def read_key_rows(conn: sqlite3.Connection, name: str) -> KeyRows:
     return KeyRows(
         name, tuple(key[0]) if key else None, tuple(map(tuple, versions)), tuple(map(tuple, rules))
     )
+
+
+def rules_by_key(conn: sqlite3.Connection) -> dict[str, tuple[tuple[Any, ...], ...]]:
+    """Every release rule row, by key name (as `read_key_rows` orders them)."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for row in conn.execute(_RULES + " ORDER BY tee, measurement"):
+        out.setdefault(_name(row[0]), []).append(tuple(row))
+    return {name: tuple(rows) for name, rows in sorted(out.items())}
+
+
+def rules_digest(rules: tuple[tuple[Any, ...], ...]) -> str:
+    return _digest(rules)
 
 
 def scan(conn: sqlite3.Connection) -> dict[str, KeyRows]:
@@ -237,6 +257,14 @@ def record_mac(
     h.update(audit_seq.to_bytes(8, "big"))
     h.update(audit_mac)
     return h.finalize()
+
+
+def read_version(conn: sqlite3.Connection) -> tuple[int, bytes] | None:
+    """The state record's version and MAC only (to compare with one verified already)."""
+    row = conn.execute("SELECT version, mac FROM state_head WHERE id = 1").fetchone()
+    if row is None or not isinstance(row[0], int) or not isinstance(row[1], bytes):
+        return None
+    return int(row[0]), bytes(row[1])
 
 
 def read_record(conn: sqlite3.Connection) -> StateRecord | None:
