@@ -305,28 +305,25 @@ class KeyService:
     def verify_state(self) -> StateVerification:
         """Check every row that decides a release or a key against the authenticated state
         record, the record against the audit log and the state counter (`ppml audit verify`).
-        Never raises for what it finds: the result says what is wrong."""
+        A store made before state records existed is anchored first. Never raises for what it
+        finds: the result says what is wrong."""
         self._require_master_key()
         counter: int | None = None
         try:
             if self._counter is not None:
                 counter = self._counter.read()
+            self._open_state()  # anchors a store that has no record yet (and checks it)
             with self._store.read() as conn:
-                if (
-                    _state.read_record(conn) is None
-                    and self._audit.head(conn).state_version is None
-                ):
-                    return StateVerification(
-                        False, None, 0, counter, "the store has no state record yet (opening it "
-                        "with any other command anchors one)"
-                    )  # fmt: skip
                 summary = self._summary(conn, full=True)
                 record = _state.read_record(conn)
         except _StateError as exc:
             return StateVerification(False, None, 0, counter, exc.problem)
         except IntegrityError as exc:
-            return StateVerification(False, None, 0, counter, exc.message)
+            reason = exc.message.removeprefix("KMS state check failed: ")
+            return StateVerification(False, None, 0, counter, reason)
         assert record is not None
+        if self._counter is not None:
+            counter = self._counter.read()
         return StateVerification(
             True,
             record.version,
