@@ -141,8 +141,8 @@ def _frontend_main(argv: list[str]) -> int:
     import redis
 
     from ppml.api import key_provider
+    from ppml.server.tls import TlsFiles, run_https
     from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
-    from ppml.serving.frontend_main import run_https
     from ppml.serving.model import load_model
     from ppml.serving.queue import ServingQueue
     from ppml.serving.worker import (
@@ -191,7 +191,13 @@ def _frontend_main(argv: list[str]) -> int:
     if profiler is not None:
         profiler.enable()
     # the deployment's own server set-up (uvicorn with uvloop and httptools when present)
-    run_https(app, sock, tls_cert=Path(cfg["cert"]), tls_key=Path(cfg["key"]))
+    tls = TlsFiles(
+        cert=Path(cfg["cert"]),
+        key=Path(cfg["key"]),
+        ca=Path(cfg["ca"]),
+        password=Path(cfg["tls_password_file"]).read_text(),
+    )
+    run_https(app, tls, sock=sock)
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(str(args.profile))
@@ -208,6 +214,8 @@ class Files:
     model_file: Path
     payload_key_file: Path
     password_file: Path
+    tls_password_file: Path
+    client: tuple[str, str, str]  # CA, certificate and key of the load's client (mutual TLS)
 
 
 def _free_port() -> int:
@@ -231,7 +239,36 @@ def _prepare(root: Path) -> Files:
                 out.write(data)
     password_file = root / "redis.password"
     write_private(password_file, redis_password(ws).encode())
-    return Files(root, ws, model_file, key_file, password_file)
+    tls_password_file = root / "tls.password"
+    write_private(tls_password_file, ws.tls_key_password().encode())
+    return Files(
+        root, ws, model_file, key_file, password_file, tls_password_file, _client_cert(ws, root)
+    )
+
+
+def _client_cert(ws: Workspace, root: Path) -> tuple[str, str, str]:
+    """A serving client's certificate, as `ppml serving client issue bench` makes it."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+
+    from ppml.workspace import pki
+
+    now = dt.datetime.now(dt.UTC)
+    issued = pki.issue_serving_client(
+        ws.certificate_authority(), "bench", now, dt.timedelta(days=1)
+    )
+    cert, key = root / "bench.pem", root / "bench-key.pem"
+    write_private(cert, issued.cert.public_bytes(serialization.Encoding.PEM))
+    write_private(key, pki.private_key_pem(issued.key))
+    return str(ws.ca_cert), str(cert), str(key)
+
+
+def _verifying(tls: tuple[str, str, str]) -> ssl.SSLContext:
+    """Verifies the front end against the CA and presents the client certificate."""
+    context = ssl.create_default_context(cafile=tls[0])
+    context.load_cert_chain(tls[1], tls[2])
+    return context
 
 
 @contextlib.contextmanager
@@ -284,6 +321,7 @@ def deployment_running(
             "ca": str(files.ws.ca_cert),
             "cert": str(files.ws.server_cert),
             "key": str(files.ws.server_key),
+            "tls_password_file": str(files.tls_password_file),
             "password_file": str(files.password_file),
             "payload_key_file": str(files.payload_key_file),
             "model_file": str(files.model_file),
@@ -297,7 +335,7 @@ def deployment_running(
             front = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
         procs.append(front)
         url = f"https://127.0.0.1:{port}"
-        _wait_healthy(url, files.ws.ca_cert, procs, logs)
+        _wait_healthy(url, files.client, procs, logs)
         yield url
     finally:
         for proc in procs:
@@ -321,8 +359,10 @@ def _print_profile(path: Path, codec: str) -> None:
     stats.sort_stats("tottime").print_stats(15)
 
 
-def _wait_healthy(url: str, ca: Path, procs: Sequence[subprocess.Popen[bytes]], logs: Path) -> None:
-    verify = ssl.create_default_context(cafile=str(ca))
+def _wait_healthy(
+    url: str, tls: tuple[str, str, str], procs: Sequence[subprocess.Popen[bytes]], logs: Path
+) -> None:
+    verify = _verifying(tls)
     deadline = time.monotonic() + 60
     with httpx.Client(verify=verify, timeout=2.0) as client:
         while True:
@@ -343,7 +383,7 @@ def _wait_healthy(url: str, ca: Path, procs: Sequence[subprocess.Popen[bytes]], 
 
 def _client_proc(
     url: str,
-    ca: str,
+    tls: tuple[str, str, str],
     threads: int,
     request_size: int,
     duration: float,
@@ -351,7 +391,7 @@ def _client_proc(
     out: Any,
 ) -> None:
     """`threads` closed-loop clients; sends (latencies in s, predictions, failures)."""
-    verify = ssl.create_default_context(cafile=ca)
+    verify = _verifying(tls)
     rng = np.random.default_rng(os.getpid())
     latencies: list[list[float]] = [[] for _ in range(threads)]
     predictions = [0] * threads
@@ -443,7 +483,12 @@ class Sample:
 
 
 def run_level(
-    url: str, ca: Path, level: int, request_size: int, duration: float, client_procs: int
+    url: str,
+    tls: tuple[str, str, str],
+    level: int,
+    request_size: int,
+    duration: float,
+    client_procs: int,
 ) -> Sample:
     procs_n = max(1, min(client_procs, level))
     shares = [level // procs_n + (1 if i < level % procs_n else 0) for i in range(procs_n)]
@@ -454,7 +499,7 @@ def run_level(
         parent, child = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=_client_proc,
-            args=(url, str(ca), share, request_size, duration, start_at, child),
+            args=(url, tls, share, request_size, duration, start_at, child),
         )
         proc.start()
         child.close()
@@ -507,8 +552,7 @@ def breakdown(files: Files, server: RedisServer, url: str, codec: str, n: int = 
     server.client().delete(queue.stream_key)
     body = json.dumps({"instances": [x.tolist()]}).encode()
     parse = per_call(lambda i: np.asarray(json.loads(body)["instances"][0], dtype=np.float32))
-    verify = ssl.create_default_context(cafile=str(files.ws.ca_cert))
-    with httpx.Client(base_url=url, verify=verify) as client:
+    with httpx.Client(base_url=url, verify=_verifying(files.client)) as client:
         client.get("/models")
         models = per_call(lambda i: client.get("/models"), 500)
         healthz = per_call(lambda i: client.get("/healthz"), 500)
@@ -599,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for c in codecs
                 }
                 for url in urls.values():  # warm up, up to the highest level (connections)
-                    run_level(url, files.ws.ca_cert, max(args.levels), 1, 1.0, args.client_procs)
+                    run_level(url, files.client, max(args.levels), 1, 1.0, args.client_procs)
                 for size in args.request_sizes:
                     for level in args.levels:
                         samples = {c: Sample([]) for c in codecs}
@@ -609,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 samples[codec].add(
                                     run_level(
                                         urls[codec],
-                                        files.ws.ca_cert,
+                                        files.client,
                                         level,
                                         size,
                                         args.duration / args.rounds,

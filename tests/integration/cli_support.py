@@ -51,11 +51,20 @@ def run_ppml(
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def admin_tls_context(ws: Path) -> ssl.SSLContext:
-    """Trusts the workspace CA and presents the workspace's client certificate."""
-    context = ssl.create_default_context(cafile=str(ws / "tls" / "ca.pem"))
-    context.load_cert_chain(str(ws / "tls" / "client.pem"), str(ws / "tls" / "client-key.pem"))
-    return context
+def admin_tls_context(ws: Path, passphrase: str = PASSPHRASE) -> ssl.SSLContext:
+    """Trusts the workspace CA and presents the workspace's client certificate (its key is
+    encrypted at rest: the workspace opens it)."""
+    from ppml.workspace import Workspace
+
+    return Workspace.open(ws, passphrase.encode()).client_ssl_context()
+
+
+def client_cert(ws: Path, passphrase: str = PASSPHRASE) -> tuple[Path, Path, str]:
+    """The workspace's own client certificate, as `InputQueue(cert=...)` takes it."""
+    from ppml.workspace import Workspace
+
+    opened = Workspace.open(ws, passphrase.encode())
+    return (opened.client_cert, opened.client_key, opened.tls_key_password())
 
 
 def _free_port() -> int:

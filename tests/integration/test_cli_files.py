@@ -232,9 +232,39 @@ def _wait_for(predicate: object, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.01)
 
 
+def _writing_into(pid: int, directory: Path) -> bool:
+    """Whether process `pid` has a file in `directory` open (a named temporary, or one with no
+    name yet: /proc shows it as ``directory/#inode (deleted)``)."""
+    prefix = str(directory) + "/"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+STOPS = {
+    signal.SIGINT: (130, b"interrupted"),
+    signal.SIGTERM: (143, b"terminated (SIGTERM)"),
+    signal.SIGHUP: (129, b"terminated (SIGHUP)"),
+    signal.SIGKILL: (-signal.SIGKILL, b""),
+}
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=[s.name for s in STOPS])
 @pytest.mark.parametrize("command", ["encrypt", "decrypt"])
-def test_ctrl_c_leaves_nothing_partial(home: Path, tmp_path: Path, command: str) -> None:
-    """ppml reads from a FIFO that we feed slowly; SIGINT arrives mid-file."""
+def test_a_signal_leaves_nothing_partial(
+    home: Path, tmp_path: Path, command: str, sig: signal.Signals
+) -> None:
+    """ppml reads from a FIFO that we feed slowly; the signal arrives mid-file, while the output
+    is open. Ctrl-C, SIGTERM and SIGHUP clean up; SIGKILL cannot be handled, and the output,
+    which has no name until it is complete, vanishes with the process."""
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
     out_dir = tmp_path / "out"
@@ -253,12 +283,92 @@ def test_ctrl_c_leaves_nothing_partial(home: Path, tmp_path: Path, command: str)
         with open(fifo, "wb") as feed:
             feed.write(payload[: 2 << 20])  # two segments' worth, then stall
             feed.flush()
-            _wait_for(lambda: any(out_dir.iterdir()), proc)  # the temporary output exists
-            proc.send_signal(signal.SIGINT)
+            _wait_for(lambda: _writing_into(proc.pid, out_dir), proc)  # the output is open
+            proc.send_signal(sig)
             _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130
-    assert b"interrupted" in err
+    code, message = STOPS[sig]
+    assert proc.returncode == code
+    assert message in err
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def big_dir(home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An encrypted directory: a small a.csv, then a 256 MiB b.bin (decrypting it takes long
+    enough to stop the command in the middle)."""
+    root = tmp_path_factory.mktemp("big")
+    src = root / "plain"
+    src.mkdir()
+    (src / "a.csv").write_bytes(PEOPLE)
+    with open(src / "b.bin", "wb") as fh:
+        fh.truncate(256 << 20)
+    assert run_ppml("encrypt", src, "-o", root / "enc", "--key", "sales", home=home).code == 0
+    return root / "enc"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_directory_decrypt_is_swept_by_the_next_run(
+    home: Path, tmp_path: Path, big_dir: Path, sig: signal.Signals
+) -> None:
+    """A directory is decrypted into a hidden temporary directory beside the output; SIGTERM
+    removes it, SIGKILL leaves it (with the files completed so far), and the next run into that
+    folder removes it."""
+    out_parent = tmp_path / "out"
+    out_parent.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
+    env.update(PPML_HOME=str(home), PPML_PASSPHRASE=PASSPHRASE)
+    args = ["decrypt", str(big_dir), "-o", str(out_parent / "plain")]
+    proc = subprocess.Popen([sys.executable, "-m", "ppml", *args], env=env, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: any(out_parent.glob(".plain.ppml-*.tmp/a.csv")), proc)
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = list(out_parent.iterdir())
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143
+        assert left == []
+        return
+    # SIGKILL: the temporary directory stayed, holding a.csv's plaintext
+    (leftover,) = left
+    assert leftover.name.startswith(".plain.ppml-") and leftover.name.endswith(".tmp")
+    assert (leftover / "a.csv").read_bytes() == PEOPLE
+    enc = _encrypted(home, tmp_path, PEOPLE, name="c.csv")
+    r = run_ppml("decrypt", enc, "-o", out_parent / "c.csv", home=home)
+    assert r.code == 0, r.err
+    assert [p.name for p in out_parent.iterdir()] == ["c.csv"]
+    assert "left by an interrupted ppml" in r.err
+
+
+def test_output_names_ppml_cannot_write_atomically_are_refused(home: Path, tmp_path: Path) -> None:
+    enc = _encrypted(home, tmp_path)
+    r = run_ppml("decrypt", enc, "-o", "-", home=home, cwd=tmp_path)
+    assert r.code == 2 and "standard output" in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "-").exists()
+    r = run_ppml("decrypt", enc, "-o", tmp_path / ("x" * 250), home=home)
+    assert r.code == 2 and "output name too long" in r.err and "Traceback" not in r.err
+    r = run_ppml("encrypt", enc, "-o", "-", "--key", "sales", home=home, cwd=tmp_path)
+    assert r.code == 2 and "standard output" in r.err
+
+
+def test_encrypting_a_directory_does_not_follow_symbolic_links(home: Path, tmp_path: Path) -> None:
+    """A link in the tree could lead to any file of the machine: it is left out, and named."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.txt").write_text("not part of the data set")
+    src = tmp_path / "data"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.csv").write_bytes(PEOPLE)
+    (src / "sub" / "b.csv").write_bytes(PEOPLE)
+    (src / "leak.txt").symlink_to(outside / "private.txt")
+    (src / "dirlink").symlink_to(outside, target_is_directory=True)
+    r = run_ppml("encrypt", src, "-o", tmp_path / "enc", "--key", "sales", home=home)
+    assert r.code == 0, r.err
+    assert "left out 2 symbolic link(s)" in r.err
+    written = sorted(str(p.relative_to(tmp_path / "enc")) for p in (tmp_path / "enc").rglob("*"))
+    assert written == ["a.csv", "sub", "sub/b.csv"]

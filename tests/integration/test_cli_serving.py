@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_support import PASSPHRASE, run_ppml
+from cli_support import PASSPHRASE, client_cert, run_ppml
 from redis_support import require_redis_server
 
 from ppml.serving import InputQueue, OutputQueue
@@ -120,13 +120,14 @@ def test_up_predict_status_down(clean: Path) -> None:
     ca = home / "tls" / "ca.pem"
     rng = np.random.default_rng(7)
     x = rng.normal(size=(16,)).astype(np.float32)
-    with InputQueue(url, ca=ca) as q:
+    cert = client_cert(home)
+    with InputQueue(url, ca=ca, cert=cert) as q:
         np.testing.assert_allclose(q.predict(x), mlp_reference(x[None])[0], rtol=1e-5, atol=1e-5)
         batch = rng.normal(size=(5, 16)).astype(np.float32)
         got = np.stack(q.predict_batch(list(batch)))
         np.testing.assert_allclose(got, mlp_reference(batch), rtol=1e-5, atol=1e-5)
         ids = [q.enqueue(f"req-{i}", x=batch[i]) for i in range(3)]
-    with OutputQueue(url, ca=ca) as out:
+    with OutputQueue(url, ca=ca, cert=cert) as out:
         deadline = time.monotonic() + 20
         while out.query(ids[0]) is None:
             assert time.monotonic() < deadline
@@ -138,6 +139,38 @@ def test_up_predict_status_down(clean: Path) -> None:
             results.update(out.dequeue())
         for i, request_id in enumerate(ids):
             np.testing.assert_allclose(results[request_id], mlp_reference(batch)[i], atol=1e-5)
+
+    # clients issued by the CLI: each has its own ids and results; no certificate, no access
+    certs = home.parent / "clients"
+    certs.mkdir(exist_ok=True)
+    for name in ("alice", "bob"):
+        issued = run_ppml("serving", "client", "issue", name, "--out", certs, "--force", home=home)
+        assert issued.code == 0, issued.err
+        assert ((certs / f"{name}-key.pem").stat().st_mode & 0o777) == 0o600
+    alice = (certs / "alice.pem", certs / "alice-key.pem")
+    bob = (certs / "bob.pem", certs / "bob-key.pem")
+    with InputQueue(url, ca=ca, cert=alice) as a, InputQueue(url, ca=ca, cert=bob) as b:
+        a.enqueue("req-0", x=batch[0])  # the id the owner used too
+        b.enqueue("req-0", x=batch[1])
+    with OutputQueue(url, ca=ca, cert=alice) as a, OutputQueue(url, ca=ca, cert=bob) as b:
+        deadline = time.monotonic() + 20
+        got: dict[str, dict[str, object]] = {"a": {}, "b": {}}
+        while not (got["a"] and got["b"]):
+            assert time.monotonic() < deadline
+            got["a"].update(a.dequeue())
+            got["b"].update(b.dequeue())
+        np.testing.assert_allclose(got["a"]["req-0"], mlp_reference(batch[:1])[0], atol=1e-5)
+        np.testing.assert_allclose(got["b"]["req-0"], mlp_reference(batch[1:2])[0], atol=1e-5)
+    bad = run_ppml("serving", "client", "issue", "Bad Name\n", "--out", certs, home=home)
+    assert bad.code == 2 and "invalid client name" in bad.err
+    import ssl as _ssl
+
+    import httpx
+
+    anonymous = _ssl.create_default_context(cafile=str(ca))
+    with httpx.Client(base_url=url, verify=anonymous) as c:
+        assert c.get("/v1/results").status_code == 401
+        assert c.get("/healthz").status_code == 200
 
     again = run_ppml("serving", "up", "--model", model, "--port", "0", "--detach", home=home)
     assert again.code == 2
@@ -193,7 +226,7 @@ def test_tee_sim_measured_and_allowed(clean: Path) -> None:
     assert status["tee"] == "sim" and status["healthy"] is True
     assert len(status["workers"]) == 2  # type: ignore[arg-type]  # the flag beat the file
     x = np.arange(16, dtype=np.float32) / 16
-    with InputQueue(url, ca=home / "tls" / "ca.pem") as q:
+    with InputQueue(url, ca=home / "tls" / "ca.pem", cert=client_cert(home)) as q:
         np.testing.assert_allclose(q.predict(x), mlp_reference(x[None])[0], atol=1e-5)
     _check_no_leak(home, up.out, up.err)
     pids = _pids(status)
@@ -240,7 +273,7 @@ def test_foreground_stops_everything_on_sigterm(clean: Path) -> None:
         assert url.startswith("https://"), proc.stderr.read() if proc.stderr else ""
         pids = _pids(_status(home))
         x = np.ones(16, dtype=np.float32)
-        with InputQueue(url, ca=home / "tls" / "ca.pem") as q:
+        with InputQueue(url, ca=home / "tls" / "ca.pem", cert=client_cert(home)) as q:
             np.testing.assert_allclose(q.predict(x), mlp_reference(x[None])[0], atol=1e-5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

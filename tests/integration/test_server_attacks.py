@@ -76,8 +76,10 @@ class Harness:
     prod: httpx.Client  # a workload talking to a NON-dev workspace's server
     foreign_admin: httpx.Client  # a client certificate from another workspace's CA
     server_cert_admin: httpx.Client  # the workspace's own server certificate as client cert
+    serving_client_admin: httpx.Client  # a serving client's certificate (the workspace CA's)
     platform: SimPlatform
     workdir: Path
+    url: str
     wrapped_alpha: WrappedKey = field(init=False)
     wrapped_beta: WrappedKey = field(init=False)
     secrets: list[str] = field(default_factory=list)
@@ -169,11 +171,27 @@ def _bearer(token: str | None) -> dict[str, str]:
     return {} if token is None else {"Authorization": f"Bearer {token}"}
 
 
-def _context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+def _context(
+    ca: Path, cert: Path | None = None, key: Path | None = None, password: str | None = None
+) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca))
     if cert is not None and key is not None:
-        context.load_cert_chain(str(cert), str(key))
+        context.load_cert_chain(str(cert), str(key), password=password)
     return context
+
+
+def _serving_client_context(ws: Workspace, directory: Path) -> ssl.SSLContext:
+    """A serving client's certificate (issued by the workspace CA, client usage)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from ppml.workspace import pki
+
+    issued = pki.issue_serving_client(
+        ws.certificate_authority(), "mallory", dt.datetime.now(dt.UTC), dt.timedelta(days=1)
+    )
+    (directory / "mallory.pem").write_bytes(issued.cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "mallory-key.pem").write_bytes(pki.private_key_pem(issued.key))
+    return _context(ws.ca_cert, directory / "mallory.pem", directory / "mallory-key.pem")
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +200,9 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     kdf = KdfParams.for_testing()
     ws = Workspace.create(d / "dev", PASSPHRASE.encode(), dev=True, kdf=kdf)
     prod_ws = Workspace.create(d / "prod", PASSPHRASE.encode(), dev=False, kdf=kdf)
-    services = services_for(ws, actor="server")
-    prod_services = services_for(prod_ws, actor="server")
+    # Every refusal audited in full (no sparse window): each row checks its own record.
+    services = services_for(ws, actor="server", refusal_audit_window_s=0.0)
+    prod_services = services_for(prod_ws, actor="server", refusal_audit_window_s=0.0)
     for name, measurement in (("alpha", M_ALPHA), ("beta", M_BETA)):
         services.keys.create_key(name)
         services.broker.set_policy(
@@ -202,14 +221,22 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             ws=ws,
             services=services,
             client=client(server, _context(ws.ca_cert)),
-            admin=client(server, _context(ws.ca_cert, ws.client_cert, ws.client_key)),
+            admin=client(server, ws.client_ssl_context()),
             prod=client(prod_server, _context(prod_ws.ca_cert)),
             foreign_admin=client(
-                server, _context(ws.ca_cert, prod_ws.client_cert, prod_ws.client_key)
+                server,
+                _context(
+                    ws.ca_cert, prod_ws.client_cert, prod_ws.client_key, prod_ws.tls_key_password()
+                ),
             ),
-            server_cert_admin=client(server, _context(ws.ca_cert, ws.server_cert, ws.server_key)),
+            server_cert_admin=client(
+                server,
+                _context(ws.ca_cert, ws.server_cert, ws.server_key, ws.tls_key_password()),
+            ),
+            serving_client_admin=client(server, _serving_client_context(ws, d)),
             platform=SimPlatform(ws.sim_platform_key()),
             workdir=d,
+            url=server.url,
         )
         alpha, beta = (
             services.keys.generate_data_key("alpha"),
@@ -223,7 +250,14 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         try:
             yield h
         finally:
-            for c in (h.client, h.admin, h.prod, h.foreign_admin, h.server_cert_admin):
+            for c in (
+                h.client,
+                h.admin,
+                h.prod,
+                h.foreign_admin,
+                h.server_cert_admin,
+                h.serving_client_admin,
+            ):
                 c.close()
     services.keys.close()
     prod_services.keys.close()
@@ -332,18 +366,26 @@ def _tee(name: str) -> Attack:
     return attack
 
 
-def _raw(path: str, content: bytes, *, admin: bool = False) -> Attack:
+def _raw(path: str, content: bytes, *, admin: bool = False, token: bool = False) -> Attack:
+    """POST `content` as is (`token`: with a valid workload's token)."""
+
     def attack(h: Harness) -> httpx.Response:
         client = h.admin if admin else h.client
-        return client.post(path, content=content, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers.update(_bearer(h.attest(M_ALPHA).token))
+        return client.post(path, content=content, headers=headers)
 
     return attack
 
 
-def _json(method: str, path: str, body: Any, *, client: str = "client") -> Attack:
+def _json(
+    method: str, path: str, body: Any, *, client: str = "client", token: bool = False
+) -> Attack:
     def attack(h: Harness) -> httpx.Response:
         c: httpx.Client = getattr(h, client)
-        return c.request(method, path, json=body)
+        headers = _bearer(h.attest(M_ALPHA).token) if token else {}
+        return c.request(method, path, json=body, headers=headers)
 
     return attack
 
@@ -356,7 +398,9 @@ def _chunked_oversized(h: Harness) -> httpx.Response:
         yield b'"}'
 
     return h.client.post(
-        "/kms/v1/keys/alpha/unwrap", content=chunks(), headers={"Content-Type": "application/json"}
+        "/kms/v1/keys/alpha/unwrap",
+        content=chunks(),
+        headers={"Content-Type": "application/json", **_bearer(h.attest(M_ALPHA).token)},
     )
 
 
@@ -430,7 +474,7 @@ ATTESTATION_ROWS = [
         _raw("/attestation/v1/attest", b" " * (MAX_BODY_BYTES + 1)),
         413,
         None,
-        "413",
+        "413 too_large",
     ),
 ]
 
@@ -596,14 +640,14 @@ POLICY_ROWS = [
     ),
     Row(
         "unwrap: malformed JSON",
-        _raw("/kms/v1/keys/alpha/unwrap", b'{"wrapped_key"'),
+        _raw("/kms/v1/keys/alpha/unwrap", b'{"wrapped_key"', token=True),
         400,
         None,
         "invalid request body",
     ),
     Row(
         "unwrap: wrong type",
-        _json("POST", "/kms/v1/keys/alpha/unwrap", {"wrapped_key": 5}),
+        _json("POST", "/kms/v1/keys/alpha/unwrap", {"wrapped_key": 5}, token=True),
         400,
         None,
         "invalid request body",
@@ -611,7 +655,10 @@ POLICY_ROWS = [
     Row(
         "unwrap: extra field",
         _json(
-            "POST", "/kms/v1/keys/alpha/unwrap", {"wrapped_key": "ppml1:alpha:1:AAAA", "version": 2}
+            "POST",
+            "/kms/v1/keys/alpha/unwrap",
+            {"wrapped_key": "ppml1:alpha:1:AAAA", "version": 2},
+            token=True,
         ),
         400,
         None,
@@ -619,12 +666,28 @@ POLICY_ROWS = [
     ),
     Row(
         "unwrap: oversized body (declared)",
-        _raw("/kms/v1/keys/alpha/unwrap", b"[" * (MAX_BODY_BYTES + 1)),
+        _raw("/kms/v1/keys/alpha/unwrap", b"[" * (MAX_BODY_BYTES + 1), token=True),
         413,
         None,
-        "413",
+        "413 too_large",
     ),
-    Row("unwrap: oversized body (chunked)", _chunked_oversized, 413, None, "413"),
+    Row("unwrap: oversized body (chunked)", _chunked_oversized, 413, None, "413 too_large"),
+    # Authenticate first: from nobody, a malformed or oversized body is 401 (never 400 or 413,
+    # which would show the body was read).
+    Row(
+        "unwrap: malformed JSON without a token",
+        _raw("/kms/v1/keys/alpha/unwrap", b'{"wrapped_key"'),
+        401,
+        "denied",
+        "token_rejected",
+    ),
+    Row(
+        "unwrap: oversized body without a token",
+        _raw("/kms/v1/keys/alpha/unwrap", b"[" * (MAX_BODY_BYTES + 1)),
+        401,
+        "denied",
+        "token_rejected",
+    ),
 ]
 
 ADMIN_ROWS = [
@@ -633,14 +696,14 @@ ADMIN_ROWS = [
         _json("GET", "/kms/v1/keys", None),
         401,
         None,
-        "without a client certificate",
+        "401 no_admin_certificate",
     ),
     Row(
         "admin: create key without client cert",
         _json("POST", "/kms/v1/keys", {"name": "intruder"}),
         401,
         None,
-        "without a client certificate",
+        "401 no_admin_certificate",
     ),
     Row(
         "admin: set policy without client cert",
@@ -649,22 +712,44 @@ ADMIN_ROWS = [
         ),
         401,
         None,
-        "without a client certificate",
+        "401 no_admin_certificate",
     ),
     Row(
         "admin: read policy without client cert",
         _json("GET", "/kms/v1/keys/alpha/policy", None),
         401,
         None,
-        "without a client certificate",
+        "401 no_admin_certificate",
     ),
     Row(
         "admin: read audit without client cert",
         _json("GET", "/kms/v1/audit", None),
         401,
         None,
-        "without a client certificate",
+        "401 no_admin_certificate",
     ),
+    Row(
+        "admin: malformed body without client cert",
+        _raw("/kms/v1/keys", b'{"name": '),
+        401,
+        None,
+        "401 no_admin_certificate",
+    ),
+    Row(
+        "admin: oversized body without client cert",
+        _raw("/kms/v1/keys", b" " * (MAX_BODY_BYTES * 2)),
+        401,
+        None,
+        "401 no_admin_certificate",
+    ),
+    Row(
+        "admin: a serving client's certificate (same CA)",
+        _admin_tls("serving_client_admin"),
+        401,
+        None,
+        "401 no_admin_certificate",
+    ),
+    Row("admin: interactive docs (a CDN's script)", _json("GET", "/docs", None), 404, None, ""),
     Row("admin: client cert from another CA", _admin_tls("foreign_admin"), TLS_REFUSED, None, ""),
     Row(
         "admin: server cert as client cert", _admin_tls("server_cert_admin"), TLS_REFUSED, None, ""
@@ -729,7 +814,7 @@ ADMIN_ROWS = [
         _raw("/kms/v1/keys", b" " * (MAX_BODY_BYTES * 2), admin=True),
         413,
         None,
-        "413",
+        "413 too_large",
     ),
 ]
 
@@ -860,6 +945,85 @@ def test_health_and_openapi(harness: Harness) -> None:
         "/kms/v1/audit",
     }
     assert harness.client.get("/no/such/route").json() == {"error": "not found"}
+
+
+# -- floods from one client ----------------------------------------------------------------------
+
+
+def _from(h: Harness, address: str, url: str | None = None) -> httpx.Client:
+    """A client whose connections come from `address` (any 127.x.y.z reaches loopback)."""
+    context = _context(h.ws.ca_cert)
+    transport = httpx.HTTPTransport(verify=context, local_address=address)
+    return httpx.Client(base_url=url or h.url, transport=transport, timeout=30.0)
+
+
+def test_a_challenge_flood_does_not_lock_out_other_workloads(harness: Harness) -> None:
+    """The finding: 10,000 challenges from one client blocked every attestation for 60 s."""
+    with _from(harness, "127.0.0.2") as attacker:
+        statuses = [attacker.post("/attestation/v1/challenge") for _ in range(200)]
+    codes = [r.status_code for r in statuses]
+    assert codes[:64] == [200] * 64  # the per-client quota of outstanding challenges
+    assert set(codes[64:]) == {429}
+    assert statuses[-1].json() == {"error": "too many requests"}
+    assert statuses[-1].headers["retry-after"] == "1"
+    w = harness.attest(M_ALPHA)  # another client attests at once
+    r = harness.datakey("alpha", w.token)
+    assert r.status_code == 200, r.text
+    harness.remember(open_released(ReleasedKey.from_dict(r.json()), w.private))
+
+
+def test_refused_release_calls_hit_a_quota_and_are_audited_sparingly(harness: Harness) -> None:
+    """The findings: ~230 audit rows/s from one unauthenticated client, burying real events.
+    Against a server with the default sparse audit: one record (and a count), then 429s that
+    never reach the broker; another client's release is audited in full."""
+    services = services_for(harness.ws, actor="server")
+    try:
+        with serving(create_app(services), tls_files_for(harness.ws)) as server:
+            before = harness.audit_seq()
+            with _from(harness, "127.0.0.3", server.url) as attacker:
+                codes = [
+                    attacker.post(
+                        "/kms/v1/keys/alpha/datakey", headers=_bearer("x.y.z")
+                    ).status_code
+                    for _ in range(120)
+                ]
+            assert codes[:50] == [401] * 50
+            assert set(codes[50:]) == {429}
+            flood = [e for e in services.keys.audit.entries() if e.seq > before]
+            assert [(e.op, e.outcome, e.detail.get("client")) for e in flood] == [
+                ("release_datakey", "denied", "127.0.0.3")
+            ]
+            w = harness.attest(M_ALPHA)
+            with httpx.Client(
+                base_url=server.url, verify=_context(harness.ws.ca_cert), timeout=30.0
+            ) as workload:
+                r = workload.post("/kms/v1/keys/alpha/datakey", headers=_bearer(w.token))
+            assert r.status_code == 200, r.text
+            harness.remember(open_released(ReleasedKey.from_dict(r.json()), w.private))
+            last = services.keys.audit.entries(limit=1)[-1]
+            assert (last.op, last.outcome) == ("release_datakey", "ok")
+    finally:
+        services.close()  # the refusals left out are counted in one record
+    counted = services_for(harness.ws, actor="server")
+    try:
+        record = counted.keys.audit.entries(limit=1)[-1]
+        assert record.detail["suppressed"] == 49 and record.detail["client"] == "127.0.0.3"
+    finally:
+        counted.close()
+
+
+def test_every_answer_carries_the_security_headers(harness: Harness) -> None:
+    for response in (
+        harness.client.get("/healthz"),
+        harness.client.get("/kms/v1/keys"),
+        harness.admin.get("/kms/v1/keys"),
+        harness.client.post("/attestation/v1/challenge"),
+    ):
+        assert response.headers["content-security-policy"] == (
+            "default-src 'none'; frame-ancestors 'none'"
+        )
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["cache-control"] == "no-store"
 
 
 # -- after the whole table ---------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import threading
@@ -37,7 +36,8 @@ from tests.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_reference, write
 
 from ppml._internal.fs import write_private
 from ppml.crypto.passphrase import KdfParams
-from ppml.server.tls import TlsFiles, serving
+from ppml.server.embedded import tls_files_for
+from ppml.server.tls import serving
 from ppml.serving.codec import KEY_BYTES, PayloadCodec
 from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
 from ppml.serving.model import load_model
@@ -427,8 +427,8 @@ def https_front_end(env: Serving, queue: ServingQueue, **settings: Any) -> Itera
     with env.ws.key_service() as keys:
         info = ModelInfo.from_model(load_model(env.model_file, keys, name=MODEL))
     app = create_app(queue, models={MODEL: info}, settings=FrontendSettings(**settings))
-    tls = TlsFiles(cert=env.ws.server_cert, key=env.ws.server_key, ca=env.ws.ca_cert)
-    verify = ssl.create_default_context(cafile=str(env.ws.ca_cert))
+    tls = tls_files_for(env.ws)
+    verify = env.ws.client_ssl_context()  # the front end authenticates its clients
     with (
         serving(app, tls) as handle,
         httpx.Client(base_url=handle.url, verify=verify, timeout=20.0) as client,

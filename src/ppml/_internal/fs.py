@@ -1,16 +1,24 @@
 """File-system helpers: private directories and files, and outputs that appear only when complete.
 
-Every output that ppml writes goes through `atomic_output`: the bytes go to a hidden temporary
-file in the destination directory, which is renamed over the destination only after the caller's
-block finished without an exception (including KeyboardInterrupt). On any failure the temporary
-file is removed, so no partial output is ever left behind.
+Every output that ppml writes goes through `atomic_output`: the bytes go to a file with no name
+in the destination directory (``O_TMPFILE``: it vanishes with the process, even on SIGKILL),
+which is linked under a temporary name and renamed over the destination only after the caller's
+block finished without an exception (including KeyboardInterrupt and, under the CLI, SIGTERM and
+SIGHUP). Where a file system has no ``O_TMPFILE``, a hidden named temporary file is used, locked
+(``flock``) while it is written. `sweep_stale` removes the temporaries of processes that died
+(their lock is gone), so no partial output outlives the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import logging
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -20,11 +28,19 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "atomic_output",
     "ensure_private_dir",
+    "locked_temp_dir",
+    "old_name",
+    "state_root",
+    "sweep_stale",
     "write_private",
 ]
 
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
+# .NAME.ppml-HEX.tmp (an output being written), .NAME.ppml-HEX.old (one being replaced).
+_TEMP = re.compile(r"\..+\.ppml-[0-9a-f]{12}\.(?:tmp|old)")
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT}
+_log = logging.getLogger(__name__)
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -33,8 +49,46 @@ def ensure_private_dir(path: Path) -> None:
     os.chmod(path, PRIVATE_DIR_MODE)
 
 
-def _temp_name(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+def state_root() -> Path:
+    """`$XDG_STATE_HOME/ppml`, else `~/.local/state/ppml`: per-user state that outlives a run
+    and must not live in a workspace (the KMS state counters)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(base) / "ppml"
+
+
+def _temp_name(dest: Path, suffix: str = "tmp") -> Path:
+    return dest.with_name(f".{dest.name}.ppml-{secrets.token_hex(6)}.{suffix}")
+
+
+def _open_unnamed(dest: Path, mode: int) -> int | None:
+    """A file with no name in `dest`'s directory, or None where the file system has none."""
+    flags = getattr(os, "O_TMPFILE", 0)
+    if not flags or not os.path.isdir("/proc/self/fd"):  # naming it later needs /proc
+        return None
+    try:
+        return os.open(dest.parent, flags | os.O_WRONLY | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno in _NO_TMPFILE and dest.parent.is_dir():
+            return None
+        raise OSError(exc.errno, exc.strerror, str(dest)) from None
+
+
+def _link_unnamed(fd: int, dest: Path) -> None:
+    """Give the O_TMPFILE file `fd` the name `dest` (linkat with AT_SYMLINK_FOLLOW through
+    /proc: `os.link` uses linkat, which follows the magic link, only when given a dir fd)."""
+    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(
+            f"/proc/self/fd/{fd}",
+            dest.name,
+            src_dir_fd=dir_fd,
+            dst_dir_fd=dir_fd,
+            follow_symlinks=True,
+        )
+    finally:
+        os.close(dir_fd)
 
 
 @contextlib.contextmanager
@@ -43,29 +97,97 @@ def atomic_output(
 ) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces `dest` atomically when the block completes.
 
-    The temporary file is created with `mode` from the start (never world-readable, even
-    briefly). `fsync=True` flushes the data to stable storage before the rename, for files
-    whose loss after a crash would lose keys.
+    The file is created with `mode` from the start (never world-readable, even briefly), and
+    has no name until it is complete. `fsync=True` flushes the data to stable storage before
+    the rename, for files whose loss after a crash would lose keys.
     """
     dest = Path(dest)
     tmp = _temp_name(dest)
+    fd = _open_unnamed(dest, mode)
+    named = fd is None
+    if fd is None:
+        # Made under a name `sweep_stale` ignores, locked, then given its .tmp name.
+        new = tmp.with_suffix(".new")
+        try:
+            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except OSError as exc:
+            # Name the destination the caller asked for, not the temporary file.
+            raise OSError(exc.errno, exc.strerror, str(dest)) from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(new, tmp)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    except OSError as exc:
-        # Name the destination the caller asked for, not the temporary file.
-        raise OSError(exc.errno, exc.strerror, str(dest)) from None
-    try:
+        # Held until the output is in place: `sweep_stale` leaves a locked temporary alone.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(fd, "wb", buffering=0) as fh:
             yield fh
             if fsync:
                 os.fsync(fh.fileno())
-        os.replace(tmp, dest)
+            if not named:
+                _link_unnamed(fh.fileno(), tmp)
+                named = True
+            os.replace(tmp, dest)
         if fsync:
             _fsync_dir(dest.parent)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if named:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def locked_temp_dir(dest: Path) -> Iterator[Path]:
+    """A new private hidden directory beside `dest` (``.NAME.ppml-HEX.tmp``), locked while the
+    block runs so that `sweep_stale` leaves it alone; the caller renames or removes it."""
+    tmp = _temp_name(dest)
+    new = tmp.with_suffix(".new")  # a name `sweep_stale` ignores, until it is locked
+    os.mkdir(new, PRIVATE_DIR_MODE)
+    fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(new, tmp)
+        yield tmp
+    finally:
+        os.close(fd)
+
+
+def old_name(dest: Path) -> Path:
+    """Where `dest` goes while it is being replaced (``.NAME.ppml-HEX.old``)."""
+    return _temp_name(dest, "old")
+
+
+def sweep_stale(directory: Path) -> list[Path]:
+    """Remove the ppml temporaries in `directory` that no running process holds (left by a
+    process that was killed); returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _TEMP.fullmatch(entry.name):
+            continue
+        path = Path(entry.path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running process is writing it
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    for path in removed:
+        _log.warning("removed %s, left by an interrupted ppml", path)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:

@@ -114,9 +114,10 @@ class AttestationService:
         """The TEE types whose evidence this service accepts."""
         return frozenset(t for t in self._verifiers if t is not TeeType.SIM or self._allow_sim)
 
-    def challenge(self) -> Challenge:
-        """A fresh single-use nonce for a workload to bind into its evidence."""
-        return self._challenges.issue()
+    def challenge(self, client: str | None = None) -> Challenge:
+        """A fresh single-use nonce for a workload to bind into its evidence (`client`: who asks,
+        e.g. a network address, for the per-client limit)."""
+        return self._challenges.issue(client)
 
     def attest(
         self, tee: str, evidence: bytes, nonce: bytes, public_key: bytes

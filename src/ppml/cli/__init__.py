@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 unexpected internal error; 2 usage error (bad arguments, missing or
 wrong input, output exists); 3 integrity error (tampered, truncated or mixed-up data, or a
 broken audit chain); 4 key access error (wrong passphrase, unknown key or version); 5
-configuration error (no or damaged workspace, missing passphrase); 130 interrupted (Ctrl-C).
+configuration error (no or damaged workspace, missing passphrase); 130 interrupted (Ctrl-C); 143
+and 129 terminated by SIGTERM or SIGHUP (handled like Ctrl-C: no partial output is left).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ppml.cli import (
     spark_cmds,
     sql_cmd,
 )
+from ppml.cli._common import Terminated, install_signal_handlers
 
 __all__ = ["app", "main"]
 
@@ -70,8 +72,12 @@ serving_cmds.register(app)
 
 def main() -> None:
     """Console-script entry point."""
+    install_signal_handlers()
     try:
         app()
+    except Terminated as exc:  # outside a command body
+        sys.stderr.write(f"ppml: terminated ({exc.name})\n")
+        sys.exit(128 + exc.signum)
     except KeyboardInterrupt:  # Ctrl-C outside a command body
         sys.stderr.write("ppml: interrupted\n")
         sys.exit(130)

@@ -127,7 +127,7 @@ def loopback_services(ws: Workspace, actor: str, kms_url: str | None) -> Iterato
         with serving(create_app(services), tls_files_for(ws)) as server:
             yield server.url
     finally:
-        services.keys.close()
+        services.close()
 
 
 def _quote_for(ws: Workspace, tee: str) -> Callable[[str], Callable[[bytes], bytes]]:

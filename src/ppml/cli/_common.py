@@ -6,6 +6,7 @@ import contextlib
 import getpass
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,32 @@ if TYPE_CHECKING:
 PASSPHRASE_ENV = "PPML_PASSPHRASE"  # noqa: S105 -- the variable's name, not a value
 HOME_ENV = "PPML_HOME"
 INTERRUPTED_EXIT = 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C: every cleanup that runs on
+    Ctrl-C runs (no partial output, no plaintext temporary left behind)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM and SIGHUP stop a command the way Ctrl-C does (a command that manages its
+    own children installs its own handlers over these)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _terminated)
+
 
 WorkspaceOption = Annotated[
     Path | None,
@@ -128,6 +155,9 @@ def handle_errors() -> Iterator[None]:
         yield
     except PPMLError as exc:
         fail(exc)
+    except Terminated as exc:
+        typer.echo(f"ppml: terminated ({exc.name})", err=True)
+        raise typer.Exit(128 + exc.signum) from None
     except KeyboardInterrupt:
         typer.echo("ppml: interrupted", err=True)
         raise typer.Exit(INTERRUPTED_EXIT) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -48,12 +49,30 @@ def _input(path: Path) -> Path:
 
 
 def _data_files(root: Path) -> list[Path]:
-    """Regular files under `root`, hidden ones (name starting with '.') left out."""
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    """Regular files under `root`, hidden ones (name starting with '.') left out. Symbolic
+    links are not followed (a link could lead out of the tree): they are named on stderr and
+    left out."""
+    files: list[Path] = []
+    links: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        for d in list(dirnames):
+            if d.startswith(".") or (here / d).is_symlink():
+                if not d.startswith("."):
+                    links.append(here / d)
+                dirnames.remove(d)
+        for f in filenames:
+            path = here / f
+            if f.startswith("."):
+                continue
+            if path.is_symlink():
+                links.append(path)
+            elif path.is_file():
+                files.append(path)
+    if links:
+        shown = ", ".join(str(p) for p in sorted(links)[:3]) + (", ..." if len(links) > 3 else "")
+        typer.echo(f"ppml: left out {len(links)} symbolic link(s), not followed: {shown}", err=True)
+    return sorted(files)
 
 
 def _each_file(
@@ -65,9 +84,13 @@ def _each_file(
 ) -> None:
     """Apply `one` to a file, or to every file of a directory into an output directory that
     appears only when all of them succeeded."""
+    from ppml._internal.fs import sweep_stale
     from ppml.data import output_directory
+    from ppml.data.files import check_output_name
 
+    check_output_name(output)
     if not src.is_dir():
+        sweep_stale(output.parent if str(output.parent) else Path("."))
         with ByteProgress(src.stat().st_size, f"{verb}ing") as bar:
             one(src, output, force, bar)
         return

@@ -149,19 +149,33 @@ def audit_verify(
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
-    """Verify the audit log's MAC chain: detects an edited, inserted, deleted or reordered
-    record and a cut-off tail. Exit 0 when intact, 3 when not."""
+    """Verify the audit log's MAC chain and the KMS state.
+
+    The chain: an edited, inserted, deleted or reordered record, or a cut-off tail. The state:
+    every key, key version and release rule against the authenticated state record, that record
+    against the audit log, and the state counter kept outside the workspace (a rollback of the
+    whole key store file). Exit 0 when both are intact, 3 when not.
+    """
     with handle_errors():
         check_format(fmt)
         with open_workspace(workspace, passphrase_file).key_service() as keys:
-            result = keys.audit.verify()
+            chain = keys.audit.verify()
+            state = keys.verify_state()
         if fmt == "json":
-            print_json(result.to_dict())
-        elif result.ok:
-            typer.echo(f"audit log intact: {result.count} records")
-        if not result.ok:
-            where = f" at record {result.first_bad_seq}" if result.first_bad_seq else ""
-            raise IntegrityError(f"audit log broken{where}: {result.reason}")
+            print_json({**chain.to_dict(), "state": state.to_dict()})
+        else:
+            if chain.ok:
+                typer.echo(f"audit log intact: {chain.count} records")
+            if state.ok:
+                counter = "" if state.counter is None else f", counter at {state.counter}"
+                typer.echo(f"KMS state intact: version {state.version}, {state.keys} keys{counter}")
+        if not chain.ok:
+            where = f" at record {chain.first_bad_seq}" if chain.first_bad_seq else ""
+            if not state.ok:
+                typer.echo(f"KMS state check failed: {state.reason}", err=True)
+            raise IntegrityError(f"audit log broken{where}: {chain.reason}")
+        if not state.ok:
+            raise IntegrityError(f"KMS state check failed: {state.reason}")
 
 
 @secret_app.command("show")

@@ -243,8 +243,9 @@ def serve(
 ) -> None:
     """Serve the attestation service and the KMS over HTTPS (no plain HTTP), with the
     workspace's certificates. Administrators authenticate with the workspace's client
-    certificate (mutual TLS); workloads with attestation tokens. OpenAPI at /docs and
-    /openapi.json."""
+    certificate (mutual TLS); workloads with attestation tokens. The OpenAPI document is at
+    /openapi.json (no interactive docs: they would load third-party script). Challenges,
+    attestations, releases and refused calls are rate limited per client (429, Retry-After)."""
     with handle_errors():
         from ppml.server.app import create_app
         from ppml.server.embedded import services_for, tls_files_for
@@ -256,5 +257,5 @@ def serve(
         try:
             serve_forever(create_app(services), tls_files_for(ws), host=host, port=port)
         finally:
-            services.keys.close()
+            services.close()
         sys.stdout.flush()

@@ -163,7 +163,7 @@ def _up(ws: Any, keys: Any, plan: Any, detach: bool) -> int:
 
             typer.echo(SIM_NOTICE, err=True)
             services = services_for(ws, actor=f"sim:serving-{plan.settings.deployment}")
-            stack.callback(services.keys.close)
+            stack.callback(services.close)
             kms_url = stack.enter_context(serving(create_app(services), tls_files_for(ws))).url
         # Signals during start-up stop it too (start_deployment cleans up on any exception).
         stack.enter_context(signals_to_event(stop))
@@ -238,3 +238,84 @@ def down(workspace: WorkspaceOption = None) -> None:
 
         stopped = stop_deployment(serving_dir_of(workspace_dir(workspace)))
         typer.echo(f"stopped {stopped} process(es)")
+
+
+client_app = typer.Typer(
+    help="Clients of the serving front ends: certificates of the workspace CA (mutual TLS).",
+    no_args_is_help=True,
+)
+serving_app.add_typer(client_app, name="client")
+
+
+@client_app.command("issue")
+def client_issue(
+    name: Annotated[
+        str,
+        typer.Argument(help="The client's name (its results are its own): 1-64 of a-z 0-9 . _ -"),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Directory to write NAME.pem and NAME-key.pem into."),
+    ] = Path("."),
+    days: Annotated[int, typer.Option("--days", help="Validity in days.")] = 365,
+    key_password_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-password-file",
+            help="Encrypt the private key (PKCS#8) with the password in this file (first line). "
+            "Without it the key is written unencrypted, mode 0600, for the client to keep.",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Issue a client certificate for the serving front ends, signed by the workspace CA.
+
+    The front ends accept a client that presents it (mutual TLS): its request ids and results
+    are its own. Hand NAME.pem and NAME-key.pem to the client; with the Python client,
+    `InputQueue(url, ca="ca.pem", cert=("NAME.pem", "NAME-key.pem"))`.
+    """
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+
+    from ppml import names
+    from ppml._internal.fs import write_private
+    from ppml.errors import OutputExists, UsageError
+    from ppml.workspace import pki
+
+    with handle_errors():
+        names.CLIENT.check(name)
+        if not 1 <= days <= 3650:
+            raise UsageError("--days must be 1 to 3650")
+        password: str | None = None
+        if key_password_file is not None:
+            try:
+                password = key_password_file.read_text().splitlines()[0]
+            except (OSError, IndexError):
+                raise UsageError("cannot read a password from it", path=key_password_file) from None
+            if len(password) < 8:
+                raise UsageError("the key password must be 8 characters or more")
+        if not out.is_dir():
+            raise UsageError("not a directory", path=out)
+        cert_path, key_path = out / f"{name}.pem", out / f"{name}-key.pem"
+        for path in (cert_path, key_path):
+            if path.exists() and not force:
+                raise OutputExists("output exists (use --force to replace it)", path=path)
+        ws = open_workspace(workspace, passphrase_file)
+        now = dt.datetime.now(dt.UTC)
+        issued = pki.issue_serving_client(
+            ws.certificate_authority(), name, now, dt.timedelta(days=days)
+        )
+        key_pem = (
+            pki.encrypted_key_pem(issued.key, password)
+            if password is not None
+            else pki.private_key_pem(issued.key)
+        )
+        write_private(key_path, key_pem)
+        write_private(cert_path, issued.cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        typer.echo(f"certificate  {cert_path}")
+        typer.echo(f"private key  {key_path} (0600{', encrypted' if password else ''})")
+        typer.echo(f"CA           {ws.ca_cert}")
+        typer.echo(f"valid until  {issued.cert.not_valid_after_utc.isoformat()}")

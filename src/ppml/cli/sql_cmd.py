@@ -169,7 +169,9 @@ def sql(
 
 def _check_output(output: Path, key: str | None, fmt: OutputFormat | None, force: bool) -> None:
     from ppml.data import TableFormat
+    from ppml.data.files import check_output_name
 
+    check_output_name(output)
     if key is None:
         raise UsageError("-o OUT needs --key NAME (the key to encrypt the result under)")
     if fmt is not None:

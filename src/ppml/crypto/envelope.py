@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ppml import names
 from ppml.errors import IntegrityError, UsageError
 
 __all__ = [
@@ -33,17 +33,11 @@ __all__ = [
 
 DATA_KEY_BYTES = 32
 _NONCE_BYTES = 12
-_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def validate_key_name(name: str) -> str:
     """Key names: 1-128 characters of letters, digits, '.', '_', '-', starting alphanumeric."""
-    if not isinstance(name, str) or not _KEY_NAME.match(name):
-        raise UsageError(
-            f"invalid key name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
+    return names.KEY.check(name)
 
 
 def dek_aad(key_name: str, version: int) -> bytes:

@@ -154,7 +154,7 @@ def read_header(src: BinaryIO) -> tuple[StreamHeader, int]:
         raise IntegrityError()
     _, version, alg, ctype, flags, seg, salt, prefix, name_len = _FIXED.unpack(first)
     if version != FORMAT_VERSION or alg != ALG_AES256GCM_HKDF_SHA256 or flags != 0:
-        raise IntegrityError("unsupported format version or algorithm")
+        raise IntegrityError()  # docs/format.md: opaque, like every other check
     try:
         name = _read_exact(src, name_len).decode("utf-8")
         key_version, wrapped_len = _MUTABLE.unpack(_read_exact(src, _MUTABLE.size))

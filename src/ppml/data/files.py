@@ -11,12 +11,11 @@ import contextlib
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ppml._internal.fs import atomic_output
+from ppml._internal.fs import atomic_output, locked_temp_dir, old_name, sweep_stale
 from ppml.crypto.envelope import DataKeyProvider, WrappedKey
 from ppml.crypto.stream import (
     DEFAULT_SEGMENT_SIZE,
@@ -35,6 +34,7 @@ from ppml.errors import InputNotFound, OutputExists, PPMLError, UsageError
 
 __all__ = [
     "annotate_errors",
+    "check_output_name",
     "content_type_for",
     "create_encrypted",
     "decrypt_file",
@@ -74,7 +74,26 @@ def _check_input_file(path: Path) -> None:
         raise UsageError("cannot read input: permission denied", path=path)
 
 
+# An output's temporary name adds ".", ".ppml-" and 12 hex digits and ".tmp" to its own.
+_MAX_OUTPUT_NAME = 255 - 23
+
+
+def check_output_name(path: Path) -> None:
+    """Refuse an output that ppml cannot write atomically: standard output (``-``) and a name
+    too long for a temporary name beside it."""
+    if str(path) == "-":
+        raise UsageError(
+            "writing to standard output (-o -) is not supported: name an output file, which "
+            "appears only once complete"
+        )
+    if len(os.fsencode(path.name)) > _MAX_OUTPUT_NAME:
+        raise UsageError(
+            f"output name too long: at most {_MAX_OUTPUT_NAME} bytes", path=path.name[:60] + "..."
+        )
+
+
 def _check_output(path: Path, *, overwrite: bool) -> None:
+    check_output_name(path)
     if path.is_dir():
         raise UsageError("output is a directory, expected a file path", path=path)
     if path.exists() and not overwrite:
@@ -84,6 +103,7 @@ def _check_output(path: Path, *, overwrite: bool) -> None:
         raise UsageError("output directory does not exist", path=path)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError("cannot write output: permission denied", path=path)
+    sweep_stale(parent)
 
 
 @contextlib.contextmanager
@@ -269,6 +289,7 @@ def output_directory(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
     On failure the temporary directory is removed and an existing `dst` is left untouched.
     """
     dst = Path(dst)
+    check_output_name(dst)
     if dst.exists() and not overwrite:
         raise OutputExists("output exists (use --force to replace it)", path=dst)
     if dst.exists() and not dst.is_dir():
@@ -276,16 +297,17 @@ def output_directory(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
     parent = dst.parent if str(dst.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError("output's parent directory does not exist", path=dst)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=parent))
-            os.replace(dst, old / "d")
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    sweep_stale(parent)
+    with locked_temp_dir(dst) as tmp:
+        try:
+            yield tmp
+            if dst.exists():
+                old = old_name(dst)
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

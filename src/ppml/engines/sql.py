@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ppml import names
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.data.tables import part_files
 from ppml.errors import UsageError
@@ -65,8 +66,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|%)?$", re.IGNORECASE)
+_MEMORY_LIMIT = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|%)?", re.IGNORECASE)
 
 # DuckDB messages kept as they are even when the data is involved: they describe resources and
 # the query, never values.
@@ -97,7 +97,7 @@ class SqlOptions:
     read_workers: int | None = None
 
     def __post_init__(self) -> None:
-        if self.memory_limit is not None and not _MEMORY_LIMIT.match(self.memory_limit.strip()):
+        if self.memory_limit is not None and not _MEMORY_LIMIT.fullmatch(self.memory_limit.strip()):
             raise UsageError(f"invalid memory limit {self.memory_limit!r} (e.g. 4GB or 50%)")
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise UsageError("threads must be between 1 and 1024")
@@ -167,12 +167,7 @@ def check_query(query: str) -> None:
 
 def validate_table_name(name: str) -> str:
     """Table names: a letter or '_', then letters, digits or '_' (at most 63 characters)."""
-    if not isinstance(name, str) or not _TABLE_NAME.match(name):
-        raise UsageError(
-            f"invalid table name {name!r}: use letters, digits and '_', starting with a letter "
-            "or '_' (at most 63 characters)"
-        )
-    return name
+    return names.TABLE.check(name)
 
 
 def connect(

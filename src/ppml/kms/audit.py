@@ -2,10 +2,12 @@
 
 Record n carries mac_n = HMAC(audit_key, mac_{n-1} || canonical_json(record n)), starting from a
 genesis MAC bound to the key store's id, and a separately MACed head row holds the last sequence
-number and its MAC: `AuditLog.verify` detects an edited, inserted, deleted, reordered or truncated
-record. It cannot detect a rollback of the whole file (or of the audit and head tables together)
-to an older copy of itself, since that copy was once valid; only storage the KMS cannot rewrite
-(an append-only copy, a remote log) guards against that.
+number, its MAC and the version of the KMS state (`ppml.kms.state`) the log has reached:
+`AuditLog.verify` detects an edited, inserted, deleted, reordered or truncated record. A rollback
+of the whole file to an older copy of itself is consistent in itself; the KMS state counter
+(`ppml.kms.state.StateCounter`, outside the file) detects one that undoes a state change, and
+only storage the KMS cannot rewrite (an append-only copy, a remote log) guards the records in
+between.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ppml.kms.store import KeyStore
 
 __all__ = [
     "AuditEntry",
+    "AuditHead",
     "AuditLog",
     "AuditVerification",
     "Outcome",
@@ -41,8 +44,11 @@ Outcome = Literal["ok", "denied", "error"]
 _MAC_BYTES = 32
 _GENESIS_LABEL = b"ppml/kms/audit/genesis/v1\x00"
 _HEAD_LABEL = b"ppml/kms/audit/head/v1\x00"
+# Since key store schema 4 the head also binds the KMS state version; a head without one (a
+# store not yet anchored, `ppml.kms.state`) carries the version-1 MAC.
+_HEAD_LABEL_V2 = b"ppml/kms/audit/head/v2\x00"
 _SELECT = "SELECT seq, ts, actor, op, key_name, version, outcome, detail, mac FROM audit"
-_SELECT_HEAD = "SELECT seq, mac, head_mac FROM audit_head WHERE id = 1"
+_SELECT_HEAD = "SELECT seq, mac, head_mac, state_version FROM audit_head WHERE id = 1"
 
 _log = logging.getLogger(__name__)
 
@@ -125,8 +131,22 @@ def _genesis(audit_key: bytes, store_id: bytes) -> bytes:
     return _mac(audit_key, _GENESIS_LABEL, store_id)
 
 
-def _head_mac(audit_key: bytes, seq: int, mac: bytes) -> bytes:
-    return _mac(audit_key, _HEAD_LABEL, seq.to_bytes(8, "big"), mac)
+def _head_mac(audit_key: bytes, seq: int, mac: bytes, state_version: int | None) -> bytes:
+    if state_version is None:
+        return _mac(audit_key, _HEAD_LABEL, seq.to_bytes(8, "big"), mac)
+    return _mac(
+        audit_key, _HEAD_LABEL_V2, seq.to_bytes(8, "big"), mac, state_version.to_bytes(8, "big")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditHead:
+    """The log's verified head: the last record's sequence number and MAC, and the KMS state
+    version the log has reached (None in a store not yet anchored)."""
+
+    seq: int
+    mac: bytes
+    state_version: int | None
 
 
 def _fields(row: tuple[Any, ...], detail: Any) -> dict[str, Any]:
@@ -143,13 +163,15 @@ def _fields(row: tuple[Any, ...], detail: Any) -> dict[str, Any]:
     }
 
 
-def initialize_head(conn: sqlite3.Connection, audit_key: bytes, store_id: bytes) -> None:
-    """Anchor an empty log: the head points at sequence 0 and the genesis MAC."""
+def initialize_head(conn: sqlite3.Connection, audit_key: bytes, store_id: bytes) -> bytes:
+    """Anchor an empty log: the head points at sequence 0, the genesis MAC (returned) and
+    state version 0."""
     genesis = _genesis(audit_key, store_id)
     conn.execute(
-        "INSERT INTO audit_head (id, seq, mac, head_mac) VALUES (1, 0, ?, ?)",
-        (genesis, _head_mac(audit_key, 0, genesis)),
+        "INSERT INTO audit_head (id, seq, mac, head_mac, state_version) VALUES (1, 0, ?, ?, 0)",
+        (genesis, _head_mac(audit_key, 0, genesis, 0)),
     )
+    return genesis
 
 
 class AuditLog:
@@ -176,27 +198,29 @@ class AuditLog:
         version: int | None,
         outcome: Outcome,
         detail: Mapping[str, Any],
+        state_version: int | None = None,
     ) -> AuditEntry:
-        """Add a record inside the caller's write transaction (so it commits with the operation)."""
-        head = conn.execute(_SELECT_HEAD).fetchone()
-        if head is None or not self._head_ok(*head):
-            _log.error(
-                "audit head of %s is missing or forged: refusing to append", self._store.path
-            )
-            raise IntegrityError(path=self._store.path)
-        seq = int(head[0]) + 1
+        """Add a record inside the caller's write transaction (so it commits with the operation).
+
+        `state_version` (for an operation that changed the KMS state) becomes the head's state
+        version; by default it is kept.
+        """
+        head = self.head(conn)
+        seq = head.seq + 1
         ts_text = _timestamp(ts)
         detail_obj = dict(detail)
         row = (seq, ts_text, actor, op, key_name, version, outcome)
-        mac = _mac(self._key, head[1], canonical_json(_fields(row, detail_obj)))
+        mac = _mac(self._key, head.mac, canonical_json(_fields(row, detail_obj)))
+        if state_version is None:
+            state_version = head.state_version
         conn.execute(
             "INSERT INTO audit (seq, ts, actor, op, key_name, version, outcome, detail, mac) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (*row, canonical_json(detail_obj).decode(), mac),
         )
         conn.execute(
-            "UPDATE audit_head SET seq = ?, mac = ?, head_mac = ? WHERE id = 1",
-            (seq, mac, _head_mac(self._key, seq, mac)),
+            "UPDATE audit_head SET seq = ?, mac = ?, head_mac = ?, state_version = ? WHERE id = 1",
+            (seq, mac, _head_mac(self._key, seq, mac, state_version), state_version),
         )
         return AuditEntry(
             seq,
@@ -225,18 +249,42 @@ class AuditLog:
         if self._guard is not None:
             self._guard()
         with self._store.read() as conn:
-            head = conn.execute(_SELECT_HEAD).fetchone()
-            prev, count = self._genesis(), 0
-            for row in conn.execute(_SELECT + " ORDER BY seq"):
-                seq, expected = row[0], count + 1
-                if seq > expected:
-                    return _bad(count, expected, f"record {expected} is missing")
-                if seq < expected:
-                    return _bad(count, seq, f"record {seq} is out of sequence")
-                mac = self._row_mac(prev, row)
-                if mac is None or not compare_digest(mac, row[8]):
-                    return _bad(count, seq, f"record {seq} does not match its MAC")
-                prev, count = mac, count + 1
+            return self.verify_in(conn)
+
+    def head(self, conn: sqlite3.Connection) -> AuditHead:
+        """The head, checked against its MAC; `IntegrityError` if it is missing or forged."""
+        row = conn.execute(_SELECT_HEAD).fetchone()
+        if row is None or not self._head_ok(*row):
+            _log.error("audit head of %s is missing or forged", self._store.path)
+            raise IntegrityError("the audit log's head is missing or forged", path=self._store.path)
+        return AuditHead(int(row[0]), bytes(row[1]), row[3])
+
+    def record_mac(self, conn: sqlite3.Connection, seq: int) -> bytes | None:
+        """The stored MAC of record `seq` (the genesis MAC for 0), None if there is none."""
+        if seq == 0:
+            return self._genesis()
+        row = conn.execute("SELECT mac FROM audit WHERE seq = ?", (seq,)).fetchone()
+        return row[0] if row is not None and isinstance(row[0], bytes) else None
+
+    def last_seq(self, conn: sqlite3.Connection) -> int:
+        """The highest sequence number stored (0 for none)."""
+        row = conn.execute("SELECT max(seq) FROM audit").fetchone()
+        return int(row[0]) if isinstance(row[0], int) else 0
+
+    def verify_in(self, conn: sqlite3.Connection) -> AuditVerification:
+        """`verify` inside the caller's transaction."""
+        head = conn.execute(_SELECT_HEAD).fetchone()
+        prev, count = self._genesis(), 0
+        for row in conn.execute(_SELECT + " ORDER BY seq"):
+            seq, expected = row[0], count + 1
+            if seq > expected:
+                return _bad(count, expected, f"record {expected} is missing")
+            if seq < expected:
+                return _bad(count, seq, f"record {seq} is out of sequence")
+            mac = self._row_mac(prev, row)
+            if mac is None or not compare_digest(mac, row[8]):
+                return _bad(count, seq, f"record {seq} does not match its MAC")
+            prev, count = mac, count + 1
         if head is None:
             return _bad(count, None, "the audit head is missing")
         if not self._head_ok(*head):
@@ -251,12 +299,17 @@ class AuditLog:
     def _genesis(self) -> bytes:
         return _genesis(self._key, self._store.store_id)
 
-    def _head_ok(self, seq: Any, mac: Any, head_mac: Any) -> bool:
+    def _head_ok(self, seq: Any, mac: Any, head_mac: Any, state_version: Any = None) -> bool:
         if not (isinstance(seq, int) and 0 <= seq < 2**63):
             return False
         if not (isinstance(mac, bytes) and isinstance(head_mac, bytes)):
             return False
-        return len(mac) == _MAC_BYTES and compare_digest(_head_mac(self._key, seq, mac), head_mac)
+        if state_version is not None and not (
+            isinstance(state_version, int) and 0 <= state_version < 2**63
+        ):
+            return False
+        expected = _head_mac(self._key, seq, mac, state_version)
+        return len(mac) == _MAC_BYTES and compare_digest(expected, head_mac)
 
     def _row_mac(self, prev: bytes, row: tuple[Any, ...]) -> bytes | None:
         """The MAC a record should carry, or None if it is malformed (so cannot be genuine)."""

@@ -17,6 +17,9 @@ import base64
 import binascii
 import datetime as _dt
 import logging
+import math
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -62,6 +65,7 @@ OP_DATAKEY: Final = "release_datakey"
 OP_UNWRAP: Final = "release_unwrap"
 _MAX_SEALED_BYTES = 1024
 _MAX_DETAIL_CHARS = 128
+_MAX_KINDS = 65_536  # kinds of refusal remembered (client address, operation, reason)
 
 TokenVerifier = Callable[[str], TokenClaims]
 """Checks an attestation token and returns its claims, or raises `AttestationFailed`."""
@@ -154,6 +158,7 @@ class KeyBroker:
         *,
         allow_sim: bool,
         clock: Clock = utc_now,
+        refusal_window_s: float = 10.0,
     ) -> None:
         if not callable(verify_token):
             raise ConfigurationError("the key broker needs a token verifier")
@@ -161,6 +166,7 @@ class KeyBroker:
         self._verify_token = verify_token
         self._allow_sim = bool(allow_sim)
         self._clock = clock
+        self._refusals = _Sparse(refusal_window_s)
 
     def __repr__(self) -> str:
         return f"KeyBroker({self._keys!r}, allow_sim={self._allow_sim})"
@@ -174,10 +180,47 @@ class KeyBroker:
         """The keys whose policies `facts` satisfy (the attestation service's appraisal)."""
         return self.policies.matching_keys(facts)
 
-    def datakey(self, key_name: str, token: str) -> ReleasedKey:
-        """A fresh data key of `key_name`'s current version, sealed to the token's public key."""
+    def authenticate(
+        self, op: str, key_name: str | None, token: str, *, client: str | None = None
+    ) -> TokenClaims:
+        """The claims of `token`, verified, for a release `op` ("release_datakey" or
+        "release_unwrap") of `key_name`; else `AttestationFailed` (fixed message), audited.
+
+        Refusals of calls no token authenticates are audited sparingly, per `client` (its
+        address), operation and reason: the first in each window in full, the others counted
+        into the next record of that kind (``suppressed``), so that a flood cannot bury the
+        audit log. Everything after a verified token is audited in full."""
+        if op not in (OP_DATAKEY, OP_UNWRAP):
+            raise UsageError(f"unknown release operation {op!r}")
+        return self._verify(op, key_name, None, token, client=client)
+
+    def claims_of(self, token: str) -> TokenClaims | None:
+        """The claims of `token` if it verifies and is usable now, else None; records nothing
+        (the fast path of `authenticate`, for a caller that cannot wait on the audit log)."""
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            return None
+        try:
+            claims = self._verify_token(token)
+        except AttestationFailed:
+            return None
+        if not isinstance(claims, TokenClaims):
+            return None
+        expires = claims.expires_at
+        if expires.tzinfo is None or self._now() >= expires:
+            return None
+        public_key = claims.public_key
+        if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+            return None
+        return claims
+
+    def datakey(
+        self, key_name: str, token: str = "", *, claims: TokenClaims | None = None
+    ) -> ReleasedKey:
+        """A fresh data key of `key_name`'s current version, sealed to the token's public key
+        (`claims`: a token `authenticate` verified already)."""
         validate_key_name(key_name)
-        claims = self._verify(OP_DATAKEY, key_name, None, token)
+        if claims is None:
+            claims = self._verify(OP_DATAKEY, key_name, None, token)
         detail = _detail(claims, "datakey")
         wrapped, sealed = self._keys.release_data_key(
             key_name,
@@ -188,11 +231,15 @@ class KeyBroker:
         )
         return ReleasedKey(wrapped, sealed, "datakey")
 
-    def unwrap(self, wrapped: WrappedKey, token: str) -> ReleasedKey:
-        """The data key inside `wrapped` (an existing file's), sealed to the token's public key."""
+    def unwrap(
+        self, wrapped: WrappedKey, token: str = "", *, claims: TokenClaims | None = None
+    ) -> ReleasedKey:
+        """The data key inside `wrapped` (an existing file's), sealed to the token's public key
+        (`claims`: a token `authenticate` verified already)."""
         if not isinstance(wrapped, WrappedKey):
             raise UsageError("unwrap needs a WrappedKey")
-        claims = self._verify(OP_UNWRAP, wrapped.key_name, wrapped.version, token)
+        if claims is None:
+            claims = self._verify(OP_UNWRAP, wrapped.key_name, wrapped.version, token)
         detail = _detail(claims, "unwrap")
         released, sealed = self._keys.release_unwrapped(
             wrapped,
@@ -216,17 +263,28 @@ class KeyBroker:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _verify(self, op: str, key_name: str, version: int | None, token: str) -> TokenClaims:
+    def _verify(
+        self,
+        op: str,
+        key_name: str | None,
+        version: int | None,
+        token: str,
+        *,
+        client: str | None = None,
+    ) -> TokenClaims:
         """The token's claims, or an audited refusal (`AttestationFailed`, fixed message)."""
 
         def refuse(reason: str, detail: Mapping[str, Any] | None = None) -> AttestationFailed:
-            self._keys.record(
-                op,
-                key_name=key_name,
-                version=version,
-                outcome="denied",
-                detail={**(detail or {}), "reason": reason},
-            )
+            record = {**(detail or {}), "reason": reason}
+            if client is not None:
+                record["client"] = _clip(client)
+            suppressed = self._refusals.admit((client, op, reason))
+            if suppressed is not None:
+                if suppressed:
+                    record["suppressed"] = suppressed
+                self._keys.record(
+                    op, key_name=key_name, version=version, outcome="denied", detail=record
+                )
             _log.info("key broker %s %r: refused: %s", op, key_name, reason)
             return AttestationFailed(ATTESTATION_FAILED)
 
@@ -266,6 +324,14 @@ class KeyBroker:
             raise refuse(Reason.BAD_PUBLIC_KEY, detail)
         return claims
 
+    def flush(self) -> None:
+        """Record the refusals counted but not yet recorded (at shutdown)."""
+        for (client, op, reason), count in self._refusals.drain():
+            detail: dict[str, Any] = {"reason": reason, "suppressed": count}
+            if client is not None:
+                detail["client"] = _clip(client)
+            self._keys.record(op, key_name=None, version=None, outcome="denied", detail=detail)
+
     def _authorizer(self, claims: TokenClaims) -> Callable[[Policy], Decision]:
         allow_sim = self._allow_sim
         return lambda policy: policy.evaluate(claims, allow_sim=allow_sim)
@@ -289,6 +355,51 @@ class KeyBroker:
         if now.tzinfo is None:
             raise ConfigurationError("the clock must return timezone-aware times")
         return now
+
+
+class _Sparse:
+    """Which refusals to record: per kind, the first of each `window_s` window, and then, with
+    the first of a later window, how many were left out in between."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window, self._clock = window_s, clock
+        self._kinds: dict[Any, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, kind: Any) -> int | None:
+        """None: leave this one out (counted); else record it, with this many left out before."""
+        now = self._clock()
+        with self._lock:
+            started, left_out = self._kinds.get(kind, (-math.inf, 0))
+            if now - started < self._window:
+                self._kinds[kind] = (started, left_out + 1)
+                return None
+            self._kinds[kind] = (now, 0)
+            if len(self._kinds) > _MAX_KINDS:
+                self._shrink(now)
+            return left_out
+
+    def _shrink(self, now: float) -> None:
+        """Forget the kinds whose window is over; counts still owed move to one kind per
+        operation and reason, with no client (many clients)."""
+        kept: dict[Any, tuple[float, int]] = {}
+        owed: dict[Any, int] = {}
+        for kind, (started, left_out) in self._kinds.items():
+            if now - started < self._window and len(kept) < _MAX_KINDS // 2:
+                kept[kind] = (started, left_out)
+            elif left_out:
+                merged = (None, *kind[1:]) if isinstance(kind, tuple) else kind
+                owed[merged] = owed.get(merged, 0) + left_out
+        for kind, count in owed.items():
+            started, left_out = kept.get(kind, (now, 0))
+            kept[kind] = (started, left_out + count)
+        self._kinds = kept
+
+    def drain(self) -> list[tuple[Any, int]]:
+        with self._lock:
+            out = [(k, n) for k, (_, n) in self._kinds.items() if n]
+            self._kinds = {k: (t, 0) for k, (t, _) in self._kinds.items()}
+        return out
 
 
 def _clip(value: object) -> str | None:

@@ -68,7 +68,7 @@ PRIMARY_MEASUREMENT: Final[Mapping[TeeType, str]] = {
     TeeType.SNP: "measurement",
 }
 MEASUREMENT_BYTES: Final = (32, 48)
-_HEX = re.compile(r"^[0-9a-f]*$")
+_HEX = re.compile(r"[0-9a-f]*")
 _RULE_MAC_LABEL = b"ppml/kms/release-rule/v1\x00"
 
 
@@ -167,11 +167,11 @@ def parse_measurement(text: str) -> str:
     value = text.strip().lower() if isinstance(text, str) else ""
     if value == ANY_MEASUREMENT:
         return value
-    if not _HEX.match(value) or len(value) // 2 not in MEASUREMENT_BYTES or len(value) % 2:
+    if not _HEX.fullmatch(value) or len(value) // 2 not in MEASUREMENT_BYTES or len(value) % 2:
         raise UsageError(
             "invalid measurement: expected 64 or 96 hex digits (32 or 48 bytes), "
             f"got {len(value) if isinstance(text, str) else 'no text'}"
-            + ("" if _HEX.match(value) else " with non-hex characters")
+            + ("" if _HEX.fullmatch(value) else " with non-hex characters")
         )
     return value
 
@@ -185,7 +185,7 @@ def primary_measurement(facts: AttestedFacts) -> str | None:
 
 def _measurement_bytes(text: str) -> bytes | None:
     value = text.lower()
-    if len(value) // 2 not in MEASUREMENT_BYTES or not _HEX.match(value) or len(value) % 2:
+    if len(value) // 2 not in MEASUREMENT_BYTES or not _HEX.fullmatch(value) or len(value) % 2:
         return None
     return bytes.fromhex(value)
 
@@ -198,14 +198,14 @@ def _uint(value: object, name: str, maximum: int) -> int:
 
 def _digest(text: object, name: str, size: int) -> str:
     value = text.strip().lower() if isinstance(text, str) else ""
-    if len(value) != 2 * size or not _HEX.match(value):
+    if len(value) != 2 * size or not _HEX.fullmatch(value):
         raise UsageError(f"invalid {name}: expected {2 * size} hex digits ({size} bytes)")
     return value
 
 
 def _same_digest(measured: object, expected_hex: str) -> bool:
     """Full-width, constant-time comparison of a measured hex digest with a reference value."""
-    if not isinstance(measured, str) or len(measured) % 2 or not _HEX.match(measured.lower()):
+    if not isinstance(measured, str) or len(measured) % 2 or not _HEX.fullmatch(measured.lower()):
         return False
     return compare_digest(bytes.fromhex(measured.lower()), bytes.fromhex(expected_hex))
 

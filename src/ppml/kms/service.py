@@ -4,13 +4,13 @@ audit log. The release operations are the key broker's primitives (`ppml.kms.bro
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
-import re
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from hmac import compare_digest
 from pathlib import Path
@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _pyca_hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ppml import names
 from ppml._internal.canonical import canonical_json
 from ppml._internal.clock import Clock, utc_now
 from ppml.attestation.claims import TcbStatus, TeeType
@@ -43,6 +44,7 @@ from ppml.errors import (
     KeyVersionNotFound,
     UsageError,
 )
+from ppml.kms import state as _state
 from ppml.kms import store as _store
 from ppml.kms.audit import AuditEntry, AuditLog, Outcome, Refusal, initialize_head
 from ppml.kms.policy import (
@@ -58,20 +60,28 @@ from ppml.kms.policy import (
 if TYPE_CHECKING:
     from ppml.kms.policy import AttestedFacts
 
-__all__ = ["ACCESS_DENIED", "Authorize", "KeyInfo", "KeyService", "KeyVersionInfo", "SealKey"]
+__all__ = [
+    "ACCESS_DENIED",
+    "Authorize",
+    "KeyInfo",
+    "KeyService",
+    "KeyVersionInfo",
+    "SealKey",
+    "StateVerification",
+]
 
 MASTER_KEY_BYTES = 32
 _KEK_WRAP_INFO = b"ppml/kms/kek-wrap/v1"
 _AUDIT_INFO = b"ppml/kms/audit/v1"
 _CHECK_INFO = b"ppml/kms/master-check/v1"
 _POLICY_INFO = b"ppml/kms/release-policy/v1"
+_STATE_INFO = b"ppml/kms/state/v1"
 # The one message every release refusal after a valid token carries (unknown key or version,
 # policy denial): a caller cannot tell which keys exist. The reason goes to the audit and log.
 ACCESS_DENIED = "access denied"
 _NONCE_BYTES = 12
 _STORE_ID_BYTES = 16
 _MAX_VERSION = 2**32 - 1
-_ACTOR = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,127}$")
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -107,6 +117,71 @@ class KeyInfo:
             "current_version": self.current_version,
             "versions": [v.to_dict() for v in self.versions],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class StateVerification:
+    """The result of `KeyService.verify_state`."""
+
+    ok: bool
+    version: int | None
+    keys: int
+    counter: int | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "version": self.version,
+            "keys": self.keys,
+            "counter": self.counter,
+            "reason": self.reason,
+        }
+
+
+class _StateError(Exception):
+    """The stored rows disagree with the authenticated KMS state (`problem` says how)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+    def error(self, path: Path) -> IntegrityError:
+        return IntegrityError(f"KMS state check failed: {self.problem}", path=path)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One key's rows, checked against the authenticated state (its key row and versions; its
+    rules only in `rules_intact`, so that an altered policy denies instead of failing)."""
+
+    rows: _state.KeyRows
+    rules_intact: bool
+
+    @property
+    def exists(self) -> bool:
+        return self.rows.key is not None
+
+    @property
+    def current_version(self) -> int | None:
+        versions = [v[1] for v in self.rows.versions if isinstance(v[1], int)]
+        return max(versions) if versions else None
+
+    def wrapped_kek(self, version: int) -> bytes | None:
+        for row in self.rows.versions:
+            if row[1] == version and isinstance(row[2], bytes):
+                return row[2]
+        return None
+
+    def info(self) -> KeyInfo:
+        name, created_at = self.rows.key or (self.rows.name, "")
+        versions = tuple(
+            KeyVersionInfo(int(v), _dt.datetime.fromisoformat(c))
+            for _, v, _, c in self.rows.versions
+        )
+        return KeyInfo(
+            str(name), _dt.datetime.fromisoformat(created_at), versions[-1].version, versions
+        )
 
 
 _Body = Callable[[sqlite3.Connection, str], tuple[_T, int | None, Mapping[str, Any]]]
@@ -149,28 +224,45 @@ class KeyService:
         actor: str = "local",
         clock: Clock = utc_now,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        counter_dir: Path | None = None,
     ) -> None:
+        """Open (or create) the key store at `db_path` with `master_key`.
+
+        `counter_dir`: where to keep the state counter that detects a rollback of the whole
+        file (`ppml.kms.state.StateCounter`); None keeps none.
+        """
         if not isinstance(master_key, bytes) or len(master_key) != MASTER_KEY_BYTES:
             raise ConfigurationError(f"the master key must be {MASTER_KEY_BYTES} bytes")
-        if not isinstance(actor, str) or not _ACTOR.match(actor):
-            raise UsageError("invalid actor: use 1-128 printable ASCII characters")
+        names.ACTOR.check(actor)
         self._actor, self._clock, self._random = actor, clock, random_bytes
         self._kek_wrap_key = _derive(master_key, _KEK_WRAP_INFO)
         self._check_key = _derive(master_key, _CHECK_INFO)
         audit_key = _derive(master_key, _AUDIT_INFO)
         self._policy_key = _derive(master_key, _POLICY_INFO)
+        self._state_key = _derive(master_key, _STATE_INFO)
         self._master_ok = False
+        # (version, mac, summary) of the newest state record verified in full.
+        self._verified: tuple[int, bytes, Mapping[str, _state.KeyDigests]] | None = None
 
         def on_create(conn: sqlite3.Connection, store_id: bytes) -> None:
             _store.put_meta(conn, "master_check", self._master_check(store_id))
-            initialize_head(conn, audit_key, store_id)
+            genesis = initialize_head(conn, audit_key, store_id)
+            _state.write_record(
+                conn, self._state_key, store_id, version=0, summary={}, audit_seq=0,
+                audit_mac=genesis,
+            )  # fmt: skip
 
         self._store = _store.KeyStore(
             Path(db_path),
             new_store_id=lambda: self._random_exact(_STORE_ID_BYTES),
             on_create=on_create,
         )
-        self._audit = AuditLog(self._store, audit_key, guard=self._require_master)
+        self._audit = AuditLog(self._store, audit_key, guard=self._require_master_key)
+        self._counter = (
+            None
+            if counter_dir is None
+            else _state.StateCounter(counter_dir, self._state_key, self._store.store_id)
+        )
 
     def __repr__(self) -> str:
         return f"KeyService({str(self._store.path)!r}, actor={self._actor!r})"
@@ -197,17 +289,48 @@ class KeyService:
 
     def list_keys(self) -> list[KeyInfo]:
         self._require_master()
-        with self._store.read() as conn:
+        with self._store.read() as conn, self._checked():
+            self._summary(conn, full=True)
             return [_info(row) for row in _store.key_rows(conn)]
 
     def describe(self, name: str) -> KeyInfo:
         validate_key_name(name)
         self._require_master()
-        with self._store.read() as conn:
-            rows = _store.key_rows(conn, name)
-        if not rows:
+        with self._store.read() as conn, self._checked():
+            key = self._key(conn, name)
+        if not key.exists:
             raise KeyNotFound(f"no key named {name!r}")
-        return _info(rows[0])
+        return key.info()
+
+    def verify_state(self) -> StateVerification:
+        """Check every row that decides a release or a key against the authenticated state
+        record, the record against the audit log and the state counter (`ppml audit verify`).
+        A store made before state records existed is anchored first. Never raises for what it
+        finds: the result says what is wrong."""
+        self._require_master_key()
+        counter: int | None = None
+        try:
+            if self._counter is not None:
+                counter = self._counter.read()
+            self._open_state()  # anchors a store that has no record yet (and checks it)
+            with self._store.read() as conn:
+                summary = self._summary(conn, full=True)
+                record = _state.read_record(conn)
+        except _StateError as exc:
+            return StateVerification(False, None, 0, counter, exc.problem)
+        except IntegrityError as exc:
+            reason = exc.message.removeprefix("KMS state check failed: ")
+            return StateVerification(False, None, 0, counter, reason)
+        assert record is not None
+        if self._counter is not None:
+            counter = self._counter.read()
+        return StateVerification(
+            True,
+            record.version,
+            len(summary),
+            counter,
+            f"state version {record.version}: {len(summary)} keys, every row authenticated",
+        )
 
     # -- operations (each one audited) ---------------------------------------------------
 
@@ -215,7 +338,7 @@ class KeyService:
         validate_key_name(name)
 
         def body(conn: sqlite3.Connection, now: str) -> tuple[KeyInfo, int, Mapping[str, Any]]:
-            if _store.key_exists(conn, name):
+            if self._key(conn, name).exists:
                 raise Refusal(
                     KeyExists(f"a key named {name!r} exists already"), "denied", "key exists"
                 )
@@ -229,7 +352,7 @@ class KeyService:
         validate_key_name(name)
 
         def body(conn: sqlite3.Connection, now: str) -> tuple[KeyInfo, int, Mapping[str, Any]]:
-            current = self._current_version(conn, name)
+            current = self._current_version(self._key(conn, name))
             if current >= _MAX_VERSION:
                 raise Refusal(
                     UsageError(f"key {name!r} has no versions left"), "denied", "versions exhausted"
@@ -244,9 +367,10 @@ class KeyService:
         validate_key_name(key_name)
 
         def body(conn: sqlite3.Connection, now: str) -> tuple[DataKey, int, Mapping[str, Any]]:
-            version = self._current_version(conn, key_name)
+            key = self._key(conn, key_name)
+            version = self._current_version(key)
             dek = self._random_exact(DATA_KEY_BYTES)
-            wrapped = self._wrap_dek(conn, key_name, version, dek)
+            wrapped = self._wrap_dek(key, version, dek)
             return DataKey(dek, wrapped), version, {}
 
         return self._run("generate_data_key", key_name, None, body)
@@ -256,7 +380,7 @@ class KeyService:
             raise UsageError("unwrap needs a WrappedKey")
 
         def body(conn: sqlite3.Connection, now: str) -> tuple[bytes, int, Mapping[str, Any]]:
-            return self._unwrap_dek(conn, wrapped), wrapped.version, {}
+            return self._unwrap_dek(self._key(conn, wrapped.key_name), wrapped), wrapped.version, {}
 
         return self._run("unwrap", wrapped.key_name, wrapped.version, body)
 
@@ -265,9 +389,10 @@ class KeyService:
             raise UsageError("rewrap needs a WrappedKey")
 
         def body(conn: sqlite3.Connection, now: str) -> tuple[WrappedKey, int, Mapping[str, Any]]:
-            dek = self._unwrap_dek(conn, wrapped)
-            version = self._current_version(conn, wrapped.key_name)
-            new = self._wrap_dek(conn, wrapped.key_name, version, dek)
+            key = self._key(conn, wrapped.key_name)
+            dek = self._unwrap_dek(key, wrapped)
+            version = self._current_version(key)
+            new = self._wrap_dek(key, version, dek)
             return new, version, {"from_version": wrapped.version}
 
         return self._run("rewrap", wrapped.key_name, wrapped.version, body)
@@ -288,15 +413,10 @@ class KeyService:
         def body(conn: sqlite3.Connection, now: str) -> tuple[Policy, None, Mapping[str, Any]]:
             if rule.tee is TeeType.SIM and not allow_sim:
                 raise Refusal(_sim_refused(), "denied", Reason.SIM_NOT_ALLOWED, rule.to_dict())
-            if not _store.key_exists(conn, key_name):
-                raise Refusal(
-                    KeyNotFound(f"no key named {key_name!r}"),
-                    "denied",
-                    Reason.UNKNOWN_KEY,
-                    rule.to_dict(),
-                )
+            self._require_key(conn, key_name, rule.to_dict())
             replaced = self._store_rule(conn, key_name, rule, now)
-            return self._policy(conn, key_name), None, {**rule.to_dict(), "replaced": replaced}
+            policy = self._policy(self._rows_now(conn, key_name))
+            return policy, None, {**rule.to_dict(), "replaced": replaced}
 
         return self._run("policy_allow", key_name, None, body)
 
@@ -314,14 +434,12 @@ class KeyService:
             detail = {"rules": [r.to_dict() for r in rules]}
             if any(r.tee is TeeType.SIM for r in rules) and not allow_sim:
                 raise Refusal(_sim_refused(), "denied", Reason.SIM_NOT_ALLOWED, detail)
-            if not _store.key_exists(conn, key_name):
-                raise Refusal(
-                    KeyNotFound(f"no key named {key_name!r}"), "denied", Reason.UNKNOWN_KEY, detail
-                )
+            self._require_key(conn, key_name, detail)
             removed = _store.delete_rules(conn, key_name, None)
             for rule in rules:
                 self._store_rule(conn, key_name, rule, now)
-            return self._policy(conn, key_name), None, {**detail, "removed": removed}
+            policy = self._policy(self._rows_now(conn, key_name))
+            return policy, None, {**detail, "removed": removed}
 
         return self._run("policy_set", key_name, None, body)
 
@@ -333,10 +451,7 @@ class KeyService:
 
         def body(conn: sqlite3.Connection, now: str) -> tuple[Policy, None, Mapping[str, Any]]:
             detail = {"measurement": measurement}
-            if not _store.key_exists(conn, key_name):
-                raise Refusal(
-                    KeyNotFound(f"no key named {key_name!r}"), "denied", Reason.UNKNOWN_KEY, detail
-                )
+            self._require_key(conn, key_name, detail)
             removed = _store.delete_rules(conn, key_name, measurement)
             if removed == 0:
                 raise Refusal(
@@ -348,7 +463,8 @@ class KeyService:
                     Reason.UNKNOWN_RULE,
                     detail,
                 )
-            return self._policy(conn, key_name), None, {**detail, "removed": removed}
+            policy = self._policy(self._rows_now(conn, key_name))
+            return policy, None, {**detail, "removed": removed}
 
         return self._run("policy_revoke", key_name, None, body)
 
@@ -356,29 +472,45 @@ class KeyService:
         """The key's release policy; `IntegrityError` if a stored rule was altered."""
         validate_key_name(key_name)
         self._require_master()
-        with self._store.read() as conn:
-            if not _store.key_exists(conn, key_name):
+        with self._store.read() as conn, self._checked():
+            key = self._key(conn, key_name)
+            if not key.exists:
                 raise KeyNotFound(f"no key named {key_name!r}")
-            policy = self._policy(conn, key_name)
+            policy = self._policy(key)
         if not policy.intact:
-            raise IntegrityError(path=self._store.path)
+            raise IntegrityError(
+                f"KMS state check failed: key {key_name!r}: its release rules differ from the "
+                "authenticated state",
+                path=self._store.path,
+            )
         return policy
 
     def evaluate_release(self, key_name: str, facts: AttestedFacts, *, allow_sim: bool) -> Decision:
         """The release decision for one key (not audited: nothing is released)."""
         validate_key_name(key_name)
         self._require_master()
-        with self._store.read() as conn:
-            if not _store.key_exists(conn, key_name):
+        with self._store.read() as conn, self._checked():
+            key = self._key(conn, key_name)
+            if not key.exists:
                 return Decision(False, Reason.UNKNOWN_KEY)
-            return self._policy(conn, key_name).evaluate(facts, allow_sim=allow_sim)
+            return self._policy(key).evaluate(facts, allow_sim=allow_sim)
 
     def matching_keys(self, facts: AttestedFacts, *, allow_sim: bool) -> list[str]:
         """The names of the keys whose release policies `facts` satisfy, sorted."""
         self._require_master()
-        with self._store.read() as conn:
-            names = sorted({row.key_name for row in _store.rule_rows(conn)})
-            policies = [self._policy(conn, name) for name in names]
+        with self._store.read() as conn, self._checked():
+            summary = self._summary(conn)
+            rules = _state.rules_by_key(conn)  # one statement
+        policies = []
+        for name, rows in rules.items():
+            # Only the rules decide a match: a key with no rules matches nothing, so a key
+            # whose rules were deleted is denied; rules that differ from the record deny.
+            expected = summary.get(name)
+            if expected is None:
+                raise self._state_failure(f"key {name!r} is not in the authenticated state")
+            intact = _state.rules_digest(rows) == expected.rules
+            key = _Key(_state.KeyRows(name, (name, ""), (), rows), intact)
+            policies.append(self._policy(key))
         return [p.key_name for p in policies if p.evaluate(facts, allow_sim=allow_sim).allowed]
 
     # -- releases (the key broker's primitives) --------------------------------------------
@@ -398,10 +530,10 @@ class KeyService:
         `AccessDenied(ACCESS_DENIED)`; every outcome is audited as `op` with `detail`."""
         validate_key_name(key_name)
 
-        def produce(conn: sqlite3.Connection) -> tuple[WrappedKey, bytes]:
-            version = self._current_version(conn, key_name)
+        def produce(key: _Key) -> tuple[WrappedKey, bytes]:
+            version = self._current_version(key)
             dek = self._random_exact(DATA_KEY_BYTES)
-            return self._wrap_dek(conn, key_name, version, dek), dek
+            return self._wrap_dek(key, version, dek), dek
 
         return self._release(op, key_name, None, produce, authorize, seal_key, detail)
 
@@ -420,10 +552,10 @@ class KeyService:
         if not isinstance(wrapped, WrappedKey):
             raise UsageError("release_unwrapped needs a WrappedKey")
 
-        def produce(conn: sqlite3.Connection) -> tuple[WrappedKey, bytes]:
-            if _store.wrapped_kek(conn, wrapped.key_name, wrapped.version) is None:
+        def produce(key: _Key) -> tuple[WrappedKey, bytes]:
+            if key.wrapped_kek(wrapped.version) is None:
                 raise Refusal(AccessDenied(ACCESS_DENIED), "denied", Reason.UNKNOWN_VERSION, detail)
-            return wrapped, self._unwrap_dek(conn, wrapped)
+            return wrapped, self._unwrap_dek(key, wrapped)
 
         return self._release(
             op, wrapped.key_name, wrapped.version, produce, authorize, seal_key, detail
@@ -440,6 +572,8 @@ class KeyService:
     ) -> AuditEntry:
         """Append one audit record for a decision taken outside the key service (the broker's
         token refusals). `detail` must not hold secrets."""
+        if op in _state.STATE_OPS:
+            raise UsageError(f"{op!r} is recorded by the key service itself")
         self._require_master()
         ts = self._now()
         return self._store.write_shared(
@@ -462,7 +596,7 @@ class KeyService:
         op: str,
         key_name: str,
         version_asked: int | None,
-        produce: Callable[[sqlite3.Connection], tuple[WrappedKey, bytes]],
+        produce: Callable[[_Key], tuple[WrappedKey, bytes]],
         authorize: Authorize,
         seal_key: SealKey,
         detail: Mapping[str, Any],
@@ -471,19 +605,26 @@ class KeyService:
             conn: sqlite3.Connection, now: str
         ) -> tuple[tuple[WrappedKey, bytes], int, Mapping[str, Any]]:
             # Order matters: nothing about versions is revealed to a workload the policy denies.
-            if not _store.key_exists(conn, key_name):
+            key = self._key(conn, key_name)
+            if not key.exists:
                 raise Refusal(AccessDenied(ACCESS_DENIED), "denied", Reason.UNKNOWN_KEY, detail)
-            decision = authorize(self._policy(conn, key_name))
+            decision = authorize(self._policy(key))
             if not decision.allowed:
                 raise Refusal(AccessDenied(ACCESS_DENIED), "denied", decision.reason, detail)
             try:
-                wrapped, dek = produce(conn)
+                wrapped, dek = produce(key)
             except Refusal as exc:
                 raise Refusal(exc.error, exc.outcome, exc.reason, detail) from None
             sealed = seal_key(wrapped, dek)
             return (wrapped, sealed), wrapped.version, {**detail, "reason": decision.reason}
 
         return self._run(op, key_name, version_asked, body)
+
+    def _require_key(self, conn: sqlite3.Connection, key_name: str, detail: Any) -> None:
+        if not self._key(conn, key_name).exists:
+            raise Refusal(
+                KeyNotFound(f"no key named {key_name!r}"), "denied", Reason.UNKNOWN_KEY, detail
+            )
 
     def _store_rule(self, conn: sqlite3.Connection, key_name: str, rule: Rule, now: str) -> bool:
         return _store.upsert_rule(
@@ -501,19 +642,24 @@ class KeyService:
     def _rule_mac(self, key_name: str, rule: Rule) -> bytes:
         return rule_mac(self._policy_key, self._store.store_id, key_name, rule)
 
-    def _policy(self, conn: sqlite3.Connection, key_name: str) -> Policy:
-        """The key's stored policy, its rules checked against their MACs."""
+    def _policy(self, key: _Key) -> Policy:
+        """The key's policy from its checked rows; every rule also checked against its MAC."""
+        name = key.rows.name
         rules: list[Rule] = []
-        intact = True
-        for row in _store.rule_rows(conn, key_name):
-            rule = self._checked_rule(row)
-            if rule is None:
-                intact = False
-            else:
+        intact = key.rules_intact
+        if intact:
+            for row in key.rows.rules:
+                rule = self._checked_rule(
+                    _store.RuleRow(name, row[1], row[2], row[3], row[4], row[6], row[7])
+                )
+                if rule is None:
+                    intact = False
+                    break
                 rules.append(rule)
         if not intact:
-            _log.error("a release rule of key %r in %s was altered", key_name, self._store.path)
-        return Policy(key_name, tuple(rules), intact)
+            _log.error("a release rule of key %r in %s was altered", name, self._store.path)
+            return Policy(name, (), False)
+        return Policy(name, tuple(rules), True)
 
     def _checked_rule(self, row: _store.RuleRow) -> Rule | None:
         try:
@@ -543,32 +689,254 @@ class KeyService:
             return None
         return rule
 
+    # -- the authenticated state (`ppml.kms.state`) --------------------------------------------
+
+    @contextlib.contextmanager
+    def _checked(self) -> Iterator[None]:
+        """Turn a state check failure into the `IntegrityError` a caller sees (exit 3)."""
+        try:
+            yield
+        except _StateError as exc:
+            _log.error("key store %s: KMS state check failed: %s", self._store.path, exc.problem)
+            raise exc.error(self._store.path) from None
+
+    def _summary(
+        self, conn: sqlite3.Connection, *, full: bool = False
+    ) -> Mapping[str, _state.KeyDigests]:
+        """The authenticated summary of every key (`_StateError` if the store disagrees).
+
+        The state record is read on every call; only a record not yet verified (another
+        process changed the state, or `full`) is checked in full against every row.
+        """
+        verified = self._verified
+        if verified is not None and not full:
+            head = _state.read_version(conn)
+            if head is not None and head[0] == verified[0] and compare_digest(head[1], verified[1]):
+                return verified[2]
+        record = _state.read_record(conn)
+        if record is None:
+            raise _StateError("the state record is missing")
+        if verified is not None and record.version < verified[0]:
+            raise _StateError(f"the state went back from version {verified[0]} to {record.version}")
+        self._check_record(conn, record)
+        problems = _state.differences(_state.scan(conn), record.summary)
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            shown = "; ".join(problems[:3]) + more
+            raise _StateError(f"{shown}, against state version {record.version}")
+        self._remember(record)
+        return record.summary
+
+    def _remember(self, record: _state.StateRecord) -> None:
+        verified = self._verified
+        if verified is None or record.version >= verified[0]:
+            self._verified = (record.version, record.mac, record.summary)
+
+    def _check_record(self, conn: sqlite3.Connection, record: _state.StateRecord) -> None:
+        if not record.check(self._state_key, self._store.store_id):
+            raise _StateError("the state record does not match its MAC")
+        try:
+            head = self._audit.head(conn)
+        except IntegrityError:
+            raise _StateError("the audit log's head is missing or forged") from None
+        if head.state_version != record.version:
+            raise _StateError(
+                f"the state record is version {record.version}, but the audit log reached "
+                f"version {head.state_version}: the state was rolled back or replaced"
+            )
+        if self._audit.last_seq(conn) != head.seq:
+            raise _StateError(
+                f"the audit log holds records after its head (record {head.seq}): the head was "
+                "rolled back"
+            )
+        last = self._audit.record_mac(conn, head.seq)
+        if last is None or not compare_digest(last, head.mac):
+            raise _StateError(f"audit record {head.seq} does not match the audit log's head")
+        made_by = self._audit.record_mac(conn, record.audit_seq)
+        if made_by is None or not compare_digest(made_by, record.audit_mac):
+            raise _StateError(
+                f"audit record {record.audit_seq}, which made state version {record.version}, "
+                "is missing or altered"
+            )
+        if self._counter is not None:
+            try:
+                counted = self._counter.read()
+            except IntegrityError as exc:
+                raise _StateError(f"the state counter {self._counter.path} was altered") from exc
+            if counted is not None and counted > record.version:
+                raise _StateError(
+                    f"the key store was rolled back: its state is version {record.version}, but "
+                    f"it had reached version {counted} (counter: {self._counter.path})"
+                )
+
+    def _key(self, conn: sqlite3.Connection, name: str) -> _Key:
+        """One key's rows, checked against the authenticated state."""
+        summary = self._summary(conn)
+        return self._checked_rows(name, _state.read_key_rows(conn, name), summary)
+
+    @staticmethod
+    def _checked_rows(
+        name: str, rows: _state.KeyRows, summary: Mapping[str, _state.KeyDigests]
+    ) -> _Key:
+        expected = summary.get(name)
+        if expected is None:
+            if rows.key is None and not rows.versions and not rows.rules:
+                return _Key(rows, True)
+            raise _StateError(f"key {name!r} is not in the authenticated state")
+        got = rows.digests
+        if got.key != expected.key or got.versions != expected.versions:
+            raise _StateError("; ".join(rows.differences(expected)))
+        return _Key(rows, got.rules == expected.rules)
+
+    def _rows_now(self, conn: sqlite3.Connection, name: str) -> _Key:
+        """One key's rows as this transaction just wrote them (not yet in the state record)."""
+        return _Key(_state.read_key_rows(conn, name), True)
+
+    def _advance_state(
+        self, conn: sqlite3.Connection, ts: _dt.datetime, op: str, key_name: str,
+        version: int | None, detail: Mapping[str, Any],
+    ) -> _state.StateRecord:  # fmt: skip
+        """Record a state change: its audit record, then the new state record over every row."""
+        record = _state.read_record(conn)
+        assert record is not None  # `_summary(full=True)` ran first in this transaction
+        new_version = record.version + 1
+        self._audit.append(
+            conn,
+            ts=ts,
+            actor=self._actor,
+            op=op,
+            key_name=key_name,
+            version=version,
+            outcome="ok",
+            detail={**detail, "state": new_version},
+            state_version=new_version,
+        )
+        head = self._audit.head(conn)
+        return _state.write_record(
+            conn,
+            self._state_key,
+            self._store.store_id,
+            version=new_version,
+            summary=_state.summary_of(_state.scan(conn)),
+            audit_seq=head.seq,
+            audit_mac=head.mac,
+        )
+
+    def _open_state(self) -> None:
+        """On first use: anchor a store made before state records existed, then check the
+        whole state once."""
+        with self._store.read() as conn:
+            missing = _state.read_record(conn) is None
+        if missing:
+            with self._store.write() as conn:
+                if _state.read_record(conn) is None:
+                    self._anchor(conn)
+        with self._store.read() as conn, self._checked():
+            self._summary(conn, full=True)
+
+    def _anchor(self, conn: sqlite3.Connection) -> None:
+        """Give a store from before schema 4 its first state record (version 1), once: only
+        if its audit log never had one, its chain is intact and every stored rule and key
+        authenticates."""
+        head = self._audit.head(conn)
+        if head.state_version is not None:
+            raise self._state_failure("the state record is missing")
+        verification = self._audit.verify_in(conn)
+        if not verification.ok:
+            raise self._state_failure(
+                f"the audit log is broken ({verification.reason}): not anchoring its state"
+            )
+        rows = _state.scan(conn)
+        for name, key in rows.items():
+            k = _Key(key, True)
+            bad = not k.exists or not key.versions or not self._policy(k).intact
+            for row in key.versions:
+                try:
+                    unseal(self._kek_wrap_key, row[2], _kek_aad(name, row[1]))
+                except (IntegrityError, TypeError, ValueError, AttributeError, OverflowError):
+                    bad = True
+            if bad:
+                raise self._state_failure(f"key {name!r} does not authenticate: not anchoring")
+        ts = self._now()
+        self._audit.append(
+            conn,
+            ts=ts,
+            actor=self._actor,
+            op="state_anchor",
+            key_name=None,
+            version=None,
+            outcome="ok",
+            detail={"state": 1, "keys": len(rows)},
+            state_version=1,
+        )
+        head = self._audit.head(conn)
+        record = _state.write_record(
+            conn,
+            self._state_key,
+            self._store.store_id,
+            version=1,
+            summary=_state.summary_of(rows),
+            audit_seq=head.seq,
+            audit_mac=head.mac,
+        )
+        _log.info(
+            "key store %s: state anchored at version 1 (%d keys)", self._store.path, len(rows)
+        )
+        if self._counter is not None:
+            self._counter.advance(record.version)
+
+    def _state_failure(self, problem: str) -> IntegrityError:
+        _log.error("key store %s: KMS state check failed: %s", self._store.path, problem)
+        return _StateError(problem).error(self._store.path)
+
     def _run(self, op: str, key_name: str, version_asked: int | None, body: _Body[_T]) -> _T:
         """Run `body` in one write transaction together with its audit record.
 
         A refusal rolls back whatever `body` wrote, but its audit record still commits; the
-        result is returned (and the refusal raised) only once the record is durable.
+        result is returned (and the refusal raised) only once the record is durable. An
+        operation that changes the state is checked against every row first and leaves a new
+        state record.
         """
         self._require_master()
         ts = self._now()
+        changes_state = op in _state.STATE_OPS
 
-        def work(conn: sqlite3.Connection) -> tuple[_T | None, Refusal | None]:
+        def work(
+            conn: sqlite3.Connection,
+        ) -> tuple[_T | None, Refusal | None, _state.StateRecord | None]:
             try:
                 with _store.savepoint(conn):
-                    value, version, detail = body(conn, ts.isoformat(timespec="microseconds"))
+                    try:
+                        if changes_state:
+                            self._summary(conn, full=True)
+                        value, version, detail = body(conn, ts.isoformat(timespec="microseconds"))
+                    except _StateError as exc:
+                        raise Refusal(
+                            exc.error(self._store.path),
+                            "error",
+                            "state check failed",
+                            {"problem": exc.problem},
+                        ) from None
+                    if changes_state:
+                        record = self._advance_state(conn, ts, op, key_name, version, detail)
+                        return value, None, record
             except Refusal as exc:
                 self._record(
                     conn, ts, op, key_name, version_asked, exc.outcome, exc.record_detail()
                 )
-                return None, exc
+                return None, exc, None
             self._record(conn, ts, op, key_name, version, "ok", detail)
-            return value, None
+            return value, None, None
 
         # Group commit: concurrent operations share one durable commit.
-        value, refusal = self._store.write_shared(work)
+        value, refusal, record = self._store.write_shared(work)
         if refusal is not None:
             _log.info("kms %s %r by %s: %s", op, key_name, self._actor, refusal.reason)
             raise refusal.error from None
+        if record is not None:
+            self._remember(record)
+            if self._counter is not None:
+                self._counter.advance(record.version)
         return value  # type: ignore[return-value]  # None only together with a refusal
 
     def _record(
@@ -595,8 +963,15 @@ class KeyService:
         )
 
     def _require_master(self) -> None:
+        """Check the master key against the store, then (once) the whole state."""
         if self._master_ok:
             return
+        self._require_master_key()
+        self._open_state()
+        self._master_ok = True
+
+    def _require_master_key(self) -> None:
+        """Check the master key against the store only (the audit log's own verification)."""
         with self._store.read() as conn:
             stored = _store.get_meta(conn, "master_check")
         expected = self._master_check(self._store.store_id)
@@ -605,7 +980,6 @@ class KeyService:
             raise KeyAccessError(
                 "the master key does not open this key store", path=self._store.path
             )
-        self._master_ok = True
 
     def _master_check(self, store_id: bytes) -> bytes:
         h = _pyca_hmac.HMAC(self._check_key, hashes.SHA256())
@@ -624,10 +998,10 @@ class KeyService:
             raise ConfigurationError("the random source returned the wrong number of bytes")
         return data
 
-    def _current_version(self, conn: sqlite3.Connection, name: str) -> int:
-        version = _store.latest_version(conn, name)
+    def _current_version(self, key: _Key) -> int:
+        version = key.current_version
         if version is None:
-            raise Refusal(KeyNotFound(f"no key named {name!r}"), "denied", "unknown key")
+            raise Refusal(KeyNotFound(f"no key named {key.rows.name!r}"), "denied", "unknown key")
         return version
 
     def _add_version(self, conn: sqlite3.Connection, name: str, version: int, now: str) -> None:
@@ -636,10 +1010,11 @@ class KeyService:
         blob = seal(self._kek_wrap_key, kek, _kek_aad(name, version), nonce=nonce)
         _store.insert_version(conn, name, version, blob, now)
 
-    def _kek(self, conn: sqlite3.Connection, name: str, version: int) -> bytes:
-        blob = _store.wrapped_kek(conn, name, version)
+    def _kek(self, key: _Key, version: int) -> bytes:
+        name = key.rows.name
+        blob = key.wrapped_kek(version)
         if blob is None:
-            if not _store.key_exists(conn, name):
+            if not key.exists:
                 raise Refusal(KeyNotFound(f"no key named {name!r}"), "denied", "unknown key")
             raise Refusal(
                 KeyVersionNotFound(f"key {name!r} has no version {version}"),
@@ -657,15 +1032,14 @@ class KeyService:
                 "stored key-encryption key failed authentication",
             ) from None
 
-    def _wrap_dek(
-        self, conn: sqlite3.Connection, name: str, version: int, dek: bytes
-    ) -> WrappedKey:
-        kek = self._kek(conn, name, version)
+    def _wrap_dek(self, key: _Key, version: int, dek: bytes) -> WrappedKey:
+        kek = self._kek(key, version)
         nonce = self._random_exact(_NONCE_BYTES)
+        name = key.rows.name
         return WrappedKey(name, version, seal(kek, dek, dek_aad(name, version), nonce=nonce))
 
-    def _unwrap_dek(self, conn: sqlite3.Connection, wrapped: WrappedKey) -> bytes:
-        kek = self._kek(conn, wrapped.key_name, wrapped.version)
+    def _unwrap_dek(self, key: _Key, wrapped: WrappedKey) -> bytes:
+        kek = self._kek(key, wrapped.version)
         try:
             return unseal(kek, wrapped.blob, wrapped.aad())
         except IntegrityError:

@@ -6,7 +6,8 @@ interleaving.
 
 Schema versions: 1 keys, key versions, audit log; 2 adds ``release_rules`` (the release policies);
 3 adds ``release_rules.constraints`` (a rule's reference values beyond the primary measurement,
-canonical JSON).
+canonical JSON); 4 adds ``state_head`` (the authenticated state record, `ppml.kms.state`) and
+``audit_head.state_version``.
 An older store is upgraded in place, in one transaction, when it is opened.
 """
 
@@ -45,7 +46,7 @@ __all__ = [
     "wrapped_kek",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000
 
 _log = logging.getLogger(__name__)
@@ -92,9 +93,20 @@ _RELEASE_RULES = (
 
 _RULE_CONSTRAINTS = ("ALTER TABLE release_rules ADD COLUMN constraints TEXT NOT NULL DEFAULT '{}'",)
 
+_STATE = (
+    """CREATE TABLE state_head (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL,
+        summary BLOB NOT NULL,
+        audit_seq INTEGER NOT NULL,
+        audit_mac BLOB NOT NULL,
+        mac BLOB NOT NULL)""",
+    "ALTER TABLE audit_head ADD COLUMN state_version INTEGER",
+)
+
 # _MIGRATIONS[n] takes a store from schema version n to n + 1.
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _RELEASE_RULES, 2: _RULE_CONSTRAINTS}
-_CURRENT_SCHEMA = _SCHEMA + _RELEASE_RULES + _RULE_CONSTRAINTS
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _RELEASE_RULES, 2: _RULE_CONSTRAINTS, 3: _STATE}
+_CURRENT_SCHEMA = _SCHEMA + _RELEASE_RULES + _RULE_CONSTRAINTS + _STATE
 
 OnCreate = Callable[[sqlite3.Connection, bytes], None]
 

@@ -1,39 +1,61 @@
 """The HTTPS API: the attestation service and the KMS, as thin routers over the domain classes.
 
-Workloads authenticate with attestation tokens (bearer); administrators with a client
-certificate issued by the workspace CA (checked by the TLS layer, see `ppml.server.tls`). The
-routers only translate: every decision is made by `AttestationService`, `KeyBroker` and
-`KeyService`, the same objects that serve in-process use.
+The boundary (`ppml.server.boundary`) stands in front of every route: workloads authenticate
+the key release routes with attestation tokens (bearer), verified before the body is read;
+administrators with the workspace's own client certificate (the TLS layer verifies the chain,
+the boundary compares the certificate with the workspace's); the attestation routes are
+anonymous and limited per client address. The routers only translate: every decision is made
+by `AttestationService`, `KeyBroker` and `KeyService`, the same objects that serve in-process
+use.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from hmac import compare_digest
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from ppml.attestation import AttestationService
+from ppml.attestation import AttestationService, TokenClaims
 from ppml.crypto.envelope import WrappedKey
 from ppml.errors import AttestationFailed, UsageError
 from ppml.kms import KeyService
-from ppml.kms.broker import KeyBroker
-from ppml.server.errors import CATALOGUE, install_error_handlers, refusal
+from ppml.kms.broker import MAX_TOKEN_CHARS, OP_DATAKEY, OP_UNWRAP, KeyBroker
+from ppml.server.boundary import (
+    PEER_CERT_EXTENSION,
+    Authenticator,
+    Boundary,
+    Principal,
+    RateLimit,
+    Refused,
+    Rule,
+    client_address,
+    principal_of,
+)
+from ppml.server.errors import CATALOGUE, install_error_handlers
 
-__all__ = ["MAX_BODY_BYTES", "Services", "create_app"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "PEER_CERT_EXTENSION",
+    "ServiceLimits",
+    "Services",
+    "create_app",
+    "pinned_certificates",
+]
 
 MAX_BODY_BYTES = 64 * 1024
-PEER_CERT_EXTENSION = "ppml.peer_cert"
 
 _log = logging.getLogger("ppml.server")
 
-AdminCheck = Callable[[Request], None]
+# For the OpenAPI document only: the boundary verifies the token before the route runs.
 _bearer_scheme = HTTPBearer(
     auto_error=False,
     scheme_name="attestationToken",
@@ -45,11 +67,41 @@ Authorization = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_s
 
 @dataclass(frozen=True)
 class Services:
-    """What the server exposes. The same objects serve in-process callers."""
+    """What the server exposes. The same objects serve in-process callers.
+
+    `admin_certificates`: the DER of the client certificates that administer (the workspace's
+    own, `tls/client.pem`); none: no one administers over HTTPS."""
 
     attestation: AttestationService
     broker: KeyBroker
     keys: KeyService
+    admin_certificates: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def close(self) -> None:
+        """Record the refusals counted but not yet recorded, then close the key store."""
+        try:
+            self.broker.flush()
+        finally:
+            self.keys.close()
+
+
+_PER_ADDRESS = RateLimit(500.0, 1000)
+_PER_TOKEN = RateLimit(500.0, 1000)
+_PER_ADMIN = RateLimit(50.0, 100)
+_REFUSALS = RateLimit(2.0, 50)
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """The rate limits of `ppml serve`: challenges and attestations per client address, key
+    releases per token, administration per certificate, and refused calls (401, 403) per client
+    address, after which that address's calls are refused (429) without reaching the service."""
+
+    challenge: RateLimit = _PER_ADDRESS
+    attest: RateLimit = _PER_ADDRESS
+    release: RateLimit = _PER_TOKEN
+    admin: RateLimit = _PER_ADMIN
+    refusals: RateLimit = _REFUSALS
 
 
 class _Strict(BaseModel):
@@ -167,17 +219,54 @@ def _b64(field: str, value: str) -> bytes:
         raise UsageError(f"{field} is not base64") from None
 
 
-def _bearer(credentials: HTTPAuthorizationCredentials | None) -> str:
-    """The bearer token, or "" when there is none: the key broker refuses (and audits) that
-    like any other token that does not verify."""
-    return credentials.credentials.strip() if credentials is not None else ""
+def _bearer(scope: Mapping[str, Any]) -> str:
+    """The bearer token of a request, or "" when there is none."""
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return ""
 
 
-def require_client_certificate(request: Request) -> None:
-    """Administrators: a client certificate verified against the workspace CA by the TLS layer."""
-    cert = request.scope.get("extensions", {}).get(PEER_CERT_EXTENSION)
-    if not cert:
-        raise AttestationFailed("administrator route without a client certificate")
+def pinned_certificates(certificates: tuple[bytes, ...]) -> Authenticator:
+    """Authenticates a client certificate (already verified against the workspace CA by the
+    TLS layer) that is one of `certificates` (DER), compared by SHA-256."""
+    pins = tuple(hashlib.sha256(c).digest() for c in certificates)
+
+    async def authenticate(scope: Any) -> Principal:
+        cert = scope.get("extensions", {}).get(PEER_CERT_EXTENSION)
+        if cert:
+            digest = hashlib.sha256(cert).digest()
+            if any(compare_digest(digest, pin) for pin in pins):
+                return Principal("certificate", "administrator")
+        raise Refused(401, "no_admin_certificate")
+
+    return authenticate
+
+
+def _token_authenticator(broker: KeyBroker, op: str) -> Authenticator:
+    """Authenticates a key release by its bearer token (the broker verifies and audits)."""
+    from starlette.concurrency import run_in_threadpool
+
+    async def authenticate(scope: Any) -> Principal:
+        token = _bearer(scope)
+        if len(token) > MAX_TOKEN_CHARS:
+            token = ""
+        path = str(scope.get("path", ""))
+        key_name = path.split("/")[4] if path.count("/") >= 5 else None
+        # A token that verifies (cached after its first use) costs microseconds: checked on the
+        # event loop. A refusal is audited, which writes: that goes to a worker thread.
+        claims = broker.claims_of(token)
+        if claims is None:
+            try:
+                claims = await run_in_threadpool(
+                    broker.authenticate, op, key_name, token, client=client_address(scope)
+                )
+            except AttestationFailed:
+                raise Refused(401, "token_refused") from None
+        return Principal("token", str(claims.token_id), claims)
+
+    return authenticate
 
 
 def _refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -185,17 +274,80 @@ def _refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": RefusalResponse, "description": CATALOGUE[s]} for s in statuses}
 
 
+def _claims(request: Request) -> TokenClaims:
+    principal = principal_of(request.scope)
+    if principal is None or not isinstance(principal.claims, TokenClaims):
+        raise AttestationFailed("a release route without a verified token")
+    return principal.claims
+
+
 def create_app(
-    services: Services, *, admin_check: AdminCheck = require_client_certificate
+    services: Services,
+    *,
+    admin: Authenticator | None = None,
+    limits: ServiceLimits | None = None,
 ) -> FastAPI:
-    """The FastAPI application over `services`."""
+    """The FastAPI application over `services`, behind the boundary. `admin`: how administrators
+    authenticate (default: `pinned_certificates(services.admin_certificates)`)."""
+    limits = limits or ServiceLimits()
+    admin = admin or pinned_certificates(services.admin_certificates)
+    # No interactive docs: they would load third-party script on this origin. The OpenAPI
+    # document is served, and docs/api.md describes every route.
     app = FastAPI(
         title="ppml attestation service and KMS",
         version="1",
         description="Attestation-gated key release. See docs/api.md.",
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(_BodyLimit)
+    key = r"[^/]{1,256}"
+    rules = [
+        Rule("public", r"/healthz|/openapi\.json", frozenset({"GET", "HEAD"})),
+        Rule(
+            "challenge",
+            r"/attestation/v1/challenge",
+            frozenset({"POST"}),
+            limit=limits.challenge,
+            max_body=0,
+        ),
+        Rule(
+            "attest",
+            r"/attestation/v1/attest",
+            frozenset({"POST"}),
+            limit=limits.attest,
+            refusals=limits.refusals,
+            max_body=MAX_BODY_BYTES,
+        ),
+        Rule(
+            "datakey",
+            rf"/kms/v1/keys/{key}/datakey",
+            frozenset({"POST"}),
+            authenticate=_token_authenticator(services.broker, OP_DATAKEY),
+            limit=limits.release,
+            refusals=limits.refusals,
+            max_body=MAX_BODY_BYTES,
+        ),
+        Rule(
+            "unwrap",
+            rf"/kms/v1/keys/{key}/unwrap",
+            frozenset({"POST"}),
+            authenticate=_token_authenticator(services.broker, OP_UNWRAP),
+            limit=limits.release,
+            refusals=limits.refusals,
+            max_body=MAX_BODY_BYTES,
+        ),
+        Rule(
+            "admin",
+            rf"/kms/v1/keys|/kms/v1/keys/{key}/policy|/kms/v1/audit",
+            authenticate=admin,
+            limit=limits.admin,
+            refusals=limits.refusals,
+            max_body=MAX_BODY_BYTES,
+        ),
+    ]
+    # The catalogue text only: which check failed is in the server's log, never in the answer.
+    app.add_middleware(Boundary, rules=rules, default_body=MAX_BODY_BYTES, reasons=False)
 
     @app.get("/healthz", response_model=HealthResponse)
     def healthz() -> dict[str, str]:
@@ -205,9 +357,9 @@ def create_app(
         prefix="/attestation/v1", tags=["attestation"], responses=_refusals(400, 413)
     )
 
-    @attestation.post("/challenge", response_model=ChallengeResponse, responses=_refusals(401))
-    def challenge() -> dict[str, str]:
-        c = services.attestation.challenge()
+    @attestation.post("/challenge", response_model=ChallengeResponse, responses=_refusals(401, 429))
+    def challenge(request: Request) -> dict[str, str]:
+        c = services.attestation.challenge(client_address(request.scope))
         return {
             "nonce": base64.b64encode(c.nonce).decode(),
             "expires_at": c.expires_at.isoformat(),
@@ -223,111 +375,50 @@ def create_app(
         )
         return {"token": result.token, "expires_at": result.expires_at.isoformat()}
 
-    kms = APIRouter(prefix="/kms/v1", tags=["kms"], responses=_refusals(400, 401, 403, 413))
+    kms = APIRouter(prefix="/kms/v1", tags=["kms"], responses=_refusals(400, 401, 403, 413, 429))
 
     @kms.post("/keys/{name}/datakey", response_model=ReleasedKeyResponse)
-    def datakey(name: str, authorization: Authorization = None) -> dict[str, Any]:
-        return services.broker.datakey(name, _bearer(authorization)).to_dict()
+    def datakey(name: str, request: Request, _: Authorization = None) -> dict[str, Any]:
+        return services.broker.datakey(name, claims=_claims(request)).to_dict()
 
     @kms.post("/keys/{name}/unwrap", response_model=ReleasedKeyResponse)
     def unwrap(
-        name: str, body: UnwrapRequest, authorization: Authorization = None
+        name: str, body: UnwrapRequest, request: Request, _: Authorization = None
     ) -> dict[str, Any]:
+        claims = _claims(request)
         wrapped = WrappedKey.from_text(body.wrapped_key)
         if wrapped.key_name != name:
             raise UsageError("the wrapped key belongs to another key")
-        return services.broker.unwrap(wrapped, _bearer(authorization)).to_dict()
+        return services.broker.unwrap(wrapped, claims=claims).to_dict()
 
-    admin = APIRouter(
+    admin_routes = APIRouter(
         prefix="/kms/v1",
         tags=["administration"],
-        dependencies=[Depends(admin_check)],
-        responses=_refusals(400, 401, 404, 413),
+        responses=_refusals(400, 401, 404, 413, 429),
     )
 
-    @admin.post("/keys", response_model=KeyResponse, responses=_refusals(409))
+    @admin_routes.post("/keys", response_model=KeyResponse, responses=_refusals(409))
     def create_key(body: CreateKeyRequest) -> dict[str, Any]:
         return services.keys.create_key(body.name).to_dict()
 
-    @admin.get("/keys", response_model=list[KeyResponse])
+    @admin_routes.get("/keys", response_model=list[KeyResponse])
     def list_keys() -> list[dict[str, Any]]:
         return [k.to_dict() for k in services.keys.list_keys()]
 
-    @admin.put("/keys/{name}/policy", response_model=PolicyResponse)
+    @admin_routes.put("/keys/{name}/policy", response_model=PolicyResponse)
     def set_policy(name: str, body: PolicyRequest) -> dict[str, Any]:
         rules = [_rule_dict(r) for r in body.rules]
         return services.broker.set_policy(name, rules)
 
-    @admin.get("/keys/{name}/policy", response_model=PolicyResponse)
+    @admin_routes.get("/keys/{name}/policy", response_model=PolicyResponse)
     def get_policy(name: str) -> dict[str, Any]:
         return services.broker.get_policy(name)
 
-    @admin.get("/audit", response_model=list[AuditEntryResponse])
+    @admin_routes.get("/audit", response_model=list[AuditEntryResponse])
     def audit(limit: int = 100) -> list[dict[str, Any]]:
         return [e.to_dict() for e in services.keys.audit.entries(limit=max(1, min(limit, 10000)))]
 
     app.include_router(attestation)
     app.include_router(kms)
-    app.include_router(admin)
+    app.include_router(admin_routes)
     return app
-
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-
-class _BodyLimit:
-    """Refuse bodies over MAX_BODY_BYTES with 413 before anything parses them.
-
-    A declared Content-Length is checked first; a streamed (chunked) body is read here, up to
-    the limit, and replayed to the application, so the route never sees a partial body and the
-    refusal is 413 however the body was sent.
-    """
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and (not value.isdigit() or int(value) > MAX_BODY_BYTES):
-                await _too_large(scope, receive, send)
-                return
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            body = message.get("body", b"")
-            seen += len(body)
-            if seen > MAX_BODY_BYTES:
-                await _too_large(scope, receive, send)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    _log.info(
-        "refused %s %r: 413: body over %d bytes",
-        scope.get("method"),
-        scope.get("path"),
-        MAX_BODY_BYTES,
-    )
-    await refusal(413)(scope, receive, send)

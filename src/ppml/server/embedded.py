@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from ppml.attestation import AttestationService, TeeType, TokenVerifier, Verifier
 from ppml.attestation.hardware import CollateralSource, hardware_verifiers
 from ppml.kms.broker import KeyBroker
@@ -25,12 +28,15 @@ def services_for(
     *,
     actor: str = "local",
     verifiers: Mapping[TeeType, Verifier] | None = None,
+    refusal_audit_window_s: float = 10.0,
 ) -> Services:
     """The attestation service, the key broker and the KMS of `ws`. Sim evidence is accepted
     only in a development workspace (`ppml init --dev`). Hardware evidence is verified by
     `verifiers` when given, else as the workspace's ``[attestation]`` settings say: SGX and TDX
     quotes against the pinned Intel root, SEV-SNP reports with the VCEK of the collateral
-    directory."""
+    directory. Refusals of calls that no token authenticates are audited once per
+    `refusal_audit_window_s` per client address, operation and reason, with a count of the
+    others (`KeyBroker.authenticate`)."""
     settings = ws.config.attestation
     if verifiers is None:
         collateral = settings.collateral
@@ -45,7 +51,7 @@ def services_for(
     keys = ws.key_service(actor=actor)
     token_key = ws.token_signing_key()
     verifier = CachedTokenVerifier(TokenVerifier(token_key.public_key()).verify)
-    broker = KeyBroker(keys, verifier, allow_sim=ws.dev)
+    broker = KeyBroker(keys, verifier, allow_sim=ws.dev, refusal_window_s=refusal_audit_window_s)
     attestation = AttestationService.for_keys(
         token_key,
         ws.sim_platform_key().public_key() if ws.dev else None,
@@ -53,7 +59,13 @@ def services_for(
         appraise=broker.matching_keys,
         verifiers=verifiers,
     )
-    return Services(attestation=attestation, broker=broker, keys=keys)
+    admin = x509.load_pem_x509_certificate(ws.client_cert.read_bytes())
+    return Services(
+        attestation=attestation,
+        broker=broker,
+        keys=keys,
+        admin_certificates=(admin.public_bytes(serialization.Encoding.DER),),
+    )
 
 
 def _collateral_source(ws: Workspace) -> CollateralSource | None:
@@ -78,4 +90,6 @@ def _collateral_source(ws: Workspace) -> CollateralSource | None:
 
 
 def tls_files_for(ws: Workspace) -> TlsFiles:
-    return TlsFiles(cert=ws.server_cert, key=ws.server_key, ca=ws.ca_cert)
+    return TlsFiles(
+        cert=ws.server_cert, key=ws.server_key, ca=ws.ca_cert, password=ws.tls_key_password()
+    )

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ppml.attestation.challenge import ChallengeCapacityExceeded
 from ppml.errors import (
     AccessDenied,
     AttestationFailed,
@@ -23,28 +24,20 @@ from ppml.errors import (
     PPMLError,
     UsageError,
 )
+from ppml.server.boundary import CATALOGUE, Refused, refusal_response
 
 __all__ = ["CATALOGUE", "install_error_handlers", "refusal"]
 
 _log = logging.getLogger("ppml.server")
 
-CATALOGUE: dict[int, str] = {
-    400: "bad request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not found",
-    405: "method not allowed",
-    409: "conflict",
-    413: "request too large",
-    500: "internal error",
-}
-
 
 def refusal(status: int) -> JSONResponse:
-    return JSONResponse({"error": CATALOGUE[status]}, status_code=status)
+    return refusal_response(status)
 
 
 def status_for(exc: PPMLError) -> int:
+    if isinstance(exc, ChallengeCapacityExceeded):
+        return 429
     if isinstance(exc, AttestationFailed):
         return 401
     if isinstance(exc, AccessDenied):
@@ -65,7 +58,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _ppml_error(request: Request, exc: PPMLError) -> JSONResponse:
         status = status_for(exc)
         _log.info("refused %s %r: %s: %s", request.method, request.url.path, status, exc.message)
+        if status == 429:
+            return refusal_response(429, headers={"Retry-After": "1"})
         return refusal(status)
+
+    @app.exception_handler(Refused)
+    async def _refused(request: Request, exc: Refused) -> JSONResponse:
+        _log.info("refused %s %r: %s: %s", request.method, request.url.path, exc.status, exc.code)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -4,7 +4,7 @@
 
     from ppml.serving import InputQueue, OutputQueue
 
-    q = InputQueue(url="https://127.0.0.1:10023")   # trusts the workspace CA ($PPML_HOME)
+    q = InputQueue(url="https://127.0.0.1:10023")   # the workspace's CA and client certificate
     q.enqueue("req-1", x=np.array([...]))            # asynchronous: returns the request id
     y = q.predict(x=np.array([...]), timeout=5)      # synchronous: the prediction (np.ndarray)
     OutputQueue(url=...).query("req-1")              # the prediction, or None while pending
@@ -12,16 +12,22 @@
 
 HTTPS only, and the server's certificate is always verified: against the CA file given as
 `ca=`, else the CA of the workspace (`$PPML_HOME`, else ``./.ppml``). There is no way to turn
-verification off. The front end's refusals become exceptions (all `PPMLError`)::
+verification off. The client authenticates with a certificate of the workspace CA (mutual
+TLS): `cert=(CERT, KEY)` or `(CERT, KEY, PASSWORD)` as `ppml serving client issue NAME` wrote
+them, else the workspace's own client certificate, whose key is opened with the workspace's
+passphrase (`$PPML_PASSPHRASE`). A client sees only its own requests and results. The front
+end's refusals become exceptions (all `PPMLError`)::
 
     PPMLError
     ├── UsageError
     │   ├── InvalidInput         400, 413  the input was refused; `reason` says why
     │   ├── PredictionFailed     400       the request was run and failed; `reason` says why
-    │   ├── UnknownRequest       404       no such request id (never accepted, taken, expired)
+    │   ├── UnknownRequest       404       no such request id (never accepted, taken, expired,
+    │   │                                  or another client's)
     │   └── DuplicateRequest     409       ServingDuplicate: the id was accepted already
     ├── QueueFull                503       ServingFull: the queue is full, retry later
     ├── RateLimited              429       too many requests: retry later
+    ├── NotAuthenticated         401       no client certificate the front end accepts
     ├── PredictionTimeout        504       no answer in time; `request_ids` fetch them later
     └── ServingError                       anything else: another status, no connection, or a
                                            certificate that did not verify against the CA
@@ -52,6 +58,7 @@ from ppml.serving.queue import DuplicateRequest, QueueFull
 __all__ = [
     "InputQueue",
     "InvalidInput",
+    "NotAuthenticated",
     "OutputQueue",
     "PredictionFailed",
     "PredictionTimeout",
@@ -101,6 +108,10 @@ class RateLimited(ServingError):
     """429: the front end's rate limit; `retry_after` says when."""
 
 
+class NotAuthenticated(ServingError):
+    """401: the front end accepted no client certificate (none, or not of its workspace)."""
+
+
 class PredictionTimeout(ServingError):
     """504: the results were not ready in time; `request_ids` can be fetched later."""
 
@@ -121,21 +132,65 @@ def _workspace_ca() -> Path:
     return Layout(root, WorkspaceConfig.load(config_path).files).path("ca_cert")
 
 
-def _tls_context(ca: str | Path | ssl.SSLContext | None) -> ssl.SSLContext:
-    """A verifying TLS context; refuses anything that would not verify the server."""
+ClientCert = tuple[str | Path, str | Path] | tuple[str | Path, str | Path, str]
+"""A client certificate: (certificate file, key file) or (certificate, key, key password)."""
+
+
+def _tls_context(
+    ca: str | Path | ssl.SSLContext | None, cert: ClientCert | None = None
+) -> ssl.SSLContext:
+    """A verifying TLS context that presents the client certificate; refuses anything that
+    would not verify the server. A given `ssl.SSLContext` is used as it is (it holds its own
+    client certificate, if any)."""
     if isinstance(ca, bool):
         raise UsageError("certificate verification cannot be turned off: pass ca=PATH")
     if isinstance(ca, ssl.SSLContext):
         if ca.verify_mode != ssl.CERT_REQUIRED or not ca.check_hostname:
             raise UsageError("the TLS context must verify certificates and host names")
+        if cert is not None:
+            raise UsageError("give the client certificate in the SSLContext, or cert=, not both")
         return ca
     path = Path(ca) if ca is not None else _workspace_ca()
     if not path.is_file():
         raise ConfigurationError("the CA certificate file is missing", path=path)
     try:
-        return ssl.create_default_context(cafile=str(path))
+        context = ssl.create_default_context(cafile=str(path))
     except ssl.SSLError:
         raise ConfigurationError("the CA certificate file cannot be read", path=path) from None
+    if cert is None:
+        cert = _workspace_client_cert()
+    if not isinstance(cert, tuple) or len(cert) not in (2, 3):
+        raise UsageError("cert= is (CERT, KEY) or (CERT, KEY, PASSWORD)")
+    cert_file, key_file = Path(cert[0]), Path(cert[1])
+    password = cert[2] if len(cert) == 3 else None
+    for p in (cert_file, key_file):
+        if not p.is_file():
+            raise ConfigurationError("the client certificate file is missing", path=p)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=password)
+    except ssl.SSLError:
+        raise ConfigurationError(
+            "the client certificate or its key cannot be read (a wrong key password?)",
+            path=key_file,
+        ) from None
+    return context
+
+
+def _workspace_client_cert() -> ClientCert:
+    """The workspace's own client certificate, its key opened with the workspace passphrase."""
+    import os
+
+    from ppml.workspace import Workspace, default_workspace_dir
+
+    passphrase = os.environ.get("PPML_PASSPHRASE", "")
+    if not passphrase:
+        raise ConfigurationError(
+            "the front end authenticates clients: pass cert=(CERT, KEY) (made by `ppml serving "
+            "client issue NAME`), or set PPML_PASSPHRASE to use the workspace's client "
+            "certificate"
+        )
+    ws = Workspace.open(default_workspace_dir(), passphrase.encode())
+    return (ws.client_cert, ws.client_key, ws.tls_key_password())
 
 
 def _one_input(data: Any, inputs: Mapping[str, Any]) -> np.ndarray:
@@ -155,6 +210,7 @@ class _Client:
         url: str,
         *,
         ca: str | Path | ssl.SSLContext | None = None,
+        cert: ClientCert | None = None,
         timeout: float = 30.0,
         retries: int = 0,
         max_retry_wait_s: float = 30.0,
@@ -166,7 +222,7 @@ class _Client:
         if retries < 0:
             raise UsageError("retries must be >= 0")
         # Built even when a transport is injected (tests), so a missing CA always fails.
-        verify = _tls_context(ca)
+        verify = _tls_context(ca, cert)
         self._http = httpx.Client(
             base_url=url.rstrip("/"), verify=verify, transport=transport, timeout=timeout
         )
@@ -246,6 +302,8 @@ def _raise_for(response: httpx.Response, *, failed: bool = False) -> None:
     if status in (400, 413):
         failed = failed or body.get("status") == "failed"
         raise (PredictionFailed if failed else InvalidInput)(message, **kwargs)
+    if status == 401:
+        raise NotAuthenticated(message, **kwargs)
     if status == 404:
         raise UnknownRequest(message, **kwargs)
     if status == 409:
@@ -266,7 +324,9 @@ class InputQueue(_Client):
 
     def __init__(self, url: str, *, model: str | None = None, **kwargs: Any) -> None:
         """`model`: which served model (None: the front end's only one). `ca`: the CA file (or
-        a verifying `ssl.SSLContext`); `timeout` (s) per HTTP call; `retries` on 429/503."""
+        a verifying `ssl.SSLContext`); `cert`: the client certificate, (CERT, KEY) or (CERT,
+        KEY, PASSWORD) (default: the workspace's); `timeout` (s) per HTTP call; `retries` on
+        429/503."""
         super().__init__(url, **kwargs)
         self._model = model
 

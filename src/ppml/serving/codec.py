@@ -33,6 +33,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ppml import names
 from ppml.errors import IntegrityError, UsageError
 
 __all__ = [
@@ -58,44 +59,24 @@ _MAX_NDIM: Final = 32
 _MAX_ERROR: Final = 4096
 _DIRECTIONS: Final = ("request", "result")
 
-_DEPLOYMENT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
-_DTYPE = re.compile(r"^[<>|=][biufcSU][0-9]{1,4}$")
+_DTYPE = re.compile(r"[<>|=][biufcSU][0-9]{1,4}")
 
 
 def validate_deployment(name: str) -> str:
     """Deployment names: 1-64 lower-case letters, digits, '.', '_', '-', starting alphanumeric
     (they appear in Redis key names, so no ':', spaces or glob characters)."""
-    if not isinstance(name, str) or not _DEPLOYMENT.match(name):
-        raise UsageError(
-            f"invalid deployment name {name!r}: use 1-64 lower-case letters, digits, '.', '_' "
-            "or '-', starting with a letter or digit"
-        )
-    return name
+    return names.DEPLOYMENT.check(name)
 
 
 def validate_request_id(request_id: str) -> str:
-    """Request ids: 1-128 ASCII letters, digits, '.', '_', '-', starting alphanumeric (a UUID
-    fits)."""
-    if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
-        shown = request_id[:40] + "..." if isinstance(request_id, str) else type(request_id)
-        raise UsageError(
-            f"invalid request id {shown!r}: use 1-128 ASCII letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return request_id
+    """Request ids in the queue: 1-160 ASCII letters, digits, '.', '_', '-', starting
+    alphanumeric (a client's id of at most 128, behind its client's tag; a UUID fits)."""
+    return names.QUEUE_ID.check(request_id)
 
 
 def validate_model(model: str) -> str:
     """Model names: 1-128 ASCII letters, digits and '.', '_', ':', '@', '+', '-'."""
-    if not isinstance(model, str) or not _MODEL.match(model):
-        shown = model[:40] + "..." if isinstance(model, str) else type(model)
-        raise UsageError(
-            f"invalid model name {shown!r}: use 1-128 ASCII letters, digits, '.', '_', ':', "
-            "'@', '+' or '-', starting with a letter or digit"
-        )
-    return model
+    return names.MODEL.check(model)
 
 
 def _check_direction(direction: str) -> Direction:
@@ -118,7 +99,7 @@ def _encode_array(array: np.ndarray) -> bytes:
     dtype = array.dtype
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise UsageError(f"arrays of dtype {dtype} cannot be sent: use a numeric dtype")
-    if not _DTYPE.match(dtype.str):
+    if not _DTYPE.fullmatch(dtype.str):
         raise UsageError(f"arrays of dtype {dtype} cannot be sent: use a numeric dtype")
     if array.ndim > _MAX_NDIM:
         raise UsageError(f"arrays of more than {_MAX_NDIM} dimensions cannot be sent")
@@ -153,7 +134,7 @@ def _decode_body(body: bytes) -> np.ndarray | str:
         pos = 3
         name = body[pos : pos + name_len].decode("ascii")
         pos += name_len
-        if not _DTYPE.match(name):
+        if not _DTYPE.fullmatch(name):
             raise ValueError("dtype")
         dtype = np.dtype(name)
         if dtype.hasobject or dtype.fields is not None:

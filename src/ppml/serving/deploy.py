@@ -261,6 +261,7 @@ class Plan:
     model_key: str
     payload_key_file: Path
     password_file: Path
+    tls_password_file: Path
     ca: Path
     worker_command: tuple[str, ...]
     frontend_command: tuple[str, ...]
@@ -285,7 +286,7 @@ class Plan:
         """What an attested child finds in its boot directory (the worker: no TLS key)."""
         names = ["ca.pem", "redis-password.ppml", "payload.key.ppml"]
         if role == "front end":
-            names += ["server.pem", "server-key.pem"]
+            names += ["server.pem", "server-key.pem", "tls-key-password.ppml"]
         return {n: self.files[n] for n in names}
 
     def allow_lines(self) -> list[str]:
@@ -339,6 +340,7 @@ def plan_deployment(ws: Workspace, keys: KeyService, settings: DeploySettings) -
     secrets_dir = serving_dir / s.deployment
     payload_file = secrets_dir / "payload.key.ppml"
     password_file = secrets_dir / "redis-password.ppml"
+    tls_password_file = secrets_dir / "tls-key-password.ppml"
     serving_key = f"serving-{s.deployment}"
     try:
         keys.describe(serving_key)
@@ -350,6 +352,7 @@ def plan_deployment(ws: Workspace, keys: KeyService, settings: DeploySettings) -
         "payload.key.ppml": payload_file,
         "server.pem": ws.server_cert,
         "server-key.pem": ws.server_key,
+        "tls-key-password.ppml": tls_password_file,
     }
     # An attested child never sees the workspace: it finds these copies in its boot directory.
     where = {n: f"{BOOT_DIR}/{_BOOT_SUBDIR}/{n}" if s.tee else str(p) for n, p in files.items()}
@@ -404,6 +407,8 @@ def plan_deployment(ws: Workspace, keys: KeyService, settings: DeploySettings) -
         where["server.pem"],
         "--tls-key",
         where["server-key.pem"],
+        "--tls-key-password-file",
+        where["tls-key-password.ppml"],
         "--sync-timeout-s",
         repr(s.sync_timeout_s),
         "--max-body-bytes",
@@ -419,6 +424,7 @@ def plan_deployment(ws: Workspace, keys: KeyService, settings: DeploySettings) -
         model_key=model_key,
         payload_key_file=payload_file,
         password_file=password_file,
+        tls_password_file=tls_password_file,
         ca=ws.ca_cert,
         worker_command=tuple(worker),
         frontend_command=tuple(frontend),
@@ -427,7 +433,8 @@ def plan_deployment(ws: Workspace, keys: KeyService, settings: DeploySettings) -
 
 
 def _write_secret_files(ws: Workspace, keys: KeyService, plan: Plan) -> None:
-    """The payload key (made once) and the Redis password, each encrypted under the serving key."""
+    """The payload key (made once), the Redis password and the TLS key's password, each
+    encrypted under the serving key."""
     from ppml.data.files import create_encrypted
     from ppml.serving.codec import KEY_BYTES
     from ppml.serving.redis_server import redis_password
@@ -438,6 +445,8 @@ def _write_secret_files(ws: Workspace, keys: KeyService, plan: Plan) -> None:
             out.write(secrets.token_bytes(KEY_BYTES))
     with create_encrypted(plan.password_file, keys, plan.serving_key) as out:
         out.write(redis_password(ws).encode())
+    with create_encrypted(plan.tls_password_file, keys, plan.serving_key) as out:
+        out.write(ws.tls_key_password().encode())
 
 
 def _unwrapped(keys: KeyService, paths: Sequence[Path]) -> dict[WrappedKey, bytes]:
@@ -659,8 +668,9 @@ def start_deployment(
         env_extra = {REDIS_PORT_ENV: str(redis.port)}
         worker_keys = frontend_keys = None
         if s.tee is None:
-            frontend_keys = _unwrapped(keys, [plan.payload_key_file, plan.password_file])
-            worker_keys = {**frontend_keys, **_unwrapped(keys, [s.model])}
+            shared = [plan.payload_key_file, plan.password_file]
+            frontend_keys = _unwrapped(keys, [*shared, plan.tls_password_file])
+            worker_keys = {**_unwrapped(keys, shared), **_unwrapped(keys, [s.model])}
         for n in range(s.workers):
             child = _launch(
                 f"worker {n}",

@@ -22,6 +22,13 @@ Routes::
                                  accepted by /v1/requests (or left over by a 504), removed
     GET  /models, /metrics, /healthz
 
+Clients authenticate with a certificate of the workspace CA (mutual TLS; `ppml serving client
+issue NAME` makes one): the boundary (`ppml.server.boundary`) answers 401 to a data route
+without one before reading its body. Every request id belongs to the client that submitted it:
+the queue holds it behind the client's tag, so that two clients may use the same id, no client
+can read, take or squat another's, and `GET /v1/results` returns the caller's results only.
+`/healthz`, `/models` and `/metrics` are anonymous, rate limited per address.
+
 Refusals are ``{"error": <fixed text>, "reason": <what was wrong>}``; a reason names positions,
 shapes and dtypes, never values from the request, and neither do the logs. 413 when the body
 is over `max_body_bytes` (checked before anything parses it), 429 and 503 carry Retry-After.
@@ -34,10 +41,9 @@ until its result exists; a queue-side "is this id accepted" would remove that li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
-import re
 import secrets
 import threading
 import time
@@ -53,13 +59,24 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ppml import names
 from ppml.errors import UsageError
+from ppml.server import boundary as _boundary
+from ppml.server.boundary import (
+    PEER_CERT_EXTENSION,
+    Authenticator,
+    Principal,
+    RateLimit,
+    TokenBucket,
+    principal_of,
+)
 from ppml.serving.metrics import CONTENT_TYPE, ServingMetrics
 from ppml.serving.queue import DuplicateRequest, QueueFull, Result
 
 __all__ = [
     "CATALOGUE",
     "AsyncQueueLike",
+    "ClientTag",
     "FrontendSettings",
     "ModelInfo",
     "PollingWaiter",
@@ -67,27 +84,17 @@ __all__ = [
     "RateLimit",
     "ResultWaiter",
     "TokenBucket",
+    "client_certificates",
     "create_app",
 ]
 
 _log = logging.getLogger("ppml.serving")
 
-CATALOGUE: dict[int, str] = {
-    400: "bad request",
-    404: "not found",
-    405: "method not allowed",
-    409: "conflict",
-    413: "request too large",
-    429: "too many requests",
-    500: "internal error",
-    503: "service unavailable",
-    504: "timeout",
-}
-
-# The queue's own rules (ppml.serving.codec), checked here so that a refusal is a 400 with a reason.
-REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+# One catalogue for every service (ppml.server.boundary).
+CATALOGUE = _boundary.CATALOGUE
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a JSON number list may become
+_PUBLIC_LIMIT = RateLimit(50.0, 100)  # /healthz, /models, /metrics, per client address
+_REFUSALS = RateLimit(1.0, 30)  # refused data calls (401) per client address
 
 Clock = Callable[[], float]
 
@@ -107,8 +114,7 @@ class ModelInfo:
     output_names: tuple[str, ...] = ("output",)
 
     def __post_init__(self) -> None:
-        if not _MODEL_NAME.fullmatch(self.name):
-            raise UsageError("a model name is 1-128 letters, digits, '.', '_', ':', '@', '+', '-'")
+        names.MODEL.check(self.name)
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "output_names", tuple(self.output_names))
         if any(d is not None and (not isinstance(d, int) or d < 1) for d in self.input_shape):
@@ -144,23 +150,11 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class RateLimit:
-    """A token bucket: `rate` requests per second on average, bursts of up to `burst`."""
-
-    rate: float
-    burst: int
-
-    def __post_init__(self) -> None:
-        if not (self.rate > 0 and math.isfinite(self.rate)) or self.burst < 1:
-            raise UsageError("a rate limit needs rate > 0 and burst >= 1")
-
-
-@dataclass(frozen=True, slots=True)
 class FrontendSettings:
     sync_timeout_s: float = 10.0  # the longest /predict waits (a client may ask for less)
     max_body_bytes: int = 1024 * 1024
     max_instances: int = 256  # per /predict call
-    rate_limit: RateLimit | None = None  # over the data routes (predict, /v1/*)
+    rate_limit: RateLimit | None = None  # over the data routes (predict, /v1/*), per client
     retry_after_s: int = 1  # told to clients on 503 (queue full)
     pending_ttl_s: float = 3600.0  # how long an accepted id is remembered (the result TTL)
     max_tracked: int = 100_000  # accepted ids remembered at most (the oldest are forgotten)
@@ -213,28 +207,6 @@ class PollingWaiter:
         await (self.sleep or asyncio.sleep)(delay)
 
 
-class TokenBucket:
-    """Thread-safe token bucket; `take()` is 0.0 when granted, else the seconds to wait."""
-
-    def __init__(self, limit: RateLimit, clock: Clock = time.monotonic) -> None:
-        self._rate = limit.rate
-        self._burst = float(limit.burst)
-        self._clock = clock
-        self._tokens = self._burst
-        self._last = clock()
-        self._lock = threading.Lock()
-
-    def take(self) -> float:
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-            self._last = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
-                return 0.0
-            return (1.0 - self._tokens) / self._rate
-
-
 class _Accepted:
     """The ids this front end accepted for later fetching, oldest first, bounded and expiring."""
 
@@ -276,27 +248,55 @@ class _Accepted:
             del self._ids[oldest]
 
 
+# -- clients ------------------------------------------------------------------------------------
+
+
+class ClientTag:
+    """How one client's request ids are held in the queue: behind a tag of 16 hex digits derived
+    from the client's name, so that ids are scoped per client."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, name: str) -> None:
+        digest = hashlib.sha256(b"ppml/serving/client/v1\x00" + name.encode()).hexdigest()
+        self.prefix = digest[:16] + "."
+
+    def queued(self, request_id: str) -> str:
+        return self.prefix + request_id
+
+    def owns(self, queued_id: str) -> bool:
+        return queued_id.startswith(self.prefix)
+
+    def external(self, queued_id: str) -> str:
+        return queued_id[len(self.prefix) :]
+
+
+def client_certificates() -> Authenticator:
+    """Authenticates a client by its certificate (verified against the workspace CA by the TLS
+    layer, with the client-authentication usage): the client's name is the certificate's
+    common name."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    async def authenticate(scope: Any) -> Principal:
+        der = scope.get("extensions", {}).get(PEER_CERT_EXTENSION)
+        if der:
+            try:
+                cert = x509.load_der_x509_certificate(der)
+                names_ = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            except ValueError:
+                names_ = []
+            if names_ and isinstance(names_[0].value, str) and names_[0].value:
+                return Principal("certificate", names_[0].value)
+        raise _Refused(401, "no_client_certificate", "a client certificate is required")
+
+    return authenticate
+
+
 # -- refusals ----------------------------------------------------------------------------------
 
 
-class _Refused(Exception):
-    """A refusal: the status, a metric code, a reason for the client (no request values)."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        reason: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.code = code
-        self.reason = reason
-        self.headers = dict(headers or {})
-        self.extra = dict(extra or {})
+_Refused = _boundary.Refused
 
 
 def _bad(code: str, reason: str) -> NoReturn:
@@ -304,8 +304,7 @@ def _bad(code: str, reason: str) -> NoReturn:
 
 
 def _refusal_response(exc: _Refused) -> JSONResponse:
-    body = {"error": CATALOGUE[exc.status], "reason": exc.reason, **exc.extra}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    return exc.response()
 
 
 # -- parsing at the boundary ---------------------------------------------------------------------
@@ -396,9 +395,10 @@ def to_array(value: Any, info: ModelInfo, where: str) -> np.ndarray:
 
 
 def _request_id(value: Any) -> str:
-    if not isinstance(value, str) or not REQUEST_ID.fullmatch(value):
-        _bad("bad_id", "a request id is 1-128 letters, digits, '.', '_' or '-'")
-    return value
+    # The queue's own rule (ppml.names), checked here so that a refusal is a 400 with a reason.
+    if not names.REQUEST_ID.ok(value):
+        _bad("bad_id", f"a request id is {names.REQUEST_ID.description}")
+    return str(value)
 
 
 _NOT_FINITE = "the model's output is not a finite number"
@@ -417,9 +417,9 @@ def _checked(result: Result) -> Result:
     return result
 
 
-def _answer(result: Result) -> dict[str, Any]:
+def _answer(result: Result, request_id: str) -> dict[str, Any]:
     assert result.array is not None
-    return {"id": result.request_id, "status": "done", "prediction": result.array.tolist()}
+    return {"id": request_id, "status": "done", "prediction": result.array.tolist()}
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -435,11 +435,14 @@ def create_app(
     aio: AsyncQueueLike | None = None,
     clock: Clock = time.monotonic,
     new_id: Callable[[], str] = lambda: secrets.token_hex(16),
+    authenticate: Authenticator | None = None,
 ) -> FastAPI:
     """The front end over `queue`, serving `models` (keyed by name). `app.state.metrics` is the
     `ServingMetrics` (pass one in to share it with in-process workers). With `aio` (the same
     queue over an asyncio Redis client), submitting and taking results run on the event loop
-    instead of a thread each: a thread hop costs more CPU than the Redis call itself."""
+    instead of a thread each: a thread hop costs more CPU than the Redis call itself.
+    `authenticate`: how clients authenticate on the data routes (default: by certificate,
+    `client_certificates`)."""
     if not models:
         raise UsageError("a front end serves at least one model")
     if any(name != info.name for name, info in models.items()):
@@ -447,14 +450,52 @@ def create_app(
     settings = settings or FrontendSettings()
     metrics = metrics or ServingMetrics()
     waiter = waiter or PollingWaiter()
-    bucket = TokenBucket(settings.rate_limit, clock) if settings.rate_limit else None
     accepted = _Accepted(settings.pending_ttl_s, settings.max_tracked, clock)
+    tags: dict[str, ClientTag] = {}
     metrics.track_queue_depth(queue.depth)
     catalogue_models = {"models": [m.to_dict() for m in models.values()]}
 
-    app = FastAPI(title="ppml serving front end", version="1", openapi_url=None, docs_url=None)
+    app = FastAPI(
+        title="ppml serving front end", version="1", openapi_url=None, docs_url=None, redoc_url=None
+    )
     app.state.metrics = metrics
-    app.add_middleware(_Observe, metrics=metrics)
+    rules = [
+        _boundary.Rule(
+            "public",
+            r"/healthz|/models|/metrics",
+            frozenset({"GET", "HEAD"}),
+            limit=_PUBLIC_LIMIT,
+            max_body=0,
+        ),
+        _boundary.Rule(
+            "data",
+            r"/predict|/v1/requests|/v1/requests/[^/]+|/v1/results",
+            authenticate=authenticate or client_certificates(),
+            limit=settings.rate_limit,
+            refusals=_REFUSALS,
+            max_body=settings.max_body_bytes,
+        ),
+    ]
+    app.add_middleware(
+        _boundary.Boundary,
+        rules=rules,
+        default_body=0,
+        on_refused=lambda scope, exc: metrics.observe_error(exc.code),
+        clock=clock,
+        log=_log,
+    )
+    app.add_middleware(_Observe, metrics=metrics)  # outermost: boundary refusals are counted
+
+    def tag_of(request: Request) -> ClientTag:
+        principal = principal_of(request.scope)
+        if principal is None:  # the boundary admits no data call without one
+            raise _Refused(401, "no_client")
+        tag = tags.get(principal.name)
+        if tag is None:
+            if len(tags) > 65_536:
+                tags.clear()
+            tag = tags[principal.name] = ClientTag(principal.name)
+        return tag
 
     @app.exception_handler(_Refused)
     async def _refused(request: Request, exc: _Refused) -> JSONResponse:
@@ -476,18 +517,6 @@ def create_app(
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code if exc.status_code in CATALOGUE else 400
         return _refusal_response(_Refused(status, "http", CATALOGUE[status]))
-
-    def limit_rate() -> None:
-        if bucket is None:
-            return
-        wait = bucket.take()
-        if wait > 0:
-            raise _Refused(
-                429,
-                "rate_limited",
-                "too many requests",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
 
     async def submit_all(model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
         requests = [(request_id, model, array) for request_id, array in items]
@@ -520,7 +549,7 @@ def create_app(
     async def predict(
         request: Request, timeout: Annotated[float | None, Query(gt=0)] = None
     ) -> JSONResponse:
-        limit_rate()
+        tag = tag_of(request)
         body = await _read_json(request, settings.max_body_bytes)
         _fields(body, {"instances", "model"})
         info = _model(body, models)
@@ -531,7 +560,7 @@ def create_app(
             _bad("too_many", f"at most {settings.max_instances} instances per call")
         arrays = [to_array(x, info, f"instance {i}") for i, x in enumerate(instances)]
         base = new_id()
-        ids = [f"{base}-{i}" for i in range(len(arrays))]
+        ids = [tag.queued(f"{base}-{i}") for i in range(len(arrays))]
         await submit_all(info.name, list(zip(ids, arrays, strict=True)))
 
         wait_s = min(timeout or settings.sync_timeout_s, settings.sync_timeout_s)
@@ -553,7 +582,7 @@ def create_app(
                     504,
                     "timeout",
                     f"no result within {wait_s:g} s: fetch them later by id",
-                    extra={"ids": ids},
+                    extra={"ids": [tag.external(i) for i in ids]},
                 )
         predictions = []
         for n, i in enumerate(ids):
@@ -565,7 +594,7 @@ def create_app(
 
     @app.post("/v1/requests", status_code=202)
     async def enqueue(request: Request) -> JSONResponse:
-        limit_rate()
+        tag = tag_of(request)
         body = await _read_json(request, settings.max_body_bytes)
         _fields(body, {"id", "model", "inputs", "instances"})
         info = _model(body, models)
@@ -580,8 +609,8 @@ def create_app(
         else:
             value = body["inputs"]
         array = to_array(value, info, "inputs")
-        await submit_all(info.name, [(request_id, array)])
-        accepted.add([request_id])
+        await submit_all(info.name, [(tag.queued(request_id), array)])
+        accepted.add([tag.queued(request_id)])
         return JSONResponse(
             {"id": request_id, "status": "pending"},
             status_code=202,
@@ -589,13 +618,14 @@ def create_app(
         )
 
     @app.get("/v1/requests/{request_id}")
-    async def fetch(request_id: str) -> JSONResponse:
-        limit_rate()
+    async def fetch(request_id: str, request: Request) -> JSONResponse:
+        tag = tag_of(request)
         _request_id(request_id)
-        result = await run_in_threadpool(queue.result, request_id)
+        queued = tag.queued(request_id)
+        result = await run_in_threadpool(queue.result, queued)
         result = _checked(result) if result is not None else None
         if result is None:
-            if request_id in accepted:
+            if queued in accepted:
                 return JSONResponse({"id": request_id, "status": "pending"}, status_code=202)
             raise _Refused(
                 404, "unknown_id", "unknown request id (never accepted, taken or expired)"
@@ -604,18 +634,18 @@ def create_app(
             raise _Refused(
                 400, "failed", result.error, extra={"id": request_id, "status": "failed"}
             )
-        return JSONResponse(_answer(result))
+        return JSONResponse(_answer(result, request_id))
 
     @app.get("/v1/results")
-    async def results() -> JSONResponse:
-        limit_rate()
-        ids = accepted.ids()
+    async def results(request: Request) -> JSONResponse:
+        tag = tag_of(request)
+        ids = [i for i in accepted.ids() if tag.owns(i)]
         taken = await run_in_threadpool(queue.take_results, ids) if ids else []
         accepted.discard(r.request_id for r in taken)
         out = [
-            _answer(r)
+            _answer(r, tag.external(r.request_id))
             if r.error is None
-            else {"id": r.request_id, "status": "failed", "reason": r.error}
+            else {"id": tag.external(r.request_id), "status": "failed", "reason": r.error}
             for r in map(_checked, taken)
         ]
         return JSONResponse({"results": out})

@@ -18,7 +18,6 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ppml.errors import PPMLError, UsageError
 
@@ -56,7 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-password-file", type=Path)
     p.add_argument("--payload-key-file", type=Path, required=True)
     p.add_argument("--tls-cert", type=Path, required=True)
-    p.add_argument("--tls-key", type=Path, required=True)
+    p.add_argument("--tls-key", type=Path, required=True, help="encrypted PKCS#8 PEM")
+    p.add_argument(
+        "--client-ca",
+        type=Path,
+        help="the CA that client certificates must chain to (default: --redis-ca, the "
+        "workspace CA)",
+    )
+    p.add_argument(
+        "--tls-key-password-file",
+        type=Path,
+        help="the TLS key's password, a ppml-encrypted file (read through the key provider)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="when no socket is inherited")
     p.add_argument("--port", type=int, default=8500, help="when no socket is inherited")
     p.add_argument("--sync-timeout-s", type=float, default=10.0)
@@ -99,25 +109,8 @@ def _listening_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
-def run_https(app: Any, sock: socket.socket, *, tls_cert: Path, tls_key: Path) -> None:
-    """Serve `app` over HTTPS on the listening `sock` until SIGINT / SIGTERM. uvicorn picks its
-    fastest parts when installed (the `serving` extra has them: uvloop, httptools)."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app,
-        ssl_certfile=str(tls_cert),
-        ssl_keyfile=str(tls_key),
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        lifespan="off",
-        timeout_keep_alive=30,
-    )
-    uvicorn.Server(config).run(sockets=[sock])
-
-
 def _serve(args: argparse.Namespace) -> int:
+    from ppml.server.tls import TlsFiles, run_https
     from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
     from ppml.serving.worker import QueueConfig, open_async_client, open_queue
 
@@ -143,6 +136,11 @@ def _serve(args: argparse.Namespace) -> int:
     for path in (args.tls_cert, args.tls_key):
         if not path.is_file():
             raise UsageError("TLS file missing", path=path)
+    tls_password = None
+    if args.tls_key_password_file is not None:
+        from ppml.serving.worker import read_secret_file
+
+        tls_password = read_secret_file(args.tls_key_password_file, provider).decode().strip()
     config = QueueConfig(
         deployment=args.deployment,
         redis_host=args.redis_host,
@@ -159,7 +157,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
     host, port = sock.getsockname()[:2]
     _log.info("front end of %s serving %s on https://%s:%d", args.deployment, info.name, host, port)
-    run_https(app, sock, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    tls = TlsFiles(
+        cert=args.tls_cert,
+        key=args.tls_key,
+        ca=args.client_ca or args.redis_ca,
+        password=tls_password,
+    )
+    run_https(app, tls, sock=sock)
     _log.info("front end of %s stopped", args.deployment)
     return 0
 

@@ -56,7 +56,7 @@ __all__ = [
 
 REDIS_PASSWORD_SECRET: Final = "redis-password"  # noqa: S105 -- a secret's name, not its value
 _HOST: Final = "127.0.0.1"
-_PASSWORD = re.compile(r"^[A-Za-z0-9_.~+/=-]{16,512}$")
+_PASSWORD = re.compile(r"[A-Za-z0-9_.~+/=-]{16,512}")
 _BAD_PATH_CHARS = frozenset('"\\\n\r\0')
 _INSTALL_HINT: Final = "install it (e.g. `apt-get install redis-server`)"
 
@@ -100,10 +100,16 @@ def _check_private_key(path: Path) -> None:
 
 
 def _config_text(
-    ws: Workspace, data_dir: Path, log_file: Path, port: int, password: str, maxmemory: str | None
+    ws: Workspace,
+    data_dir: Path,
+    log_file: Path,
+    port: int,
+    password: str,
+    maxmemory: str | None,
+    tls_password: str,
 ) -> str:
     lines = [
-        "# Written by ppml; holds the Redis password: keep private (0600).",
+        "# Written by ppml; holds the Redis password and the TLS key's: keep private (0600).",
         "daemonize no",
         f"bind {_HOST}",
         "protected-mode yes",
@@ -111,6 +117,7 @@ def _config_text(
         f"tls-port {port}",
         f"tls-cert-file {_quoted_path(ws.server_cert)}",
         f"tls-key-file {_quoted_path(ws.server_key)}",
+        f'tls-key-file-pass "{tls_password}"',
         f"tls-ca-cert-file {_quoted_path(ws.ca_cert)}",
         "tls-auth-clients no",
         'tls-protocols "TLSv1.2 TLSv1.3"',
@@ -312,7 +319,7 @@ def start_redis(
     data_dir = directory / "data"
     ensure_private_dir(data_dir)
     password = redis_password(ws)
-    if not _PASSWORD.match(password):
+    if not _PASSWORD.fullmatch(password):
         raise ConfigurationError(
             f"the workspace secret {REDIS_PASSWORD_SECRET!r} must be 16-512 URL-safe characters"
         )
@@ -328,7 +335,10 @@ def start_redis(
         _ca_cert=ws.ca_cert,
         _password=password,
     )
-    text = _config_text(ws, data_dir, server.log_file, port, password, maxmemory)
+    tls_password = ws.tls_key_password()
+    if not _PASSWORD.fullmatch(tls_password):
+        raise ConfigurationError("the workspace's TLS key password must be URL-safe characters")
+    text = _config_text(ws, data_dir, server.log_file, port, password, maxmemory, tls_password)
     write_private(server.config_file, text.encode())
     server.start(timeout=timeout)
     return server

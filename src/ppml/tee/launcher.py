@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ppml._internal.fs import ensure_private_dir, write_private
+from ppml._internal.fs import ensure_private_dir, state_root, write_private
 from ppml._internal.procs import process_identity
 from ppml.errors import ConfigurationError, UsageError
 from ppml.tee import guard, sandbox
@@ -373,7 +373,7 @@ def start(
     for t in manifest.trusted_files:
         if t.copy is None:
             raise UsageError("the manifest was built without a snapshot")
-    hidden = [os.path.realpath(p) for p in [*isolation.hidden, shared_directory()]]
+    hidden = [os.path.realpath(p) for p in [*isolation.hidden, shared_directory(), state_root()]]
     hidden = list(dict.fromkeys(hidden))
     for inside in [cwd, manifest.base_dir, *(Path(f.source) for f in manifest.trusted_files)]:
         if any(str(inside) == h or str(inside).startswith(h + "/") for h in hidden):

@@ -23,11 +23,25 @@ from ppml.workspace.config import WorkspaceConfig
 from ppml.workspace.layout import Layout, is_workspace
 from ppml.workspace.secrets import SecretStore
 
-__all__ = ["INITIAL_SECRETS", "MASTER_KEY_BYTES", "PROFILE_SECRET", "Progress", "build_workspace"]
+__all__ = [
+    "INITIAL_SECRETS",
+    "MASTER_KEY_BYTES",
+    "PROFILE_SECRET",
+    "TLS_KEY_SECRET",
+    "Progress",
+    "build_workspace",
+]
 
 MASTER_KEY_BYTES = 32
 PROFILE_SECRET = "workspace-profile"  # noqa: S105 -- a secret's name, not its value
-INITIAL_SECRETS = ("spark-auth-secret", "keystore-password", "ca-key-password", PROFILE_SECRET)
+TLS_KEY_SECRET = "tls-key-password"  # noqa: S105 -- a secret's name, not its value
+INITIAL_SECRETS = (
+    "spark-auth-secret",
+    "keystore-password",
+    "ca-key-password",
+    TLS_KEY_SECRET,
+    PROFILE_SECRET,
+)
 
 _log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -116,6 +130,8 @@ def _build(layout: Layout, config: WorkspaceConfig, passphrase: bytes, say: Prog
         "spark-auth-secret": os.urandom(32).hex(),
         "keystore-password": _random.token_urlsafe(32),
         "ca-key-password": _random.token_urlsafe(32),
+        # The TLS server and client keys are encrypted at rest under this one.
+        TLS_KEY_SECRET: _random.token_urlsafe(32),
         # The profile, authenticated: editing config.toml cannot turn production into dev.
         PROFILE_SECRET: config.profile,
     }
@@ -131,7 +147,7 @@ def _build(layout: Layout, config: WorkspaceConfig, passphrase: bytes, say: Prog
         say(f"issuing the TLS {kind} certificate")
         leaf = pki.issue_leaf(ca, kind, config.hosts, now)
         _write(layout, f"{kind}_cert", leaf.cert.public_bytes(serialization.Encoding.PEM))
-        _write(layout, f"{kind}_key", pki.private_key_pem(leaf.key))
+        _write(layout, f"{kind}_key", pki.encrypted_key_pem(leaf.key, values[TLS_KEY_SECRET]))
         if kind == "server":
             say("writing the Java keystore and truststore")
             password = values["keystore-password"]

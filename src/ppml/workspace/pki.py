@@ -24,12 +24,14 @@ __all__ = [
     "DEFAULT_HOSTS",
     "KEYSTORE_ALIAS",
     "LEAF_VALIDITY",
+    "SERVING_CLIENT_UNIT",
     "TRUSTSTORE_ALIAS",
     "IssuedCert",
     "certificate_facts",
     "enclave_signing_key",
     "encrypted_key_pem",
     "issue_leaf",
+    "issue_serving_client",
     "keystore_p12",
     "mrsigner",
     "new_ca",
@@ -45,7 +47,7 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 KEYSTORE_ALIAS = "ppml-server"
 TRUSTSTORE_ALIAS = "ppml-ca"
 
-_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -68,7 +70,7 @@ def _parse_host(host: str) -> str | _IPAddr:
     if (
         not name.isascii()
         or len(name) > 253
-        or not all(_LABEL.match(label) for label in labels)
+        or not all(_LABEL.fullmatch(label) for label in labels)
         or labels[-1].isdigit()
     ):
         raise UsageError(
@@ -164,6 +166,43 @@ def issue_leaf(
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return IssuedCert(key, cert)
+
+
+SERVING_CLIENT_UNIT = "ppml serving client"
+
+
+def issue_serving_client(
+    ca: IssuedCert, name: str, now: dt.datetime, validity: dt.timedelta
+) -> IssuedCert:
+    """An ECDSA P-256 client certificate for one client of the serving front ends: common name
+    `name`, organizational unit "ppml serving client", client authentication only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ppml workspace"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, SERVING_CLIENT_UNIT),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(min(now + validity, ca.cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False

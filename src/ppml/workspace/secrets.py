@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ppml import names
 from ppml._internal.fs import write_private
 from ppml.crypto.envelope import seal, unseal
 from ppml.errors import ConfigurationError, IntegrityError, SecretNotFound, UsageError
@@ -22,18 +22,12 @@ __all__ = ["SECRETS_INFO", "SecretStore", "validate_secret_name"]
 SECRETS_INFO = b"ppml/workspace/secrets/v1"
 _FORMAT = "ppml-workspace-secrets/1"
 _AAD_PREFIX = b"ppml/workspace/secret/v1\x00"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _MAX_VALUE = 64 * 1024
 
 
 def validate_secret_name(name: str) -> str:
     """Secret names: 1-64 lower-case letters, digits, '.', '_', '-', starting alphanumeric."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise UsageError(
-            f"invalid secret name {name!r}: use 1-64 lower-case letters, digits, '.', '_' "
-            "or '-', starting with a letter or digit"
-        )
-    return name
+    return names.SECRET.check(name)
 
 
 def _aad(name: str) -> bytes:

@@ -3,9 +3,13 @@ material, the enclave signing key and the KMS database; created atomically, open
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+import ssl
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -18,7 +22,13 @@ from ppml._internal.fs import ensure_private_dir, write_private
 from ppml.crypto.passphrase import KdfParams, unseal_with_passphrase
 from ppml.errors import ConfigurationError, SecretNotFound, WorkspaceNotFound, WrongPassphrase
 from ppml.workspace import pki
-from ppml.workspace.build import MASTER_KEY_BYTES, PROFILE_SECRET, Progress, build_workspace
+from ppml.workspace.build import (
+    MASTER_KEY_BYTES,
+    PROFILE_SECRET,
+    TLS_KEY_SECRET,
+    Progress,
+    build_workspace,
+)
 from ppml.workspace.config import WorkspaceConfig
 from ppml.workspace.layout import CONFIG_FILE, Layout, is_workspace
 from ppml.workspace.secrets import SecretStore
@@ -29,6 +39,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_DIRNAME", "Workspace", "default_workspace_dir"]
 
 DEFAULT_DIRNAME = ".ppml"
+_TLS_KEYS = ("server_key", "client_key")
+_LOCK_NAME = ".workspace.lock"
+_log = logging.getLogger(__name__)
 _SERVICE_KEY_SECRET = "service-keys-password"  # noqa: S105 -- a secret's name, not its value
 
 
@@ -131,7 +144,9 @@ class Workspace:
         if len(master_key) != MASTER_KEY_BYTES:
             raise ConfigurationError("the sealed master key has the wrong length", path=sealed_path)
         SecretStore(layout.path("secrets"), master_key).check()
-        return cls(path, config, master_key)
+        ws = cls(path, config, master_key)
+        ws._encrypt_plain_tls_keys()
+        return ws
 
     # -- services and secrets --------------------------------------------------------------------
 
@@ -143,8 +158,11 @@ class Workspace:
     def key_service(self, *, actor: str = "local") -> KeyService:
         """The embedded KMS of this workspace, backed by `kms_path`."""
         from ppml.kms import KeyService
+        from ppml.kms.state import counter_directory
 
-        return KeyService(self.kms_path, self._master_key, actor=actor)
+        return KeyService(
+            self.kms_path, self._master_key, actor=actor, counter_dir=counter_directory()
+        )
 
     def _secrets(self) -> SecretStore:
         return SecretStore(self.layout.path("secrets"), self._master_key)
@@ -160,6 +178,63 @@ class Workspace:
     def secret_names(self) -> list[str]:
         """The secrets' names (the sealed profile, which is not secret, is not listed)."""
         return [n for n in self._secrets().names() if n != PROFILE_SECRET]
+
+    # -- TLS credentials ---------------------------------------------------------------------------
+
+    def tls_key_password(self) -> str:
+        """The password of the TLS server and client keys (both encrypted PKCS#8 at rest)."""
+        return self.secret(TLS_KEY_SECRET)
+
+    def server_ssl_context(self) -> ssl.SSLContext:
+        """A TLS server context with the workspace's server certificate and key; client
+        certificates optional, verified against the workspace CA when presented."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_cert))
+        ctx.load_cert_chain(self.server_cert, self.server_key, password=self.tls_key_password())
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """A TLS client context that trusts the workspace CA and presents the workspace's client
+        certificate (mutual TLS: the administrator of `ppml serve`)."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_cert))
+        ctx.load_cert_chain(self.client_cert, self.client_key, password=self.tls_key_password())
+        return ctx
+
+    def certificate_authority(self) -> pki.IssuedCert:
+        """The workspace CA: its certificate and its private key (unsealed for the caller)."""
+        cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+        password = self.secret("ca-key-password").encode()
+        try:
+            key = serialization.load_pem_private_key(self.ca_key.read_bytes(), password)
+        except (ValueError, TypeError):
+            raise ConfigurationError("the CA key is damaged", path=self.ca_key) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigurationError("the CA key is not an EC key", path=self.ca_key)
+        return pki.IssuedCert(key, cert)
+
+    def _encrypt_plain_tls_keys(self) -> None:
+        """A workspace made before the TLS keys were encrypted at rest gets them encrypted in
+        place (once; under a lock, so that concurrent openers agree on the password)."""
+        if not any(_plain_private_key(self.layout.path(f)) for f in _TLS_KEYS):
+            return
+        with _locked(self.path / _LOCK_NAME):
+            try:
+                password = self.secret(TLS_KEY_SECRET)
+            except SecretNotFound:
+                password = secrets.token_urlsafe(32)
+                self.set_secret(TLS_KEY_SECRET, password)
+            for field in _TLS_KEYS:
+                path = self.layout.path(field)
+                if not _plain_private_key(path):
+                    continue
+                try:
+                    key = serialization.load_pem_private_key(path.read_bytes(), None)
+                except (ValueError, TypeError):
+                    raise ConfigurationError("a TLS key is damaged", path=path) from None
+                if not isinstance(key, ec.EllipticCurvePrivateKey):
+                    raise ConfigurationError("a TLS key is not an EC key", path=path)
+                write_private(path, pki.encrypted_key_pem(key, password))
+                _log.warning("%s: encrypted the TLS key at rest (it was stored in the clear)", path)
 
     # -- service keys ----------------------------------------------------------------------------
 
@@ -302,3 +377,22 @@ class Workspace:
             },
             "secrets": self.secret_names(),
         }
+
+
+def _plain_private_key(path: Path) -> bool:
+    """Whether `path` holds a private key in the clear (a PEM key that is not encrypted)."""
+    try:
+        head = path.read_bytes()[:4096]
+    except FileNotFoundError:
+        return False
+    return b"PRIVATE KEY-----" in head and b"ENCRYPTED PRIVATE KEY" not in head
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -94,24 +94,54 @@ def test_an_expired_nonce_is_refused_and_forgotten() -> None:
         challenges.consume(nonce)
 
 
-def test_capacity_is_bounded_and_freed_by_use_and_expiry() -> None:
+def test_the_store_is_bounded_by_dropping_the_oldest() -> None:
+    """A full store never refuses a new challenge to everyone (a flood would lock every
+    workload out): it drops the oldest outstanding one."""
     clock = FakeClock()
     challenges = store(clock, max_outstanding=3)
     first = challenges.issue()
-    challenges.issue()
-    clock.advance(seconds=30)
-    challenges.issue()
-    with pytest.raises(ChallengeCapacityExceeded, match="too many outstanding"):
-        challenges.issue()
+    second = challenges.issue()
+    third = challenges.issue()
+    fourth = challenges.issue()
+    assert len(challenges) == 3
+    with pytest.raises(AttestationFailed, match="unknown"):
+        challenges.consume(first.nonce)
+    for c in (second, third, fourth):
+        challenges.consume(c.nonce)
+    assert len(challenges) == 0
+
+
+def test_each_client_holds_a_bounded_number() -> None:
+    clock = FakeClock()
+    challenges = store(clock, max_per_client=2)
+    a1 = challenges.issue("10.0.0.1")
+    challenges.issue("10.0.0.1")
+    with pytest.raises(ChallengeCapacityExceeded, match="for this client"):
+        challenges.issue("10.0.0.1")
     assert issubclass(ChallengeCapacityExceeded, AttestationFailed)
-    challenges.consume(first.nonce)
-    challenges.issue()
-    assert len(challenges) == 3
-    clock.advance(seconds=30)  # the one still outstanding from T0 expires
-    challenges.issue()
-    assert len(challenges) == 3
-    with pytest.raises(ChallengeCapacityExceeded):
-        challenges.issue()
+    other = challenges.issue("10.0.0.2")  # another client is not affected
+    challenges.issue()  # nor an in-process caller
+    challenges.consume(a1.nonce)  # a used one frees a place
+    challenges.issue("10.0.0.1")
+    clock.advance(minutes=5)  # so do expired ones
+    challenges.issue("10.0.0.1")
+    challenges.issue("10.0.0.1")
+    with pytest.raises(AttestationFailed, match="expired|unknown"):
+        challenges.consume(other.nonce)
+
+
+def test_a_flooding_client_cannot_lock_out_another() -> None:
+    """The finding: 10,000 challenges from one client blocked every attestation for 60 s."""
+    challenges = ChallengeStore()
+    refused = 0
+    for _ in range(10_000):
+        try:
+            challenges.issue("198.51.100.7")
+        except ChallengeCapacityExceeded:
+            refused += 1
+    assert refused == 10_000 - 64
+    workload = challenges.issue("127.0.0.1")
+    challenges.consume(workload.nonce)
 
 
 def test_expired_challenges_are_dropped_when_new_ones_are_issued() -> None:
@@ -142,14 +172,14 @@ def test_concurrent_consumers_of_one_nonce_get_exactly_one_success() -> None:
     assert results.count(True) == 1
 
 
-def test_concurrent_issuers_never_exceed_the_cap() -> None:
-    challenges = ChallengeStore(max_outstanding=100)
+def test_concurrent_issuers_never_exceed_the_caps() -> None:
+    challenges = ChallengeStore(max_outstanding=100, max_per_client=30)
 
-    def issue_many(_: int) -> int:
+    def issue_many(n: int) -> int:
         issued = 0
         for _ in range(50):
             try:
-                challenges.issue()
+                challenges.issue(f"client-{n % 4}")
                 issued += 1
             except ChallengeCapacityExceeded:
                 pass
@@ -157,7 +187,10 @@ def test_concurrent_issuers_never_exceed_the_cap() -> None:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         total = sum(pool.map(issue_many, range(8)))
-    assert total == 100
+    assert total >= 100
+    assert len(challenges) == 100
+    assert max(challenges._per_client.values()) <= 30
+    assert sum(challenges._per_client.values()) == 100
     assert len(challenges) == 100
 
 
@@ -177,6 +210,8 @@ def test_a_broken_random_source_is_a_configuration_error() -> None:
         {"ttl": _dt.timedelta(seconds=-1)},
         {"max_outstanding": 0},
         {"max_outstanding": True},
+        {"max_per_client": 0},
+        {"max_per_client": 1.5},
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, object]) -> None:

@@ -155,6 +155,18 @@ def test_not_encrypted_and_garbage_headers() -> None:
         _decrypt(bad_version)
 
 
+@pytest.mark.parametrize(("offset", "name"), [(8, "version"), (9, "algorithm"), (11, "flags")])
+def test_a_changed_version_algorithm_or_flag_byte_says_only_integrity_check_failed(
+    offset: int, name: str
+) -> None:
+    """docs/format.md: every check after the magic fails the same, opaque way."""
+    blob = _encrypt(b"hello world")
+    changed = blob[:offset] + bytes([blob[offset] ^ 0x01]) + blob[offset + 1 :]
+    with pytest.raises(IntegrityError) as info:
+        _decrypt(changed)
+    assert str(info.value) == "integrity check failed", name
+
+
 def test_wrong_key_is_integrity_error() -> None:
     with pytest.raises(IntegrityError) as info:
         _decrypt(_encrypt(b"secret"), dek=os.urandom(32))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ppml.crypto.envelope import WrappedKey
-from ppml.errors import KeyNotFound, UsageError
+from ppml.errors import IntegrityError, KeyNotFound, UsageError
 from ppml.kms import AuditVerification, KeyService
 
 MASTER = bytes(range(32, 64))
@@ -80,7 +80,7 @@ def test_every_operation_is_recorded(db: Path) -> None:
         "key_name": "alpha",
         "version": 1,
         "outcome": "ok",
-        "detail": {},
+        "detail": {"state": 1},  # the KMS state version this operation made
     }
 
 
@@ -209,7 +209,7 @@ def test_an_edited_head_is_detected_and_stops_new_records(db: Path, edit: str) -
     _edit(db, edit)
     result = _verify(db)
     assert not result.ok and result.count == RECORDS
-    with KeyService(db, MASTER) as kms, pytest.raises(Exception, match="integrity check failed"):
+    with KeyService(db, MASTER) as kms, pytest.raises(IntegrityError, match="audit log's head"):
         kms.rotate("alpha")
 
 

@@ -11,8 +11,10 @@ import pytest
 
 from ppml.attestation.claims import TeeType
 from ppml.crypto.envelope import DataKey
-from ppml.errors import ConfigurationError
+from ppml.errors import ConfigurationError, IntegrityError
 from ppml.kms import KeyService, Rule
+from ppml.kms import audit as kms_audit
+from ppml.kms import service as kms_service
 from ppml.kms import store as kms_store
 
 MASTER = bytes(range(200, 232))
@@ -29,17 +31,33 @@ def _schema(db: Path) -> tuple[int, set[str]]:
     return version, tables
 
 
+def downgrade(db: Path, to: int) -> None:
+    """Rewrite a current store as the code of schema version `to` (1 or 3) left it: no state
+    record, an audit head with the version-1 MAC (and for 1, no release rules)."""
+    audit_key = kms_service._derive(MASTER, kms_service._AUDIT_INFO)
+    raw = sqlite3.connect(db)
+    with raw:
+        raw.execute("DROP TABLE state_head")
+        seq, mac = raw.execute("SELECT seq, mac FROM audit_head").fetchone()
+        raw.execute("ALTER TABLE audit_head DROP COLUMN state_version")
+        raw.execute(
+            "UPDATE audit_head SET head_mac = ?", (kms_audit._head_mac(audit_key, seq, mac, None),)
+        )
+        if to == 1:
+            raw.execute("DROP TABLE release_rules")
+        raw.execute(f"PRAGMA user_version = {to}")
+    raw.close()
+
+
 @pytest.fixture
-def v1_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, DataKey]]:
-    """A store written by the version-1 code path: same KeyService, the version-1 schema."""
+def v1_store(tmp_path: Path) -> Iterator[tuple[Path, DataKey]]:
+    """A store as the version-1 code left it: keys, versions, an audit log."""
     db = tmp_path / "kms.db"
-    with monkeypatch.context() as patch:
-        patch.setattr(kms_store, "SCHEMA_VERSION", 1)
-        patch.setattr(kms_store, "_CURRENT_SCHEMA", kms_store._SCHEMA)
-        with KeyService(db, MASTER, actor="v1") as old:
-            old.create_key("sales")
-            old.rotate("sales")
-            dek = old.generate_data_key("sales")
+    with KeyService(db, MASTER, actor="v1") as old:
+        old.create_key("sales")
+        old.rotate("sales")
+        dek = old.generate_data_key("sales")
+    downgrade(db, 1)
     assert _schema(db) == (1, {"meta", "keys", "key_versions", "audit", "audit_head"})
     yield db, dek
 
@@ -47,15 +65,23 @@ def v1_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
 def test_a_version_1_store_upgrades_in_place(v1_store: tuple[Path, DataKey]) -> None:
     db, dek = v1_store
     with KeyService(db, MASTER) as kms:
-        assert kms_store.SCHEMA_VERSION == 3
-        assert _schema(db) == (3, {"meta", "keys", "key_versions", "audit", "audit_head",
-                                   "release_rules"})  # fmt: skip
+        assert kms_store.SCHEMA_VERSION == 4
+        assert _schema(db) == (4, {"meta", "keys", "key_versions", "audit", "audit_head",
+                                   "release_rules", "state_head"})  # fmt: skip
         assert kms.unwrap(dek.wrapped) == dek.plaintext
         assert kms.describe("sales").current_version == 2
         assert kms.policies(allow_sim=False).show("sales").rules == ()
         kms.policies(allow_sim=False).allow("sales", Rule(TeeType.SGX, M))
         verification = kms.audit.verify()
-        assert verification.ok and verification.count == 5
+        # create, rotate, generate_data_key; the state anchored; unwrap; the rule allowed
+        assert verification.ok and verification.count == 6
+        assert [e.op for e in kms.audit.entries()][-3:] == [
+            "state_anchor",
+            "unwrap",
+            "policy_allow",
+        ]
+        assert kms.audit.entries()[-3].detail == {"state": 1, "keys": 1}
+        assert kms.verify_state().ok and kms.verify_state().version == 2
     with KeyService(db, MASTER) as again:
         assert again.policies(allow_sim=False).show("sales").rules == (Rule(TeeType.SGX, M),)
 
@@ -69,7 +95,9 @@ def test_several_openers_migrate_once(v1_store: tuple[Path, DataKey]) -> None:
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert set(pool.map(open_and_use, range(8))) == {dek.plaintext}
-    assert _schema(db)[0] == 3
+    assert _schema(db)[0] == 4
+    with KeyService(db, MASTER) as kms:
+        assert [e.op for e in kms.audit.entries()].count("state_anchor") == 1
 
 
 def test_a_failed_migration_leaves_the_store_at_version_1(
@@ -89,13 +117,80 @@ def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "kms.db"
     KeyService(db, MASTER).close()
     raw = sqlite3.connect(db)
-    raw.execute("PRAGMA user_version = 4")
+    raw.execute("PRAGMA user_version = 5")
     raw.close()
-    with pytest.raises(ConfigurationError, match="schema version 4 is not supported"):
+    with pytest.raises(ConfigurationError, match="schema version 5 is not supported"):
         KeyService(db, MASTER)
 
 
 def test_a_new_store_starts_at_the_current_version(tmp_path: Path) -> None:
     db = tmp_path / "kms.db"
     KeyService(db, MASTER).close()
-    assert _schema(db)[0] == kms_store.SCHEMA_VERSION == 3
+    assert _schema(db)[0] == kms_store.SCHEMA_VERSION == 4
+
+
+def test_a_version_3_store_is_anchored_once(tmp_path: Path) -> None:
+    db = tmp_path / "kms.db"
+    with KeyService(db, MASTER) as old:
+        old.create_key("sales")
+        old.policies(allow_sim=False).allow("sales", Rule(TeeType.SGX, M))
+    downgrade(db, 3)
+    with KeyService(db, MASTER) as kms:
+        assert kms.policies(allow_sim=False).show("sales").rules == (Rule(TeeType.SGX, M),)
+        state = kms.verify_state()
+        assert state.ok and (state.version, state.keys) == (1, 1)
+        assert kms.audit.verify().ok
+
+
+def test_a_store_is_not_anchored_over_an_altered_rule(tmp_path: Path) -> None:
+    db = tmp_path / "kms.db"
+    with KeyService(db, MASTER) as old:
+        old.create_key("sales")
+        old.policies(allow_sim=False).allow("sales", Rule(TeeType.SGX, M))
+    downgrade(db, 3)
+    raw = sqlite3.connect(db)
+    with raw:
+        raw.execute("UPDATE release_rules SET debug_ok = 1")
+    raw.close()
+    with KeyService(db, MASTER) as kms, pytest.raises(IntegrityError, match="not anchoring"):
+        kms.list_keys()
+    assert _schema(db)[0] == 4
+    raw = sqlite3.connect(db)
+    assert raw.execute("SELECT count(*) FROM state_head").fetchone() == (0,)
+    raw.close()
+
+
+def test_dropping_the_state_record_does_not_re_anchor(tmp_path: Path) -> None:
+    """An attacker who deletes the state record (to have edited rows anchored as genuine) finds
+    the audit head still bound to a state version."""
+    db = tmp_path / "kms.db"
+    with KeyService(db, MASTER) as kms:
+        kms.create_key("sales")
+    raw = sqlite3.connect(db)
+    with raw:
+        raw.execute("DELETE FROM state_head")
+    raw.close()
+    with (
+        KeyService(db, MASTER) as kms,
+        pytest.raises(IntegrityError, match="state record is missing"),
+    ):
+        kms.describe("sales")
+
+
+def test_a_schema_downgrade_does_not_re_anchor(tmp_path: Path) -> None:
+    """Dropping the state table and the head's state column (user_version 3) to have the store
+    anchored again: the head's MAC binds the state version, so it no longer verifies."""
+    db = tmp_path / "kms.db"
+    with KeyService(db, MASTER) as kms:
+        kms.create_key("sales")
+    raw = sqlite3.connect(db)
+    with raw:
+        raw.execute("DROP TABLE state_head")
+        raw.execute("ALTER TABLE audit_head DROP COLUMN state_version")
+        raw.execute("PRAGMA user_version = 3")
+    raw.close()
+    with (
+        KeyService(db, MASTER) as kms,
+        pytest.raises(IntegrityError, match="head is missing or forged"),
+    ):
+        kms.describe("sales")

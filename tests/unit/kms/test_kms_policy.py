@@ -233,7 +233,8 @@ def test_allow_replaces_the_rule_for_the_same_tee_and_measurement(
 ) -> None:
     prod.allow("sales", SGX)
     assert prod.allow("sales", SGX_DEBUG).rules == (SGX_DEBUG,)
-    assert _last(kms)["detail"] == {**SGX_DEBUG.to_dict(), "replaced": True}
+    # kms fixture: two keys created (state 1, 2), then the two rules (3, 4)
+    assert _last(kms)["detail"] == {**SGX_DEBUG.to_dict(), "replaced": True, "state": 4}
 
 
 def test_policy_changes_are_audited(kms: KeyService, prod: PolicyStore) -> None:
@@ -244,7 +245,7 @@ def test_policy_changes_are_audited(kms: KeyService, prod: PolicyStore) -> None:
         ("policy_allow", "sales", None, "ok"),
         ("policy_revoke", "sales", None, "ok"),
     ]
-    assert _last(kms)["detail"] == {"measurement": M, "removed": 1}
+    assert _last(kms)["detail"] == {"measurement": M, "removed": 1, "state": 4}
     assert kms.audit.verify().ok
 
 

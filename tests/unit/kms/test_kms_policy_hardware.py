@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ppml.attestation import EvidenceClaims, TcbStatus, TeeType, TokenIssuer, TokenVerifier
-from ppml.errors import UsageError
+from ppml.errors import IntegrityError, UsageError
 from ppml.kms import KeyService
 from ppml.kms.policy import Policy, Reason, Rule, load_policy_file
 
@@ -206,9 +206,11 @@ def test_stored_rules_keep_their_reference_values(tmp_path: Path) -> None:
     with raw:
         raw.execute("UPDATE release_rules SET constraints = '{}' WHERE tee = 'snp'")
     raw.close()
-    with KeyService(db, bytes(range(32))) as kms:
-        policy = kms.policies(allow_sim=False).evaluate("k", facts(TeeType.SNP))
-        assert not policy.allowed and policy.reason == Reason.POLICY_TAMPERED
+    with (
+        KeyService(db, bytes(range(32))) as kms,
+        pytest.raises(IntegrityError, match="key 'k': its release rules differ"),
+    ):
+        kms.policies(allow_sim=False).evaluate("k", facts(TeeType.SNP))
 
 
 def test_tokens_carry_the_extra_facts() -> None:

@@ -214,10 +214,13 @@ def test_a_tampered_key_encryption_key_is_an_integrity_error(kms: KeyService, db
         (blob,) = raw.execute("SELECT wrapped_kek FROM key_versions").fetchone()
         raw.execute("UPDATE key_versions SET wrapped_kek = ?", (blob[:-1] + bytes([blob[-1] ^ 1]),))
     raw.close()
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="key 'alpha': its versions differ"):
         kms.unwrap(wrapped)
     assert _last(kms)["outcome"] == "error"
-    assert _last(kms)["detail"] == {"reason": "stored key-encryption key failed authentication"}
+    assert _last(kms)["detail"] == {
+        "reason": "state check failed",
+        "problem": "key 'alpha': its versions differ",
+    }
 
 
 def test_a_wrong_master_key_fails_clearly_and_writes_nothing(kms: KeyService, db: Path) -> None:

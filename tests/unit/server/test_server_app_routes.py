@@ -1,5 +1,6 @@
 """The routers in process (no TLS): what each route answers, the refusal catalogue, the body
-limit, bearer parsing and the administrator check, which is injected here."""
+limit, bearer parsing, the order of the boundary's checks, and the administrator check (the
+pinned certificate, or an injected authenticator)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from fastapi import Request
 from tests.asgi_client import AsgiClient
 
 from ppml.attestation import SimPlatform, report_data_for
@@ -32,8 +32,9 @@ from ppml.server.app import (
     PEER_CERT_EXTENSION,
     Services,
     create_app,
-    require_client_certificate,
+    pinned_certificates,
 )
+from ppml.server.boundary import SECURITY_HEADERS, Principal, Refused
 from ppml.server.embedded import services_for
 from ppml.server.errors import CATALOGUE, status_for
 from ppml.server.tls import _client_auth_cert
@@ -42,8 +43,8 @@ from ppml.workspace import Workspace
 M = "5e" * 32
 
 
-def _allow_all(request: Request) -> None:
-    return None
+async def _allow_all(scope: Any) -> Principal:
+    return Principal("certificate", "test administrator")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def services(workspace: Workspace) -> Iterator[Services]:
 
 @pytest.fixture
 def admin(services: Services) -> AsgiClient:
-    return AsgiClient(create_app(services, admin_check=_allow_all))
+    return AsgiClient(create_app(services, admin=_allow_all))
 
 
 @pytest.fixture
@@ -123,20 +124,42 @@ def test_release_round_trip_in_process(anonymous: AsgiClient, workspace: Workspa
     assert open_released(ReleasedKey.from_dict(r.json()), private).plaintext == key.plaintext
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [{}, {"Authorization": "Bearer"}, {"Authorization": "Basic YTpi"}, {"Authorization": "x"}],
-)
-def test_missing_token_is_refused_and_audited(
-    anonymous: AsgiClient, services: Services, headers: dict[str, str]
+MISSING_TOKENS = [
+    {},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Basic YTpi"},
+    {"Authorization": "x"},
+    {"Authorization": "Bearer not.a.token"},
+]
+
+
+def test_missing_tokens_are_refused_and_audited_sparingly(
+    workspace: Workspace, tmp_path: Path
 ) -> None:
-    before = services.keys.audit.entries(limit=1)[-1].seq
-    r = anonymous.post("/kms/v1/keys/sales/datakey", headers=headers)
-    assert (r.status_code, r.json()) == (401, {"error": "unauthorized"})
-    new = [e for e in services.keys.audit.entries() if e.seq > before]
-    assert [(e.op, e.outcome, e.detail["reason"]) for e in new] == [
-        ("release_datakey", "denied", "token_rejected")
-    ]
+    """Every call without a token that verifies is 401; the audit log gets the first of each
+    kind (client address, operation, reason) per window in full and a count of the others,
+    so that a flood cannot bury it."""
+    services = services_for(workspace)
+    try:
+        client = AsgiClient(create_app(services))
+        before = services.keys.audit.entries(limit=1)[-1].seq
+        for headers in MISSING_TOKENS * 3:
+            r = client.post("/kms/v1/keys/sales/datakey", headers=headers)
+            assert (r.status_code, r.json()) == (401, {"error": "unauthorized"})
+        new = [e for e in services.keys.audit.entries() if e.seq > before]
+        assert [(e.op, e.outcome, e.detail["reason"]) for e in new] == [
+            ("release_datakey", "denied", "token_rejected")
+        ]
+        assert new[0].detail["client"] == "127.0.0.1"
+        services.broker.flush()  # at shutdown: the count of those left out
+        last = services.keys.audit.entries(limit=1)[-1]
+        assert (last.op, last.detail["suppressed"], last.detail["client"]) == (
+            "release_datakey",
+            len(MISSING_TOKENS) * 3 - 1,
+            "127.0.0.1",
+        )
+    finally:
+        services.keys.close()
 
 
 def test_admin_routes_refused_without_a_peer_certificate(anonymous: AsgiClient) -> None:
@@ -151,14 +174,29 @@ def test_admin_routes_refused_without_a_peer_certificate(anonymous: AsgiClient) 
         assert (r.status_code, r.json()) == (401, {"error": "unauthorized"}), path
 
 
-def test_require_client_certificate_reads_the_scope() -> None:
-    def request(extensions: dict[str, Any]) -> Request:
-        return Request({"type": "http", "extensions": extensions, "headers": []})
+def _der(path: Path) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
 
-    require_client_certificate(request({PEER_CERT_EXTENSION: b"\x30\x00"}))
-    for ext in ({}, {PEER_CERT_EXTENSION: None}, {PEER_CERT_EXTENSION: b""}):
-        with pytest.raises(AttestationFailed):
-            require_client_certificate(request(ext))
+    return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(Encoding.DER)
+
+
+def test_the_admin_certificate_is_pinned(workspace: Workspace, tmp_path: Path) -> None:
+    """Any certificate of the workspace CA with the client usage passes the TLS layer (serving
+    clients hold such certificates); only the workspace's own client certificate administers."""
+    import asyncio
+
+    authenticate = pinned_certificates((_der(workspace.client_cert),))
+    scope: dict[str, Any] = {"extensions": {PEER_CERT_EXTENSION: _der(workspace.client_cert)}}
+    assert asyncio.run(authenticate(scope)).name == "administrator"
+    other = Workspace.create(tmp_path / "other", b"pass", kdf=KdfParams.for_testing())
+    for cert in (_der(other.client_cert), _der(workspace.server_cert), b"\x30\x00", b"", None):
+        with pytest.raises(Refused) as caught:
+            asyncio.run(authenticate({"extensions": {PEER_CERT_EXTENSION: cert}}))
+        assert caught.value.status == 401
+    with pytest.raises(Refused):
+        asyncio.run(authenticate({}))
+    with pytest.raises(Refused):
+        asyncio.run(pinned_certificates(())(scope))  # no pin: no administrator
 
 
 def test_admin_routes_with_injected_check(admin: AsgiClient) -> None:
@@ -195,9 +233,31 @@ def test_admin_routes_with_injected_check(admin: AsgiClient) -> None:
         ("/kms/v1/keys", {"name": True}),
     ],
 )
-def test_invalid_bodies_are_400(admin: AsgiClient, path: str, body: Any) -> None:
-    r = admin.post(path, json=body)
+def test_invalid_bodies_are_400(
+    admin: AsgiClient, workspace: Workspace, path: str, body: Any
+) -> None:
+    token, _ = _token(admin, workspace)
+    r = admin.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
     assert (r.status_code, r.json()) == (400, {"error": "bad request"})
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/kms/v1/keys/sales/unwrap"),
+        ("POST", "/kms/v1/keys/sales/datakey"),
+        ("POST", "/kms/v1/keys"),
+        ("PUT", "/kms/v1/keys/sales/policy"),
+    ],
+)
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b" " * (MAX_BODY_BYTES + 1)])
+def test_an_unauthenticated_call_is_401_whatever_its_body(
+    anonymous: AsgiClient, method: str, path: str, body: bytes
+) -> None:
+    """Authenticate first: a malformed or oversized body from nobody is 401, never 400 or 413
+    (which would show that the body was read)."""
+    r = anonymous.request(method, path, content=body, headers={"content-type": "application/json"})
+    assert (r.status_code, r.json()) == (401, {"error": "unauthorized"})
 
 
 def test_strict_types_in_policies(admin: AsgiClient) -> None:
@@ -218,15 +278,22 @@ def test_unknown_route_and_method(anonymous: AsgiClient) -> None:
 # -- the body limit ----------------------------------------------------------------------------
 
 
-def test_body_at_the_limit_is_parsed(anonymous: AsgiClient) -> None:
+@pytest.fixture
+def bearer(anonymous: AsgiClient, workspace: Workspace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {_token(anonymous, workspace)[0]}"}
+
+
+def test_body_at_the_limit_is_parsed(anonymous: AsgiClient, bearer: dict[str, str]) -> None:
     body = b'{"wrapped_key": "' + b"A" * (MAX_BODY_BYTES - 19) + b'"}'
     assert len(body) == MAX_BODY_BYTES
-    r = anonymous.post("/kms/v1/keys/sales/unwrap", content=body)
+    r = anonymous.post("/kms/v1/keys/sales/unwrap", content=body, headers=bearer)
     assert r.status_code == 400  # parsed, and the field is too long: not 413
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_body_over_the_limit_is_413(anonymous: AsgiClient, chunked: bool) -> None:
+def test_body_over_the_limit_is_413(
+    anonymous: AsgiClient, bearer: dict[str, str], chunked: bool
+) -> None:
     body = b" " * (MAX_BODY_BYTES + 1)
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -234,13 +301,13 @@ def test_body_over_the_limit_is_413(anonymous: AsgiClient, chunked: bool) -> Non
             yield body[i : i + 1000]
 
     content: Any = chunks() if chunked else body
-    r = anonymous.post("/kms/v1/keys/sales/unwrap", content=content)
-    assert (r.status_code, r.json()) == (413, {"error": "request too large"})
+    r = anonymous.post("/kms/v1/keys/sales/unwrap", content=content, headers=bearer)
+    assert r.status_code == 413 and r.json()["error"] == "request too large"
 
 
-def test_non_numeric_content_length_is_413(anonymous: AsgiClient) -> None:
+def test_non_numeric_content_length_is_413(anonymous: AsgiClient, bearer: dict[str, str]) -> None:
     r = anonymous.post(
-        "/kms/v1/keys/sales/unwrap", content=b"{}", headers={"content-length": "1e3"}
+        "/kms/v1/keys/sales/unwrap", content=b"{}", headers={"content-length": "1e3", **bearer}
     )
     assert r.status_code in (400, 413)
 
@@ -266,17 +333,32 @@ def test_status_for(exc: PPMLError, status: int) -> None:
 
 
 def test_unexpected_exception_is_500_with_a_fixed_body(services: Services) -> None:
-    def boom(request: Request) -> None:
+    async def boom(scope: Any) -> Principal:
         raise RuntimeError("secret detail")
 
-    c = AsgiClient(create_app(services, admin_check=boom), raise_app_exceptions=False)
+    c = AsgiClient(create_app(services, admin=boom), raise_app_exceptions=False)
     r = c.get("/kms/v1/keys")
     assert (r.status_code, r.json()) == (500, {"error": "internal error"})
     assert "secret" not in r.text
 
 
 def test_every_refusal_body_is_in_the_catalogue() -> None:
-    assert set(CATALOGUE) >= {400, 401, 403, 404, 409, 413, 500}
+    assert set(CATALOGUE) >= {400, 401, 403, 404, 409, 413, 429, 500}
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/nope", "/kms/v1/keys", "/openapi.json"])
+def test_every_answer_carries_the_security_headers(anonymous: AsgiClient, path: str) -> None:
+    r = anonymous.get(path)
+    for name, value in SECURITY_HEADERS:
+        assert r.headers[name.decode()] == value.decode(), (path, name)
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/docs/oauth2-redirect"])
+def test_no_interactive_docs_load_third_party_script(anonymous: AsgiClient, path: str) -> None:
+    r = anonymous.get(path)
+    assert r.status_code == 404
+    assert "cdn" not in r.text.lower() and "<script" not in r.text.lower()
 
 
 def test_openapi_describes_every_route(anonymous: AsgiClient) -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from ppml.serving.frontend import ModelInfo
+from ppml.server.boundary import Principal
+from ppml.serving.frontend import ClientTag, ModelInfo
 from ppml.serving.queue import DuplicateRequest, QueueFull, Result
 
 MODELS = {
@@ -171,3 +173,17 @@ class FakeAsyncOps:
     async def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
         self.calls.append("take_if_complete")
         return self.queue.take_if_complete(request_ids)
+
+
+async def as_client(scope: Any) -> Principal:
+    """The in-process tests' authenticator (no TLS here): the client named by the x-test-client
+    header, else "alice". The certificate check itself is tested over real TLS."""
+    for name, value in scope.get("headers", []):
+        if name == b"x-test-client":
+            return Principal("certificate", value.decode())
+    return Principal("certificate", "alice")
+
+
+def queued(request_id: str, client: str = "alice") -> str:
+    """How the queue holds `client`'s `request_id`."""
+    return ClientTag(client).queued(request_id)

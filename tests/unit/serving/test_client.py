@@ -1,5 +1,6 @@
 """`InputQueue` / `OutputQueue` against the front end served by uvicorn over HTTPS on a loopback
-port, with a workspace's certificates; the queue behind it is the in-memory fake."""
+port, with a workspace's certificates (server, and clients' by mutual TLS); the queue behind it
+is the in-memory fake."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from tests.unit.serving.frontend_fakes import (
 
 from ppml.crypto.passphrase import KdfParams
 from ppml.errors import ConfigurationError, PPMLError, UsageError
-from ppml.server.tls import TlsFiles, serving
+from ppml.server.embedded import tls_files_for
+from ppml.server.tls import serving
 from ppml.serving import InputQueue, OutputQueue
 from ppml.serving.client import (
     InvalidInput,
+    NotAuthenticated,
     PredictionFailed,
     PredictionTimeout,
     RateLimited,
@@ -57,19 +60,44 @@ def other_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     )
 
 
+def own_cert(ws: Workspace) -> tuple[Path, Path, str]:
+    return (ws.client_cert, ws.client_key, ws.tls_key_password())
+
+
+def issued(ws: Workspace, name: str, directory: Path) -> tuple[Path, Path]:
+    """A serving client's certificate, as `ppml serving client issue NAME` writes it."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+
+    from ppml.workspace import pki
+
+    now = dt.datetime.now(dt.UTC)
+    cert = pki.issue_serving_client(ws.certificate_authority(), name, now, dt.timedelta(days=1))
+    cert_file, key_file = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    cert_file.write_bytes(cert.cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(pki.private_key_pem(cert.key))
+    return cert_file, key_file
+
+
 class Server:
-    def __init__(self, url: str, queue: FakeQueue, clock: FakeClock, ca: Path) -> None:
+    def __init__(self, url: str, queue: FakeQueue, clock: FakeClock, ws: Workspace) -> None:
         self.url = url
         self.queue = queue
         self.clock = clock
-        self.ca = ca
+        self.ca = ws.ca_cert
+        self.cert = own_cert(ws)
 
     def inputs(self, **kwargs: Any) -> InputQueue:
         kwargs.setdefault("ca", self.ca)
+        if not isinstance(kwargs["ca"], ssl.SSLContext):
+            kwargs.setdefault("cert", self.cert)
         return InputQueue(self.url, **kwargs)
 
     def outputs(self, **kwargs: Any) -> OutputQueue:
         kwargs.setdefault("ca", self.ca)
+        if not isinstance(kwargs["ca"], ssl.SSLContext):
+            kwargs.setdefault("cert", self.cert)
         return OutputQueue(self.url, **kwargs)
 
 
@@ -84,9 +112,9 @@ def running(ws: Workspace, *, waiter: bool = False, **settings: Any) -> Iterator
         waiter=JumpingWaiter(clock) if waiter else None,
         clock=clock,
     )
-    tls = TlsFiles(cert=ws.server_cert, key=ws.server_key, ca=ws.ca_cert)
+    tls = tls_files_for(ws)
     with serving(app, tls) as handle:
-        yield Server(handle.url, queue, clock, ws.ca_cert)
+        yield Server(handle.url, queue, clock, ws)
 
 
 @pytest.fixture
@@ -196,8 +224,12 @@ def test_the_workspace_ca_is_the_default(
     server: Server, workspace: Workspace, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("PPML_HOME", str(workspace.path))
-    with OutputQueue(server.url) as out:
+    monkeypatch.setenv("PPML_PASSPHRASE", "serving tests passphrase")
+    with OutputQueue(server.url) as out:  # the workspace's CA and client certificate
         assert out.dequeue() == {}
+    monkeypatch.delenv("PPML_PASSPHRASE")
+    with pytest.raises(ConfigurationError, match="authenticates clients"):
+        OutputQueue(server.url)
     monkeypatch.setenv("PPML_HOME", str(tmp_path / "none"))
     with pytest.raises(ConfigurationError, match="no workspace"):
         OutputQueue(server.url)
@@ -225,7 +257,100 @@ def test_verification_cannot_be_turned_off(server: Server, tmp_path: Path) -> No
 def test_unreachable_front_end(workspace: Workspace) -> None:
     with running(workspace) as server:
         url = server.url
-    with InputQueue(url, ca=workspace.ca_cert, timeout=2) as q:
+    with InputQueue(url, ca=workspace.ca_cert, cert=own_cert(workspace), timeout=2) as q:
         with pytest.raises(ServingError, match="cannot reach") as down:
             q.enqueue("r", x=np.zeros(3))
         assert isinstance(down.value, PPMLError)
+
+
+# -- client authentication and per-client requests ----------------------------------------------
+
+
+def test_a_client_without_a_certificate_is_401(server: Server) -> None:
+    """What an anonymous caller of the finding tried first: read every client's results."""
+    import httpx
+
+    context = ssl.create_default_context(cafile=str(server.ca))
+    with httpx.Client(base_url=server.url, verify=context) as anonymous:
+        for method, path in [
+            ("GET", "/v1/results"),
+            ("GET", "/v1/requests/req-1"),
+            ("POST", "/v1/requests"),
+            ("POST", "/predict"),
+        ]:
+            r = anonymous.request(method, path, content=b"{not json")
+            assert r.status_code == 401, (method, path)
+            assert r.json()["error"] == "unauthorized"
+        assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/models").status_code == 200
+    assert server.queue.submitted == []
+    with server.inputs(ca=context) as q, pytest.raises(NotAuthenticated):
+        q.enqueue("r", x=np.zeros(3))
+
+
+def test_a_certificate_that_is_not_for_client_authentication_is_refused(
+    server: Server, workspace: Workspace
+) -> None:
+    """The workspace's server certificate (server authentication only) is no client's: the
+    TLS layer refuses it."""
+    cert = (workspace.server_cert, workspace.server_key, workspace.tls_key_password())
+    with server.inputs(cert=cert) as q, pytest.raises(ServingError):
+        q.enqueue("r", x=np.zeros(3))
+    assert server.queue.submitted == []
+
+
+def test_a_certificate_of_another_ca_is_refused(server: Server, other_workspace: Workspace) -> None:
+    with server.inputs(cert=own_cert(other_workspace)) as q, pytest.raises(ServingError):
+        q.enqueue("r", x=np.zeros(3))
+    assert server.queue.submitted == []
+
+
+def test_each_client_has_its_own_requests_and_results(
+    server: Server, workspace: Workspace, tmp_path: Path
+) -> None:
+    alice, bob = issued(workspace, "alice", tmp_path), issued(workspace, "bob", tmp_path)
+    with (
+        server.inputs(cert=alice) as alice_in,
+        server.outputs(cert=alice) as alice_out,
+        server.inputs(cert=bob) as bob_in,
+        server.outputs(cert=bob) as bob_out,
+    ):
+        # squatting: bob takes the id alice will use first; both are accepted, apart
+        assert bob_in.enqueue("req-1", x=np.full(3, 10.0)) == "req-1"
+        assert alice_in.enqueue("req-1", x=np.ones(3)) == "req-1"
+        alice_in.enqueue("alice-only", x=np.ones(3))
+        server.queue.process()
+        # guessing another's id: unknown, not another's prediction
+        with pytest.raises(UnknownRequest):
+            bob_out.query("alice-only")
+        np.testing.assert_array_equal(alice_out.query("req-1"), np.full(3, 2.0))
+        np.testing.assert_array_equal(bob_out.query("req-1"), np.full(3, 20.0))
+        # /v1/results: each client takes its own, and only its own
+        assert set(bob_out.dequeue()) == {"req-1"}
+        mine = alice_out.dequeue()
+        assert set(mine) == {"req-1", "alice-only"}
+        assert bob_out.dequeue() == {} and alice_out.dequeue() == {}
+        # an id is a duplicate only for the client that used it
+        with pytest.raises(DuplicateRequest):
+            alice_in.enqueue("alice-only", x=np.ones(3))
+        bob_in.enqueue("alice-only", x=np.ones(3))
+
+
+def test_an_issued_key_with_a_password(
+    server: Server, workspace: Workspace, tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+
+    from ppml.workspace import pki
+
+    now = dt.datetime.now(dt.UTC)
+    cert = pki.issue_serving_client(workspace.certificate_authority(), "carol", now,
+                                    dt.timedelta(days=1))  # fmt: skip
+    (tmp_path / "c.pem").write_bytes(cert.cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "c-key.pem").write_bytes(pki.encrypted_key_pem(cert.key, "a long password"))
+    with server.outputs(cert=(tmp_path / "c.pem", tmp_path / "c-key.pem", "a long password")) as q:
+        assert q.dequeue() == {}
+    with pytest.raises(ConfigurationError, match="wrong key password"):
+        server.outputs(cert=(tmp_path / "c.pem", tmp_path / "c-key.pem", "wrong"))

@@ -24,6 +24,8 @@ from tests.unit.serving.frontend_fakes import (
     FakeQueue,
     FakeWorker,
     JumpingWaiter,
+    as_client,
+    queued,
 )
 
 from ppml.errors import UsageError
@@ -63,6 +65,7 @@ def make(
     clock = clock or FakeClock()
     app = create_app(
         queue,
+        authenticate=as_client,
         models=models if models is not None else {"double": MODELS["double"]},
         settings=FrontendSettings(**settings),
         waiter=JumpingWaiter(clock),
@@ -89,7 +92,9 @@ def refused(response: httpx.Response, status: int, reason_part: str = "") -> dic
 
 
 def test_predict_answers_each_instance_in_order(queue: FakeQueue, worker: FakeWorker) -> None:
-    app = create_app(queue, models={"double": MODELS["double"]})  # real polling waiter
+    app = create_app(
+        queue, authenticate=as_client, models={"double": MODELS["double"]}
+    )  # real polling waiter
     client = AsgiClient(app)
     xs: list[list[float]] = [[1, 2, 3], [4.5, 5, 6], [0, 0, 0.25]]
     r = client.post("/predict", json={"instances": xs})
@@ -105,7 +110,9 @@ def test_with_async_ops_the_hot_path_stays_on_the_event_loop(
     queue: FakeQueue, worker: FakeWorker
 ) -> None:
     aio = FakeAsyncOps(queue)
-    client = AsgiClient(create_app(queue, models={"double": MODELS["double"]}, aio=aio))
+    client = AsgiClient(
+        create_app(queue, authenticate=as_client, models={"double": MODELS["double"]}, aio=aio)
+    )
     r = client.post("/predict", json={"instances": [[1, 2, 3], [0, 1, 0]]})
     assert r.json()["predictions"] == [[2, 4, 6], [0, 2, 0]]
     assert aio.calls[0] == "submit_many" and set(aio.calls[1:]) == {"take_if_complete"}
@@ -114,14 +121,14 @@ def test_with_async_ops_the_hot_path_stays_on_the_event_loop(
     refused(client.post("/v1/requests", json={"id": "a1", "inputs": [1, 1, 1]}), 409)
     queue.max_length = 0
     refused(client.post("/predict", json={"instances": [[1, 2, 3]]}), 503)
-    assert set(queue.results) <= {"a1"}  # /predict took its own; "a1" waits for its client
+    assert set(queue.results) <= {queued("a1")}  # /predict took its own; "a1" waits for its client
 
 
 def test_predict_waits_with_the_waiter_until_the_results_come(
     queue: FakeQueue, clock: FakeClock
 ) -> None:
     waiter = JumpingWaiter(clock, between=queue.process)
-    app = create_app(queue, models=MODELS, waiter=waiter, clock=clock)
+    app = create_app(queue, authenticate=as_client, models=MODELS, waiter=waiter, clock=clock)
     r = AsgiClient(app).post("/predict", json={"model": "double", "instances": [[1, 2, 3]]})
     assert r.json()["predictions"] == [[2, 4, 6]]
     assert len(waiter.calls) == 1 and waiter.calls[0][1] == 0
@@ -133,7 +140,7 @@ def test_predict_times_out_with_the_ids_to_fetch_later(queue: FakeQueue, clock: 
     body = refused(r, 504, "0.5 s")
     assert body["error"] == "timeout"
     ids = body["ids"]
-    assert len(ids) == 2 and ids == [i for i, _, _ in queue.submitted]
+    assert len(ids) == 2 and [queued(i) for i in ids] == [i for i, _, _ in queue.submitted]
     assert client.get(f"/v1/requests/{ids[0]}").status_code == 202  # pending, not unknown
     queue.process()
     assert client.get(f"/v1/requests/{ids[1]}").json()["prediction"] == [8, 10, 12]
@@ -149,7 +156,7 @@ def test_predict_timeout_is_capped_by_the_setting(queue: FakeQueue, clock: FakeC
 def test_predict_with_a_failed_instance_is_400_naming_it(
     queue: FakeQueue, worker: FakeWorker
 ) -> None:
-    app = create_app(queue, models={"double": MODELS["double"]})
+    app = create_app(queue, authenticate=as_client, models={"double": MODELS["double"]})
     r = AsgiClient(app).post("/predict", json={"instances": [[1, 2, 3], [-1, -2, -3]]})
     assert refused(r, 400)["reason"] == "instance 1: negative input"
 
@@ -180,7 +187,7 @@ def test_enqueue_without_id_gets_one_and_instances_form_is_accepted(queue: FakeQ
     r = client.post("/v1/requests", json={"instances": [[1, 2, 3]], "model": "double"})
     assert r.status_code == 202
     request_id = r.json()["id"]
-    assert len(request_id) == 32 and queue.submitted[0][0] == request_id
+    assert len(request_id) == 32 and queue.submitted[0][0] == queued(request_id)
 
 
 def test_failed_result_is_400_with_its_reason(queue: FakeQueue) -> None:
@@ -390,7 +397,7 @@ def test_a_failing_queue_is_an_opaque_500(
 
 
 def test_metrics_text(queue: FakeQueue, worker: FakeWorker) -> None:
-    app = create_app(queue, models={"double": MODELS["double"]})
+    app = create_app(queue, authenticate=as_client, models={"double": MODELS["double"]})
     client = AsgiClient(app)
     client.post("/predict", json={"instances": [[1, 2, 3], [1, 2, 3]]})
     client.post("/predict", json={"instances": [[1, 2]]})
@@ -416,8 +423,8 @@ def test_metrics_text(queue: FakeQueue, worker: FakeWorker) -> None:
 
 def test_each_app_has_its_own_registry(queue: FakeQueue) -> None:
     shared = ServingMetrics()
-    a = create_app(queue, models=MODELS, metrics=shared)
-    b = create_app(queue, models=MODELS)
+    a = create_app(queue, authenticate=as_client, models=MODELS, metrics=shared)
+    b = create_app(queue, authenticate=as_client, models=MODELS)
     assert a.state.metrics is shared and b.state.metrics is not shared
     AsgiClient(a).get("/models")
     assert "/models" in AsgiClient(a).get("/metrics").text
@@ -525,8 +532,8 @@ def test_non_finite_outputs_are_failed_results_not_crashes(queue: FakeQueue) -> 
     client, _ = make(queue)
     for name, array in [("nan", np.array([np.nan, 1.0])), ("text", np.array(["a"]))]:
         client.post("/v1/requests", json={"id": name, "inputs": [1, 2, 3]})
-        queue.pending.pop(name)
-        queue.results[name] = Result(name, array, None)
+        queue.pending.pop(queued(name))
+        queue.results[queued(name)] = Result(queued(name), array, None)
     refused(client.get("/v1/requests/nan"), 400, "not a finite number")
     refused(client.get("/v1/requests/text"), 400, "no numeric output")
     results = client.get("/v1/results").json()["results"]
@@ -539,7 +546,11 @@ def test_non_finite_outputs_are_failed_results_not_crashes(queue: FakeQueue) -> 
 
     clock = FakeClock()
     app = create_app(
-        queue, models=MODELS, waiter=JumpingWaiter(clock, between=answer_nan), clock=clock
+        queue,
+        authenticate=as_client,
+        models=MODELS,
+        waiter=JumpingWaiter(clock, between=answer_nan),
+        clock=clock,
     )
     r = AsgiClient(app).post("/predict", json={"model": "double", "instances": [[1, 2, 3]]})
     refused(r, 400, "instance 0: the model's output is not a finite number")

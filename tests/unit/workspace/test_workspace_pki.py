@@ -65,7 +65,9 @@ def test_leaf_certificates(shared_ws: Workspace, extra_hosts, kind: str, usage) 
     assert dns == {"localhost", "ppml.example.org"}
     assert ips == {ipaddress.ip_address(h) for h in ("127.0.0.1", "::1", "10.1.2.3", "2001:db8::7")}
     assert 729 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 732
-    key = serialization.load_pem_private_key(getattr(shared_ws, f"{kind}_key").read_bytes(), None)
+    key = serialization.load_pem_private_key(
+        getattr(shared_ws, f"{kind}_key").read_bytes(), shared_ws.tls_key_password().encode()
+    )
     assert key.public_key() == cert.public_key()
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
 
@@ -99,7 +101,7 @@ def _tls_server(ctx: ssl.SSLContext) -> Iterator[tuple[int, dict[str, object]]]:
 
 def _server_context(ws: Workspace, *, mutual: bool) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(ws.server_cert, ws.server_key)
+    ctx.load_cert_chain(ws.server_cert, ws.server_key, password=ws.tls_key_password())
     if mutual:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cafile=ws.ca_cert)
@@ -109,7 +111,7 @@ def _server_context(ws: Workspace, *, mutual: bool) -> ssl.SSLContext:
 def _client_context(ws: Workspace, *, with_cert: bool) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(ws.ca_cert))
     if with_cert:
-        ctx.load_cert_chain(ws.client_cert, ws.client_key)
+        ctx.load_cert_chain(ws.client_cert, ws.client_key, password=ws.tls_key_password())
     return ctx
 
 

@@ -53,7 +53,7 @@ def test_no_secret_appears_in_plaintext(shared_ws: Workspace) -> None:
     needles = [v.encode() for v in values]
     needles += [base64.b64encode(v.encode()) for v in values]
     needles.append(shared_ws._master_key)
-    assert len(values) == 4
+    assert len(values) == 5
     for path in shared_ws.path.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
@@ -62,7 +62,12 @@ def test_no_secret_appears_in_plaintext(shared_ws: Workspace) -> None:
 
 
 def test_initial_secrets(shared_ws: Workspace) -> None:
-    assert shared_ws.secret_names() == ["ca-key-password", "keystore-password", "spark-auth-secret"]
+    assert shared_ws.secret_names() == [
+        "ca-key-password",
+        "keystore-password",
+        "spark-auth-secret",
+        "tls-key-password",
+    ]
     spark = shared_ws.secret("spark-auth-secret")
     assert len(bytes.fromhex(spark)) == 32
     assert len(shared_ws.secret("keystore-password")) >= 32
