@@ -800,17 +800,8 @@ class KeyService:
         record = _state.read_record(conn)
         assert record is not None  # `_summary(full=True)` ran first in this transaction
         new_version = record.version + 1
-        self._audit.append(
-            conn,
-            ts=ts,
-            actor=self._actor,
-            op=op,
-            key_name=key_name,
-            version=version,
-            outcome="ok",
-            detail={**detail, "state": new_version},
-            state_version=new_version,
-        )
+        detail = {**detail, "state": new_version}
+        self._record(conn, ts, op, key_name, version, "ok", detail, state_version=new_version)
         head = self._audit.head(conn)
         return _state.write_record(
             conn,
@@ -948,6 +939,8 @@ class KeyService:
         version: int | None,
         outcome: Outcome,
         detail: Mapping[str, Any] | str,
+        *,
+        state_version: int | None = None,
     ) -> None:
         if isinstance(detail, str):
             detail = {"reason": detail}
@@ -960,6 +953,7 @@ class KeyService:
             version=version,
             outcome=outcome,
             detail=detail,
+            state_version=state_version,
         )
 
     def _require_master(self) -> None:

@@ -319,23 +319,17 @@ def create_app(
             refusals=limits.refusals,
             max_body=MAX_BODY_BYTES,
         ),
-        Rule(
-            "datakey",
-            rf"/kms/v1/keys/{key}/datakey",
-            frozenset({"POST"}),
-            authenticate=_token_authenticator(services.broker, OP_DATAKEY),
-            limit=limits.release,
-            refusals=limits.refusals,
-            max_body=MAX_BODY_BYTES,
-        ),
-        Rule(
-            "unwrap",
-            rf"/kms/v1/keys/{key}/unwrap",
-            frozenset({"POST"}),
-            authenticate=_token_authenticator(services.broker, OP_UNWRAP),
-            limit=limits.release,
-            refusals=limits.refusals,
-            max_body=MAX_BODY_BYTES,
+        *(
+            Rule(
+                route,
+                rf"/kms/v1/keys/{key}/{route}",
+                frozenset({"POST"}),
+                authenticate=_token_authenticator(services.broker, op),
+                limit=limits.release,
+                refusals=limits.refusals,
+                max_body=MAX_BODY_BYTES,
+            )
+            for route, op in (("datakey", OP_DATAKEY), ("unwrap", OP_UNWRAP))
         ),
         Rule(
             "admin",

@@ -151,28 +151,8 @@ def issue_leaf(
     ca: IssuedCert, kind: Literal["server", "client"], hosts: Sequence[str], now: dt.datetime
 ) -> IssuedCert:
     """An ECDSA P-256 end-entity certificate for TLS servers or clients, valid for two years."""
-    key = ec.generate_private_key(ec.SECP256R1())
     usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
-    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(f"ppml {kind}"))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(min(now + LEAF_VALIDITY, ca.cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(_san(hosts), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False
-        )
-        .sign(ca.key, hashes.SHA256())
-    )
-    return IssuedCert(key, cert)
+    return _issue(ca, _name(f"ppml {kind}"), usage, now, LEAF_VALIDITY, _san(hosts))
 
 
 SERVING_CLIENT_UNIT = "ppml serving client"
@@ -183,8 +163,6 @@ def issue_serving_client(
 ) -> IssuedCert:
     """An ECDSA P-256 client certificate for one client of the serving front ends: common name
     `name`, organizational unit "ppml serving client", client authentication only."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ppml workspace"),
@@ -192,7 +170,21 @@ def issue_serving_client(
             x509.NameAttribute(NameOID.COMMON_NAME, name),
         ]
     )
-    cert = (
+    return _issue(ca, subject, ExtendedKeyUsageOID.CLIENT_AUTH, now, validity, None)
+
+
+def _issue(
+    ca: IssuedCert,
+    subject: x509.Name,
+    usage: x509.ObjectIdentifier,
+    now: dt.datetime,
+    validity: dt.timedelta,
+    san: x509.SubjectAlternativeName | None,
+) -> IssuedCert:
+    """An end-entity certificate with a new P-256 key, signed by `ca`, never outliving it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca.cert.subject)
@@ -202,8 +194,12 @@ def issue_serving_client(
         .not_valid_after(min(now + validity, ca.cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    cert = (
+        builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False
         )

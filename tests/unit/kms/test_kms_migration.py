@@ -160,37 +160,35 @@ def test_a_store_is_not_anchored_over_an_altered_rule(tmp_path: Path) -> None:
     raw.close()
 
 
-def test_dropping_the_state_record_does_not_re_anchor(tmp_path: Path) -> None:
-    """An attacker who deletes the state record (to have edited rows anchored as genuine) finds
-    the audit head still bound to a state version."""
+RE_ANCHORING = {
+    # Deleting the state record, to have edited rows anchored as genuine: the audit head is
+    # still bound to a state version.
+    "state record deleted": (("DELETE FROM state_head",), "state record is missing"),
+    # Also dropping the head's state column (user_version 3), so that the store looks older:
+    # the head's MAC binds the state version, so it no longer verifies.
+    "schema downgraded": (
+        (
+            "DROP TABLE state_head",
+            "ALTER TABLE audit_head DROP COLUMN state_version",
+            "PRAGMA user_version = 3",
+        ),
+        "head is missing or forged",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", RE_ANCHORING.values(), ids=RE_ANCHORING.keys())
+def test_a_store_is_never_anchored_twice(
+    tmp_path: Path, attack: tuple[tuple[str, ...], str]
+) -> None:
+    statements, refusal = attack
     db = tmp_path / "kms.db"
     with KeyService(db, MASTER) as kms:
         kms.create_key("sales")
     raw = sqlite3.connect(db)
     with raw:
-        raw.execute("DELETE FROM state_head")
+        for statement in statements:
+            raw.execute(statement)
     raw.close()
-    with (
-        KeyService(db, MASTER) as kms,
-        pytest.raises(IntegrityError, match="state record is missing"),
-    ):
-        kms.describe("sales")
-
-
-def test_a_schema_downgrade_does_not_re_anchor(tmp_path: Path) -> None:
-    """Dropping the state table and the head's state column (user_version 3) to have the store
-    anchored again: the head's MAC binds the state version, so it no longer verifies."""
-    db = tmp_path / "kms.db"
-    with KeyService(db, MASTER) as kms:
-        kms.create_key("sales")
-    raw = sqlite3.connect(db)
-    with raw:
-        raw.execute("DROP TABLE state_head")
-        raw.execute("ALTER TABLE audit_head DROP COLUMN state_version")
-        raw.execute("PRAGMA user_version = 3")
-    raw.close()
-    with (
-        KeyService(db, MASTER) as kms,
-        pytest.raises(IntegrityError, match="head is missing or forged"),
-    ):
+    with KeyService(db, MASTER) as kms, pytest.raises(IntegrityError, match=refusal):
         kms.describe("sales")
