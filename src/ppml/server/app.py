@@ -309,7 +309,7 @@ def create_app(
             r"/attestation/v1/challenge",
             frozenset({"POST"}),
             limit=limits.challenge,
-            max_body=0,
+            max_body=1024,  # no body is needed; clients send `{}`
         ),
         Rule(
             "attest",
