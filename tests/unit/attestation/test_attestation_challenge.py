@@ -126,7 +126,7 @@ def test_each_client_holds_a_bounded_number() -> None:
     clock.advance(minutes=5)  # so do expired ones
     challenges.issue("10.0.0.1")
     challenges.issue("10.0.0.1")
-    with pytest.raises(AttestationFailed, match="expired|unknown"):
+    with pytest.raises(AttestationFailed, match=r"expired|unknown"):
         challenges.consume(other.nonce)
 
 
