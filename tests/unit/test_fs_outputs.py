@@ -120,3 +120,25 @@ def test_the_sweep_does_not_follow_a_symlink(tmp_path: Path) -> None:
     (work / ".out.ppml-abcdef123456.tmp").symlink_to(victim)
     assert fs.sweep_stale(work) == []
     assert (victim / "file").read_text() == "keep me"
+
+
+def test_the_sweep_leaves_look_alikes_that_ppml_did_not_make(tmp_path: Path) -> None:
+    """A directory or file that only has the name of a ppml temporary (no marker file in the
+    directory, no ppml attribute on the file) is the user's: never removed."""
+    mine = tmp_path / ".mine.ppml-cccccccccccc.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user data")
+    report = tmp_path / ".Report.ppml-0123456789ab.tmp"
+    report.write_text("important")
+    assert fs.sweep_stale(tmp_path) == []
+    assert (mine / "notes.txt").read_text() == "user data"
+    assert report.read_text() == "important"
+
+
+def test_an_output_directory_holds_no_marker(tmp_path: Path) -> None:
+    from ppml.data.files import output_directory
+
+    with output_directory(tmp_path / "out") as staging:
+        assert (staging / fs.MARKER).is_file()
+        (staging / "part-0.csv").write_text("a\n")
+    assert _names(tmp_path / "out") == ["part-0.csv"]

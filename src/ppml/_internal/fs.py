@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -32,13 +33,17 @@ __all__ = [
     "old_name",
     "state_root",
     "sweep_stale",
+    "unmark",
     "write_private",
 ]
 
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
-# .NAME.ppml-HEX.tmp (an output being written), .NAME.ppml-HEX.old (one being replaced).
-_TEMP = re.compile(r"\..+\.ppml-[0-9a-f]{12}\.(?:tmp|old)")
+# .NAME.ppml-HEX.tmp: an output being written. `sweep_stale` removes one only if it is marked
+# as ppml's (the marker file in a directory, the extended attribute on a file) and unlocked.
+_TEMP = re.compile(r"\..+\.ppml-[0-9a-f]{12}\.tmp")
+MARKER = ".ppml-temporary"
+_XATTR = "user.ppml.temporary"
 _NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT}
 _log = logging.getLogger(__name__)
 
@@ -114,6 +119,8 @@ def atomic_output(
             # Name the destination the caller asked for, not the temporary file.
             raise OSError(exc.errno, exc.strerror, str(dest)) from None
         fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # a file system without user attributes: not swept
+            os.setxattr(fd, _XATTR, b"1")
         os.rename(new, tmp)
     try:
         # Held until the output is in place: `sweep_stale` leaves a locked temporary alone.
@@ -137,18 +144,26 @@ def atomic_output(
 
 @contextlib.contextmanager
 def locked_temp_dir(dest: Path) -> Iterator[Path]:
-    """A new private hidden directory beside `dest` (``.NAME.ppml-HEX.tmp``), locked while the
-    block runs so that `sweep_stale` leaves it alone; the caller renames or removes it."""
+    """A new private hidden directory beside `dest` (``.NAME.ppml-HEX.tmp``, holding the marker
+    file `MARKER`), locked while the block runs so that `sweep_stale` leaves it alone; the
+    caller removes the marker (`unmark`) before renaming it into place, or removes it."""
     tmp = _temp_name(dest)
     new = tmp.with_suffix(".new")  # a name `sweep_stale` ignores, until it is locked
     os.mkdir(new, PRIVATE_DIR_MODE)
     fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        os.close(os.open(new / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.rename(new, tmp)
         yield tmp
     finally:
         os.close(fd)
+
+
+def unmark(directory: Path) -> None:
+    """Remove the marker of a temporary directory that is about to become an output."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(directory / MARKER)
 
 
 def old_name(dest: Path) -> Path:
@@ -158,7 +173,9 @@ def old_name(dest: Path) -> Path:
 
 def sweep_stale(directory: Path) -> list[Path]:
     """Remove the ppml temporaries in `directory` that no running process holds (left by a
-    process that was killed); returns what was removed."""
+    process that was killed); returns what was removed. Only ppml's: the name, and the marker
+    (a directory's marker file, a file's extended attribute), and no lock; never through a
+    symbolic link."""
     removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
@@ -177,6 +194,8 @@ def sweep_stale(directory: Path) -> list[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a running process is writing it
+            if not _marked(fd, entry):
+                continue  # a file that only looks like ppml's
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -188,6 +207,21 @@ def sweep_stale(directory: Path) -> list[Path]:
     for path in removed:
         _log.warning("removed %s, left by an interrupted ppml", path)
     return removed
+
+
+def _marked(fd: int, entry: os.DirEntry[str]) -> bool:
+    if entry.is_dir(follow_symlinks=False):
+        try:
+            st = os.stat(MARKER, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode)
+    if not entry.is_file(follow_symlinks=False):
+        return False
+    try:
+        return os.getxattr(fd, _XATTR) == b"1"
+    except OSError:
+        return False
 
 
 def _fsync_dir(path: Path) -> None:

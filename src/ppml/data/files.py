@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ppml._internal.fs import atomic_output, locked_temp_dir, old_name, sweep_stale
+from ppml._internal.fs import atomic_output, locked_temp_dir, old_name, sweep_stale, unmark
 from ppml.crypto.envelope import DataKeyProvider, WrappedKey
 from ppml.crypto.stream import (
     DEFAULT_SEGMENT_SIZE,
@@ -301,6 +301,7 @@ def output_directory(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
     with locked_temp_dir(dst) as tmp:
         try:
             yield tmp
+            unmark(tmp)
             if dst.exists():
                 old = old_name(dst)
                 os.replace(dst, old)

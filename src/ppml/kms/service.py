@@ -762,7 +762,7 @@ class KeyService:
             try:
                 counted = self._counter.read()
             except IntegrityError as exc:
-                raise _StateError(f"the state counter {self._counter.path} was altered") from exc
+                raise _StateError(f"{exc.message}: {self._counter.path}") from exc
             if counted is not None and counted > record.version:
                 raise _StateError(
                     f"the key store was rolled back: its state is version {record.version}, but "
@@ -824,6 +824,9 @@ class KeyService:
                     self._anchor(conn)
         with self._store.read() as conn, self._checked():
             self._summary(conn, full=True)
+            version = _state.read_version(conn)
+        if self._counter is not None and version is not None and self._counter.read() is None:
+            self._counter.advance(version[0])  # protection from this open on, not the next change
 
     def _anchor(self, conn: sqlite3.Connection) -> None:
         """Give a store from before schema 4 its first state record (version 1), once: only

@@ -336,11 +336,20 @@ class StateCounter:
         h.update(_COUNTER_LABEL + self._store_id + version.to_bytes(8, "big"))
         return h.finalize().hex()
 
+    @property
+    def _lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
     def read(self) -> int | None:
-        """The counter's version, None when there is no counter file yet."""
+        """The counter's version, None when there is no counter file yet. A counter deleted
+        after it was written (its lock file remains) is an `IntegrityError`."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
+            if os.path.lexists(self._lock_path):
+                raise IntegrityError(
+                    "the KMS state counter was deleted (its lock file remains)", path=self.path
+                ) from None
             return None
         except OSError as exc:
             raise ConfigurationError(
@@ -395,11 +404,7 @@ class StateCounter:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(
-            self.path.with_name(self.path.name + ".lock"),
-            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-            0o600,
-        )
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -299,6 +299,9 @@ def create_app(
         description="Attestation-gated key release. See docs/api.md.",
         docs_url=None,
         redoc_url=None,
+        # No redirect to the path without its trailing slash: it would answer before the
+        # boundary authenticates, with a Location built from the client's Host header.
+        redirect_slashes=False,
     )
     install_error_handlers(app)
     key = r"[^/]{1,256}"

@@ -456,7 +456,12 @@ def create_app(
     catalogue_models = {"models": [m.to_dict() for m in models.values()]}
 
     app = FastAPI(
-        title="ppml serving front end", version="1", openapi_url=None, docs_url=None, redoc_url=None
+        title="ppml serving front end",
+        version="1",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,  # a 404, never a redirect built from the Host header
     )
     app.state.metrics = metrics
     rules = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,16 +259,26 @@ def test_a_forged_counter_is_refused(kms: KeyService, db: Path, counters: Path) 
     (counter,) = counters.glob("*.counter")
     doc = json.loads(counter.read_text())
     counter.write_text(json.dumps({**doc, "version": 99}))
-    refused_on_open(db, counters, "counter .* was altered")
+    refused_on_open(db, counters, "state counter was altered")
 
 
-def test_a_deleted_counter_is_made_again(kms: KeyService, db: Path, counters: Path) -> None:
+def test_a_deleted_counter_is_refused(kms: KeyService, db: Path, counters: Path) -> None:
+    """Rolling the file back and deleting the counter: the counter's lock file shows that one
+    was kept here."""
     (counter,) = counters.glob("*.counter")
     counter.unlink()
+    refused_on_open(db, counters, "state counter was deleted")
+
+
+def test_a_counter_is_made_on_the_first_open(kms: KeyService, db: Path, counters: Path) -> None:
+    """A machine with no counter for this store yet (the store was copied here): the counter
+    starts at the first open, not at the next change."""
+    kms.close()
+    shutil.rmtree(counters)
     with open_kms(db, counters) as again:
         assert again.verify_state().ok
-        again.rotate("sales")
-    assert json.loads(counter.read_text())["version"] == 3
+    (counter,) = counters.glob("*.counter")
+    assert json.loads(counter.read_text())["version"] == 2
 
 
 # -- what must keep working ---------------------------------------------------------------------

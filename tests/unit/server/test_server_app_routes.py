@@ -271,6 +271,26 @@ def test_strict_types_in_policies(admin: AsgiClient) -> None:
         assert r.status_code == 400, debug_ok
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/kms/v1/keys/sales/policy/"),
+        ("GET", "/kms/v1/keys/"),
+        ("POST", "/kms/v1/keys/sales/datakey/"),
+        ("GET", "/kms/v1/audit/"),
+    ],
+)
+def test_a_trailing_slash_is_never_redirected(
+    anonymous: AsgiClient, method: str, path: str
+) -> None:
+    """A redirect would answer before authentication, with a Location built from the client's
+    Host header (an open redirect that re-sends a PUT body or a token elsewhere)."""
+    r = anonymous.request(method, path, headers={"host": "evil.example"}, json={"rules": []})
+    assert r.status_code in (401, 404), (r.status_code, r.headers)
+    assert "location" not in r.headers
+    assert r.json()["error"] in ("unauthorized", "not found")
+
+
 def test_unknown_route_and_method(anonymous: AsgiClient) -> None:
     assert anonymous.get("/nope").json() == {"error": "not found"}
     r = anonymous.get("/attestation/v1/attest")

@@ -554,3 +554,10 @@ def test_non_finite_outputs_are_failed_results_not_crashes(queue: FakeQueue) -> 
     )
     r = AsgiClient(app).post("/predict", json={"model": "double", "instances": [[1, 2, 3]]})
     refused(r, 400, "instance 0: the model's output is not a finite number")
+
+
+@pytest.mark.parametrize("path", ["/v1/results/", "/predict/", "/v1/requests/"])
+def test_a_trailing_slash_is_never_redirected(queue: FakeQueue, path: str) -> None:
+    client, _ = make(queue)
+    r = client.request("GET" if "results" in path else "POST", path, headers={"host": "x.example"})
+    assert r.status_code in (404, 405) and "location" not in r.headers

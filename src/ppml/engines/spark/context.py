@@ -508,6 +508,7 @@ class PPMLWriter:
     def _run(self, fmt: str, staging: Path) -> None:
         from pyspark.sql.pandas.types import to_arrow_schema
 
+        from ppml._internal.fs import MARKER
         from ppml.data.tables import write_table
         from ppml.engines.spark.datasource import WriteSpec, register_write
 
@@ -517,7 +518,7 @@ class PPMLWriter:
         spec = WriteSpec(fmt, str(staging.absolute()), self._key, keys)
         name = register_write(self._ctx.spark, spec)
         self._df.write.format(name).mode("append").save()
-        if not any(staging.iterdir()):
+        if not any(p for p in staging.iterdir() if p.name != MARKER):
             import pyarrow as pa
 
             empty = pa.Table.from_batches(
