@@ -88,7 +88,8 @@ def ppml_serve(
     url = f"https://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout
-        with httpx.Client(base_url=url, verify=admin_tls_context(ws), timeout=2.0) as client:
+        verify = ssl.create_default_context(cafile=str(ws / "tls" / "ca.pem"))  # /healthz only
+        with httpx.Client(base_url=url, verify=verify, timeout=2.0) as client:
             while True:
                 assert proc.poll() is None, log.read_text()
                 try:

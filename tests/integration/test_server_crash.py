@@ -39,7 +39,7 @@ def _env() -> dict[str, str]:
 
 
 def _context(ws: Workspace) -> ssl.SSLContext:
-    return admin_tls_context(ws.path)
+    return admin_tls_context(ws.path, PASSPHRASE)
 
 
 @contextmanager

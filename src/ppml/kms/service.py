@@ -243,6 +243,7 @@ class KeyService:
         self._master_ok = False
         # (version, mac, summary) of the newest state record verified in full.
         self._verified: tuple[int, bytes, Mapping[str, _state.KeyDigests]] | None = None
+        self._written: tuple[int, bytes, Mapping[str, _state.KeyDigests]] | None = None
 
         def on_create(conn: sqlite3.Connection, store_id: bytes) -> None:
             _store.put_meta(conn, "master_check", self._master_check(store_id))
@@ -709,10 +710,18 @@ class KeyService:
         process changed the state, or `full`) is checked in full against every row.
         """
         verified = self._verified
-        if verified is not None and not full:
+        if not full:
             head = _state.read_version(conn)
-            if head is not None and head[0] == verified[0] and compare_digest(head[1], verified[1]):
-                return verified[2]
+            # The record verified last, or the one this service wrote itself (in a transaction
+            # not committed yet, or committed and not remembered yet).
+            for known in (verified, self._written):
+                if (
+                    head is not None
+                    and known is not None
+                    and head[0] == known[0]
+                    and compare_digest(head[1], known[1])
+                ):
+                    return known[2]
         record = _state.read_record(conn)
         if record is None:
             raise _StateError("the state record is missing")
@@ -796,22 +805,29 @@ class KeyService:
         self, conn: sqlite3.Connection, ts: _dt.datetime, op: str, key_name: str,
         version: int | None, detail: Mapping[str, Any],
     ) -> _state.StateRecord:  # fmt: skip
-        """Record a state change: its audit record, then the new state record over every row."""
-        record = _state.read_record(conn)
-        assert record is not None  # `_summary(full=True)` ran first in this transaction
-        new_version = record.version + 1
+        """Record a state change of one key: its audit record, then the new state record, whose
+        summary is the verified one with that key's digests taken from its rows as the
+        operation left them. The other keys' digests are carried over, never recomputed from
+        their rows: an edit of another key's rows stays detected, it is not taken in."""
+        summary = dict(self._summary(conn))
+        version_now = _state.read_version(conn)
+        assert version_now is not None  # `_summary` checked the record in this transaction
+        new_version = version_now[0] + 1
+        summary[key_name] = _state.read_key_rows(conn, key_name).digests
         detail = {**detail, "state": new_version}
         self._record(conn, ts, op, key_name, version, "ok", detail, state_version=new_version)
         head = self._audit.head(conn)
-        return _state.write_record(
+        record = _state.write_record(
             conn,
             self._state_key,
             self._store.store_id,
             version=new_version,
-            summary=_state.summary_of(_state.scan(conn)),
+            summary=summary,
             audit_seq=head.seq,
             audit_mac=head.mac,
         )
+        self._written = (record.version, record.mac, record.summary)
+        return record
 
     def _open_state(self) -> None:
         """On first use: anchor a store made before state records existed, then check the
@@ -901,8 +917,6 @@ class KeyService:
             try:
                 with _store.savepoint(conn):
                     try:
-                        if changes_state:
-                            self._summary(conn, full=True)
                         value, version, detail = body(conn, ts.isoformat(timespec="microseconds"))
                     except _StateError as exc:
                         raise Refusal(

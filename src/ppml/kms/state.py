@@ -340,17 +340,20 @@ class StateCounter:
     def _lock_path(self) -> Path:
         return self.path.with_name(self.path.name + ".lock")
 
-    def read(self) -> int | None:
+    def read(self, *, locked: bool = False) -> int | None:
         """The counter's version, None when there is no counter file yet. A counter deleted
-        after it was written (its lock file remains) is an `IntegrityError`."""
+        after it was written (its lock file remains) is an `IntegrityError`. `locked`: the
+        caller holds the lock (so a missing counter is simply missing)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            if os.path.lexists(self._lock_path):
+            if locked or not os.path.lexists(self._lock_path):
+                return None
+            if not self._being_made():
                 raise IntegrityError(
                     "the KMS state counter was deleted (its lock file remains)", path=self.path
                 ) from None
-            return None
+            return self.read()
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot read the KMS state counter: {exc.strerror}", path=self.path
@@ -375,6 +378,19 @@ class StateCounter:
             raise IntegrityError("the KMS state counter was altered", path=self.path)
         return int(version)
 
+    def _being_made(self) -> bool:
+        """Whether the counter appears once the process writing it (holding the lock) is done:
+        the lock file is made just before the first counter."""
+        try:
+            fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return os.path.lexists(self.path)
+        finally:
+            os.close(fd)
+
     def check(self, version: int) -> None:
         """Refuse a state older than the counter."""
         counted = self.read()
@@ -389,7 +405,7 @@ class StateCounter:
         ensure_private_dir(self.path.parent)
         with self._locked():
             try:
-                current = self.read()
+                current = self.read(locked=True)
             except IntegrityError:
                 current = None  # an altered counter is replaced by a genuine one
             if current is not None and current >= version:

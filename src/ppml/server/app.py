@@ -87,7 +87,7 @@ class Services:
 
 _PER_ADDRESS = RateLimit(500.0, 1000)
 _PER_TOKEN = RateLimit(500.0, 1000)
-_PER_ADMIN = RateLimit(50.0, 100)
+_PER_ADMIN = RateLimit(500.0, 1000)
 _REFUSALS = RateLimit(2.0, 50)
 
 

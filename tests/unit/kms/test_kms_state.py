@@ -177,6 +177,17 @@ def test_an_edited_row_is_refused_on_open(
     refused_on_open(db, counters, problem)
 
 
+def test_a_change_of_one_key_does_not_take_in_an_edit_of_another(
+    kms: KeyService, db: Path, counters: Path
+) -> None:
+    """A state change rewrites the record from that key's rows only: another key's edited rows
+    are not laundered into the new record, they stay detected."""
+    sql(db, "UPDATE keys SET created_at = '2020-01-01' WHERE name = 'pii'")
+    kms.rotate("sales")
+    kms.policies(allow_sim=False).allow("sales", Rule(TeeType.SGX, M))
+    refused_on_open(db, counters, "key 'pii': its key row differs")
+
+
 def test_a_refused_store_is_named_with_exit_code_3(kms: KeyService, db: Path) -> None:
     sql(db, "DELETE FROM key_versions WHERE name = 'pii'")
     with open_kms(db) as again, pytest.raises(IntegrityError) as caught:
@@ -321,3 +332,32 @@ def test_clock_skew_does_not_matter(db: Path, counters: Path) -> None:
         service.create_key("a")
         service.create_key("b")
         assert service.verify_state().ok
+
+
+def test_a_counter_being_written_for_the_first_time_is_waited_for(tmp_path: Path) -> None:
+    """The lock file appears just before the first counter: a reader in between waits for the
+    writer instead of calling the counter deleted."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    from ppml._internal.canonical import canonical_json
+    from ppml.kms.state import StateCounter
+
+    store_id = b"\x01" * 16
+    counter = StateCounter(tmp_path, bytes(32), store_id)
+    lock = os.open(tmp_path / (counter.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the writer, between making the lock and the counter
+
+    def finish_writing() -> None:
+        time.sleep(0.3)
+        doc = {"format": "ppml-kms-counter/1", "store_id": store_id.hex(), "version": 3,
+               "mac": counter._mac(3)}  # fmt: skip
+        counter.path.write_bytes(canonical_json(doc))
+        os.close(lock)
+
+    writer = threading.Thread(target=finish_writing)
+    writer.start()
+    assert counter.read() == 3  # waited for the writer, then read its counter
+    writer.join()
