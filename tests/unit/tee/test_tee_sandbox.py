@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -379,11 +380,14 @@ def test_exit_codes_and_signals_pass_through(world: dict[str, Path]) -> None:
 def test_the_sandbox_dies_with_its_launcher(world: dict[str, Path], tmp_path: Path) -> None:
     """A launcher killed with SIGKILL takes its workload (and the workload's children) along."""
     script = tmp_path / "launcher.py"
+    # A duration no other process uses, so that only this workload's child is looked for (a
+    # `sleep` of another program on the machine is not the workload's).
+    duration = f"300.{os.getpid()}{time.monotonic_ns() % 1000000}"
     spec = spec_for(
         world,
-        """
+        f"""
         import subprocess, time
-        subprocess.Popen(["sleep", "300"])
+        subprocess.Popen(["sleep", "{duration}"])
         open("ready", "w").close()
         time.sleep(300)
         """,
@@ -406,18 +410,19 @@ def test_the_sandbox_dies_with_its_launcher(world: dict[str, Path], tmp_path: Pa
     while not ready.exists():
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    before = _sleepers()
+    before = _sleepers(duration)
     assert before
     launcher.kill()
     launcher.wait()
     deadline = time.monotonic() + 30
-    while _sleepers() & before:
+    while _sleepers(duration) & before:
         assert time.monotonic() < deadline, "the workload outlived its launcher"
         time.sleep(0.05)
 
 
-def _sleepers() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "sleep"], capture_output=True, text=True).stdout
+def _sleepers(duration: str) -> set[int]:
+    pattern = f"^sleep {re.escape(duration)}$"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
 
 

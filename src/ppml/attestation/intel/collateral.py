@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.utils import CryptographyDeprecationWarning
 
 from ppml.attestation.claims import TcbStatus
 from ppml.attestation.report import Step, StepStatus, VerificationReport
@@ -622,11 +624,21 @@ def parse_pem_chain(data: bytes, *, source: str) -> tuple[x509.Certificate, ...]
     if not isinstance(data, bytes) or len(data) > MAX_CHAIN_BYTES:
         _fail(source, f"must be at most {MAX_CHAIN_BYTES} bytes of PEM")
     try:
-        certs = x509.load_pem_x509_certificates(data)
-        for cert in certs:  # force the lazily parsed parts now, not later
-            _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key())
-            _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)
-    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+        with warnings.catch_warnings():
+            # A serial number that is not positive (RFC 5280 forbids it) is only a deprecation
+            # warning in cryptography today: malformed collateral here.
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            certs = x509.load_pem_x509_certificates(data)
+            for cert in certs:  # force the lazily parsed parts now, not later
+                _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key())
+                _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.serial_number)
+    except (
+        ValueError,
+        TypeError,
+        UnsupportedAlgorithm,
+        x509.InvalidVersion,
+        CryptographyDeprecationWarning,
+    ):
         # e.g. a key on a curve cryptography does not support: malformed collateral too.
         _fail(source, "is not a PEM certificate chain")
     if not 1 <= len(certs) <= _MAX_CHAIN_CERTS:

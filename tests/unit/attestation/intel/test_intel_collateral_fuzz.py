@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -151,3 +153,11 @@ def test_deeply_nested_json_is_refused() -> None:
     _only_evidence_errors(parse_tcb_info_json, doc)
     huge = b'{"tcbInfo":{"version":' + b"9" * 10_000 + b'},"signature":"' + b"00" * 64 + b'"}'
     _only_evidence_errors(parse_tcb_info_json, huge)
+
+
+def test_a_chain_with_a_non_positive_serial_number_is_malformed() -> None:
+    """Found by the fuzzer: cryptography only warns (deprecated) on a serial number that is not
+    positive; RFC 5280 forbids it, so the chain is refused like any other malformed one."""
+    data = (Path(__file__).parents[3] / "data" / "chain-non-positive-serial.pem").read_bytes()
+    with pytest.raises(EvidenceError, match="not a PEM certificate chain"):
+        parse_pem_chain(data, source="chain")
