@@ -63,6 +63,7 @@ ATTESTATION_FAILED: Final = "attestation failed"
 MAX_TOKEN_CHARS: Final = 16 * 1024
 OP_DATAKEY: Final = "release_datakey"
 OP_UNWRAP: Final = "release_unwrap"
+_PURPOSE: Final[dict[str, ReleasePurpose]] = {OP_DATAKEY: "datakey", OP_UNWRAP: "unwrap"}
 _MAX_SEALED_BYTES = 1024
 _MAX_DETAIL_CHARS = 128
 _MAX_KINDS = 65_536  # kinds of refusal remembered (client address, operation, reason)
@@ -197,21 +198,11 @@ class KeyBroker:
     def claims_of(self, token: str) -> TokenClaims | None:
         """The claims of `token` if it verifies and is usable now, else None; records nothing
         (the fast path of `authenticate`, for a caller that cannot wait on the audit log)."""
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
-            return None
         try:
-            claims = self._verify_token(token)
-        except AttestationFailed:
+            claims, reason = self._screen(token, "")
+        except ConfigurationError:
             return None
-        if not isinstance(claims, TokenClaims):
-            return None
-        expires = claims.expires_at
-        if expires.tzinfo is None or self._now() >= expires:
-            return None
-        public_key = claims.public_key
-        if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
-            return None
-        return claims
+        return claims if reason is None else None
 
     def datakey(
         self, key_name: str, token: str = "", *, claims: TokenClaims | None = None
@@ -263,6 +254,26 @@ class KeyBroker:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _screen(self, token: str, op: str) -> tuple[TokenClaims | None, str | None]:
+        """(claims, None) for a token usable now; else the claims (when its signature
+        verified) and the refusal reason. A fault of the verifier propagates."""
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            return None, Reason.TOKEN_REJECTED
+        try:
+            claims = self._verify_token(token)
+        except AttestationFailed as exc:
+            _log.info("key broker %s: token did not verify: %s", op, exc.message)
+            return None, Reason.TOKEN_REJECTED
+        if not isinstance(claims, TokenClaims):
+            raise ConfigurationError("the token verifier returned no claims")
+        expires = claims.expires_at
+        if expires.tzinfo is None or self._now() >= expires:
+            return claims, Reason.TOKEN_EXPIRED
+        public_key = claims.public_key
+        if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+            return claims, Reason.BAD_PUBLIC_KEY
+        return claims, None
+
     def _verify(
         self,
         op: str,
@@ -272,29 +283,13 @@ class KeyBroker:
         *,
         client: str | None = None,
     ) -> TokenClaims:
-        """The token's claims, or an audited refusal (`AttestationFailed`, fixed message)."""
+        """The token's claims, or an audited refusal (`AttestationFailed`, fixed message).
 
-        def refuse(reason: str, detail: Mapping[str, Any] | None = None) -> AttestationFailed:
-            record = {**(detail or {}), "reason": reason}
-            if client is not None:
-                record["client"] = _clip(client)
-            suppressed = self._refusals.admit((client, op, reason))
-            if suppressed is not None:
-                if suppressed:
-                    record["suppressed"] = suppressed
-                self._keys.record(
-                    op, key_name=key_name, version=version, outcome="denied", detail=record
-                )
-            _log.info("key broker %s %r: refused: %s", op, key_name, reason)
-            return AttestationFailed(ATTESTATION_FAILED)
-
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
-            raise refuse(Reason.TOKEN_REJECTED)
+        A refusal of a call from a client address that no token authenticates is audited
+        sparingly (`authenticate`); one whose token verified (expired, an unusable key) and any
+        in-process call are audited in full."""
         try:
-            claims = self._verify_token(token)
-        except AttestationFailed as exc:
-            _log.info("key broker %s %r: token did not verify: %s", op, key_name, exc.message)
-            raise refuse(Reason.TOKEN_REJECTED) from None
+            claims, reason = self._screen(token, op)
         except Exception as exc:
             # Not a verdict on the token: a fault. Record it, then let it surface as one.
             _log.error("key broker %s %r: token verifier failed: %s", op, key_name, type(exc))
@@ -306,23 +301,24 @@ class KeyBroker:
                 detail={"reason": Reason.VERIFIER_ERROR},
             )
             raise
-        if not isinstance(claims, TokenClaims):
+        if reason is None:
+            assert claims is not None
+            return claims
+        record: dict[str, Any] = dict(_detail(claims, _PURPOSE[op])) if claims else {}
+        record["reason"] = reason
+        suppressed: int | None = 0
+        if client is not None:
+            record["client"] = _clip(client)
+            if claims is None:  # nothing authenticated this call
+                suppressed = self._refusals.admit((client, op, reason))
+        if suppressed is not None:
+            if suppressed:
+                record["suppressed"] = suppressed
             self._keys.record(
-                op,
-                key_name=key_name,
-                version=version,
-                outcome="error",
-                detail={"reason": Reason.VERIFIER_ERROR},
+                op, key_name=key_name, version=version, outcome="denied", detail=record
             )
-            raise ConfigurationError("the token verifier returned no claims")
-        detail = _detail(claims, "datakey" if op == OP_DATAKEY else "unwrap")
-        expires = claims.expires_at
-        if expires.tzinfo is None or self._now() >= expires:
-            raise refuse(Reason.TOKEN_EXPIRED, detail)
-        public_key = claims.public_key
-        if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
-            raise refuse(Reason.BAD_PUBLIC_KEY, detail)
-        return claims
+        _log.info("key broker %s %r: refused: %s", op, key_name, reason)
+        raise AttestationFailed(ATTESTATION_FAILED)
 
     def flush(self) -> None:
         """Record the refusals counted but not yet recorded (at shutdown)."""

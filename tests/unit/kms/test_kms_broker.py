@@ -532,3 +532,30 @@ def test_concurrent_releases_and_policy_changes_keep_the_audit_chain(
     releases = [e for e in kms.audit.entries() if e.op.startswith("release_")]
     assert sorted(e.outcome for e in releases) == sorted(outcomes)
     assert len([e for e in kms.audit.entries() if e.op.startswith("policy_")]) == 22
+
+
+def test_only_calls_no_token_authenticates_are_audited_sparingly(
+    kms: KeyService, broker: KeyBroker, verifier: StubVerifier
+) -> None:
+    """From one client address: bad tokens are recorded once per window (the rest counted);
+    a token whose signature verified (here expired) is an authenticated caller, recorded every
+    time; an in-process call (no address) is recorded every time too."""
+    expired = verifier.issue(workload(expires_at=NOW, token_id="old"))
+    before = kms.audit.entries(limit=1)[0].seq
+    for token in ("forged", "forged", "forged", expired, expired):
+        with pytest.raises(AttestationFailed):
+            broker.authenticate("release_datakey", "sales", token, client="203.0.113.9")
+    for _ in range(2):
+        with pytest.raises(AttestationFailed):
+            broker.datakey("sales", "forged")
+    new = [e for e in kms.audit.entries() if e.seq > before]
+    assert [(e.detail["reason"], e.detail.get("client")) for e in new] == [
+        (Reason.TOKEN_REJECTED, "203.0.113.9"),
+        (Reason.TOKEN_EXPIRED, "203.0.113.9"),
+        (Reason.TOKEN_EXPIRED, "203.0.113.9"),
+        (Reason.TOKEN_REJECTED, None),
+        (Reason.TOKEN_REJECTED, None),
+    ]
+    assert new[1].detail["token_id"] == "old"
+    broker.flush()
+    assert kms.audit.entries(limit=1)[0].detail["suppressed"] == 2
