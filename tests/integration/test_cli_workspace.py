@@ -177,3 +177,30 @@ def test_help_everywhere(command: list[str]) -> None:
 def test_version_and_unknown_command() -> None:
     assert run_ppml("--version").out.startswith("ppml ")
     assert run_ppml("frobnicate").code == 2
+
+
+def test_serving_client_certificates_are_issued_and_bad_requests_refused(
+    home: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "certs"
+    out.mkdir()
+    password = tmp_path / "pw"
+    password.write_text("a long key password\n")
+    ok = run_ppml("serving", "client", "issue", "alice", "--out", out,
+                  "--key-password-file", password, home=home)  # fmt: skip
+    assert ok.code == 0, ok.err
+    key = (out / "alice-key.pem").read_bytes()
+    assert key.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert oct((out / "alice-key.pem").stat().st_mode & 0o777) == "0o600"
+    refusals = {
+        "exists": ["alice", "--out", out],
+        "days": ["bob", "--out", out, "--days", "0"],
+        "not a directory": ["bob", "--out", password],
+        "8 characters": ["bob", "--out", out, "--key-password-file", tmp_path / "short"],
+        "invalid client name": ["Bob", "--out", out],
+    }
+    (tmp_path / "short").write_text("short\n")
+    for message, args in refusals.items():
+        r = run_ppml("serving", "client", "issue", *args, home=home)
+        assert r.code == 2 and message in r.err, (message, r.err)
+    assert sorted(p.name for p in out.iterdir()) == ["alice-key.pem", "alice.pem"]

@@ -48,6 +48,8 @@ def test_without_o_tmpfile_a_locked_named_temporary_is_used(
         assert tmp.name.startswith(".out.bin.ppml-") and tmp.name.endswith(".tmp")
         assert fs.sweep_stale(tmp_path) == []  # held by this process: left alone
     assert _names(tmp_path) == ["out.bin"]
+    with pytest.raises(OSError):  # the output carries no marker of ppml's temporaries
+        os.getxattr(dest, "user.ppml.temporary")
 
 
 _KILLED_WRITER = textwrap.dedent(

@@ -29,6 +29,7 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "atomic_output",
     "ensure_private_dir",
+    "locked",
     "locked_temp_dir",
     "old_name",
     "state_root",
@@ -80,6 +81,16 @@ def _open_unnamed(dest: Path, mode: int) -> int | None:
         raise OSError(exc.errno, exc.strerror, str(dest)) from None
 
 
+def _mark(fd: int, on: bool) -> None:
+    """Mark a named temporary file as ppml's, or unmark it (a file system without user
+    attributes: it cannot be marked, so a leftover is not swept)."""
+    with contextlib.suppress(OSError):
+        if on:
+            os.setxattr(fd, _XATTR, b"1")
+        else:
+            os.removexattr(fd, _XATTR)
+
+
 def _link_unnamed(fd: int, dest: Path) -> None:
     """Give the O_TMPFILE file `fd` the name `dest` (linkat with AT_SYMLINK_FOLLOW through
     /proc: `os.link` uses linkat, which follows the magic link, only when given a dir fd)."""
@@ -110,21 +121,19 @@ def atomic_output(
     tmp = _temp_name(dest)
     fd = _open_unnamed(dest, mode)
     named = fd is None
+    new = tmp.with_suffix(".new")  # a named temporary's first name, which `sweep_stale` ignores
     if fd is None:
-        # Made under a name `sweep_stale` ignores, locked, then given its .tmp name.
-        new = tmp.with_suffix(".new")
         try:
             fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         except OSError as exc:
             # Name the destination the caller asked for, not the temporary file.
             raise OSError(exc.errno, exc.strerror, str(dest)) from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with contextlib.suppress(OSError):  # a file system without user attributes: not swept
-            os.setxattr(fd, _XATTR, b"1")
+    # Locked until the output is in place: `sweep_stale` leaves a locked temporary alone.
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    if named:
+        _mark(fd, True)  # a leftover named temporary is swept: it is ppml's
         os.rename(new, tmp)
     try:
-        # Held until the output is in place: `sweep_stale` leaves a locked temporary alone.
-        fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(fd, "wb", buffering=0) as fh:
             yield fh
             if fsync:
@@ -132,6 +141,8 @@ def atomic_output(
             if not named:
                 _link_unnamed(fh.fileno(), tmp)
                 named = True
+            else:
+                _mark(fh.fileno(), False)  # the output carries no trace of ppml's temporaries
             os.replace(tmp, dest)
         if fsync:
             _fsync_dir(dest.parent)
@@ -140,6 +151,18 @@ def atomic_output(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock (``flock``) on the lock file `path` (made 0600 if missing, never
+    through a symbolic link) for the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

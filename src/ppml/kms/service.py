@@ -313,9 +313,9 @@ class KeyService:
         try:
             if self._counter is not None:
                 counter = self._counter.read()
-            self._open_state()  # anchors a store that has no record yet (and checks it)
+            self._open_state()  # anchors a store that has no record yet, checks every row
             with self._store.read() as conn:
-                summary = self._summary(conn, full=True)
+                summary = self._summary(conn)  # the record just checked
                 record = _state.read_record(conn)
         except _StateError as exc:
             return StateVerification(False, None, 0, counter, exc.problem)
@@ -479,11 +479,7 @@ class KeyService:
                 raise KeyNotFound(f"no key named {key_name!r}")
             policy = self._policy(key)
         if not policy.intact:
-            raise IntegrityError(
-                f"KMS state check failed: key {key_name!r}: its release rules differ from the "
-                "authenticated state",
-                path=self._store.path,
-            )
+            raise self._state_failure(f"key {key_name!r}: its release rules differ")
         return policy
 
     def evaluate_release(self, key_name: str, facts: AttestedFacts, *, allow_sim: bool) -> Decision:
@@ -510,8 +506,7 @@ class KeyService:
             if expected is None:
                 raise self._state_failure(f"key {name!r} is not in the authenticated state")
             intact = _state.rules_digest(rows) == expected.rules
-            key = _Key(_state.KeyRows(name, (name, ""), (), rows), intact)
-            policies.append(self._policy(key))
+            policies.append(self._rules_policy(name, rows, intact))
         return [p.key_name for p in policies if p.evaluate(facts, allow_sim=allow_sim).allowed]
 
     # -- releases (the key broker's primitives) --------------------------------------------
@@ -644,12 +639,16 @@ class KeyService:
         return rule_mac(self._policy_key, self._store.store_id, key_name, rule)
 
     def _policy(self, key: _Key) -> Policy:
-        """The key's policy from its checked rows; every rule also checked against its MAC."""
-        name = key.rows.name
+        return self._rules_policy(key.rows.name, key.rows.rules, key.rules_intact)
+
+    def _rules_policy(
+        self, name: str, rule_rows: tuple[tuple[Any, ...], ...], intact: bool
+    ) -> Policy:
+        """A key's policy from its rule rows (`intact`: they match the authenticated state);
+        every rule also checked against its MAC."""
         rules: list[Rule] = []
-        intact = key.rules_intact
         if intact:
-            for row in key.rows.rules:
+            for row in rule_rows:
                 rule = self._checked_rule(
                     _store.RuleRow(name, row[1], row[2], row[3], row[4], row[6], row[7])
                 )
@@ -769,14 +768,9 @@ class KeyService:
             )
         if self._counter is not None:
             try:
-                counted = self._counter.read()
+                self._counter.check(record.version)
             except IntegrityError as exc:
-                raise _StateError(f"{exc.message}: {self._counter.path}") from exc
-            if counted is not None and counted > record.version:
-                raise _StateError(
-                    f"the key store was rolled back: its state is version {record.version}, but "
-                    f"it had reached version {counted} (counter: {self._counter.path})"
-                )
+                raise _StateError(f"{exc.message} (counter: {self._counter.path})") from exc
 
     def _key(self, conn: sqlite3.Connection, name: str) -> _Key:
         """One key's rows, checked against the authenticated state."""
@@ -814,10 +808,28 @@ class KeyService:
         assert version_now is not None  # `_summary` checked the record in this transaction
         new_version = version_now[0] + 1
         summary[key_name] = _state.read_key_rows(conn, key_name).digests
-        detail = {**detail, "state": new_version}
+        record = self._write_state(
+            conn, ts, op, key_name, version, {**detail, "state": new_version}, summary, new_version
+        )
+        self._written = (record.version, record.mac, record.summary)
+        return record
+
+    def _write_state(
+        self,
+        conn: sqlite3.Connection,
+        ts: _dt.datetime,
+        op: str,
+        key_name: str | None,
+        version: int | None,
+        detail: Mapping[str, Any],
+        summary: Mapping[str, _state.KeyDigests],
+        new_version: int,
+    ) -> _state.StateRecord:
+        """The audit record of a state change (its head then bound to `new_version`), and
+        the state record that names it."""
         self._record(conn, ts, op, key_name, version, "ok", detail, state_version=new_version)
         head = self._audit.head(conn)
-        record = _state.write_record(
+        return _state.write_record(
             conn,
             self._state_key,
             self._store.store_id,
@@ -826,8 +838,6 @@ class KeyService:
             audit_seq=head.seq,
             audit_mac=head.mac,
         )
-        self._written = (record.version, record.mac, record.summary)
-        return record
 
     def _open_state(self) -> None:
         """On first use: anchor a store made before state records existed, then check the
@@ -867,27 +877,10 @@ class KeyService:
                     bad = True
             if bad:
                 raise self._state_failure(f"key {name!r} does not authenticate: not anchoring")
-        ts = self._now()
-        self._audit.append(
-            conn,
-            ts=ts,
-            actor=self._actor,
-            op="state_anchor",
-            key_name=None,
-            version=None,
-            outcome="ok",
-            detail={"state": 1, "keys": len(rows)},
-            state_version=1,
-        )
-        head = self._audit.head(conn)
-        record = _state.write_record(
-            conn,
-            self._state_key,
-            self._store.store_id,
-            version=1,
-            summary=_state.summary_of(rows),
-            audit_seq=head.seq,
-            audit_mac=head.mac,
+        detail = {"state": 1, "keys": len(rows)}
+        summary = _state.summary_of(rows)
+        record = self._write_state(
+            conn, self._now(), "state_anchor", None, None, detail, summary, 1
         )
         _log.info(
             "key store %s: state anchored at version 1 (%d keys)", self._store.path, len(rows)
@@ -904,8 +897,7 @@ class KeyService:
 
         A refusal rolls back whatever `body` wrote, but its audit record still commits; the
         result is returned (and the refusal raised) only once the record is durable. An
-        operation that changes the state is checked against every row first and leaves a new
-        state record.
+        operation that changes the state leaves a new state record (`_advance_state`).
         """
         self._require_master()
         ts = self._now()
@@ -952,7 +944,7 @@ class KeyService:
         conn: sqlite3.Connection,
         ts: _dt.datetime,
         op: str,
-        key_name: str,
+        key_name: str | None,
         version: int | None,
         outcome: Outcome,
         detail: Mapping[str, Any] | str,

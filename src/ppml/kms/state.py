@@ -24,14 +24,13 @@ user, not in the workspace), so such a rollback is detected unless that file is 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from hmac import compare_digest
 from pathlib import Path
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _pyca_hmac
 
 from ppml._internal.canonical import canonical_json
-from ppml._internal.fs import ensure_private_dir, state_root, write_private
+from ppml._internal.fs import ensure_private_dir, locked, state_root, write_private
 from ppml.errors import ConfigurationError, IntegrityError
 
 __all__ = [
@@ -191,11 +190,15 @@ def read_key_rows(conn: sqlite3.Connection, name: str) -> KeyRows:
     rules = conn.execute(
         _RULES + " WHERE key_name = ? ORDER BY tee, measurement", (name,)
     ).fetchall()
-    if len(key) > 1:  # the primary key forbids it; a file edited without it could hold two
-        key = [("\x00duplicate",)]
-    return KeyRows(
-        name, tuple(key[0]) if key else None, tuple(map(tuple, versions)), tuple(map(tuple, rules))
-    )
+    return KeyRows(name, _one_key_row(key), tuple(map(tuple, versions)), tuple(map(tuple, rules)))
+
+
+def _one_key_row(rows: list[Any]) -> tuple[Any, ...] | None:
+    """A key's row: None when it has none; a row no key has when there are several (the
+    primary key forbids it; a file edited without it could hold two)."""
+    if len(rows) > 1:
+        return ("\x00duplicate",)
+    return tuple(rows[0]) if rows else None
 
 
 def rules_by_key(conn: sqlite3.Connection) -> dict[str, tuple[tuple[Any, ...], ...]]:
@@ -223,9 +226,12 @@ def scan(conn: sqlite3.Connection) -> dict[str, KeyRows]:
         rules.setdefault(_name(row[0]), []).append(tuple(row))
     out: dict[str, KeyRows] = {}
     for name in sorted(set(keys) | set(versions) | set(rules)):
-        key_rows = keys.get(name, [])
-        key = key_rows[0] if len(key_rows) == 1 else (("\x00duplicate",) if key_rows else None)
-        out[name] = KeyRows(name, key, tuple(versions.get(name, [])), tuple(rules.get(name, [])))
+        out[name] = KeyRows(
+            name,
+            _one_key_row(keys.get(name, [])),
+            tuple(versions.get(name, [])),
+            tuple(rules.get(name, [])),
+        )
     return out
 
 
@@ -397,13 +403,14 @@ class StateCounter:
         if counted is not None and version < counted:
             raise IntegrityError(
                 f"the key store was rolled back: its state is version {version}, but it had "
-                f"reached version {counted} (see {self.path})"
+                f"reached version {counted}",
+                path=self.path,
             )
 
     def advance(self, version: int) -> None:
         """Raise the counter to `version` if it is lower."""
         ensure_private_dir(self.path.parent)
-        with self._locked():
+        with locked(self._lock_path):
             try:
                 current = self.read(locked=True)
             except IntegrityError:
@@ -417,12 +424,3 @@ class StateCounter:
                 "mac": self._mac(version),
             }
             write_private(self.path, canonical_json(doc))
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)

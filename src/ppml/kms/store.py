@@ -36,14 +36,10 @@ __all__ = [
     "get_meta",
     "insert_key",
     "insert_version",
-    "key_exists",
     "key_rows",
-    "latest_version",
     "put_meta",
-    "rule_rows",
     "savepoint",
     "upsert_rule",
-    "wrapped_kek",
 ]
 
 SCHEMA_VERSION = 4
@@ -383,22 +379,6 @@ def put_meta(conn: sqlite3.Connection, name: str, value: bytes) -> None:
     conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (name, value))
 
 
-def key_exists(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone() is not None
-
-
-def latest_version(conn: sqlite3.Connection, name: str) -> int | None:
-    row = conn.execute("SELECT max(version) FROM key_versions WHERE name = ?", (name,)).fetchone()
-    return None if row[0] is None else int(row[0])
-
-
-def wrapped_kek(conn: sqlite3.Connection, name: str, version: int) -> bytes | None:
-    row = conn.execute(
-        "SELECT wrapped_kek FROM key_versions WHERE name = ? AND version = ?", (name, version)
-    ).fetchone()
-    return row[0] if row is not None and isinstance(row[0], bytes) else None
-
-
 def insert_key(conn: sqlite3.Connection, name: str, created_at: str) -> None:
     conn.execute("INSERT INTO keys (name, created_at) VALUES (?, ?)", (name, created_at))
 
@@ -424,17 +404,6 @@ def key_rows(conn: sqlite3.Connection, name: str | None = None) -> list[KeyRow]:
     for key_name, created_at, version, version_created_at in rows:
         grouped.setdefault(key_name, (created_at, []))[1].append((version, version_created_at))
     return [KeyRow(n, c, tuple(vs)) for n, (c, vs) in grouped.items()]
-
-
-def rule_rows(conn: sqlite3.Connection, key_name: str | None = None) -> list[RuleRow]:
-    """Release rules (all, or those of `key_name`), ordered by key, TEE and measurement."""
-    rows = conn.execute(
-        "SELECT key_name, tee, measurement, debug_ok, min_tcb, mac, constraints "
-        "FROM release_rules WHERE (?1 IS NULL OR key_name = ?1) "
-        "ORDER BY key_name, tee, measurement",
-        (key_name,),
-    ).fetchall()
-    return [RuleRow(str(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
 
 def upsert_rule(

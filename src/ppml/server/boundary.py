@@ -305,7 +305,7 @@ class Boundary:
                 )
                 raise Refused(500, "internal") from None
         except Refused as exc:
-            self._refuse(scope, exc)
+            self._refuse(scope, rule, exc)
             response = (
                 exc.response()
                 if self._reasons
@@ -359,7 +359,7 @@ class Boundary:
                 raise _too_many("rate_limited", wait)
         return principal, refusals
 
-    def _refuse(self, scope: Scope, exc: Refused) -> None:
+    def _refuse(self, scope: Scope, rule: Rule | None, exc: Refused) -> None:
         self._log.info(
             "refused %s %r from %s: %d %s",
             scope.get("method"),
@@ -368,10 +368,8 @@ class Boundary:
             exc.status,
             exc.code,
         )
-        if exc.status in (401, 403):
-            rule = self.rule_for(str(scope.get("method", "")), str(scope.get("path", "")))
-            if rule is not None and rule.name in self._refusals:
-                self._refusals[rule.name].get(client_address(scope)).take()
+        if exc.status in (401, 403) and rule is not None and rule.name in self._refusals:
+            self._refusals[rule.name].get(client_address(scope)).take()
         if self._on_refused is not None:
             self._on_refused(scope, exc)
 

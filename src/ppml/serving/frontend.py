@@ -314,20 +314,10 @@ def _reject_constant(name: str) -> NoReturn:
     _bad("non_numeric", "NaN and Infinity are not numbers here")
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The JSON object of the body, refusing more than `limit` bytes before parsing anything."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise _Refused(413, "too_large", f"the body is over {limit} bytes")
-    chunks: list[bytes] = []
-    seen = 0
-    async for chunk in request.stream():
-        seen += len(chunk)
-        if seen > limit:
-            raise _Refused(413, "too_large", f"the body is over {limit} bytes")
-        chunks.append(chunk)
+async def _read_json(request: Request) -> dict[str, Any]:
+    """The JSON object of the body (the boundary refused one over the body limit already)."""
     try:
-        body = json.loads(b"".join(chunks), parse_constant=_reject_constant)
+        body = json.loads(await request.body(), parse_constant=_reject_constant)
     except _Refused:
         raise
     except (ValueError, RecursionError):
@@ -451,7 +441,6 @@ def create_app(
     metrics = metrics or ServingMetrics()
     waiter = waiter or PollingWaiter()
     accepted = _Accepted(settings.pending_ttl_s, settings.max_tracked, clock)
-    tags: dict[str, ClientTag] = {}
     metrics.track_queue_depth(queue.depth)
     catalogue_models = {"models": [m.to_dict() for m in models.values()]}
 
@@ -495,12 +484,7 @@ def create_app(
         principal = principal_of(request.scope)
         if principal is None:  # the boundary admits no data call without one
             raise _Refused(401, "no_client")
-        tag = tags.get(principal.name)
-        if tag is None:
-            if len(tags) > 65_536:
-                tags.clear()
-            tag = tags[principal.name] = ClientTag(principal.name)
-        return tag
+        return ClientTag(principal.name)
 
     @app.exception_handler(_Refused)
     async def _refused(request: Request, exc: _Refused) -> JSONResponse:
@@ -555,7 +539,7 @@ def create_app(
         request: Request, timeout: Annotated[float | None, Query(gt=0)] = None
     ) -> JSONResponse:
         tag = tag_of(request)
-        body = await _read_json(request, settings.max_body_bytes)
+        body = await _read_json(request)
         _fields(body, {"instances", "model"})
         info = _model(body, models)
         instances = body.get("instances")
@@ -600,7 +584,7 @@ def create_app(
     @app.post("/v1/requests", status_code=202)
     async def enqueue(request: Request) -> JSONResponse:
         tag = tag_of(request)
-        body = await _read_json(request, settings.max_body_bytes)
+        body = await _read_json(request)
         _fields(body, {"id", "model", "inputs", "instances"})
         info = _model(body, models)
         request_id = _request_id(body["id"]) if "id" in body else new_id()

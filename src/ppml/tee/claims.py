@@ -19,7 +19,6 @@ this one could change what another needs; the message names the path and the oth
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -27,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ppml._internal.fs import ensure_private_dir, write_private
+from ppml._internal.fs import ensure_private_dir, locked, write_private
 from ppml._internal.procs import process_identity
 from ppml.errors import UsageError
 
@@ -90,12 +89,8 @@ class Registry:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         ensure_private_dir(self.path)
-        fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.path / _LOCK):
             yield
-        finally:
-            os.close(fd)
 
     def _live(self) -> Iterator[tuple[Path, Claim]]:
         """Every claim whose owner still runs; the others are removed."""

@@ -3,13 +3,11 @@ material, the enclave signing key and the KMS database; created atomically, open
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import secrets
 import ssl
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -18,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ppml._internal.clock import Clock, utc_now
-from ppml._internal.fs import ensure_private_dir, write_private
+from ppml._internal.fs import ensure_private_dir, locked, write_private
 from ppml.crypto.passphrase import KdfParams, unseal_with_passphrase
 from ppml.errors import ConfigurationError, SecretNotFound, WorkspaceNotFound, WrongPassphrase
 from ppml.workspace import pki
@@ -217,7 +215,7 @@ class Workspace:
         place (once; under a lock, so that concurrent openers agree on the password)."""
         if not any(_plain_private_key(self.layout.path(f)) for f in _TLS_KEYS):
             return
-        with _locked(self.path / _LOCK_NAME):
+        with locked(self.path / _LOCK_NAME):
             try:
                 password = self.secret(TLS_KEY_SECRET)
             except SecretNotFound:
@@ -386,13 +384,3 @@ def _plain_private_key(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return b"PRIVATE KEY-----" in head and b"ENCRYPTED PRIVATE KEY" not in head
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

@@ -129,12 +129,19 @@ def test_a_new_store_starts_at_the_current_version(tmp_path: Path) -> None:
     assert _schema(db)[0] == kms_store.SCHEMA_VERSION == 4
 
 
-def test_a_version_3_store_is_anchored_once(tmp_path: Path) -> None:
+@pytest.fixture
+def v3_store(tmp_path: Path) -> Path:
+    """A store as the version-3 code left it: a key with one release rule, no state record."""
     db = tmp_path / "kms.db"
     with KeyService(db, MASTER) as old:
         old.create_key("sales")
         old.policies(allow_sim=False).allow("sales", Rule(TeeType.SGX, M))
     downgrade(db, 3)
+    return db
+
+
+def test_a_version_3_store_is_anchored_once(v3_store: Path) -> None:
+    db = v3_store
     with KeyService(db, MASTER) as kms:
         assert kms.policies(allow_sim=False).show("sales").rules == (Rule(TeeType.SGX, M),)
         state = kms.verify_state()
@@ -142,12 +149,8 @@ def test_a_version_3_store_is_anchored_once(tmp_path: Path) -> None:
         assert kms.audit.verify().ok
 
 
-def test_a_store_is_not_anchored_over_an_altered_rule(tmp_path: Path) -> None:
-    db = tmp_path / "kms.db"
-    with KeyService(db, MASTER) as old:
-        old.create_key("sales")
-        old.policies(allow_sim=False).allow("sales", Rule(TeeType.SGX, M))
-    downgrade(db, 3)
+def test_a_store_is_not_anchored_over_an_altered_rule(v3_store: Path) -> None:
+    db = v3_store
     raw = sqlite3.connect(db)
     with raw:
         raw.execute("UPDATE release_rules SET debug_ok = 1")

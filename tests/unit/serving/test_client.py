@@ -354,3 +354,13 @@ def test_an_issued_key_with_a_password(
         assert q.dequeue() == {}
     with pytest.raises(ConfigurationError, match="wrong key password"):
         server.outputs(cert=(tmp_path / "c.pem", tmp_path / "c-key.pem", "wrong"))
+
+
+def test_bad_client_certificates_are_refused_clearly(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"\(CERT, KEY\)"):
+        InputQueue(server.url, ca=server.ca, cert=(server.cert[0],))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="client certificate file is missing"):
+        InputQueue(server.url, ca=server.ca, cert=(tmp_path / "no.pem", tmp_path / "no-key.pem"))
+    context = ssl.create_default_context(cafile=str(server.ca))
+    with pytest.raises(UsageError, match="not both"):
+        InputQueue(server.url, ca=context, cert=server.cert)
