@@ -49,6 +49,7 @@ __all__ = [
     "decrypt_parquet_file",
     "encrypt_parquet_file",
     "is_encrypted_parquet",
+    "key_unwrapper",
     "parquet_footer_key",
     "read_parquet",
     "reencrypt_parquet_file",
@@ -382,18 +383,25 @@ class ParquetScanSession:
             # name inside another token is not taken; a literal naming a column is dropped).
             text = re.sub(r'"(?:[^"\\]|\\.)*"', "", str(filter_))
             needed |= {n for n in names if re.search(rf"(?<![\w.]){re.escape(n)}(?![\w])", text)}
+        from ppml.data.pme import PMEFile
+
         for path, fragment in parts:
             present = [n for n in fragment.physical_schema.names if n in needed]
-            if not present or fragment.metadata.num_row_groups == 0:
+            if not present:
                 continue
-            # One batch of the first row group, read serially on this thread: its column
-            # metadata and first pages are decrypted here, which unwraps each named key's
-            # key-encryption key (one per named key and file) into pyarrow's cache. (Touching
-            # column metadata directly would abort the process when a key is refused.)
-            first: Any = fragment.subset(row_group_ids=[0])
-            with self._guard(path):
-                for _ in first.to_batches(columns=present, use_threads=False, batch_size=1):
-                    break
+            # The keys are read from the file's own key material (footer, then column crypto
+            # metadata) and unwrapped here, through the session's client: a refusal is raised
+            # here, as the provider raised it, and reading no data.
+            with self._guard(path), PMEFile(path, self._session.unwrap_key) as pme:
+                leaves = pme.column_key_leaves(present)
+                if leaves and fragment.metadata.num_row_groups:
+                    # Column keys other than the footer's: have pyarrow unwrap them into its
+                    # own cache now, on this thread, so that no scan thread calls back into
+                    # Python. Each is already unwrapped above, so this asks nothing of the
+                    # provider and cannot fail (a refusal there would abort the process).
+                    group = fragment.metadata.row_group(0)
+                    for leaf in leaves:
+                        group.column(leaf)
 
     def unwrap_keys(self, dataset: ds.Dataset, columns: Sequence[str] | None = None) -> None:
         """Unwrap now, on this thread, the keys a scan of `columns` (default: all) of a dataset
@@ -452,6 +460,12 @@ def _prewarming_dataset_class() -> type[ds.FileSystemDataset]:
             return super().to_batches(*args, **kwargs)
 
     return PrewarmingDataset
+
+
+def key_unwrapper(provider: DataKeyProvider) -> _PPMLKmsClient:
+    """The provider as Parquet's key tools see it: ``unwrap_key(wrapped text, master key id)``
+    unwraps a key-encryption key, once per wrapped key (cached until ``forget()``)."""
+    return _PPMLKmsClient(provider)
 
 
 def _locate(exc: BaseException, path: Path) -> BaseException:
@@ -590,6 +604,10 @@ class _KeySession:
     def released_key_encryption_keys(self) -> dict[tuple[str, str], bytes]:
         return {(master, wrapped): key for (wrapped, master), key in self._client.unwrapped()}
 
+    def unwrap_key(self, wrapped_key: str, master_key_identifier: str) -> bytes:
+        """The session's client's unwrap (cached per wrapped key; the provider's error kept)."""
+        return self._client.unwrap_key(wrapped_key, master_key_identifier)
+
     def dataset_format(self) -> ds.ParquetFileFormat:
         """A pyarrow dataset format that decrypts with this session's keys."""
         import pyarrow.dataset as ds
@@ -670,10 +688,15 @@ def _with_layout(schema: pa.Schema, key_name: str, groups: Mapping[str, list[str
 def _encryption_configuration(
     key_name: str, groups: Mapping[str, list[str]]
 ) -> pe.EncryptionConfiguration:
-    keys: dict[str, str | list[str]] = dict(groups)
+    # One named key for everything: uniform encryption, one data key for the footer and every
+    # column (column metadata then sits inside the encrypted footer instead of being encrypted
+    # again per column chunk: smaller footers, one key to unwrap per file).
+    uniform = set(groups) == {key_name}
+    keys: dict[str, str | list[str]] = {} if uniform else dict(groups)
     return pe.EncryptionConfiguration(
         footer_key=key_name,
         column_keys=keys,
+        uniform_encryption=uniform,
         encryption_algorithm=ALGORITHM,
         plaintext_footer=False,
         # pyarrow wraps its data keys with its own key-encryption key per named key, so the

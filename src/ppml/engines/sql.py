@@ -1,31 +1,36 @@
-"""Embedded SQL over encrypted tables: DuckDB in-process, scanning the tables as they decrypt.
+"""Embedded SQL over encrypted tables: DuckDB in-process, over tables decrypted into memory.
 
-Each encrypted Parquet table is registered with DuckDB as a lazy pyarrow dataset (Parquet Modular
-Encryption, `ppml.data.parquet.ParquetScanSession`): DuckDB pushes its projections and filters into
-the scan, so only the columns a query reads are decrypted (a column under a key the provider
-refuses can stay unread), row groups whose statistics exclude the filter are skipped, and the
-data streams through the query instead of being decrypted whole beforehand. CSV, JSON and text
-files, which have no columns on disk, are decrypted whole into Arrow tables. Nothing is ever
-written to disk:
+Encrypted Parquet tables are read with DuckDB's own Parquet reader -- filters evaluated while
+decoding, row groups pruned by their statistics, parallel scans -- over plaintext copies that
+exist only in memory. Before DuckDB runs, each file's footer is authenticated
+(`ppml.data.pme.PMEFile`), the query is planned over empty tables of the same schemas to learn
+which columns it reads, and only those columns' chunks are decrypted and authenticated (every
+page, with the AAD Parquet Modular Encryption gives it), still compressed, into an anonymous
+memory file (``memfd``, sealed against writes) that DuckDB reads as ``/proc/self/fd/N``. A column
+under a key the provider refuses can stay unread; each key is asked of the provider once per
+named key and file, on the calling thread, so a refusal is raised as the provider raised it.
+CSV, JSON and text files, which have no columns on disk, are decrypted whole into Arrow tables.
+Nothing is ever written to disk:
 
 - spilling is off (``temp_directory=''``): a query that does not fit in ``memory_limit`` fails
   instead of writing plaintext to a temporary file;
-- after the tables are registered, ``enable_external_access=false`` (no file reads or writes, no
-  ``COPY``, ``ATTACH``, ``EXPORT``, no extension install or load, no secrets, no Python
-  replacement scans) and ``lock_configuration=true`` (no ``SET`` can undo any of it);
+- after the tables are registered, ``enable_external_access=false`` (no file reads or writes but
+  the query's own memory files, no ``COPY``, ``ATTACH``, ``EXPORT``, no extension install or
+  load, no secrets, no Python replacement scans) and ``lock_configuration=true`` (no ``SET`` can
+  undo any of it);
 - before DuckDB sees the text, it must be exactly one ``SELECT`` statement (``WITH``, ``VALUES``,
   ``FROM t``, ``DESCRIBE``, ``SUMMARIZE`` and ``SHOW`` are SELECTs too).
 
 Only the tables a query names are opened (DuckDB's parse tree says which); if the query reaches
-another one without naming it in FROM, the others are registered too.
+another one without naming it in FROM, or a column the plan did not show, it runs again over
+every table and column.
 
 Error messages never carry cell values. Binding the query reads schemas only, so an error there
 (bad SQL, unknown table or column, wrong types) depends on the query text and the schemas, and
 DuckDB's message is passed on. An error that appears only while running on the data (a value
 that does not convert, ``error(col)``, ...) may quote a value, so its message is replaced by a
-generic one. A scan that fails while decrypting is the provider's error (missing key, access
-denied) or, once the table's files have been checked, an integrity error; if the files check
-out, the query is run again over the needed columns decrypted into memory.
+generic one. Decryption happens before the query runs: a file that does not authenticate is an
+`IntegrityError` naming it, a refused key the provider's own error.
 
 The engine knows nothing of workspaces: keys come from the `DataKeyProvider` it is given (the
 workspace's KMS under ``ppml sql``, a remote attested provider inside a TEE).
@@ -33,6 +38,8 @@ workspace's KMS under ``ppml sql``, a remote attested provider inside a TEE).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -46,14 +53,14 @@ from typing import TYPE_CHECKING, Any
 from ppml import names
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.data.tables import part_files
-from ppml.errors import UsageError
+from ppml.errors import IntegrityError, PPMLError, UsageError
 
 if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from ppml.data.parquet import ParquetScanSession
+    from ppml.data.pme import PMEFile
 
 __all__ = [
     "SqlOptions",
@@ -121,28 +128,38 @@ def run_sql(
     Files are decrypted with keys from `provider`, into memory only. Bad SQL, unknown tables or
     columns, and refused statements raise `UsageError` (exit 2) with a one-line message.
     """
-    from ppml.data.parquet import ParquetScanSession
-
     opts = options or SqlOptions()
     check_query(query)
     sources = _sources(tables)
-    with ParquetScanSession(provider) as session:
+    with _Loader(provider, opts) as loader:
         con = _open(opts)
         try:
             referenced = _referenced_tables(con, query)
             named = [
                 s for s in sources.values() if referenced is None or s.name.lower() in referenced
             ]
-            _register(con, named, session, provider, opts)
-            _lock(con)
-            relation = _bind(con, query, sources, session, provider, opts)
+            complete = len(named) == len(sources)
+            relation = loader.load(con, named, query=query, complete=complete)
+            if relation is None:
+                # The query reaches a table it does not name in FROM, or a column the plan did
+                # not show (or it is wrong anyway): bind again over every table and column.
+                con.close()
+                con = _open(opts)
+                relation = loader.load(con, list(sources.values()), query=query, everything=True)
+            assert relation is not None
             try:
                 return _fetch(relation)
             except Exception as exc:
-                failure = exc
+                raise _data_error(exc) from None
         finally:
             con.close()
-        return _after_scan_failure(failure, query, sources, session, opts)
+
+
+def duckdb_error() -> type[Exception]:
+    import duckdb
+
+    error: type[Exception] = duckdb.Error
+    return error
 
 
 def check_query(query: str) -> None:
@@ -196,7 +213,7 @@ def needed_columns(
     opts = options or SqlOptions()
     check_query(query)
     _dry_run(query, schemas, None, opts)
-    return _scanned_columns(query, schemas, opts)
+    return _scanned_columns(query, schemas)
 
 
 # --------------------------------------------------------------------------- connection
@@ -229,31 +246,6 @@ def _lock(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def _bind(
-    con: duckdb.DuckDBPyConnection,
-    query: str,
-    sources: dict[str, _Source],
-    session: ParquetScanSession,
-    provider: DataKeyProvider,
-    opts: SqlOptions,
-) -> duckdb.DuckDBPyRelation:
-    """Parse and bind `query` (schemas only, no data); a failure is the query's fault."""
-    import duckdb
-
-    try:
-        return con.sql(query)
-    except duckdb.Error as exc:
-        rest = [s for s in sources.values() if not s.registered]
-        if not rest:
-            raise UsageError(_query_error(exc)) from None
-    # The query may reach a table without naming it in FROM: bind again with every table.
-    _register(con, rest, session, provider, opts)
-    try:
-        return con.sql(query)
-    except duckdb.Error as exc:
-        raise UsageError(_query_error(exc)) from None
-
-
 def _fetch(relation: duckdb.DuckDBPyRelation) -> pa.Table:
     import pyarrow as pa
 
@@ -262,74 +254,14 @@ def _fetch(relation: duckdb.DuckDBPyRelation) -> pa.Table:
     return result
 
 
-# DuckDB names the failing source: "... stream registered as 'T' ..." when the scan failed,
-# "exporting a stream from the object registered as 'T' failed: ..." when making it did.
-_STREAM_FAILED = re.compile(r"registered as '([A-Za-z_][A-Za-z0-9_]*)'")
-
-
-def _after_scan_failure(
-    exc: BaseException,
-    query: str,
-    sources: dict[str, _Source],
-    session: ParquetScanSession,
-    opts: SqlOptions,
-) -> pa.Table:
-    """The query failed while running. The provider's own error (a refused or missing key) is
-    raised as is; a table whose files do not decrypt is an integrity error; a scan that failed
-    for another reason is retried over the needed columns decrypted into memory; anything else
-    failed on the data, and its message is withheld."""
-    scanned = [s for s in sources.values() if s.dataset is not None]
-    match = _STREAM_FAILED.search(str(exc))
-    suspects = [s for s in scanned if match is None or s.name.lower() == match[1].lower()]
-    if session.failure is not None:
-        where = suspects[0].root if len(suspects) == 1 else None
-        failure = session.failure
-        raise (session.located(failure, where) if where is not None else failure) from None
-    if match is None or not suspects:
-        raise _data_error(exc) from None
-    columns = _columns_or_all(query, {s.name: s.schema() for s in scanned}, opts)
-    for source in suspects:
-        assert source.dataset is not None
-        session.verify(source.files, columns=columns.get(source.name))
-    # The files are sound: the scan itself failed (a filter pyarrow could not evaluate, ...).
-    _log.debug("dataset scan failed (%s): reading the needed columns first", type(exc).__name__)
-    tables: dict[str, Any] = {}
-    for source in sources.values():
-        if not source.registered:
-            continue
-        if source.dataset is not None:
-            tables[source.name] = _materialize(source, columns.get(source.name), session)
-        else:
-            tables[source.name] = source.table
-    con = connect(tables, opts)
-    try:
-        try:
-            return _fetch(con.sql(query))
-        except Exception as again:
-            raise _data_error(again) from None
-    finally:
-        con.close()
-
-
 def _columns_or_all(
-    query: str, schemas: Mapping[str, pa.Schema], opts: SqlOptions
+    query: str, schemas: Mapping[str, pa.Schema], con: duckdb.DuckDBPyConnection
 ) -> dict[str, list[str] | None]:
     try:
-        return _scanned_columns(query, schemas, opts)
+        return _scanned_columns(query, schemas, con)
     except Exception:  # the probe is an optimization only: read everything
         _log.debug("the plan could not be inspected", exc_info=True)
         return {name: None for name in schemas}
-
-
-def _materialize(source: _Source, columns: list[str] | None, session: ParquetScanSession) -> Any:
-    import pyarrow as pa
-
-    assert source.dataset is not None
-    try:
-        return source.dataset.to_table(columns=columns)
-    except (OSError, pa.ArrowException):
-        session.verify(source.files, columns=columns)
-        raise
 
 
 # --------------------------------------------------------------------------- sources
@@ -341,13 +273,12 @@ class _Source:
     root: Path | None = None  # the file or directory given
     files: list[Path] = field(default_factory=list)
     table: pa.Table | None = None  # given by the caller, or decrypted whole (CSV, JSON, text)
-    dataset: ds.Dataset | None = None  # encrypted Parquet, scanned lazily
-    registered: bool = False
+    parquet: list[PMEFile] | None = None  # encrypted Parquet, footers authenticated
+    parquet_schema: pa.Schema | None = None
 
     def schema(self) -> pa.Schema:
-        if self.dataset is not None:
-            schema: pa.Schema = self.dataset.schema
-            return schema
+        if self.parquet_schema is not None:
+            return self.parquet_schema
         assert self.table is not None
         return self.table.schema
 
@@ -380,42 +311,205 @@ def _is_parquet(path: Path) -> bool:
         raise UsageError(exc.strerror or "cannot read the file", path=path) from None
 
 
-def _register(
-    con: duckdb.DuckDBPyConnection,
-    sources: Sequence[_Source],
-    session: ParquetScanSession,
-    provider: DataKeyProvider,
-    opts: SqlOptions,
-) -> None:
-    """Open `sources` (Parquet: footers only; other files: decrypted whole) and register them."""
+class _Loader:
+    """One query's tables: footers and keys (each wrapped key unwrapped once, through the
+    provider, on this thread), and the memory files DuckDB reads, closed at the end."""
+
+    def __init__(self, provider: DataKeyProvider, opts: SqlOptions) -> None:
+        from ppml.data.parquet import key_unwrapper
+
+        self._provider = provider
+        self._opts = opts
+        self._unwrap = key_unwrapper(provider)
+        self._fds: list[int] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> _Loader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        self._unwrap.forget()
+
+    def open(self, sources: Sequence[_Source]) -> None:
+        """Footers of Parquet tables (keys asked for now); other files decrypted whole."""
+        import pyarrow as pa
+
+        from ppml.data.pme import PMEFile
+
+        whole: list[_Source] = []
+        for source in sources:
+            if source.table is not None or source.parquet is not None:
+                continue
+            if all(_is_parquet(p) for p in source.files):
+                files: list[PMEFile] = []
+                for path in source.files:
+                    with _located(path):
+                        files.append(PMEFile(path, self._unwrap.unwrap_key))
+                source.parquet = files
+                source.parquet_schema = _parquet_schema(source, files)
+            else:
+                whole.append(source)
+        jobs = [(s, p) for s in whole for p in s.files]
+        read = _parallel(
+            lambda job: _read_whole(job[1], self._provider), jobs, _workers(self._opts, len(jobs))
+        )
+        for source in whole:
+            parts = [t for (s, _), t in zip(jobs, read, strict=True) if s is source]
+            try:
+                source.table = (
+                    parts[0]
+                    if len(parts) == 1
+                    else pa.concat_tables(parts, promote_options="default")
+                )
+            except pa.ArrowException:
+                raise UsageError(
+                    f"the parts of table {source.name!r} have incompatible schemas"
+                ) from None
+
+    def load(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        sources: Sequence[_Source],
+        *,
+        query: str,
+        complete: bool = True,
+        everything: bool = False,
+    ) -> duckdb.DuckDBPyRelation | None:
+        """Register `sources` on `con`, lock it down and bind `query`: Parquet tables as views
+        over memory files holding the columns the query reads (every column with
+        `everything`), the others as Arrow tables. None: the query did not bind over the
+        columns planned (bind again with `everything`); a `UsageError` when it does not bind
+        over everything."""
+        import duckdb
+
+        self.open(sources)
+        parquet = [s for s in sources if s.parquet is not None]
+        memory = _MEMFD and bool(parquet)
+        files: dict[str, list[int]] = {}
+        if memory:
+            for source in parquet:
+                files[source.name] = [self._memory_fd(source.name) for _ in source.parquet or ()]
+            listed = ", ".join(f"'/proc/self/fd/{fd}'" for fds in files.values() for fd in fds)
+            con.execute(f"SET allowed_paths = [{listed}]")
+        # From here on the connection reads no file but the query's own memory files.
+        con.execute("SET enable_external_access = false")
+        columns: dict[str, list[str] | None] = {s.name: None for s in sources}
+        if self._opts.prune_columns and not everything:
+            columns = _columns_or_all(query, {s.name: s.schema() for s in sources}, con)
+        for source in sources:
+            if source.parquet is None:
+                assert source.table is not None
+                con.register(source.name, source.table)
+                continue
+            wanted = columns.get(source.name)
+            parts = []
+            for index, pme in enumerate(source.parquet):
+                present = None if wanted is None else [c for c in wanted if c in pme.columns]
+                with _located(pme.path):
+                    if memory:
+                        self._fill(files[source.name][index], pme, present)
+                    else:
+                        parts.append(self._arrow(pme, present))
+            if not memory:
+                con.register(source.name, _concat(source, parts))
+                continue
+            listed = ", ".join(f"'/proc/self/fd/{fd}'" for fd in files[source.name])
+            union = ", union_by_name = true" if len(files[source.name]) > 1 else ""
+            # Table names are letters, digits and '_' (validated): safe to quote.
+            con.execute(
+                f'CREATE VIEW "{source.name}" AS '  # noqa: S608
+                f"SELECT * FROM read_parquet([{listed}]{union})"
+            )
+        _lock(con)
+        try:
+            return con.sql(query)
+        except duckdb.Error as exc:
+            pruned = any(c is not None for c in columns.values())
+            if everything or (complete and not pruned):
+                raise UsageError(_query_error(exc)) from None
+            return None
+
+    def _memory_fd(self, table: str) -> int:
+        flags = os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0)
+        fd = os.memfd_create(f"ppml-sql-{table}", flags)
+        self._fds.append(fd)
+        return fd
+
+    def _fill(self, fd: int, pme: PMEFile, columns: list[str] | None) -> None:
+        pme.write_plaintext(fd, columns, pool=self._threads())
+        with contextlib.suppress(OSError, AttributeError):  # sealing is hardening only
+            fcntl.fcntl(
+                fd,
+                fcntl.F_ADD_SEALS,  # type: ignore[attr-defined]
+                fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL,  # type: ignore[attr-defined]
+            )
+
+    def _arrow(self, pme: PMEFile, columns: list[str] | None) -> pa.Table:
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pme.write_plaintext(buffer, columns, pool=self._threads())
+        return pq.read_table(pa.BufferReader(buffer.getvalue()))
+
+    def _threads(self) -> ThreadPoolExecutor | None:
+        workers = _workers(self._opts, 64)
+        if workers <= 1:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ppml-sql-read")
+        return self._pool
+
+
+_MEMFD = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+def _concat(source: _Source, parts: list[pa.Table]) -> pa.Table:
     import pyarrow as pa
 
-    whole: list[_Source] = []
-    for source in sources:
-        if source.table is not None or source.dataset is not None:
-            continue
-        if all(_is_parquet(p) for p in source.files):
-            source.dataset = session.dataset(source.files)
-            if not opts.prune_columns:
-                source.table = _materialize(source, None, session)
-                source.dataset = None
-        else:
-            whole.append(source)
-    jobs = [(s, p) for s in whole for p in s.files]
-    read = _parallel(lambda job: _read_whole(job[1], provider), jobs, _workers(opts, len(jobs)))
-    for source in whole:
-        parts = [t for (s, _), t in zip(jobs, read, strict=True) if s is source]
-        try:
-            source.table = (
-                parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="default")
-            )
-        except pa.ArrowException:
-            raise UsageError(
-                f"the parts of table {source.name!r} have incompatible schemas"
-            ) from None
-    for source in sources:
-        con.register(source.name, source.dataset if source.dataset is not None else source.table)
-        source.registered = True
+    try:
+        return parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="default")
+    except pa.ArrowException:
+        raise UsageError(f"the parts of table {source.name!r} have incompatible schemas") from None
+
+
+def _parquet_schema(source: _Source, files: Sequence[PMEFile]) -> pa.Schema:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = []
+    for pme in files:
+        with _located(pme.path):
+            try:
+                schemas.append(pq.read_schema(pa.BufferReader(pme.plaintext_footer_schema_only())))
+            except (OSError, pa.ArrowException):
+                raise IntegrityError(path=pme.path) from None
+    if len(schemas) == 1:
+        return schemas[0].remove_metadata()
+    try:
+        return pa.unify_schemas(schemas, promote_options="default").remove_metadata()
+    except (pa.ArrowException, TypeError):
+        raise UsageError(f"the parts of table {source.name!r} have incompatible schemas") from None
+
+
+@contextlib.contextmanager
+def _located(path: Path) -> Iterator[None]:
+    """A provider's error (missing key, access denied) with the file it concerns."""
+    try:
+        yield
+    except IntegrityError:
+        raise IntegrityError(path=path) from None
+    except PPMLError as exc:
+        if exc.path is None:
+            exc.path = str(path)
+        raise
 
 
 def _read_whole(path: Path, provider: DataKeyProvider) -> pa.Table:
@@ -475,7 +569,7 @@ _PROBE_DISABLED_OPTIMIZERS = "statistics_propagation,empty_result_pullup"
 
 
 def _scanned_columns(
-    query: str, schemas: Mapping[str, pa.Schema], opts: SqlOptions
+    query: str, schemas: Mapping[str, pa.Schema], con: duckdb.DuckDBPyConnection | None = None
 ) -> dict[str, list[str] | None]:
     """The columns of each table that DuckDB's optimized plan reads (None: every column).
 
@@ -483,12 +577,25 @@ def _scanned_columns(
     pushdown leaves in each scan exactly the columns whose values matter, through ``*``,
     whole-row references, ``EXISTS``, natural joins and all; columns used only by a pushed-down
     filter are taken from the filter's text. A table whose scan is not in the plan is read whole.
+
+    With `con` (external access already off, configuration not yet locked), the empty tables
+    are temporary tables there, dropped afterwards; otherwise a connection is made for it.
     """
-    con = _probe_connection(schemas, opts)
-    try:
-        rows = con.sql("EXPLAIN (FORMAT JSON) " + query).fetchall()
-    finally:
-        con.close()
+    if con is None:
+        probe = _probe_connection(schemas)
+        try:
+            rows = probe.sql("EXPLAIN (FORMAT JSON) " + query).fetchall()
+        finally:
+            probe.close()
+    else:
+        _create_empty_tables(con, schemas, temporary=True)
+        try:
+            con.execute(f"SET disabled_optimizers = '{_PROBE_DISABLED_OPTIMIZERS}'")
+            rows = con.sql("EXPLAIN (FORMAT JSON) " + query).fetchall()
+        finally:
+            con.execute("RESET disabled_optimizers")
+            for name in schemas:
+                con.execute(f'DROP TABLE IF EXISTS temp."{name}"')
     plan = json.loads(rows[0][1])
     found: dict[str, set[str]] = {}
     for node in _walk(plan):
@@ -518,7 +625,7 @@ def _mentions(text: str, column: str) -> bool:
     return bool(re.search(pattern, text, re.IGNORECASE)) or f'"{column}"' in text
 
 
-def _probe_connection(schemas: Mapping[str, pa.Schema], opts: SqlOptions) -> Any:
+def _probe_connection(schemas: Mapping[str, pa.Schema]) -> Any:
     import duckdb
 
     con = duckdb.connect(
@@ -531,11 +638,7 @@ def _probe_connection(schemas: Mapping[str, pa.Schema], opts: SqlOptions) -> Any
         },
     )
     try:
-        for name, schema in schemas.items():
-            con.register("__ppml_probe_source", schema.empty_table())
-            validate_table_name(name)  # letters, digits and '_' only: safe to quote
-            con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM __ppml_probe_source')  # noqa: S608
-            con.unregister("__ppml_probe_source")
+        _create_empty_tables(con, schemas, temporary=False)
         con.execute(f"SET disabled_optimizers = '{_PROBE_DISABLED_OPTIMIZERS}'")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
@@ -543,6 +646,20 @@ def _probe_connection(schemas: Mapping[str, pa.Schema], opts: SqlOptions) -> Any
         con.close()
         raise
     return con
+
+
+def _create_empty_tables(
+    con: duckdb.DuckDBPyConnection, schemas: Mapping[str, pa.Schema], *, temporary: bool
+) -> None:
+    """Native empty tables of `schemas` (temporary ones shadow views of the same names)."""
+    kind = "TEMP TABLE" if temporary else "TABLE"
+    for name, schema in schemas.items():
+        con.register("__ppml_probe_source", schema.empty_table())
+        try:
+            validate_table_name(name)  # letters, digits and '_' only: safe to quote
+            con.execute(f'CREATE {kind} "{name}" AS SELECT * FROM __ppml_probe_source')  # noqa: S608
+        finally:
+            con.unregister("__ppml_probe_source")
 
 
 def _dry_run(

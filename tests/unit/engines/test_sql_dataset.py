@@ -183,31 +183,6 @@ def test_a_connection_over_a_dataset_is_locked_down(
             con.close()
 
 
-def test_a_scan_that_fails_for_another_reason_is_retried_in_memory(
-    table_dir: Path, gate: Gate, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = engine._fetch
-    calls = []
-
-    def flaky(relation: duckdb.DuckDBPyRelation) -> pa.Table:
-        calls.append(1)
-        if len(calls) == 1:
-            raise duckdb.InvalidInputException(
-                "Invalid Input Error: reading the stream registered as 'orders' failed: "
-                "NotImplemented: no kernel"
-            )
-        return real(relation)
-
-    monkeypatch.setattr(engine, "_fetch", flaky)
-    gate.refused.add("pii")  # the retry, too, decrypts only the needed columns
-    result = run_sql(
-        "SELECT count(*) AS n FROM orders WHERE city = 'Rome'", {"orders": table_dir}, gate
-    )
-    assert result.to_pylist() == [{"n": 3 * ROWS // 2 - 1}]  # row 7 holds SECRET
-    assert len(calls) == 2
-    assert gate.unwraps["pii"] == 0
-
-
 def test_a_table_reached_without_being_named_in_from(
     table_dir: Path, gate: Gate, provider: MemoryKeyProvider
 ) -> None:
