@@ -1,8 +1,8 @@
 """ppml: privacy-preserving analytics and machine learning on encrypted data inside TEEs.
 
 The data API for workloads is importable from here: `ppml.read_table`, `ppml.write_table`,
-`ppml.read_pandas`, `ppml.write_pandas` (see `ppml.api`). It is loaded on first use, so that
-`import ppml` stays cheap.
+`ppml.read_pandas`, `ppml.write_pandas`, `ppml.sql`, `ppml.sql_pandas` (see `ppml.api`). It is
+loaded on first use, so that `import ppml` stays cheap.
 """
 
 from __future__ import annotations
@@ -11,9 +11,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "read_pandas", "read_table", "write_pandas", "write_table"]
+__all__ = [
+    "__version__",
+    "read_pandas",
+    "read_table",
+    "sql",
+    "sql_pandas",
+    "write_pandas",
+    "write_table",
+]
 
-_API = frozenset({"read_pandas", "read_table", "write_pandas", "write_table"})
+_API = frozenset({"read_pandas", "read_table", "sql", "sql_pandas", "write_pandas", "write_table"})
 
 
 def __getattr__(name: str) -> Any:

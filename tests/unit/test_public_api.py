@@ -18,6 +18,7 @@ PUBLIC_MODULES = [
     "ppml.workspace",
     "ppml.data",
     "ppml.data.parquet",
+    "ppml.data.pme",
     "ppml.crypto.hpke",
     "ppml.attestation",
     "ppml.kms.broker",

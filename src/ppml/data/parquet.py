@@ -696,7 +696,7 @@ def _encryption_configuration(
     return pe.EncryptionConfiguration(
         footer_key=key_name,
         column_keys=keys,
-        uniform_encryption=uniform,
+        uniform_encryption=uniform,  # type: ignore[call-arg]  # missing from the stubs
         encryption_algorithm=ALGORITHM,
         plaintext_footer=False,
         # pyarrow wraps its data keys with its own key-encryption key per named key, so the

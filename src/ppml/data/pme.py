@@ -27,6 +27,7 @@ import binascii
 import json
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -290,13 +291,19 @@ class PMEFile:
                 meta, dek = self._column_meta(chunk, rg_index, leaf)
                 jobs.append((rg_index, leaf, meta, dek))
         direct = isinstance(out, int)
+        buffers = threading.local()
 
         def copy(job: tuple[int, int, Struct, bytes]) -> _Chunk:
-            chunk = self._copy_chunk(*job)
-            if direct:
-                assert isinstance(out, int)
-                _pwrite_all(out, chunk.parts, chunk.start)
-                chunk.parts = []
+            if not direct:
+                return self._copy_chunk(*job)
+            assert isinstance(out, int)
+            size = _field(job[2], 7, _T_I64)
+            buffer: bytearray | None = getattr(buffers, "buffer", None)
+            if buffer is None or len(buffer) < size:
+                buffer = buffers.buffer = bytearray(max(size, 1 << 20))
+            with memoryview(buffer) as target:
+                chunk = self._copy_chunk(*job, target)
+                _pwrite_all(out, [target[: chunk.size]], chunk.start)
             return chunk
 
         results = pool.map(copy, jobs) if pool is not None else map(copy, jobs)
@@ -310,23 +317,23 @@ class PMEFile:
         new_chunks: list[Struct] = []
         group_start: int | None = None
         group_size = 0
-        for index, ((rg_index, _leaf, meta, _dek), chunk) in enumerate(
+        for index, ((rg_index, _leaf, meta, _dek), copied) in enumerate(
             zip(jobs, results, strict=True)
         ):
             if direct:
-                start = chunk.start
+                start = copied.start
             else:
                 start = writer.pos
-                writer.write(chunk.parts)
+                writer.write(copied.parts)
             group_start = start if group_start is None else min(group_start, start)
-            group_size += chunk.size
+            group_size += copied.size
             new_meta = dict(meta)
             for field_id in (10, 14, 15):  # index page and bloom filter: not copied
                 new_meta.pop(field_id, None)
-            new_meta[7] = (_T_I64, chunk.size)
-            new_meta[9] = (_T_I64, start + chunk.data_offset)
-            if chunk.dictionary_offset is not None:
-                new_meta[11] = (_T_I64, start + chunk.dictionary_offset)
+            new_meta[7] = (_T_I64, copied.size)
+            new_meta[9] = (_T_I64, start + copied.data_offset)
+            if copied.dictionary_offset is not None:
+                new_meta[11] = (_T_I64, start + copied.dictionary_offset)
             else:
                 new_meta.pop(11, None)
             new_chunks.append({2: (_T_I64, start), 3: (_T_STRUCT, new_meta)})
@@ -399,9 +406,12 @@ class PMEFile:
         except (ValueError, IndexError):
             raise self._integrity() from None
 
-    def _copy_chunk(self, rg: int, leaf: int, meta: Struct, dek: bytes) -> _Chunk:
-        """Decrypt one column chunk page by page: its plaintext pages, with their headers'
-        sizes rewritten (offsets relative to the chunk)."""
+    def _copy_chunk(
+        self, rg: int, leaf: int, meta: Struct, dek: bytes, target: memoryview | None = None
+    ) -> _Chunk:
+        """Decrypt one column chunk page by page, with its pages' headers' sizes rewritten:
+        into `target` (at least the chunk's encrypted size), or as parts; offsets relative to
+        the chunk."""
         try:
             size = _field(meta, 7, _T_I64)
             data_offset = _field(meta, 9, _T_I64)
@@ -411,7 +421,7 @@ class PMEFile:
         has_dictionary = dict_offset is not None and 0 < dict_offset < data_offset
         start = dict_offset if has_dictionary else data_offset
         assert start is not None
-        if start < 0 or not 0 < size <= _MAX_CHUNK_BYTES:
+        if not 4 <= start <= start + size <= self._footer_start or size <= 0:
             raise self._integrity()
         raw = self._pread(size, start)
         if len(raw) != size:
@@ -438,10 +448,11 @@ class PMEFile:
                 page += 1
             header_plain, used = self._module_at(aesgcm, view, at, header_aad)
             at += used
-            body, used = self._module_at(aesgcm, view, at, page_aad)
+            nonce, sealed, used = self._module_parts(view, at)
             at += used
+            body_size = len(sealed) - _TAG
             try:
-                kind, header = _rewrite_page_header(header_plain, used, len(body))
+                kind, header = _rewrite_page_header(header_plain, used, body_size)
             except (ValueError, IndexError, KeyError, TypeError):
                 raise self._integrity() from None
             if dictionary != (kind == _PAGE_DICTIONARY) or kind not in (
@@ -454,12 +465,36 @@ class PMEFile:
                 new_dict = written
             elif new_data is None:
                 new_data = written
-            parts.append(header)
-            parts.append(body)
-            written += len(header) + len(body)
+            try:
+                if target is None:
+                    parts.append(header)
+                    parts.append(aesgcm.decrypt(nonce, sealed, page_aad))
+                else:
+                    # Plaintext is never longer than its modules: it fits the chunk's size.
+                    here = written
+                    target[here : here + len(header)] = header
+                    here += len(header)
+                    aesgcm.decrypt_into(nonce, sealed, page_aad, target[here : here + body_size])
+            except InvalidTag:
+                raise self._integrity() from None
+            written += len(header) + body_size
         if at != size or new_data is None:
             raise self._integrity()
         return _Chunk(parts, start, written, new_dict, new_data)
+
+    def _module_parts(self, view: memoryview, at: int) -> tuple[memoryview, memoryview, int]:
+        """The nonce and sealed bytes of the module at `at`, and the module's length."""
+        if at + _MODULE_OVERHEAD > len(view):
+            raise self._integrity()
+        length = int.from_bytes(view[at : at + _LENGTH], "little")
+        end = at + _LENGTH + length
+        if length < _NONCE + _TAG or end > len(view):
+            raise self._integrity()
+        return (
+            view[at + _LENGTH : at + _LENGTH + _NONCE],
+            view[at + _LENGTH + _NONCE : end],
+            end - at,
+        )
 
     def _module_at(
         self, aesgcm: AESGCM, view: memoryview, at: int, aad: bytes
@@ -540,7 +575,7 @@ class _Writer:
             self.pos += len(part)
 
 
-def _pwrite_all(fd: int, parts: Sequence[bytes | bytearray], offset: int) -> None:
+def _pwrite_all(fd: int, parts: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
     pending = [memoryview(p) for p in parts if len(p)]
     while pending:
         done = os.pwritev(fd, pending[:_IOV_MAX], offset)
@@ -742,9 +777,9 @@ class _Decoder:
                 return (element, items)
             return (element, [self.value(element, depth + 1) for _ in range(count)])
         if kind == _T_BYTE:
-            value = self.data[self.pos]
+            byte = self.data[self.pos]
             self.pos += 1
-            return value
+            return byte
         if kind == _T_DOUBLE:
             raw = bytes(self.data[self.pos : self.pos + 8])
             if len(raw) != 8:

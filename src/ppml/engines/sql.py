@@ -445,8 +445,8 @@ class _Loader:
         with contextlib.suppress(OSError, AttributeError):  # sealing is hardening only
             fcntl.fcntl(
                 fd,
-                fcntl.F_ADD_SEALS,  # type: ignore[attr-defined]
-                fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL,  # type: ignore[attr-defined]
+                fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL,
             )
 
     def _arrow(self, pme: PMEFile, columns: list[str] | None) -> pa.Table:

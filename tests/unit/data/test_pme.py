@@ -152,8 +152,8 @@ def test_duckdb_reads_the_copy_from_a_memory_file(tmp_path: Path, gate: Gate) ->
             pme.write_plaintext(fd, ["id", "amount", "name"], pool=pool)
         con = duckdb.connect()
         rows = con.sql(
-            f"SELECT count(*), sum(amount), count(DISTINCT name) FROM read_parquet('/proc/self/fd/{fd}') "
-            "WHERE id % 2 = 0"
+            "SELECT count(*), sum(amount), count(DISTINCT name) "
+            f"FROM read_parquet('/proc/self/fd/{fd}') WHERE id % 2 = 0"
         ).fetchall()
         con.close()
     finally:

@@ -17,7 +17,6 @@ from tests.support import MemoryKeyProvider
 from ppml.crypto.envelope import DataKey, WrappedKey
 from ppml.data import write_table
 from ppml.data.parquet import ParquetScanSession
-from ppml.engines import sql as engine
 from ppml.engines.sql import SqlOptions, connect, run_sql
 from ppml.errors import IntegrityError, KeyAccessError, UsageError
 
