@@ -21,6 +21,22 @@ print(json.dumps({"rows": table.num_rows, "env": sorted(env)}))
 """
 
 
+SQL_WORKLOAD = """\
+import json
+import ppml
+from ppml.errors import UsageError
+result = ppml.sql(
+    "SELECT count(*) AS n, max(age) AS oldest, min(name) AS first FROM people WHERE age > 18",
+    tables={"people": "people.parquet"},
+)
+print(json.dumps(result.to_pylist()))
+try:
+    ppml.sql("SELECT * FROM read_text('/etc/hostname')", tables={"people": "people.parquet"})
+except UsageError:
+    print("refused")
+"""
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dev workspace, keys `sales` and `results`, an encrypted table and a workload script."""
@@ -36,6 +52,20 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (d / "plain.csv").unlink()
     (d / "job.py").write_text(WORKLOAD)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"name": ["Michael", "Andy", "Justin"], "age": [29, 30, 19]}), d / "plain.parquet"
+    )
+    assert (
+        run_ppml(
+            "encrypt", d / "plain.parquet", "-o", d / "people.parquet", "-k", "sales", home=ws
+        ).code
+        == 0
+    )
+    (d / "plain.parquet").unlink()
+    (d / "sqljob.py").write_text(SQL_WORKLOAD)
     return d
 
 
@@ -149,6 +179,31 @@ def test_sql_inside_the_sim_tee(project: Path) -> None:
     # Another query is another measurement: refused.
     other = ["sql", "SELECT name FROM people", "-t", "people=people.csv", "--tee", "sim"]
     assert run_ppml(*other, home=ws, cwd=project).code == 4
+
+
+def test_python_sql_over_encrypted_parquet_inside_the_sim_tee(project: Path) -> None:
+    """`ppml.sql` in an attested, sandboxed workload: the Parquet table decrypted into the
+    sandbox's memory, keys released by policy, file access from SQL still refused."""
+    ws = project / "ws"
+    r = run_ppml("run", "--tee", "sim", "--", sys.executable, "sqljob.py", home=ws, cwd=project)
+    assert r.code == 1 and "access denied" in r.err  # not allowed yet: the script's exception
+    _allow(project, _measure(project, sys.executable, "sqljob.py"), "sales")
+    r = run_ppml("run", "--tee", "sim", "--", sys.executable, "sqljob.py", home=ws, cwd=project)
+    assert r.code == 0, r.err
+    lines = r.out.strip().splitlines()
+    assert json.loads(lines[-2]) == [{"n": 3, "oldest": 30, "first": "Andy"}]
+    assert lines[-1] == "refused"
+
+
+def test_sql_over_encrypted_parquet_inside_the_sim_tee(project: Path) -> None:
+    ws = project / "ws"
+    args = ["sql", "SELECT CAST(sum(age) AS BIGINT) AS total FROM p", "-t", "p=people.parquet", "--format", "json"]
+    r = run_ppml(*args, "--measure", cwd=project)
+    assert r.code == 0, r.err
+    _allow(project, r.out.splitlines()[0], "sales")
+    r = run_ppml(*args, "--tee", "sim", home=ws, cwd=project)
+    assert r.code == 0, r.err
+    assert json.loads(r.out.splitlines()[0]) == {"total": 78}
 
 
 def test_passphrase_is_not_needed_by_the_workload(project: Path) -> None:

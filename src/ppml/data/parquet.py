@@ -403,6 +403,22 @@ class ParquetScanSession:
                     for leaf in leaves:
                         group.column(leaf)
 
+    def inspect(self, path: Path) -> tuple[pa.Schema, int]:
+        """An encrypted file's schema and number of row groups, with every key it holds
+        unwrapped now through the session (refusals raised here, as the provider raised them):
+        what a reader elsewhere (Spark's) needs, without decrypting any data."""
+        from ppml.data.pme import PMEFile
+
+        path = Path(path)
+        with self._guard(path), PMEFile(path, self._session.unwrap_key) as pme:
+            pme.unwrap_column_keys()
+            footer = pme.plaintext_footer_schema_only()
+            try:
+                schema = pq.read_schema(pa.BufferReader(footer))
+            except (OSError, pa.ArrowException):
+                raise IntegrityError(path=path) from None
+            return schema, pme.num_row_groups
+
     def unwrap_keys(self, dataset: ds.Dataset, columns: Sequence[str] | None = None) -> None:
         """Unwrap now, on this thread, the keys a scan of `columns` (default: all) of a dataset
         of this session needs: the provider's refusal is raised here, as the provider raised

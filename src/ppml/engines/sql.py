@@ -322,6 +322,7 @@ class _Loader:
         self._opts = opts
         self._unwrap = key_unwrapper(provider)
         self._fds: list[int] = []
+        self._opened: list[PMEFile] = []
         self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> _Loader:
@@ -333,6 +334,9 @@ class _Loader:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        for pme in self._opened:
+            pme.close()
+        self._opened.clear()
         self._unwrap.forget()
 
     def open(self, sources: Sequence[_Source]) -> None:
@@ -342,18 +346,25 @@ class _Loader:
         from ppml.data.pme import PMEFile
 
         whole: list[_Source] = []
+        parquet: list[_Source] = []
         for source in sources:
             if source.table is not None or source.parquet is not None:
                 continue
-            if all(_is_parquet(p) for p in source.files):
-                files: list[PMEFile] = []
-                for path in source.files:
-                    with _located(path):
-                        files.append(PMEFile(path, self._unwrap.unwrap_key))
-                source.parquet = files
-                source.parquet_schema = _parquet_schema(source, files)
-            else:
-                whole.append(source)
+            (parquet if all(_is_parquet(p) for p in source.files) else whole).append(source)
+        paths = [path for source in parquet for path in source.files]
+
+        def open_file(path: Path) -> PMEFile:
+            with _located(path):
+                return PMEFile(path, self._unwrap.unwrap_key)
+
+        # Footers are opened side by side: each asks the provider for its key, and the KMS
+        # commits concurrent requests (and their audit records) together.
+        opened = _parallel_all(open_file, paths, min(_FOOTER_WORKERS, len(paths)))
+        self._opened.extend(opened)
+        for source in parquet:
+            files, opened = opened[: len(source.files)], opened[len(source.files) :]
+            source.parquet = files
+            source.parquet_schema = _parquet_schema(source, files)
         jobs = [(s, p) for s in whole for p in s.files]
         read = _parallel(
             lambda job: _read_whole(job[1], self._provider), jobs, _workers(self._opts, len(jobs))
@@ -523,6 +534,33 @@ def _workers(opts: SqlOptions, jobs: int) -> int:
     return max(1, min(jobs, opts.read_workers or default))
 
 
+_FOOTER_WORKERS = 8
+
+
+def _parallel_all(fn: Any, items: Sequence[Any], workers: int) -> list[Any]:
+    """`fn` over `items` on `workers` threads, in order; on a failure, the first one (in
+    order) is raised once every call has ended, and the results that did come are closed."""
+    if workers <= 1 or len(items) <= 1:
+        done: list[Any] = []
+        try:
+            for item in items:
+                done.append(fn(item))
+        except BaseException:
+            for result in done:
+                result.close()
+            raise
+        return done
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ppml-sql-open") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+    failure = next((f.exception() for f in futures if f.exception() is not None), None)
+    if failure is not None:
+        for future in futures:
+            if future.exception() is None:
+                future.result().close()
+        raise failure
+    return [f.result() for f in futures]
+
+
 def _parallel(fn: Any, items: Sequence[Any], workers: int) -> list[Any]:
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
@@ -593,9 +631,10 @@ def _scanned_columns(
             con.execute(f"SET disabled_optimizers = '{_PROBE_DISABLED_OPTIMIZERS}'")
             rows = con.sql("EXPLAIN (FORMAT JSON) " + query).fetchall()
         finally:
-            con.execute("RESET disabled_optimizers")
-            for name in schemas:
-                con.execute(f'DROP TABLE IF EXISTS temp."{name}"')
+            con.execute(
+                "RESET disabled_optimizers;\n"
+                + ";\n".join(f'DROP TABLE IF EXISTS temp."{name}"' for name in schemas)
+            )
     plan = json.loads(rows[0][1])
     found: dict[str, set[str]] = {}
     for node in _walk(plan):
@@ -653,13 +692,18 @@ def _create_empty_tables(
 ) -> None:
     """Native empty tables of `schemas` (temporary ones shadow views of the same names)."""
     kind = "TEMP TABLE" if temporary else "TABLE"
-    for name, schema in schemas.items():
-        con.register("__ppml_probe_source", schema.empty_table())
-        try:
+    sources = {f"__ppml_probe_{i}": schema for i, schema in enumerate(schemas.values())}
+    for source, schema in sources.items():
+        con.register(source, schema.empty_table())
+    try:
+        statements = []
+        for name, source in zip(schemas, sources, strict=True):
             validate_table_name(name)  # letters, digits and '_' only: safe to quote
-            con.execute(f'CREATE {kind} "{name}" AS SELECT * FROM __ppml_probe_source')  # noqa: S608
-        finally:
-            con.unregister("__ppml_probe_source")
+            statements.append(f'CREATE {kind} "{name}" AS SELECT * FROM {source}')  # noqa: S608
+        con.execute(";\n".join(statements))
+    finally:
+        for source in sources:
+            con.unregister(source)
 
 
 def _dry_run(

@@ -356,9 +356,8 @@ class PPMLReader:
             with ParquetScanSession(self._ctx.keys) as session:
                 for path in encrypted:
                     with annotate_errors(path):
-                        dataset = session.dataset([path])
-                        schemas.append(dataset.schema.remove_metadata())
-                        session.unwrap_keys(dataset)
+                        schema, _groups = session.inspect(path)
+                        schemas.append(schema.remove_metadata())
                 keys = session.released_key_encryption_keys()
         for path in plain:
             with annotate_errors(path):
@@ -399,11 +398,8 @@ class PPMLReader:
             else:
                 recorder = _Recorder(self._ctx.keys)
                 with annotate_errors(path), ParquetScanSession(recorder) as session:
-                    dataset = session.dataset([path])
-                    schemas.append(dataset.schema)
-                    fragment = next(iter(dataset.get_fragments()))
-                    groups = fragment.metadata.num_row_groups
-                    session.unwrap_keys(dataset)
+                    schema, groups = session.inspect(path)
+                    schemas.append(schema)
                 keys = tuple(ReleasedKey(w, k) for w, k in recorder.keys.items())
             ranges: list[tuple[int, ...]] = [(i,) for i in range(groups)] or [()]
             partitions.extend(ParquetPartition(str(path), r, keys) for r in ranges)
