@@ -331,6 +331,10 @@ def main() -> None:
             if args.single:
                 single = [run_phase(target, p, 1, 1, args.seconds, server.pid) for p in PHASES]
                 report(single, "one connection")
+            # The headline ratio, for benchmarks/run.py (higher is better).
+            by = {r.phase: r for r in results}
+            ratio = by["unwrap"].rps / by["healthz"].rps if by["healthz"].rps else float("nan")
+            print(f"RESULT kms_load unwrap_vs_healthz={ratio:.3f}")
         finally:
             server.terminate()
             server.wait(timeout=15)

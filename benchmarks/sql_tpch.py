@@ -156,6 +156,8 @@ def main() -> None:
                 print(f"RESULTS DIFFER for queries: {mismatches}")
                 sys.exit(1)
             print("results of (a) and (b) are identical for every query")
+            # The headline ratio, for benchmarks/run.py (lower is better).
+            print(f"RESULT sql_tpch total_ratio={b / a:.3f}")
     finally:
         if temp is not None:
             temp.cleanup()

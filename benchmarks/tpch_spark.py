@@ -174,6 +174,8 @@ def run(args: argparse.Namespace, numbers: list[int], plain: Path, enc: Path, km
             print(f"RESULTS DIFFER for queries: {mismatches}")
             sys.exit(1)
         print("results of (a) and (b) are identical for every query")
+        # The headline ratio, for benchmarks/run.py (lower is better).
+        print(f"RESULT tpch_spark total_ratio={b / a:.3f}")
     finally:
         spark.stop()
 
