@@ -197,7 +197,14 @@ def test_python_sql_over_encrypted_parquet_inside_the_sim_tee(project: Path) -> 
 
 def test_sql_over_encrypted_parquet_inside_the_sim_tee(project: Path) -> None:
     ws = project / "ws"
-    args = ["sql", "SELECT CAST(sum(age) AS BIGINT) AS total FROM p", "-t", "p=people.parquet", "--format", "json"]
+    args = [
+        "sql",
+        "SELECT CAST(sum(age) AS BIGINT) AS total FROM p",
+        "-t",
+        "p=people.parquet",
+        "--format",
+        "json",
+    ]
     r = run_ppml(*args, "--measure", cwd=project)
     assert r.code == 0, r.err
     _allow(project, r.out.splitlines()[0], "sales")

@@ -82,7 +82,21 @@ _RESERVED_OPTIONS = frozenset({"encryption_properties", "decryption_properties"}
 
 # Decimals as INT32/INT64 (precision <= 18) rather than pyarrow's default FIXED_LEN_BYTE_ARRAY:
 # about 4x faster to decode, the layout Spark and DuckDB write, and readable by both.
+# Pages cut by size (pyarrow's 1 MiB) rather than also every 20,000 rows: a narrow column then
+# has one page per row group instead of several, and every page is two encrypted modules to
+# authenticate (about a fifth less work for ppml's reader on TPC-H's lineitem).
 _WRITE_DEFAULTS: Mapping[str, Any] = {"store_decimal_as_integer": True}
+_MAX_ROWS_PER_PAGE = 1 << 20
+
+
+@functools.cache
+def _write_defaults() -> Mapping[str, Any]:
+    import inspect
+
+    defaults = dict(_WRITE_DEFAULTS)
+    if "max_rows_per_page" in inspect.signature(pq.ParquetWriter.__init__).parameters:
+        defaults["max_rows_per_page"] = _MAX_ROWS_PER_PAGE
+    return defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +128,7 @@ def write_parquet(
     """
     path = Path(path)
     _check_options(parquet_options)
-    parquet_options = {**_WRITE_DEFAULTS, **parquet_options}
+    parquet_options = {**_write_defaults(), **parquet_options}
     groups = _key_layout(table.schema.names, key_name, column_keys)
     config = _encryption_configuration(key_name, groups)
     table = table.replace_schema_metadata(_with_layout(table.schema, key_name, groups).metadata)
@@ -195,7 +209,7 @@ def encrypt_parquet_file(
     """
     src, dst = Path(src), Path(dst)
     _check_options(parquet_options)
-    parquet_options = {**_WRITE_DEFAULTS, **parquet_options}
+    parquet_options = {**_write_defaults(), **parquet_options}
     kind = _classify(src)
     if kind == "encrypted":
         raise UsageError("the file is already an encrypted Parquet file", path=src)

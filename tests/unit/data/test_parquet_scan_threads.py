@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -22,8 +23,11 @@ ROWS = 20_000
 
 @pytest.fixture(scope="module")
 def table_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MemoryKeyProvider]:
+    return _write_parts(tmp_path_factory.mktemp("orders"))
+
+
+def _write_parts(root: Path, **options: Any) -> tuple[Path, MemoryKeyProvider]:
     provider = MemoryKeyProvider("sales", "pii", "geo")
-    root = tmp_path_factory.mktemp("orders")
     for part in range(PARTS):
         ids = range(part * ROWS, (part + 1) * ROWS)
         table = pa.table(
@@ -41,22 +45,40 @@ def table_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MemoryKey
             key_name="sales",
             column_keys={"pii": ["name"], "geo": ["city"]},
             row_group_size=2_000,
+            **options,
         )
     return root, provider
 
 
 @pytest.fixture
-def unwrap_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the threads that ask the session's client for a key."""
-    seen: list[str] = []
-    real = parquet_module._PPMLKmsClient.unwrap_key
+def unwrap_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """For each time the session's client is asked for a key: whether ppml's own code asked
+    (opening the footers, or the unwrapping every scan does first, on the thread that starts
+    the scan), rather than pyarrow calling back from inside a running scan."""
+    calls: list[bool] = []
+    ours = threading.local()
+    real_unwrap = parquet_module._PPMLKmsClient.unwrap_key
+    real_prewarm = ParquetScanSession._prewarm
+    real_dataset = ParquetScanSession.dataset
 
     def recording(self: object, wrapped: str, master: str) -> bytes:
-        seen.append(threading.current_thread().name)
-        return real(self, wrapped, master)  # type: ignore[arg-type]
+        calls.append(getattr(ours, "active", False))
+        return real_unwrap(self, wrapped, master)  # type: ignore[arg-type]
+
+    def flagged(real: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            ours.active = True
+            try:
+                return real(*args, **kwargs)
+            finally:
+                ours.active = False
+
+        return run
 
     monkeypatch.setattr(parquet_module._PPMLKmsClient, "unwrap_key", recording)
-    return seen
+    monkeypatch.setattr(ParquetScanSession, "_prewarm", flagged(real_prewarm))
+    monkeypatch.setattr(ParquetScanSession, "dataset", flagged(real_dataset))
+    return calls
 
 
 QUERY = (
@@ -65,21 +87,23 @@ QUERY = (
 )
 
 
+@pytest.mark.parametrize("pages", ["default", "one per chunk"])
 def test_no_scan_thread_ever_asks_for_a_key(
-    table_dir: tuple[Path, MemoryKeyProvider], unwrap_threads: list[str]
+    tmp_path: Path, unwrap_calls: list[bool], pages: str
 ) -> None:
-    root, provider = table_dir
-    with ParquetScanSession(provider) as session:
-        dataset = session.dataset(sorted(root.iterdir()))
-        con = connect({"orders": dataset}, SqlOptions(threads=4))
-        try:
-            rows = con.sql(QUERY).fetchall()
-        finally:
-            con.close()
-    assert [r[0] for r in rows] == ["Oslo", "Paris", "Rome"]
-    assert sum(r[1] for r in rows) == PARTS * ROWS - 11 * PARTS * (ROWS // 1000)
-    assert unwrap_threads, "the keys were asked for"
-    assert set(unwrap_threads) == {threading.main_thread().name}
+    options = {} if pages == "default" else {"max_rows_per_page": 20, "data_page_size": 256}
+    root, provider = _write_parts(tmp_path, **options)
+    for _ in range(5):
+        with ParquetScanSession(provider) as session:
+            dataset = session.dataset(sorted(root.iterdir()))
+            con = connect({"orders": dataset}, SqlOptions(threads=4))
+            try:
+                rows = con.sql(QUERY).fetchall()
+            finally:
+                con.close()
+        assert sorted(r[0] for r in rows) == ["Oslo", "Paris", "Rome"]
+    assert unwrap_calls, "the keys were asked for"
+    assert all(unwrap_calls), "a key was asked for from inside a running scan"
 
 
 def test_fifty_scans_in_a_row_with_column_keys_complete(
