@@ -69,6 +69,13 @@ Struct = dict[int, tuple[int, Any]]
 """A decoded Thrift struct: field id -> (compact type, value)."""
 
 
+class _Raw(bytes):
+    """A struct or list value kept as its encoded bytes: decoded only if looked into, written
+    back as it was (statistics, encodings, paths: what a plaintext copy passes through)."""
+
+    __slots__ = ()
+
+
 # --------------------------------------------------------------------------- key material
 
 
@@ -375,9 +382,13 @@ class PMEFile:
         return [i for i, top in enumerate(self._leaves) if top in wanted]
 
     def _column_key(self, chunk: Struct) -> KeyMaterial | None:
-        crypto = _optional(chunk, 8, _T_STRUCT)
-        if crypto is None:
+        raw = _optional(chunk, 8, _T_STRUCT)
+        if raw is None:
             raise UsageError("the file has a column that is not encrypted", path=self.path)
+        try:
+            crypto = _Decoder(raw).struct(1) if type(raw) is _Raw else raw
+        except (ValueError, IndexError):
+            raise self._integrity() from None
         with_column_key = _optional(crypto, 2, _T_STRUCT)
         if with_column_key is None:
             if _optional(crypto, 1, _T_STRUCT) is None:
@@ -392,8 +403,9 @@ class PMEFile:
         material = self._column_key(chunk)
         if material is None:
             try:
-                return _field(chunk, 3, _T_STRUCT), self._footer_dek
-            except (KeyError, TypeError):
+                raw = _field(chunk, 3, _T_STRUCT)
+                return (_Decoder(raw).shallow() if type(raw) is _Raw else raw), self._footer_dek
+            except (KeyError, TypeError, ValueError, IndexError):
                 raise self._integrity() from None
         dek = self._dek(material)
         try:
@@ -402,7 +414,7 @@ class PMEFile:
             raise self._integrity() from None
         plain = self._decrypt_module(memoryview(sealed), dek, self._aad(_COLUMN_META, rg, leaf))
         try:
-            return _Decoder(plain).struct(), dek
+            return _Decoder(plain).shallow(), dek
         except (ValueError, IndexError):
             raise self._integrity() from None
 
@@ -818,6 +830,21 @@ class _Decoder:
             raise ValueError("list longer than the data")
         return count
 
+    def shallow(self) -> Struct:
+        """The struct here with its struct and list values left encoded (`_Raw`)."""
+        out: Struct = {}
+        data = self.data
+        for field_id, kind in self.headers(1):
+            if kind in (_T_TRUE, _T_FALSE):
+                out[field_id] = (kind, kind == _T_TRUE)
+            elif kind in (_T_STRUCT, _T_LIST, _T_SET):
+                start = self.pos
+                self.pos = _skip_value(data, start, kind, 1)
+                out[field_id] = (kind, _Raw(data[start : self.pos]))
+            else:
+                out[field_id] = (kind, self.value(kind, 1))
+        return out
+
     def struct(self, depth: int = 0) -> Struct:
         if depth > _MAX_DEPTH:
             raise ValueError("nesting too deep")
@@ -860,7 +887,7 @@ class _RowGroup:
             start, end = self.spans[index]
             decoder = _Decoder(self._data)
             decoder.pos = start
-            found = decoder.struct(2)
+            found = decoder.shallow()
             if decoder.pos != end:
                 raise ValueError("column chunk span mismatch")
             self._chunks[index] = found
@@ -973,7 +1000,9 @@ def _varint(value: int, out: bytearray) -> None:
 
 
 def _encode_value(kind: int, value: Any, out: bytearray) -> None:
-    if kind in (_T_I32, _T_I64, _T_I16):
+    if type(value) is _Raw:
+        out += value
+    elif kind in (_T_I32, _T_I64, _T_I16):
         _varint((value << 1) ^ (value >> 63), out)
     elif kind == _T_BINARY:
         _varint(len(value), out)

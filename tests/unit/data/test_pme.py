@@ -196,8 +196,7 @@ def regions(path: Path, gate: Gate) -> dict[str, int]:
     """Offsets inside each kind of module of the file: a data page, a page header, the
     dictionary page, the footer, the plaintext crypto metadata."""
     with PMEFile(path, key_unwrapper(gate).unwrap_key) as pme:
-        chunk = pme._row_groups[0].chunk(0)
-        column = chunk[3][1]
+        column = pme._column_meta(pme._row_groups[0].chunk(0), 0, 0)[0]
         dictionary = column[11][1] if 11 in column else None
         data = column[9][1]
         footer = pme._footer_start
@@ -245,7 +244,7 @@ def test_every_byte_of_the_column_data_is_authenticated(tmp_path: Path, gate: Ga
     table = pa.table({"v": pa.array(range(50), pa.int64())})
     path = write(tmp_path / "t.parquet", gate, table=table, use_dictionary=False)
     with PMEFile(path, key_unwrapper(gate).unwrap_key) as pme:
-        column = pme._row_groups[0].chunk(0)[3][1]
+        column = pme._column_meta(pme._row_groups[0].chunk(0), 0, 0)[0]
         start, size = column[9][1], column[7][1]
     original = path.read_bytes()
     for offset in range(start, start + size):
@@ -262,8 +261,8 @@ def test_modules_moved_between_row_groups_are_refused(tmp_path: Path, gate: Gate
     table = pa.table({"v": pa.array([1] * 100 + [2] * 100, pa.int64())})
     path = write(tmp_path / "t.parquet", gate, table=table, row_group_size=100)
     with PMEFile(path, key_unwrapper(gate).unwrap_key) as pme:
-        a = pme._row_groups[0].chunk(0)[3][1]
-        b = pme._row_groups[1].chunk(0)[3][1]
+        a = pme._column_meta(pme._row_groups[0].chunk(0), 0, 0)[0]
+        b = pme._column_meta(pme._row_groups[1].chunk(0), 1, 0)[0]
     start_a = a.get(11, a[9])[1]
     start_b = b.get(11, b[9])[1]
     assert a[7][1] == b[7][1]
@@ -283,7 +282,7 @@ def test_a_file_from_another_write_cannot_stand_in(tmp_path: Path, gate: Gate) -
     first = write(tmp_path / "a.parquet", gate, table=sample().select(["id"]))
     second = write(tmp_path / "b.parquet", gate, table=sample().select(["id"]))
     with PMEFile(first, key_unwrapper(gate).unwrap_key) as pme:
-        column = pme._row_groups[0].chunk(0)[3][1]
+        column = pme._column_meta(pme._row_groups[0].chunk(0), 0, 0)[0]
     start, size = column.get(11, column[9])[1], column[7][1]
     a, b = bytearray(first.read_bytes()), second.read_bytes()
     assert len(a) == len(b)  # same layout, different ciphertext
