@@ -5,9 +5,10 @@ Modular Encryption under a key of a real workspace KMS, then runs the 22 TPC-H q
 (benchmarks/tpch_queries/, the specification's validation parameters) three ways, interleaved:
 
   (a) plain: DuckDB over the plaintext Parquet files (read_parquet views), the baseline;
-  (b) ppml:  `ppml.engines.sql.run_sql` over the encrypted files: DuckDB, locked down, scans
-             each table as a lazy pyarrow dataset that decrypts (in memory only) the row groups
-             and columns the scan asks for, with projections and filters pushed into it;
+  (b) ppml:  `ppml.engines.sql.run_sql` over the encrypted files: each footer authenticated,
+             the query planned to find the columns it reads, those columns' chunks decrypted
+             and authenticated (every page) into sealed memory files, read by DuckDB's own
+             Parquet reader, locked down; the KMS asked for each file's key, audited;
   (c) query: the same engine over tables already decrypted into memory (every column): the
              query alone, without reading or decryption; (b) - (c) is what reading costs.
 

@@ -213,7 +213,9 @@ def needed_columns(
     opts = options or SqlOptions()
     check_query(query)
     _dry_run(query, schemas, None, opts)
-    return _scanned_columns(query, schemas)
+    return _scanned_columns(
+        query, {name: schema.names for name, schema in schemas.items()}, probes=dict(schemas)
+    )
 
 
 # --------------------------------------------------------------------------- connection
@@ -255,13 +257,16 @@ def _fetch(relation: duckdb.DuckDBPyRelation) -> pa.Table:
 
 
 def _columns_or_all(
-    query: str, schemas: Mapping[str, pa.Schema], con: duckdb.DuckDBPyConnection
+    query: str,
+    names: Mapping[str, Sequence[str]],
+    con: duckdb.DuckDBPyConnection,
+    probes: Mapping[str, str | pa.Schema],
 ) -> dict[str, list[str] | None]:
     try:
-        return _scanned_columns(query, schemas, con)
+        return _scanned_columns(query, names, con, probes)
     except Exception:  # the probe is an optimization only: read everything
         _log.debug("the plan could not be inspected", exc_info=True)
-        return {name: None for name in schemas}
+        return {name: None for name in names}
 
 
 # --------------------------------------------------------------------------- sources
@@ -277,10 +282,19 @@ class _Source:
     parquet_schema: pa.Schema | None = None
 
     def schema(self) -> pa.Schema:
+        if self.parquet_schema is None and self.parquet is not None:
+            self.parquet_schema = _parquet_schema(self, self.parquet)
         if self.parquet_schema is not None:
             return self.parquet_schema
         assert self.table is not None
         return self.table.schema
+
+    def columns(self) -> list[str]:
+        """The column names (of every part, in order of appearance)."""
+        if self.parquet is not None:
+            return list(dict.fromkeys(c for pme in self.parquet for c in pme.columns))
+        assert self.table is not None
+        return list(self.table.schema.names)
 
 
 def _sources(tables: Mapping[str, Path | str | pa.Table]) -> dict[str, _Source]:
@@ -364,7 +378,6 @@ class _Loader:
         for source in parquet:
             files, opened = opened[: len(source.files)], opened[len(source.files) :]
             source.parquet = files
-            source.parquet_schema = _parquet_schema(source, files)
         jobs = [(s, p) for s in whole for p in s.files]
         read = _parallel(
             lambda job: _read_whole(job[1], self._provider), jobs, _workers(self._opts, len(jobs))
@@ -401,17 +414,32 @@ class _Loader:
         self.open(sources)
         parquet = [s for s in sources if s.parquet is not None]
         memory = _MEMFD and bool(parquet)
+        prune = self._opts.prune_columns and not everything
         files: dict[str, list[int]] = {}
+        shapes: dict[str, list[int]] = {}  # footers alone: the tables' shapes, for the plan
         if memory:
             for source in parquet:
-                files[source.name] = [self._memory_fd(source.name) for _ in source.parquet or ()]
-            listed = ", ".join(f"'/proc/self/fd/{fd}'" for fds in files.values() for fd in fds)
+                assert source.parquet is not None
+                files[source.name] = [self._memory_fd(source.name) for _ in source.parquet]
+                if prune:
+                    shapes[source.name] = [
+                        self._memory_fd(source.name, pme.plaintext_footer_schema_only())
+                        for pme in source.parquet
+                    ]
+            listed = ", ".join(
+                _fd_path(fd) for fds in (*files.values(), *shapes.values()) for fd in fds
+            )
             con.execute(f"SET allowed_paths = [{listed}]")
         # From here on the connection reads no file but the query's own memory files.
         con.execute("SET enable_external_access = false")
         columns: dict[str, list[str] | None] = {s.name: None for s in sources}
-        if self._opts.prune_columns and not everything:
-            columns = _columns_or_all(query, {s.name: s.schema() for s in sources}, con)
+        if prune:
+            probes = {
+                s.name: _read_parquet_sql(shapes[s.name]) if s.name in shapes else s.schema()
+                for s in sources
+            }
+            names = {s.name: s.columns() for s in sources}
+            columns = _columns_or_all(query, names, con, probes)
         for source in sources:
             if source.parquet is None:
                 assert source.table is not None
@@ -429,12 +457,10 @@ class _Loader:
             if not memory:
                 con.register(source.name, _concat(source, parts))
                 continue
-            listed = ", ".join(f"'/proc/self/fd/{fd}'" for fd in files[source.name])
-            union = ", union_by_name = true" if len(files[source.name]) > 1 else ""
             # Table names are letters, digits and '_' (validated): safe to quote.
             con.execute(
-                f'CREATE VIEW "{source.name}" AS '  # noqa: S608
-                f"SELECT * FROM read_parquet([{listed}]{union})"
+                f'CREATE VIEW "{source.name}" AS SELECT * FROM '  # noqa: S608
+                + _read_parquet_sql(files[source.name])
             )
         _lock(con)
         try:
@@ -445,10 +471,12 @@ class _Loader:
                 raise UsageError(_query_error(exc)) from None
             return None
 
-    def _memory_fd(self, table: str) -> int:
+    def _memory_fd(self, table: str, content: bytes = b"") -> int:
         flags = os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0)
         fd = os.memfd_create(f"ppml-sql-{table}", flags)
         self._fds.append(fd)
+        if content:
+            os.pwrite(fd, content, 0)
         return fd
 
     def _fill(self, fd: int, pme: PMEFile, columns: list[str] | None) -> None:
@@ -480,6 +508,17 @@ class _Loader:
 
 
 _MEMFD = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+def _fd_path(fd: int) -> str:
+    return f"'/proc/self/fd/{fd}'"
+
+
+def _read_parquet_sql(fds: Sequence[int]) -> str:
+    """``read_parquet`` over memory files: the parts of one table, by column name."""
+    listed = ", ".join(_fd_path(fd) for fd in fds)
+    union = ", union_by_name = true" if len(fds) > 1 else ""
+    return f"read_parquet([{listed}]{union})"
 
 
 def _concat(source: _Source, parts: list[pa.Table]) -> pa.Table:
@@ -607,33 +646,39 @@ _PROBE_DISABLED_OPTIMIZERS = "statistics_propagation,empty_result_pullup"
 
 
 def _scanned_columns(
-    query: str, schemas: Mapping[str, pa.Schema], con: duckdb.DuckDBPyConnection | None = None
+    query: str,
+    names: Mapping[str, Sequence[str]],
+    con: duckdb.DuckDBPyConnection | None = None,
+    probes: Mapping[str, str | pa.Schema] | None = None,
 ) -> dict[str, list[str] | None]:
     """The columns of each table that DuckDB's optimized plan reads (None: every column).
 
-    The query is planned (not run) over empty native tables of the same schemas: projection
+    The query is planned (not run) over empty native tables of the same shapes: projection
     pushdown leaves in each scan exactly the columns whose values matter, through ``*``,
     whole-row references, ``EXISTS``, natural joins and all; columns used only by a pushed-down
     filter are taken from the filter's text. A table whose scan is not in the plan is read whole.
 
     With `con` (external access already off, configuration not yet locked), the empty tables
-    are temporary tables there, dropped afterwards; otherwise a connection is made for it.
+    are temporary tables there, made from `probes` (an Arrow schema, or the SQL of a table
+    function over the table's footers), dropped afterwards; otherwise a connection is made for
+    it from `probes` (Arrow schemas).
     """
+    shapes = probes if probes is not None else {}
     if con is None:
-        probe = _probe_connection(schemas)
+        probe = _probe_connection(shapes)
         try:
             rows = probe.sql("EXPLAIN (FORMAT JSON) " + query).fetchall()
         finally:
             probe.close()
     else:
-        _create_empty_tables(con, schemas, temporary=True)
+        _create_empty_tables(con, shapes, temporary=True)
         try:
             con.execute(f"SET disabled_optimizers = '{_PROBE_DISABLED_OPTIMIZERS}'")
             rows = con.sql("EXPLAIN (FORMAT JSON) " + query).fetchall()
         finally:
             con.execute(
                 "RESET disabled_optimizers;\n"
-                + ";\n".join(f'DROP TABLE IF EXISTS temp."{name}"' for name in schemas)
+                + ";\n".join(f'DROP TABLE IF EXISTS temp."{name}"' for name in shapes)
             )
     plan = json.loads(rows[0][1])
     found: dict[str, set[str]] = {}
@@ -642,20 +687,20 @@ def _scanned_columns(
         if not isinstance(info, dict) or not isinstance(info.get("Table"), str):
             continue
         table = info["Table"].rsplit(".", 1)[-1].lower()
-        names = found.setdefault(table, set())
+        seen_here = found.setdefault(table, set())
         for key in ("Projections", "Filters"):
             value = info.get(key)
             texts = [value] if isinstance(value, str) else list(value or [])
-            names.update(str(t) for t in texts)
+            seen_here.update(str(t) for t in texts)
     result: dict[str, list[str] | None] = {}
-    for name, schema in schemas.items():
+    for name, columns in names.items():
         seen = found.get(name.lower())
         if seen is None:
             result[name] = None
             continue
         blob = "\n".join(seen)
-        cols = [c for c in schema.names if c in seen or _mentions(blob, c)]
-        result[name] = cols or schema.names[:1]
+        cols = [c for c in columns if c in seen or _mentions(blob, c)]
+        result[name] = cols or list(columns[:1])
     return result
 
 
@@ -664,7 +709,7 @@ def _mentions(text: str, column: str) -> bool:
     return bool(re.search(pattern, text, re.IGNORECASE)) or f'"{column}"' in text
 
 
-def _probe_connection(schemas: Mapping[str, pa.Schema]) -> Any:
+def _probe_connection(schemas: Mapping[str, str | pa.Schema]) -> Any:
     import duckdb
 
     con = duckdb.connect(
@@ -688,21 +733,26 @@ def _probe_connection(schemas: Mapping[str, pa.Schema]) -> Any:
 
 
 def _create_empty_tables(
-    con: duckdb.DuckDBPyConnection, schemas: Mapping[str, pa.Schema], *, temporary: bool
+    con: duckdb.DuckDBPyConnection, shapes: Mapping[str, str | pa.Schema], *, temporary: bool
 ) -> None:
-    """Native empty tables of `schemas` (temporary ones shadow views of the same names)."""
+    """Native empty tables of `shapes` (temporary ones shadow views of the same names): from an
+    Arrow schema, or from the SQL of a table function (read_parquet over footers)."""
     kind = "TEMP TABLE" if temporary else "TABLE"
-    sources = {f"__ppml_probe_{i}": schema for i, schema in enumerate(schemas.values())}
-    for source, schema in sources.items():
-        con.register(source, schema.empty_table())
+    registered: list[str] = []
+    statements = []
     try:
-        statements = []
-        for name, source in zip(schemas, sources, strict=True):
+        for index, (name, shape) in enumerate(shapes.items()):
             validate_table_name(name)  # letters, digits and '_' only: safe to quote
+            if isinstance(shape, str):
+                source = f"{shape} LIMIT 0"
+            else:
+                source = f"__ppml_probe_{index}"
+                con.register(source, shape.empty_table())
+                registered.append(source)
             statements.append(f'CREATE {kind} "{name}" AS SELECT * FROM {source}')  # noqa: S608
         con.execute(";\n".join(statements))
     finally:
-        for source in sources:
+        for source in registered:
             con.unregister(source)
 
 
