@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ppml._internal.fs import atomic_output
 from ppml.crypto.passphrase import KdfParams
-from ppml.data.parquet import read_parquet, write_parquet
+from ppml.data.parquet import _write_defaults, read_parquet, write_parquet
 from ppml.workspace import Workspace
 
 
@@ -119,9 +119,10 @@ def main() -> None:
         for options in configs:
 
             def write_plain(options: dict[str, Any] = options) -> None:
-                # Same temp-file-and-rename path as write_parquet, so only encryption differs.
+                # Same temp-file-and-rename path and layout defaults as write_parquet, so only
+                # encryption differs.
                 with atomic_output(plain) as fh:
-                    pq.write_table(table, fh, **options)
+                    pq.write_table(table, fh, **{**_write_defaults(), **options})
 
             def write_enc(options: dict[str, Any] = options) -> None:
                 write_parquet(table, enc, provider, key_name="data", **options)
