@@ -62,8 +62,8 @@ def sql(
             "--table",
             "-t",
             metavar="NAME=PATH",
-            help="A table for the query: an encrypted CSV, JSON, text or Parquet file (plain "
-            "CSV, JSON and text are read too), or a directory of part files (repeatable).",
+            help="A table for the query: an encrypted CSV, JSON, text or Parquet file, or a "
+            "directory of such part files (repeatable). Plaintext files are refused.",
         ),
     ] = None,
     output: Annotated[

@@ -189,7 +189,15 @@ def parquet_footer_key(path: Path) -> FooterKey:
         material = json.loads(_file_crypto_key_metadata(footer))
         name = material["masterKeyID"]
         wrapped = _parse_wrapped(material["wrappedKEK"], name)[0]
-    except (ValueError, KeyError, TypeError, IndexError, IntegrityError, UsageError):
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        RecursionError,
+        IntegrityError,
+        UsageError,
+    ):
         raise IntegrityError(path=path) from None
     return FooterKey(wrapped.key_name, wrapped.version)
 

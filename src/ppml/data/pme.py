@@ -106,7 +106,7 @@ class KeyMaterial:
                 raise ValueError("key material fields are not strings")
             kek_id = base64.b64decode(doc["keyEncryptionKeyID"], validate=True)
             wrapped_dek = base64.b64decode(doc["wrappedDEK"], validate=True)
-        except (ValueError, KeyError, TypeError, binascii.Error):
+        except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
             raise IntegrityError() from None
         return cls(master, wrapped_kek, kek_id, wrapped_dek)
 
@@ -126,12 +126,7 @@ class PMEFile:
         self.path = Path(path)
         self._unwrap = unwrap
         self._deks: dict[bytes, bytes] = {}
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise InputNotFound("no such file", path=self.path) from None
-        except IsADirectoryError:
-            raise UsageError("is a directory, not a Parquet file", path=self.path) from None
+        self._fd = _open_file(self.path)
         try:
             self._open()
         except BaseException:
@@ -139,10 +134,16 @@ class PMEFile:
             raise
 
     def close(self) -> None:
+        """Close the file and forget its keys."""
+        self.release_file()
+        self._deks.clear()
+
+    def release_file(self) -> None:
+        """Close the file, keeping what was read of it; a later read opens it again (what it
+        reads is authenticated as anything else: a file swapped meanwhile does not decrypt)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._deks.clear()
 
     def __enter__(self) -> PMEFile:
         return self
@@ -162,6 +163,8 @@ class PMEFile:
         if head == _MAGIC_PLAIN and tail[4:] == _MAGIC_PLAIN:
             raise NotEncrypted("a plaintext Parquet file, not an encrypted one", path=self.path)
         if head != _MAGIC_ENCRYPTED:
+            if tail[4:] == _MAGIC_ENCRYPTED:
+                raise self._integrity()  # an encrypted Parquet file, altered
             raise UsageError("not a Parquet file", path=self.path)
         if tail[4:] != _MAGIC_ENCRYPTED:
             raise self._integrity()  # cut short
@@ -555,6 +558,8 @@ class PMEFile:
     def _pread(self, n: int, offset: int) -> bytes:
         if offset < 0:
             raise self._integrity()
+        if self._fd < 0:
+            self._fd = _open_file(self.path)
         return os.pread(self._fd, n, offset)
 
     def _integrity(self) -> IntegrityError:
@@ -658,6 +663,15 @@ def _rewrite_page_header_slowly(plain: bytes, sealed_size: int, size: int) -> tu
     out = bytearray()
     _encode_struct(header, out)
     return _field(header, 1, _T_I32), bytes(out)
+
+
+def _open_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InputNotFound("no such file", path=path) from None
+    except IsADirectoryError:
+        raise UsageError("is a directory, not a Parquet file", path=path) from None
 
 
 # --------------------------------------------------------------------------- schema
@@ -776,6 +790,8 @@ class _Decoder:
         if kind == _T_STRUCT:
             return self.struct(depth + 1)
         if kind in (_T_LIST, _T_SET):
+            if depth > _MAX_DEPTH:
+                raise ValueError("nesting too deep")
             header = self.data[self.pos]
             self.pos += 1
             count, element = header >> 4, header & 0x0F
@@ -960,6 +976,8 @@ def _skip_value(data: bytes | memoryview, pos: int, kind: int, depth: int) -> in
     if kind == _T_STRUCT:
         return _skip_struct(data, pos, depth + 1)
     if kind in (_T_LIST, _T_SET):
+        if depth > _MAX_DEPTH:
+            raise ValueError("nesting too deep")
         header = data[pos]
         pos += 1
         count, element = header >> 4, header & 0x0F

@@ -39,6 +39,7 @@ workspace's KMS under ``ppml sql``, a remote attested provider inside a TEE).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -53,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from ppml import names
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.data.tables import part_files
-from ppml.errors import IntegrityError, PPMLError, UsageError
+from ppml.errors import IntegrityError, NotEncrypted, PPMLError, UsageError
 
 if TYPE_CHECKING:
     import duckdb
@@ -150,6 +151,8 @@ def run_sql(
             try:
                 return _fetch(relation)
             except Exception as exc:
+                if _interrupted(exc):  # a signal (Ctrl-C, SIGTERM) stopped DuckDB
+                    raise KeyboardInterrupt from None
                 raise _data_error(exc) from None
         finally:
             con.close()
@@ -317,12 +320,21 @@ def _sources(tables: Mapping[str, Path | str | pa.Table]) -> dict[str, _Source]:
 
 
 def _is_parquet(path: Path) -> bool:
+    """Parquet (encrypted: `PMEFile` refuses plaintext Parquet) or ppml's streaming format;
+    anything else is refused: a plaintext part could add or replace rows with no key at all."""
     from ppml.data import detect_file_kind
 
     try:
-        return detect_file_kind(path) == "parquet"
+        kind = detect_file_kind(path)
     except OSError as exc:
         raise UsageError(exc.strerror or "cannot read the file", path=path) from None
+    if kind == "plain":
+        raise NotEncrypted(
+            "not an encrypted file: SQL reads encrypted tables only (pass a plaintext table "
+            "as an Arrow table to ppml.sql)",
+            path=path,
+        )
+    return kind == "parquet"
 
 
 class _Loader:
@@ -364,7 +376,8 @@ class _Loader:
         for source in sources:
             if source.table is not None or source.parquet is not None:
                 continue
-            (parquet if all(_is_parquet(p) for p in source.files) else whole).append(source)
+            kinds = [_is_parquet(p) for p in source.files]  # every part checked
+            (parquet if all(kinds) else whole).append(source)
         paths = [path for source in parquet for path in source.files]
 
         def open_file(path: Path) -> PMEFile:
@@ -440,6 +453,8 @@ class _Loader:
             }
             names = {s.name: s.columns() for s in sources}
             columns = _columns_or_all(query, names, con, probes)
+            for fds in shapes.values():
+                self._close(fds)
         for source in sources:
             if source.parquet is None:
                 assert source.table is not None
@@ -471,9 +486,22 @@ class _Loader:
                 raise UsageError(_query_error(exc)) from None
             return None
 
+    def _close(self, fds: Sequence[int]) -> None:
+        for fd in fds:
+            self._fds.remove(fd)
+            os.close(fd)
+
     def _memory_fd(self, table: str, content: bytes = b"") -> int:
         flags = os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0)
-        fd = os.memfd_create(f"ppml-sql-{table}", flags)
+        try:
+            fd = os.memfd_create(f"ppml-sql-{table}", flags)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise UsageError(
+                    "too many part files to hold open at once: raise the open-file limit "
+                    "(ulimit -n) or use fewer, larger parts"
+                ) from None
+            raise
         self._fds.append(fd)
         if content:
             os.pwrite(fd, content, 0)
@@ -481,6 +509,7 @@ class _Loader:
 
     def _fill(self, fd: int, pme: PMEFile, columns: list[str] | None) -> None:
         pme.write_plaintext(fd, columns, pool=self._threads())
+        pme.release_file()  # not read again unless the query is bound again over everything
         with contextlib.suppress(OSError, AttributeError):  # sealing is hardening only
             fcntl.fcntl(
                 fd,
@@ -813,6 +842,15 @@ def _query_error(exc: BaseException) -> str:
 def _error_kind(exc: BaseException) -> str:
     name = type(exc).__name__.removesuffix("Exception").removesuffix("Error")
     return re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower() + " error" if name else "error"
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """DuckDB's report of a query stopped by a signal (the handler's own exception is lost)."""
+    import duckdb
+
+    return isinstance(exc, duckdb.InterruptException) or (
+        type(exc) is RuntimeError and str(exc) == "Query interrupted"
+    )
 
 
 def _data_error(exc: BaseException) -> UsageError:

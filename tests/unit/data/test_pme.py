@@ -313,3 +313,39 @@ def test_a_wrong_key_version_or_name_in_the_key_material_is_refused(
     path.write_bytes(data.replace(b"ppml1:sales:1:", b"ppml1:pii::1:"))
     with pytest.raises((IntegrityError, KeyAccessError)):
         plaintext(path, gate)
+
+
+def test_an_altered_leading_magic_is_an_integrity_error(tmp_path: Path, gate: Gate) -> None:
+    path = write(tmp_path / "t.parquet", gate)
+    data = bytearray(path.read_bytes())
+    data[1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        plaintext(path, gate)
+
+
+@pytest.mark.parametrize("what", ["nested lists", "nested key material"])
+def test_deeply_nested_metadata_is_refused_cleanly(tmp_path: Path, gate: Gate, what: str) -> None:
+    """Hostile plaintext crypto metadata (before any key is needed): a clear integrity error,
+    never a RecursionError."""
+    if what == "nested lists":
+        # FileCryptoMetaData with field 1 a list of lists of lists ... 200,000 deep.
+        crypto = b"\x19" + b"\x19" * 200_000
+    else:
+        material = b"[" * 200_000
+        crypto = b"\x1c\x1c\x00\x00" + b"\x18" + _varint_bytes(len(material)) + material + b"\x00"
+    body = b"PARE" + b"\x00" * 16 + crypto
+    footer_len = len(crypto)
+    path = tmp_path / "evil.parquet"
+    path.write_bytes(body + footer_len.to_bytes(4, "little") + b"PARE")
+    with pytest.raises(IntegrityError):
+        plaintext(path, gate)
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

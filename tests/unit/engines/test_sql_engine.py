@@ -331,3 +331,56 @@ def test_nothing_is_written_to_disk(
     run_sql("SELECT * FROM people JOIN orders USING (id) ORDER BY order_id", files, provider)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     assert list(work.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- found by attack
+
+
+def test_a_plaintext_part_or_table_is_refused(tmp_path: Path, provider: MemoryKeyProvider) -> None:
+    """Rows added as a plaintext file (no key needed) must not reach a query."""
+    from ppml.errors import NotEncrypted
+
+    table_dir = tmp_path / "sales"
+    table_dir.mkdir()
+    write_table(
+        pa.table({"id": [1, 2], "amount": [5.0, 7.0]}),
+        table_dir / "part-0.csv",
+        provider,
+        key_name="sales",
+    )
+    (table_dir / "part-1.csv").write_text("id,amount\n99,1000000000.0\n")
+    with pytest.raises(NotEncrypted, match="encrypted tables only"):
+        run_sql("SELECT sum(amount) AS s FROM t", {"t": table_dir}, provider)
+    (table_dir / "part-1.csv").unlink()
+    assert run_sql("SELECT sum(amount) AS s FROM t", {"t": table_dir}, provider).to_pylist() == [
+        {"s": 12.0}
+    ]
+    swapped = tmp_path / "t.csv"
+    swapped.write_text("id,amount\n1,123456789.0\n")
+    with pytest.raises(NotEncrypted):
+        run_sql("SELECT sum(amount) AS s FROM t", {"t": swapped}, provider)
+
+
+def test_an_interrupted_query_is_an_interrupt_not_a_data_error(
+    tmp_path: Path, provider: MemoryKeyProvider
+) -> None:
+    import os
+    import signal
+    import threading
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sql(
+                "SELECT sum(r.range % 7) AS s FROM range(5000000000) r",
+                {"t": pa.table({"x": [1]})},
+                provider,
+            )
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
