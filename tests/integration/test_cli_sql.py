@@ -188,3 +188,20 @@ def test_no_workspace_exits_5(tmp_path: Path, data: Path) -> None:
         cwd=data,
     )
     assert r.code == 5
+
+
+def test_a_value_python_cannot_print_is_not_quoted_in_the_error(tmp_path: Path) -> None:
+    """A date past Python's range makes the printer fail with the day count in its message:
+    computed from a cell, it must not be shown."""
+    ws = tmp_path / "ws"
+    assert run_ppml("init", "--dev", "--dir", ws).code == 0
+    assert run_ppml("key", "create", "sales", home=ws).code == 0
+    (tmp_path / "p.csv").write_text("id,ssn\n1,111-1234-00\n")
+    enc = tmp_path / "people.csv"
+    assert run_ppml("encrypt", tmp_path / "p.csv", "-o", enc, "-k", "sales", home=ws).code == 0
+    query = "SELECT DATE '3000000-01-01' + CAST(split_part(ssn, '-', 2) AS INTEGER) AS d FROM t"
+    for fmt in ("text", "json"):
+        r = run_ppml("sql", query, "-t", f"t={enc}", "--format", fmt, home=ws)
+        assert r.code == 2, r.err
+        assert "could not be printed" in r.err
+        assert "1234" not in r.err and "1095" not in r.err and "Traceback" not in r.err

@@ -201,6 +201,25 @@ def _write(result: pa.Table, output: Path, keys: Any, key: str, force: bool) -> 
 
 
 def _print(result: pa.Table, fmt: OutputFormat, max_rows: int) -> None:
+    """Print the result; a value that cannot be printed (a date past Python's range, ...)
+    fails with a message that does not quote it (Python's would: "days=N")."""
+    try:
+        _print_as(result, fmt, max_rows)
+    except (ArithmeticError, ValueError, TypeError, pa_error()) as exc:
+        raise UsageError(
+            f"the result could not be printed ({type(exc).__name__}); the message is withheld "
+            "because it may quote values: use -o OUT --key NAME to write it"
+        ) from None
+
+
+def pa_error() -> type[Exception]:
+    import pyarrow as pa
+
+    error: type[Exception] = pa.ArrowException
+    return error
+
+
+def _print_as(result: pa.Table, fmt: OutputFormat, max_rows: int) -> None:
     if fmt is OutputFormat.CSV:
         import pyarrow.csv as pacsv
 

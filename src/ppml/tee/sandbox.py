@@ -36,6 +36,7 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import signal
 import stat
 import sys
@@ -456,6 +457,10 @@ def _exec_workload(spec: Spec) -> None:
     _close_all_but(sorted(set(keep)))
     for sig in _FORWARDED:
         signal.signal(sig, signal.SIG_DFL)
+    # No core dump, ever: the workload holds released keys and decrypted data, and a core file
+    # would land in a data directory (the limit holds across execve; the workload cannot raise
+    # a hard limit back).
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
         os.chdir(spec.cwd)
     except OSError as exc:

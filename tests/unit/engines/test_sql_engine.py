@@ -384,3 +384,24 @@ def test_an_interrupted_query_is_an_interrupt_not_a_data_error(
     finally:
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_process_that_ran_a_query_dumps_no_core(tmp_path: Path) -> None:
+    """Decrypted data is in memory: after a query the process has a zero core-size limit and
+    is not dumpable (other processes of the user cannot read its memory either)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import ctypes, resource, pyarrow as pa\n"
+        "from tests.support import MemoryKeyProvider\n"
+        "from ppml.engines.sql import run_sql\n"
+        "run_sql('SELECT 1 AS x FROM t', {'t': pa.table({'a': [1]})}, MemoryKeyProvider('k'))\n"
+        "print(resource.getrlimit(resource.RLIMIT_CORE)[0], "
+        "ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))\n"  # PR_GET_DUMPABLE
+    )
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["0", "0"]
