@@ -224,11 +224,12 @@ def decrypt_files(
 # -- plain command lines, parsed without typer -------------------------------------------------
 # `ppml encrypt` and `ppml decrypt` move big files and run in scripts' loops, so their fixed cost
 # counts. A plain command line (one input; every option known, given once, with a value) is
-# parsed here, which skips building typer's parser (about 0.1 s, most of it pydantic's type
-# adapters). Anything else (help, a misspelled or repeated option, a missing or odd value) goes
-# to typer, which parses and reports it as it always does; the two agree wherever this one
-# answers (tests/unit/test_cli_direct_parse.py runs both on the same command lines). The
-# functions below take exactly the parameters of the typer commands in `file_cmds`.
+# parsed here, which skips importing typer and building its parser (0.1-0.2 s, most of it the
+# pydantic type adapters typer builds for each parameter). Anything else (help, a misspelled or
+# repeated option, a missing or odd value) goes to typer, which parses and reports it as it
+# always does; the two agree wherever this one answers (tests/unit/test_cli_direct_parse.py
+# runs both on the same command lines). `encrypt_files` and `decrypt_files` take exactly the
+# parameters of the typer commands in `file_cmds`, with the same defaults.
 
 
 def _plain_int(value: str) -> int:
