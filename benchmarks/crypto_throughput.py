@@ -9,7 +9,15 @@ encrypt` / `ppml decrypt` commands as a user runs them (interpreter start, works
 with Argon2id, KMS audit records included). Peak memory of the commands is printed for a small
 and a large file, to show it does not grow with the file.
 
+The whole commands are also compared with `dd if=IN of=OUT bs=8M` copying the same file to the
+same place, in the same run, best of N each, outputs removed and the disk synced before every
+run: in the benchmark's directory (on disk) and on a RAM file system (`--ram-dir`, default
+/dev/shm when present; there the file system's cost is smallest, so the command's own cost shows
+most; the workspace stays on disk). The commands run as an installed ppml does, with its
+modules' bytecode compiled (a warm-up run compiles it).
+
     python benchmarks/crypto_throughput.py [--size-mib 1024] [--dir DIR] [--repeat 3]
+                                           [--ram-dir DIR | --ram-dir '']
 """
 
 from __future__ import annotations
@@ -78,6 +86,68 @@ def run_cli(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
+def cli_env(workspace: Path) -> dict[str, str]:
+    """The environment of the measured commands: the workspace, its passphrase, and bytecode
+    written and read as for an installed package (PYTHONDONTWRITEBYTECODE, which some
+    development shells set, would make every command compile ppml's modules anew)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PPML_HOME": str(workspace), "PPML_PASSPHRASE": PASSPHRASE}
+
+
+def run_fresh(command: list[str], output: Path, env: dict[str, str] | None = None) -> float:
+    """Run `command` once, timed, with `output` removed before, as a first write, and what
+    earlier runs left to write back to the disk written back (untimed: a command that syncs,
+    as the KMS does for its audit records, would otherwise wait for the previous run's data)."""
+    output.unlink(missing_ok=True)
+    os.sync()
+    t = time.perf_counter()
+    proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {proc.stderr.decode(errors='replace')}")
+    return elapsed
+
+
+def against_dd(directory: Path, size: int, env: dict[str, str], repeat: int) -> dict[str, float]:
+    """`dd bs=8M` and the whole `ppml encrypt` / `ppml decrypt` commands on the same files in
+    `directory`, interleaved, best of `repeat` each (seconds)."""
+    src, enc, out = directory / "dd-in.bin", directory / "dd-in.ppml", directory / "dd-out"
+    make_input(src, size)
+    ppml = [sys.executable, "-m", "ppml"]
+    encrypt = [*ppml, "encrypt", str(src), "-o", str(enc), "--key", "bench", "--force"]
+    subprocess.run(encrypt, env=env, check=True)  # the encrypted input; compiles the bytecode
+    runs: dict[str, list[float]] = {k: [] for k in ("dd", "encrypt", "dd enc", "decrypt")}
+    try:
+        for _ in range(repeat):
+            runs["dd"].append(run_fresh(["dd", f"if={src}", f"of={out}", "bs=8M"], out))
+            runs["encrypt"].append(
+                run_fresh([*ppml, "encrypt", str(src), "-o", str(out), "--key", "bench"], out, env)
+            )
+            runs["dd enc"].append(run_fresh(["dd", f"if={enc}", f"of={out}", "bs=8M"], out))
+            runs["decrypt"].append(
+                run_fresh([*ppml, "decrypt", str(enc), "-o", str(out)], out, env)
+            )
+        with open(src, "rb") as a, open(out, "rb") as b:
+            assert a.read(MiB) == b.read(MiB)
+    finally:
+        for f in (src, enc, out):
+            f.unlink(missing_ok=True)
+    return {k: min(v) for k, v in runs.items()}
+
+
+def print_against_dd(where: str, t: dict[str, float]) -> None:
+    print(
+        f"  {where}: encrypt {t['encrypt']:.2f} s, dd of the plaintext {t['dd']:.2f} s:"
+        f" x{t['dd'] / t['encrypt']:.2f} | decrypt {t['decrypt']:.2f} s, dd of the encrypted"
+        f" file {t['dd enc']:.2f} s: x{t['dd enc'] / t['decrypt']:.2f}"
+    )
+
+
+def default_ram_dir() -> Path | None:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 def peak_rss_mib(args: list[str], env: dict[str, str]) -> float:
     """Peak RSS of one command, measured in a fresh child so earlier runs do not mask it."""
     code = (
@@ -98,6 +168,13 @@ def main() -> None:
         "--dir", type=Path, default=None, help="where the files go (default: a temp dir)"
     )
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
+    ap.add_argument(
+        "--ram-dir",
+        type=lambda v: Path(v) if v else None,
+        default=default_ram_dir(),
+        help="a directory on a RAM file system for the comparison with dd (default /dev/shm "
+        "when present; '' skips it)",
+    )
     opts = ap.parse_args()
     size = opts.size_mib * MiB
     root = Path(tempfile.mkdtemp(prefix="ppml-bench-", dir=opts.dir))
@@ -118,7 +195,7 @@ def main() -> None:
             t_enc_null = best(lambda: _encrypt_to_null(src, kms), opts.repeat)
         assert dec.read_bytes()[:MiB] == src.read_bytes()[:MiB]
 
-        env = {**os.environ, "PPML_HOME": str(root / "ws"), "PPML_PASSPHRASE": PASSPHRASE}
+        env = cli_env(root / "ws")
         enc_args = ["encrypt", str(src), "-o", str(enc), "--key", "bench", "--force"]
         dec_args = ["decrypt", str(enc), "-o", str(dec), "--force"]
         t_cli_enc = best(lambda: run_cli(enc_args, env), opts.repeat)
@@ -143,6 +220,16 @@ def main() -> None:
         row("CLI ppml encrypt", t_cli_enc)
         row("CLI ppml decrypt", t_cli_dec)
         print(f"  fixed cost of one CLI command (`ppml key list`): {t_cli_noop * 1000:.0f} ms")
+
+        print("whole commands against `dd bs=8M` of the same file (ratio = dd time / command time)")
+        print_against_dd(f"on disk ({root})", against_dd(root, size, env, opts.repeat))
+        if opts.ram_dir is not None:
+            ram = Path(tempfile.mkdtemp(prefix="ppml-bench-", dir=opts.ram_dir))
+            try:
+                t_ram = against_dd(ram, size, env, opts.repeat)
+            finally:
+                shutil.rmtree(ram, ignore_errors=True)
+            print_against_dd(f"RAM file system ({opts.ram_dir})", t_ram)
 
         small = root / "small.bin"
         make_input(small, 16 * MiB)

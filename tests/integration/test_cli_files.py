@@ -372,3 +372,35 @@ def test_encrypting_a_directory_does_not_follow_symbolic_links(home: Path, tmp_p
     assert "left out 2 symbolic link(s)" in r.err
     written = sorted(str(p.relative_to(tmp_path / "enc")) for p in (tmp_path / "enc").rglob("*"))
     assert written == ["a.csv", "sub", "sub/b.csv"]
+
+
+def test_plain_file_commands_import_only_what_they_use(home: Path, tmp_path: Path) -> None:
+    """A plain `ppml encrypt` or `ppml decrypt` runs without typer (and the pydantic it
+    builds its parsers with), the certificate machinery and the attestation verifiers: a script
+    that loops over many files pays the command's fixed cost each time."""
+    src, enc, out = tmp_path / "people.csv", tmp_path / "people.csv.ppml", tmp_path / "out.csv"
+    src.write_bytes(PEOPLE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
+    env |= {"PPML_HOME": str(home), "PPML_PASSPHRASE": PASSPHRASE}
+    for args in (["encrypt", src, "-o", enc, "--key", "sales"], ["decrypt", enc, "-o", out]):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "ppml", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        imported = {
+            line.rsplit("|", 1)[-1].strip()
+            for line in proc.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert "ppml.cli.files" in imported
+        unwanted = ("typer", "pydantic", "rich", "cryptography.x509", "ssl", "ppml.kms.broker")
+        assert [m for m in imported if m.startswith(unwanted)] == []
+        assert [m for m in imported if m.startswith("ppml.attestation.")] == [
+            "ppml.attestation.claims"  # the release policies' types
+        ]
+    assert out.read_bytes() == PEOPLE

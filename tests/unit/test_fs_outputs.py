@@ -144,3 +144,22 @@ def test_an_output_directory_holds_no_marker(tmp_path: Path) -> None:
         assert (staging / fs.MARKER).is_file()
         (staging / "part-0.csv").write_text("a\n")
     assert _names(tmp_path / "out") == ["part-0.csv"]
+
+
+def test_file_systems_held_in_memory_are_told_apart(tmp_path: Path) -> None:
+    mounts = {}
+    with open("/proc/self/mounts") as fh:
+        for line in fh:
+            _, mount_point, fs_type, *_ = line.split()
+            mounts[mount_point] = fs_type
+    for path in (Path("/dev/shm"), tmp_path):
+        if not path.is_dir():
+            continue
+        # The longest mount point that holds `path` gives its file system's type.
+        holder = max((m for m in mounts if path.resolve().is_relative_to(m)), key=len)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            expected = mounts[holder] in ("tmpfs", "ramfs")
+            assert fs.in_memory_file_system(fd) is expected, (path, mounts[holder])
+        finally:
+            os.close(fd)

@@ -29,6 +29,7 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "atomic_output",
     "ensure_private_dir",
+    "in_memory_file_system",
     "locked",
     "locked_temp_dir",
     "old_name",
@@ -47,6 +48,35 @@ MARKER = ".ppml-temporary"
 _XATTR = "user.ppml.temporary"
 _NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT}
 _log = logging.getLogger(__name__)
+
+
+_MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs"})
+_fs_types: dict[int, str | None] = {}
+
+
+def in_memory_file_system(fd: int) -> bool:
+    """Whether the open file `fd` is on a file system held in memory (tmpfs, ramfs), where
+    reserving a file's blocks up front means allocating and zeroing every page of it."""
+    return _file_system_type(os.fstat(fd).st_dev) in _MEMORY_FILE_SYSTEMS
+
+
+def _file_system_type(dev: int) -> str | None:
+    """The type of the mounted file system whose device number is `dev`, from
+    /proc/self/mountinfo (None when it cannot be told)."""
+    if dev not in _fs_types:
+        _fs_types[dev] = None
+        wanted = f"{os.major(dev)}:{os.minor(dev)}"
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    # ID PARENT MAJOR:MINOR ROOT MOUNT-POINT OPTIONS [TAGS...] - TYPE SOURCE ...
+                    fields = line.split()
+                    if len(fields) > 2 and fields[2] == wanted and "-" in fields[6:]:
+                        _fs_types[dev] = fields[fields.index("-", 6) + 1]
+                        break
+        except (OSError, IndexError):
+            pass
+    return _fs_types[dev]
 
 
 def ensure_private_dir(path: Path) -> None:

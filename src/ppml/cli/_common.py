@@ -1,4 +1,9 @@
-"""What every command shares: the workspace option, the passphrase, output, and error handling."""
+"""What every command shares: the workspace option, the passphrase, output, and error handling.
+
+Typer is imported only by what declares or parses command lines (the options below, on first
+use): the plain `ppml encrypt` and `ppml decrypt` command lines run without it (see
+`ppml.cli.files`).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,17 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
-
-import typer
 
 from ppml.errors import ConfigurationError, PPMLError, WorkspaceNotFound
 
 if TYPE_CHECKING:
-    from ppml.crypto.envelope import DataKeyProvider
+    from ppml.crypto.envelope import DataKey, DataKeyProvider, WrappedKey
+    from ppml.kms import KeyInfo, KeyService
     from ppml.workspace import Workspace
 
 PASSPHRASE_ENV = "PPML_PASSPHRASE"  # noqa: S105 -- the variable's name, not a value
@@ -50,27 +56,45 @@ def install_signal_handlers() -> None:
             signal.signal(sig, _terminated)
 
 
-WorkspaceOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--workspace",
-        "-w",
-        help="Workspace directory. Default: $PPML_HOME, else ./.ppml",
-        show_default=False,
-    ),
-]
-PassphraseFileOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--passphrase-file",
-        help="Read the workspace passphrase from this file (first line). "
-        "Default: $PPML_PASSPHRASE, else a prompt.",
-        show_default=False,
-    ),
-]
-FormatOption = Annotated[
-    str, typer.Option("--format", help="Output format: text or json.", show_default=True)
-]
+if TYPE_CHECKING:  # the types; typer's metadata is added where typer reads them (below)
+    WorkspaceOption = Annotated[Path | None, "typer.Option"]
+    PassphraseFileOption = Annotated[Path | None, "typer.Option"]
+    FormatOption = Annotated[str, "typer.Option"]
+
+
+def _options() -> dict[str, Any]:
+    import typer
+
+    return {
+        "WorkspaceOption": Annotated[
+            Path | None,
+            typer.Option(
+                "--workspace",
+                "-w",
+                help="Workspace directory. Default: $PPML_HOME, else ./.ppml",
+                show_default=False,
+            ),
+        ],
+        "PassphraseFileOption": Annotated[
+            Path | None,
+            typer.Option(
+                "--passphrase-file",
+                help="Read the workspace passphrase from this file (first line). "
+                "Default: $PPML_PASSPHRASE, else a prompt.",
+                show_default=False,
+            ),
+        ],
+        "FormatOption": Annotated[
+            str, typer.Option("--format", help="Output format: text or json.", show_default=True)
+        ],
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("WorkspaceOption", "PassphraseFileOption", "FormatOption"):
+        globals().update(_options())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def workspace_dir(option: Path | None) -> Path:
@@ -106,17 +130,113 @@ def read_passphrase(passphrase_file: Path | None, *, confirm: bool = False) -> b
     return value
 
 
-def open_workspace(workspace: Path | None, passphrase_file: Path | None) -> Workspace:
-    """Open the workspace (unsealing its master key with the passphrase)."""
-    from ppml.workspace import Workspace
+def _existing_workspace(workspace: Path | None) -> Path:
+    from ppml.workspace.layout import is_workspace
 
     path = workspace_dir(workspace)
-    if not Workspace.exists(path):
+    if not is_workspace(path):
         raise WorkspaceNotFound(
             "no ppml workspace here: run `ppml init` (or pass --workspace / set PPML_HOME)",
             path=path,
         )
+    return path
+
+
+def open_workspace(workspace: Path | None, passphrase_file: Path | None) -> Workspace:
+    """Open the workspace (unsealing its master key with the passphrase)."""
+    from ppml.workspace import Workspace
+
+    path = _existing_workspace(workspace)
     return Workspace.open(path, read_passphrase(passphrase_file))
+
+
+class OpeningKeys:
+    """The workspace's key service, opened in a background thread.
+
+    Unsealing the master key (Argon2id: the bulk of a key-using command's fixed cost) runs while
+    the command does what needs no key: importing the data layer, checking its input and
+    output, making the output and reserving its blocks. The first key operation waits for the
+    opening and raises what the opening raised. The passphrase is read (or asked for) first, in
+    the calling thread; `check_keys` are looked up as soon as the KMS is open, so that an
+    unknown key name fails before any data is written.
+    """
+
+    def __init__(
+        self,
+        workspace: Path | None,
+        passphrase_file: Path | None,
+        *,
+        check_keys: Sequence[str] = (),
+    ) -> None:
+        path = _existing_workspace(workspace)
+        passphrase = read_passphrase(passphrase_file)
+        self._service: KeyService | None = None
+        self._error: Exception | None = None
+        self._error_path: str | None = None
+        self._thread = threading.Thread(
+            target=self._open,
+            args=(path, passphrase, tuple(check_keys)),
+            name="ppml-open-workspace",
+            daemon=True,  # Ctrl-C does not wait for Argon2id to finish
+        )
+        self._thread.start()
+
+    def _open(self, path: Path, passphrase: bytes, check_keys: tuple[str, ...]) -> None:
+        try:
+            from ppml.workspace import Workspace
+
+            service = Workspace.open(path, passphrase).key_service()
+            try:
+                for name in check_keys:
+                    service.describe(name)
+            except Exception:
+                service.close()
+                raise
+            self._service = service
+        except Exception as exc:  # raised again in the thread that asks for a key
+            self._error = exc
+            self._error_path = exc.path if isinstance(exc, PPMLError) else None
+
+    def _opened(self) -> KeyService:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._service is not None
+        return self._service
+
+    def generate_data_key(self, key_name: str) -> DataKey:
+        return self._opened().generate_data_key(key_name)
+
+    def unwrap(self, wrapped: WrappedKey) -> bytes:
+        return self._opened().unwrap(wrapped)
+
+    def describe(self, name: str) -> KeyInfo:
+        return self._opened().describe(name)
+
+    def close(self) -> None:
+        """Close the key service, once the opening has ended."""
+        self._thread.join()
+        if self._service is not None:
+            self._service.close()
+            self._service = None
+
+    def __enter__(self) -> OpeningKeys:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and exc is self._error:
+            # An error of the opening, not of the file that was being worked on when it
+            # surfaced (the data layer names its file in the errors it lets through).
+            assert isinstance(exc, PPMLError)
+            exc.path = self._error_path
+        if isinstance(exc, KeyboardInterrupt):
+            return  # interrupted: the process ends, and the opening with it
+        self.close()
 
 
 @contextlib.contextmanager
@@ -139,13 +259,21 @@ def print_json(value: Any) -> None:
 
 def check_format(fmt: str) -> str:
     if fmt not in ("text", "json"):
+        import typer
+
         raise typer.BadParameter("expected text or json", param_hint="--format")
     return fmt
 
 
+def echo_error(message: str) -> None:
+    """One line on stderr."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 def fail(exc: PPMLError) -> NoReturn:
-    typer.echo(f"ppml: {exc.diagnostics()}", err=True)
-    raise typer.Exit(exc.exit_code)
+    echo_error(f"ppml: {exc.diagnostics()}")
+    raise SystemExit(exc.exit_code)
 
 
 @contextlib.contextmanager
@@ -156,11 +284,11 @@ def handle_errors() -> Iterator[None]:
     except PPMLError as exc:
         fail(exc)
     except Terminated as exc:
-        typer.echo(f"ppml: terminated ({exc.name})", err=True)
-        raise typer.Exit(128 + exc.signum) from None
+        echo_error(f"ppml: terminated ({exc.name})")
+        raise SystemExit(128 + exc.signum) from None
     except KeyboardInterrupt:
-        typer.echo("ppml: interrupted", err=True)
-        raise typer.Exit(INTERRUPTED_EXIT) from None
+        echo_error("ppml: interrupted")
+        raise SystemExit(INTERRUPTED_EXIT) from None
 
 
 class ByteProgress:

@@ -46,7 +46,7 @@ result = con.sql("""
     FROM transactions t JOIN customers c USING (customer_id)
     GROUP BY c.region
     ORDER BY total_spend DESC
-""").fetch_arrow_table()
+""").to_arrow_table()
 
 ppml.write_table(result, "out/spend_by_region.csv", key="results")
 print(f"analysis: wrote {result.num_rows} rows, encrypted, to out/spend_by_region.csv")

@@ -1,17 +1,17 @@
-"""`ppml encrypt`, `decrypt`, `inspect` and `rewrap`: files and directories of files."""
+"""`ppml encrypt`, `decrypt`, `inspect` and `rewrap`: files and directories of files.
+
+The commands are declared here for typer; the work of `encrypt` and `decrypt` is in
+`ppml.cli.files`, which also runs their plain command lines without typer.
+"""
 
 from __future__ import annotations
 
-import enum
-import os
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from ppml.cli._common import (
-    ByteProgress,
     FormatOption,
     PassphraseFileOption,
     WorkspaceOption,
@@ -20,19 +20,14 @@ from ppml.cli._common import (
     open_workspace,
     print_json,
 )
-from ppml.errors import InputNotFound, NotEncrypted, UsageError
-
-if TYPE_CHECKING:
-    from ppml.crypto.envelope import DataKeyProvider
-
-
-class FileFormat(enum.StrEnum):
-    AUTO = "auto"
-    BYTES = "bytes"
-    CSV = "csv"
-    JSON = "json"
-    TEXT = "text"
-    PARQUET = "parquet"
+from ppml.cli.files import (
+    FileFormat,
+    data_files,
+    decrypt_files,
+    encrypt_files,
+    existing_input,
+)
+from ppml.errors import NotEncrypted, UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -40,128 +35,6 @@ def register(app: typer.Typer) -> None:
     app.command("decrypt")(decrypt)
     app.command("inspect")(inspect)
     app.command("rewrap")(rewrap)
-
-
-def _input(path: Path) -> Path:
-    if not path.exists():
-        raise InputNotFound("no such file or directory", path=path)
-    return path
-
-
-def _data_files(root: Path) -> list[Path]:
-    """Regular files under `root`, hidden ones (name starting with '.') left out. Symbolic
-    links are not followed (a link could lead out of the tree): they are named on stderr and
-    left out."""
-    files: list[Path] = []
-    links: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        for d in list(dirnames):
-            if d.startswith(".") or (here / d).is_symlink():
-                if not d.startswith("."):
-                    links.append(here / d)
-                dirnames.remove(d)
-        for f in filenames:
-            path = here / f
-            if f.startswith("."):
-                continue
-            if path.is_symlink():
-                links.append(path)
-            elif path.is_file():
-                files.append(path)
-    if links:
-        shown = ", ".join(str(p) for p in sorted(links)[:3]) + (", ..." if len(links) > 3 else "")
-        typer.echo(f"ppml: left out {len(links)} symbolic link(s), not followed: {shown}", err=True)
-    return sorted(files)
-
-
-def _each_file(
-    src: Path,
-    output: Path,
-    force: bool,
-    verb: str,
-    one: Callable[[Path, Path, bool, ByteProgress], None],
-) -> None:
-    """Apply `one` to a file, or to every file of a directory into an output directory that
-    appears only when all of them succeeded."""
-    from ppml._internal.fs import sweep_stale
-    from ppml.data import output_directory
-    from ppml.data.files import check_output_name
-
-    check_output_name(output)
-    if not src.is_dir():
-        sweep_stale(output.parent if str(output.parent) else Path("."))
-        with ByteProgress(src.stat().st_size, f"{verb}ing") as bar:
-            one(src, output, force, bar)
-        return
-    files = _data_files(src)
-    total = sum(p.stat().st_size for p in files)
-    with output_directory(output, overwrite=force) as tmp, ByteProgress(total, f"{verb}ing") as bar:
-        for f in files:
-            dst = tmp / f.relative_to(src)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            one(f, dst, True, bar)
-    typer.echo(f"{verb}ed {len(files)} files into {output}", err=True)
-
-
-def _parse_column_keys(specs: Iterable[str]) -> dict[str, list[str]]:
-    result: dict[str, list[str]] = {}
-    for spec in specs:
-        name, sep, cols = spec.partition(":")
-        columns = [c.strip() for c in cols.split(",") if c.strip()]
-        if not sep or not name or not columns:
-            raise UsageError(f"--column-key expects NAME:col1,col2 (got {spec!r})")
-        result.setdefault(name, []).extend(columns)
-    return result
-
-
-def _is_parquet(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"PAR1"
-
-
-def _encrypt_one(
-    src: Path,
-    dst: Path,
-    keys: DataKeyProvider,
-    key: str,
-    fmt: FileFormat,
-    column_keys: dict[str, list[str]],
-    segment_size: int,
-    force: bool,
-    progress: ByteProgress,
-) -> None:
-    from ppml.crypto.stream import ContentType
-    from ppml.data import encrypt_file
-
-    parquet = fmt is FileFormat.PARQUET or (
-        fmt is FileFormat.AUTO and src.is_file() and _is_parquet(src)
-    )
-    if parquet:
-        from ppml.data.files import annotate_errors
-        from ppml.data.parquet import encrypt_parquet_file
-
-        if dst.exists() and not force:
-            from ppml.errors import OutputExists
-
-            raise OutputExists("output exists (use --force to replace it)", path=dst)
-        with annotate_errors(src):
-            encrypt_parquet_file(src, dst, keys, key_name=key, column_keys=column_keys or None)
-        progress.advance(src.stat().st_size)
-        return
-    if column_keys:
-        raise UsageError("--column-key applies to Parquet only", path=src)
-    ctype = None if fmt is FileFormat.AUTO else ContentType.parse(fmt.value)
-    encrypt_file(
-        src,
-        dst,
-        keys,
-        key,
-        content_type=ctype,
-        segment_size=segment_size,
-        overwrite=force,
-        progress=progress.callback,
-    )
 
 
 def encrypt(
@@ -197,41 +70,9 @@ def encrypt(
 
     The output appears only when complete; on any error nothing is left behind.
     """
-    with handle_errors():
-        src = _input(input_path)
-        column_keys = _parse_column_keys(column_key or [])
-        ws = open_workspace(workspace, passphrase_file)
-        with ws.key_service() as keys:
-            keys.describe(key)  # an unknown key fails before any output is made
-            for name in column_keys:
-                keys.describe(name)
-
-            def one(src: Path, dst: Path, replace: bool, bar: ByteProgress) -> None:
-                _encrypt_one(src, dst, keys, key, fmt, column_keys, segment_size, replace, bar)
-
-            _each_file(src, output, force, "encrypt", one)
-
-
-def _decrypt_one(
-    src: Path, dst: Path, keys: DataKeyProvider, force: bool, progress: ByteProgress
-) -> None:
-    from ppml.data import decrypt_file, detect_file_kind
-
-    # A pipe can be read once only: it can only be the streaming format.
-    kind = detect_file_kind(src) if src.is_file() else "stream"
-    if kind == "parquet":
-        from ppml.data.files import annotate_errors
-        from ppml.data.parquet import decrypt_parquet_file
-
-        if dst.exists() and not force:
-            from ppml.errors import OutputExists
-
-            raise OutputExists("output exists (use --force to replace it)", path=dst)
-        with annotate_errors(src):
-            decrypt_parquet_file(src, dst, keys)
-        progress.advance(src.stat().st_size)
-        return
-    decrypt_file(src, dst, keys, overwrite=force, progress=progress.callback)
+    encrypt_files(
+        input_path, output, key, fmt, column_key, segment_size, force, workspace, passphrase_file
+    )
 
 
 def decrypt(
@@ -250,15 +91,7 @@ def decrypt(
 
     The plaintext appears only after every segment verified: a tampered file leaves nothing.
     """
-    with handle_errors():
-        src = _input(input_path)
-        ws = open_workspace(workspace, passphrase_file)
-        with ws.key_service() as keys:
-
-            def one(src: Path, dst: Path, replace: bool, bar: ByteProgress) -> None:
-                _decrypt_one(src, dst, keys, replace, bar)
-
-            _each_file(src, output, force, "decrypt", one)
+    decrypt_files(input_path, output, force, workspace, passphrase_file)
 
 
 def _describe(path: Path) -> dict[str, Any]:
@@ -313,7 +146,7 @@ def inspect(
     """
     with handle_errors():
         check_format(fmt)
-        path = _input(file)
+        path = existing_input(file)
         if path.is_dir():
             raise UsageError("is a directory, expected a file", path=path)
         info = _describe(path)
@@ -343,8 +176,8 @@ def rewrap(
 
         files: list[tuple[Path, bool]] = []  # (path, named explicitly)
         for p in paths:
-            src = _input(p)
-            files.extend([(f, False) for f in _data_files(src)] if src.is_dir() else [(src, True)])
+            src = existing_input(p)
+            files.extend([(f, False) for f in data_files(src)] if src.is_dir() else [(src, True)])
         for f, explicit in files:
             if explicit and detect_file_kind(f) == "plain":
                 raise NotEncrypted("not a ppml encrypted file", path=f)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import enum
 import io
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -36,6 +38,8 @@ __all__ = [
     "StreamHeader",
     "StreamReader",
     "StreamWriter",
+    "body_size",
+    "check_segment_size",
     "decrypt_stream",
     "encrypt_stream",
     "looks_encrypted",
@@ -54,7 +58,7 @@ DEFAULT_SEGMENT_SIZE = 1 << 20
 MIN_SEGMENT_SIZE = 16
 MAX_SEGMENT_SIZE = 64 << 20
 MAX_SEGMENTS = 1 << 32
-_IO_BATCH_BYTES = 8 << 20
+_IO_BATCH_BYTES = 1 << 20
 _FIXED = struct.Struct(">8sBBBBI32s7sB")  # magic .. key name length: 56 bytes
 _MUTABLE = struct.Struct(">IH")  # key version, wrapped key length
 _HKDF_INFO = b"ppml/stream/v1"
@@ -92,10 +96,7 @@ class StreamHeader:
     wrapped: WrappedKey
 
     def __post_init__(self) -> None:
-        if not MIN_SEGMENT_SIZE <= self.segment_size <= MAX_SEGMENT_SIZE:
-            raise UsageError(
-                f"segment size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes"
-            )
+        check_segment_size(self.segment_size)
         if len(self.salt) != SALT_SIZE or len(self.nonce_prefix) != NONCE_PREFIX_SIZE:
             raise UsageError("invalid salt or nonce prefix length")
 
@@ -130,8 +131,21 @@ class StreamHeader:
 
     def ciphertext_size(self, plaintext_size: int) -> int:
         """Total file size (header included) for a plaintext of `plaintext_size` bytes."""
-        segments = max(1, -(-plaintext_size // self.segment_size))
-        return len(self.to_bytes()) + plaintext_size + segments * TAG_SIZE
+        return len(self.to_bytes()) + body_size(plaintext_size, self.segment_size)
+
+
+def check_segment_size(segment_size: int) -> None:
+    """Refuse a segment size the format does not allow (`UsageError`)."""
+    if not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+        raise UsageError(
+            f"segment size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes"
+        )
+
+
+def body_size(plaintext_size: int, segment_size: int) -> int:
+    """The size of the segments (the file less its header) for a plaintext of that size."""
+    segments = max(1, -(-plaintext_size // segment_size))
+    return plaintext_size + segments * TAG_SIZE
 
 
 def _read_exact(src: BinaryIO, n: int) -> bytes:
@@ -257,8 +271,62 @@ def _write_all(dst: BinaryIO, data: memoryview) -> None:
 
 
 def _batch_segments(segment_size: int) -> int:
-    """How many segments one read or write moves: large I/O calls are much cheaper."""
+    """How many segments one read or write moves: about 1 MiB, so that a batch stays in the
+    processor's cache from the read through the cipher to the write (8 MiB batches measured
+    10-25% slower end to end, on tmpfs and on ext4), with few system calls for small segments."""
     return max(1, _IO_BATCH_BYTES // segment_size)
+
+
+class _WriteBehind:
+    """Writes batches to `dst` from a second thread, so that writing one batch overlaps reading
+    and en- or decrypting the next: the system calls and AES-GCM release the GIL, so with a core
+    to spare a stream costs about what its slowest stage does. `depth` buffers circulate: the
+    caller takes one (`buffer`), fills it, hands it over (`write`) and takes the next. The
+    writer's first error is raised in the caller's thread; `close` returns once every batch
+    handed over is written, `abandon` once the thread is gone (dropping what is unwritten)."""
+
+    def __init__(self, dst: BinaryIO, size: int, depth: int = 3) -> None:
+        self._dst = dst
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+        for _ in range(depth):
+            self._free.put(memoryview(bytearray(size)))
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="ppml-write-behind", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._full.get()) is not None:
+            buf, n = item
+            if self._error is None and not self._stop:
+                try:
+                    _write_all(self._dst, buf[:n])
+                except BaseException as exc:  # raised again in the caller's thread
+                    self._error = exc
+            self._free.put(buf)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def buffer(self) -> memoryview:
+        buf = self._free.get()
+        self._check()
+        return buf
+
+    def write(self, buf: memoryview, n: int) -> None:
+        self._full.put((buf, n))
+
+    def close(self) -> None:
+        self._full.put(None)
+        self._thread.join()
+        self._check()
+
+    def abandon(self) -> None:
+        self._stop = True
+        self._full.put(None)
+        self._thread.join()
 
 
 def encrypt_stream(
@@ -275,6 +343,8 @@ def encrypt_stream(
 
     Memory use is bounded (a few batches of segments) whatever the input size. `header`, when
     given, must come from `new_header` (tests pin its salt and nonce prefix for known answers).
+    A stream of more than one batch is written from a second thread (`_WriteBehind`); `dst` is
+    written only from there until this returns or raises.
     """
     header = header or new_header(data_key, content_type, segment_size)
     cipher = _SegmentCipher(data_key.plaintext, header)
@@ -284,28 +354,43 @@ def encrypt_stream(
     # Double buffering: a batch is written once we know whether more input follows it, since
     # the file's last segment carries the last flag.
     bufs = [memoryview(bytearray(batch * seg)), memoryview(bytearray(batch * seg))]
-    out = memoryview(bytearray(batch * (seg + TAG_SIZE)))
+    out_size = batch * (seg + TAG_SIZE)
     cur = 0
     n = _readinto_full(src, bufs[cur])
     index = 0
     total = 0
-    while True:
-        nxt = _readinto_full(src, bufs[1 - cur]) if n == len(bufs[cur]) else 0
-        count = max(1, -(-n // seg))
-        pos = 0
-        for j in range(count):
-            plain = bufs[cur][j * seg : min(n, (j + 1) * seg)]
-            last = nxt == 0 and j == count - 1
-            cipher.encrypt_into(index, last, plain, out[pos : pos + len(plain) + TAG_SIZE])
-            pos += len(plain) + TAG_SIZE
-            index += 1
-        _write_all(dst, out[:pos])
-        total += n
-        if progress is not None:
-            progress(n)
-        if nxt == 0:
-            return total
-        cur, n = 1 - cur, nxt
+    writer: _WriteBehind | None = None
+    try:
+        while True:
+            nxt = _readinto_full(src, bufs[1 - cur]) if n == len(bufs[cur]) else 0
+            if nxt and writer is None:
+                writer = _WriteBehind(dst, out_size)
+            out = writer.buffer() if writer is not None else memoryview(bytearray(out_size))
+            count = max(1, -(-n // seg))
+            pos = 0
+            for j in range(count):
+                plain = bufs[cur][j * seg : min(n, (j + 1) * seg)]
+                last = nxt == 0 and j == count - 1
+                cipher.encrypt_into(index, last, plain, out[pos : pos + len(plain) + TAG_SIZE])
+                pos += len(plain) + TAG_SIZE
+                index += 1
+            if writer is not None:
+                writer.write(out, pos)
+            else:
+                _write_all(dst, out[:pos])
+            total += n
+            if progress is not None:
+                progress(n)
+            if nxt == 0:
+                break
+            cur, n = 1 - cur, nxt
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    return total
 
 
 def decrypt_stream(
@@ -320,6 +405,9 @@ def decrypt_stream(
     Plaintext reaches `dst` batch by batch as each segment verifies; callers that must not
     leave partial plaintext write `dst` to a temporary file and keep it only when this returns
     (which happens only after the last segment, flagged last, verified and nothing followed).
+    A stream of more than one batch is written from a second thread (`_WriteBehind`), which
+    only ever gets verified batches; `dst` is written only from there until this returns or
+    raises.
     """
     header, _ = read_header(src)
     cipher = _SegmentCipher(_resolver(keys)(header.wrapped), header)
@@ -327,31 +415,46 @@ def decrypt_stream(
     seg_ct = seg + TAG_SIZE
     batch = _batch_segments(seg)
     bufs = [memoryview(bytearray(batch * seg_ct)), memoryview(bytearray(batch * seg_ct))]
-    out = memoryview(bytearray(batch * seg))
     cur = 0
     n = _readinto_full(src, bufs[cur])
     index = 0
-    while True:
-        nxt = _readinto_full(src, bufs[1 - cur]) if n == len(bufs[cur]) else 0
-        count = max(1, -(-n // seg_ct))
-        tail = n - (count - 1) * seg_ct
-        # A segment is never shorter than its tag, and only an empty file ends in an empty one.
-        if tail < TAG_SIZE or (tail == TAG_SIZE and index + count > 1):
-            raise IntegrityError()
-        pos = 0
-        for j in range(count):
-            sealed = bufs[cur][j * seg_ct : min(n, (j + 1) * seg_ct)]
-            last = nxt == 0 and j == count - 1
-            size = len(sealed) - TAG_SIZE
-            cipher.decrypt_into(index, last, sealed, out[pos : pos + size])
-            pos += size
-            index += 1
-        _write_all(dst, out[:pos])
-        if progress is not None:
-            progress(pos)
-        if nxt == 0:
-            return header
-        cur, n = 1 - cur, nxt
+    writer: _WriteBehind | None = None
+    try:
+        while True:
+            nxt = _readinto_full(src, bufs[1 - cur]) if n == len(bufs[cur]) else 0
+            count = max(1, -(-n // seg_ct))
+            tail = n - (count - 1) * seg_ct
+            # A segment is never shorter than its tag, and only an empty file ends in an empty
+            # one.
+            if tail < TAG_SIZE or (tail == TAG_SIZE and index + count > 1):
+                raise IntegrityError()
+            if nxt and writer is None:
+                writer = _WriteBehind(dst, batch * seg)
+            out = writer.buffer() if writer is not None else memoryview(bytearray(batch * seg))
+            pos = 0
+            for j in range(count):
+                sealed = bufs[cur][j * seg_ct : min(n, (j + 1) * seg_ct)]
+                last = nxt == 0 and j == count - 1
+                size = len(sealed) - TAG_SIZE
+                cipher.decrypt_into(index, last, sealed, out[pos : pos + size])
+                pos += size
+                index += 1
+            if writer is not None:
+                writer.write(out, pos)
+            else:
+                _write_all(dst, out[:pos])
+            if progress is not None:
+                progress(pos)
+            if nxt == 0:
+                break
+            cur, n = 1 - cur, nxt
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    return header
 
 
 class StreamWriter(io.RawIOBase):

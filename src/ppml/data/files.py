@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ppml._internal.fs import atomic_output, locked_temp_dir, old_name, sweep_stale, unmark
+from ppml._internal.fs import (
+    atomic_output,
+    in_memory_file_system,
+    locked_temp_dir,
+    old_name,
+    sweep_stale,
+    unmark,
+)
 from ppml.crypto.envelope import DataKeyProvider, WrappedKey
 from ppml.crypto.stream import (
     DEFAULT_SEGMENT_SIZE,
@@ -24,6 +31,8 @@ from ppml.crypto.stream import (
     StreamHeader,
     StreamReader,
     StreamWriter,
+    body_size,
+    check_segment_size,
     decrypt_stream,
     encrypt_stream,
     new_header,
@@ -57,6 +66,8 @@ _SUFFIX_TYPES = {
     ".md": ContentType.TEXT,
 }
 _OUTPUT_MODE = 0o600
+# More than any stream header takes (its fixed part, the key name, the wrapped data key).
+_HEADER_ALLOWANCE = 4096
 Progress = Callable[[int], None]
 
 
@@ -135,15 +146,22 @@ def encrypt_file(
     _check_input_file(src)
     _check_output(dst, overwrite=overwrite)
     ctype = content_type if content_type is not None else content_type_for(src)
-    with annotate_errors(src):
+    check_segment_size(segment_size)
+    with (
+        annotate_errors(src),
+        open(src, "rb", buffering=0) as fin,
+        atomic_output(dst, mode=_OUTPUT_MODE) as fout,
+    ):
+        size = _regular_size(fin)
+        if size is not None:
+            # Reserved before the data key is asked for: a provider that is still being opened
+            # (the CLI unseals the workspace in the background) does so meanwhile. The header's
+            # exact size comes with the key; the final truncation trims the allowance.
+            _preallocate(fout, _HEADER_ALLOWANCE + body_size(size, segment_size))
         data_key = provider.generate_data_key(key_name)
         header = new_header(data_key, ctype, segment_size)
-        with open(src, "rb", buffering=0) as fin, atomic_output(dst, mode=_OUTPUT_MODE) as fout:
-            size = _regular_size(fin)
-            if size is not None:
-                _preallocate(fout, header.ciphertext_size(size))
-            encrypt_stream(fin, fout, data_key, header=header, progress=progress)
-            os.ftruncate(fout.fileno(), fout.tell())  # in case the input shrank meanwhile
+        encrypt_stream(fin, fout, data_key, header=header, progress=progress)
+        os.ftruncate(fout.fileno(), fout.tell())  # the allowance; an input that shrank meanwhile
         return header
 
 
@@ -181,9 +199,11 @@ def _regular_size(fh: BinaryIO) -> int | None:
 
 
 def _preallocate(fh: BinaryIO, size: int) -> None:
-    """Reserve the output's blocks up front: writing into them is much cheaper than growing
-    the file a little at a time."""
-    if size > 0:
+    """Reserve the output's blocks up front where that pays: on a disk file system, writing into
+    reserved blocks is much cheaper than growing the file a little at a time. Not on tmpfs,
+    where reserving allocates and zeroes every page first, which costs more than the writes
+    then save."""
+    if size > 0 and not in_memory_file_system(fh.fileno()):
         with contextlib.suppress(OSError):
             os.posix_fallocate(fh.fileno(), 0, size)
 

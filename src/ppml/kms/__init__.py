@@ -4,23 +4,31 @@ policies, the key broker, and an audit log.
 `KeyService` implements `ppml.crypto.envelope.DataKeyProvider`; every key operation it performs
 is recorded in a hash-chained `AuditLog` in the same SQLite file. `KeyBroker` releases data keys
 to attested workloads whose tokens satisfy a key's `Policy` (see `ppml.kms.policy`).
+
+The names below are imported from their modules on first use: a command that only wraps and
+unwraps keys does not import the broker and, with it, the attestation layer.
 """
 
 from __future__ import annotations
 
-from ppml.kms.audit import AuditEntry, AuditLog, AuditVerification
-from ppml.kms.broker import KeyBroker, ReleasedKey, TokenVerifier, open_released
-from ppml.kms.policy import (
-    PRIMARY_MEASUREMENT,
-    AttestedFacts,
-    Decision,
-    Policy,
-    PolicyStore,
-    Reason,
-    Rule,
-    primary_measurement,
-)
-from ppml.kms.service import KeyInfo, KeyService, KeyVersionInfo
+from typing import TYPE_CHECKING
+
+from ppml._internal.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ppml.kms.audit import AuditEntry, AuditLog, AuditVerification
+    from ppml.kms.broker import KeyBroker, ReleasedKey, TokenVerifier, open_released
+    from ppml.kms.policy import (
+        PRIMARY_MEASUREMENT,
+        AttestedFacts,
+        Decision,
+        Policy,
+        PolicyStore,
+        Reason,
+        Rule,
+        primary_measurement,
+    )
+    from ppml.kms.service import KeyInfo, KeyService, KeyVersionInfo
 
 __all__ = [
     "PRIMARY_MEASUREMENT",
@@ -42,3 +50,22 @@ __all__ = [
     "open_released",
     "primary_measurement",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "ppml.kms.audit": ("AuditEntry", "AuditLog", "AuditVerification"),
+        "ppml.kms.broker": ("KeyBroker", "ReleasedKey", "TokenVerifier", "open_released"),
+        "ppml.kms.policy": (
+            "PRIMARY_MEASUREMENT",
+            "AttestedFacts",
+            "Decision",
+            "Policy",
+            "PolicyStore",
+            "Reason",
+            "Rule",
+            "primary_measurement",
+        ),
+        "ppml.kms.service": ("KeyInfo", "KeyService", "KeyVersionInfo"),
+    },
+)

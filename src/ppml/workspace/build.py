@@ -21,7 +21,7 @@ from ppml.errors import ConfigurationError, UsageError, WorkspaceExists
 from ppml.workspace import pki
 from ppml.workspace.config import WorkspaceConfig
 from ppml.workspace.layout import Layout, is_workspace
-from ppml.workspace.secrets import SecretStore
+from ppml.workspace.secrets import MASTER_KEY_BYTES, PROFILE_SECRET, TLS_KEY_SECRET, SecretStore
 
 __all__ = [
     "INITIAL_SECRETS",
@@ -32,9 +32,6 @@ __all__ = [
     "build_workspace",
 ]
 
-MASTER_KEY_BYTES = 32
-PROFILE_SECRET = "workspace-profile"  # noqa: S105 -- a secret's name, not its value
-TLS_KEY_SECRET = "tls-key-password"  # noqa: S105 -- a secret's name, not its value
 INITIAL_SECRETS = (
     "spark-auth-secret",
     "keystore-password",

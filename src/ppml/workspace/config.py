@@ -27,8 +27,8 @@ import tomli_w
 from ppml._internal.fs import write_private
 from ppml.crypto.passphrase import KdfParams
 from ppml.errors import ConfigurationError, UsageError
+from ppml.workspace.hosts import normalize_hosts
 from ppml.workspace.layout import PUBLIC_FILE_MODE, FileNames
-from ppml.workspace.pki import normalize_hosts
 
 __all__ = [
     "DEFAULT_SEGMENT_SIZE",

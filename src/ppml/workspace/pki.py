@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import ipaddress
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ppml.errors import UsageError
+from ppml.workspace.hosts import DEFAULT_HOSTS, normalize_hosts, parse_host
 
 __all__ = [
     "CA_VALIDITY",
@@ -43,61 +41,14 @@ __all__ = [
 CA_VALIDITY = dt.timedelta(days=3652)
 LEAF_VALIDITY = dt.timedelta(days=731)
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between machines
-DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 KEYSTORE_ALIAS = "ppml-server"
 TRUSTSTORE_ALIAS = "ppml-ca"
-
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _parse_host(host: str) -> str | _IPAddr:
-    """An IP literal (returned as an address) or a DNS name (returned lower-cased)."""
-    if not isinstance(host, str) or not host or host != host.strip():
-        raise UsageError(f"invalid host {host!r}: give a DNS name or an IP address")
-    try:
-        ip = ipaddress.ip_address(host.strip("[]") if host.startswith("[") else host)
-    except ValueError:
-        pass
-    else:
-        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
-            raise UsageError(
-                f"invalid host {host!r}: scoped IPv6 addresses cannot be in a certificate"
-            )
-        return ip
-    name = host.lower()
-    labels = name.split(".")
-    if (
-        not name.isascii()
-        or len(name) > 253
-        or not all(_LABEL.fullmatch(label) for label in labels)
-        or labels[-1].isdigit()
-    ):
-        raise UsageError(
-            f"invalid host {host!r}: give a DNS name (letters, digits, '-' and '.', "
-            "internationalized names in their xn-- form) or an IP address"
-        )
-    return name
-
-
-def normalize_hosts(hosts: Iterable[str]) -> tuple[str, ...]:
-    """Validate extra host names; returns them normalized, de-duplicated, without the defaults."""
-    defaults = {_parse_host(h) for h in DEFAULT_HOSTS}
-    seen: set[str | _IPAddr] = set()
-    out: list[str] = []
-    for host in hosts:
-        parsed = _parse_host(host)
-        if parsed in defaults or parsed in seen:
-            continue
-        seen.add(parsed)
-        out.append(str(parsed))
-    return tuple(out)
 
 
 def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
     for host in (*DEFAULT_HOSTS, *hosts):
-        parsed = _parse_host(host)
+        parsed = parse_host(host)
         if isinstance(parsed, str):
             names.append(x509.DNSName(parsed))
         else:

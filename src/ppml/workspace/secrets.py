@@ -17,8 +17,18 @@ from ppml._internal.fs import write_private
 from ppml.crypto.envelope import seal, unseal
 from ppml.errors import ConfigurationError, IntegrityError, SecretNotFound, UsageError
 
-__all__ = ["SECRETS_INFO", "SecretStore", "validate_secret_name"]
+__all__ = [
+    "MASTER_KEY_BYTES",
+    "PROFILE_SECRET",
+    "SECRETS_INFO",
+    "TLS_KEY_SECRET",
+    "SecretStore",
+    "validate_secret_name",
+]
 
+MASTER_KEY_BYTES = 32
+PROFILE_SECRET = "workspace-profile"  # noqa: S105 -- a secret's name, not its value
+TLS_KEY_SECRET = "tls-key-password"  # noqa: S105 -- a secret's name, not its value
 SECRETS_INFO = b"ppml/workspace/secrets/v1"
 _FORMAT = "ppml-workspace-secrets/1"
 _AAD_PREFIX = b"ppml/workspace/secret/v1\x00"

@@ -6,33 +6,28 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import ssl
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ppml._internal.clock import Clock, utc_now
 from ppml._internal.fs import ensure_private_dir, locked, write_private
 from ppml.crypto.passphrase import KdfParams, unseal_with_passphrase
 from ppml.errors import ConfigurationError, SecretNotFound, WorkspaceNotFound, WrongPassphrase
-from ppml.workspace import pki
-from ppml.workspace.build import (
-    MASTER_KEY_BYTES,
-    PROFILE_SECRET,
-    TLS_KEY_SECRET,
-    Progress,
-    build_workspace,
-)
 from ppml.workspace.config import WorkspaceConfig
 from ppml.workspace.layout import CONFIG_FILE, Layout, is_workspace
-from ppml.workspace.secrets import SecretStore
+from ppml.workspace.secrets import MASTER_KEY_BYTES, PROFILE_SECRET, TLS_KEY_SECRET, SecretStore
 
+# The certificate machinery (x509, pki, TLS) is imported by the methods that use it: opening a
+# workspace for its keys, which every key-using command does first, needs none of it.
 if TYPE_CHECKING:
+    import ssl
+
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
     from ppml.kms import KeyService
+    from ppml.workspace import pki
+    from ppml.workspace.build import Progress
 
 __all__ = ["DEFAULT_DIRNAME", "Workspace", "default_workspace_dir"]
 
@@ -103,6 +98,8 @@ class Workspace:
 
         An existing workspace, or a non-empty directory, is replaced only with `force=True`.
         """
+        from ppml.workspace.build import build_workspace
+
         path = Path(path).absolute()
         config, master_key = build_workspace(
             path,
@@ -186,6 +183,8 @@ class Workspace:
     def server_ssl_context(self) -> ssl.SSLContext:
         """A TLS server context with the workspace's server certificate and key; client
         certificates optional, verified against the workspace CA when presented."""
+        import ssl
+
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_cert))
         ctx.load_cert_chain(self.server_cert, self.server_key, password=self.tls_key_password())
         ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -194,12 +193,20 @@ class Workspace:
     def client_ssl_context(self) -> ssl.SSLContext:
         """A TLS client context that trusts the workspace CA and presents the workspace's client
         certificate (mutual TLS: the administrator of `ppml serve`)."""
+        import ssl
+
         ctx = ssl.create_default_context(cafile=str(self.ca_cert))
         ctx.load_cert_chain(self.client_cert, self.client_key, password=self.tls_key_password())
         return ctx
 
     def certificate_authority(self) -> pki.IssuedCert:
         """The workspace CA: its certificate and its private key (unsealed for the caller)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from ppml.workspace import pki
+
         cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
         password = self.secret("ca-key-password").encode()
         try:
@@ -215,6 +222,11 @@ class Workspace:
         place (once; under a lock, so that concurrent openers agree on the password)."""
         if not any(_plain_private_key(self.layout.path(f)) for f in _TLS_KEYS):
             return
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from ppml.workspace import pki
+
         with locked(self.path / _LOCK_NAME):
             try:
                 password = self.secret(TLS_KEY_SECRET)
@@ -238,6 +250,8 @@ class Workspace:
 
     def token_signing_key(self) -> ec.EllipticCurvePrivateKey:
         """The attestation service's ES256 (P-256) token signing key, made on first use."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         key = self._service_key(
             "token_signing_key", lambda: ec.generate_private_key(ec.SECP256R1())
         )
@@ -248,6 +262,8 @@ class Workspace:
     def sim_platform_key(self) -> ed25519.Ed25519PrivateKey:
         """The simulated TEE's platform key (signs sim evidence), made on first use. Only the
         launcher holds it, never a workload."""
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
         key = self._service_key("sim_platform_key", ed25519.Ed25519PrivateKey.generate)
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise ConfigurationError("the sim platform key is not an Ed25519 key")
@@ -256,6 +272,8 @@ class Workspace:
     def _service_key(self, field: str, generate: Callable[[], Any]) -> Any:
         """Load the private key in `field`, encrypted under a sealed secret; create both if
         missing (atomically, 0600)."""
+        from cryptography.hazmat.primitives import serialization
+
         path = self.layout.path(field)
         try:
             password = self.secret(_SERVICE_KEY_SECRET).encode()
@@ -333,6 +351,12 @@ class Workspace:
 
     def describe(self) -> dict[str, Any]:
         """Paths and public facts (certificates, enclave MRSIGNER, secret names): nothing secret."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        from ppml.workspace import pki
+
         certs = {
             kind: pki.certificate_facts(x509.load_pem_x509_certificate(p.read_bytes()))
             for kind, p in (

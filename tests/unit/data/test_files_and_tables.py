@@ -12,6 +12,8 @@ import pyarrow as pa
 import pytest
 from tests.support import MemoryKeyProvider, locked_directory
 
+from ppml._internal import fs
+from ppml.crypto.envelope import DataKey
 from ppml.crypto.stream import ContentType
 from ppml.data import (
     decrypt_file,
@@ -228,3 +230,57 @@ def test_output_directory_is_atomic(tmp_path: Path) -> None:
     assert (dst / "a").read_text() == "done"
     with pytest.raises(OutputExists), output_directory(dst):
         pass
+
+
+def _tmpfs_dir() -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no /dev/shm here")
+    fd = os.open(shm, os.O_RDONLY)
+    try:
+        if not fs.in_memory_file_system(fd):
+            pytest.skip("/dev/shm is not a tmpfs here")
+    finally:
+        os.close(fd)
+    return shm
+
+
+def test_outputs_are_reserved_before_the_key_is_asked_for_but_not_on_tmpfs(
+    tmp_path: Path, provider: MemoryKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_fallocate = os.posix_fallocate
+    real_generate = provider.generate_data_key
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        calls.append("reserve")
+        real_fallocate(fd, offset, length)
+
+    def generate(name: str) -> DataKey:
+        calls.append("key")
+        return real_generate(name)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    monkeypatch.setattr(provider, "generate_data_key", generate)
+    data = os.urandom(3000)
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    disk = not fs.in_memory_file_system(fd)
+    os.close(fd)
+    encrypt_file(src, tmp_path / "out.ppml", provider, "sales", segment_size=1000)
+    # Reserved first (a key provider still being opened does so meanwhile), then trimmed.
+    assert calls == (["reserve", "key"] if disk else ["key"])
+    enc = (tmp_path / "out.ppml").read_bytes()
+    header, header_len = read_stream_header(tmp_path / "out.ppml")
+    assert len(enc) == header.ciphertext_size(len(data)) == header_len + 3000 + 3 * 16
+
+    shm = _tmpfs_dir()
+    calls.clear()
+    out = shm / f"ppml-test-{os.getpid()}.bin"
+    try:
+        decrypt_file(tmp_path / "out.ppml", out, provider)
+        assert out.read_bytes() == data
+    finally:
+        out.unlink(missing_ok=True)
+    assert "reserve" not in calls  # tmpfs: reserving pages costs more than it saves
