@@ -66,3 +66,17 @@ def test_leaving_without_a_key_operation_closes_what_was_opened(workspace: Path)
     with keys:
         pass
     assert keys._service is None  # closed once the opening ended
+
+
+def test_an_unexpected_error_of_the_opening_surfaces_as_it_is(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> Workspace:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Workspace, "open", broken)
+    with (
+        pytest.raises(OSError, match="Input/output error"),
+        OpeningKeys(workspace, workspace.parent / "pass") as keys,
+    ):
+        keys.generate_data_key("sales")

@@ -17,7 +17,6 @@ import fcntl
 import logging
 import os
 import re
-import secrets
 import shutil
 import stat
 from collections.abc import Iterator
@@ -95,7 +94,7 @@ def state_root() -> Path:
 
 
 def _temp_name(dest: Path, suffix: str = "tmp") -> Path:
-    return dest.with_name(f".{dest.name}.ppml-{secrets.token_hex(6)}.{suffix}")
+    return dest.with_name(f".{dest.name}.ppml-{os.urandom(6).hex()}.{suffix}")
 
 
 def _open_unnamed(dest: Path, mode: int) -> int | None:

@@ -229,10 +229,9 @@ class OpeningKeys:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is not None and exc is self._error:
+        if isinstance(exc, PPMLError) and exc is self._error:
             # An error of the opening, not of the file that was being worked on when it
             # surfaced (the data layer names its file in the errors it lets through).
-            assert isinstance(exc, PPMLError)
             exc.path = self._error_path
         if isinstance(exc, KeyboardInterrupt):
             return  # interrupted: the process ends, and the opening with it

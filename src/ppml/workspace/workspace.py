@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -231,6 +230,8 @@ class Workspace:
             try:
                 password = self.secret(TLS_KEY_SECRET)
             except SecretNotFound:
+                import secrets
+
                 password = secrets.token_urlsafe(32)
                 self.set_secret(TLS_KEY_SECRET, password)
             for field in _TLS_KEYS:
@@ -278,6 +279,8 @@ class Workspace:
         try:
             password = self.secret(_SERVICE_KEY_SECRET).encode()
         except SecretNotFound:
+            import secrets
+
             password = secrets.token_urlsafe(32).encode()
             self.set_secret(_SERVICE_KEY_SECRET, password.decode())
         if path.exists():
