@@ -514,15 +514,10 @@ class PMEFile:
     def _module_at(
         self, aesgcm: AESGCM, view: memoryview, at: int, aad: bytes
     ) -> tuple[bytes, int]:
-        if at + _MODULE_OVERHEAD > len(view):
-            raise self._integrity()
-        length = int.from_bytes(view[at : at + _LENGTH], "little")
-        end = at + _LENGTH + length
-        if length < _NONCE + _TAG or end > len(view):
-            raise self._integrity()
-        nonce = view[at + _LENGTH : at + _LENGTH + _NONCE]
+        """The module at `at`, decrypted and authenticated, and its length."""
+        nonce, sealed, used = self._module_parts(view, at)
         try:
-            return aesgcm.decrypt(nonce, view[at + _LENGTH + _NONCE : end], aad), end - at
+            return aesgcm.decrypt(nonce, sealed, aad), used
         except InvalidTag:
             raise self._integrity() from None
 
