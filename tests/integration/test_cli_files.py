@@ -221,6 +221,13 @@ def test_parquet_pme_through_the_cli(home: Path, tmp_path: Path) -> None:
     assert pq.read_table(out2).equals(table)
 
 
+def _default_signals() -> None:
+    """The command as a user's shell starts it: a test runner started in the background
+    (`cmd &`, `nohup`) ignores SIGINT or SIGHUP, and a child inherits that."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _wait_for(predicate: object, proc: subprocess.Popen[bytes]) -> None:
     """Poll (without sleeping a fixed time) until `predicate()` holds or the process ended."""
     import time
@@ -278,7 +285,12 @@ def test_a_signal_leaves_nothing_partial(
         args = ["decrypt", str(fifo), "-o", str(out_dir / "x.bin")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
     env.update(PPML_HOME=str(home), PPML_PASSPHRASE=PASSPHRASE)
-    proc = subprocess.Popen([sys.executable, "-m", "ppml", *args], env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppml", *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        preexec_fn=_default_signals,
+    )
     try:
         with open(fifo, "wb") as feed:
             feed.write(payload[: 2 << 20])  # two segments' worth, then stall
@@ -321,7 +333,12 @@ def test_a_killed_directory_decrypt_is_swept_by_the_next_run(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
     env.update(PPML_HOME=str(home), PPML_PASSPHRASE=PASSPHRASE)
     args = ["decrypt", str(big_dir), "-o", str(out_parent / "plain")]
-    proc = subprocess.Popen([sys.executable, "-m", "ppml", *args], env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppml", *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        preexec_fn=_default_signals,
+    )
     try:
         _wait_for(lambda: any(out_parent.glob(".plain.ppml-*.tmp/a.csv")), proc)
         proc.send_signal(sig)
