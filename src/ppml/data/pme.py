@@ -7,7 +7,7 @@ same files on the calling thread instead, with AES-GCM from pyca/cryptography:
 - `PMEFile` parses a file's plaintext crypto metadata, unwraps the footer key (the key-encryption
   key through the given ``unwrap`` -- the KMS client -- and the data key locally, as pyarrow's key
   tools do), and decrypts and authenticates the footer;
-- `PMEFile.key_materials` lists every wrapped key-encryption key the columns need, so a caller can
+- `PMEFile.column_key_materials` lists the wrapped key-encryption keys columns need, so a caller can
   have each one unwrapped (and refused) before any scan starts;
 - `PMEFile.write_plaintext` decrypts the column chunks of chosen columns and writes them, with a
   plaintext footer, as an ordinary Parquet file -- for an engine's own Parquet reader, into memory
@@ -206,18 +206,6 @@ class PMEFile:
     @property
     def num_row_groups(self) -> int:
         return len(self._row_groups)
-
-    def key_materials(self) -> list[KeyMaterial]:
-        """The distinct key materials of the footer and every column, in file order."""
-        seen: dict[tuple[str, str], KeyMaterial] = {
-            (self.footer_key.master_key_id, self.footer_key.wrapped_kek): self.footer_key
-        }
-        for group in self._row_groups:
-            for index in range(len(group.spans)):
-                material = self._column_key(group.chunk(index))
-                if material is not None:
-                    seen.setdefault((material.master_key_id, material.wrapped_kek), material)
-        return list(seen.values())
 
     def column_key_materials(self, columns: Iterable[str] | None = None) -> list[KeyMaterial]:
         """The distinct key materials of `columns` (default: all), footer key excluded when a

@@ -159,13 +159,6 @@ def run_sql(
             con.close()
 
 
-def duckdb_error() -> type[Exception]:
-    import duckdb
-
-    error: type[Exception] = duckdb.Error
-    return error
-
-
 def check_query(query: str) -> None:
     """Refuse anything but exactly one SELECT statement; a parse error is a `UsageError` with
     DuckDB's message (which quotes only the query)."""
@@ -370,7 +363,6 @@ class _Loader:
 
     def open(self, sources: Sequence[_Source]) -> None:
         """Footers of Parquet tables (keys asked for now); other files decrypted whole."""
-        import pyarrow as pa
 
         from ppml.data.pme import PMEFile
 
@@ -400,16 +392,7 @@ class _Loader:
         )
         for source in whole:
             parts = [t for (s, _), t in zip(jobs, read, strict=True) if s is source]
-            try:
-                source.table = (
-                    parts[0]
-                    if len(parts) == 1
-                    else pa.concat_tables(parts, promote_options="default")
-                )
-            except pa.ArrowException:
-                raise UsageError(
-                    f"the parts of table {source.name!r} have incompatible schemas"
-                ) from None
+            source.table = _concat(source, parts)
 
     def load(
         self,
