@@ -628,6 +628,9 @@ def parse_pem_chain(data: bytes, *, source: str) -> tuple[x509.Certificate, ...]
             # A serial number that is not positive (RFC 5280 forbids it) is only a deprecation
             # warning in cryptography today: malformed collateral here.
             warnings.simplefilter("error", CryptographyDeprecationWarning)
+            # A name attribute of the wrong length (a 10-character countryName) is a
+            # UserWarning there: malformed too.
+            warnings.simplefilter("error", UserWarning)
             certs = x509.load_pem_x509_certificates(data)
             for cert in certs:  # force the lazily parsed parts now, not later
                 _ = (cert.subject, cert.issuer, cert.extensions, cert.public_key())
@@ -638,6 +641,7 @@ def parse_pem_chain(data: bytes, *, source: str) -> tuple[x509.Certificate, ...]
         UnsupportedAlgorithm,
         x509.InvalidVersion,
         CryptographyDeprecationWarning,
+        UserWarning,
     ):
         # e.g. a key on a curve cryptography does not support: malformed collateral too.
         _fail(source, "is not a PEM certificate chain")

@@ -161,3 +161,11 @@ def test_a_chain_with_a_non_positive_serial_number_is_malformed() -> None:
     data = (Path(__file__).parents[3] / "data" / "chain-non-positive-serial.pem").read_bytes()
     with pytest.raises(EvidenceError, match="not a PEM certificate chain"):
         parse_pem_chain(data, source="chain")
+
+
+def test_a_chain_with_a_wrong_length_country_name_is_malformed() -> None:
+    """Found by the fuzzer: a countryName of 10 characters is only a warning in cryptography;
+    the chain is refused like any other malformed one."""
+    data = (Path(__file__).parents[3] / "data" / "chain-long-country-name.pem").read_bytes()
+    with pytest.raises(EvidenceError, match="not a PEM certificate chain"):
+        parse_pem_chain(data, source="chain")
