@@ -302,8 +302,28 @@ def create_app(
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    # The catalogue text only: which check failed is in the server's log, never in the answer.
+    app.add_middleware(
+        Boundary,
+        rules=_boundary_rules(services, admin, limits),
+        default_body=MAX_BODY_BYTES,
+        reasons=False,
+    )
+
+    @app.get("/healthz", response_model=HealthResponse)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.include_router(_attestation_router(services))
+    app.include_router(_release_router(services))
+    app.include_router(_admin_router(services))
+    return app
+
+
+def _boundary_rules(services: Services, admin: Authenticator, limits: ServiceLimits) -> list[Rule]:
+    """Who may call which route, how often, with how large a body."""
     key = r"[^/]{1,256}"
-    rules = [
+    return [
         Rule("public", r"/healthz|/openapi\.json", frozenset({"GET", "HEAD"})),
         Rule(
             "challenge",
@@ -341,13 +361,9 @@ def create_app(
             max_body=MAX_BODY_BYTES,
         ),
     ]
-    # The catalogue text only: which check failed is in the server's log, never in the answer.
-    app.add_middleware(Boundary, rules=rules, default_body=MAX_BODY_BYTES, reasons=False)
 
-    @app.get("/healthz", response_model=HealthResponse)
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
+def _attestation_router(services: Services) -> APIRouter:
     attestation = APIRouter(
         prefix="/attestation/v1", tags=["attestation"], responses=_refusals(400, 413)
     )
@@ -370,6 +386,11 @@ def create_app(
         )
         return {"token": result.token, "expires_at": result.expires_at.isoformat()}
 
+    return attestation
+
+
+def _release_router(services: Services) -> APIRouter:
+    """The attested workloads' routes: a token from /attest authenticates them."""
     kms = APIRouter(prefix="/kms/v1", tags=["kms"], responses=_refusals(400, 401, 403, 413, 429))
 
     @kms.post("/keys/{name}/datakey", response_model=ReleasedKeyResponse)
@@ -386,6 +407,11 @@ def create_app(
             raise UsageError("the wrapped key belongs to another key")
         return services.broker.unwrap(wrapped, claims=claims).to_dict()
 
+    return kms
+
+
+def _admin_router(services: Services) -> APIRouter:
+    """The administrators' routes: keys, release policies, the audit log."""
     admin_routes = APIRouter(
         prefix="/kms/v1",
         tags=["administration"],
@@ -413,7 +439,4 @@ def create_app(
     def audit(limit: int = 100) -> list[dict[str, Any]]:
         return [e.to_dict() for e in services.keys.audit.entries(limit=max(1, min(limit, 10000)))]
 
-    app.include_router(attestation)
-    app.include_router(kms)
-    app.include_router(admin_routes)
-    return app
+    return admin_routes

@@ -169,18 +169,30 @@ def render_manifest_template(
 ) -> str:
     """The Gramine manifest template (TOML + Gramine's Jinja helpers) for `workload`."""
     entry = str(Path(workload.interpreter).resolve())
-    arch = host.arch_libdir
-    usr_arch = "/usr" + arch
     python = _outermost([*host.python_lib, *host.python_path])
-    code_dirs = _outermost([*python, str(workload.base_dir)])
     _check_data_dirs(workload, host)
-
-    argv = [entry, *workload.args]
-    library_path = ":".join(["/lib", arch, usr_arch, *host.python_lib])
+    trusted = [str(workload.base_dir / f.path) for f in workload.trusted_files]
     lines = [
         "# Gramine manifest template of a ppml workload (rendered by gramine-manifest).",
         f"# ppml workload measurement: {workload.measurement()}",
         "",
+        *_loader_section(workload, host, entry, python),
+        "",
+        *_mounts_section(workload, host, entry, python, trusted),
+        "",
+        *_sgx_section(workload, options, host, entry, python, trusted),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _loader_section(
+    workload: WorkloadManifest, host: EnclaveHost, entry: str, python: list[str]
+) -> list[str]:
+    """The entry point, argv and environment: all fixed, hence measured, but the KMS URL."""
+    arch = host.arch_libdir
+    argv = [entry, *workload.args]
+    library_path = ":".join(["/lib", arch, "/usr" + arch, *host.python_lib])
+    lines = [
         f"libos.entrypoint = {_q(entry)}",
         'loader.entrypoint = "file:{{ gramine.libos }}"',
         'loader.log_level = "error"',
@@ -203,13 +215,26 @@ def render_manifest_template(
         "loader.env.PPML_KMS_URL = { passthrough = true }",
     ]
     lines += [f"loader.env.{name} = {_q(value)}" for name, value in host.env]
+    return lines
+
+
+def _mounts_section(
+    workload: WorkloadManifest,
+    host: EnclaveHost,
+    entry: str,
+    python: list[str],
+    trusted: list[str],
+) -> list[str]:
+    """The enclave's file system: the runtime, the code and data directories, a private /tmp."""
+    arch = host.arch_libdir
+    usr_arch = "/usr" + arch
     mounts = [
         '  { path = "/lib", uri = "file:{{ gramine.runtimedir() }}" },',
         f"  {{ path = {_q(arch)}, uri = {_q('file:' + arch)} }},",
         f"  {{ path = {_q(usr_arch)}, uri = {_q('file:' + usr_arch)} }},",
         f"  {{ path = {_q(entry)}, uri = {_q('file:' + entry)} }},",
     ]
-    trusted = [str(workload.base_dir / f.path) for f in workload.trusted_files]
+    code_dirs = _outermost([*python, str(workload.base_dir)])
     directories = _outermost([*code_dirs, *host.data_dirs, host.start_dir])
     for d in directories:
         mounts.append(f"  {{ path = {_q(d)}, uri = {_q('file:' + d)} }},")
@@ -217,13 +242,20 @@ def render_manifest_template(
         if not _covered(path, directories):  # a --trusted file outside those directories
             mounts.append(f"  {{ path = {_q(path)}, uri = {_q('file:' + path)} }},")
     mounts.append('  { type = "tmpfs", path = "/tmp" },')
-    lines += [
-        "",
-        f"fs.start_dir = {_q(host.start_dir)}",
-        "fs.mounts = [",
-        *mounts,
-        "]",
-        "",
+    return [f"fs.start_dir = {_q(host.start_dir)}", "fs.mounts = [", *mounts, "]"]
+
+
+def _sgx_section(
+    workload: WorkloadManifest,
+    options: EnclaveOptions,
+    host: EnclaveHost,
+    entry: str,
+    python: list[str],
+    trusted: list[str],
+) -> list[str]:
+    """The enclave's settings, the measured (trusted) files and the data it may read unmeasured."""
+    arch = host.arch_libdir
+    lines = [
         f"sgx.debug = {'true' if options.debug else 'false'}",
         f"sgx.edmm_enable = {'true' if options.edmm else 'false'}",
         f"sgx.enclave_size = {_q(options.enclave_size)}",
@@ -235,7 +267,7 @@ def render_manifest_template(
         '  "file:{{ gramine.libos }}",',
         '  "file:{{ gramine.runtimedir() }}/",',
         f"  {_q('file:' + arch + '/')},",
-        f"  {_q('file:' + usr_arch + '/')},",
+        f"  {_q('file:/usr' + arch + '/')},",
         f"  {{ uri = {_q('file:' + entry)}, sha256 = {_q(workload.interpreter_sha256)} }},",
     ]
     lines += [f"  {_q('file:' + d + '/')}," for d in python]
@@ -251,7 +283,7 @@ def render_manifest_template(
             *(f"  {_q('file:' + d + '/')}," for d in _outermost(host.data_dirs)),
             "]",
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # -- the host ----------------------------------------------------------------------------------

@@ -367,54 +367,13 @@ def start(
     process (its own session, the run directory kept)."""
     cwd = Path(os.path.realpath(cwd or Path.cwd()))
     measurement = manifest.measurement()
-    for name in extra_env or {}:
-        if not name.startswith("PPML_"):
-            raise UsageError(f"launcher variables are PPML_*, not {name}")
     for t in manifest.trusted_files:
         if t.copy is None:
             raise UsageError("the manifest was built without a snapshot")
-    hidden = [os.path.realpath(p) for p in [*isolation.hidden, shared_directory(), state_root()]]
-    hidden = list(dict.fromkeys(hidden))
-    for inside in [cwd, manifest.base_dir, *(Path(f.source) for f in manifest.trusted_files)]:
-        if any(str(inside) == h or str(inside).startswith(h + "/") for h in hidden):
-            raise UsageError(
-                f"{inside} is inside the workspace, which an attested workload never sees: "
-                "keep the workload's code and data outside it"
-            )
-    writable = isolation.data_directories(cwd)
-    code = _code_directories(manifest)
-    for data in writable:
-        real = os.path.realpath(data)
-        label = f"--data {data}" if isolation.writable else f"the working directory {cwd}"
-        if any(real == h or real.startswith(h + "/") for h in hidden):
-            raise UsageError(f"{label}: the workspace is never visible to a workload")
-        if not os.path.isdir(real):
-            raise UsageError(f"{label}: not a directory")
-        _check_data_directory(label, real, code)
-    isolation = Isolation(
-        hidden=tuple(Path(h) for h in hidden),
-        writable=tuple(Path(os.path.realpath(w)) for w in writable),
-        exposed=tuple(Path(os.path.realpath(e)) for e in isolation.exposed),
-        visible=isolation.visible,
-        no_data=isolation.no_data,
-    )
+    env = _workload_environment(manifest, tee, kms_url, ca_pem, measurement, extra_env or {})
+    isolation, code = _resolved_isolation(manifest, isolation, cwd)
     visible = list(dict.fromkeys([*_visible_paths(manifest, isolation, cwd), *code]))
     _write_boot(run, _guard_document(manifest, isolation, visible))
-
-    env = manifest.child_environment()
-    env.update(
-        {
-            "PYTHONPATH": sandbox.BOOT_DIR,
-            "PYTHONNOUSERSITE": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONPYCACHEPREFIX": str(bytecode_dir()),
-            TEE_ENV: tee,
-            KMS_URL_ENV: kms_url,
-            CA_PEM_ENV: ca_pem,
-            MEASUREMENT_ENV: measurement,
-            **(extra_env or {}),
-        }
-    )
     fds = list(pass_fds)
     channel = None
     if quote is not None:
@@ -433,7 +392,7 @@ def start(
         writable=[str(w) for w in isolation.writable],
         visible=visible,
         pinned=[[str(f.copy), f.source] for f in manifest.trusted_files],
-        hidden=hidden,
+        hidden=[str(h) for h in isolation.hidden],
         exposed=[str(e) for e in isolation.exposed],
         keep_fds=fds,
         status_fd=status_write,
@@ -461,6 +420,86 @@ def start(
     os.close(status_write)
     with os.fdopen(spec_write, "wb") as fh:
         fh.write(spec.to_json())
+    return _started(proc, measurement, run, channel, claim, manifest, status_read, detach=detach)
+
+
+def _workload_environment(
+    manifest: WorkloadManifest,
+    tee: str,
+    kms_url: str,
+    ca_pem: str,
+    measurement: str,
+    extra_env: Mapping[str, str],
+) -> dict[str, str]:
+    """The measured command's environment: the manifest's, the sandbox's Python settings and what
+    the workload needs to attest (its TEE, the KMS and its CA, the expected measurement)."""
+    for name in extra_env:
+        if not name.startswith("PPML_"):
+            raise UsageError(f"launcher variables are PPML_*, not {name}")
+    env = manifest.child_environment()
+    env.update(
+        {
+            "PYTHONPATH": sandbox.BOOT_DIR,
+            "PYTHONNOUSERSITE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONPYCACHEPREFIX": str(bytecode_dir()),
+            TEE_ENV: tee,
+            KMS_URL_ENV: kms_url,
+            CA_PEM_ENV: ca_pem,
+            MEASUREMENT_ENV: measurement,
+            **extra_env,
+        }
+    )
+    return env
+
+
+def _resolved_isolation(
+    manifest: WorkloadManifest, isolation: Isolation, cwd: Path
+) -> tuple[Isolation, list[str]]:
+    """`isolation` with real paths, the workspace and the shared directory hidden, and its data
+    directories checked (never inside what is hidden, never over code); and the code directories.
+    Refuses code or a working directory inside the workspace."""
+    hidden = [os.path.realpath(p) for p in [*isolation.hidden, shared_directory(), state_root()]]
+    hidden = list(dict.fromkeys(hidden))
+    for inside in [cwd, manifest.base_dir, *(Path(f.source) for f in manifest.trusted_files)]:
+        if any(str(inside) == h or str(inside).startswith(h + "/") for h in hidden):
+            raise UsageError(
+                f"{inside} is inside the workspace, which an attested workload never sees: "
+                "keep the workload's code and data outside it"
+            )
+    writable = isolation.data_directories(cwd)
+    code = _code_directories(manifest)
+    for data in writable:
+        real = os.path.realpath(data)
+        label = f"--data {data}" if isolation.writable else f"the working directory {cwd}"
+        if any(real == h or real.startswith(h + "/") for h in hidden):
+            raise UsageError(f"{label}: the workspace is never visible to a workload")
+        if not os.path.isdir(real):
+            raise UsageError(f"{label}: not a directory")
+        _check_data_directory(label, real, code)
+    resolved = Isolation(
+        hidden=tuple(Path(h) for h in hidden),
+        writable=tuple(Path(os.path.realpath(w)) for w in writable),
+        exposed=tuple(Path(os.path.realpath(e)) for e in isolation.exposed),
+        visible=isolation.visible,
+        no_data=isolation.no_data,
+    )
+    return resolved, code
+
+
+def _started(
+    proc: subprocess.Popen[bytes],
+    measurement: str,
+    run: RunDirectory,
+    channel: EvidenceChannelServer | None,
+    claim: Path,
+    manifest: WorkloadManifest,
+    status_read: int,
+    *,
+    detach: bool,
+) -> LaunchedWorkload:
+    """The sandbox is spawned and has its spec: serve evidence, hand over a detached workload's
+    claim, and wait for the sandbox to report that the measured command started (or why not)."""
     if channel is not None:
         channel.start()
         channel.child_started()

@@ -573,47 +573,17 @@ def start_cluster(
     started: list[int] = []
     try:
         master_log = logs / "master.log"
-        master_log.unlink(missing_ok=True)
-        master = _daemon(
-            [
-                spark_class,
-                _MASTER_CLASS,
-                "--host",
-                _LOOPBACK,
-                "--port",
-                str(port),
-                "--webui-port",
-                str(_free_port()),
-            ],
-            env,
-            master_log,
-        )
-        started.append(master)
+        master_args = ["--host", _LOOPBACK, "--port", str(port), "--webui-port", str(_free_port())]
+        master = _start_daemon(spark_class, _MASTER_CLASS, master_args, env, master_log, started)
         _wait_for_log(master_log, master, "I have been elected leader", timeout, now)
         worker_entries: list[tuple[int, str]] = []
         for n in range(workers):
             log = logs / f"worker-{n}.log"
-            log.unlink(missing_ok=True)
-            pid = _daemon(
-                [
-                    spark_class,
-                    _WORKER_CLASS,
-                    "--host",
-                    _LOOPBACK,
-                    "--cores",
-                    str(cores),
-                    "--memory",
-                    memory,
-                    "--webui-port",
-                    str(_free_port()),
-                    "--work-dir",
-                    str(spark_dir / "work"),
-                    url,
-                ],
-                env,
-                log,
-            )
-            started.append(pid)
+            worker_args = [
+                *("--host", _LOOPBACK, "--cores", str(cores), "--memory", memory),
+                *("--webui-port", str(_free_port()), "--work-dir", str(spark_dir / "work"), url),
+            ]
+            pid = _start_daemon(spark_class, _WORKER_CLASS, worker_args, env, log, started)
             worker_entries.append((pid, str(log)))
         for pid, worker_log in worker_entries:
             _wait_for_log(
@@ -633,6 +603,22 @@ def start_cluster(
     )
     write_private(spark_dir / CLUSTER_STATE, json.dumps(state.to_dict(), indent=2).encode())
     return state
+
+
+def _start_daemon(
+    spark_class: str,
+    main_class: str,
+    args: list[str],
+    env: dict[str, str],
+    log: Path,
+    started: list[int],
+) -> int:
+    """Start one Spark daemon (`spark-class main_class args`) logging to a fresh `log`; its pid
+    is appended to `started` at once, so that a later failure stops it too."""
+    log.unlink(missing_ok=True)
+    pid = _daemon([spark_class, main_class, *args], env, log)
+    started.append(pid)
+    return pid
 
 
 def _terminate(pid: int, grace: float = 20.0) -> bool:
