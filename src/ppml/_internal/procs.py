@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["process_identity"]
+from ppml._internal.fs import write_private
+
+__all__ = ["OWNER_FILE", "process_identity", "record_owner", "sweep_orphaned"]
+
+OWNER_FILE = "owner"  # in a private directory: the identity of the process it belongs to
 
 
 def process_identity(pid: int) -> str | None:
@@ -19,3 +24,27 @@ def process_identity(pid: int) -> str | None:
     if rest[0] in ("Z", "X"):
         return None
     return f"{pid}:{rest[19]}"
+
+
+def record_owner(directory: Path, pid: int) -> None:
+    """Record in `directory` that it lives as long as process `pid` (see `sweep_orphaned`)."""
+    identity = process_identity(pid)
+    if identity is not None:
+        write_private(directory / OWNER_FILE, identity.encode())
+
+
+def sweep_orphaned(parent: Path, pattern: str, remove: Callable[[Path], None]) -> list[Path]:
+    """`remove` the directories under `parent` matching `pattern` whose recorded owner process
+    no longer runs (left by a process killed before it could clean up); a directory whose owner
+    runs, or that has no owner record yet, is kept. Returns what was removed."""
+    removed: list[Path] = []
+    for d in sorted(parent.glob(pattern)):
+        try:
+            owner = (d / OWNER_FILE).read_text().strip()
+            pid = int(owner.split(":", 1)[0])
+        except (OSError, ValueError):
+            continue
+        if process_identity(pid) != owner:
+            remove(d)
+            removed.append(d)
+    return removed

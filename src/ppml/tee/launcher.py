@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ppml._internal.fs import ensure_private_dir, state_root, write_private
-from ppml._internal.procs import process_identity
+from ppml._internal.procs import record_owner, sweep_orphaned
 from ppml.errors import ConfigurationError, UsageError
 from ppml.tee import guard, sandbox
 from ppml.tee.bytecode import HINTS_NAME, cache_hinted
@@ -60,7 +60,6 @@ __all__ = [
 
 MEASUREMENT_ENV = "PPML_MEASUREMENT"
 _PR_SET_DUMPABLE = 4
-_OWNER_FILE = "owner"
 _RUN_PREFIX = "run-"
 
 Quote = Callable[[bytes], bytes]
@@ -179,9 +178,7 @@ class RunDirectory:
         return run
 
     def set_owner(self, pid: int) -> None:
-        identity = process_identity(pid)
-        if identity is not None:
-            write_private(self.path / _OWNER_FILE, identity.encode())
+        record_owner(self.path, pid)
 
     def remove(self) -> None:
         _remove_tree(self.path)
@@ -189,17 +186,7 @@ class RunDirectory:
     @staticmethod
     def sweep(parent: Path) -> list[Path]:
         """Remove run directories whose recorded owner process no longer runs."""
-        removed = []
-        for d in sorted(parent.glob(f"{_RUN_PREFIX}*")):
-            try:
-                owner = (d / _OWNER_FILE).read_text().strip()
-                pid = int(owner.split(":", 1)[0])
-            except (OSError, ValueError):
-                continue
-            if process_identity(pid) != owner:
-                _remove_tree(d)
-                removed.append(d)
-        return removed
+        return sweep_orphaned(parent, f"{_RUN_PREFIX}*", _remove_tree)
 
 
 def _remove_tree(path: Path) -> None:

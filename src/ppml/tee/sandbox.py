@@ -41,7 +41,10 @@ import signal
 import stat
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["SandboxError", "Spec", "main"]
 
@@ -490,15 +493,7 @@ def _init(spec: Spec) -> None:
     _forbid_user_namespaces()
     _drop_privileges()
     _prctl(PR_SET_DUMPABLE, 0)  # the workload cannot read this process (the paths it knows)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _exec_workload(spec)
-        except SandboxError as exc:
-            _report(spec.status_fd, str(exc))
-        os._exit(127)
-    if spec.status_fd >= 0:
-        os.close(spec.status_fd)
+    pid = _fork_into(_exec_workload, spec)
     _forward_signals(pid)
     os._exit(_wait_for(pid, reap_all=True))
 
@@ -511,10 +506,19 @@ def run(spec: Spec) -> int:
     _enter_namespaces()
     # Not before: the id maps are written through this process's own /proc entries.
     _prctl(PR_SET_DUMPABLE, 0)
+    pid = _fork_into(_init, spec)
+    _forward_signals(pid)
+    return _wait_for(pid, reap_all=False)
+
+
+def _fork_into(step: Callable[[Spec], object], spec: Spec) -> int:
+    """Fork a child that runs `step(spec)` and never returns into this one's code: why it failed
+    goes to the launcher on the status pipe, then it exits 127. Returns the child's pid; the
+    parent closes its copy of the status pipe."""
     pid = os.fork()
     if pid == 0:
         try:
-            _init(spec)
+            step(spec)
         except SandboxError as exc:
             _report(spec.status_fd, str(exc))
         except Exception as exc:
@@ -522,8 +526,7 @@ def run(spec: Spec) -> int:
         os._exit(127)
     if spec.status_fd >= 0:
         os.close(spec.status_fd)
-    _forward_signals(pid)
-    return _wait_for(pid, reap_all=False)
+    return pid
 
 
 def main(argv: list[str] | None = None) -> int:

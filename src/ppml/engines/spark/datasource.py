@@ -155,15 +155,20 @@ def _spark_schema(schema_json: str) -> StructType:
     return StructType.fromJson(json.loads(schema_json))
 
 
-class PPMLReadSource(DataSource):
-    """Base of the per-read data source classes; `_spec` and `_name` are set per read."""
+class _PerUseSource(DataSource):
+    """A data source class made for one read or write: its name is set with its spec."""
 
-    _spec: ClassVar[ReadSpec]
     _name: ClassVar[str]
 
     @classmethod
     def name(cls) -> str:
         return cls._name
+
+
+class PPMLReadSource(_PerUseSource):
+    """Base of the per-read data source classes; `_spec` and `_name` are set per read."""
+
+    _spec: ClassVar[ReadSpec]
 
     def schema(self) -> StructType:
         return _spark_schema(self._spec.schema_json)
@@ -333,15 +338,10 @@ def _conform(table: pa.Table, target: pa.Schema) -> pa.Table:
 # --------------------------------------------------------------------------- writing
 
 
-class PPMLWriteSource(DataSource):
+class PPMLWriteSource(_PerUseSource):
     """Base of the per-write data source classes; `_spec` and `_name` are set per write."""
 
     _spec: ClassVar[WriteSpec]
-    _name: ClassVar[str]
-
-    @classmethod
-    def name(cls) -> str:
-        return cls._name
 
     def writer(self, schema: StructType, overwrite: bool) -> _Writer:
         return _Writer(self._spec, schema)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppml._internal.fs import PRIVATE_DIR_MODE, write_private
-from ppml._internal.procs import process_identity
+from ppml._internal.procs import record_owner, sweep_orphaned
 from ppml.errors import ConfigurationError, InputNotFound, UsageError
 
 if TYPE_CHECKING:
@@ -337,23 +337,10 @@ def properties_text(props: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_OWNER_FILE = "owner"
-
-
 def sweep_stale_conf_dirs(parent: Path) -> list[Path]:
     """Remove the conf directories of launchers that died without cleaning up (SIGKILL, power
     loss); a directory whose owner still runs, or that has no owner record yet, is kept."""
-    removed: list[Path] = []
-    for d in sorted(parent.glob("ppml-spark-*")):
-        try:
-            owner = (d / _OWNER_FILE).read_text().strip()
-            pid = int(owner.split(":", 1)[0])
-        except (OSError, ValueError):
-            continue
-        if process_identity(pid) != owner:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
+    return sweep_orphaned(parent, "ppml-spark-*", lambda d: shutil.rmtree(d, ignore_errors=True))
 
 
 @contextlib.contextmanager
@@ -367,9 +354,7 @@ def private_conf_dir(props: Mapping[str, str], *, parent: Path | None = None) ->
     d = Path(tempfile.mkdtemp(prefix="ppml-spark-", dir=parent))
     try:
         os.chmod(d, PRIVATE_DIR_MODE)
-        identity = process_identity(os.getpid())
-        if identity is not None:
-            write_private(d / _OWNER_FILE, identity.encode())
+        record_owner(d, os.getpid())
         write_private(d / "spark-defaults.conf", properties_text(props).encode())
         yield d
     finally:
