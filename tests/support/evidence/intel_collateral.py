@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+from tests.support.evidence.intel import Validity, certificate
+from tests.support.evidence.intel import make_crl as intel_crl
 
 from ppml.attestation.intel.collateral import Collateral
-from ppml.attestation.testing.intel import Validity, _certificate
-from ppml.attestation.testing.intel import make_crl as intel_crl
 
 __all__ = [
     "DEFAULT_FMSPC",
@@ -70,7 +70,7 @@ def make_cert(
 ) -> x509.Certificate:
     """A P-256 certificate; self-signed when no issuer is given."""
     subject = _name(cn)
-    return _certificate(
+    return certificate(
         subject=subject,
         issuer=issuer.subject if issuer is not None else subject,
         key=key,
