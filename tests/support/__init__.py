@@ -1,4 +1,8 @@
-"""Test helpers shared by several test modules."""
+"""Test helpers shared by several test modules.
+
+`clock` holds the fake clocks, `keys` the in-memory key provider, `evidence` the synthetic
+hardware evidence generators; this module re-exports the key provider and holds the small
+helpers for workspaces and directories."""
 
 from __future__ import annotations
 
@@ -8,43 +12,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from ppml.crypto.envelope import DataKey, WrappedKey, seal, unseal
-from ppml.errors import KeyNotFound
+from tests.support.keys import MemoryKeyProvider
 
-
-class MemoryKeyProvider:
-    """A DataKeyProvider over KEKs held in a dict: {name: [kek_v1, kek_v2, ...]}."""
-
-    def __init__(self, *names: str) -> None:
-        self.keks: dict[str, list[bytes]] = {n: [os.urandom(32)] for n in names}
-        self.calls: list[tuple[str, str]] = []
-
-    def rotate(self, name: str) -> None:
-        self.keks[name].append(os.urandom(32))
-
-    def generate_data_key(self, key_name: str) -> DataKey:
-        self.calls.append(("generate", key_name))
-        if key_name not in self.keks:
-            raise KeyNotFound(f"no key named {key_name!r}")
-        version = len(self.keks[key_name])
-        dek = os.urandom(32)
-        probe = WrappedKey(key_name, version, b"x")
-        blob = seal(self.keks[key_name][-1], dek, probe.aad())
-        return DataKey(dek, WrappedKey(key_name, version, blob))
-
-    def unwrap(self, wrapped: WrappedKey) -> bytes:
-        self.calls.append(("unwrap", wrapped.key_name))
-        if wrapped.key_name not in self.keks:
-            raise KeyNotFound(f"no key named {wrapped.key_name!r}")
-        return unseal(self.keks[wrapped.key_name][wrapped.version - 1], wrapped.blob, wrapped.aad())
-
-    def rewrap(self, wrapped: WrappedKey) -> WrappedKey:
-        dek = self.unwrap(wrapped)
-        version = len(self.keks[wrapped.key_name])
-        probe = WrappedKey(wrapped.key_name, version, b"x")
-        return WrappedKey(
-            wrapped.key_name, version, seal(self.keks[wrapped.key_name][-1], dek, probe.aad())
-        )
+__all__ = ["MemoryKeyProvider", "dev_workspace_with_keys", "locked_directory"]
 
 
 @contextlib.contextmanager
