@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from tests.asgi_client import AsgiClient
 from tests.support import MemoryKeyProvider
+from tests.support.asgi import AsgiClient
 
 from ppml.attestation import SimPlatform
 from ppml.cli._common import OpeningKeys

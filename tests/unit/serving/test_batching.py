@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from tests.serving_models import INPUT_DIM, OUTPUT_DIM, mlp_onnx_bytes, mlp_reference
 from tests.support.clock import FakeMonotonicClock as FakeClock
+from tests.support.serving_models import INPUT_DIM, OUTPUT_DIM, mlp_onnx_bytes, mlp_reference
 
 from ppml.errors import UsageError
 from ppml.serving.batching import MODEL_FAILED, BatchSettings, gather, run_batch

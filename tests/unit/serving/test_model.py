@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from tests.serving_models import (
+from tests.support import MemoryKeyProvider, dev_workspace_with_keys
+from tests.support.serving_models import (
     INPUT_DIM,
     OUTPUT_DIM,
     mlp_onnx_bytes,
@@ -21,7 +22,6 @@ from tests.serving_models import (
     two_input_onnx_bytes,
     write_encrypted,
 )
-from tests.support import MemoryKeyProvider, dev_workspace_with_keys
 
 from ppml.errors import (
     AccessDenied,

@@ -18,9 +18,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from tests.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_reference, write_encrypted
 from tests.support import MemoryKeyProvider
 from tests.support.clock import FakeMonotonicClock as FakeClock
+from tests.support.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_reference, write_encrypted
 
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.errors import UsageError
