@@ -353,20 +353,13 @@ def build_files(
     valid CRLs of January 2025."""
     files: dict[str, bytes] = {}
     ext = "pem" if pem_crls else "der"
-    if tcb_info is not None:
-        files["tcb_info.json"] = (
-            tcb_info
-            if isinstance(tcb_info, bytes)
-            else signed_document("tcbInfo", tcb_info, pki.signing_key)
-        )
-        files["tcb_info_issuer_chain.pem"] = pki.signing_chain_pem()
-    if qe_identity is not None:
-        files["qe_identity.json"] = (
-            qe_identity
-            if isinstance(qe_identity, bytes)
-            else signed_document("enclaveIdentity", qe_identity, pki.signing_key)
-        )
-        files["qe_identity_issuer_chain.pem"] = pki.signing_chain_pem()
+    signed = (("tcb_info", "tcbInfo", tcb_info), ("qe_identity", "enclaveIdentity", qe_identity))
+    for name, kind, body in signed:
+        if body is not None:
+            files[f"{name}.json"] = (
+                body if isinstance(body, bytes) else signed_document(kind, body, pki.signing_key)
+            )
+            files[f"{name}_issuer_chain.pem"] = pki.signing_chain_pem()
     files[f"pck_crl.{ext}"] = (
         pck_crl if pck_crl is not None else make_crl(pki.pck_ca, pki.pck_ca_key, pem=pem_crls)
     )
