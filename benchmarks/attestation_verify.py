@@ -19,6 +19,7 @@ import cProfile
 import io
 import os
 import pstats
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,7 +33,8 @@ from ppml.attestation.intel.chain import ChainCache, intel_sgx_root, verify_quot
 from ppml.attestation.intel.quote import parse_quote
 
 GOAL = 2000  # quote verifications per second on one core
-VECTOR = Path(__file__).resolve().parents[1] / "../shared/vectors/sgx-v3-occlum/quote.dat"
+ROOT = Path(__file__).resolve().parents[1]
+VECTOR = ROOT / "../shared/vectors/sgx-v3-occlum/quote.dat"
 VECTOR_AT = datetime(2025, 6, 1, tzinfo=UTC)  # inside the real PCK chain's validity
 
 
@@ -59,7 +61,10 @@ def load_quote() -> tuple[bytes, x509.Certificate, datetime, str]:
             VECTOR_AT,
             f"real SGX v3 quote ({VECTOR.name})",
         )
-    from ppml.attestation.testing.intel import DEFAULT_AT, IntelTestPki, sgx_quote
+    # The synthetic evidence generators are test support, importable from the repository root.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.support.evidence.intel import DEFAULT_AT, IntelTestPki, sgx_quote
 
     pki = IntelTestPki.create(seed=1)
     note = "SYNTHETIC SGX v3 quote (../shared/vectors absent), test root"

@@ -1,10 +1,10 @@
-"""Shared fixtures. `MemoryKeyProvider` stands in for the KMS in unit tests of the data layer
-only; integration tests use a real workspace and its SQLite KMS."""
+"""Shared fixtures. `MemoryKeyProvider` (tests/support/keys.py) stands in for the KMS in unit
+tests of the data layer only; integration tests use a real workspace and its SQLite KMS."""
 
 from __future__ import annotations
 
 import pytest
-from tests.support import MemoryKeyProvider
+from tests.support.keys import MemoryKeyProvider
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.evidence.evidence import matching_collateral, root_pem
+from tests.support.evidence.intel import IntelTestPki, sgx_body, sgx_quote
+from tests.support.evidence.intel_collateral import write_files
 from typer.testing import CliRunner
 
 from ppml.attestation import TeeType
-from ppml.attestation.testing.evidence import matching_collateral, root_pem
-from ppml.attestation.testing.intel import IntelTestPki, sgx_body, sgx_quote
-from ppml.attestation.testing.intel_collateral import write_files
 from ppml.cli import app
 from ppml.crypto.passphrase import KdfParams
 from ppml.kms.policy import Policy, Rule

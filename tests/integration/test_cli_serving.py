@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from cli_support import PASSPHRASE, client_cert, run_ppml
 from redis_support import require_redis_server
+from tests.support.serving_models import mlp_onnx_bytes, mlp_reference, write_encrypted
 
 from ppml.serving import InputQueue, OutputQueue
 from ppml.serving.worker import read_secret_file
 from ppml.workspace import Workspace
-from serving_models import mlp_onnx_bytes, mlp_reference, write_encrypted
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

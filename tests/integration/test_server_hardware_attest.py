@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.support.evidence.evidence import matching_collateral
+from tests.support.evidence.intel import Corrupt, IntelTestPki, sgx_body, sgx_quote
+from tests.support.evidence.intel_collateral import write_files
 
 from ppml.attestation import SgxVerifier, TcbStatus, TeeType, report_data_for
-from ppml.attestation.testing.evidence import matching_collateral
-from ppml.attestation.testing.intel import Corrupt, IntelTestPki, sgx_body, sgx_quote
-from ppml.attestation.testing.intel_collateral import write_files
 from ppml.crypto.hpke import generate_keypair
 from ppml.crypto.passphrase import KdfParams
 from ppml.kms.policy import Rule

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import redis
 from redis_support import require_redis_server
-from tests.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_reference, write_encrypted
+from tests.support.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_reference, write_encrypted
 
 from ppml._internal.fs import write_private
 from ppml.crypto.passphrase import KdfParams

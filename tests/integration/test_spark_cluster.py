@@ -30,7 +30,7 @@ from types import ModuleType
 
 import pytest
 from cli_support import PASSPHRASE, run_ppml
-from tests.tpch_rows import same_value, sorted_rows
+from tests.support.tpch_rows import same_value, sorted_rows
 
 from ppml.engines.spark.jvm import kms_client_jar
 from ppml.workspace import Workspace

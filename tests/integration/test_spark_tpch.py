@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from tests.tpch_rows import same_value, sorted_rows
+from tests.support.tpch_rows import same_value, sorted_rows
 
 pytest.importorskip("pyspark")
 

@@ -113,10 +113,20 @@ class DataKey:
 
 @runtime_checkable
 class DataKeyProvider(Protocol):
-    """Where the data layer gets data keys: the embedded KMS, or later a remote one."""
+    """Where the data layer gets data keys: the embedded KMS, or later a remote one.
+
+    Every provider keeps the same promises. A key it cannot hand out is refused with a
+    `PPMLError`, never answered with other bytes: an unknown key name or version, or a key not
+    released to this process, with a `KeyAccessError`; a wrapped key that was altered, relabelled
+    to another key, or made by another KMS, with an `IntegrityError` where the provider checks
+    the wrapping itself, a `KeyAccessError` where it only hears a refusal. A refusal leaves the
+    provider usable. Neither its repr nor a refusal shows key material.
+    """
 
     def generate_data_key(self, key_name: str) -> DataKey:
-        """A fresh random data key, wrapped by the current version of `key_name`."""
+        """A fresh random data key of `DATA_KEY_BYTES`, wrapped by the current version of
+        `key_name`, which `unwrap` opens. A provider that holds only keys given to it (and so
+        makes none) refuses with `KeyAccessError`."""
         ...
 
     def unwrap(self, wrapped: WrappedKey) -> bytes:

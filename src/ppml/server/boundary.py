@@ -32,6 +32,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from ppml._internal.clock import MonotonicClock
 from ppml.errors import UsageError
 
 __all__ = [
@@ -83,7 +84,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Clock = Callable[[], float]
 
 
 class Refused(Exception):
@@ -162,7 +162,7 @@ class RateLimit:
 class TokenBucket:
     """Thread-safe token bucket; `take()` is 0.0 when granted, else the seconds to wait."""
 
-    def __init__(self, limit: RateLimit, clock: Clock = time.monotonic) -> None:
+    def __init__(self, limit: RateLimit, clock: MonotonicClock = time.monotonic) -> None:
         self._rate = limit.rate
         self._burst = float(limit.burst)
         self._clock = clock
@@ -194,7 +194,7 @@ class _Buckets:
     """One bucket per (rule, client), bounded: the least recently used are forgotten (a
     forgotten bucket is a full one, the state a client returns to by waiting)."""
 
-    def __init__(self, limit: RateLimit, clock: Clock, capacity: int = 65_536) -> None:
+    def __init__(self, limit: RateLimit, clock: MonotonicClock, capacity: int = 65_536) -> None:
         self._limit, self._clock, self._capacity = limit, clock, capacity
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._lock = threading.Lock()
@@ -264,7 +264,7 @@ class Boundary:
         rules: Sequence[Rule],
         default_body: int = 64 * 1024,
         on_refused: OnRefused | None = None,
-        clock: Clock = time.monotonic,
+        clock: MonotonicClock = time.monotonic,
         log: logging.Logger = _log,
         reasons: bool = True,
     ) -> None:

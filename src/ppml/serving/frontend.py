@@ -60,6 +60,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ppml import names
+from ppml._internal.clock import MonotonicClock
 from ppml.errors import UsageError
 from ppml.server import boundary as _boundary
 from ppml.server.boundary import (
@@ -95,8 +96,6 @@ CATALOGUE = _boundary.CATALOGUE
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a JSON number list may become
 _PUBLIC_LIMIT = RateLimit(50.0, 100)  # /healthz, /models, /metrics, per client address
 _REFUSALS = RateLimit(1.0, 30)  # refused data calls (401) per client address
-
-Clock = Callable[[], float]
 
 
 # -- what is served, and how -----------------------------------------------------------------
@@ -210,7 +209,7 @@ class PollingWaiter:
 class _Accepted:
     """The ids this front end accepted for later fetching, oldest first, bounded and expiring."""
 
-    def __init__(self, ttl_s: float, capacity: int, clock: Clock) -> None:
+    def __init__(self, ttl_s: float, capacity: int, clock: MonotonicClock) -> None:
         self._ttl = ttl_s
         self._capacity = capacity
         self._clock = clock
@@ -423,7 +422,7 @@ def create_app(
     metrics: ServingMetrics | None = None,
     waiter: ResultWaiter | None = None,
     aio: AsyncQueueLike | None = None,
-    clock: Clock = time.monotonic,
+    clock: MonotonicClock = time.monotonic,
     new_id: Callable[[], str] = lambda: secrets.token_hex(16),
     authenticate: Authenticator | None = None,
 ) -> FastAPI:

@@ -8,23 +8,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from tests.support.clock import FakeClock
 
 from ppml.attestation import Challenge, ChallengeCapacityExceeded, ChallengeStore
 from ppml.errors import AttestationFailed, ConfigurationError
 
 T0 = _dt.datetime(2030, 1, 1, tzinfo=_dt.UTC)
 TTL = _dt.timedelta(seconds=60)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> _dt.datetime:
-        return self.now
-
-    def advance(self, **kwargs: float) -> None:
-        self.now += _dt.timedelta(**kwargs)
 
 
 def counter_random() -> Callable[[int], bytes]:

@@ -10,13 +10,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
-
-from ppml.attestation import EvidenceVerification, TcbStatus, TeeType, verify_evidence
-from ppml.attestation import evidence as evidence_module
-from ppml.attestation.evidence import detect_type
-from ppml.attestation.intel.collateral import Collateral
-from ppml.attestation.testing.evidence import matching_collateral, root_pem
-from ppml.attestation.testing.intel import (
+from tests.support.evidence.evidence import matching_collateral, root_pem
+from tests.support.evidence.intel import (
     Corrupt,
     IntelTestPki,
     sgx_body,
@@ -24,8 +19,13 @@ from ppml.attestation.testing.intel import (
     td_body,
     tdx_quote,
 )
-from ppml.attestation.testing.intel_collateral import collateral_from_files, write_files
-from ppml.attestation.testing.snp import make_evidence
+from tests.support.evidence.intel_collateral import collateral_from_files, write_files
+from tests.support.evidence.snp import make_evidence
+
+from ppml.attestation import EvidenceVerification, TcbStatus, TeeType, verify_evidence
+from ppml.attestation import evidence as evidence_module
+from ppml.attestation.evidence import detect_type
+from ppml.attestation.intel.collateral import Collateral
 from ppml.errors import EvidenceError
 
 AT = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)

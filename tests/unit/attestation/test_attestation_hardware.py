@@ -8,6 +8,17 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from tests.support.evidence.evidence import matching_collateral
+from tests.support.evidence.intel import (
+    Corrupt,
+    IntelTestPki,
+    sgx_body,
+    sgx_quote,
+    td_body,
+    tdx_quote,
+)
+from tests.support.evidence.intel_collateral import write_files
+from tests.support.evidence.snp import make_evidence
 
 from ppml.attestation import (
     SgxVerifier,
@@ -18,17 +29,6 @@ from ppml.attestation import (
     Verifier,
 )
 from ppml.attestation.hardware import hardware_verifiers
-from ppml.attestation.testing.evidence import matching_collateral
-from ppml.attestation.testing.intel import (
-    Corrupt,
-    IntelTestPki,
-    sgx_body,
-    sgx_quote,
-    td_body,
-    tdx_quote,
-)
-from ppml.attestation.testing.intel_collateral import write_files
-from ppml.attestation.testing.snp import make_evidence
 from ppml.errors import AttestationFailed, ConfigurationError
 
 AT = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)

@@ -12,7 +12,6 @@ MODULES = [
     "ppml.attestation.claims",
     "ppml.attestation.evidence",
     "ppml.attestation.hardware",
-    "ppml.attestation.testing.evidence",
     "ppml.attestation.service",
     "ppml.attestation.sim",
     "ppml.attestation.token",

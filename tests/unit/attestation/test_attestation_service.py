@@ -11,6 +11,7 @@ from types import MappingProxyType
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from tests.support.clock import FakeClock
 
 from ppml.attestation import (
     AttestationService,
@@ -33,14 +34,6 @@ PLATFORM = SimPlatform(Ed25519PrivateKey.from_private_bytes(b"\x05" * 32))
 MEASUREMENT = "9f" * 32
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> _dt.datetime:
-        return self.now
-
-
 def appraise_by_measurement(claims: EvidenceClaims) -> Sequence[str]:
     ok = claims.measurements.get("measurement") == MEASUREMENT and not claims.debug
     return ["sales-read"] if ok else []
@@ -52,13 +45,13 @@ def sim_service(clock: FakeClock | None = None, **kwargs: object) -> Attestation
     return AttestationService.for_keys(
         TOKEN_KEY,
         PLATFORM.public_key,
-        clock=clock or FakeClock(),
+        clock=clock or FakeClock(T0),
         **options,  # type: ignore[arg-type]
     )
 
 
 def test_end_to_end_with_sim() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     service = sim_service(clock)
     workload_key = os.urandom(32)
     challenge = service.challenge()
@@ -89,7 +82,7 @@ def test_debug_evidence_reaches_the_token_and_the_appraiser() -> None:
 
 def test_default_appraiser_matches_no_policies() -> None:
     service = AttestationService.for_keys(
-        TOKEN_KEY, PLATFORM.public_key, allow_sim=True, clock=FakeClock()
+        TOKEN_KEY, PLATFORM.public_key, allow_sim=True, clock=FakeClock(T0)
     )
     key = os.urandom(32)
     challenge = service.challenge()
@@ -119,7 +112,7 @@ def test_a_failed_attempt_uses_up_the_nonce() -> None:
 
 
 def test_unknown_and_expired_nonces_are_refused() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     service = sim_service(clock)
     key = os.urandom(32)
     stranger = os.urandom(32)
@@ -208,7 +201,7 @@ class FakeSgxVerifier:
 def test_other_tee_verifiers_plug_in_behind_the_same_interface() -> None:
     verifier: Verifier = FakeSgxVerifier()
     service = AttestationService.for_keys(
-        TOKEN_KEY, verifiers={TeeType.SGX: verifier}, clock=FakeClock()
+        TOKEN_KEY, verifiers={TeeType.SGX: verifier}, clock=FakeClock(T0)
     )
     assert service.tee_types == {TeeType.SGX}
     key = os.urandom(32)
@@ -224,7 +217,7 @@ def test_a_verifier_returning_claims_for_another_tee_is_refused() -> None:
         tee = TeeType.TDX
 
     service = AttestationService.for_keys(
-        TOKEN_KEY, verifiers={TeeType.TDX: Confused()}, clock=FakeClock()
+        TOKEN_KEY, verifiers={TeeType.TDX: Confused()}, clock=FakeClock(T0)
     )
     key = os.urandom(32)
     challenge = service.challenge()

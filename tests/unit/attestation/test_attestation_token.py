@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm
+from tests.support.clock import FakeClock
 
 from ppml.attestation import (
     EvidenceClaims,
@@ -41,14 +42,6 @@ CLAIMS = EvidenceClaims(
 )
 
 
-class FakeClock:
-    def __init__(self, now: _dt.datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> _dt.datetime:
-        return self.now
-
-
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -65,7 +58,7 @@ def part(token: str, index: int) -> Any:
 def issuer(clock: FakeClock | None = None, **kwargs: Any) -> TokenIssuer:
     return TokenIssuer(
         kwargs.pop("key", KEY),
-        clock=clock or FakeClock(),
+        clock=clock or FakeClock(T0),
         random_bytes=lambda n: b"\x11" * n,
         **kwargs,
     )
@@ -353,7 +346,7 @@ def test_keys_must_be_p256() -> None:
 
 
 def test_verifier_for_issuer() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     iss = issuer(clock, issuer="ws-1")
     v = TokenVerifier.for_issuer(iss, clock=clock)
     assert v.key_id == iss.key_id == KID

@@ -21,21 +21,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from ppml.attestation.amd.report import parse_report
-from ppml.attestation.amd.verify import verify_report
-from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource, write_collateral_dir
-from ppml.attestation.intel.chain import verify_quote
-from ppml.attestation.intel.collateral import Collateral, verify_crls, verify_signed_body
-from ppml.attestation.testing.intel import IntelTestPki, sgx_quote, tdx_quote
-from ppml.attestation.testing.intel_collateral import (
+from tests.support.evidence.intel import IntelTestPki, sgx_quote, tdx_quote
+from tests.support.evidence.intel_collateral import (
     TestPki,
     make_crl,
     qe_identity_body,
     signed_document,
     tcb_info_body,
 )
-from ppml.attestation.testing.snp import make_evidence
+from tests.support.evidence.snp import make_evidence
+
+from ppml.attestation.amd.report import parse_report
+from ppml.attestation.amd.verify import verify_report
+from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource, write_collateral_dir
+from ppml.attestation.intel.chain import verify_quote
+from ppml.attestation.intel.collateral import Collateral, verify_crls, verify_signed_body
 from ppml.errors import ConfigurationError, EvidenceError
 
 AT = _dt.datetime(2025, 1, 15, tzinfo=_dt.UTC)
@@ -704,7 +704,7 @@ def _cli(*args: str | Path) -> tuple[int, dict[str, Any] | None, str]:
 
 def serve_matching(server: Server, pcs: Pcs) -> None:
     """Serve, as a PCCS would, collateral that matches `pcs`'s quotes (their QE too)."""
-    from ppml.attestation.testing.evidence import matching_collateral
+    from tests.support.evidence.evidence import matching_collateral
 
     files = matching_collateral(pcs.qpki, issue_date=JAN, next_update=FEB)
     server.set(

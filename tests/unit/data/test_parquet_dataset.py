@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from tests.support import MemoryKeyProvider
 
-from ppml.crypto.envelope import DataKey, WrappedKey
 from ppml.data.parquet import (
     ParquetScanSession,
     _PPMLKmsClient,
@@ -39,38 +39,17 @@ def table() -> pa.Table:
     )
 
 
-class CountingProvider:
-    """Wraps a provider: counts unwraps per key name, can refuse some names, and is slow enough
-    that concurrent callers would overlap."""
-
-    def __init__(self, inner: object) -> None:
-        self.inner = inner
-        self.unwraps: Counter[str] = Counter()
-        self.refused: set[str] = set()
-        self._lock = threading.Lock()
-
-    def generate_data_key(self, key_name: str) -> DataKey:
-        return self.inner.generate_data_key(key_name)  # type: ignore[attr-defined,no-any-return]
-
-    def unwrap(self, wrapped: WrappedKey) -> bytes:
-        with self._lock:
-            self.unwraps[wrapped.key_name] += 1
-        if wrapped.key_name in self.refused:
-            raise KeyAccessError(f"policy denies {wrapped.key_name}")
-        threading.Event().wait(0.005)  # widen the window for concurrent callers
-        return self.inner.unwrap(wrapped)  # type: ignore[attr-defined,no-any-return]
-
-    def rewrap(self, wrapped: WrappedKey) -> WrappedKey:
-        return self.inner.rewrap(wrapped)  # type: ignore[attr-defined,no-any-return]
+@pytest.fixture
+def counting(provider: MemoryKeyProvider) -> MemoryKeyProvider:
+    """Counts unwraps per key name, can refuse some names, and is slow enough that
+    concurrent callers would overlap."""
+    counting = provider.sharing_keys()
+    counting.delay_s = 0.005
+    return counting
 
 
 @pytest.fixture
-def counting(provider: object) -> CountingProvider:
-    return CountingProvider(provider)
-
-
-@pytest.fixture
-def parts(tmp_path: Path, counting: CountingProvider) -> list[Path]:
+def parts(tmp_path: Path, counting: MemoryKeyProvider) -> list[Path]:
     paths = []
     for index in range(3):
         path = tmp_path / f"part-{index}.parquet"
@@ -86,7 +65,7 @@ def parts(tmp_path: Path, counting: CountingProvider) -> list[Path]:
     return paths
 
 
-def test_dataset_scan_equals_read_parquet(parts: list[Path], counting: CountingProvider) -> None:
+def test_dataset_scan_equals_read_parquet(parts: list[Path], counting: MemoryKeyProvider) -> None:
     with ParquetScanSession(counting) as session:
         dataset = session.dataset(parts)
         got = dataset.to_table(columns=["id", "city", "amount"])
@@ -97,7 +76,7 @@ def test_dataset_scan_equals_read_parquet(parts: list[Path], counting: CountingP
     assert b"ppml.keys" not in (dataset.schema.metadata or {})
 
 
-def test_one_unwrap_per_named_key_and_file(parts: list[Path], counting: CountingProvider) -> None:
+def test_one_unwrap_per_named_key_and_file(parts: list[Path], counting: MemoryKeyProvider) -> None:
     counting.unwraps.clear()
     with ParquetScanSession(counting) as session:
         dataset = session.dataset(parts)
@@ -110,7 +89,7 @@ def test_one_unwrap_per_named_key_and_file(parts: list[Path], counting: Counting
 
 
 def test_only_scanned_columns_need_their_keys(
-    parts: list[Path], counting: CountingProvider
+    parts: list[Path], counting: MemoryKeyProvider
 ) -> None:
     counting.refused.add("pii")
     with ParquetScanSession(counting) as session:
@@ -126,7 +105,7 @@ def test_only_scanned_columns_need_their_keys(
 
 
 def test_the_kms_client_unwraps_each_key_once_under_concurrency(
-    tmp_path: Path, counting: CountingProvider
+    tmp_path: Path, counting: MemoryKeyProvider
 ) -> None:
     client = _PPMLKmsClient(counting)
     wrapped = client.wrap_key(b"k" * 32, "sales")
@@ -149,7 +128,7 @@ def test_the_kms_client_unwraps_each_key_once_under_concurrency(
     assert counting.unwraps == Counter({"sales": 2})
 
 
-def test_a_refused_key_is_not_cached(counting: CountingProvider) -> None:
+def test_a_refused_key_is_not_cached(counting: MemoryKeyProvider) -> None:
     client = _PPMLKmsClient(counting)
     wrapped = client.wrap_key(b"k" * 32, "sales")
     counting.refused.add("sales")
@@ -159,7 +138,9 @@ def test_a_refused_key_is_not_cached(counting: CountingProvider) -> None:
     assert counting.unwraps == Counter({"sales": 2})
 
 
-def test_tampered_part_is_an_integrity_error(parts: list[Path], counting: CountingProvider) -> None:
+def test_tampered_part_is_an_integrity_error(
+    parts: list[Path], counting: MemoryKeyProvider
+) -> None:
     data = bytearray(parts[1].read_bytes())
     data[len(data) // 2] ^= 0x01
     parts[1].write_bytes(bytes(data))
@@ -175,7 +156,7 @@ def test_tampered_part_is_an_integrity_error(parts: list[Path], counting: Counti
 
 
 def test_tampered_footer_fails_when_the_dataset_is_made(
-    parts: list[Path], counting: CountingProvider
+    parts: list[Path], counting: MemoryKeyProvider
 ) -> None:
     data = bytearray(parts[0].read_bytes())
     data[-40] ^= 0x01
@@ -185,7 +166,7 @@ def test_tampered_footer_fails_when_the_dataset_is_made(
     assert info.value.path == str(parts[0])
 
 
-def test_plaintext_parquet_is_refused(tmp_path: Path, counting: CountingProvider) -> None:
+def test_plaintext_parquet_is_refused(tmp_path: Path, counting: MemoryKeyProvider) -> None:
     plain = tmp_path / "plain.parquet"
     pq.write_table(table(), plain)
     with ParquetScanSession(counting) as session, pytest.raises(NotEncrypted):
@@ -203,7 +184,7 @@ def _decimal_physical_type(path: Path, provider: object) -> str:
 
 
 def test_decimals_are_stored_as_integers_by_default(
-    tmp_path: Path, counting: CountingProvider
+    tmp_path: Path, counting: MemoryKeyProvider
 ) -> None:
     default, flba = tmp_path / "a.parquet", tmp_path / "b.parquet"
     write_parquet(table(), default, counting, key_name="sales")

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import stat
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tests.support.keys import MemoryKeyProvider
 
-from ppml.crypto.envelope import DataKey, WrappedKey, seal, unseal
 from ppml.data.parquet import (
     FooterKey,
     decrypt_parquet_file,
@@ -30,43 +28,6 @@ from ppml.errors import (
     NotEncrypted,
     UsageError,
 )
-
-
-class FakeProvider:
-    """KEKs per (name, version) in a dict; counts calls; can deny unwrapping some names."""
-
-    def __init__(self) -> None:
-        self.keks: dict[tuple[str, int], bytes] = {}
-        self.current: dict[str, int] = {}
-        self.denied: set[str] = set()
-        self.fail_generate = False
-        self.calls: Counter[tuple[str, str]] = Counter()
-
-    def rotate(self, name: str) -> None:
-        self.current[name] = self.current.get(name, 1) + 1
-
-    def _kek(self, name: str, version: int) -> bytes:
-        return self.keks.setdefault((name, version), os.urandom(32))
-
-    def generate_data_key(self, key_name: str) -> DataKey:
-        self.calls["generate", key_name] += 1
-        if self.fail_generate:
-            raise KeyNotFound(f"no key named {key_name}")
-        version = self.current.setdefault(key_name, 1)
-        plaintext = os.urandom(32)
-        aad = WrappedKey(key_name, version, b"-").aad()
-        blob = seal(self._kek(key_name, version), plaintext, aad)
-        return DataKey(plaintext, WrappedKey(key_name, version, blob))
-
-    def unwrap(self, wrapped: WrappedKey) -> bytes:
-        self.calls["unwrap", wrapped.key_name] += 1
-        if wrapped.key_name in self.denied:
-            raise KeyAccessError(f"policy denies {wrapped.key_name}")
-        kek = self.keks.get((wrapped.key_name, wrapped.version))
-        if kek is None:
-            raise KeyNotFound(f"no key {wrapped.key_name} v{wrapped.version}")
-        return unseal(kek, wrapped.blob, wrapped.aad())
-
 
 SECRETS = ["alice-secret-7f3a", "bob-secret-91c2", "carol-secret-04de"]
 
@@ -89,8 +50,8 @@ def sample_table(rows: int = 300) -> pa.Table:
 
 
 @pytest.fixture
-def provider() -> FakeProvider:
-    return FakeProvider()
+def provider() -> MemoryKeyProvider:
+    return MemoryKeyProvider(create_on_demand=True)
 
 
 def listing(directory: Path) -> list[str]:
@@ -100,7 +61,7 @@ def listing(directory: Path) -> list[str]:
 # ---------------------------------------------------------------- round trips
 
 
-def test_round_trip_of_several_types(tmp_path: Path, provider: FakeProvider) -> None:
+def test_round_trip_of_several_types(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     table = sample_table()
     path = tmp_path / "t.parquet"
     write_parquet(table, path, provider, key_name="data")
@@ -110,7 +71,9 @@ def test_round_trip_of_several_types(tmp_path: Path, provider: FakeProvider) -> 
     assert listing(tmp_path) == ["t.parquet"]
 
 
-def test_round_trip_with_column_keys_and_row_groups(tmp_path: Path, provider: FakeProvider) -> None:
+def test_round_trip_with_column_keys_and_row_groups(
+    tmp_path: Path, provider: MemoryKeyProvider
+) -> None:
     table = sample_table(1000)
     path = tmp_path / "t.parquet"
     write_parquet(
@@ -124,7 +87,7 @@ def test_round_trip_with_column_keys_and_row_groups(tmp_path: Path, provider: Fa
     assert read_parquet(path, provider).equals(table)
 
 
-def test_pandas_metadata_survives(tmp_path: Path, provider: FakeProvider) -> None:
+def test_pandas_metadata_survives(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     pd = pytest.importorskip("pandas")
     frame = pd.DataFrame({"x": [1, 2, 3], "y": ["a", "b", "c"]}, index=[10, 20, 30])
     path = tmp_path / "t.parquet"
@@ -132,7 +95,9 @@ def test_pandas_metadata_survives(tmp_path: Path, provider: FakeProvider) -> Non
     assert read_parquet(path, provider).to_pandas().equals(frame)
 
 
-def test_old_files_stay_readable_after_rotation(tmp_path: Path, provider: FakeProvider) -> None:
+def test_old_files_stay_readable_after_rotation(
+    tmp_path: Path, provider: MemoryKeyProvider
+) -> None:
     path = tmp_path / "t.parquet"
     write_parquet(sample_table(), path, provider, key_name="data")
     provider.rotate("data")
@@ -146,7 +111,9 @@ def test_old_files_stay_readable_after_rotation(tmp_path: Path, provider: FakePr
 # ---------------------------------------------------------------- confidentiality
 
 
-def test_plain_pyarrow_cannot_read_without_keys(tmp_path: Path, provider: FakeProvider) -> None:
+def test_plain_pyarrow_cannot_read_without_keys(
+    tmp_path: Path, provider: MemoryKeyProvider
+) -> None:
     path = tmp_path / "t.parquet"
     write_parquet(sample_table(), path, provider, key_name="data")
     with pytest.raises(OSError):
@@ -157,7 +124,7 @@ def test_plain_pyarrow_cannot_read_without_keys(tmp_path: Path, provider: FakePr
 
 @pytest.mark.parametrize("compression", ["none", "snappy", "zstd"])
 def test_no_plaintext_value_on_disk(
-    tmp_path: Path, provider: FakeProvider, compression: str
+    tmp_path: Path, provider: MemoryKeyProvider, compression: str
 ) -> None:
     table = sample_table()
     plain, encrypted = tmp_path / "plain.parquet", tmp_path / "enc.parquet"
@@ -182,11 +149,11 @@ def test_no_plaintext_value_on_disk(
 # ---------------------------------------------------------------- column keys
 
 
-def test_column_key_separation(tmp_path: Path, provider: FakeProvider) -> None:
+def test_column_key_separation(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     table = sample_table()
     path = tmp_path / "t.parquet"
     write_parquet(table, path, provider, key_name="data", column_keys={"pii": ["ssn", "name"]})
-    provider.denied = {"pii"}
+    provider.refused = {"pii"}
 
     got = read_parquet(path, provider, columns=["id", "seen", "tags"])
     assert got.equals(table.select(["id", "seen", "tags"]))
@@ -199,15 +166,15 @@ def test_column_key_separation(tmp_path: Path, provider: FakeProvider) -> None:
         assert info.value.path == str(path)
 
 
-def test_footer_key_denied(tmp_path: Path, provider: FakeProvider) -> None:
+def test_footer_key_denied(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     path = tmp_path / "t.parquet"
     write_parquet(sample_table(), path, provider, key_name="data", column_keys={"pii": ["ssn"]})
-    provider.denied = {"data"}
+    provider.refused = {"data"}
     with pytest.raises(KeyAccessError):
         read_parquet(path, provider, columns=["ssn"])
 
 
-def test_column_selection_and_unknown_column(tmp_path: Path, provider: FakeProvider) -> None:
+def test_column_selection_and_unknown_column(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     table = sample_table()
     path = tmp_path / "t.parquet"
     write_parquet(table, path, provider, key_name="data")
@@ -216,7 +183,7 @@ def test_column_selection_and_unknown_column(tmp_path: Path, provider: FakeProvi
         read_parquet(path, provider, columns=["id", "nope"])
 
 
-def test_provider_calls_per_write_and_read(tmp_path: Path, provider: FakeProvider) -> None:
+def test_provider_calls_per_write_and_read(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     table = pa.table({"a": range(1000), "b": [str(i) for i in range(1000)], "c": [1.5] * 1000})
     path = tmp_path / "t.parquet"
     write_parquet(
@@ -231,7 +198,7 @@ def test_provider_calls_per_write_and_read(tmp_path: Path, provider: FakeProvide
     assert provider.calls == {("unwrap", "data"): 1, ("unwrap", "col"): 1}
 
 
-def test_footer_key_without_keys(tmp_path: Path, provider: FakeProvider) -> None:
+def test_footer_key_without_keys(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     path = tmp_path / "t.parquet"
     write_parquet(sample_table(), path, provider, key_name="sales.2024", column_keys={"p": ["ssn"]})
     provider.calls.clear()
@@ -250,7 +217,7 @@ def test_footer_key_without_keys(tmp_path: Path, provider: FakeProvider) -> None
     ],
 )
 def test_bad_column_keys_leave_nothing(
-    tmp_path: Path, provider: FakeProvider, column_keys: dict[str, object], match: str
+    tmp_path: Path, provider: MemoryKeyProvider, column_keys: dict[str, object], match: str
 ) -> None:
     with pytest.raises(UsageError, match=match):
         write_parquet(
@@ -264,7 +231,7 @@ def test_bad_column_keys_leave_nothing(
     assert not provider.calls
 
 
-def test_reserved_options_refused(tmp_path: Path, provider: FakeProvider) -> None:
+def test_reserved_options_refused(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     with pytest.raises(UsageError, match="encryption_properties"):
         write_parquet(
             sample_table(),
@@ -275,14 +242,14 @@ def test_reserved_options_refused(tmp_path: Path, provider: FakeProvider) -> Non
         )
 
 
-def test_provider_failure_leaves_nothing(tmp_path: Path, provider: FakeProvider) -> None:
+def test_provider_failure_leaves_nothing(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     provider.fail_generate = True
     with pytest.raises(KeyNotFound):
         write_parquet(sample_table(), tmp_path / "t.parquet", provider, key_name="data")
     assert listing(tmp_path) == []
 
 
-def test_failed_write_keeps_previous_file(tmp_path: Path, provider: FakeProvider) -> None:
+def test_failed_write_keeps_previous_file(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     path = tmp_path / "t.parquet"
     write_parquet(sample_table(), path, provider, key_name="data")
     before = path.read_bytes()
@@ -295,7 +262,7 @@ def test_failed_write_keeps_previous_file(tmp_path: Path, provider: FakeProvider
 # ---------------------------------------------------------------- integrity
 
 
-def _written(tmp_path: Path, provider: FakeProvider) -> Path:
+def _written(tmp_path: Path, provider: MemoryKeyProvider) -> Path:
     path = tmp_path / "t.parquet"
     write_parquet(
         sample_table(),
@@ -317,7 +284,7 @@ def _flip(path: Path, offset: int) -> None:
 @pytest.mark.parametrize("column", ["id", "name", "ssn", "tags"])
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
 def test_tampered_column_chunk(
-    tmp_path: Path, provider: FakeProvider, column: str, where: float
+    tmp_path: Path, provider: MemoryKeyProvider, column: str, where: float
 ) -> None:
     path = _written(tmp_path, provider)
     with _open(path, provider) as pf:
@@ -333,7 +300,7 @@ def test_tampered_column_chunk(
     assert info.value.path == str(path)
 
 
-def _open(path: Path, provider: FakeProvider) -> pq.ParquetFile:
+def _open(path: Path, provider: MemoryKeyProvider) -> pq.ParquetFile:
     from ppml.data import parquet as module
 
     session = module._KeySession(provider, path)
@@ -341,14 +308,14 @@ def _open(path: Path, provider: FakeProvider) -> pq.ParquetFile:
 
 
 @pytest.mark.parametrize("from_end", [9, 40, 200])
-def test_tampered_footer(tmp_path: Path, provider: FakeProvider, from_end: int) -> None:
+def test_tampered_footer(tmp_path: Path, provider: MemoryKeyProvider, from_end: int) -> None:
     path = _written(tmp_path, provider)
     _flip(path, path.stat().st_size - from_end)
     with pytest.raises(IntegrityError):
         read_parquet(path, provider)
 
 
-def test_truncated_file(tmp_path: Path, provider: FakeProvider) -> None:
+def test_truncated_file(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     path = _written(tmp_path, provider)
     data = path.read_bytes()
     for cut in (len(data) - 1, len(data) // 2, 5):
@@ -358,7 +325,7 @@ def test_truncated_file(tmp_path: Path, provider: FakeProvider) -> None:
     assert not is_encrypted_parquet(path)
 
 
-def test_not_parquet_files(tmp_path: Path, provider: FakeProvider) -> None:
+def test_not_parquet_files(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"id,name\n1,alice\n")
     with pytest.raises(UsageError, match="not a Parquet file"):
@@ -382,7 +349,7 @@ def test_not_parquet_files(tmp_path: Path, provider: FakeProvider) -> None:
 # ---------------------------------------------------------------- streaming conversion
 
 
-def test_encrypt_decrypt_file_round_trip(tmp_path: Path, provider: FakeProvider) -> None:
+def test_encrypt_decrypt_file_round_trip(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     table = sample_table(5000)
     plain, enc, back = (
         tmp_path / "plain.parquet",
@@ -407,7 +374,7 @@ def test_encrypt_decrypt_file_round_trip(tmp_path: Path, provider: FakeProvider)
     assert restored.read().equals(table)
 
 
-def test_encrypt_file_refuses_wrong_inputs(tmp_path: Path, provider: FakeProvider) -> None:
+def test_encrypt_file_refuses_wrong_inputs(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     enc = tmp_path / "enc.parquet"
     write_parquet(sample_table(), enc, provider, key_name="data")
     with pytest.raises(UsageError, match="already"):
@@ -430,7 +397,9 @@ def test_encrypt_file_refuses_wrong_inputs(tmp_path: Path, provider: FakeProvide
     assert listing(tmp_path) == ["enc.parquet", "junk", "plain.parquet"]
 
 
-def test_decrypt_file_failures_leave_no_plaintext(tmp_path: Path, provider: FakeProvider) -> None:
+def test_decrypt_file_failures_leave_no_plaintext(
+    tmp_path: Path, provider: MemoryKeyProvider
+) -> None:
     enc = tmp_path / "enc.parquet"
     write_parquet(
         sample_table(2000),
@@ -441,12 +410,12 @@ def test_decrypt_file_failures_leave_no_plaintext(tmp_path: Path, provider: Fake
         row_group_size=500,
         compression="none",
     )
-    provider.denied = {"pii"}
+    provider.refused = {"pii"}
     with pytest.raises(KeyAccessError):
         decrypt_parquet_file(enc, tmp_path / "out.parquet", provider)
     assert listing(tmp_path) == ["enc.parquet"]
 
-    provider.denied = set()
+    provider.refused = set()
     with _open(enc, provider) as pf:
         last = pf.metadata.row_group(pf.num_row_groups - 1).column(0)
         offset = last.data_page_offset + last.total_compressed_size // 2
@@ -456,23 +425,22 @@ def test_decrypt_file_failures_leave_no_plaintext(tmp_path: Path, provider: Fake
     assert listing(tmp_path) == ["enc.parquet"]
 
 
-def test_no_key_shared_between_providers(tmp_path: Path, provider: FakeProvider) -> None:
+def test_no_key_shared_between_providers(tmp_path: Path, provider: MemoryKeyProvider) -> None:
     path = tmp_path / "t.parquet"
     write_parquet(sample_table(), path, provider, key_name="data")
     read_parquet(path, provider)
-    other = FakeProvider()  # another workspace's KMS: knows no key of this file
+    other = MemoryKeyProvider(
+        create_on_demand=True
+    )  # another workspace's KMS: knows no key of this file
     with pytest.raises(KeyNotFound):
         read_parquet(path, other)
     assert other.calls == {("unwrap", "data"): 1}
 
 
-class FlakyProvider(FakeProvider):
-    def unwrap(self, wrapped: WrappedKey) -> bytes:
-        raise ConnectionRefusedError("kms unreachable")
-
-
 def test_transport_failure_is_not_reported_as_tampering(tmp_path: Path) -> None:
-    provider = FlakyProvider()
+    provider = MemoryKeyProvider(
+        create_on_demand=True, failure=ConnectionRefusedError("kms unreachable")
+    )
     path = tmp_path / "t.parquet"
     write_parquet(sample_table(), path, provider, key_name="data")
     with pytest.raises(ConnectionRefusedError):

@@ -7,7 +7,6 @@ import datetime as dt
 import decimal
 import io
 import os
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 from tests.support import MemoryKeyProvider
 
-from ppml.crypto.envelope import DataKey, WrappedKey
 from ppml.data.parquet import key_unwrapper, read_parquet, write_parquet
 from ppml.data.pme import PMEFile
 from ppml.errors import (
@@ -29,29 +27,6 @@ from ppml.errors import (
 )
 
 ROWS = 5_000
-
-
-class Gate:
-    """Counts unwraps per key name and thread; refuses the names in `refused`."""
-
-    def __init__(self, inner: MemoryKeyProvider) -> None:
-        self.inner = inner
-        self.unwraps: Counter[str] = Counter()
-        self.threads: set[str] = set()
-        self.refused: set[str] = set()
-
-    def generate_data_key(self, key_name: str) -> DataKey:
-        return self.inner.generate_data_key(key_name)
-
-    def unwrap(self, wrapped: WrappedKey) -> bytes:
-        self.unwraps[wrapped.key_name] += 1
-        self.threads.add(threading.current_thread().name)
-        if wrapped.key_name in self.refused:
-            raise KeyAccessError(f"policy denies {wrapped.key_name}")
-        return self.inner.unwrap(wrapped)
-
-    def rewrap(self, wrapped: WrappedKey) -> WrappedKey:
-        return self.inner.rewrap(wrapped)
 
 
 def sample(rows: int = ROWS) -> pa.Table:
@@ -83,11 +58,13 @@ def sample(rows: int = ROWS) -> pa.Table:
 
 
 @pytest.fixture
-def gate(provider: MemoryKeyProvider) -> Gate:
-    return Gate(provider)
+def gate(provider: MemoryKeyProvider) -> MemoryKeyProvider:
+    return provider.sharing_keys()
 
 
-def write(path: Path, gate: Gate, table: pa.Table | None = None, **options: object) -> Path:
+def write(
+    path: Path, gate: MemoryKeyProvider, table: pa.Table | None = None, **options: object
+) -> Path:
     write_parquet(sample() if table is None else table, path, gate, key_name="sales", **options)
     return path
 
@@ -111,7 +88,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
 def test_the_plaintext_copy_holds_exactly_the_table(
-    tmp_path: Path, gate: Gate, layout: str
+    tmp_path: Path, gate: MemoryKeyProvider, layout: str
 ) -> None:
     path = write(tmp_path / "t.parquet", gate, **LAYOUTS[layout])
     expected = read_parquet(path, gate)
@@ -122,7 +99,7 @@ def test_the_plaintext_copy_holds_exactly_the_table(
 
 
 def test_per_column_keys_are_unwrapped_only_for_the_columns_written(
-    tmp_path: Path, gate: Gate
+    tmp_path: Path, gate: MemoryKeyProvider
 ) -> None:
     path = write(tmp_path / "t.parquet", gate, column_keys={"pii": ["name", "amount"]})
     gate.refused.add("pii")
@@ -135,14 +112,16 @@ def test_per_column_keys_are_unwrapped_only_for_the_columns_written(
     assert plaintext(path, gate).equals(read_parquet(path, gate))
 
 
-def test_one_unwrap_per_named_key_whatever_the_row_groups(tmp_path: Path, gate: Gate) -> None:
+def test_one_unwrap_per_named_key_whatever_the_row_groups(
+    tmp_path: Path, gate: MemoryKeyProvider
+) -> None:
     path = write(tmp_path / "t.parquet", gate, row_group_size=500, column_keys={"pii": ["name"]})
     gate.unwraps.clear()
     plaintext(path, gate)
     assert gate.unwraps == Counter({"sales": 1, "pii": 1})
 
 
-def test_duckdb_reads_the_copy_from_a_memory_file(tmp_path: Path, gate: Gate) -> None:
+def test_duckdb_reads_the_copy_from_a_memory_file(tmp_path: Path, gate: MemoryKeyProvider) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     path = write(tmp_path / "t.parquet", gate, row_group_size=700)
@@ -168,13 +147,13 @@ def test_duckdb_reads_the_copy_from_a_memory_file(tmp_path: Path, gate: Gate) ->
     ]
 
 
-def test_unknown_columns_are_a_usage_error(tmp_path: Path, gate: Gate) -> None:
+def test_unknown_columns_are_a_usage_error(tmp_path: Path, gate: MemoryKeyProvider) -> None:
     path = write(tmp_path / "t.parquet", gate)
     with pytest.raises(UsageError, match="unknown columns: nope"):
         plaintext(path, gate, ["id", "nope"])
 
 
-def test_files_that_are_not_encrypted_parquet(tmp_path: Path, gate: Gate) -> None:
+def test_files_that_are_not_encrypted_parquet(tmp_path: Path, gate: MemoryKeyProvider) -> None:
     plain = tmp_path / "plain.parquet"
     pq.write_table(sample(), plain)
     with pytest.raises(NotEncrypted):
@@ -192,7 +171,7 @@ def test_files_that_are_not_encrypted_parquet(tmp_path: Path, gate: Gate) -> Non
 # --------------------------------------------------------------------------- tampering
 
 
-def regions(path: Path, gate: Gate) -> dict[str, int]:
+def regions(path: Path, gate: MemoryKeyProvider) -> dict[str, int]:
     """Offsets inside each kind of module of the file: a data page, a page header, the
     dictionary page, the footer, the plaintext crypto metadata."""
     with PMEFile(path, key_unwrapper(gate).unwrap_key) as pme:
@@ -225,7 +204,7 @@ def regions(path: Path, gate: Gate) -> dict[str, int]:
     ],
 )
 def test_a_flipped_byte_anywhere_is_an_integrity_error(
-    tmp_path: Path, gate: Gate, region: str
+    tmp_path: Path, gate: MemoryKeyProvider, region: str
 ) -> None:
     path = write(tmp_path / "t.parquet", gate, table=sample().select(["id", "name"]))
     offset = regions(path, gate)[region]
@@ -239,7 +218,9 @@ def test_a_flipped_byte_anywhere_is_an_integrity_error(
     assert "integrity check failed" in str(caught.value) or "Parquet" in str(caught.value)
 
 
-def test_every_byte_of_the_column_data_is_authenticated(tmp_path: Path, gate: Gate) -> None:
+def test_every_byte_of_the_column_data_is_authenticated(
+    tmp_path: Path, gate: MemoryKeyProvider
+) -> None:
     """Flip one byte at a time across a whole (small) column chunk: every flip is refused."""
     table = pa.table({"v": pa.array(range(50), pa.int64())})
     path = write(tmp_path / "t.parquet", gate, table=table, use_dictionary=False)
@@ -255,7 +236,9 @@ def test_every_byte_of_the_column_data_is_authenticated(tmp_path: Path, gate: Ga
             plaintext(path, gate)
 
 
-def test_modules_moved_between_row_groups_are_refused(tmp_path: Path, gate: Gate) -> None:
+def test_modules_moved_between_row_groups_are_refused(
+    tmp_path: Path, gate: MemoryKeyProvider
+) -> None:
     """Two row groups whose chunks have the same size: swapping their bytes keeps every
     module's tag valid, but not its AAD (row group ordinal)."""
     table = pa.table({"v": pa.array([1] * 100 + [2] * 100, pa.int64())})
@@ -276,7 +259,7 @@ def test_modules_moved_between_row_groups_are_refused(tmp_path: Path, gate: Gate
         plaintext(path, gate)
 
 
-def test_a_file_from_another_write_cannot_stand_in(tmp_path: Path, gate: Gate) -> None:
+def test_a_file_from_another_write_cannot_stand_in(tmp_path: Path, gate: MemoryKeyProvider) -> None:
     """The same table written twice under the same named key: a column chunk of one copied
     into the other is refused (each file has its own identifier and data key)."""
     first = write(tmp_path / "a.parquet", gate, table=sample().select(["id"]))
@@ -293,7 +276,7 @@ def test_a_file_from_another_write_cannot_stand_in(tmp_path: Path, gate: Gate) -
         plaintext(first, gate)
 
 
-def test_a_truncated_file_is_an_integrity_error(tmp_path: Path, gate: Gate) -> None:
+def test_a_truncated_file_is_an_integrity_error(tmp_path: Path, gate: MemoryKeyProvider) -> None:
     path = write(tmp_path / "t.parquet", gate)
     data = path.read_bytes()
     for cut in (len(data) // 2, len(data) - 1, 20):
@@ -303,7 +286,7 @@ def test_a_truncated_file_is_an_integrity_error(tmp_path: Path, gate: Gate) -> N
 
 
 def test_a_wrong_key_version_or_name_in_the_key_material_is_refused(
-    tmp_path: Path, gate: Gate
+    tmp_path: Path, gate: MemoryKeyProvider
 ) -> None:
     """The footer key material names the ppml key; changing it (plaintext, before the
     footer) is caught: the wrapped key then does not open, or the footer does not."""
@@ -315,7 +298,9 @@ def test_a_wrong_key_version_or_name_in_the_key_material_is_refused(
         plaintext(path, gate)
 
 
-def test_an_altered_leading_magic_is_an_integrity_error(tmp_path: Path, gate: Gate) -> None:
+def test_an_altered_leading_magic_is_an_integrity_error(
+    tmp_path: Path, gate: MemoryKeyProvider
+) -> None:
     path = write(tmp_path / "t.parquet", gate)
     data = bytearray(path.read_bytes())
     data[1] ^= 0x01
@@ -325,7 +310,9 @@ def test_an_altered_leading_magic_is_an_integrity_error(tmp_path: Path, gate: Ga
 
 
 @pytest.mark.parametrize("what", ["nested lists", "nested key material"])
-def test_deeply_nested_metadata_is_refused_cleanly(tmp_path: Path, gate: Gate, what: str) -> None:
+def test_deeply_nested_metadata_is_refused_cleanly(
+    tmp_path: Path, gate: MemoryKeyProvider, what: str
+) -> None:
     """Hostile plaintext crypto metadata (before any key is needed): a clear integrity error,
     never a RecursionError."""
     if what == "nested lists":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pyarrow as pa
 import pytest
 from tests.support import MemoryKeyProvider
 
-from ppml.crypto.envelope import DataKey, WrappedKey
 from ppml.data import write_table
 from ppml.data.parquet import ParquetScanSession
 from ppml.engines.sql import SqlOptions, connect, run_sql
@@ -39,36 +37,13 @@ def orders(offset: int = 0) -> pa.Table:
     )
 
 
-class Gate:
-    """A provider wrapper that counts unwraps per key name and can refuse some names."""
-
-    def __init__(self, inner: MemoryKeyProvider) -> None:
-        self.inner = inner
-        self.unwraps: Counter[str] = Counter()
-        self.refused: set[str] = set()
-        self._lock = threading.Lock()
-
-    def generate_data_key(self, key_name: str) -> DataKey:
-        return self.inner.generate_data_key(key_name)
-
-    def unwrap(self, wrapped: WrappedKey) -> bytes:
-        with self._lock:
-            self.unwraps[wrapped.key_name] += 1
-        if wrapped.key_name in self.refused:
-            raise KeyAccessError(f"policy denies {wrapped.key_name}")
-        return self.inner.unwrap(wrapped)
-
-    def rewrap(self, wrapped: WrappedKey) -> WrappedKey:
-        return self.inner.rewrap(wrapped)
+@pytest.fixture
+def gate(provider: MemoryKeyProvider) -> MemoryKeyProvider:
+    return provider.sharing_keys()
 
 
 @pytest.fixture
-def gate(provider: MemoryKeyProvider) -> Gate:
-    return Gate(provider)
-
-
-@pytest.fixture
-def table_dir(tmp_path: Path, gate: Gate) -> Path:
+def table_dir(tmp_path: Path, gate: MemoryKeyProvider) -> Path:
     root = tmp_path / "orders"
     root.mkdir()
     for index in range(3):
@@ -83,7 +58,7 @@ def table_dir(tmp_path: Path, gate: Gate) -> Path:
 
 
 def test_a_refused_column_key_does_not_stop_queries_that_do_not_read_it(
-    table_dir: Path, gate: Gate
+    table_dir: Path, gate: MemoryKeyProvider
 ) -> None:
     gate.refused.add("pii")
     result = run_sql(
@@ -100,7 +75,7 @@ def test_a_refused_column_key_does_not_stop_queries_that_do_not_read_it(
 
 @pytest.mark.parametrize("threads", [1, 4])
 def test_one_provider_call_per_named_key_and_file(
-    table_dir: Path, gate: Gate, threads: int
+    table_dir: Path, gate: MemoryKeyProvider, threads: int
 ) -> None:
     gate.unwraps.clear()
     result = run_sql(
@@ -114,7 +89,7 @@ def test_one_provider_call_per_named_key_and_file(
     assert gate.unwraps == Counter({"sales": 3, "pii": 3})
 
 
-def test_results_match_a_plain_duckdb_run(table_dir: Path, gate: Gate) -> None:
+def test_results_match_a_plain_duckdb_run(table_dir: Path, gate: MemoryKeyProvider) -> None:
     plain = pa.concat_tables([orders(i * ROWS) for i in range(3)])
     query = (
         "SELECT city, count(*) AS n, sum(amount) AS s, min(day) AS d FROM orders "
@@ -130,7 +105,7 @@ def test_results_match_a_plain_duckdb_run(table_dir: Path, gate: Gate) -> None:
     assert run_sql(query, {"orders": table_dir}, gate).equals(expected)
 
 
-def test_tampered_parquet_is_an_integrity_error(table_dir: Path, gate: Gate) -> None:
+def test_tampered_parquet_is_an_integrity_error(table_dir: Path, gate: MemoryKeyProvider) -> None:
     victim = table_dir / "part-1.parquet"
     data = bytearray(victim.read_bytes())
     data[len(data) // 3] ^= 0x01
@@ -141,7 +116,9 @@ def test_tampered_parquet_is_an_integrity_error(table_dir: Path, gate: Gate) -> 
     assert info.value.path == str(victim)
 
 
-def test_errors_on_parquet_data_never_quote_values(table_dir: Path, gate: Gate) -> None:
+def test_errors_on_parquet_data_never_quote_values(
+    table_dir: Path, gate: MemoryKeyProvider
+) -> None:
     with pytest.raises(UsageError) as info:
         run_sql("SELECT CAST(city AS INTEGER) FROM orders", {"orders": table_dir}, gate)
     assert SECRET not in str(info.value) and "Paris" not in str(info.value)
@@ -157,7 +134,7 @@ def test_errors_on_parquet_data_never_quote_values(table_dir: Path, gate: Gate) 
     ],
 )
 def test_the_encrypted_files_cannot_be_read_from_sql(
-    query: str, table_dir: Path, gate: Gate
+    query: str, table_dir: Path, gate: MemoryKeyProvider
 ) -> None:
     path = table_dir / "part-0.parquet"
     with pytest.raises(UsageError):
@@ -165,7 +142,7 @@ def test_the_encrypted_files_cannot_be_read_from_sql(
 
 
 def test_a_connection_over_a_dataset_is_locked_down(
-    tmp_path: Path, table_dir: Path, gate: Gate
+    tmp_path: Path, table_dir: Path, gate: MemoryKeyProvider
 ) -> None:
     with ParquetScanSession(gate) as session:
         dataset = session.dataset(sorted(table_dir.iterdir()))
@@ -183,7 +160,7 @@ def test_a_connection_over_a_dataset_is_locked_down(
 
 
 def test_a_table_reached_without_being_named_in_from(
-    table_dir: Path, gate: Gate, provider: MemoryKeyProvider
+    table_dir: Path, gate: MemoryKeyProvider, provider: MemoryKeyProvider
 ) -> None:
     people = pa.table({"id": [1, 2], "name": ["a", "b"]})
     result = run_sql(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from tests.asgi_client import AsgiClient
+from tests.support.asgi import AsgiClient
 
 from ppml.attestation import SimPlatform, report_data_for
 from ppml.crypto.hpke import generate_keypair

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from tests.support.clock import FakeMonotonicClock as FakeClock
 
 from ppml.server.boundary import Principal
 from ppml.serving.frontend import ClientTag, ModelInfo
@@ -125,20 +126,6 @@ class FakeWorker:
         self.stop.set()
         self.queue.wake()
         self.thread.join(timeout=10)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 class JumpingWaiter:

@@ -11,20 +11,13 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from tests.serving_models import INPUT_DIM, OUTPUT_DIM, mlp_onnx_bytes, mlp_reference
+from tests.support.clock import FakeMonotonicClock as FakeClock
+from tests.support.serving_models import INPUT_DIM, OUTPUT_DIM, mlp_onnx_bytes, mlp_reference
 
 from ppml.errors import UsageError
 from ppml.serving.batching import MODEL_FAILED, BatchSettings, gather, run_batch
 from ppml.serving.model import InputSignature, Model, load_model_bytes
 from ppml.serving.queue import Request
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Arrivals:

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from tests.asgi_client import AsgiClient
+from tests.support.asgi import AsgiClient
 from tests.unit.serving.frontend_fakes import (
     MODELS,
     FakeAsyncOps,

@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from tests.serving_models import (
+from tests.support import MemoryKeyProvider, dev_workspace_with_keys
+from tests.support.serving_models import (
     INPUT_DIM,
     OUTPUT_DIM,
     mlp_onnx_bytes,
@@ -21,9 +22,7 @@ from tests.serving_models import (
     two_input_onnx_bytes,
     write_encrypted,
 )
-from tests.support import dev_workspace_with_keys
 
-from ppml.crypto.envelope import DataKey, WrappedKey
 from ppml.errors import (
     AccessDenied,
     InputNotFound,
@@ -53,16 +52,6 @@ def encrypted_mlp(tmp_path: Path, keys: KeyService) -> Path:
 
 def _inputs(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, INPUT_DIM)).astype(np.float32)
-
-
-class _Refusing:
-    """A provider whose key broker refuses the release (as for an unattested workload)."""
-
-    def generate_data_key(self, key_name: str) -> DataKey:
-        raise AccessDenied("access denied")
-
-    def unwrap(self, wrapped: WrappedKey) -> bytes:
-        raise AccessDenied("access denied")
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -117,8 +106,9 @@ def test_model_under_another_workspace_key_is_a_key_access_error(
 
 
 def test_refused_key_release_is_a_key_access_error(encrypted_mlp: Path) -> None:
+    refusing = MemoryKeyProvider(refused=["models"])  # as a broker refuses an unattested run
     with pytest.raises(AccessDenied):
-        load_model(encrypted_mlp, _Refusing())
+        load_model(encrypted_mlp, refusing)
 
 
 def test_plaintext_model_is_refused(tmp_path: Path, keys: KeyService) -> None:

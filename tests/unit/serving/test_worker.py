@@ -18,8 +18,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from tests.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_reference, write_encrypted
 from tests.support import MemoryKeyProvider
+from tests.support.clock import FakeMonotonicClock as FakeClock
+from tests.support.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_reference, write_encrypted
 
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.errors import UsageError
@@ -33,14 +34,6 @@ from ppml.serving.worker import (
     main,
     read_secret_file,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeQueue:

@@ -47,6 +47,7 @@ __all__ = [
     "ParquetPartition",
     "ReadSpec",
     "ReleasedKey",
+    "ReleasedKeys",
     "StreamPartition",
     "WriteSpec",
     "register_read",
@@ -127,7 +128,7 @@ class WriteSpec:
     keys: tuple[tuple[DataKey, ...], ...] = field(repr=False)
 
 
-class _ReleasedKeys:
+class ReleasedKeys:
     """A DataKeyProvider in a task: serves the keys the driver released to it and no others."""
 
     def __init__(self, keys: Sequence[ReleasedKey], fresh: Sequence[DataKey] = ()) -> None:
@@ -314,7 +315,7 @@ def _read_parquet(partition: ParquetPartition, target: pa.Schema) -> Iterator[pa
         return
     from ppml.data.parquet import ParquetScanSession
 
-    with ParquetScanSession(_ReleasedKeys(partition.keys)) as session:
+    with ParquetScanSession(ReleasedKeys(partition.keys)) as session:
         dataset = session.dataset([path])
         fragment = next(iter(dataset.get_fragments()))
         for rg in partition.row_groups:
@@ -376,7 +377,7 @@ class _Writer(DataSourceArrowWriter):
         table = pa.Table.from_batches(batches).cast(target)
         name = f"part-{task:05d}-{uuid.uuid4().hex[:12]}.{_EXTENSIONS[self._spec.fmt]}"
         path = Path(self._spec.directory) / name
-        provider = _ReleasedKeys((), self._spec.keys[task])
+        provider = ReleasedKeys((), self._spec.keys[task])
         write_table(table, path, provider, key_name=self._spec.key_name, format=self._spec.fmt)
         return _Written(name)
 

@@ -37,11 +37,12 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ppml._internal.clock import MonotonicClock
 from ppml._internal.fs import PRIVATE_DIR_MODE, write_private
 from ppml._internal.procs import record_owner, sweep_orphaned
 from ppml.errors import ConfigurationError, InputNotFound, UsageError
@@ -452,9 +453,7 @@ def _is_spark_daemon(pid: int) -> bool:
     return b"org.apache.spark.deploy." in cmdline
 
 
-def _wait_for_log(
-    log: Path, pid: int, needle: str, timeout: float, clock: Callable[[], float]
-) -> None:
+def _wait_for_log(log: Path, pid: int, needle: str, timeout: float, clock: MonotonicClock) -> None:
     import time
 
     deadline = clock() + timeout
@@ -525,7 +524,7 @@ def start_cluster(
     cores: int = 2,
     memory: str = "1g",
     timeout: float = _START_TIMEOUT,
-    clock: Callable[[], float] | None = None,
+    clock: MonotonicClock | None = None,
 ) -> ClusterState:
     """Start a master and `workers` workers on 127.0.0.1 with the workspace's security
     configuration (in a 0600 spark-defaults.conf under `spark_dir`, kept while the cluster

@@ -7,6 +7,7 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.support.evidence.snp import SnpEvidence, make_endorsement_key, make_evidence, make_pki
 
 from ppml.attestation.amd.report import REPORT_SIZE, SIGNED_SIZE, parse_report
 from ppml.attestation.amd.verify import (
@@ -18,7 +19,6 @@ from ppml.attestation.amd.verify import (
     verify_report,
 )
 from ppml.attestation.report import VerificationReport
-from ppml.attestation.testing.snp import SnpEvidence, make_endorsement_key, make_evidence, make_pki
 from ppml.errors import EvidenceError
 
 FUZZ = settings(

@@ -7,6 +7,12 @@ import struct
 from pathlib import Path
 
 import pytest
+from tests.support.evidence.snp import (
+    SnpReportFields,
+    encode_report,
+    make_evidence,
+    sign_report,
+)
 
 from ppml.attestation.amd.report import (
     REPORT_SIZE,
@@ -20,12 +26,6 @@ from ppml.attestation.amd.report import (
     parse_report,
     tcb_layout_for_family,
     tcb_layout_for_product,
-)
-from ppml.attestation.testing.snp import (
-    SnpReportFields,
-    encode_report,
-    make_evidence,
-    sign_report,
 )
 from ppml.errors import EvidenceError
 

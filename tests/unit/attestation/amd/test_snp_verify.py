@@ -13,6 +13,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.utils import CryptographyDeprecationWarning
+from tests.support.evidence.snp import (
+    PKI_NOT_AFTER,
+    PKI_NOT_BEFORE,
+    SnpEvidence,
+    default_tcb,
+    der_ia5,
+    der_uint,
+    make_endorsement_key,
+    make_evidence,
+    make_pki,
+)
 
 from ppml.attestation.amd import verify as verify_module
 from ppml.attestation.amd.report import SigningKey, TcbLayout, TcbVersion, parse_report
@@ -30,17 +41,6 @@ from ppml.attestation.amd.verify import (
     verify_report,
 )
 from ppml.attestation.report import StepStatus, VerificationReport
-from ppml.attestation.testing.snp import (
-    PKI_NOT_AFTER,
-    PKI_NOT_BEFORE,
-    SnpEvidence,
-    default_tcb,
-    der_ia5,
-    der_uint,
-    make_endorsement_key,
-    make_evidence,
-    make_pki,
-)
 from ppml.errors import EvidenceError
 
 DATA = Path(__file__).parents[3] / "data" / "snp"

@@ -12,6 +12,16 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
+from tests.support.evidence.intel import (
+    DEFAULT_AT,
+    Corrupt,
+    IntelTestPki,
+    Validity,
+    derived_key,
+    sgx_quote,
+    td_body,
+    tdx_quote,
+)
 
 from ppml.attestation.intel.chain import (
     INTEL_SGX_ROOT_CA_SHA256,
@@ -23,16 +33,6 @@ from ppml.attestation.intel.chain import (
 )
 from ppml.attestation.intel.quote import parse_quote
 from ppml.attestation.report import StepStatus, VerificationReport
-from ppml.attestation.testing.intel import (
-    DEFAULT_AT,
-    Corrupt,
-    IntelTestPki,
-    Validity,
-    derived_key,
-    sgx_quote,
-    td_body,
-    tdx_quote,
-)
 from ppml.errors import EvidenceError
 
 VECTORS = (Path(__file__).parents[4] / "../shared/vectors").resolve()

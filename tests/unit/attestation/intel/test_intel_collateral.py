@@ -9,21 +9,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from ppml.attestation.claims import TcbStatus
-from ppml.attestation.intel.collateral import (
-    Collateral,
-    RevocationChecker,
-    extract_signed_body,
-    parse_crl,
-    parse_pem_chain,
-    parse_qe_identity_json,
-    parse_tcb_info_json,
-    verify_crls,
-)
-from ppml.attestation.intel.tcb import PlatformTcb, QeReportInfo, TcbOutcome, evaluate
-from ppml.attestation.report import StepStatus
-from ppml.attestation.testing.intel_collateral import (
+from tests.support.evidence.intel_collateral import (
     DEFAULT_QE_MRSIGNER,
     TestPki,
     build_files,
@@ -38,6 +24,20 @@ from ppml.attestation.testing.intel_collateral import (
     tcb_level,
     write_files,
 )
+
+from ppml.attestation.claims import TcbStatus
+from ppml.attestation.intel.collateral import (
+    Collateral,
+    RevocationChecker,
+    extract_signed_body,
+    parse_crl,
+    parse_pem_chain,
+    parse_qe_identity_json,
+    parse_tcb_info_json,
+    verify_crls,
+)
+from ppml.attestation.intel.tcb import PlatformTcb, QeReportInfo, TcbOutcome, evaluate
+from ppml.attestation.report import StepStatus
 from ppml.errors import EvidenceError
 
 AT = dt.datetime(2025, 1, 15, tzinfo=dt.UTC)

@@ -10,15 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from ppml.attestation.intel.collateral import (
-    Collateral,
-    parse_crl,
-    parse_pem_chain,
-    parse_qe_identity_json,
-    parse_tcb_info_json,
-)
-from ppml.attestation.testing.intel_collateral import (
+from tests.support.evidence.intel_collateral import (
     TestPki,
     isv_level,
     make_crl,
@@ -27,6 +19,14 @@ from ppml.attestation.testing.intel_collateral import (
     signed_document,
     tcb_info_body,
     tcb_level,
+)
+
+from ppml.attestation.intel.collateral import (
+    Collateral,
+    parse_crl,
+    parse_pem_chain,
+    parse_qe_identity_json,
+    parse_tcb_info_json,
 )
 from ppml.errors import EvidenceError
 

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-
-from ppml.attestation.intel.pck import (
-    PckExtensions,
-    PlatformConfiguration,
-    parse_pck_extensions,
-)
-from ppml.attestation.intel.quote import parse_quote
-from ppml.attestation.testing.intel import (
+from tests.support.evidence.intel import (
     IntelTestPki,
     default_pck_extensions,
     der_int,
@@ -23,6 +16,13 @@ from ppml.attestation.testing.intel import (
     der_tlv,
     encode_pck_extensions,
 )
+
+from ppml.attestation.intel.pck import (
+    PckExtensions,
+    PlatformConfiguration,
+    parse_pck_extensions,
+)
+from ppml.attestation.intel.quote import parse_quote
 from ppml.errors import EvidenceError
 
 VECTORS = (Path(__file__).parents[4] / "../shared/vectors").resolve()

@@ -13,6 +13,14 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from tests.support.evidence.intel import (
+    IntelTestPki,
+    raw_public_key,
+    sgx_body,
+    sgx_quote,
+    td_body,
+    tdx_quote,
+)
 
 from ppml.attestation.intel.quote import (
     HEADER_LEN,
@@ -29,14 +37,6 @@ from ppml.attestation.intel.quote import (
     parse_quote,
     parse_sgx_quote,
     parse_tdx_quote,
-)
-from ppml.attestation.testing.intel import (
-    IntelTestPki,
-    raw_public_key,
-    sgx_body,
-    sgx_quote,
-    td_body,
-    tdx_quote,
 )
 from ppml.errors import EvidenceError
 

@@ -10,11 +10,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from ppml.attestation.intel.chain import intel_sgx_root, verify_quote
-from ppml.attestation.intel.pck import PckExtensions
-from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
-from ppml.attestation.testing.intel import (
+from tests.support.evidence.intel import (
     DEFAULT_AT,
     IntelTestPki,
     default_pck_extensions,
@@ -23,6 +19,10 @@ from ppml.attestation.testing.intel import (
     td_body,
     tdx_quote,
 )
+
+from ppml.attestation.intel.chain import intel_sgx_root, verify_quote
+from ppml.attestation.intel.pck import PckExtensions
+from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
 from ppml.errors import EvidenceError
 
 VECTORS = (Path(__file__).parents[4] / "../shared/vectors").resolve()

@@ -8,18 +8,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
-
-from ppml.attestation.claims import TcbStatus
-from ppml.attestation.intel.tcb import (
-    PlatformTcb,
-    QeReportInfo,
-    TcbEvaluation,
-    TcbOutcome,
-    converge,
-    evaluate,
-)
-from ppml.attestation.report import StepStatus, VerificationReport
-from ppml.attestation.testing.intel_collateral import (
+from tests.support.evidence.intel_collateral import (
     DEFAULT_QE_MRSIGNER,
     TestPki,
     build_files,
@@ -31,6 +20,17 @@ from ppml.attestation.testing.intel_collateral import (
     tcb_level,
     tdx_module,
 )
+
+from ppml.attestation.claims import TcbStatus
+from ppml.attestation.intel.tcb import (
+    PlatformTcb,
+    QeReportInfo,
+    TcbEvaluation,
+    TcbOutcome,
+    converge,
+    evaluate,
+)
+from ppml.attestation.report import StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
 AT = dt.datetime(2025, 1, 15, tzinfo=dt.UTC)

@@ -1,5 +1,5 @@
 """Synthetic Intel PCS collateral that matches a synthetic quote: the TCB info, QE identity and
-CRLs of `ppml.attestation.testing.intel_collateral`, signed under the same test root as an
+CRLs of `tests.support.evidence.intel_collateral`, signed under the same test root as an
 `IntelTestPki`, with TCB levels that the PKI's PCK certificate and QE report reach. Nothing here
 is trusted by any verifier by default.
 
@@ -16,9 +16,8 @@ import datetime as _dt
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import serialization
-
-from ppml.attestation.testing.intel import IntelTestPki, derived_key, qe_report_body
-from ppml.attestation.testing.intel_collateral import (
+from tests.support.evidence.intel import IntelTestPki, derived_key, qe_report_body
+from tests.support.evidence.intel_collateral import (
     TestPki,
     build_files,
     isv_level,

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+from tests.support.evidence.intel import Validity, certificate
+from tests.support.evidence.intel import make_crl as intel_crl
 
 from ppml.attestation.intel.collateral import Collateral
-from ppml.attestation.testing.intel import Validity, _certificate
-from ppml.attestation.testing.intel import make_crl as intel_crl
 
 __all__ = [
     "DEFAULT_FMSPC",
@@ -70,7 +70,7 @@ def make_cert(
 ) -> x509.Certificate:
     """A P-256 certificate; self-signed when no issuer is given."""
     subject = _name(cn)
-    return _certificate(
+    return certificate(
         subject=subject,
         issuer=issuer.subject if issuer is not None else subject,
         key=key,
@@ -353,20 +353,13 @@ def build_files(
     valid CRLs of January 2025."""
     files: dict[str, bytes] = {}
     ext = "pem" if pem_crls else "der"
-    if tcb_info is not None:
-        files["tcb_info.json"] = (
-            tcb_info
-            if isinstance(tcb_info, bytes)
-            else signed_document("tcbInfo", tcb_info, pki.signing_key)
-        )
-        files["tcb_info_issuer_chain.pem"] = pki.signing_chain_pem()
-    if qe_identity is not None:
-        files["qe_identity.json"] = (
-            qe_identity
-            if isinstance(qe_identity, bytes)
-            else signed_document("enclaveIdentity", qe_identity, pki.signing_key)
-        )
-        files["qe_identity_issuer_chain.pem"] = pki.signing_chain_pem()
+    signed = (("tcb_info", "tcbInfo", tcb_info), ("qe_identity", "enclaveIdentity", qe_identity))
+    for name, kind, body in signed:
+        if body is not None:
+            files[f"{name}.json"] = (
+                body if isinstance(body, bytes) else signed_document(kind, body, pki.signing_key)
+            )
+            files[f"{name}_issuer_chain.pem"] = pki.signing_chain_pem()
     files[f"pck_crl.{ext}"] = (
         pck_crl if pck_crl is not None else make_crl(pki.pck_ca, pki.pck_ca_key, pem=pem_crls)
     )

@@ -207,7 +207,7 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _certificate(
+def certificate(
     *,
     subject: x509.Name,
     issuer: x509.Name,
@@ -286,7 +286,7 @@ class IntelTestPki:
         ext = pck_extensions or default_pck_extensions()
         der = encode_pck_extensions(ext) if pck_extension_der is None else pck_extension_der
         root_name, ca_name = _name(root_cn), _name(ca_cn)
-        root = _certificate(
+        root = certificate(
             subject=root_name,
             issuer=root_name,
             key=root_key,
@@ -296,7 +296,7 @@ class IntelTestPki:
             ca=True,
             path_length=1,
         )
-        ca = _certificate(
+        ca = certificate(
             subject=ca_name,
             issuer=root_name,
             key=ca_key,
@@ -306,7 +306,7 @@ class IntelTestPki:
             ca=True,
             path_length=0,
         )
-        pck = _certificate(
+        pck = certificate(
             subject=_name(pck_cn),
             issuer=ca_name,
             key=pck_key,
