@@ -105,43 +105,48 @@ def up(
     command line, in an environment or a log. Clients: `ppml.serving.InputQueue(URL)`.
     """
     with handle_errors():
-        from ppml.serving.deploy import load_settings, plan_deployment
+        from ppml.serving.deploy import load_settings
 
-        settings = load_settings(
-            config,
-            {
-                "model": model,
-                "workers": workers,
-                "tee": tee,
-                "host": host,
-                "port": port,
-                "deployment": deployment,
-                "runtime": runtime,
-                "model_name": model_name,
-            },
+        overrides = {
+            "model": model,
+            "workers": workers,
+            "tee": tee,
+            "host": host,
+            "port": port,
+            "deployment": deployment,
+            "runtime": runtime,
+            "model_name": model_name,
+        }
+        settings = load_settings(config, overrides)
+        raise typer.Exit(_plan_and_start(settings, detach, measure, workspace, passphrase_file))
+
+
+def _plan_and_start(
+    settings: Any, detach: bool, measure: bool, workspace: Path | None, passphrase_file: Path | None
+) -> int:
+    """`up` after its settings: `--measure` prints the measurements, else the deployment runs.
+    Returns the exit code."""
+    from ppml.serving.deploy import plan_deployment, with_overrides
+
+    if measure:  # the measurements of attested processes
+        settings = with_overrides(settings, tee=settings.tee or "sim")
+    ws = open_workspace(workspace, passphrase_file)
+    if settings.tee is not None and not measure:
+        from ppml.tee.launcher import harden_launcher
+
+        harden_launcher()
+    if (settings.tee is not None or measure) and not ws.dev:
+        raise ConfigurationError(
+            "the sim TEE runs only with a development workspace (`ppml init --dev`)",
+            path=ws.path,
         )
-        if measure:  # the measurements of attested processes
-            from ppml.serving.deploy import with_overrides
-
-            settings = with_overrides(settings, tee=settings.tee or "sim")
-        ws = open_workspace(workspace, passphrase_file)
-        if settings.tee is not None and not measure:
-            from ppml.tee.launcher import harden_launcher
-
-            harden_launcher()
-        if (settings.tee is not None or measure) and not ws.dev:
-            raise ConfigurationError(
-                "the sim TEE runs only with a development workspace (`ppml init --dev`)",
-                path=ws.path,
-            )
-        with ws.key_service(actor=f"serving-{settings.deployment}") as keys:
-            plan = plan_deployment(ws, keys, settings)
-            if measure:
-                for line in plan.allow_lines():
-                    typer.echo(line)
-                return
-            code = _up(ws, keys, plan, detach)
-        raise typer.Exit(code)
+    with ws.key_service(actor=f"serving-{settings.deployment}") as keys:
+        plan = plan_deployment(ws, keys, settings)
+        if measure:
+            for line in plan.allow_lines():
+                typer.echo(line)
+            return 0
+        return _up(ws, keys, plan, detach)
 
 
 def _up(ws: Any, keys: Any, plan: Any, detach: bool) -> int:
