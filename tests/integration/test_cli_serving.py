@@ -19,7 +19,7 @@ from cli_support import PASSPHRASE, client_cert, run_ppml
 from redis_support import require_redis_server
 
 from ppml.serving import InputQueue, OutputQueue
-from ppml.serving.worker import read_secret_file
+from ppml.serving.contract import read_secret_file
 from ppml.workspace import Workspace
 from serving_models import mlp_onnx_bytes, mlp_reference, write_encrypted
 

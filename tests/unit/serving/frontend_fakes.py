@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from ppml.server.boundary import Principal
-from ppml.serving.frontend import ClientTag, ModelInfo
+from ppml.serving.contract import ModelInfo
+from ppml.serving.frontend import ClientTag
 from ppml.serving.queue import DuplicateRequest, QueueFull, Result
 
 MODELS = {
