@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +20,11 @@ from ppml.cli._common import (
     print_json,
 )
 from ppml.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ppml.kms import KeyService
+    from ppml.serving.deploy import DeploySettings, Plan
+    from ppml.workspace import Workspace
 
 serving_app = typer.Typer(
     help="Serve an encrypted model: redis-server (TLS, password, AOF), an HTTPS front end and "
@@ -122,7 +127,11 @@ def up(
 
 
 def _plan_and_start(
-    settings: Any, detach: bool, measure: bool, workspace: Path | None, passphrase_file: Path | None
+    settings: DeploySettings,
+    detach: bool,
+    measure: bool,
+    workspace: Path | None,
+    passphrase_file: Path | None,
 ) -> int:
     """`up` after its settings: `--measure` prints the measurements, else the deployment runs.
     Returns the exit code."""
@@ -149,10 +158,10 @@ def _plan_and_start(
         return _up(ws, keys, plan, detach)
 
 
-def _up(ws: Any, keys: Any, plan: Any, detach: bool) -> int:
+def _up(ws: Workspace, keys: KeyService, plan: Plan, detach: bool) -> int:
     import contextlib
 
-    from ppml.cli._attested import SIM_NOTICE
+    from ppml.cli._attested import SIM_NOTICE, loopback_services
     from ppml.serving.deploy import signals_to_event, start_deployment
 
     def echo(text: str) -> None:
@@ -162,14 +171,9 @@ def _up(ws: Any, keys: Any, plan: Any, detach: bool) -> int:
     with contextlib.ExitStack() as stack:
         kms_url = None
         if plan.settings.tee is not None:
-            from ppml.server.app import create_app
-            from ppml.server.embedded import services_for, tls_files_for
-            from ppml.server.tls import serving
-
             typer.echo(SIM_NOTICE, err=True)
-            services = services_for(ws, actor=f"sim:serving-{plan.settings.deployment}")
-            stack.callback(services.close)
-            kms_url = stack.enter_context(serving(create_app(services), tls_files_for(ws))).url
+            actor = f"sim:serving-{plan.settings.deployment}"
+            kms_url = stack.enter_context(loopback_services(ws, actor, None))
         # Signals during start-up stop it too (start_deployment cleans up on any exception).
         stack.enter_context(signals_to_event(stop))
         dep = start_deployment(ws, keys, plan, kms_url=kms_url, echo=echo)

@@ -3,8 +3,8 @@
 - The environment variables whose *names* the children read (their values change per start, so
   they stay out of the measured command line): `REDIS_PORT_ENV`, `LISTEN_FD_ENV`,
   `READY_FD_ENV`.
-- Readiness: a child writes `READY_LINE` to the pipe inherited as ``$PPML_SERVING_READY_FD`` once
-  it serves (`signal_ready`).
+- Readiness: a worker writes `READY_LINE` to the pipe inherited as ``$PPML_SERVING_READY_FD``
+  once it serves (`signal_ready`); the front end is ready when its ``/healthz`` answers.
 - The key bundle a development child (no TEE) reads on stdin: ``{"keys": [{"wrapped": <wrapped
   key text>, "key": <base64>}, ...]}`` (`key_bundle`, `read_key_bundle`).
 - How to reach the queue: `QueueConfig`, its secrets read from files (`read_secret_file`), and
