@@ -119,8 +119,9 @@ def _worker_main(argv: list[str]) -> int:
     when CODEC is "plaintext" (the worker's own CLI always encrypts)."""
     import redis
 
+    from ppml.serving.contract import QueueConfig, open_queue, redis_options
     from ppml.serving.queue import ServingQueue
-    from ppml.serving.worker import QueueConfig, main, open_queue, redis_options
+    from ppml.serving.worker import main
 
     codec_name, rest = argv[0], argv[1:]
 
@@ -142,15 +143,16 @@ def _frontend_main(argv: list[str]) -> int:
 
     from ppml.api import key_provider
     from ppml.server.tls import TlsFiles, run_https
-    from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
-    from ppml.serving.model import load_model
-    from ppml.serving.queue import ServingQueue
-    from ppml.serving.worker import (
+    from ppml.serving.contract import (
+        ModelInfo,
         QueueConfig,
         open_async_client,
         read_secret_file,
         redis_options,
     )
+    from ppml.serving.frontend import FrontendSettings, create_app
+    from ppml.serving.model import load_model
+    from ppml.serving.queue import ServingQueue
 
     p = argparse.ArgumentParser(prog="serving_load.py _frontend")
     p.add_argument("--config", type=Path, required=True)

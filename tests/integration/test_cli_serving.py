@@ -20,7 +20,7 @@ from redis_support import require_redis_server
 from tests.support.serving_models import mlp_onnx_bytes, mlp_reference, write_encrypted
 
 from ppml.serving import InputQueue, OutputQueue
-from ppml.serving.worker import read_secret_file
+from ppml.serving.contract import read_secret_file
 from ppml.workspace import Workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +20,11 @@ from ppml.cli._common import (
     print_json,
 )
 from ppml.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ppml.kms import KeyService
+    from ppml.serving.deploy import DeploySettings, Plan
+    from ppml.workspace import Workspace
 
 serving_app = typer.Typer(
     help="Serve an encrypted model: redis-server (TLS, password, AOF), an HTTPS front end and "
@@ -105,49 +110,58 @@ def up(
     command line, in an environment or a log. Clients: `ppml.serving.InputQueue(URL)`.
     """
     with handle_errors():
-        from ppml.serving.deploy import load_settings, plan_deployment
+        from ppml.serving.deploy import load_settings
 
-        settings = load_settings(
-            config,
-            {
-                "model": model,
-                "workers": workers,
-                "tee": tee,
-                "host": host,
-                "port": port,
-                "deployment": deployment,
-                "runtime": runtime,
-                "model_name": model_name,
-            },
+        overrides = {
+            "model": model,
+            "workers": workers,
+            "tee": tee,
+            "host": host,
+            "port": port,
+            "deployment": deployment,
+            "runtime": runtime,
+            "model_name": model_name,
+        }
+        settings = load_settings(config, overrides)
+        raise typer.Exit(_plan_and_start(settings, detach, measure, workspace, passphrase_file))
+
+
+def _plan_and_start(
+    settings: DeploySettings,
+    detach: bool,
+    measure: bool,
+    workspace: Path | None,
+    passphrase_file: Path | None,
+) -> int:
+    """`up` after its settings: `--measure` prints the measurements, else the deployment runs.
+    Returns the exit code."""
+    from ppml.serving.deploy import plan_deployment, with_overrides
+
+    if measure:  # the measurements of attested processes
+        settings = with_overrides(settings, tee=settings.tee or "sim")
+    ws = open_workspace(workspace, passphrase_file)
+    if settings.tee is not None and not measure:
+        from ppml.tee.launcher import harden_launcher
+
+        harden_launcher()
+    if (settings.tee is not None or measure) and not ws.dev:
+        raise ConfigurationError(
+            "the sim TEE runs only with a development workspace (`ppml init --dev`)",
+            path=ws.path,
         )
-        if measure:  # the measurements of attested processes
-            from ppml.serving.deploy import with_overrides
-
-            settings = with_overrides(settings, tee=settings.tee or "sim")
-        ws = open_workspace(workspace, passphrase_file)
-        if settings.tee is not None and not measure:
-            from ppml.tee.launcher import harden_launcher
-
-            harden_launcher()
-        if (settings.tee is not None or measure) and not ws.dev:
-            raise ConfigurationError(
-                "the sim TEE runs only with a development workspace (`ppml init --dev`)",
-                path=ws.path,
-            )
-        with ws.key_service(actor=f"serving-{settings.deployment}") as keys:
-            plan = plan_deployment(ws, keys, settings)
-            if measure:
-                for line in plan.allow_lines():
-                    typer.echo(line)
-                return
-            code = _up(ws, keys, plan, detach)
-        raise typer.Exit(code)
+    with ws.key_service(actor=f"serving-{settings.deployment}") as keys:
+        plan = plan_deployment(ws, keys, settings)
+        if measure:
+            for line in plan.allow_lines():
+                typer.echo(line)
+            return 0
+        return _up(ws, keys, plan, detach)
 
 
-def _up(ws: Any, keys: Any, plan: Any, detach: bool) -> int:
+def _up(ws: Workspace, keys: KeyService, plan: Plan, detach: bool) -> int:
     import contextlib
 
-    from ppml.cli._attested import SIM_NOTICE
+    from ppml.cli._attested import SIM_NOTICE, loopback_services
     from ppml.serving.deploy import signals_to_event, start_deployment
 
     def echo(text: str) -> None:
@@ -157,14 +171,9 @@ def _up(ws: Any, keys: Any, plan: Any, detach: bool) -> int:
     with contextlib.ExitStack() as stack:
         kms_url = None
         if plan.settings.tee is not None:
-            from ppml.server.app import create_app
-            from ppml.server.embedded import services_for, tls_files_for
-            from ppml.server.tls import serving
-
             typer.echo(SIM_NOTICE, err=True)
-            services = services_for(ws, actor=f"sim:serving-{plan.settings.deployment}")
-            stack.callback(services.close)
-            kms_url = stack.enter_context(serving(create_app(services), tls_files_for(ws))).url
+            actor = f"sim:serving-{plan.settings.deployment}"
+            kms_url = stack.enter_context(loopback_services(ws, actor, None))
         # Signals during start-up stop it too (start_deployment cleans up on any exception).
         stack.enter_context(signals_to_event(stop))
         dep = start_deployment(ws, keys, plan, kms_url=kms_url, echo=echo)

@@ -21,13 +21,15 @@ Routes::
     GET  /v1/results             200 {"results": [...]}: every finished result of the requests
                                  accepted by /v1/requests (or left over by a 504), removed
     GET  /models, /metrics, /healthz
+    GET  /queue                  200 {"depth": n}: requests accepted and not yet answered (the
+                                 queue's own count) | 503 when the queue cannot be reached
 
 Clients authenticate with a certificate of the workspace CA (mutual TLS; `ppml serving client
 issue NAME` makes one): the boundary (`ppml.server.boundary`) answers 401 to a data route
 without one before reading its body. Every request id belongs to the client that submitted it:
 the queue holds it behind the client's tag, so that two clients may use the same id, no client
 can read, take or squat another's, and `GET /v1/results` returns the caller's results only.
-`/healthz`, `/models` and `/metrics` are anonymous, rate limited per address.
+`/healthz`, `/models`, `/metrics` and `/queue` are anonymous, rate limited per address.
 
 Refusals are ``{"error": <fixed text>, "reason": <what was wrong>}``; a reason names positions,
 shapes and dtypes, never values from the request, and neither do the logs. 413 when the body
@@ -71,6 +73,7 @@ from ppml.server.boundary import (
     TokenBucket,
     principal_of,
 )
+from ppml.serving.contract import NUMERIC_KINDS, ModelInfo, format_shape
 from ppml.serving.metrics import CONTENT_TYPE, ServingMetrics
 from ppml.serving.queue import DuplicateRequest, QueueFull, Result
 
@@ -93,59 +96,11 @@ _log = logging.getLogger("ppml.serving")
 
 # One catalogue for every service (ppml.server.boundary).
 CATALOGUE = _boundary.CATALOGUE
-_NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what a JSON number list may become
 _PUBLIC_LIMIT = RateLimit(50.0, 100)  # /healthz, /models, /metrics, per client address
 _REFUSALS = RateLimit(1.0, 30)  # refused data calls (401) per client address
 
 
 # -- what is served, and how -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """A served model as clients see it: one input of a fixed shape and dtype (None in the shape
-    means any size on that axis), and the names of its outputs. The workers describe their model
-    with the same facts."""
-
-    name: str
-    input_shape: tuple[int | None, ...]
-    dtype: str = "float32"
-    output_names: tuple[str, ...] = ("output",)
-
-    def __post_init__(self) -> None:
-        names.MODEL.check(self.name)
-        object.__setattr__(self, "input_shape", tuple(self.input_shape))
-        object.__setattr__(self, "output_names", tuple(self.output_names))
-        if any(d is not None and (not isinstance(d, int) or d < 1) for d in self.input_shape):
-            raise UsageError("input_shape holds positive integers or None")
-        try:
-            dtype = np.dtype(self.dtype)
-        except TypeError:
-            raise UsageError(f"unknown dtype {self.dtype!r}") from None
-        if dtype.kind not in _NUMERIC_KINDS:
-            raise UsageError("a model input must be numeric (bool, int, uint or float)")
-        object.__setattr__(self, "dtype", dtype.name)
-        if not self.output_names:
-            raise UsageError("a model has at least one output")
-
-    @classmethod
-    def from_model(cls, model: Any) -> ModelInfo:
-        """The facts of a loaded `ppml.serving.model.Model` (its input shape without the batch
-        dimension)."""
-        return cls(
-            name=model.name,
-            input_shape=tuple(model.input_shape[1:]),
-            dtype=np.dtype(model.input_dtype).name,
-            output_names=tuple(model.output_names),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "input_shape": list(self.input_shape),
-            "dtype": self.dtype,
-            "output_names": list(self.output_names),
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +298,7 @@ def _model(body: Mapping[str, Any], models: Mapping[str, ModelInfo]) -> ModelInf
 
 
 def _shape_text(shape: Sequence[int | None]) -> str:
-    return "(" + ", ".join("*" if d is None else str(d) for d in shape) + ")"
+    return "(" + format_shape(shape, ", ") + ")"
 
 
 def to_array(value: Any, info: ModelInfo, where: str) -> np.ndarray:
@@ -352,7 +307,7 @@ def to_array(value: Any, info: ModelInfo, where: str) -> np.ndarray:
         array = np.asarray(value)
     except (ValueError, TypeError):
         _bad("ragged", f"{where}: ragged nested lists")
-    if array.dtype.kind not in _NUMERIC_KINDS:
+    if array.dtype.kind not in NUMERIC_KINDS:
         _bad("non_numeric", f"{where}: not an array of numbers")
     expected = info.input_shape
     if array.ndim != len(expected) or any(
@@ -399,7 +354,7 @@ def _checked(result: Result) -> Result:
     array = result.array
     if result.error is not None:
         return result
-    if array is None or array.dtype.kind not in _NUMERIC_KINDS:
+    if array is None or array.dtype.kind not in NUMERIC_KINDS:
         return Result(result.request_id, None, "the model gave no numeric output")
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         return Result(result.request_id, None, _NOT_FINITE)
@@ -412,6 +367,165 @@ def _answer(result: Result, request_id: str) -> dict[str, Any]:
 
 
 # -- the app -------------------------------------------------------------------------------------
+
+
+class _InThreads:
+    """The synchronous queue as an `AsyncQueueLike`: each call in a worker thread."""
+
+    def __init__(self, queue: QueueLike) -> None:
+        self._queue = queue
+
+    async def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        await run_in_threadpool(self._queue.submit_many, requests)
+
+    async def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
+        return await run_in_threadpool(self._queue.take_if_complete, request_ids)
+
+
+class _FrontEnd:
+    """What the routes do, over one asynchronous queue (`aio`) for the hot path and the
+    blocking `queue` (in worker threads) for the rest."""
+
+    def __init__(
+        self,
+        queue: QueueLike,
+        aio: AsyncQueueLike,
+        models: Mapping[str, ModelInfo],
+        settings: FrontendSettings,
+        metrics: ServingMetrics,
+        waiter: ResultWaiter,
+        clock: Clock,
+        new_id: Callable[[], str],
+    ) -> None:
+        self.queue = queue
+        self.aio = aio
+        self.models = models
+        self.settings = settings
+        self.metrics = metrics
+        self.waiter = waiter
+        self.clock = clock
+        self.new_id = new_id
+        self.accepted = _Accepted(settings.pending_ttl_s, settings.max_tracked, clock)
+
+    async def submit_all(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
+        requests = [(request_id, model, array) for request_id, array in items]
+        try:
+            await self.aio.submit_many(requests)
+        except QueueFull:
+            raise _Refused(
+                503,
+                "queue_full",
+                "the queue is full: retry later",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
+        except DuplicateRequest:
+            raise _Refused(
+                409, "duplicate", "a request with this id was accepted already"
+            ) from None
+        except UsageError:  # the queue's own checks (its message may quote the request)
+            _bad("refused", "the queue refused the request")
+        self.metrics.instances.inc(len(items))
+
+    async def predict(
+        self, tag: ClientTag, body: Mapping[str, Any], timeout: float | None
+    ) -> dict[str, Any]:
+        _fields(body, {"instances", "model"})
+        info = _model(body, self.models)
+        instances = body.get("instances")
+        if not isinstance(instances, list) or not instances:
+            _bad("bad_field", "'instances' must be a non-empty list")
+        if len(instances) > self.settings.max_instances:
+            _bad("too_many", f"at most {self.settings.max_instances} instances per call")
+        arrays = [to_array(x, info, f"instance {i}") for i, x in enumerate(instances)]
+        base = self.new_id()
+        ids = [tag.queued(f"{base}-{i}") for i in range(len(arrays))]
+        await self.submit_all(info.name, list(zip(ids, arrays, strict=True)))
+        wait_s = min(timeout or self.settings.sync_timeout_s, self.settings.sync_timeout_s)
+        found = await self._results_within(tag, ids, wait_s)
+        predictions = []
+        for n, i in enumerate(ids):
+            array, error = found[i].array, found[i].error
+            if error is not None or array is None:
+                _bad("failed", f"instance {n}: {error or 'no output'}")
+            predictions.append(array.tolist())
+        return {"model": info.name, "predictions": predictions}
+
+    async def _results_within(
+        self, tag: ClientTag, ids: Sequence[str], wait_s: float
+    ) -> dict[str, Result]:
+        """The results of `ids`, taken together once all are there; a 504 after `wait_s`."""
+        deadline = self.clock() + wait_s
+        attempt = 0
+        while True:
+            # Wait first: a result is never there right after submitting (a worker needs at
+            # least a batch), and a notifying waiter returns as soon as one is stored.
+            await self.waiter.wait(ids, attempt, deadline - self.clock())
+            attempt += 1
+            fetched = await self.aio.take_if_complete(ids)
+            if all(r is not None for r in fetched):
+                return {r.request_id: _checked(r) for r in fetched if r is not None}
+            if deadline - self.clock() <= 0:
+                self.accepted.add(ids)  # the client may fetch them with /v1/requests or results
+                raise _Refused(
+                    504,
+                    "timeout",
+                    f"no result within {wait_s:g} s: fetch them later by id",
+                    extra={"ids": [tag.external(i) for i in ids]},
+                )
+
+    async def enqueue(self, tag: ClientTag, body: Mapping[str, Any]) -> str:
+        _fields(body, {"id", "model", "inputs", "instances"})
+        info = _model(body, self.models)
+        request_id = _request_id(body["id"]) if "id" in body else self.new_id()
+        if ("inputs" in body) == ("instances" in body):
+            _bad("bad_field", "give exactly one of 'inputs' and 'instances'")
+        if "instances" in body:
+            instances = body["instances"]
+            if not isinstance(instances, list) or len(instances) != 1:
+                _bad("bad_field", "'instances' must hold exactly one instance per request id")
+            value = instances[0]
+        else:
+            value = body["inputs"]
+        array = to_array(value, info, "inputs")
+        await self.submit_all(info.name, [(tag.queued(request_id), array)])
+        self.accepted.add([tag.queued(request_id)])
+        return request_id
+
+    async def fetch(self, tag: ClientTag, request_id: str) -> JSONResponse:
+        _request_id(request_id)
+        queued = tag.queued(request_id)
+        result = await run_in_threadpool(self.queue.result, queued)
+        result = _checked(result) if result is not None else None
+        if result is None:
+            if queued in self.accepted:
+                return JSONResponse({"id": request_id, "status": "pending"}, status_code=202)
+            raise _Refused(
+                404, "unknown_id", "unknown request id (never accepted, taken or expired)"
+            )
+        if result.error is not None:
+            raise _Refused(
+                400, "failed", result.error, extra={"id": request_id, "status": "failed"}
+            )
+        return JSONResponse(_answer(result, request_id))
+
+    async def results(self, tag: ClientTag) -> list[dict[str, Any]]:
+        ids = [i for i in self.accepted.ids() if tag.owns(i)]
+        taken = await run_in_threadpool(self.queue.take_results, ids) if ids else []
+        self.accepted.discard(r.request_id for r in taken)
+        return [
+            _answer(r, tag.external(r.request_id))
+            if r.error is None
+            else {"id": tag.external(r.request_id), "status": "failed", "reason": r.error}
+            for r in map(_checked, taken)
+        ]
+
+    async def depth(self) -> int | None:
+        """The queue's depth, None when the queue cannot be reached."""
+        try:
+            return int(await run_in_threadpool(self.queue.depth))
+        except Exception as exc:  # whatever the backend raises, the answer is "not ready"
+            _log.warning("health check: queue unavailable: %s", type(exc).__name__)
+            return None
 
 
 def create_app(
@@ -438,11 +552,28 @@ def create_app(
         raise UsageError("models must be keyed by their names")
     settings = settings or FrontendSettings()
     metrics = metrics or ServingMetrics()
-    waiter = waiter or PollingWaiter()
-    accepted = _Accepted(settings.pending_ttl_s, settings.max_tracked, clock)
     metrics.track_queue_depth(queue.depth)
-    catalogue_models = {"models": [m.to_dict() for m in models.values()]}
+    front = _FrontEnd(
+        queue,
+        aio if aio is not None else _InThreads(queue),
+        models,
+        settings,
+        metrics,
+        waiter or PollingWaiter(),
+        clock,
+        new_id,
+    )
+    app = _new_app(settings, metrics, clock, authenticate or client_certificates())
+    _add_refusal_handlers(app, metrics)
+    _add_data_routes(app, front)
+    _add_public_routes(app, front)
+    return app
 
+
+def _new_app(
+    settings: FrontendSettings, metrics: ServingMetrics, clock: Clock, authenticate: Authenticator
+) -> FastAPI:
+    """The app with its boundary (authentication, limits, body sizes) and its observer."""
     app = FastAPI(
         title="ppml serving front end",
         version="1",
@@ -455,7 +586,7 @@ def create_app(
     rules = [
         _boundary.Rule(
             "public",
-            r"/healthz|/models|/metrics",
+            r"/healthz|/models|/metrics|/queue",
             frozenset({"GET", "HEAD"}),
             limit=_PUBLIC_LIMIT,
             max_body=0,
@@ -463,7 +594,7 @@ def create_app(
         _boundary.Rule(
             "data",
             r"/predict|/v1/requests|/v1/requests/[^/]+|/v1/results",
-            authenticate=authenticate or client_certificates(),
+            authenticate=authenticate,
             limit=settings.rate_limit,
             refusals=_REFUSALS,
             max_body=settings.max_body_bytes,
@@ -478,13 +609,10 @@ def create_app(
         log=_log,
     )
     app.add_middleware(_Observe, metrics=metrics)  # outermost: boundary refusals are counted
+    return app
 
-    def tag_of(request: Request) -> ClientTag:
-        principal = principal_of(request.scope)
-        if principal is None:  # the boundary admits no data call without one
-            raise _Refused(401, "no_client")
-        return ClientTag(principal.name)
 
+def _add_refusal_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
     @app.exception_handler(_Refused)
     async def _refused(request: Request, exc: _Refused) -> JSONResponse:
         metrics.observe_error(exc.code)
@@ -506,99 +634,26 @@ def create_app(
         status = exc.status_code if exc.status_code in CATALOGUE else 400
         return _refusal_response(_Refused(status, "http", CATALOGUE[status]))
 
-    async def submit_all(model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
-        requests = [(request_id, model, array) for request_id, array in items]
-        try:
-            if aio is not None:
-                await aio.submit_many(requests)
-            else:
-                await run_in_threadpool(queue.submit_many, requests)
-        except QueueFull:
-            raise _Refused(
-                503,
-                "queue_full",
-                "the queue is full: retry later",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            ) from None
-        except DuplicateRequest:
-            raise _Refused(
-                409, "duplicate", "a request with this id was accepted already"
-            ) from None
-        except UsageError:  # the queue's own checks (its message may quote the request)
-            _bad("refused", "the queue refused the request")
-        metrics.instances.inc(len(items))
 
-    async def take_if_complete(ids: Sequence[str]) -> list[Result | None]:
-        if aio is not None:
-            return await aio.take_if_complete(ids)
-        return await run_in_threadpool(queue.take_if_complete, ids)
+def _tag_of(request: Request) -> ClientTag:
+    principal = principal_of(request.scope)
+    if principal is None:  # the boundary admits no data call without one
+        raise _Refused(401, "no_client")
+    return ClientTag(principal.name)
 
+
+def _add_data_routes(app: FastAPI, front: _FrontEnd) -> None:
     @app.post("/predict")
     async def predict(
         request: Request, timeout: Annotated[float | None, Query(gt=0)] = None
     ) -> JSONResponse:
-        tag = tag_of(request)
-        body = await _read_json(request)
-        _fields(body, {"instances", "model"})
-        info = _model(body, models)
-        instances = body.get("instances")
-        if not isinstance(instances, list) or not instances:
-            _bad("bad_field", "'instances' must be a non-empty list")
-        if len(instances) > settings.max_instances:
-            _bad("too_many", f"at most {settings.max_instances} instances per call")
-        arrays = [to_array(x, info, f"instance {i}") for i, x in enumerate(instances)]
-        base = new_id()
-        ids = [tag.queued(f"{base}-{i}") for i in range(len(arrays))]
-        await submit_all(info.name, list(zip(ids, arrays, strict=True)))
-
-        wait_s = min(timeout or settings.sync_timeout_s, settings.sync_timeout_s)
-        deadline = clock() + wait_s
-        attempt = 0
-        while True:
-            # Wait first: a result is never there right after submitting (a worker needs at
-            # least a batch), and a notifying waiter returns as soon as one is stored.
-            remaining = deadline - clock()
-            await waiter.wait(ids, attempt, remaining)
-            attempt += 1
-            fetched = await take_if_complete(ids)
-            if all(r is not None for r in fetched):
-                found = {r.request_id: _checked(r) for r in fetched if r is not None}
-                break
-            if deadline - clock() <= 0:
-                accepted.add(ids)  # the client may fetch them with /v1/requests or /v1/results
-                raise _Refused(
-                    504,
-                    "timeout",
-                    f"no result within {wait_s:g} s: fetch them later by id",
-                    extra={"ids": [tag.external(i) for i in ids]},
-                )
-        predictions = []
-        for n, i in enumerate(ids):
-            array, error = found[i].array, found[i].error
-            if error is not None or array is None:
-                _bad("failed", f"instance {n}: {error or 'no output'}")
-            predictions.append(array.tolist())
-        return JSONResponse({"model": info.name, "predictions": predictions})
+        tag = _tag_of(request)
+        return JSONResponse(await front.predict(tag, await _read_json(request), timeout))
 
     @app.post("/v1/requests", status_code=202)
     async def enqueue(request: Request) -> JSONResponse:
-        tag = tag_of(request)
-        body = await _read_json(request)
-        _fields(body, {"id", "model", "inputs", "instances"})
-        info = _model(body, models)
-        request_id = _request_id(body["id"]) if "id" in body else new_id()
-        if ("inputs" in body) == ("instances" in body):
-            _bad("bad_field", "give exactly one of 'inputs' and 'instances'")
-        if "instances" in body:
-            instances = body["instances"]
-            if not isinstance(instances, list) or len(instances) != 1:
-                _bad("bad_field", "'instances' must hold exactly one instance per request id")
-            value = instances[0]
-        else:
-            value = body["inputs"]
-        array = to_array(value, info, "inputs")
-        await submit_all(info.name, [(tag.queued(request_id), array)])
-        accepted.add([tag.queued(request_id)])
+        tag = _tag_of(request)
+        request_id = await front.enqueue(tag, await _read_json(request))
         return JSONResponse(
             {"id": request_id, "status": "pending"},
             status_code=202,
@@ -607,36 +662,15 @@ def create_app(
 
     @app.get("/v1/requests/{request_id}")
     async def fetch(request_id: str, request: Request) -> JSONResponse:
-        tag = tag_of(request)
-        _request_id(request_id)
-        queued = tag.queued(request_id)
-        result = await run_in_threadpool(queue.result, queued)
-        result = _checked(result) if result is not None else None
-        if result is None:
-            if queued in accepted:
-                return JSONResponse({"id": request_id, "status": "pending"}, status_code=202)
-            raise _Refused(
-                404, "unknown_id", "unknown request id (never accepted, taken or expired)"
-            )
-        if result.error is not None:
-            raise _Refused(
-                400, "failed", result.error, extra={"id": request_id, "status": "failed"}
-            )
-        return JSONResponse(_answer(result, request_id))
+        return await front.fetch(_tag_of(request), request_id)
 
     @app.get("/v1/results")
     async def results(request: Request) -> JSONResponse:
-        tag = tag_of(request)
-        ids = [i for i in accepted.ids() if tag.owns(i)]
-        taken = await run_in_threadpool(queue.take_results, ids) if ids else []
-        accepted.discard(r.request_id for r in taken)
-        out = [
-            _answer(r, tag.external(r.request_id))
-            if r.error is None
-            else {"id": tag.external(r.request_id), "status": "failed", "reason": r.error}
-            for r in map(_checked, taken)
-        ]
-        return JSONResponse({"results": out})
+        return JSONResponse({"results": await front.results(_tag_of(request))})
+
+
+def _add_public_routes(app: FastAPI, front: _FrontEnd) -> None:
+    catalogue_models = {"models": [m.to_dict() for m in front.models.values()]}
 
     @app.get("/models")
     async def list_models() -> JSONResponse:
@@ -644,18 +678,20 @@ def create_app(
 
     @app.get("/metrics")
     async def scrape() -> Response:
-        return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
+        return Response(await run_in_threadpool(front.metrics.render), media_type=CONTENT_TYPE)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        try:
-            await run_in_threadpool(queue.depth)
-        except Exception as exc:  # whatever the backend raises, the answer is "not ready"
-            _log.warning("health check: queue unavailable: %s", type(exc).__name__)
+        if await front.depth() is None:
             return JSONResponse({"status": "queue unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    return app
+    @app.get("/queue")
+    async def depth() -> JSONResponse:
+        depth = await front.depth()
+        if depth is None:
+            return JSONResponse({"status": "queue unavailable"}, status_code=503)
+        return JSONResponse({"depth": depth})
 
 
 # -- observing every request -----------------------------------------------------------------

@@ -3,9 +3,10 @@
 Started by `ppml serving up` (attested under ``--tee sim``): opens the deployment's queue with
 the payload key and the Redis password read from their (ppml-encrypted) files through this
 process's key provider, and serves `ppml.serving.frontend.create_app` over HTTPS with the given
-certificate. The model's signature comes on the command line (the front end never sees the
-model). It listens on the socket inherited as ``$PPML_SERVING_LISTEN_FD`` when set (so that the
-port, chosen at start-up, is not part of the measured command line), else on --host/--port.
+certificate. The model's signature comes on the command line as one ``--model-info`` JSON
+(`ppml.serving.contract.ModelInfo`; the front end never sees the model). It listens on the
+socket inherited as ``$PPML_SERVING_LISTEN_FD`` when set (so that the port, chosen at start-up,
+is not part of the measured command line), else on --host/--port.
 SIGTERM and SIGINT stop it gracefully.
 """
 
@@ -15,45 +16,47 @@ import argparse
 import logging
 import os
 import socket
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ppml.errors import PPMLError, UsageError
+from ppml.serving.contract import (
+    LISTEN_FD_ENV,
+    ModelInfo,
+    add_queue_arguments,
+    child_key_provider,
+    open_async_client,
+    open_queue,
+    queue_config,
+    read_secret_file,
+)
 
 __all__ = ["build_parser", "main"]
 
 _log = logging.getLogger("ppml.serving")
-LISTEN_FD_ENV = "PPML_SERVING_LISTEN_FD"
 
 
-def _shape(text: str) -> tuple[int | None, ...]:
-    if text in ("", "-"):
-        return ()
+def _model_info(text: str) -> ModelInfo:
     try:
-        return tuple(None if d.strip() in ("*", "?", "-1") else int(d) for d in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError("a shape is comma-separated sizes, '*' for any") from None
+        return ModelInfo.from_json(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ppml.serving.worker import REDIS_PORT_ENV
-
     p = argparse.ArgumentParser(
         prog="python -m ppml.serving.frontend_main",
         description="The HTTPS front end of a ppml serving deployment (started by "
         "`ppml serving up`).",
     )
-    p.add_argument("--deployment", required=True, help="the deployment (queue) name")
-    p.add_argument("--model-name", required=True)
-    p.add_argument("--input-shape", type=_shape, required=True, help="one instance: 16 or 3,*,*")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--output-names", default="output", help="comma-separated")
-    p.add_argument("--redis-host", default="127.0.0.1")
-    p.add_argument("--redis-port", type=int, default=int(os.environ.get(REDIS_PORT_ENV) or 6379))
+    add_queue_arguments(p)
+    p.add_argument(
+        "--model-info",
+        type=_model_info,
+        required=True,
+        help='the served model: {"name", "input_shape", "dtype", "output_names"} as JSON',
+    )
     p.add_argument("--redis-ca", type=Path, required=True)
-    p.add_argument("--redis-password-file", type=Path)
-    p.add_argument("--payload-key-file", type=Path, required=True)
     p.add_argument("--tls-cert", type=Path, required=True)
     p.add_argument("--tls-key", type=Path, required=True, help="encrypted PKCS#8 PEM")
     p.add_argument(
@@ -111,44 +114,22 @@ def _listening_socket(args: argparse.Namespace) -> socket.socket:
 
 def _serve(args: argparse.Namespace) -> int:
     from ppml.server.tls import TlsFiles, run_https
-    from ppml.serving.frontend import FrontendSettings, ModelInfo, create_app
-    from ppml.serving.worker import QueueConfig, open_async_client, open_queue
+    from ppml.serving.frontend import FrontendSettings, create_app
 
-    info = ModelInfo(
-        name=args.model_name,
-        input_shape=args.input_shape,
-        dtype=args.dtype,
-        output_names=tuple(n for n in args.output_names.split(",") if n),
-    )
+    info: ModelInfo = args.model_info
     settings = FrontendSettings(
         sync_timeout_s=args.sync_timeout_s,
         max_body_bytes=args.max_body_bytes,
         max_instances=args.max_instances,
     )
-    if args.keys_from_stdin:
-        from ppml.serving.deploy import read_key_bundle
-
-        provider = read_key_bundle(sys.stdin.buffer)
-    else:
-        from ppml.api import key_provider
-
-        provider = key_provider()  # type: ignore[assignment]
+    provider = child_key_provider(args.keys_from_stdin)
     for path in (args.tls_cert, args.tls_key):
         if not path.is_file():
             raise UsageError("TLS file missing", path=path)
     tls_password = None
     if args.tls_key_password_file is not None:
-        from ppml.serving.worker import read_secret_file
-
         tls_password = read_secret_file(args.tls_key_password_file, provider).decode().strip()
-    config = QueueConfig(
-        deployment=args.deployment,
-        redis_host=args.redis_host,
-        redis_port=args.redis_port,
-        redis_ca=args.redis_ca,
-        redis_password_file=args.redis_password_file,
-        payload_key_file=args.payload_key_file,
-    )
+    config = queue_config(args)
     queue = open_queue(config, provider)
     aio = queue.asynchronous(open_async_client(config, provider))
     sock = _listening_socket(args)

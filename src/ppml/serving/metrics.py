@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -30,46 +31,27 @@ class ServingMetrics:
 
     def __init__(self, *, namespace: str = "ppml_serving") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ours: dict[str, Any] = {"namespace": namespace, "registry": self.registry}
         self.requests = Counter(
-            "requests",
-            "HTTP requests answered, by route template and status code.",
-            ["route", "status"],
-            namespace=namespace,
-            registry=self.registry,
-        )
+            "requests", "HTTP requests answered, by route template and status code.",
+            ["route", "status"], **ours,
+        )  # fmt: skip
         self.latency = Histogram(
-            "request_seconds",
-            "Time to answer an HTTP request, by route template.",
-            ["route"],
-            namespace=namespace,
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+            "request_seconds", "Time to answer an HTTP request, by route template.",
+            ["route"], buckets=_LATENCY_BUCKETS, **ours,
+        )  # fmt: skip
         self.errors = Counter(
-            "errors",
-            "Refusals and failures, by reason code.",
-            ["reason"],
-            namespace=namespace,
-            registry=self.registry,
+            "errors", "Refusals and failures, by reason code.", ["reason"], **ours
         )
-        self.instances = Counter(
-            "instances",
-            "Instances accepted into the queue.",
-            namespace=namespace,
-            registry=self.registry,
-        )
+        self.instances = Counter("instances", "Instances accepted into the queue.", **ours)
         self.batch_size = Histogram(
-            "batch_size",
-            "Instances per model invocation (observed by workers).",
-            namespace=namespace,
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
-        )
+            "batch_size", "Instances per model invocation (observed by workers).",
+            buckets=_BATCH_BUCKETS, **ours,
+        )  # fmt: skip
         self.queue_depth = Gauge(
             "queue_depth",
             "Requests accepted and not yet answered (NaN when the queue cannot be reached).",
-            namespace=namespace,
-            registry=self.registry,
+            **ours,
         )
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:

@@ -23,6 +23,7 @@ from ppml.crypto.envelope import DataKeyProvider
 from ppml.crypto.stream import decrypt_stream
 from ppml.data.files import annotate_errors
 from ppml.errors import ConfigurationError, InputNotFound, NotEncrypted, UsageError
+from ppml.serving.contract import format_shape
 
 __all__ = [
     "RUNTIMES",
@@ -223,7 +224,7 @@ def _kind_name(dtype: np.dtype[Any]) -> str:
 
 
 def _shape_text(shape: Sequence[int | None]) -> str:
-    return "[" + ", ".join("*" if d is None else str(d) for d in shape) + "]"
+    return "[" + format_shape(shape, ", ") + "]"
 
 
 def default_model_name(path: Path) -> str:

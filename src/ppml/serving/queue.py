@@ -75,6 +75,7 @@ __all__ = [
     "AsyncQueueOps",
     "DuplicateRequest",
     "QueueFull",
+    "QueueLayout",
     "Request",
     "Result",
     "ServingQueue",
@@ -170,6 +171,90 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _require_binary(client: Any) -> None:
+    kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
+    if kwargs.get("decode_responses"):
+        raise UsageError("the Redis client must be made with decode_responses=False")
+
+
+class QueueLayout:
+    """What the blocking `ServingQueue` and the asyncio `AsyncQueueOps` share, with no I/O: the
+    key names, the sealed arguments of a submission, the reading of the scripts' answers, the
+    opening of stored results."""
+
+    def __init__(self, deployment: str, codec: PayloadCodec, max_length: int) -> None:
+        validate_deployment(deployment)
+        if codec.deployment != deployment:
+            raise UsageError(
+                f"the codec is for deployment {codec.deployment!r}, not {deployment!r}"
+            )
+        if max_length < 1:
+            raise UsageError("max_length must be at least 1")
+        self.deployment = deployment
+        self.codec = codec
+        self.max_length = max_length
+        self.prefix = f"ppml:serving:{deployment}"
+        self.stream_key = f"{self.prefix}:requests"
+        self.notify_channel = f"{self.prefix}:done"
+
+    def result_key(self, request_id: str) -> str:
+        return f"{self.prefix}:result:{request_id}"
+
+    def marker_key(self, request_id: str) -> str:
+        return f"{self.prefix}:accepted:{request_id}"
+
+    def submission(
+        self, requests: Sequence[tuple[str, str, np.ndarray]]
+    ) -> tuple[list[str], list[str], list[Any]]:
+        """(ids, KEYS, ARGV) of the submit script for `requests`, each payload sealed."""
+        if not requests:
+            raise UsageError("nothing to submit")
+        ids = [validate_request_id(request_id) for request_id, _m, _a in requests]
+        if len(set(ids)) != len(ids):
+            raise UsageError("a request id appears twice in one submission")
+        args: list[Any] = [self.max_length, secrets.token_hex(16)]
+        for request_id, model, array in requests:
+            validate_model(model)
+            payload = self.codec.seal(request_id, "request", array, model=model)
+            args += [request_id, model, payload]
+        return ids, [self.stream_key, *(self.marker_key(i) for i in ids)], args
+
+    @staticmethod
+    def submit_failed(exc: Exception) -> None:
+        """Raise `QueueFull` for a script error that means back-pressure."""
+        if str(exc).startswith("OOM"):  # maxmemory reached (noeviction): back-pressure
+            raise QueueFull("the serving queue is out of memory; retry later") from None
+
+    def submit_outcome(self, ids: Sequence[str], status: Any, index: Any) -> None:
+        """Raise what the submit script's answer means (nothing when accepted)."""
+        if status == -1:
+            raise DuplicateRequest(
+                f"a request with id {ids[int(index) - 1]!r} was accepted already"
+            )
+        if status == -2:
+            raise QueueFull(
+                f"the serving queue cannot take {len(ids)} more request(s): it holds up to "
+                f"{self.max_length} unanswered requests; retry later"
+            )
+
+    def open_result(self, request_id: str, blob: Any) -> Result:
+        """A stored result; one that fails to open is the error `INTEGRITY_ERROR`."""
+        try:
+            array, error = self.codec.open_result(request_id, blob)
+        except IntegrityError:
+            _log.warning(
+                "serving %s: the stored result of %s failed to open", self.deployment, request_id
+            )
+            return Result(request_id, None, INTEGRITY_ERROR)
+        return Result(request_id, array, error)
+
+    def opened(self, ids: Sequence[str], blobs: Sequence[Any]) -> list[Result | None]:
+        return [
+            None if blob is None else self.open_result(i, blob)
+            for i, blob in zip(ids, blobs, strict=True)
+        ]
+
+
 class ServingQueue:
     """The queue of one deployment. Thread-safe as far as the Redis client is.
 
@@ -187,42 +272,33 @@ class ServingQueue:
         result_ttl_s: int = 3600,
         max_deliveries: int | None = None,
     ) -> None:
-        validate_deployment(deployment)
-        if codec.deployment != deployment:
-            raise UsageError(
-                f"the codec is for deployment {codec.deployment!r}, not {deployment!r}"
-            )
-        if max_length < 1:
-            raise UsageError("max_length must be at least 1")
+        layout = QueueLayout(deployment, codec, max_length)
         if result_ttl_s < 1:
             raise UsageError("result_ttl_s must be at least 1")
         if max_deliveries is not None and max_deliveries < 1:
             raise UsageError("max_deliveries must be at least 1 (or None for no limit)")
-        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
-        if kwargs.get("decode_responses"):
-            raise UsageError("the Redis client must be made with decode_responses=False")
+        _require_binary(client)
         self._client = client
+        self.layout = layout
         self.deployment = deployment
         self.codec = codec
         self.max_length = max_length
         self.result_ttl_s = result_ttl_s
         self.max_deliveries = max_deliveries
-        prefix = f"ppml:serving:{deployment}"
-        self._prefix = prefix
-        self.stream_key = f"{prefix}:requests"
+        self.stream_key = layout.stream_key
+        self.notify_channel = layout.notify_channel
         self._submit = client.register_script(_SUBMIT_LUA)
         self._complete = client.register_script(_COMPLETE_LUA)
         self._take_if_complete = client.register_script(_TAKE_IF_COMPLETE_LUA)
-        self.notify_channel = f"{prefix}:done"
 
     def __repr__(self) -> str:
         return f"ServingQueue(deployment={self.deployment!r}, max_length={self.max_length})"
 
     def result_key(self, request_id: str) -> str:
-        return f"{self._prefix}:result:{request_id}"
+        return self.layout.result_key(request_id)
 
     def marker_key(self, request_id: str) -> str:
-        return f"{self._prefix}:accepted:{request_id}"
+        return self.layout.marker_key(request_id)
 
     # -- front end -----------------------------------------------------------------------------
 
@@ -249,44 +325,13 @@ class ServingQueue:
         is accepted once and answers success both times."""
         import redis
 
-        ids, keys, args = self._submission(requests)
+        ids, keys, args = self.layout.submission(requests)
         try:
             status, index = self._submit(keys=keys, args=args)
         except redis.ResponseError as exc:
-            self._submit_failed(exc)
+            self.layout.submit_failed(exc)
             raise
-        self._submit_outcome(ids, status, index)
-
-    def _submission(
-        self, requests: Sequence[tuple[str, str, np.ndarray]]
-    ) -> tuple[list[str], list[str], list[Any]]:
-        if not requests:
-            raise UsageError("nothing to submit")
-        ids = [validate_request_id(request_id) for request_id, _m, _a in requests]
-        if len(set(ids)) != len(ids):
-            raise UsageError("a request id appears twice in one submission")
-        args: list[Any] = [self.max_length, secrets.token_hex(16)]
-        for request_id, model, array in requests:
-            validate_model(model)
-            payload = self.codec.seal(request_id, "request", array, model=model)
-            args += [request_id, model, payload]
-        return ids, [self.stream_key, *(self.marker_key(i) for i in ids)], args
-
-    @staticmethod
-    def _submit_failed(exc: Exception) -> None:
-        if str(exc).startswith("OOM"):  # maxmemory reached (noeviction): back-pressure
-            raise QueueFull("the serving queue is out of memory; retry later") from None
-
-    def _submit_outcome(self, ids: Sequence[str], status: Any, index: Any) -> None:
-        if status == -1:
-            raise DuplicateRequest(
-                f"a request with id {ids[int(index) - 1]!r} was accepted already"
-            )
-        if status == -2:
-            raise QueueFull(
-                f"the serving queue cannot take {len(ids)} more request(s): it holds up to "
-                f"{self.max_length} unanswered requests; retry later"
-            )
+        self.layout.submit_outcome(ids, status, index)
 
     def depth(self) -> int:
         """Requests accepted and not yet answered (waiting plus in flight)."""
@@ -423,14 +468,14 @@ class ServingQueue:
         """The stored result, or None while pending (or unknown, or expired)."""
         validate_request_id(request_id)
         blob = self._client.get(self.result_key(request_id))
-        return None if blob is None else self._open_result(request_id, blob)
+        return None if blob is None else self.layout.open_result(request_id, blob)
 
     def results_of(self, request_ids: Sequence[str]) -> list[Result | None]:
         """`result` for each of `request_ids`, in order, in one round trip (MGET)."""
         ids = [validate_request_id(i) for i in request_ids]
         if not ids:
             return []
-        return self._opened(ids, self._client.mget([self.result_key(i) for i in ids]))
+        return self.layout.opened(ids, self._client.mget([self.result_key(i) for i in ids]))
 
     def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
         """`results_of(request_ids)`, in one round trip, and when every one of them is there
@@ -438,13 +483,9 @@ class ServingQueue:
         ids = [validate_request_id(i) for i in request_ids]
         if not ids:
             return []
-        return self._opened(ids, self._take_if_complete(keys=[self.result_key(i) for i in ids]))
-
-    def _opened(self, ids: Sequence[str], blobs: Sequence[Any]) -> list[Result | None]:
-        return [
-            None if blob is None else self._open_result(i, blob)
-            for i, blob in zip(ids, blobs, strict=True)
-        ]
+        return self.layout.opened(
+            ids, self._take_if_complete(keys=[self.result_key(i) for i in ids])
+        )
 
     def asynchronous(self, client: redis.asyncio.Redis) -> AsyncQueueOps:
         """The front end's hot path (`submit_many`, `take_if_complete`) as coroutines over an
@@ -473,7 +514,7 @@ class ServingQueue:
         for request_id in ids:
             pipe.getdel(self.result_key(request_id))
         return [
-            self._open_result(request_id, blob)
+            self.layout.open_result(request_id, blob)
             for request_id, blob in zip(ids, pipe.execute(), strict=True)
             if blob is not None
         ]
@@ -486,16 +527,6 @@ class ServingQueue:
             raise UsageError("a consumer name must be 1-128 characters")
         if count < 1:
             raise UsageError("count must be at least 1")
-
-    def _open_result(self, request_id: str, blob: Any) -> Result:
-        try:
-            array, error = self.codec.open_result(request_id, blob)
-        except IntegrityError:
-            _log.warning(
-                "serving %s: the stored result of %s failed to open", self.deployment, request_id
-            )
-            return Result(request_id, None, INTEGRITY_ERROR)
-        return Result(request_id, array, error)
 
     def _accept(
         self, entries: Sequence[tuple[Any, Any]], deliveries: dict[str, int]
@@ -559,10 +590,9 @@ class AsyncQueueOps:
     end: the same scripts, keys, codec and errors, over a `redis.asyncio.Redis` client."""
 
     def __init__(self, queue: ServingQueue, client: redis.asyncio.Redis) -> None:
-        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
-        if kwargs.get("decode_responses"):
-            raise UsageError("the Redis client must be made with decode_responses=False")
+        _require_binary(client)
         self.queue = queue
+        self.layout = queue.layout
         self._client = client
         self._submit = client.register_script(_SUBMIT_LUA)
         self._take_if_complete = client.register_script(_TAKE_IF_COMPLETE_LUA)
@@ -570,27 +600,27 @@ class AsyncQueueOps:
     async def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None:
         import redis
 
-        ids, keys, args = self.queue._submission(requests)
+        ids, keys, args = self.layout.submission(requests)
         try:
             status, index = await self._submit(keys=keys, args=args)
         except redis.ResponseError as exc:
-            self.queue._submit_failed(exc)
+            self.layout.submit_failed(exc)
             raise
-        self.queue._submit_outcome(ids, status, index)
+        self.layout.submit_outcome(ids, status, index)
 
     async def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
         ids = [validate_request_id(i) for i in request_ids]
         if not ids:
             return []
-        keys = [self.queue.result_key(i) for i in ids]
-        return self.queue._opened(ids, await self._take_if_complete(keys=keys))
+        keys = [self.layout.result_key(i) for i in ids]
+        return self.layout.opened(ids, await self._take_if_complete(keys=keys))
 
     def result_notifier(self, **options: Any) -> ResultNotifier:
         """A `ResultNotifier` on the queue's notification channel over this client (it starts
         with its first wait); the options go to its constructor."""
         from ppml.serving.notify import ResultNotifier
 
-        return ResultNotifier(self._client, self.queue.notify_channel, **options)
+        return ResultNotifier(self._client, self.layout.notify_channel, **options)
 
     async def aclose(self) -> None:
         await self._client.aclose()

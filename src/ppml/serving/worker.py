@@ -22,26 +22,30 @@ import logging
 import os
 import signal
 import socket
-import stat
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 from ppml.crypto.envelope import DataKeyProvider
-from ppml.crypto.stream import looks_encrypted
 from ppml.errors import PPMLError, UsageError
 from ppml.serving.batching import BatchSettings, Predictor, gather, run_batch
+from ppml.serving.contract import (
+    QueueConfig,
+    add_queue_arguments,
+    child_key_provider,
+    open_async_client,
+    open_queue,
+    parse_shape,
+    queue_config,
+    read_secret_file,
+    redis_options,
+    signal_ready,
+)
 from ppml.serving.queue import Request, Result
-
-if TYPE_CHECKING:
-    import redis.asyncio
-
-    from ppml.serving.queue import ServingQueue
 
 __all__ = [
     "QueueConfig",
@@ -52,12 +56,12 @@ __all__ = [
     "WorkerStats",
     "main",
     "open_async_client",
+    "open_queue",
+    "read_secret_file",
     "redis_options",
 ]
 
 _log = logging.getLogger(__name__)
-_MAX_SECRET_FILE = 4096
-REDIS_PORT_ENV = "PPML_SERVING_REDIS_PORT"
 
 
 class WorkerQueue(Protocol):
@@ -122,8 +126,10 @@ class Worker:
         model_name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self._queue = queue
+        self._on_ready = on_ready
         self._model = model
         self._settings = settings
         self._model_name = model_name
@@ -159,6 +165,8 @@ class Worker:
             self._settings.batch.max_batch_size,
             self._settings.batch.max_wait_ms,
         )
+        if self._on_ready is not None:
+            self._on_ready()
         failures = 0
         while not self._stop.is_set():
             try:
@@ -270,123 +278,14 @@ class Worker:
 # -- the process entry --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class QueueConfig:
-    """How to reach the deployment's queue. The secrets are files, never argv or environment:
-    each is either ppml-encrypted (opened through the key provider, so released by the KMS
-    after attestation) or a plain file that only its owner may read."""
-
-    deployment: str
-    redis_host: str = "127.0.0.1"
-    redis_port: int = 6379
-    redis_ca: Path | None = None  # TLS with this CA (host name checked); None: no TLS
-    redis_password_file: Path | None = None
-    payload_key_file: Path | None = None  # the deployment's 32-byte payload key
-    max_deliveries: int | None = 5
-
-
 QueueFactory = Callable[[QueueConfig, DataKeyProvider], WorkerQueue]
 
 
-def read_secret_file(path: Path, provider: DataKeyProvider) -> bytes:
-    """A secret from a file: decrypted through `provider` when ppml-encrypted, else a plain
-    file that must not be readable by group or others."""
-    import io
-
-    from ppml.crypto.stream import decrypt_stream
-    from ppml.data.files import annotate_errors
-
-    path = Path(path)
-    with annotate_errors(path):
-        if looks_encrypted(path):
-            buf = io.BytesIO()
-            with open(path, "rb") as fh:
-                decrypt_stream(fh, buf, provider)
-            data = buf.getvalue()
-        else:
-            if stat.S_IMODE(path.stat().st_mode) & 0o077:
-                raise UsageError(
-                    "a secret file must be readable by its owner only (chmod 600)", path=path
-                )
-            data = path.read_bytes()
-    if not 0 < len(data) <= _MAX_SECRET_FILE:
-        raise UsageError("the secret file is empty or too large", path=path)
-    return data
-
-
-def open_queue(config: QueueConfig, provider: DataKeyProvider) -> ServingQueue:
-    """The real queue: a Redis client (TLS when `redis_ca`) and the deployment's codec."""
-    import redis
-
-    from ppml.serving.codec import KEY_BYTES, PayloadCodec
-    from ppml.serving.queue import ServingQueue
-
-    if config.payload_key_file is None:
-        raise UsageError("the worker needs the deployment's payload key (--payload-key-file)")
-    key = read_secret_file(config.payload_key_file, provider)
-    if len(key) != KEY_BYTES:
-        raise UsageError(f"the payload key must be {KEY_BYTES} bytes", path=config.payload_key_file)
-    client = redis.Redis(**redis_options(config, provider))
-    return ServingQueue(
-        client,
-        deployment=config.deployment,
-        codec=PayloadCodec(key, config.deployment),
-        max_deliveries=config.max_deliveries,
-    )
-
-
-def open_async_client(
-    config: QueueConfig, provider: DataKeyProvider, *, max_connections: int = 128
-) -> redis.asyncio.Redis:
-    """An asyncio Redis client connected as `open_queue`'s (for `ServingQueue.asynchronous`),
-    with at most `max_connections` connections: beyond that, a burst of calls waits for a free
-    one instead of opening (and TLS-handshaking) still more."""
-    import redis.asyncio
-
-    options = redis_options(config, provider)
-    connection_class: Any = redis.asyncio.Connection
-    if options.pop("ssl", False):
-        connection_class = redis.asyncio.SSLConnection
-    pool = redis.asyncio.BlockingConnectionPool(
-        max_connections=max_connections,
-        timeout=options["socket_timeout"],
-        connection_class=connection_class,
-        **options,
-    )
-    return redis.asyncio.Redis(connection_pool=pool)
-
-
-def redis_options(config: QueueConfig, provider: DataKeyProvider) -> dict[str, Any]:
-    """The keyword arguments of a Redis client for `config`: host, port, the password (read
-    from its file through `provider`), TLS checked against `redis_ca` (host name included)."""
-    password: str | None = None
-    if config.redis_password_file is not None:
-        password = read_secret_file(config.redis_password_file, provider).decode().strip()
-    options: dict[str, Any] = {
-        "host": config.redis_host,
-        "port": config.redis_port,
-        "password": password,
-        "socket_timeout": 30.0,
-        "socket_connect_timeout": 10.0,
-        "health_check_interval": 30,
-    }
-    if config.redis_ca is not None:
-        options.update(
-            ssl=True,
-            ssl_ca_certs=str(config.redis_ca),
-            ssl_cert_reqs="required",
-            ssl_check_hostname=True,
-        )
-    return options
-
-
-def _shape(text: str) -> list[int | None]:
+def _shape(text: str) -> tuple[int | None, ...]:
     try:
-        return [None if d.strip() in ("*", "?", "-1") else int(d) for d in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            "a shape is comma-separated sizes, '*' for a dynamic one: 3,224,224"
-        ) from None
+        return parse_shape(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,23 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve an encrypted model from a ppml serving queue (Redis streams).",
     )
     p.add_argument("model", type=Path, help="the ppml-encrypted model file")
-    p.add_argument("--deployment", required=True, help="the deployment (queue) name")
+    add_queue_arguments(p)
     p.add_argument("--runtime", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--model-name", help="the name requests use (default: from the file name)")
     p.add_argument("--input-shape", type=_shape, help="TorchScript: one instance's shape")
     p.add_argument("--input-dtype", default="float32", help="TorchScript: the input dtype")
     p.add_argument("--intra-op-threads", type=int, default=1)
-    p.add_argument("--redis-host", default="127.0.0.1")
-    p.add_argument(
-        "--redis-port",
-        type=int,
-        default=int(os.environ.get(REDIS_PORT_ENV) or 6379),
-        help=f"default: ${REDIS_PORT_ENV}, else 6379 (a variable, so that a port chosen at "
-        "start-up does not change an attested worker's measurement)",
-    )
     p.add_argument("--redis-ca", type=Path, help="CA certificate: connect with TLS")
-    p.add_argument("--redis-password-file", type=Path)
-    p.add_argument("--payload-key-file", type=Path, required=True)
     p.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-wait-ms", type=int, default=5)
@@ -447,14 +336,8 @@ def main(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        if provider is None and args.keys_from_stdin:
-            from ppml.serving.deploy import read_key_bundle
-
-            provider = read_key_bundle(sys.stdin.buffer)
         if provider is None:
-            from ppml.api import key_provider
-
-            provider = key_provider()
+            provider = child_key_provider(args.keys_from_stdin)
         return _serve(args, provider, queue_factory or open_queue)
     except PPMLError as exc:
         _log.error("%s", exc.diagnostics())
@@ -481,18 +364,12 @@ def _serve(args: argparse.Namespace, provider: DataKeyProvider, factory: QueueFa
         input_dtype=args.input_dtype,
         insecure_allow_plaintext=args.insecure_allow_plaintext_model,
     )
-    config = QueueConfig(
-        deployment=args.deployment,
-        redis_host=args.redis_host,
-        redis_port=args.redis_port,
-        redis_ca=args.redis_ca,
-        redis_password_file=args.redis_password_file,
-        payload_key_file=args.payload_key_file,
-        max_deliveries=args.max_deliveries if args.max_deliveries > 0 else None,
+    config = queue_config(
+        args, max_deliveries=args.max_deliveries if args.max_deliveries > 0 else None
     )
     queue = factory(config, provider)
     # Only an explicit --model-name makes requests naming another model fail.
-    worker = Worker(queue, model, settings, model_name=args.model_name)
+    worker = Worker(queue, model, settings, model_name=args.model_name, on_ready=signal_ready)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         _log.info(

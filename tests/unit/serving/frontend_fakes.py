@@ -13,7 +13,8 @@ import numpy as np
 from tests.support.clock import FakeMonotonicClock as FakeClock
 
 from ppml.server.boundary import Principal
-from ppml.serving.frontend import ClientTag, ModelInfo
+from ppml.serving.contract import ModelInfo
+from ppml.serving.frontend import ClientTag
 from ppml.serving.queue import DuplicateRequest, QueueFull, Result
 
 MODELS = {

@@ -29,9 +29,9 @@ from tests.unit.serving.frontend_fakes import (
 )
 
 from ppml.errors import UsageError
+from ppml.serving.contract import ModelInfo
 from ppml.serving.frontend import (
     FrontendSettings,
-    ModelInfo,
     PollingWaiter,
     RateLimit,
     TokenBucket,

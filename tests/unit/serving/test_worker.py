@@ -25,15 +25,10 @@ from tests.support.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_referenc
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.errors import UsageError
 from ppml.serving.batching import MODEL_FAILED, BatchSettings
+from ppml.serving.contract import QueueConfig, read_secret_file
 from ppml.serving.model import Model, load_model_bytes
 from ppml.serving.queue import Request, Result
-from ppml.serving.worker import (
-    QueueConfig,
-    Worker,
-    WorkerSettings,
-    main,
-    read_secret_file,
-)
+from ppml.serving.worker import Worker, WorkerSettings, main
 
 
 class FakeQueue:
