@@ -394,7 +394,7 @@ class _FrontEnd:
         settings: FrontendSettings,
         metrics: ServingMetrics,
         waiter: ResultWaiter,
-        clock: Clock,
+        clock: MonotonicClock,
         new_id: Callable[[], str],
     ) -> None:
         self.queue = queue
@@ -571,7 +571,10 @@ def create_app(
 
 
 def _new_app(
-    settings: FrontendSettings, metrics: ServingMetrics, clock: Clock, authenticate: Authenticator
+    settings: FrontendSettings,
+    metrics: ServingMetrics,
+    clock: MonotonicClock,
+    authenticate: Authenticator,
 ) -> FastAPI:
     """The app with its boundary (authentication, limits, body sizes) and its observer."""
     app = FastAPI(

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.asgi_client import AsgiClient
 from tests.support import MemoryKeyProvider
+from tests.support.asgi import AsgiClient
 from tests.unit.serving.frontend_fakes import MODELS, FakeQueue, as_client
 
 from ppml.crypto.envelope import WrappedKey
