@@ -142,6 +142,7 @@ def _frontend_main(argv: list[str]) -> int:
     import redis
 
     from ppml.api import key_provider
+    from ppml.server.serving_frontend import FrontendSettings, create_app
     from ppml.server.tls import TlsFiles, run_https
     from ppml.serving.contract import (
         ModelInfo,
@@ -150,7 +151,6 @@ def _frontend_main(argv: list[str]) -> int:
         read_secret_file,
         redis_options,
     )
-    from ppml.serving.frontend import FrontendSettings, create_app
     from ppml.serving.model import load_model
     from ppml.serving.queue import ServingQueue
 

@@ -37,7 +37,7 @@ PUBLIC_MODULES = [
     "ppml.serving.model",
     "ppml.serving.batching",
     "ppml.serving.worker",
-    "ppml.serving.frontend",
+    "ppml.server.serving_frontend",
     "ppml.serving.client",
     "ppml.serving.metrics",
 ]

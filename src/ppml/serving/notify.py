@@ -35,7 +35,7 @@ _LISTEN_TIMEOUT_S = 1.0
 
 
 class ResultNotifier:
-    """A `ResultWaiter` (see `ppml.serving.frontend`) woken by the queue's notifications.
+    """A `ResultWaiter` (see `ppml.server.serving_frontend`) woken by the queue's notifications.
 
     Use it from one event loop. The subscription starts with the first `wait` (or `start()`)
     and reconnects by itself; `aclose()` ends it. `fallback_initial_s` .. `fallback_max_s`

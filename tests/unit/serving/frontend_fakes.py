@@ -13,8 +13,8 @@ import numpy as np
 from tests.support.clock import FakeMonotonicClock as FakeClock
 
 from ppml.server.boundary import Principal
+from ppml.server.serving_frontend import ClientTag
 from ppml.serving.contract import ModelInfo
-from ppml.serving.frontend import ClientTag
 from ppml.serving.queue import DuplicateRequest, QueueFull, Result
 
 MODELS = {

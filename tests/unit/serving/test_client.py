@@ -23,6 +23,7 @@ from tests.unit.serving.frontend_fakes import (
 from ppml.crypto.passphrase import KdfParams
 from ppml.errors import ConfigurationError, PPMLError, UsageError
 from ppml.server.embedded import tls_files_for
+from ppml.server.serving_frontend import FrontendSettings, RateLimit, create_app
 from ppml.server.tls import serving
 from ppml.serving import InputQueue, OutputQueue
 from ppml.serving.client import (
@@ -34,7 +35,6 @@ from ppml.serving.client import (
     ServingError,
     UnknownRequest,
 )
-from ppml.serving.frontend import FrontendSettings, RateLimit, create_app
 from ppml.serving.queue import DuplicateRequest, QueueFull
 from ppml.workspace import Workspace
 

@@ -14,6 +14,7 @@ from tests.unit.serving.frontend_fakes import MODELS, FakeQueue, as_client
 
 from ppml.crypto.envelope import WrappedKey
 from ppml.errors import ConfigurationError, KeyAccessError, UsageError
+from ppml.server.serving_frontend import create_app
 from ppml.serving.contract import (
     READY_FD_ENV,
     READY_LINE,
@@ -25,7 +26,6 @@ from ppml.serving.contract import (
     signal_ready,
 )
 from ppml.serving.deploy.state import DeploymentState, ProcessEntry, read_state
-from ppml.serving.frontend import create_app
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,7 @@ from tests.unit.serving.frontend_fakes import (
 )
 
 from ppml.errors import UsageError
-from ppml.serving.contract import ModelInfo
-from ppml.serving.frontend import (
+from ppml.server.serving_frontend import (
     FrontendSettings,
     PollingWaiter,
     RateLimit,
@@ -38,6 +37,7 @@ from ppml.serving.frontend import (
     create_app,
     to_array,
 )
+from ppml.serving.contract import ModelInfo
 from ppml.serving.metrics import ServingMetrics
 from ppml.serving.queue import Result
 

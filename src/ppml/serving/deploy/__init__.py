@@ -1,13 +1,14 @@
 """`ppml serving up|status|down`: one serving deployment of a workspace, as processes.
 
 A deployment is redis-server (`start_redis`: TLS only, password, AOF), one HTTPS front end
-(``python -m ppml.serving.frontend_main``) and N workers (``python -m ppml.serving.worker``), all
-on this machine, each in its own session, logging to ``<workspace>/serving/logs/`` (0600). The
-state (pids with their start times, ports, paths; nothing secret) is
-``<workspace>/serving/deployment.json`` (0600, in a 0700 directory). One deployment per
-workspace: `up` refuses while a recorded process still runs. A worker tells `up` it serves by
-writing a line to the pipe it inherits as ``$PPML_SERVING_READY_FD``; the front end is ready
-when its ``/healthz`` answers, and that answer carries the queue's depth for `status`.
+(``python -m ppml.server.serving_frontend_main``, the HTTP side lives in `ppml.server`) and N
+workers (``python -m ppml.serving.worker``), all on this machine, each in its own session,
+logging to ``<workspace>/serving/logs/`` (0600). The state (pids with their start times, ports,
+paths; nothing secret) is ``<workspace>/serving/deployment.json`` (0600, in a 0700 directory).
+One deployment per workspace: `up` refuses while a recorded process still runs. A worker tells
+`up` it serves by writing a line to the pipe it inherits as ``$PPML_SERVING_READY_FD``; the
+front end is ready when its ``/healthz`` answers; `status` reads the queue's depth from the
+front end's ``/queue``.
 
 The modules: `settings` (flags and TOML), `plan` (the commands, the measurements, the secret
 files), `supervise` (starting and stopping processes), `state` (the recorded deployment),

@@ -163,7 +163,7 @@ def _frontend_command(
         sys.executable,
         "-I",
         "-m",
-        "ppml.serving.frontend_main",
+        "ppml.server.serving_frontend_main",
         *_common_args(s, where),
         "--model-info",
         info.to_json(),

@@ -1,9 +1,9 @@
-"""The front end's process entry: ``python -m ppml.serving.frontend_main ...``.
+"""The front end's process entry: ``python -m ppml.server.serving_frontend_main ...``.
 
 Started by `ppml serving up` (attested under ``--tee sim``): opens the deployment's queue with
 the payload key and the Redis password read from their (ppml-encrypted) files through this
-process's key provider, and serves `ppml.serving.frontend.create_app` over HTTPS with the given
-certificate. The model's signature comes on the command line as one ``--model-info`` JSON
+process's key provider, and serves `ppml.server.serving_frontend.create_app` over HTTPS with
+the given certificate. The model's signature comes on the command line as one ``--model-info`` JSON
 (`ppml.serving.contract.ModelInfo`; the front end never sees the model). It listens on the
 socket inherited as ``$PPML_SERVING_LISTEN_FD`` when set (so that the port, chosen at start-up,
 is not part of the measured command line), else on --host/--port.
@@ -45,7 +45,7 @@ def _model_info(text: str) -> ModelInfo:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ppml.serving.frontend_main",
+        prog="python -m ppml.server.serving_frontend_main",
         description="The HTTPS front end of a ppml serving deployment (started by "
         "`ppml serving up`).",
     )
@@ -113,8 +113,8 @@ def _listening_socket(args: argparse.Namespace) -> socket.socket:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from ppml.server.serving_frontend import FrontendSettings, create_app
     from ppml.server.tls import TlsFiles, run_https
-    from ppml.serving.frontend import FrontendSettings, create_app
 
     info: ModelInfo = args.model_info
     settings = FrontendSettings(
