@@ -23,11 +23,12 @@ if TYPE_CHECKING:
         AttestedFacts,
         Decision,
         Policy,
-        PolicyStore,
         Reason,
         Rule,
         primary_measurement,
     )
+    from ppml.kms.release_policies import ReleasePolicies
+    from ppml.kms.release_policies import ReleasePolicies as PolicyStore
     from ppml.kms.service import KeyInfo, KeyService, KeyVersionInfo
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "Policy",
     "PolicyStore",
     "Reason",
+    "ReleasePolicies",
     "ReleasedKey",
     "Rule",
     "TokenVerifier",
@@ -51,7 +53,7 @@ __all__ = [
     "primary_measurement",
 ]
 
-__getattr__ = lazy_exports(
+_lazy = lazy_exports(
     __name__,
     {
         "ppml.kms.audit": ("AuditEntry", "AuditLog", "AuditVerification"),
@@ -61,11 +63,16 @@ __getattr__ = lazy_exports(
             "AttestedFacts",
             "Decision",
             "Policy",
-            "PolicyStore",
             "Reason",
             "Rule",
             "primary_measurement",
         ),
+        "ppml.kms.release_policies": ("ReleasePolicies",),
         "ppml.kms.service": ("KeyInfo", "KeyService", "KeyVersionInfo"),
     },
 )
+
+
+def __getattr__(name: str) -> object:
+    # `PolicyStore` is the earlier name of `ReleasePolicies`, kept for the callers that use it.
+    return _lazy("ReleasePolicies" if name == "PolicyStore" else name)

@@ -39,15 +39,8 @@ from ppml.crypto.hpke import (
 )
 from ppml.errors import AttestationFailed, ConfigurationError, IntegrityError, UsageError
 from ppml.kms.audit import Refusal
-from ppml.kms.policy import (
-    AttestedFacts,
-    Decision,
-    Policy,
-    PolicyStore,
-    Reason,
-    Rule,
-    primary_measurement,
-)
+from ppml.kms.policy import AttestedFacts, Decision, Policy, Reason, Rule, primary_measurement
+from ppml.kms.release_policies import ReleasePolicies
 from ppml.kms.service import KeyService
 
 __all__ = [
@@ -173,7 +166,7 @@ class KeyBroker:
         return f"KeyBroker({self._keys!r}, allow_sim={self._allow_sim})"
 
     @property
-    def policies(self) -> PolicyStore:
+    def policies(self) -> ReleasePolicies:
         """The release policies this broker enforces."""
         return self._keys.policies(allow_sim=self._allow_sim)
 
@@ -213,7 +206,7 @@ class KeyBroker:
         if claims is None:
             claims = self._verify(OP_DATAKEY, key_name, None, token)
         detail = _detail(claims, "datakey")
-        wrapped, sealed = self._keys.release_data_key(
+        wrapped, sealed = self._keys.releases.data_key(
             key_name,
             authorize=self._authorizer(claims),
             seal_key=self._sealer(claims, "datakey", detail),
@@ -232,7 +225,7 @@ class KeyBroker:
         if claims is None:
             claims = self._verify(OP_UNWRAP, wrapped.key_name, wrapped.version, token)
         detail = _detail(claims, "unwrap")
-        released, sealed = self._keys.release_unwrapped(
+        released, sealed = self._keys.releases.unwrapped(
             wrapped,
             authorize=self._authorizer(claims),
             seal_key=self._sealer(claims, "unwrap", detail),
@@ -293,7 +286,7 @@ class KeyBroker:
         except Exception as exc:
             # Not a verdict on the token: a fault. Record it, then let it surface as one.
             _log.error("key broker %s %r: token verifier failed: %s", op, key_name, type(exc))
-            self._keys.record(
+            self._keys.releases.record(
                 op,
                 key_name=key_name,
                 version=version,
@@ -314,7 +307,7 @@ class KeyBroker:
         if suppressed is not None:
             if suppressed:
                 record["suppressed"] = suppressed
-            self._keys.record(
+            self._keys.releases.record(
                 op, key_name=key_name, version=version, outcome="denied", detail=record
             )
         _log.info("key broker %s %r: refused: %s", op, key_name, reason)
@@ -326,7 +319,9 @@ class KeyBroker:
             detail: dict[str, Any] = {"reason": reason, "suppressed": count}
             if client is not None:
                 detail["client"] = _clip(client)
-            self._keys.record(op, key_name=None, version=None, outcome="denied", detail=detail)
+            self._keys.releases.record(
+                op, key_name=None, version=None, outcome="denied", detail=detail
+            )
 
     def _authorizer(self, claims: TokenClaims) -> Callable[[Policy], Decision]:
         allow_sim = self._allow_sim

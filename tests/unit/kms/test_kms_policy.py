@@ -12,12 +12,11 @@ import pytest
 
 from ppml.attestation.claims import EvidenceClaims, TcbStatus, TeeType, TokenClaims
 from ppml.errors import IntegrityError, KeyNotFound, UsageError
-from ppml.kms import KeyService
+from ppml.kms import KeyService, PolicyStore
 from ppml.kms.policy import (
     PRIMARY_MEASUREMENT,
     Decision,
     Policy,
-    PolicyStore,
     Reason,
     Rule,
     parse_measurement,
