@@ -39,8 +39,9 @@ from ppml.crypto.hpke import (
 )
 from ppml.errors import AttestationFailed, ConfigurationError, IntegrityError, UsageError
 from ppml.kms.audit import Refusal
-from ppml.kms.policy import AttestedFacts, Decision, Policy, Reason, Rule, primary_measurement
+from ppml.kms.policy import AttestedFacts, Reason, Rule, primary_measurement
 from ppml.kms.release_policies import ReleasePolicies
+from ppml.kms.releases import ReleaseTerms
 from ppml.kms.service import KeyService
 
 __all__ = [
@@ -205,14 +206,8 @@ class KeyBroker:
         validate_key_name(key_name)
         if claims is None:
             claims = self._verify(OP_DATAKEY, key_name, None, token)
-        detail = _detail(claims, "datakey")
-        wrapped, sealed = self._keys.releases.data_key(
-            key_name,
-            authorize=self._authorizer(claims),
-            seal_key=self._sealer(claims, "datakey", detail),
-            op=OP_DATAKEY,
-            detail=detail,
-        )
+        terms = self._terms(claims, OP_DATAKEY)
+        wrapped, sealed = self._keys.releases.data_key(key_name, terms)
         return ReleasedKey(wrapped, sealed, "datakey")
 
     def unwrap(
@@ -224,14 +219,8 @@ class KeyBroker:
             raise UsageError("unwrap needs a WrappedKey")
         if claims is None:
             claims = self._verify(OP_UNWRAP, wrapped.key_name, wrapped.version, token)
-        detail = _detail(claims, "unwrap")
-        released, sealed = self._keys.releases.unwrapped(
-            wrapped,
-            authorize=self._authorizer(claims),
-            seal_key=self._sealer(claims, "unwrap", detail),
-            op=OP_UNWRAP,
-            detail=detail,
-        )
+        terms = self._terms(claims, OP_UNWRAP)
+        released, sealed = self._keys.releases.unwrapped(wrapped, terms)
         return ReleasedKey(released, sealed, "unwrap")
 
     # -- administration (the HTTP admin routes use these) --------------------------------
@@ -323,14 +312,13 @@ class KeyBroker:
                 op, key_name=None, version=None, outcome="denied", detail=detail
             )
 
-    def _authorizer(self, claims: TokenClaims) -> Callable[[Policy], Decision]:
+    def _terms(self, claims: TokenClaims, op: str) -> ReleaseTerms:
+        """A release `op` for the workload of `claims`: decided by the key's policy, the data
+        key sealed to the token's public key."""
+        purpose = _PURPOSE[op]
+        detail = _detail(claims, purpose)
         allow_sim = self._allow_sim
-        return lambda policy: policy.evaluate(claims, allow_sim=allow_sim)
 
-    @staticmethod
-    def _sealer(
-        claims: TokenClaims, purpose: ReleasePurpose, detail: Mapping[str, Any]
-    ) -> Callable[[WrappedKey, bytes], bytes]:
         def seal(wrapped: WrappedKey, dek: bytes) -> bytes:
             try:
                 return seal_to(claims.public_key, dek, info=release_info(wrapped, purpose))
@@ -339,7 +327,9 @@ class KeyBroker:
                     AttestationFailed(ATTESTATION_FAILED), "denied", Reason.BAD_PUBLIC_KEY, detail
                 ) from None
 
-        return seal
+        return ReleaseTerms(
+            op, lambda policy: policy.evaluate(claims, allow_sim=allow_sim), seal, detail
+        )
 
     def _now(self) -> _dt.datetime:
         now = self._clock()

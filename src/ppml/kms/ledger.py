@@ -30,7 +30,6 @@ from ppml.errors import (
     KeyNotFound,
     KeyVersionNotFound,
     PPMLError,
-    UsageError,
 )
 from ppml.kms import sqlite as _sqlite
 from ppml.kms import state as _state
@@ -131,6 +130,13 @@ class KeyLedger:
         """One key's rows, checked against the authenticated state."""
         return self.state.key(conn, name)
 
+    def existing_key(self, conn: sqlite3.Connection, name: str) -> CheckedKey:
+        """`key`, for a key that must exist: else `KeyNotFound`."""
+        key = self.state.key(conn, name)
+        if not key.exists:
+            raise KeyNotFound(f"no key named {name!r}")
+        return key
+
     def verify_state(self) -> StateVerification:
         """`KeyService.verify_state`: the master key checked, then the whole state."""
         self.require_master_key()
@@ -167,11 +173,9 @@ class KeyLedger:
                         record = self.state.advance(conn, ts, op, key_name, version, detail)
                         return value, None, record
             except Refusal as exc:
-                self._append(
-                    conn, ts, op, key_name, version_asked, exc.outcome, exc.record_detail()
-                )
+                self.append(conn, ts, op, key_name, version_asked, exc.outcome, exc.record_detail())
                 return None, exc, None
-            self._append(conn, ts, op, key_name, version, "ok", detail)
+            self.append(conn, ts, op, key_name, version, "ok", detail)
             return value, None, None
 
         # Group commit: concurrent operations share one durable commit.
@@ -183,37 +187,12 @@ class KeyLedger:
             self.state.committed(record)
         return value  # type: ignore[return-value]  # None only together with a refusal
 
-    def record(
-        self,
-        op: str,
-        *,
-        key_name: str | None,
-        version: int | None,
-        outcome: Outcome,
-        detail: Mapping[str, Any],
-    ) -> AuditEntry:
-        """Append one audit record for a decision taken outside the key service (the broker's
-        token refusals). `detail` must not hold secrets."""
-        if op in _state.STATE_OPS:
-            raise UsageError(f"{op!r} is recorded by the key service itself")
-        self.require_master()
-        ts = self.now()
-        return self.db.write_shared(
-            lambda conn: self._append(conn, ts, op, key_name, version, outcome, detail)
-        )
-
-    def _append(
-        self,
-        conn: sqlite3.Connection,
-        ts: _dt.datetime,
-        op: str,
-        key_name: str | None,
-        version: int | None,
-        outcome: Outcome,
-        detail: Mapping[str, Any],
-        *,
+    def append(
+        self, conn: sqlite3.Connection, ts: _dt.datetime, op: str, key_name: str | None,
+        version: int | None, outcome: Outcome, detail: Mapping[str, Any], *,
         state_version: int | None = None,
-    ) -> AuditEntry:
+    ) -> AuditEntry:  # fmt: skip
+        """Append an audit record of this ledger's actor inside the caller's transaction."""
         return self.audit.append(
             conn,
             ts=ts,
@@ -230,7 +209,7 @@ class KeyLedger:
         self, conn: sqlite3.Connection, ts: _dt.datetime, op: str, key_name: str | None,
         version: int | None, detail: Mapping[str, Any], *, state_version: int,
     ) -> None:  # fmt: skip
-        self._append(conn, ts, op, key_name, version, "ok", detail, state_version=state_version)
+        self.append(conn, ts, op, key_name, version, "ok", detail, state_version=state_version)
 
     # -- the master key ------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from ppml.attestation.claims import TeeType
 from ppml.crypto.envelope import validate_key_name
-from ppml.errors import KeyNotFound, UsageError
+from ppml.errors import UsageError
 from ppml.kms import sqlite as _sqlite
 from ppml.kms import state as _state
 from ppml.kms.audit import Refusal
@@ -108,10 +108,7 @@ class ReleasePolicies:
         """The key's policy (`IntegrityError` if a stored rule was altered)."""
         validate_key_name(key_name)
         with self._ledger.read() as conn:
-            key = self._ledger.key(conn, key_name)
-            if not key.exists:
-                raise KeyNotFound(f"no key named {key_name!r}")
-            policy = self._ledger.rules.policy(key)
+            policy = self._ledger.rules.policy(self._ledger.existing_key(conn, key_name))
         if not policy.intact:
             raise self._ledger.state.failure(f"key {key_name!r}: its release rules differ")
         return policy

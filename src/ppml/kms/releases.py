@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from ppml.crypto.envelope import DATA_KEY_BYTES, WrappedKey, validate_key_name
 from ppml.errors import AccessDenied, UsageError
+from ppml.kms import state as _state
 from ppml.kms.audit import AuditEntry, Outcome, Refusal
 from ppml.kms.ledger import KeyLedger, unknown_key
 from ppml.kms.policy import Decision, Policy, Reason
 from ppml.kms.state_guard import CheckedKey
 
-__all__ = ["ACCESS_DENIED", "Authorize", "KeyReleases", "SealKey"]
+__all__ = ["ACCESS_DENIED", "Authorize", "KeyReleases", "ReleaseTerms", "SealKey"]
 
 # The one message every release refusal after a valid token carries (unknown key or version,
 # policy denial): a caller cannot tell which keys exist. The reason goes to the audit and log.
@@ -28,6 +30,17 @@ SealKey = Callable[[WrappedKey, bytes], bytes]
 _Produce = Callable[[CheckedKey], tuple[WrappedKey, bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class ReleaseTerms:
+    """How one release is decided (`authorize`), sealed for its recipient (`seal_key`) and
+    audited (as `op`, with `detail`, which must not hold secrets)."""
+
+    op: str
+    authorize: Authorize
+    seal_key: SealKey
+    detail: Mapping[str, Any]
+
+
 class KeyReleases:
     """Releases of the data keys of one key store (obtain with `KeyService.releases`)."""
 
@@ -37,19 +50,11 @@ class KeyReleases:
     def __repr__(self) -> str:
         return f"KeyReleases({str(self._ledger.path)!r})"
 
-    def data_key(
-        self,
-        key_name: str,
-        *,
-        authorize: Authorize,
-        seal_key: SealKey,
-        op: str,
-        detail: Mapping[str, Any],
-    ) -> tuple[WrappedKey, bytes]:
-        """A fresh data key of the key's current version, if `authorize` allows it under the
-        key's policy: returns its wrapped form and what `seal_key` made of the plaintext, which
-        never leaves this call otherwise. An unknown key and a denial both raise
-        `AccessDenied(ACCESS_DENIED)`; every outcome is audited as `op` with `detail`."""
+    def data_key(self, key_name: str, terms: ReleaseTerms) -> tuple[WrappedKey, bytes]:
+        """A fresh data key of the key's current version, if `terms.authorize` allows it under
+        the key's policy: returns its wrapped form and what `terms.seal_key` made of the
+        plaintext, which never leaves this call otherwise. An unknown key and a denial both
+        raise `AccessDenied(ACCESS_DENIED)`; every outcome is audited."""
         validate_key_name(key_name)
         ledger = self._ledger
 
@@ -58,17 +63,9 @@ class KeyReleases:
             dek = ledger.random_exact(DATA_KEY_BYTES)
             return ledger.wrap_dek(key, version, dek), dek
 
-        return self._release(op, key_name, None, produce, authorize, seal_key, detail)
+        return self._release(key_name, None, produce, terms)
 
-    def unwrapped(
-        self,
-        wrapped: WrappedKey,
-        *,
-        authorize: Authorize,
-        seal_key: SealKey,
-        op: str,
-        detail: Mapping[str, Any],
-    ) -> tuple[WrappedKey, bytes]:
+    def unwrapped(self, wrapped: WrappedKey, terms: ReleaseTerms) -> tuple[WrappedKey, bytes]:
         """Like `data_key`, for the data key inside `wrapped`. An unknown version is refused
         like an unknown key; a wrapped key that fails authentication is an `IntegrityError`."""
         if not isinstance(wrapped, WrappedKey):
@@ -76,12 +73,12 @@ class KeyReleases:
 
         def produce(key: CheckedKey) -> tuple[WrappedKey, bytes]:
             if key.wrapped_kek(wrapped.version) is None:
-                raise Refusal(AccessDenied(ACCESS_DENIED), "denied", Reason.UNKNOWN_VERSION, detail)
+                raise Refusal(
+                    AccessDenied(ACCESS_DENIED), "denied", Reason.UNKNOWN_VERSION, terms.detail
+                )
             return wrapped, self._ledger.unwrap_dek(key, wrapped)
 
-        return self._release(
-            op, wrapped.key_name, wrapped.version, produce, authorize, seal_key, detail
-        )
+        return self._release(wrapped.key_name, wrapped.version, produce, terms)
 
     def record(
         self,
@@ -94,21 +91,19 @@ class KeyReleases:
     ) -> AuditEntry:
         """Append one audit record for a decision taken before the key store is reached (the
         broker's token refusals). `detail` must not hold secrets."""
-        return self._ledger.record(
-            op, key_name=key_name, version=version, outcome=outcome, detail=detail
+        if op in _state.STATE_OPS:
+            raise UsageError(f"{op!r} is recorded by the key service itself")
+        ledger = self._ledger
+        ledger.require_master()
+        ts = ledger.now()
+        return ledger.db.write_shared(
+            lambda conn: ledger.append(conn, ts, op, key_name, version, outcome, detail)
         )
 
     def _release(
-        self,
-        op: str,
-        key_name: str,
-        version_asked: int | None,
-        produce: _Produce,
-        authorize: Authorize,
-        seal_key: SealKey,
-        detail: Mapping[str, Any],
+        self, key_name: str, version_asked: int | None, produce: _Produce, terms: ReleaseTerms
     ) -> tuple[WrappedKey, bytes]:
-        ledger = self._ledger
+        ledger, detail = self._ledger, terms.detail
 
         def body(
             conn: sqlite3.Connection, now: str
@@ -119,14 +114,14 @@ class KeyReleases:
                 raise unknown_key(
                     key_name, Reason.UNKNOWN_KEY, detail, error=AccessDenied(ACCESS_DENIED)
                 )
-            decision = authorize(ledger.rules.policy(key))
+            decision = terms.authorize(ledger.rules.policy(key))
             if not decision.allowed:
                 raise Refusal(AccessDenied(ACCESS_DENIED), "denied", decision.reason, detail)
             try:
                 wrapped, dek = produce(key)
             except Refusal as exc:
                 raise Refusal(exc.error, exc.outcome, exc.reason, detail) from None
-            sealed = seal_key(wrapped, dek)
+            sealed = terms.seal_key(wrapped, dek)
             return (wrapped, sealed), wrapped.version, {**detail, "reason": decision.reason}
 
-        return ledger.run(op, key_name, version_asked, body)
+        return ledger.run(terms.op, key_name, version_asked, body)

@@ -11,12 +11,11 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ppml._internal.clock import Clock, utc_now
 from ppml.crypto.envelope import DATA_KEY_BYTES, DataKey, WrappedKey, validate_key_name
-from ppml.errors import KeyExists, KeyNotFound, UsageError
+from ppml.errors import KeyExists, UsageError
 from ppml.kms import sqlite as _sqlite
 from ppml.kms.audit import AuditLog, Refusal
 from ppml.kms.ledger import KeyLedger
@@ -129,12 +128,7 @@ class KeyService:
     def __enter__(self) -> KeyService:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- metadata ------------------------------------------------------------------------
@@ -147,10 +141,7 @@ class KeyService:
     def describe(self, name: str) -> KeyInfo:
         validate_key_name(name)
         with self._ledger.read() as conn:
-            key = self._ledger.key(conn, name)
-        if not key.exists:
-            raise KeyNotFound(f"no key named {name!r}")
-        return _checked_info(key)
+            return _checked_info(self._ledger.existing_key(conn, name))
 
     def verify_state(self) -> StateVerification:
         """Check every row that decides a release or a key against the authenticated state
