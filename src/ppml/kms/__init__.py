@@ -2,8 +2,9 @@
 policies, the key broker, and an audit log.
 
 `KeyService` implements `ppml.crypto.envelope.DataKeyProvider`; every key operation it performs
-is recorded in a hash-chained `AuditLog` in the same SQLite file. `KeyBroker` releases data keys
-to attested workloads whose tokens satisfy a key's `Policy` (see `ppml.kms.policy`).
+is recorded in a hash-chained `AuditLog` in the same SQLite file. `KeyService.policies` gives
+the keys' `ReleasePolicies`; `KeyBroker` releases data keys to attested workloads whose tokens
+satisfy a key's `Policy` (the values are in `ppml.kms.policy`).
 
 The names below are imported from their modules on first use: a command that only wraps and
 unwraps keys does not import the broker and, with it, the attestation layer.

@@ -17,7 +17,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from hmac import compare_digest
 from types import MappingProxyType
 from typing import Any, Literal
@@ -108,12 +108,7 @@ class AuditVerification:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "count": self.count,
-            "first_bad_seq": self.first_bad_seq,
-            "reason": self.reason,
-        }
+        return asdict(self)
 
 
 def _timestamp(ts: _dt.datetime) -> str:

@@ -119,7 +119,7 @@ class KeyRow:
 
 @dataclass(frozen=True, slots=True)
 class RuleRow:
-    """One release rule as stored (unchecked: the key service verifies `mac`)."""
+    """One release rule as stored (unchecked: `ppml.kms.stored_rules` verifies `mac`)."""
 
     key_name: str
     tee: object
