@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,12 +13,15 @@ from ppml.cli._common import (
     FormatOption,
     PassphraseFileOption,
     WorkspaceOption,
-    check_format,
     handle_errors,
     open_workspace,
     print_json,
 )
+from ppml.cli._kms import kms_command, with_keys
 from ppml.errors import IntegrityError
+
+if TYPE_CHECKING:
+    from ppml.kms import KeyInfo, KeyService
 
 key_app = typer.Typer(
     help="Named keys: create, list, show, rotate.", no_args_is_help=True, add_completion=False
@@ -52,6 +57,17 @@ def _show_key(info: dict[str, object], fmt: str) -> None:
         typer.echo(f"  v{v['version']:<4} created {v['created_at']}")
 
 
+def _key_command(
+    fmt: str,
+    workspace: Path | None,
+    passphrase_file: Path | None,
+    op: Callable[[KeyService], KeyInfo],
+) -> None:
+    """Run one operation on a named key and show the key as it left it."""
+    with kms_command(fmt):
+        _show_key(with_keys(workspace, passphrase_file, op).to_dict(), fmt)
+
+
 @key_app.command("create")
 def key_create(
     name: NameArg,
@@ -60,10 +76,7 @@ def key_create(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Create a named key (version 1)."""
-    with handle_errors():
-        check_format(fmt)
-        with open_workspace(workspace, passphrase_file).key_service() as keys:
-            _show_key(keys.create_key(name).to_dict(), fmt)
+    _key_command(fmt, workspace, passphrase_file, lambda keys: keys.create_key(name))
 
 
 @key_app.command("list")
@@ -73,10 +86,10 @@ def key_list(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """List the named keys with their current versions."""
-    with handle_errors():
-        check_format(fmt)
-        with open_workspace(workspace, passphrase_file).key_service() as keys:
-            infos = [k.to_dict() for k in keys.list_keys()]
+    with kms_command(fmt):
+        infos = with_keys(
+            workspace, passphrase_file, lambda keys: [k.to_dict() for k in keys.list_keys()]
+        )
         if fmt == "json":
             print_json(infos)
             return
@@ -96,10 +109,7 @@ def key_show(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Show a named key's versions (metadata only, never key material)."""
-    with handle_errors():
-        check_format(fmt)
-        with open_workspace(workspace, passphrase_file).key_service() as keys:
-            _show_key(keys.describe(name).to_dict(), fmt)
+    _key_command(fmt, workspace, passphrase_file, lambda keys: keys.describe(name))
 
 
 @key_app.command("rotate")
@@ -110,10 +120,7 @@ def key_rotate(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Add a new version: new files use it, old files still decrypt (`ppml rewrap` moves them)."""
-    with handle_errors():
-        check_format(fmt)
-        with open_workspace(workspace, passphrase_file).key_service() as keys:
-            _show_key(keys.rotate(name).to_dict(), fmt)
+    _key_command(fmt, workspace, passphrase_file, lambda keys: keys.rotate(name))
 
 
 @audit_app.command("show")
@@ -127,10 +134,12 @@ def audit_show(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Show the audit log: every key operation, allowed or refused."""
-    with handle_errors():
-        check_format(fmt)
-        with open_workspace(workspace, passphrase_file).key_service() as keys:
-            entries = [e.to_dict() for e in keys.audit.entries(limit=limit, key_name=key)]
+    with kms_command(fmt):
+        entries = with_keys(
+            workspace,
+            passphrase_file,
+            lambda keys: [e.to_dict() for e in keys.audit.entries(limit=limit, key_name=key)],
+        )
         if fmt == "json":
             print_json(entries)
             return
@@ -156,11 +165,10 @@ def audit_verify(
     against the audit log, and the state counter kept outside the workspace (a rollback of the
     whole key store file). Exit 0 when both are intact, 3 when not.
     """
-    with handle_errors():
-        check_format(fmt)
-        with open_workspace(workspace, passphrase_file).key_service() as keys:
-            chain = keys.audit.verify()
-            state = keys.verify_state()
+    with kms_command(fmt):
+        chain, state = with_keys(
+            workspace, passphrase_file, lambda keys: (keys.audit.verify(), keys.verify_state())
+        )
         if fmt == "json":
             print_json({**chain.to_dict(), "state": state.to_dict()})
         else:

@@ -7,19 +7,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ppml.cli._common import (
-    FormatOption,
-    PassphraseFileOption,
-    WorkspaceOption,
-    check_format,
-    handle_errors,
-    open_workspace,
-    print_json,
-)
+from ppml.cli._common import FormatOption, PassphraseFileOption, WorkspaceOption, print_json
+from ppml.cli._kms import kms_command, with_policies
 from ppml.errors import UsageError
 
 if TYPE_CHECKING:
-    from ppml.kms.policy import Policy
+    from ppml.kms.policy import Policy, Rule
 
 policy_app = typer.Typer(
     help="Release policies: which TEE measurements may get which key.",
@@ -73,6 +66,30 @@ def _min_reported_tcb(text: str | None) -> dict[str, int] | None:
             raise UsageError("--min-reported-tcb takes NAME=LEVEL pairs, comma-separated")
         out[name.strip().lower()] = int(value)
     return out
+
+
+def _rtmrs(items: list[str] | None) -> dict[str, str]:
+    """``--rtmr N=HEX`` options -> {"rtmrN": HEX} (the digests validated by `Rule`)."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        index, sep, value = item.partition("=")
+        if not sep or index.strip() not in ("0", "1", "2", "3"):
+            raise UsageError("--rtmr takes N=HEX with N from 0 to 3")
+        out[f"rtmr{index.strip()}"] = value
+    return out
+
+
+def _rule(tee: str, measurement: str, debug_ok: bool, min_tcb: str, extra: dict[str, Any]) -> Rule:
+    """The rule `ppml policy allow` adds; `extra`: its TEE-specific options (None: not given)."""
+    from ppml.kms.policy import Rule, parse_measurement, parse_tcb_status, parse_tee
+
+    return Rule(
+        parse_tee(tee),
+        parse_measurement(measurement),
+        debug_ok,
+        parse_tcb_status(min_tcb),
+        **{k: v for k, v in extra.items() if v is not None},
+    )
 
 
 @policy_app.command("allow")
@@ -135,36 +152,21 @@ def policy_allow(
     The sim TEE is accepted only in a dev workspace (`ppml init --dev`). The TEE-specific
     options add reference values that must hold too.
     """
-    with handle_errors():
-        from ppml.kms.policy import Rule, parse_measurement, parse_tcb_status, parse_tee
-
-        check_format(fmt)
-        extra: dict[str, Any] = {
-            "mr_signer": mr_signer,
-            "isv_prod_id": isv_prod_id,
-            "min_isv_svn": min_isv_svn,
-            "mr_seam": mr_seam,
-            "min_reported_tcb": _min_reported_tcb(min_reported_tcb),
-        }
-        for item in rtmr or ():
-            index, sep, value = item.partition("=")
-            if not sep or index.strip() not in ("0", "1", "2", "3"):
-                raise UsageError("--rtmr takes N=HEX with N from 0 to 3")
-            extra[f"rtmr{index.strip()}"] = value
-        if no_migration_agent:
-            extra["migration_agent_ok"] = False
-        if no_smt:
-            extra["smt_ok"] = False
-        rule = Rule(
-            parse_tee(tee),
-            parse_measurement(measurement),
-            debug_ok,
-            parse_tcb_status(min_tcb),
-            **{k: v for k, v in extra.items() if v is not None},
-        )
-        ws = open_workspace(workspace, passphrase_file)
-        with ws.key_service() as keys:
-            policy = keys.policies(allow_sim=ws.dev).allow(key, rule)
+    with kms_command(fmt):
+        rule = _rule(
+            tee, measurement, debug_ok, min_tcb,
+            {
+                "mr_signer": mr_signer,
+                "isv_prod_id": isv_prod_id,
+                "min_isv_svn": min_isv_svn,
+                "mr_seam": mr_seam,
+                "min_reported_tcb": _min_reported_tcb(min_reported_tcb),
+                **_rtmrs(rtmr),
+                "migration_agent_ok": False if no_migration_agent else None,
+                "smt_ok": False if no_smt else None,
+            },
+        )  # fmt: skip
+        policy = with_policies(workspace, passphrase_file, lambda p: p.allow(key, rule))
         if debug_ok:
             typer.echo(
                 "ppml: warning: --debug-ok accepts debug TEEs, whose memory their host can read",
@@ -189,15 +191,13 @@ def policy_set(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Replace KEY's whole release policy with the rules of a policy file."""
-    with handle_errors():
+    with kms_command(fmt):
         from ppml.kms.policy import load_policy_file
 
-        check_format(fmt)
         loaded = load_policy_file(file, key_name=key)
-        ws = open_workspace(workspace, passphrase_file)
-        with ws.key_service() as keys:
-            policy = keys.policies(allow_sim=ws.dev).replace(key, loaded.rules)
-        _show_policy(policy, fmt)
+        _show_policy(
+            with_policies(workspace, passphrase_file, lambda p: p.replace(key, loaded.rules)), fmt
+        )
 
 
 @policy_app.command("show")
@@ -208,12 +208,8 @@ def policy_show(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Show KEY's release policy."""
-    with handle_errors():
-        check_format(fmt)
-        ws = open_workspace(workspace, passphrase_file)
-        with ws.key_service() as keys:
-            policy = keys.policies(allow_sim=ws.dev).show(key)
-        _show_policy(policy, fmt)
+    with kms_command(fmt):
+        _show_policy(with_policies(workspace, passphrase_file, lambda p: p.show(key)), fmt)
 
 
 @policy_app.command("revoke")
@@ -225,12 +221,8 @@ def policy_revoke(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Remove KEY's rules for this measurement: such workloads get the key no more."""
-    with handle_errors():
+    with kms_command(fmt):
         from ppml.kms.policy import parse_measurement
 
-        check_format(fmt)
         value = parse_measurement(measurement)
-        ws = open_workspace(workspace, passphrase_file)
-        with ws.key_service() as keys:
-            policy = keys.policies(allow_sim=ws.dev).revoke(key, value)
-        _show_policy(policy, fmt)
+        _show_policy(with_policies(workspace, passphrase_file, lambda p: p.revoke(key, value)), fmt)

@@ -2,8 +2,9 @@
 policies, the key broker, and an audit log.
 
 `KeyService` implements `ppml.crypto.envelope.DataKeyProvider`; every key operation it performs
-is recorded in a hash-chained `AuditLog` in the same SQLite file. `KeyBroker` releases data keys
-to attested workloads whose tokens satisfy a key's `Policy` (see `ppml.kms.policy`).
+is recorded in a hash-chained `AuditLog` in the same SQLite file. `KeyService.policies` gives
+the keys' `ReleasePolicies`; `KeyBroker` releases data keys to attested workloads whose tokens
+satisfy a key's `Policy` (the values are in `ppml.kms.policy`).
 
 The names below are imported from their modules on first use: a command that only wraps and
 unwraps keys does not import the broker and, with it, the attestation layer.
@@ -23,11 +24,12 @@ if TYPE_CHECKING:
         AttestedFacts,
         Decision,
         Policy,
-        PolicyStore,
         Reason,
         Rule,
         primary_measurement,
     )
+    from ppml.kms.release_policies import ReleasePolicies
+    from ppml.kms.release_policies import ReleasePolicies as PolicyStore
     from ppml.kms.service import KeyInfo, KeyService, KeyVersionInfo
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "Policy",
     "PolicyStore",
     "Reason",
+    "ReleasePolicies",
     "ReleasedKey",
     "Rule",
     "TokenVerifier",
@@ -51,7 +54,7 @@ __all__ = [
     "primary_measurement",
 ]
 
-__getattr__ = lazy_exports(
+_lazy = lazy_exports(
     __name__,
     {
         "ppml.kms.audit": ("AuditEntry", "AuditLog", "AuditVerification"),
@@ -61,11 +64,16 @@ __getattr__ = lazy_exports(
             "AttestedFacts",
             "Decision",
             "Policy",
-            "PolicyStore",
             "Reason",
             "Rule",
             "primary_measurement",
         ),
+        "ppml.kms.release_policies": ("ReleasePolicies",),
         "ppml.kms.service": ("KeyInfo", "KeyService", "KeyVersionInfo"),
     },
 )
+
+
+def __getattr__(name: str) -> object:
+    # `PolicyStore` is the earlier name of `ReleasePolicies`, kept for the callers that use it.
+    return _lazy("ReleasePolicies" if name == "PolicyStore" else name)

@@ -17,7 +17,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from hmac import compare_digest
 from types import MappingProxyType
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hmac as _pyca_hmac
 
 from ppml._internal.canonical import canonical_json
 from ppml.errors import IntegrityError, PPMLError, UsageError
-from ppml.kms.store import KeyStore
+from ppml.kms.sqlite import KeyDatabase
 
 __all__ = [
     "AuditEntry",
@@ -108,12 +108,7 @@ class AuditVerification:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "count": self.count,
-            "first_bad_seq": self.first_bad_seq,
-            "reason": self.reason,
-        }
+        return asdict(self)
 
 
 def _timestamp(ts: _dt.datetime) -> str:
@@ -178,14 +173,14 @@ class AuditLog:
     """The audit records of one key store: appended by the key service, read and verified here."""
 
     def __init__(
-        self, store: KeyStore, audit_key: bytes, *, guard: Callable[[], None] | None = None
+        self, db: KeyDatabase, audit_key: bytes, *, guard: Callable[[], None] | None = None
     ) -> None:
-        self._store = store
+        self._db = db
         self._key = audit_key
         self._guard = guard
 
     def __repr__(self) -> str:
-        return f"AuditLog({str(self._store.path)!r})"
+        return f"AuditLog({str(self._db.path)!r})"
 
     def append(
         self,
@@ -237,7 +232,7 @@ class AuditLog:
         """The newest `limit` records (all by default), optionally of one key, oldest first."""
         if limit is not None and limit < 0:
             raise UsageError("the audit entry limit cannot be negative")
-        with self._store.read() as conn:
+        with self._db.read() as conn:
             rows = conn.execute(
                 _SELECT + " WHERE (?1 IS NULL OR key_name = ?1) ORDER BY seq DESC LIMIT ?2",
                 (key_name, -1 if limit is None else limit),
@@ -248,15 +243,15 @@ class AuditLog:
         """Recompute the chain and check the head; stops at the first problem found."""
         if self._guard is not None:
             self._guard()
-        with self._store.read() as conn:
+        with self._db.read() as conn:
             return self.verify_in(conn)
 
     def head(self, conn: sqlite3.Connection) -> AuditHead:
         """The head, checked against its MAC; `IntegrityError` if it is missing or forged."""
         row = conn.execute(_SELECT_HEAD).fetchone()
         if row is None or not self._head_ok(*row):
-            _log.error("audit head of %s is missing or forged", self._store.path)
-            raise IntegrityError("the audit log's head is missing or forged", path=self._store.path)
+            _log.error("audit head of %s is missing or forged", self._db.path)
+            raise IntegrityError("the audit log's head is missing or forged", path=self._db.path)
         return AuditHead(int(row[0]), bytes(row[1]), row[3])
 
     def record_mac(self, conn: sqlite3.Connection, seq: int) -> bytes | None:
@@ -297,7 +292,7 @@ class AuditLog:
         return AuditVerification(True, count, None, f"{count} records, chain and head intact")
 
     def _genesis(self) -> bytes:
-        return _genesis(self._key, self._store.store_id)
+        return _genesis(self._key, self._db.store_id)
 
     def _head_ok(self, seq: Any, mac: Any, head_mac: Any, state_version: Any = None) -> bool:
         if not (isinstance(seq, int) and 0 <= seq < 2**63):
@@ -342,8 +337,8 @@ class AuditLog:
                 MappingProxyType(detail),
             )
         except (TypeError, ValueError):
-            _log.error("audit record %r of %s is malformed", row[0], self._store.path)
-            raise IntegrityError(path=self._store.path) from None
+            _log.error("audit record %r of %s is malformed", row[0], self._db.path)
+            raise IntegrityError(path=self._db.path) from None
 
 
 def _bad(count: int, seq: int | None, reason: str) -> AuditVerification:

@@ -39,15 +39,9 @@ from ppml.crypto.hpke import (
 )
 from ppml.errors import AttestationFailed, ConfigurationError, IntegrityError, UsageError
 from ppml.kms.audit import Refusal
-from ppml.kms.policy import (
-    AttestedFacts,
-    Decision,
-    Policy,
-    PolicyStore,
-    Reason,
-    Rule,
-    primary_measurement,
-)
+from ppml.kms.policy import AttestedFacts, Reason, Rule, primary_measurement
+from ppml.kms.release_policies import ReleasePolicies
+from ppml.kms.releases import ReleaseTerms
 from ppml.kms.service import KeyService
 
 __all__ = [
@@ -173,7 +167,7 @@ class KeyBroker:
         return f"KeyBroker({self._keys!r}, allow_sim={self._allow_sim})"
 
     @property
-    def policies(self) -> PolicyStore:
+    def policies(self) -> ReleasePolicies:
         """The release policies this broker enforces."""
         return self._keys.policies(allow_sim=self._allow_sim)
 
@@ -212,14 +206,8 @@ class KeyBroker:
         validate_key_name(key_name)
         if claims is None:
             claims = self._verify(OP_DATAKEY, key_name, None, token)
-        detail = _detail(claims, "datakey")
-        wrapped, sealed = self._keys.release_data_key(
-            key_name,
-            authorize=self._authorizer(claims),
-            seal_key=self._sealer(claims, "datakey", detail),
-            op=OP_DATAKEY,
-            detail=detail,
-        )
+        terms = self._terms(claims, OP_DATAKEY)
+        wrapped, sealed = self._keys.releases.data_key(key_name, terms)
         return ReleasedKey(wrapped, sealed, "datakey")
 
     def unwrap(
@@ -231,14 +219,8 @@ class KeyBroker:
             raise UsageError("unwrap needs a WrappedKey")
         if claims is None:
             claims = self._verify(OP_UNWRAP, wrapped.key_name, wrapped.version, token)
-        detail = _detail(claims, "unwrap")
-        released, sealed = self._keys.release_unwrapped(
-            wrapped,
-            authorize=self._authorizer(claims),
-            seal_key=self._sealer(claims, "unwrap", detail),
-            op=OP_UNWRAP,
-            detail=detail,
-        )
+        terms = self._terms(claims, OP_UNWRAP)
+        released, sealed = self._keys.releases.unwrapped(wrapped, terms)
         return ReleasedKey(released, sealed, "unwrap")
 
     # -- administration (the HTTP admin routes use these) --------------------------------
@@ -293,7 +275,7 @@ class KeyBroker:
         except Exception as exc:
             # Not a verdict on the token: a fault. Record it, then let it surface as one.
             _log.error("key broker %s %r: token verifier failed: %s", op, key_name, type(exc))
-            self._keys.record(
+            self._keys.releases.record(
                 op,
                 key_name=key_name,
                 version=version,
@@ -314,7 +296,7 @@ class KeyBroker:
         if suppressed is not None:
             if suppressed:
                 record["suppressed"] = suppressed
-            self._keys.record(
+            self._keys.releases.record(
                 op, key_name=key_name, version=version, outcome="denied", detail=record
             )
         _log.info("key broker %s %r: refused: %s", op, key_name, reason)
@@ -326,16 +308,17 @@ class KeyBroker:
             detail: dict[str, Any] = {"reason": reason, "suppressed": count}
             if client is not None:
                 detail["client"] = _clip(client)
-            self._keys.record(op, key_name=None, version=None, outcome="denied", detail=detail)
+            self._keys.releases.record(
+                op, key_name=None, version=None, outcome="denied", detail=detail
+            )
 
-    def _authorizer(self, claims: TokenClaims) -> Callable[[Policy], Decision]:
+    def _terms(self, claims: TokenClaims, op: str) -> ReleaseTerms:
+        """A release `op` for the workload of `claims`: decided by the key's policy, the data
+        key sealed to the token's public key."""
+        purpose = _PURPOSE[op]
+        detail = _detail(claims, purpose)
         allow_sim = self._allow_sim
-        return lambda policy: policy.evaluate(claims, allow_sim=allow_sim)
 
-    @staticmethod
-    def _sealer(
-        claims: TokenClaims, purpose: ReleasePurpose, detail: Mapping[str, Any]
-    ) -> Callable[[WrappedKey, bytes], bytes]:
         def seal(wrapped: WrappedKey, dek: bytes) -> bytes:
             try:
                 return seal_to(claims.public_key, dek, info=release_info(wrapped, purpose))
@@ -344,7 +327,9 @@ class KeyBroker:
                     AttestationFailed(ATTESTATION_FAILED), "denied", Reason.BAD_PUBLIC_KEY, detail
                 ) from None
 
-        return seal
+        return ReleaseTerms(
+            op, lambda policy: policy.evaluate(claims, allow_sim=allow_sim), seal, detail
+        )
 
     def _now(self) -> _dt.datetime:
         now = self._clock()

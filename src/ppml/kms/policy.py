@@ -19,30 +19,24 @@ satisfy one of its rules. Evaluation is default-deny: an empty policy, an unknow
 a missing or malformed measurement and the sim TEE outside a dev workspace all deny. Each
 decision carries a reason code for the audit log; callers outside the KMS never see it.
 
-Rules are stored in the key store with a MAC under a key derived from the master key, so that a
-rule written into the file by anyone but the KMS is detected and denies (fail closed).
+These are values only: the KMS stores rules with a MAC under a key derived from the master key
+(`ppml.kms.stored_rules`), so that a rule written into the file by anyone but the KMS is detected
+and denies (fail closed); `ppml.kms.release_policies` changes and evaluates a key store's policies.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from hmac import compare_digest
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import hmac as _pyca_hmac
-
-from ppml._internal.canonical import canonical_json
 from ppml.attestation.claims import TcbStatus, TeeType
 from ppml.errors import UsageError
-
-if TYPE_CHECKING:
-    from ppml.kms.service import KeyService
 
 __all__ = [
     "ANY_MEASUREMENT",
@@ -50,7 +44,6 @@ __all__ = [
     "AttestedFacts",
     "Decision",
     "Policy",
-    "PolicyStore",
     "Reason",
     "Rule",
     "load_policy_file",
@@ -69,7 +62,6 @@ PRIMARY_MEASUREMENT: Final[Mapping[TeeType, str]] = {
 }
 MEASUREMENT_BYTES: Final = (32, 48)
 _HEX = re.compile(r"[0-9a-f]*")
-_RULE_MAC_LABEL = b"ppml/kms/release-rule/v1\x00"
 
 
 class Reason:
@@ -462,49 +454,3 @@ def load_policy_file(path: str | Path, *, key_name: str | None = None) -> Policy
 
 def _depth(reason: str) -> int:
     return _DEPTH.index(reason) if reason in _DEPTH else len(_DEPTH)
-
-
-def rule_mac(mac_key: bytes, store_id: bytes, key_name: str, rule: Rule) -> bytes:
-    """The MAC a stored rule carries: binds the store, the key name and every field."""
-    h = _pyca_hmac.HMAC(mac_key, hashes.SHA256())
-    h.update(_RULE_MAC_LABEL + store_id)
-    h.update(canonical_json({"key": key_name, **rule.to_dict()}))
-    return h.finalize()
-
-
-class PolicyStore:
-    """The release policies of one key store, for a workspace that does (`allow_sim=True`,
-    dev) or does not accept the sim TEE. Obtain one with `KeyService.policies`."""
-
-    def __init__(self, keys: KeyService, *, allow_sim: bool) -> None:
-        self._keys = keys
-        self.allow_sim = allow_sim
-
-    def __repr__(self) -> str:
-        return f"PolicyStore({self._keys!r}, allow_sim={self.allow_sim})"
-
-    def allow(self, key_name: str, rule: Rule) -> Policy:
-        """Add `rule` to the key's policy (replacing a rule for the same TEE and measurement).
-        `KeyNotFound` for an unknown key; `UsageError` for a sim rule outside dev."""
-        return self._keys.allow_release(key_name, rule, allow_sim=self.allow_sim)
-
-    def replace(self, key_name: str, rules: Sequence[Rule]) -> Policy:
-        """Replace the key's whole policy with `rules` (an empty sequence denies everything)."""
-        return self._keys.replace_release_policy(key_name, rules, allow_sim=self.allow_sim)
-
-    def revoke(self, key_name: str, measurement: str) -> Policy:
-        """Remove the key's rules for `measurement`; `UsageError` when it has none."""
-        return self._keys.revoke_release(key_name, measurement)
-
-    def show(self, key_name: str) -> Policy:
-        """The key's policy (`IntegrityError` if a stored rule was altered)."""
-        return self._keys.release_policy(key_name)
-
-    def evaluate(self, key_name: str, facts: AttestedFacts) -> Decision:
-        """The decision for one key; an unknown key denies like an empty policy."""
-        return self._keys.evaluate_release(key_name, facts, allow_sim=self.allow_sim)
-
-    def matching_keys(self, facts: AttestedFacts) -> list[str]:
-        """The names of the keys whose policies `facts` satisfy, sorted (the appraisal function
-        of the attestation service)."""
-        return self._keys.matching_keys(facts, allow_sim=self.allow_sim)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ppml.kms.store import KeyStore
+from ppml.kms.sqlite import KeyDatabase
 
 
-def _store(tmp_path: Path) -> KeyStore:
-    return KeyStore(
+def _store(tmp_path: Path) -> KeyDatabase:
+    return KeyDatabase(
         tmp_path / "kms.sqlite", new_store_id=lambda: b"\x01" * 16, on_create=lambda conn, sid: None
     )
 

@@ -14,8 +14,8 @@ from ppml.crypto.envelope import DataKey
 from ppml.errors import ConfigurationError, IntegrityError
 from ppml.kms import KeyService, Rule
 from ppml.kms import audit as kms_audit
-from ppml.kms import service as kms_service
-from ppml.kms import store as kms_store
+from ppml.kms import sqlite as kms_sqlite
+from ppml.kms.master import MasterKey
 
 MASTER = bytes(range(200, 232))
 M = "0f" * 32
@@ -34,7 +34,7 @@ def _schema(db: Path) -> tuple[int, set[str]]:
 def downgrade(db: Path, to: int) -> None:
     """Rewrite a current store as the code of schema version `to` (1 or 3) left it: no state
     record, an audit head with the version-1 MAC (and for 1, no release rules)."""
-    audit_key = kms_service._derive(MASTER, kms_service._AUDIT_INFO)
+    audit_key = MasterKey(MASTER).audit_key
     raw = sqlite3.connect(db)
     with raw:
         raw.execute("DROP TABLE state_head")
@@ -65,7 +65,7 @@ def v1_store(tmp_path: Path) -> Iterator[tuple[Path, DataKey]]:
 def test_a_version_1_store_upgrades_in_place(v1_store: tuple[Path, DataKey]) -> None:
     db, dek = v1_store
     with KeyService(db, MASTER) as kms:
-        assert kms_store.SCHEMA_VERSION == 4
+        assert kms_sqlite.SCHEMA_VERSION == 4
         assert _schema(db) == (4, {"meta", "keys", "key_versions", "audit", "audit_head",
                                    "release_rules", "state_head"})  # fmt: skip
         assert kms.unwrap(dek.wrapped) == dek.plaintext
@@ -104,7 +104,7 @@ def test_a_failed_migration_leaves_the_store_at_version_1(
     v1_store: tuple[Path, DataKey], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db, dek = v1_store
-    monkeypatch.setitem(kms_store._MIGRATIONS, 1, (*kms_store._MIGRATIONS[1], "NOT SQL"))
+    monkeypatch.setitem(kms_sqlite._MIGRATIONS, 1, (*kms_sqlite._MIGRATIONS[1], "NOT SQL"))
     with pytest.raises(ConfigurationError):
         KeyService(db, MASTER)
     assert _schema(db) == (1, {"meta", "keys", "key_versions", "audit", "audit_head"})
@@ -126,7 +126,7 @@ def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
 def test_a_new_store_starts_at_the_current_version(tmp_path: Path) -> None:
     db = tmp_path / "kms.db"
     KeyService(db, MASTER).close()
-    assert _schema(db)[0] == kms_store.SCHEMA_VERSION == 4
+    assert _schema(db)[0] == kms_sqlite.SCHEMA_VERSION == 4
 
 
 @pytest.fixture

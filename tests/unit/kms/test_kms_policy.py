@@ -12,12 +12,11 @@ import pytest
 
 from ppml.attestation.claims import EvidenceClaims, TcbStatus, TeeType, TokenClaims
 from ppml.errors import IntegrityError, KeyNotFound, UsageError
-from ppml.kms import KeyService
+from ppml.kms import KeyService, PolicyStore
 from ppml.kms.policy import (
     PRIMARY_MEASUREMENT,
     Decision,
     Policy,
-    PolicyStore,
     Reason,
     Rule,
     parse_measurement,
@@ -368,3 +367,11 @@ def test_a_rule_edited_in_the_file_denies(db: Path, kms: KeyService, edit: str) 
     for key in tampered:
         assert key not in matching
         assert dev.evaluate(key, claims()).reason == Reason.POLICY_TAMPERED
+
+
+def test_policy_store_is_the_release_policies_of_ppml_kms(prod: PolicyStore) -> None:
+    import ppml.kms
+
+    assert ppml.kms.PolicyStore is ppml.kms.ReleasePolicies
+    assert isinstance(prod, ppml.kms.ReleasePolicies)
+    assert "PolicyStore" in ppml.kms.__all__ and "ReleasePolicies" in ppml.kms.__all__

@@ -1,4 +1,5 @@
-"""The key store file: one private SQLite database (WAL, schema-versioned) shared by processes.
+"""The key database: the key store file, one private SQLite database (WAL, schema-versioned)
+shared by processes.
 
 It owns the connection, the schema (and its migrations) and the key and release-rule tables;
 writes run in ``BEGIN IMMEDIATE`` transactions so that concurrent writers serialise instead of
@@ -29,8 +30,8 @@ from ppml.errors import ConfigurationError, UsageError
 
 __all__ = [
     "SCHEMA_VERSION",
+    "KeyDatabase",
     "KeyRow",
-    "KeyStore",
     "RuleRow",
     "delete_rules",
     "get_meta",
@@ -118,7 +119,7 @@ class KeyRow:
 
 @dataclass(frozen=True, slots=True)
 class RuleRow:
-    """One release rule as stored (unchecked: the key service verifies `mac`)."""
+    """One release rule as stored (unchecked: `ppml.kms.stored_rules` verifies `mac`)."""
 
     key_name: str
     tee: object
@@ -154,8 +155,9 @@ class _Pending:
         self.error: BaseException | None = None
 
 
-class KeyStore:
-    """An open key store file. Thread-safe; several processes may open the same file."""
+class KeyDatabase:
+    """An open key store file (its SQLite persistence). Thread-safe; several processes may open
+    the same file."""
 
     def __init__(
         self, path: Path, *, new_store_id: Callable[[], bytes], on_create: OnCreate
@@ -173,7 +175,7 @@ class KeyStore:
             raise
 
     def __repr__(self) -> str:
-        return f"KeyStore({str(self.path)!r})"
+        return f"KeyDatabase({str(self.path)!r})"
 
     def close(self) -> None:
         with self._lock:
