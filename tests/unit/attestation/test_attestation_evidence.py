@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from ppml.attestation import EvidenceVerification, TcbStatus, TeeType, verify_evidence
 from ppml.attestation import evidence as evidence_module
+from ppml.attestation.collateral import Collateral
 from ppml.attestation.evidence import detect_type
-from ppml.attestation.intel.collateral import Collateral
 from ppml.attestation.testing.evidence import matching_collateral, root_pem
 from ppml.attestation.testing.intel import (
     Corrupt,

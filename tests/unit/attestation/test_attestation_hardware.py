@@ -17,7 +17,7 @@ from ppml.attestation import (
     TeeType,
     Verifier,
 )
-from ppml.attestation.hardware import hardware_verifiers
+from ppml.attestation.hardware_verifier import hardware_verifiers
 from ppml.attestation.testing.evidence import matching_collateral
 from ppml.attestation.testing.intel import (
     Corrupt,

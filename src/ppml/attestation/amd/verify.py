@@ -24,8 +24,6 @@ certificate's productName, else the report's CPUID family and model.
 from __future__ import annotations
 
 import hmac
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import cache
@@ -46,7 +44,8 @@ from ppml.attestation.amd.report import (
     TcbVersion,
     tcb_layout_for_product,
 )
-from ppml.attestation.report import Step, StepStatus, VerificationReport
+from ppml.attestation.cache import VerifiedCache
+from ppml.attestation.steps import Step, StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -112,42 +111,13 @@ def amd_signing_keys() -> Mapping[str, x509.Certificate]:
 # -- the chain cache ---------------------------------------------------------------------------
 
 
-class ChainCache:
-    """A bounded, thread-safe memory of ARK/ASK/VCEK triples whose signatures verified.
-
-    Keyed by the exact DER bytes of the three certificates. A hit saves the three RSA
-    verifications only: pinning, names, key types and validity at the requested time are
-    checked on every call.
-    """
+class ChainCache(VerifiedCache[tuple[bytes, bytes, bytes], bool]):
+    """ARK/ASK/VCEK triples whose signatures verified, keyed by the exact DER bytes of the
+    three certificates. A hit saves the three RSA verifications only: pinning, names, key
+    types and validity at the requested time are checked on every call."""
 
     def __init__(self, max_entries: int = 64) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be positive")
-        self._max = max_entries
-        self._entries: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def contains(self, key: tuple[bytes, bytes, bytes]) -> bool:
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return True
-            return False
-
-    def add(self, key: tuple[bytes, bytes, bytes]) -> None:
-        with self._lock:
-            self._entries[key] = None
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        super().__init__(max_entries)
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -535,7 +505,7 @@ def verify_report(
     cached = False
     if cache is not None and ark is not None and ask is not None:
         cache_key = (_der(ark), _der(ask), _der(vcek))
-        cached = cache.contains(cache_key)
+        cached = cache.get(cache_key) is not None
 
     steps = _Steps()
 
@@ -561,7 +531,7 @@ def verify_report(
     steps.run("ask", ("ark",), ask_step)
     steps.run("vcek", ("ask",), vcek_step)
     if cache is not None and cache_key is not None and not cached and steps.passed("vcek"):
-        cache.add(cache_key)
+        cache.put(cache_key, True)
     steps.run("report_signature", ("vcek",), lambda: _signature_step(report, vcek))
     steps.run("vcek_binding", ("vcek",), binding_step)
     return VerificationReport.of(steps.steps)

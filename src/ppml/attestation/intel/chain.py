@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from importlib import resources
@@ -37,9 +34,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtensionOID, NameOID, SignatureAlgorithmOID
 
+from ppml.attestation.cache import VerifiedCache
 from ppml.attestation.intel.pck import parse_pck_extensions
 from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
-from ppml.attestation.report import Step, StepStatus, VerificationReport
+from ppml.attestation.steps import Step, StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -236,57 +234,14 @@ def _raw_signature(raw: bytes) -> bytes:
     return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big"))
 
 
-@dataclass(frozen=True, slots=True)
-class _ChainResult:
-    steps: tuple[Step, Step, Step]
-    valid_from: datetime
-    valid_until: datetime
-
-
-class ChainCache:
-    """A bounded, thread-safe cache of PCK chain results that passed, so that verifying many
-    quotes from one platform does the chain and CRL work once.
+class ChainCache(VerifiedCache[bytes, tuple[Step, Step, Step]]):
+    """Verified PCK chain results, so that verifying many quotes from one platform does the
+    chain and CRL work once.
 
     The key is SHA-256 over the exact PEM chain bytes, the pinned root's DER and each CRL's DER
-    (or its absence). Instead of a coarse time bucket, an entry keeps the window in which every
-    time check it made holds (the intersection of all certificates' and CRLs' validity); a hit
-    needs ``at`` inside that window, so a cached answer is exactly what re-running would give.
-    Failures are never cached. ``hits`` and ``misses`` count lookups.
+    (or its absence); an entry's window is the intersection of all certificates' and CRLs'
+    validity, so a hit is exactly what re-running would give (`VerifiedCache`).
     """
-
-    def __init__(self, max_entries: int = 256) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self._max = max_entries
-        self._entries: OrderedDict[bytes, _ChainResult] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def _get(self, key: bytes, at: datetime) -> _ChainResult | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.valid_from <= at <= entry.valid_until:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return entry
-            self.misses += 1
-            return None
-
-    def _put(self, key: bytes, entry: _ChainResult) -> None:
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
 
 
 def _cache_key(
@@ -374,14 +329,13 @@ def _verified_chain(
     if cache is None:
         return _chain_steps(quote, root, at, pck_crl, root_crl)
     key = _cache_key(quote, root, pck_crl, root_crl)
-    hit = cache._get(key, at)
+    hit = cache.get(key, at)
     if hit is not None:
-        return hit.steps
+        return hit
     steps = _chain_steps(quote, root, at, pck_crl, root_crl)
     if all(s.status in (StepStatus.PASSED, StepStatus.NOT_CHECKED) for s in steps):
         chain = (quote.pck_chain[0], quote.pck_chain[1], root)
-        start, end = _validity_window(chain, (pck_crl, root_crl))
-        cache._put(key, _ChainResult(steps, start, end))
+        cache.put(key, steps, _validity_window(chain, (pck_crl, root_crl)))
     return steps
 
 

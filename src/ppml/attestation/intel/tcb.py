@@ -26,23 +26,18 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from ppml.attestation.claims import TcbStatus, TeeType
+from ppml.attestation.collateral.models import Collateral
 from ppml.attestation.intel.collateral import (
-    Collateral,
     IsvTcbLevel,
-    RevocationChecker,
     SignedEnclaveIdentity,
-    SignedTcbInfo,
     TcbInfo,
     TcbLevel,
-    check_freshness,
     format_pcs_date,
-    verify_crls,
-    verify_signed_body,
 )
-from ppml.attestation.report import Step, StepStatus, VerificationReport
+from ppml.attestation.intel.verified import CollateralCache, VerifiedCollateral, verify_collateral
+from ppml.attestation.steps import Step, StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -241,51 +236,6 @@ class _Run:
         return None
 
 
-_Loaded = tuple[
-    SignedTcbInfo | SignedEnclaveIdentity | None, tuple[x509.Certificate, ...] | None, str
-]
-
-
-def _signed_steps(
-    run: _Run,
-    prefix: str,
-    what: str,
-    present: bool,
-    load: Callable[[], _Loaded],
-    *,
-    root: x509.Certificate,
-    at: _dt.datetime,
-    allow_outdated: bool,
-    notes: list[str],
-    signers: list[x509.Certificate],
-) -> SignedTcbInfo | SignedEnclaveIdentity | None:
-    sig, fresh = f"{prefix}_signature", f"{prefix}_fresh"
-    if not present:
-        run.add(Step.not_checked(sig, f"no {what} given"))
-        run.add(Step.not_checked(fresh, f"no {what} given"))
-        return None
-    try:
-        signed, chain, source = load()
-        if signed is None or chain is None:
-            raise EvidenceError(f"no {what} or no issuer chain")
-        verify_signed_body(signed, chain, root=root, at=at, source=source)
-    except EvidenceError as exc:
-        run.add(Step.failed(sig, exc.message))
-        run.add(Step.skipped(fresh, sig))
-        return None
-    signers.extend(c for c in chain if c != root)
-    run.add(Step.passed(sig))
-    problem = check_freshness(what, signed.body.issue_date, signed.body.next_update, at)
-    if problem is None:
-        run.add(Step.passed(fresh))
-    elif allow_outdated:
-        notes.append(problem)
-        run.add(Step.passed(fresh, f"outdated, allowed: {problem}"))
-    else:
-        run.add(Step.failed(fresh, problem))
-    return signed
-
-
 def _tcb_info_match(info: TcbInfo, platform: PlatformTcb, tee: TeeType) -> str | None:
     if tee is TeeType.TDX and not (info.version >= 3 and info.id == "TDX"):
         return f"TCB info is for {info.id} (version {info.version}), the quote is TDX"
@@ -381,23 +331,7 @@ def _select(
     return out
 
 
-def evaluate(
-    collateral: Collateral,
-    platform: PlatformTcb,
-    qe: QeReportInfo,
-    *,
-    root: x509.Certificate,
-    at: _dt.datetime,
-    tee: Literal["sgx", "tdx"] | TeeType,
-    allow_outdated: bool = False,
-) -> tuple[VerificationReport, TcbEvaluation]:
-    """Verify `collateral` up to `root` at time `at` and evaluate the platform's TCB status.
-
-    Steps: ``root_ca_crl_signature``/``_fresh``, ``pck_crl_signature``/``_fresh``,
-    ``tcb_info_signature``/``_fresh``, ``qe_identity_signature``/``_fresh``,
-    ``issuer_revocation``, ``tcb_info_match``, ``qe_identity_match``, ``tdx_module_match``
-    (TDX), ``tcb_level``. Outdated collateral fails unless `allow_outdated`, in which case it
-    is noted in the step's detail and in `TcbEvaluation.notes`."""
+def _tee_of(tee: str, platform: object, qe: object, at: _dt.datetime) -> TeeType:
     try:
         tee_type = TeeType(tee)
     except ValueError:
@@ -412,57 +346,49 @@ def evaluate(
         )
     if at.tzinfo is None:
         raise EvidenceError("TCB evaluation: the time `at` must be timezone-aware")
+    return tee_type
 
-    notes: list[str] = []
+
+def evaluate(
+    collateral: Collateral,
+    platform: PlatformTcb,
+    qe: QeReportInfo,
+    *,
+    root: x509.Certificate,
+    at: _dt.datetime,
+    tee: Literal["sgx", "tdx"] | TeeType,
+    allow_outdated: bool = False,
+    cache: CollateralCache | None = None,
+) -> tuple[VerificationReport, TcbEvaluation]:
+    """Verify `collateral` up to `root` at time `at` and evaluate the platform's TCB status.
+
+    Steps: ``root_ca_crl_signature``/``_fresh``, ``pck_crl_signature``/``_fresh``,
+    ``tcb_info_signature``/``_fresh``, ``qe_identity_signature``/``_fresh``,
+    ``issuer_revocation``, ``tcb_info_match``, ``qe_identity_match``, ``tdx_module_match``
+    (TDX), ``tcb_level``. Outdated collateral fails unless `allow_outdated`, in which case it
+    is noted in the step's detail and in `TcbEvaluation.notes`. `cache` keeps the collateral's
+    own verification (`verify_collateral`)."""
+    tee_type = _tee_of(tee, platform, qe, at)
+    verified = verify_collateral(
+        collateral, root=root, at=at, allow_outdated=allow_outdated, cache=cache
+    )
     run = _Run()
-    crl_report, checker = verify_crls(
-        collateral, root=root, at=at, allow_outdated=allow_outdated, notes=notes
-    )
-    run.steps.extend(crl_report.steps)
-    signers: list[x509.Certificate] = []
+    run.steps.extend(verified.steps)
+    deps = _match_steps(run, verified, platform, qe, tee_type)
+    return _finish(run, verified, platform, qe, tee_type, deps)
 
-    def load_tcb() -> _Loaded:
-        return collateral.tcb_info(), collateral.tcb_info_chain(), "tcb_info.json"
 
-    def load_qe() -> _Loaded:
-        return collateral.qe_identity(), collateral.qe_identity_chain(), "qe_identity.json"
-
-    tcb_signed = _signed_steps(
-        run,
-        "tcb_info",
-        "TCB info",
-        collateral.tcb_info_json is not None,
-        load_tcb,
-        root=root,
-        at=at,
-        allow_outdated=allow_outdated,
-        notes=notes,
-        signers=signers,
-    )
-    qe_signed = _signed_steps(
-        run,
-        "qe_identity",
-        "QE identity",
-        collateral.qe_identity_json is not None,
-        load_qe,
-        root=root,
-        at=at,
-        allow_outdated=allow_outdated,
-        notes=notes,
-        signers=signers,
-    )
-    try:
-        pck_chain = collateral.pck_crl_chain() or ()
-    except EvidenceError:
-        pck_chain = ()
-    signers.extend(c for c in pck_chain if c != root)
-    run.add(_issuer_revocation(signers, checker, root))
-
-    assert tcb_signed is None or isinstance(tcb_signed, SignedTcbInfo)
-    assert qe_signed is None or isinstance(qe_signed, SignedEnclaveIdentity)
-    info = tcb_signed.body if tcb_signed is not None else None
-
-    if collateral.tcb_info_json is None:
+def _match_steps(
+    run: _Run,
+    verified: VerifiedCollateral,
+    platform: PlatformTcb,
+    qe: QeReportInfo,
+    tee_type: TeeType,
+) -> list[str]:
+    """The ``*_match`` steps; returns the steps the TCB level depends on."""
+    info = verified.tcb_info.body if verified.tcb_info is not None else None
+    qe_signed = verified.qe_identity
+    if not verified.has_tcb_info:
         run.add(Step.not_checked("tcb_info_match", "no TCB info given"))
     elif info is not None:
         _check(
@@ -474,7 +400,7 @@ def evaluate(
     else:
         run.add(Step.skipped("tcb_info_match", "tcb_info_signature"))
 
-    if collateral.qe_identity_json is None:
+    if not verified.has_qe_identity:
         run.add(Step.not_checked("qe_identity_match", "no QE identity given"))
     elif qe_signed is not None:
         _check(
@@ -489,50 +415,29 @@ def evaluate(
     deps = ["tcb_info_signature", "tcb_info_fresh", "tcb_info_match"]
     if tee_type is TeeType.TDX:
         if info is None:
-            if collateral.tcb_info_json is None:
+            if not verified.has_tcb_info:
                 run.add(Step.not_checked("tdx_module_match", "no TCB info given"))
             else:
                 run.add(Step.skipped("tdx_module_match", "tcb_info_signature"))
         else:
             _check(run, "tdx_module_match", deps, lambda: _module_match(info, platform))
         deps.append("tdx_module_match")
-
-    return _finish(run, info, qe_signed, platform, qe, tee_type, deps, notes, collateral)
-
-
-def _issuer_revocation(
-    signers: list[x509.Certificate], checker: RevocationChecker, root: x509.Certificate
-) -> Step:
-    name = "issuer_revocation"
-    if not signers:
-        return Step.not_checked(name, "no issuer chain verified")
-    if not checker.covers(root.subject):
-        return Step.not_checked(name, "no verified root CA CRL")
-    seen: set[bytes] = set()
-    for cert in signers:
-        key = cert.fingerprint(hashes.SHA256())
-        if key in seen or not checker.covers(cert.issuer):
-            continue
-        seen.add(key)
-        if checker.is_certificate_revoked(cert):
-            return Step.failed(name, f"{cert.subject.rfc4514_string()[:80]!r} is revoked")
-    return Step.passed(name)
+    return deps
 
 
 def _finish(
     run: _Run,
-    info: TcbInfo | None,
-    qe_signed: SignedEnclaveIdentity | None,
+    verified: VerifiedCollateral,
     platform: PlatformTcb,
     qe: QeReportInfo,
     tee: TeeType,
     deps: list[str],
-    notes: list[str],
-    collateral: Collateral,
 ) -> tuple[VerificationReport, TcbEvaluation]:
     name = "tcb_level"
-    note_t = tuple(notes)
-    if collateral.tcb_info_json is None:
+    note_t = verified.notes
+    info = verified.tcb_info.body if verified.tcb_info is not None else None
+    qe_signed = verified.qe_identity
+    if not verified.has_tcb_info:
         run.add(Step.not_checked(name, "no TCB info given: TCB status Unknown"))
         return _done(run, TcbEvaluation(TcbOutcome.NO_COLLATERAL, _S.UNKNOWN, notes=note_t))
     qe_deps = ["qe_identity_signature", "qe_identity_fresh", "qe_identity_match"]

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from ppml.attestation.intel.collateral import Collateral
+from ppml.attestation.collateral.models import Collateral
 from ppml.attestation.testing.intel import Validity, _certificate
 from ppml.attestation.testing.intel import make_crl as intel_crl
 

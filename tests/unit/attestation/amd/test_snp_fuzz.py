@@ -17,7 +17,7 @@ from ppml.attestation.amd.verify import (
     ChainCache,
     verify_report,
 )
-from ppml.attestation.report import VerificationReport
+from ppml.attestation.steps import VerificationReport
 from ppml.attestation.testing.snp import SnpEvidence, make_endorsement_key, make_evidence, make_pki
 from ppml.errors import EvidenceError
 

@@ -29,7 +29,7 @@ from ppml.attestation.amd.verify import (
     amd_signing_keys,
     verify_report,
 )
-from ppml.attestation.report import StepStatus, VerificationReport
+from ppml.attestation.steps import StepStatus, VerificationReport
 from ppml.attestation.testing.snp import (
     PKI_NOT_AFTER,
     PKI_NOT_BEFORE,

@@ -22,7 +22,7 @@ from ppml.attestation.intel.chain import (
     verify_quote,
 )
 from ppml.attestation.intel.quote import parse_quote
-from ppml.attestation.report import StepStatus, VerificationReport
+from ppml.attestation.steps import StepStatus, VerificationReport
 from ppml.attestation.testing.intel import (
     DEFAULT_AT,
     Corrupt,

@@ -11,18 +11,18 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ppml.attestation.claims import TcbStatus
+from ppml.attestation.collateral import Collateral
 from ppml.attestation.intel.collateral import (
-    Collateral,
     RevocationChecker,
     extract_signed_body,
     parse_crl,
     parse_pem_chain,
     parse_qe_identity_json,
     parse_tcb_info_json,
-    verify_crls,
 )
 from ppml.attestation.intel.tcb import PlatformTcb, QeReportInfo, TcbOutcome, evaluate
-from ppml.attestation.report import StepStatus
+from ppml.attestation.intel.verified import verify_crls
+from ppml.attestation.steps import StepStatus
 from ppml.attestation.testing.intel_collateral import (
     DEFAULT_QE_MRSIGNER,
     TestPki,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ppml.attestation.collateral import Collateral
 from ppml.attestation.intel.collateral import (
-    Collateral,
     parse_crl,
     parse_pem_chain,
     parse_qe_identity_json,

@@ -26,14 +26,11 @@ AMD (``https://kdsintf.amd.com``)::
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as _dt
 import email.utils
 import hashlib
 import os
 import re
-import secrets
-import shutil
 import ssl
 import threading
 import time
@@ -48,7 +45,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from ppml._internal.clock import Clock, utc_now
-from ppml._internal.fs import PRIVATE_DIR_MODE, atomic_output, ensure_private_dir
+from ppml._internal.fs import atomic_output, ensure_private_dir
 from ppml.attestation.amd.report import (
     SigningKey,
     SnpReport,
@@ -57,7 +54,9 @@ from ppml.attestation.amd.report import (
     tcb_layout_for_product,
 )
 from ppml.attestation.amd.verify import PRODUCTS
-from ppml.attestation.intel.collateral import MAX_CHAIN_BYTES, Collateral, parse_pem_chain
+from ppml.attestation.collateral.directory import write_collateral_dir
+from ppml.attestation.collateral.models import Collateral
+from ppml.attestation.intel.collateral import MAX_CHAIN_BYTES, parse_pem_chain
 from ppml.attestation.intel.pck import parse_pck_extensions
 from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
 from ppml.errors import ConfigurationError, EvidenceError, UsageError
@@ -69,7 +68,7 @@ __all__ = [
     "KDS_URL",
     "AmdKdsSource",
     "IntelCollateralSource",
-    "write_collateral_dir",
+    "snp_product",
 ]
 
 INTEL_PCS_URL: Final = "https://api.trustedservices.intel.com"
@@ -307,60 +306,6 @@ def _crl_der(response: _Response, what: str) -> bytes:
             f"collateral fetch: {_display(response.url)}: {what} is not a CRL"
         ) from None
     return body
-
-
-# --------------------------------------------------------------------------- the directory
-
-_DIR_FILES: Final = (
-    ("tcb_info_json", "tcb_info.json"),
-    ("tcb_info_issuer_chain", "tcb_info_issuer_chain.pem"),
-    ("qe_identity_json", "qe_identity.json"),
-    ("qe_identity_issuer_chain", "qe_identity_issuer_chain.pem"),
-    ("pck_crl", "pck_crl.der"),
-    ("pck_crl_issuer_chain", "pck_crl_issuer_chain.pem"),
-    ("root_ca_crl", "root_ca_crl.der"),
-)
-
-
-def write_collateral_dir(
-    collateral: Collateral, dest: str | Path, *, replace: bool = False
-) -> Path:
-    """Write `collateral` as a collateral directory at `dest` (files 0600, directory 0700): built
-    in a temporary sibling directory and renamed into place, so `dest` is either absent, the
-    old directory or the complete new one. CRLs must be DER. An existing `dest` is replaced
-    only when `replace` is true."""
-    dest = Path(dest)
-    if dest.exists() and not replace:
-        raise ConfigurationError(f"collateral directory {str(dest)[:200]!r} exists already")
-    parent = dest.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
-    os.mkdir(tmp, PRIVATE_DIR_MODE)
-    old: Path | None = None
-    try:
-        os.chmod(tmp, PRIVATE_DIR_MODE)
-        for field_name, file_name in _DIR_FILES:
-            data = getattr(collateral, field_name)
-            if data is None:
-                continue
-            if field_name.endswith("crl") and data.lstrip().startswith(b"-----BEGIN"):
-                raise ConfigurationError(f"collateral directory: {file_name} must be DER")
-            with atomic_output(tmp / file_name) as fh:
-                fh.write(data)
-        Collateral.from_dir(tmp)  # what a reader will load, checked before it is visible
-        if dest.exists():
-            old = parent / f".{dest.name}.{secrets.token_hex(6)}.old"
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not dest.exists():
-            with contextlib.suppress(OSError):
-                os.rename(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dest
 
 
 def _fresh_until(collateral: Collateral) -> _dt.datetime | None:
