@@ -45,6 +45,7 @@ from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_sgx_quote, pa
 from ppml.attestation.intel.tcb import PlatformTcb, QeReportInfo, TcbOutcome, evaluate
 from ppml.attestation.intel.verified import CollateralCache
 from ppml.attestation.steps import Step, StepStatus, VerificationReport
+from ppml.attestation.x509_checks import crl_problem, is_revoked
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -280,15 +281,12 @@ def _outdated_crl_step(
     subject: x509.Certificate,
     what: str,
 ) -> Step:
-    """The revocation check of an outdated CRL the caller chose to accept."""
-    key = issuer.public_key()
-    try:
-        valid = crl.issuer == issuer.subject and crl.is_signature_valid(key)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        return Step.failed(name, f"{name}: not signed by the issuer of the {what}")
-    if crl.get_revoked_certificate_by_serial_number(subject.serial_number) is not None:
+    """The revocation check of an outdated CRL the caller chose to accept: the same rules as
+    a current one's but the time."""
+    problem = crl_problem(crl, issuer, f"issuer of the {what}", None)
+    if problem is not None:
+        return Step.failed(name, f"{name}: {problem}")
+    if is_revoked(crl, subject):
         return Step.failed(name, f"{name}: the {what} is revoked")
     return Step.passed(name, "outdated, allowed: not revoked")
 

@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from ppml.attestation.amd.report import (
     SigningKey,
@@ -46,6 +46,12 @@ from ppml.attestation.amd.report import (
 )
 from ppml.attestation.cache import VerifiedCache
 from ppml.attestation.steps import Step, StepStatus, VerificationReport
+from ppml.attestation.x509_checks import (
+    ca_problem,
+    common_name,
+    signer_problem,
+    validity_problem,
+)
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -127,19 +133,9 @@ def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or not isinstance(names[0].value, str):
-        return ""
-    return names[0].value
-
-
 def _check_validity(cert: x509.Certificate, at: datetime, what: str) -> str | None:
-    if at < cert.not_valid_before_utc:
-        return f"{what} is not yet valid at {at.isoformat()}"
-    if at > cert.not_valid_after_utc:
-        return f"{what} expired before {at.isoformat()}"
-    return None
+    problem = validity_problem(cert, at)
+    return None if problem is None else f"{what} {problem}"
 
 
 def _check_pss_signed(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> str | None:
@@ -158,14 +154,9 @@ def _check_pss_signed(cert: x509.Certificate, issuer: x509.Certificate, what: st
     return None
 
 
-def _check_ca(cert: x509.Certificate, what: str) -> str | None:
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return f"{what} has no basicConstraints"
-    if not constraints.ca:
-        return f"{what} is not a CA certificate"
-    return None
+def _check_ca(cert: x509.Certificate, what: str, cas_below: int) -> str | None:
+    problem = ca_problem(cert, cas_below=cas_below)
+    return None if problem is None else f"{what} {problem}"
 
 
 def _read_tlv(data: bytes, tag: int, what: str) -> bytes:
@@ -279,11 +270,11 @@ def _ark_step(
         )
         if not same_key or ark.subject != pinned.subject:
             return Step.failed("ark", f"ARK is not the pinned ARK-{product}")
-    if _common_name(ark) != f"ARK-{product}":
+    if common_name(ark) != f"ARK-{product}":
         return Step.failed("ark", f"ARK subject does not name ARK-{product}")
     if ark.issuer != ark.subject:
         return Step.failed("ark", "ARK is not self-issued")
-    if (problem := _check_ca(ark, "ARK")) is not None:
+    if (problem := _check_ca(ark, "ARK", 1)) is not None:
         return Step.failed("ark", problem)
     if not cached and (problem := _check_pss_signed(ark, ark, "ARK self")) is not None:
         return Step.failed("ark", problem)
@@ -302,11 +293,11 @@ def _ask_step(
 ) -> Step:
     what = "ASVK" if vlek else "ASK"
     expected = f"SEV-VLEK-{product}" if vlek else f"SEV-{product}"
-    if _common_name(ask) != expected:
+    if common_name(ask) != expected:
         return Step.failed("ask", f"{what} subject does not name {expected}")
     if ask.issuer != ark.subject:
         return Step.failed("ask", f"{what} issuer is not the ARK")
-    if (problem := _check_ca(ask, what)) is not None:
+    if (problem := _check_ca(ask, what, 0)) is not None:
         return Step.failed("ask", problem)
     if not cached and (problem := _check_pss_signed(ask, ark, what)) is not None:
         return Step.failed("ask", problem)
@@ -336,6 +327,8 @@ def _vcek_step(
     key = vcek.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
         return Step.failed("vcek", f"{what} key is not ECDSA P-384")
+    if (problem := signer_problem(vcek)) is not None:
+        return Step.failed("vcek", f"{what} {problem}")
     if not cached and (problem := _check_pss_signed(vcek, ask, what)) is not None:
         return Step.failed("vcek", problem)
     if (problem := _check_validity(vcek, at, what)) is not None:
@@ -492,7 +485,7 @@ def verify_report(
     else:
         ask = ark = None
 
-    vlek = _common_name(vcek) == "SEV-VLEK"
+    vlek = common_name(vcek) == "SEV-VLEK"
     chosen, how = _select_product(report, vcek, product)
     if chosen is not None and chosen not in pinned_roots:
         chosen, how = None, f"no pinned ARK for {chosen}"

@@ -32,12 +32,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.oid import ExtensionOID, NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from ppml.attestation.cache import VerifiedCache
 from ppml.attestation.intel.pck import parse_pck_extensions
 from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
 from ppml.attestation.steps import Step, StepStatus, VerificationReport
+from ppml.attestation.x509_checks import (
+    ca_problem,
+    common_name,
+    crl_problem,
+    is_revoked,
+    p256_key,
+    signer_problem,
+    validity_problem,
+)
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -63,7 +72,6 @@ STEP_NAMES: Final = (
 
 _PCK_LEAF_CN: Final = "Intel SGX PCK Certificate"
 _PCK_CA_CNS: Final = frozenset({"Intel SGX PCK Platform CA", "Intel SGX PCK Processor CA"})
-_HANDLED_CRITICAL: Final = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE})
 _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 
 # What cryptography raises on malformed certificates, CRLs or keys; a step reports it as failed.
@@ -106,8 +114,8 @@ class _StepFailed(Exception):
 
 
 def _p256_key(cert: x509.Certificate, name: str) -> ec.EllipticCurvePublicKey:
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+    key = p256_key(cert)
+    if key is None:
         raise _StepFailed(f"{name}: public key is not ECDSA P-256")
     return key
 
@@ -128,44 +136,9 @@ def _verify_signed_by(
         ) from None
 
 
-def _check_validity(cert: x509.Certificate, name: str, at: datetime) -> None:
-    if at < cert.not_valid_before_utc:
-        raise _StepFailed(f"{name}: not valid before {cert.not_valid_before_utc.isoformat()}")
-    if at > cert.not_valid_after_utc:
-        raise _StepFailed(f"{name}: expired at {cert.not_valid_after_utc.isoformat()}")
-
-
-def _check_extensions(cert: x509.Certificate, name: str, *, ca: bool, min_path: int) -> None:
-    exts = cert.extensions
-    for ext in exts:
-        if ext.critical and ext.oid not in _HANDLED_CRITICAL:
-            raise _StepFailed(f"{name}: unknown critical extension {ext.oid.dotted_string}")
-    try:
-        bc: x509.BasicConstraints | None = exts.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        bc = None
-    try:
-        ku: x509.KeyUsage | None = exts.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        ku = None
-    if ca:
-        if bc is None or not bc.ca:
-            raise _StepFailed(f"{name}: basic constraints do not make it a CA")
-        if bc.path_length is not None and bc.path_length < min_path:
-            raise _StepFailed(f"{name}: path length constraint {bc.path_length} is too small")
-        if ku is not None and not ku.key_cert_sign:
-            raise _StepFailed(f"{name}: key usage does not allow certificate signing")
-    else:
-        if bc is not None and bc.ca:
-            raise _StepFailed(f"{name}: is a CA certificate, expected an end-entity")
-        if ku is not None and not ku.digital_signature:
-            raise _StepFailed(f"{name}: key usage does not allow digital signatures")
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if len(names) == 1 else ""
-    return value if isinstance(value, str) else ""
+def _require(name: str, problem: str | None) -> None:
+    if problem is not None:
+        raise _StepFailed(f"{name}: {problem}")
 
 
 def _check_chain(chain: tuple[x509.Certificate, ...], root: x509.Certificate, at: datetime) -> str:
@@ -174,19 +147,19 @@ def _check_chain(chain: tuple[x509.Certificate, ...], root: x509.Certificate, at
     leaf, ca, given_root = chain
     if given_root.public_bytes(Encoding.DER) != root.public_bytes(Encoding.DER):
         raise _StepFailed("chain does not end in the pinned root certificate")
-    if _common_name(leaf) != _PCK_LEAF_CN:
+    if common_name(leaf) != _PCK_LEAF_CN:
         raise _StepFailed(f"PCK certificate: common name is not {_PCK_LEAF_CN!r}")
-    ca_cn = _common_name(ca)
+    ca_cn = common_name(ca)
     if ca_cn not in _PCK_CA_CNS:
         raise _StepFailed("PCK CA: common name is not an Intel SGX PCK Platform or Processor CA")
     _verify_signed_by(root, "root CA", root, "root CA")
     _verify_signed_by(ca, "PCK CA", root, "root CA")
     _verify_signed_by(leaf, "PCK certificate", ca, "PCK CA")
     for cert, name in ((leaf, "PCK certificate"), (ca, "PCK CA"), (root, "root CA")):
-        _check_validity(cert, name, at)
-    _check_extensions(root, "root CA", ca=True, min_path=1)
-    _check_extensions(ca, "PCK CA", ca=True, min_path=0)
-    _check_extensions(leaf, "PCK certificate", ca=False, min_path=0)
+        _require(name, validity_problem(cert, at))
+    _require("root CA", ca_problem(root, cas_below=1))
+    _require("PCK CA", ca_problem(ca, cas_below=0))
+    _require("PCK certificate", signer_problem(leaf))
     _p256_key(leaf, "PCK certificate")
     parse_pck_extensions(leaf)
     return ca_cn
@@ -201,20 +174,8 @@ def _check_crl(
     subject_name: str,
     at: datetime,
 ) -> None:
-    if crl.issuer != issuer.subject:
-        raise _StepFailed(f"{name}: issuer is not the {issuer_name}")
-    if crl.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA256:
-        raise _StepFailed(f"{name}: signature algorithm is not ECDSA with SHA-256")
-    if not crl.is_signature_valid(_p256_key(issuer, issuer_name)):
-        raise _StepFailed(f"{name}: signature does not verify with the {issuer_name} key")
-    next_update = crl.next_update_utc
-    if next_update is None:
-        raise _StepFailed(f"{name}: has no nextUpdate")
-    if at < crl.last_update_utc:
-        raise _StepFailed(f"{name}: not valid before {crl.last_update_utc.isoformat()}")
-    if at > next_update:
-        raise _StepFailed(f"{name}: expired at {next_update.isoformat()}")
-    if crl.get_revoked_certificate_by_serial_number(subject.serial_number) is not None:
+    _require(name, crl_problem(crl, issuer, issuer_name, at))
+    if is_revoked(crl, subject):
         raise _StepFailed(f"{name}: the {subject_name} is revoked")
 
 

@@ -22,7 +22,7 @@ import re
 import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.utils import CryptographyDeprecationWarning
 
 from ppml.attestation.claims import TcbStatus
+from ppml.attestation.x509_checks import ca_problem, signer_problem, validity_problem
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -668,29 +669,17 @@ def _name(name: x509.Name) -> str:
     return repr(name.rfc4514_string()[:80])
 
 
-def _basic_ca(cert: x509.Certificate) -> bool:
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    if not bc.ca:
-        return False
-    try:
-        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return True
-    return bool(ku.key_cert_sign)
-
-
-def _within(cert: x509.Certificate, at: _dt.datetime) -> bool:
-    return cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
-
-
 def verify_chain(
-    chain: Sequence[x509.Certificate], *, root: x509.Certificate, at: _dt.datetime, source: str
+    chain: Sequence[x509.Certificate],
+    *,
+    root: x509.Certificate,
+    at: _dt.datetime,
+    source: str,
+    leaf_signs: Literal["data", "crl"] = "data",
 ) -> x509.Certificate:
     """Verify an issuer chain (leaf first; the root itself may be included or not) up to
-    `root`, every certificate valid at `at`; return the leaf."""
+    `root` by the rules of `ppml.attestation.x509_checks`, every certificate valid at `at` and
+    the leaf fit to sign data (a document) or CRLs (`leaf_signs`); return the leaf."""
     certs = list(chain)
     if certs and certs[-1] == root:
         certs = certs[:-1]
@@ -699,14 +688,18 @@ def verify_chain(
     if root in certs:
         _fail(source, "holds the root in the middle of the chain")
     for cert in [*certs, root]:
-        if not _within(cert, at):
+        problem = validity_problem(cert, at)
+        if problem is not None:
             _fail(
                 source,
-                f"certificate {_name(cert.subject)} is not valid at {format_pcs_date(at)}",
+                f"certificate {_name(cert.subject)} is not valid at {format_pcs_date(at)}:"
+                f" {problem}",
             )
-    for child, parent in zip(certs, [*certs[1:], root], strict=True):
-        if not _basic_ca(parent):
-            _fail(source, f"issuer {parent.subject.rfc4514_string()[:80]!r} is not a CA")
+    if (problem := signer_problem(certs[0], signs=leaf_signs)) is not None:
+        _fail(source, f"certificate {_name(certs[0].subject)} {problem}")
+    for below, (child, parent) in enumerate(zip(certs, [*certs[1:], root], strict=True)):
+        if (problem := ca_problem(parent, cas_below=below)) is not None:
+            _fail(source, f"issuer {parent.subject.rfc4514_string()[:80]!r} {problem}")
         try:
             child.verify_directly_issued_by(parent)
         except (ValueError, TypeError, InvalidSignature):

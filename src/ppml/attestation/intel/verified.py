@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ppml.attestation.cache import VerifiedCache
@@ -32,6 +31,7 @@ from ppml.attestation.intel.collateral import (
     verify_signed_body,
 )
 from ppml.attestation.steps import Step, StepStatus, VerificationReport
+from ppml.attestation.x509_checks import crl_problem
 from ppml.errors import EvidenceError
 
 __all__ = ["CollateralCache", "VerifiedCollateral", "verify_collateral", "verify_crls"]
@@ -78,19 +78,15 @@ def _verify_one_crl(
     crl_bytes: bytes,
     source: str,
     issuer_of: Callable[[], x509.Certificate],
+    issuer_name: str,
 ) -> tuple[Step, x509.CertificateRevocationList | None]:
     crl_box: list[x509.CertificateRevocationList] = []
 
     def check() -> str | None:
         crl = parse_crl(crl_bytes, source=source)
-        issuer = issuer_of()
-        if crl.issuer != issuer.subject:
-            return f"{source} is not issued by {issuer.subject.rfc4514_string()[:80]!r}"
-        key = issuer.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            return f"{source} issuer does not hold an EC key"
-        if not crl.is_signature_valid(key):
-            return f"{source} signature does not verify"
+        problem = crl_problem(crl, issuer_of(), issuer_name, None)
+        if problem is not None:
+            return f"{source}: {problem}"
         crl_box.append(crl)
         return None
 
@@ -112,8 +108,8 @@ def verify_crls(
     notes = [] if notes is None else notes
     steps: list[Step] = []
     verified: list[x509.CertificateRevocationList] = []
-    for name, data, source, issuer_of in (
-        ("root_ca_crl", collateral.root_ca_crl, "root_ca_crl", lambda: root),
+    for name, data, source, issuer_of, issuer_name in (
+        ("root_ca_crl", collateral.root_ca_crl, "root_ca_crl", lambda: root, "root CA"),
         (
             "pck_crl",
             collateral.pck_crl,
@@ -123,14 +119,16 @@ def verify_crls(
                 root=root,
                 at=at,
                 source="pck_crl_issuer_chain.pem",
+                leaf_signs="crl",
             ),
+            "PCK CA",
         ),
     ):
         if data is None:
             steps.append(Step.not_checked(f"{name}_signature", f"no {source} given"))
             steps.append(Step.not_checked(f"{name}_fresh", f"no {source} given"))
             continue
-        step, crl = _verify_one_crl(f"{name}_signature", data, source, issuer_of)
+        step, crl = _verify_one_crl(f"{name}_signature", data, source, issuer_of, issuer_name)
         steps.append(step)
         if crl is None:
             steps.append(Step.skipped(f"{name}_fresh", f"{name}_signature"))
