@@ -24,7 +24,7 @@ certificate's productName, else the report's CPUID family and model.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from importlib import resources
@@ -45,7 +45,7 @@ from ppml.attestation.amd.report import (
     tcb_layout_for_product,
 )
 from ppml.attestation.cache import VerifiedCache
-from ppml.attestation.steps import Step, StepStatus, VerificationReport
+from ppml.attestation.steps import Step, StepRunner, VerificationReport
 from ppml.attestation.x509_checks import (
     ca_problem,
     common_name,
@@ -413,39 +413,6 @@ def _binding_step(report: SnpReport, vcek: x509.Certificate, product: str, vlek:
     return Step.passed("vcek_binding", f"{what} {name}")
 
 
-def _guarded(name: str, run: Callable[[], Step]) -> Step:
-    """Run a step; certificate parsing trouble becomes a failed step, never an exception."""
-    try:
-        return run()
-    except EvidenceError as exc:
-        return Step.failed(name, str(exc).removeprefix(f"{name}: "))
-    except _CERT_ERRORS as exc:
-        return Step.failed(name, f"malformed certificate: {type(exc).__name__}")
-
-
-class _Steps:
-    """Runs steps in order; a step whose prerequisite did not pass is skipped, naming the
-    step that failed first."""
-
-    def __init__(self) -> None:
-        self.steps: list[Step] = []
-        self._cause: dict[str, str] = {}
-
-    def run(self, name: str, needs: tuple[str, ...], body: Callable[[], Step]) -> Step:
-        blocked = next((n for n in needs if self._cause.get(n, "") != ""), None)
-        if blocked is not None:
-            step = Step.skipped(name, self._cause[blocked])
-            self._cause[name] = self._cause[blocked]
-        else:
-            step = _guarded(name, body)
-            self._cause[name] = "" if step.status is StepStatus.PASSED else name
-        self.steps.append(step)
-        return step
-
-    def passed(self, *names: str) -> bool:
-        return all(self._cause.get(n) == "" for n in names)
-
-
 # -- the entry point ---------------------------------------------------------------------------
 
 
@@ -500,7 +467,7 @@ def verify_report(
         cache_key = (_der(ark), _der(ask), _der(vcek))
         cached = cache.get(cache_key) is not None
 
-    steps = _Steps()
+    steps = StepRunner(malformed=_CERT_ERRORS, what="certificate")
 
     def ark_step() -> Step:
         if chosen is None or ark is None:
@@ -520,11 +487,11 @@ def verify_report(
         assert chosen is not None
         return _binding_step(report, vcek, chosen, vlek)
 
-    steps.run("ark", (), ark_step)
-    steps.run("ask", ("ark",), ask_step)
-    steps.run("vcek", ("ask",), vcek_step)
+    steps.run("ark", ark_step)
+    steps.run("ask", ask_step, needs=("ark",))
+    steps.run("vcek", vcek_step, needs=("ask",))
     if cache is not None and cache_key is not None and not cached and steps.passed("vcek"):
         cache.put(cache_key, True)
-    steps.run("report_signature", ("vcek",), lambda: _signature_step(report, vcek))
-    steps.run("vcek_binding", ("vcek",), binding_step)
-    return VerificationReport.of(steps.steps)
+    steps.run("report_signature", lambda: _signature_step(report, vcek), needs=("vcek",))
+    steps.run("vcek_binding", binding_step, needs=("vcek",))
+    return steps.report()

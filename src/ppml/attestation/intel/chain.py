@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib import resources
 from typing import Final
 
@@ -37,7 +36,7 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 from ppml.attestation.cache import VerifiedCache
 from ppml.attestation.intel.pck import parse_pck_extensions
 from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
-from ppml.attestation.steps import Step, StepStatus, VerificationReport
+from ppml.attestation.steps import Step, StepFailed, StepRunner, StepStatus, VerificationReport
 from ppml.attestation.x509_checks import (
     ca_problem,
     common_name,
@@ -109,14 +108,10 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
         raise EvidenceError("CRL: not a valid DER or PEM certificate revocation list") from exc
 
 
-class _StepFailed(Exception):
-    """Internal: a step's check failed with this (human, key-free) reason."""
-
-
 def _p256_key(cert: x509.Certificate, name: str) -> ec.EllipticCurvePublicKey:
     key = p256_key(cert)
     if key is None:
-        raise _StepFailed(f"{name}: public key is not ECDSA P-256")
+        raise StepFailed(f"{name}: public key is not ECDSA P-256")
     return key
 
 
@@ -124,34 +119,34 @@ def _verify_signed_by(
     child: x509.Certificate, child_name: str, issuer: x509.Certificate, issuer_name: str
 ) -> None:
     if child.issuer != issuer.subject:
-        raise _StepFailed(f"{child_name}: issuer name is not the subject of the {issuer_name}")
+        raise StepFailed(f"{child_name}: issuer name is not the subject of the {issuer_name}")
     if child.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA256:
-        raise _StepFailed(f"{child_name}: signature algorithm is not ECDSA with SHA-256")
+        raise StepFailed(f"{child_name}: signature algorithm is not ECDSA with SHA-256")
     key = _p256_key(issuer, issuer_name)
     try:
         key.verify(child.signature, child.tbs_certificate_bytes, _ECDSA_SHA256)
     except InvalidSignature:
-        raise _StepFailed(
+        raise StepFailed(
             f"{child_name}: signature does not verify with the {issuer_name} key"
         ) from None
 
 
 def _require(name: str, problem: str | None) -> None:
     if problem is not None:
-        raise _StepFailed(f"{name}: {problem}")
+        raise StepFailed(f"{name}: {problem}")
 
 
 def _check_chain(chain: tuple[x509.Certificate, ...], root: x509.Certificate, at: datetime) -> str:
     if len(chain) != 3:
-        raise _StepFailed(f"chain has {len(chain)} certificates, expected 3 (PCK, CA, root)")
+        raise StepFailed(f"chain has {len(chain)} certificates, expected 3 (PCK, CA, root)")
     leaf, ca, given_root = chain
     if given_root.public_bytes(Encoding.DER) != root.public_bytes(Encoding.DER):
-        raise _StepFailed("chain does not end in the pinned root certificate")
+        raise StepFailed("chain does not end in the pinned root certificate")
     if common_name(leaf) != _PCK_LEAF_CN:
-        raise _StepFailed(f"PCK certificate: common name is not {_PCK_LEAF_CN!r}")
+        raise StepFailed(f"PCK certificate: common name is not {_PCK_LEAF_CN!r}")
     ca_cn = common_name(ca)
     if ca_cn not in _PCK_CA_CNS:
-        raise _StepFailed("PCK CA: common name is not an Intel SGX PCK Platform or Processor CA")
+        raise StepFailed("PCK CA: common name is not an Intel SGX PCK Platform or Processor CA")
     _verify_signed_by(root, "root CA", root, "root CA")
     _verify_signed_by(ca, "PCK CA", root, "root CA")
     _verify_signed_by(leaf, "PCK certificate", ca, "PCK CA")
@@ -176,19 +171,7 @@ def _check_crl(
 ) -> None:
     _require(name, crl_problem(crl, issuer, issuer_name, at))
     if is_revoked(crl, subject):
-        raise _StepFailed(f"{name}: the {subject_name} is revoked")
-
-
-def _run(name: str, check: Callable[[], str | None]) -> Step:
-    try:
-        detail = check()
-    except _StepFailed as exc:
-        return Step.failed(name, str(exc))
-    except EvidenceError as exc:
-        return Step.failed(name, exc.message)
-    except _CRYPTO_ERRORS as exc:
-        return Step.failed(name, f"malformed input: {type(exc).__name__}")
-    return Step.passed(name, detail or "")
+        raise StepFailed(f"{name}: the {subject_name} is revoked")
 
 
 def _raw_signature(raw: bytes) -> bytes:
@@ -247,35 +230,33 @@ def _chain_steps(
     root_crl: x509.CertificateRevocationList | None,
 ) -> tuple[Step, Step, Step]:
     chain = quote.pck_chain
+    run = StepRunner(malformed=_CRYPTO_ERRORS)
 
-    def chain_check() -> str:
+    def chain_check() -> Step:
         ca_cn = _check_chain(chain, root, at)
-        return f"PCK certificate <- {ca_cn} <- pinned root"
+        return Step.passed("pck_chain", f"PCK certificate <- {ca_cn} <- pinned root")
 
-    chain_step = _run("pck_chain", chain_check)
-    if chain_step.status is not StepStatus.PASSED:
-        return (
-            chain_step,
-            Step.skipped("pck_crl", "pck_chain"),
-            Step.skipped("root_crl", "pck_chain"),
-        )
+    run.run("pck_chain", chain_check)
     leaf, ca = chain[0], chain[1]
-    if pck_crl is None:
-        pck_step = Step.not_checked("pck_crl", "no PCK CRL given")
-    else:
-        crl = pck_crl
-        pck_step = _run(
+    for name, crl, absent, check in (
+        (
             "pck_crl",
-            lambda: _check_crl(crl, "PCK CRL", ca, "PCK CA", leaf, "PCK certificate", at),
-        )
-    if root_crl is None:
-        root_step = Step.not_checked("root_crl", "no root CA CRL given")
-    else:
-        rcrl = root_crl
-        root_step = _run(
+            pck_crl,
+            "no PCK CRL given",
+            lambda c: _check_crl(c, "PCK CRL", ca, "PCK CA", leaf, "PCK certificate", at),
+        ),
+        (
             "root_crl",
-            lambda: _check_crl(rcrl, "root CA CRL", root, "root CA", ca, "PCK CA", at),
-        )
+            root_crl,
+            "no root CA CRL given",
+            lambda c: _check_crl(c, "root CA CRL", root, "root CA", ca, "PCK CA", at),
+        ),
+    ):
+        if crl is None and run.passed("pck_chain"):
+            run.add(Step.not_checked(name, absent))
+        else:
+            run.run(name, partial(check, crl), needs=("pck_chain",))
+    chain_step, pck_step, root_step = run.steps
     return chain_step, pck_step, root_step
 
 
@@ -336,25 +317,23 @@ def verify_quote(
     `EvidenceError`. The quote and QE report signatures are verified on every call; `cache`
     only spares the chain and CRL work."""
     q = _check_inputs(quote, root, at, pck_crl, root_crl)
-    chain_step, pck_step, root_step = _verified_chain(q, root, at, pck_crl, root_crl, cache)
-    steps: list[Step] = [chain_step, pck_step, root_step]
+    run = StepRunner(malformed=_CRYPTO_ERRORS)
+    run.extend(_verified_chain(q, root, at, pck_crl, root_crl, cache))
 
     def qe_signature() -> None:
         key = _p256_key(q.pck_chain[0], "PCK certificate")
         try:
             key.verify(_raw_signature(q.qe_report_signature), q.qe_report_bytes, _ECDSA_SHA256)
         except InvalidSignature:
-            raise _StepFailed("QE report signature does not verify with the PCK key") from None
+            raise StepFailed("QE report signature does not verify with the PCK key") from None
 
     def binding() -> None:
         expected = hashlib.sha256(q.attestation_key + q.qe_auth_data).digest()
         data = q.qe_report.report_data
         if not hmac.compare_digest(data[:32], expected):
-            raise _StepFailed(
-                "QE report data[0:32] is not SHA-256(attestation key || QE auth data)"
-            )
+            raise StepFailed("QE report data[0:32] is not SHA-256(attestation key || QE auth data)")
         if not hmac.compare_digest(data[32:], bytes(32)):
-            raise _StepFailed("QE report data[32:64] is not zero")
+            raise StepFailed("QE report data[32:64] is not zero")
 
     def quote_signature() -> None:
         try:
@@ -362,23 +341,13 @@ def verify_quote(
                 ec.SECP256R1(), b"\x04" + q.attestation_key
             )
         except ValueError:
-            raise _StepFailed("attestation key is not a P-256 point") from None
+            raise StepFailed("attestation key is not a P-256 point") from None
         try:
             key.verify(_raw_signature(q.signature), q.signed_bytes, _ECDSA_SHA256)
         except InvalidSignature:
-            raise _StepFailed("quote signature does not verify with the attestation key") from None
+            raise StepFailed("quote signature does not verify with the attestation key") from None
 
-    blocker = None if chain_step.status is StepStatus.PASSED else chain_step.name
-    for name, check in (
-        ("qe_report_signature", qe_signature),
-        ("qe_report_data_binding", binding),
-        ("quote_signature", quote_signature),
-    ):
-        if blocker is not None:
-            steps.append(Step.skipped(name, blocker))
-            continue
-        step = _run(name, check)
-        if step.status is not StepStatus.PASSED:
-            blocker = name
-        steps.append(step)
-    return VerificationReport.of(steps)
+    run.run("qe_report_signature", qe_signature, needs=("pck_chain",))
+    run.run("qe_report_data_binding", binding, needs=("qe_report_signature",))
+    run.run("quote_signature", quote_signature, needs=("qe_report_data_binding",))
+    return run.report()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import hmac
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,7 +37,7 @@ from ppml.attestation.intel.collateral import (
     format_pcs_date,
 )
 from ppml.attestation.intel.verified import CollateralCache, VerifiedCollateral, verify_collateral
-from ppml.attestation.steps import Step, StepStatus, VerificationReport
+from ppml.attestation.steps import Step, StepRunner, StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -213,29 +213,6 @@ def _masked_equal(value: bytes, mask: bytes, expected: bytes) -> bool:
 # --------------------------------------------------------------------------- evaluation
 
 
-class _Run:
-    """Collects steps; a step whose prerequisites did not pass is skipped."""
-
-    def __init__(self) -> None:
-        self.steps: list[Step] = []
-
-    def add(self, step: Step) -> Step:
-        self.steps.append(step)
-        return step
-
-    def status(self, name: str) -> StepStatus | None:
-        for s in self.steps:
-            if s.name == name:
-                return s.status
-        return None
-
-    def blocker(self, *names: str) -> str | None:
-        for name in names:
-            if self.status(name) in (StepStatus.FAILED, StepStatus.SKIPPED):
-                return name
-        return None
-
-
 def _tcb_info_match(info: TcbInfo, platform: PlatformTcb, tee: TeeType) -> str | None:
     if tee is TeeType.TDX and not (info.version >= 3 and info.id == "TDX"):
         return f"TCB info is for {info.id} (version {info.version}), the quote is TDX"
@@ -283,16 +260,6 @@ def _module_match(info: TcbInfo, platform: PlatformTcb) -> str | None:
     if not _masked_equal(platform.seam_attributes, mask, attrs):
         return "SEAMATTRIBUTES under the module's mask do not match"
     return None
-
-
-def _check(run: _Run, name: str, deps: Sequence[str], check: Callable[[], str | None]) -> bool:
-    blocker = run.blocker(*deps)
-    if blocker is not None:
-        run.add(Step.skipped(name, blocker))
-        return False
-    problem = check()
-    run.add(Step.passed(name) if problem is None else Step.failed(name, problem))
-    return problem is None
 
 
 @dataclass
@@ -372,14 +339,14 @@ def evaluate(
     verified = verify_collateral(
         collateral, root=root, at=at, allow_outdated=allow_outdated, cache=cache
     )
-    run = _Run()
-    run.steps.extend(verified.steps)
+    run = StepRunner()
+    run.extend(verified.steps)
     deps = _match_steps(run, verified, platform, qe, tee_type)
     return _finish(run, verified, platform, qe, tee_type, deps)
 
 
 def _match_steps(
-    run: _Run,
+    run: StepRunner,
     verified: VerifiedCollateral,
     platform: PlatformTcb,
     qe: QeReportInfo,
@@ -391,11 +358,10 @@ def _match_steps(
     if not verified.has_tcb_info:
         run.add(Step.not_checked("tcb_info_match", "no TCB info given"))
     elif info is not None:
-        _check(
-            run,
+        run.run(
             "tcb_info_match",
-            ["tcb_info_signature"],
             lambda: _tcb_info_match(info, platform, tee_type),
+            needs=["tcb_info_signature"],
         )
     else:
         run.add(Step.skipped("tcb_info_match", "tcb_info_signature"))
@@ -403,11 +369,10 @@ def _match_steps(
     if not verified.has_qe_identity:
         run.add(Step.not_checked("qe_identity_match", "no QE identity given"))
     elif qe_signed is not None:
-        _check(
-            run,
+        run.run(
             "qe_identity_match",
-            ["qe_identity_signature"],
             lambda: _qe_match(qe_signed, qe, tee_type),
+            needs=["qe_identity_signature"],
         )
     else:
         run.add(Step.skipped("qe_identity_match", "qe_identity_signature"))
@@ -420,13 +385,13 @@ def _match_steps(
             else:
                 run.add(Step.skipped("tdx_module_match", "tcb_info_signature"))
         else:
-            _check(run, "tdx_module_match", deps, lambda: _module_match(info, platform))
+            run.run("tdx_module_match", lambda: _module_match(info, platform), needs=deps)
         deps.append("tdx_module_match")
     return deps
 
 
 def _finish(
-    run: _Run,
+    run: StepRunner,
     verified: VerifiedCollateral,
     platform: PlatformTcb,
     qe: QeReportInfo,
@@ -500,8 +465,8 @@ def _finish(
     )
 
 
-def _done(run: _Run, evaluation: TcbEvaluation) -> tuple[VerificationReport, TcbEvaluation]:
-    report = VerificationReport.of(run.steps)
+def _done(run: StepRunner, evaluation: TcbEvaluation) -> tuple[VerificationReport, TcbEvaluation]:
+    report = run.report()
     if evaluation.outcome in (TcbOutcome.EVALUATED, TcbOutcome.NO_COLLATERAL):
         bad = report.first_failure or next(
             (s for s in report.steps if s.status is StepStatus.SKIPPED), None

@@ -30,7 +30,7 @@ from ppml.attestation.intel.collateral import (
     verify_chain,
     verify_signed_body,
 )
-from ppml.attestation.steps import Step, StepStatus, VerificationReport
+from ppml.attestation.steps import Step, StepRunner, StepStatus, VerificationReport
 from ppml.attestation.x509_checks import crl_problem
 from ppml.errors import EvidenceError
 
@@ -64,34 +64,38 @@ def _fresh_step(name: str, problem: str | None, allow_outdated: bool, notes: lis
     return Step.failed(name, problem)
 
 
-def _run(name: str, check: Callable[[], str | None]) -> Step:
-    """Run one check; an `EvidenceError` (or a returned reason) is a failed step."""
-    try:
-        problem = check()
-    except EvidenceError as exc:
-        return Step.failed(name, exc.message)
-    return Step.passed(name) if problem is None else Step.failed(name, problem)
-
-
-def _verify_one_crl(
-    name: str,
+def _crl_check(
     crl_bytes: bytes,
     source: str,
     issuer_of: Callable[[], x509.Certificate],
     issuer_name: str,
-) -> tuple[Step, x509.CertificateRevocationList | None]:
-    crl_box: list[x509.CertificateRevocationList] = []
-
+    found: list[x509.CertificateRevocationList],
+) -> Callable[[], str | None]:
     def check() -> str | None:
         crl = parse_crl(crl_bytes, source=source)
         problem = crl_problem(crl, issuer_of(), issuer_name, None)
         if problem is not None:
             return f"{source}: {problem}"
-        crl_box.append(crl)
+        found.append(crl)
         return None
 
-    step = _run(name, check)
-    return step, (crl_box[0] if crl_box else None)
+    return check
+
+
+def _crl_freshness(
+    name: str,
+    source: str,
+    found: list[x509.CertificateRevocationList],
+    at: _dt.datetime,
+    allow_outdated: bool,
+    notes: list[str],
+) -> Callable[[], Step]:
+    def check() -> Step:
+        crl = found[0]
+        problem = check_freshness(source, crl.last_update_utc, crl.next_update_utc, at)
+        return _fresh_step(name, problem, allow_outdated, notes)
+
+    return check
 
 
 def verify_crls(
@@ -106,7 +110,7 @@ def verify_crls(
     itself verified up to `root`), each one's freshness at `at`, and return the checker the
     certificate chain verifier asks. A CRL that fails is not in the checker."""
     notes = [] if notes is None else notes
-    steps: list[Step] = []
+    run = StepRunner()
     verified: list[x509.CertificateRevocationList] = []
     for name, data, source, issuer_of, issuer_name in (
         ("root_ca_crl", collateral.root_ca_crl, "root_ca_crl", lambda: root, "root CA"),
@@ -124,25 +128,23 @@ def verify_crls(
             "PCK CA",
         ),
     ):
+        sig, fresh = f"{name}_signature", f"{name}_fresh"
         if data is None:
-            steps.append(Step.not_checked(f"{name}_signature", f"no {source} given"))
-            steps.append(Step.not_checked(f"{name}_fresh", f"no {source} given"))
+            run.add(Step.not_checked(sig, f"no {source} given"))
+            run.add(Step.not_checked(fresh, f"no {source} given"))
             continue
-        step, crl = _verify_one_crl(f"{name}_signature", data, source, issuer_of, issuer_name)
-        steps.append(step)
-        if crl is None:
-            steps.append(Step.skipped(f"{name}_fresh", f"{name}_signature"))
-            continue
-        problem = check_freshness(source, crl.last_update_utc, crl.next_update_utc, at)
-        fresh = _fresh_step(f"{name}_fresh", problem, allow_outdated, notes)
-        steps.append(fresh)
-        if fresh.status is StepStatus.PASSED:
-            verified.append(crl)
-    return VerificationReport.of(steps), RevocationChecker(verified)
+        found: list[x509.CertificateRevocationList] = []
+        run.run(sig, _crl_check(data, source, issuer_of, issuer_name, found))
+        step = run.run(
+            fresh, _crl_freshness(fresh, source, found, at, allow_outdated, notes), needs=(sig,)
+        )
+        if step.status is StepStatus.PASSED:
+            verified.extend(found)
+    return run.report(), RevocationChecker(verified)
 
 
 def _signed_steps(
-    steps: list[Step],
+    run: StepRunner,
     prefix: str,
     what: str,
     load: Callable[[], tuple[SignedTcbInfo | SignedEnclaveIdentity | None, object, str]],
@@ -154,20 +156,24 @@ def _signed_steps(
     signers: list[x509.Certificate],
 ) -> SignedTcbInfo | SignedEnclaveIdentity | None:
     sig, fresh = f"{prefix}_signature", f"{prefix}_fresh"
-    try:
+    found: list[SignedTcbInfo | SignedEnclaveIdentity] = []
+
+    def signature() -> None:
         signed, chain, source = load()
         if signed is None or not isinstance(chain, tuple):
             raise EvidenceError(f"no {what} or no issuer chain")
         verify_signed_body(signed, chain, root=root, at=at, source=source)
-    except EvidenceError as exc:
-        steps.append(Step.failed(sig, exc.message))
-        steps.append(Step.skipped(fresh, sig))
-        return None
-    signers.extend(c for c in chain if c != root)
-    steps.append(Step.passed(sig))
-    problem = check_freshness(what, signed.body.issue_date, signed.body.next_update, at)
-    steps.append(_fresh_step(fresh, problem, allow_outdated, notes))
-    return signed
+        signers.extend(c for c in chain if c != root)
+        found.append(signed)
+
+    def freshness() -> Step:
+        body = found[0].body
+        problem = check_freshness(what, body.issue_date, body.next_update, at)
+        return _fresh_step(fresh, problem, allow_outdated, notes)
+
+    run.run(sig, signature)
+    run.run(fresh, freshness, needs=(sig,))
+    return found[0] if found else None
 
 
 def _issuer_revocation(
@@ -196,7 +202,8 @@ def _verify(
     crl_report, checker = verify_crls(
         collateral, root=root, at=at, allow_outdated=allow_outdated, notes=notes
     )
-    steps = list(crl_report.steps)
+    run = StepRunner()
+    run.extend(crl_report.steps)
     signers: list[x509.Certificate] = []
     found: list[SignedTcbInfo | SignedEnclaveIdentity | None] = []
     for prefix, what, present, load in (
@@ -214,13 +221,13 @@ def _verify(
         ),
     ):
         if not present:
-            steps.append(Step.not_checked(f"{prefix}_signature", f"no {what} given"))
-            steps.append(Step.not_checked(f"{prefix}_fresh", f"no {what} given"))
+            run.add(Step.not_checked(f"{prefix}_signature", f"no {what} given"))
+            run.add(Step.not_checked(f"{prefix}_fresh", f"no {what} given"))
             found.append(None)
             continue
         found.append(
             _signed_steps(
-                steps,
+                run,
                 prefix,
                 what,
                 load,
@@ -236,12 +243,12 @@ def _verify(
     except EvidenceError:
         pck_chain = ()
     signers.extend(c for c in pck_chain if c != root)
-    steps.append(_issuer_revocation(signers, checker, root))
+    run.add(_issuer_revocation(signers, checker, root))
     tcb_info, qe_identity = found
     assert tcb_info is None or isinstance(tcb_info, SignedTcbInfo)
     assert qe_identity is None or isinstance(qe_identity, SignedEnclaveIdentity)
     return VerifiedCollateral(
-        steps=tuple(steps),
+        steps=tuple(run.steps),
         tcb_info=tcb_info,
         qe_identity=qe_identity,
         has_tcb_info=collateral.tcb_info_json is not None,
