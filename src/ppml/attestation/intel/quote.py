@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Final, TypedDict
+from typing import Final, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -555,11 +555,8 @@ def parse_sgx_quote(data: bytes) -> SgxQuote:
     body_bytes = r.take(SGX_REPORT_LEN, "SGX report body")
     signed_len = r.pos
     auth = _read_signature_data(r, 3)
-    return SgxQuote(
-        header=header,
-        body=SgxReportBody.from_bytes(body_bytes),
-        **_common(data, signed_len, auth, r.rest()),
-    )
+    body = SgxReportBody.from_bytes(body_bytes)
+    return _assemble(SgxQuote, header, data, signed_len, auth, r.rest(), body=body)
 
 
 def parse_tdx_quote(data: bytes) -> TdxQuote:
@@ -587,42 +584,39 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
     body = TdReportBody.from_bytes(r.take(body_len, "TD report body"))
     signed_len = r.pos
     auth = _read_signature_data(r, header.version)
-    return TdxQuote(
-        header=header,
-        body=body,
-        body_type=body_type,
-        **_common(data, signed_len, auth, r.rest()),
+    return _assemble(
+        TdxQuote, header, data, signed_len, auth, r.rest(), body=body, body_type=body_type
     )
 
 
-class _CommonFields(TypedDict):
-    signed_bytes: bytes
-    signature: bytes
-    attestation_key: bytes
-    qe_report: SgxReportBody
-    qe_report_bytes: bytes
-    qe_report_signature: bytes
-    qe_auth_data: bytes
-    cert_data_type: int
-    pck_chain_pem: bytes
-    pck_chain: tuple[x509.Certificate, ...]
-    trailing_bytes: bytes
+_Q = TypeVar("_Q", SgxQuote, TdxQuote)
 
 
-def _common(data: bytes, signed_len: int, auth: _AuthParts, trailing: bytes) -> _CommonFields:
-    return {
-        "signed_bytes": data[:signed_len],
-        "signature": auth.signature,
-        "attestation_key": auth.attestation_key,
-        "qe_report": SgxReportBody.from_bytes(auth.qe_report_bytes),
-        "qe_report_bytes": auth.qe_report_bytes,
-        "qe_report_signature": auth.qe_report_signature,
-        "qe_auth_data": auth.qe_auth_data,
-        "cert_data_type": CERT_DATA_PCK_CHAIN,
-        "pck_chain_pem": auth.pck_chain_pem,
-        "pck_chain": parse_pck_chain_pem(auth.pck_chain_pem),
-        "trailing_bytes": trailing,
-    }
+def _assemble(
+    cls: type[_Q],
+    header: QuoteHeader,
+    data: bytes,
+    signed_len: int,
+    auth: _AuthParts,
+    trailing: bytes,
+    **body: object,
+) -> _Q:
+    """A quote of type `cls` from its header, its signature data and its body fields."""
+    return cls(
+        header=header,
+        signed_bytes=data[:signed_len],
+        signature=auth.signature,
+        attestation_key=auth.attestation_key,
+        qe_report=SgxReportBody.from_bytes(auth.qe_report_bytes),
+        qe_report_bytes=auth.qe_report_bytes,
+        qe_report_signature=auth.qe_report_signature,
+        qe_auth_data=auth.qe_auth_data,
+        cert_data_type=CERT_DATA_PCK_CHAIN,
+        pck_chain_pem=auth.pck_chain_pem,
+        pck_chain=parse_pck_chain_pem(auth.pck_chain_pem),
+        trailing_bytes=trailing,
+        **body,  # type: ignore[arg-type]
+    )
 
 
 def parse_quote(data: bytes) -> SgxQuote | TdxQuote:

@@ -352,42 +352,43 @@ def _match_steps(
     qe: QeReportInfo,
     tee_type: TeeType,
 ) -> list[str]:
-    """The ``*_match`` steps; returns the steps the TCB level depends on."""
+    """The ``*_match`` steps; returns the steps the TCB level depends on. A match whose
+    document did not verify is skipped (its signature step failed)."""
     info = verified.tcb_info.body if verified.tcb_info is not None else None
     qe_signed = verified.qe_identity
-    if not verified.has_tcb_info:
-        run.add(Step.not_checked("tcb_info_match", "no TCB info given"))
-    elif info is not None:
-        run.run(
-            "tcb_info_match",
-            lambda: _tcb_info_match(info, platform, tee_type),
-            needs=["tcb_info_signature"],
-        )
-    else:
-        run.add(Step.skipped("tcb_info_match", "tcb_info_signature"))
 
-    if not verified.has_qe_identity:
-        run.add(Step.not_checked("qe_identity_match", "no QE identity given"))
-    elif qe_signed is not None:
-        run.run(
-            "qe_identity_match",
-            lambda: _qe_match(qe_signed, qe, tee_type),
-            needs=["qe_identity_signature"],
-        )
-    else:
-        run.add(Step.skipped("qe_identity_match", "qe_identity_signature"))
+    def tcb_match() -> str | None:
+        assert info is not None
+        return _tcb_info_match(info, platform, tee_type)
+
+    def qe_match() -> str | None:
+        assert qe_signed is not None
+        return _qe_match(qe_signed, qe, tee_type)
+
+    def module_match() -> str | None:
+        assert info is not None
+        return _module_match(info, platform)
 
     deps = ["tcb_info_signature", "tcb_info_fresh", "tcb_info_match"]
+    no_tcb_info = "no TCB info given"
+    matches = [
+        ("tcb_info_match", verified.has_tcb_info, no_tcb_info, tcb_match, deps[:1]),
+        (
+            "qe_identity_match",
+            verified.has_qe_identity,
+            "no QE identity given",
+            qe_match,
+            ["qe_identity_signature"],
+        ),
+    ]
     if tee_type is TeeType.TDX:
-        if info is None:
-            if not verified.has_tcb_info:
-                run.add(Step.not_checked("tdx_module_match", "no TCB info given"))
-            else:
-                run.add(Step.skipped("tdx_module_match", "tcb_info_signature"))
+        matches.append(("tdx_module_match", verified.has_tcb_info, no_tcb_info, module_match, deps))
+    for name, given, absent, check, needs in matches:
+        if given:
+            run.run(name, check, needs=needs)
         else:
-            run.run("tdx_module_match", lambda: _module_match(info, platform), needs=deps)
-        deps.append("tdx_module_match")
-    return deps
+            run.add(Step.not_checked(name, absent))
+    return [*deps, "tdx_module_match"] if tee_type is TeeType.TDX else deps
 
 
 def _finish(
