@@ -10,12 +10,15 @@ checked. Failures are never cached (the callers put only results that passed). `
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
-__all__ = ["VerifiedCache"]
+from cryptography import x509
+
+__all__ = ["VerifiedCache", "cache_key", "validity_window"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -64,3 +67,37 @@ class VerifiedCache(Generic[K, V]):
             self._entries.move_to_end(key)
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
+
+
+def cache_key(tag: bytes, *parts: bytes | None) -> bytes:
+    """SHA-256 over `tag` and each part, length-prefixed (None marked as absent), so that no
+    two different sequences of parts share a key."""
+    h = hashlib.sha256(tag + b"\x00")
+    for part in parts:
+        if part is None:
+            h.update(b"\x00")
+        else:
+            h.update(b"\x01" + len(part).to_bytes(8, "big") + part)
+    return h.digest()
+
+
+def validity_window(
+    certs: Iterable[x509.Certificate],
+    crls: Iterable[x509.CertificateRevocationList | None] = (),
+    spans: Iterable[tuple[_dt.datetime, _dt.datetime]] = (),
+) -> tuple[_dt.datetime, _dt.datetime]:
+    """The times at which every certificate is valid, every CRL current (lastUpdate to
+    nextUpdate) and every other span open: the window of a cache entry."""
+    starts: list[_dt.datetime] = []
+    ends: list[_dt.datetime] = []
+    for cert in certs:
+        starts.append(cert.not_valid_before_utc)
+        ends.append(cert.not_valid_after_utc)
+    for crl in crls:
+        if crl is not None and crl.next_update_utc is not None:
+            starts.append(crl.last_update_utc)
+            ends.append(crl.next_update_utc)
+    for start, end in spans:
+        starts.append(start)
+        ends.append(end)
+    return max(starts), min(ends)

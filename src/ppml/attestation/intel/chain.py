@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import SignatureAlgorithmOID
 
-from ppml.attestation.cache import VerifiedCache
+from ppml.attestation.cache import VerifiedCache, cache_key, validity_window
 from ppml.attestation.intel.pck import parse_pck_extensions
 from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
 from ppml.attestation.steps import Step, StepFailed, StepRunner, StepStatus, VerificationReport
@@ -194,32 +194,13 @@ def _cache_key(
     pck_crl: x509.CertificateRevocationList | None,
     root_crl: x509.CertificateRevocationList | None,
 ) -> bytes:
-    h = hashlib.sha256(b"ppml-intel-pck-chain/1\x00")
-    parts = (
+    return cache_key(
+        b"ppml-intel-pck-chain/1",
         quote.pck_chain_pem,
         root.public_bytes(Encoding.DER),
         pck_crl.public_bytes(Encoding.DER) if pck_crl is not None else None,
         root_crl.public_bytes(Encoding.DER) if root_crl is not None else None,
     )
-    for part in parts:
-        if part is None:
-            h.update(b"\x00")
-        else:
-            h.update(b"\x01" + len(part).to_bytes(8, "big") + part)
-    return h.digest()
-
-
-def _validity_window(
-    certs: tuple[x509.Certificate, ...],
-    crls: tuple[x509.CertificateRevocationList | None, ...],
-) -> tuple[datetime, datetime]:
-    starts = [c.not_valid_before_utc for c in certs]
-    ends = [c.not_valid_after_utc for c in certs]
-    for crl in crls:
-        if crl is not None and crl.next_update_utc is not None:
-            starts.append(crl.last_update_utc)
-            ends.append(crl.next_update_utc)
-    return max(starts), min(ends)
 
 
 def _chain_steps(
@@ -277,7 +258,7 @@ def _verified_chain(
     steps = _chain_steps(quote, root, at, pck_crl, root_crl)
     if all(s.status in (StepStatus.PASSED, StepStatus.NOT_CHECKED) for s in steps):
         chain = (quote.pck_chain[0], quote.pck_chain[1], root)
-        cache.put(key, steps, _validity_window(chain, (pck_crl, root_crl)))
+        cache.put(key, steps, validity_window(chain, (pck_crl, root_crl)))
     return steps
 
 

@@ -11,7 +11,6 @@ it would be without the cache.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ppml.attestation.cache import VerifiedCache
+from ppml.attestation.cache import VerifiedCache, cache_key, validity_window
 from ppml.attestation.collateral.models import INTEL_FILES, Collateral
 from ppml.attestation.intel.collateral import (
     RevocationChecker,
@@ -258,17 +257,12 @@ def _verify(
 
 
 def _cache_key(collateral: Collateral, root: x509.Certificate, allow_outdated: bool) -> bytes:
-    h = hashlib.sha256(b"ppml-intel-collateral/1\x00")
-    for part in (
+    return cache_key(
+        b"ppml-intel-collateral/1",
         root.public_bytes(Encoding.DER),
         b"\x01" if allow_outdated else b"\x00",
         *(getattr(collateral, name) for name in INTEL_FILES),
-    ):
-        if part is None:
-            h.update(b"\x00")
-        else:
-            h.update(b"\x01" + len(part).to_bytes(8, "big") + part)
-    return h.digest()
+    )
 
 
 def _window(
@@ -282,17 +276,15 @@ def _window(
         collateral.pck_crl_chain(),
     ):
         certs.extend(chain or ())
-    starts = [c.not_valid_before_utc for c in certs]
-    ends = [c.not_valid_after_utc for c in certs]
-    for crl in (collateral.pck_crl_parsed(), collateral.root_ca_crl_parsed()):
-        if crl is not None and crl.next_update_utc is not None:
-            starts.append(crl.last_update_utc)
-            ends.append(crl.next_update_utc)
-    for doc in (verified.tcb_info, verified.qe_identity):
-        if doc is not None:
-            starts.append(doc.body.issue_date)
-            ends.append(doc.body.next_update)
-    return max(starts), min(ends)
+    return validity_window(
+        certs,
+        (collateral.pck_crl_parsed(), collateral.root_ca_crl_parsed()),
+        [
+            (doc.body.issue_date, doc.body.next_update)
+            for doc in (verified.tcb_info, verified.qe_identity)
+            if doc is not None
+        ],
+    )
 
 
 def verify_collateral(
