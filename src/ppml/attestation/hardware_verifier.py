@@ -20,9 +20,10 @@ import datetime as _dt
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypedDict, Unpack
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ppml._internal.clock import Clock, utc_now
 from ppml.attestation.claims import EvidenceClaims, TcbStatus, TeeType
@@ -50,6 +51,15 @@ _MEASUREMENTS: Mapping[TeeType, tuple[str, ...]] = {
     ),
     TeeType.SNP: ("measurement", "host_data", "id_key_digest"),
 }
+
+
+class _Options(TypedDict, total=False):
+    collateral: str | Path | None
+    allow_outdated: bool
+    vcek: bytes | None
+    ask_ark: bytes | None
+    clock: Clock
+    source: CollateralSource | None
 
 
 class _HardwareVerifier:
@@ -112,31 +122,12 @@ class _HardwareVerifier:
         return cls(collateral=collateral, allow_outdated=allow_outdated, source=source)
 
     @classmethod
-    def for_testing(
-        cls,
-        *,
-        root: x509.Certificate | bytes,
-        collateral: str | Path | None = None,
-        allow_outdated: bool = False,
-        vcek: bytes | None = None,
-        ask_ark: bytes | None = None,
-        clock: Clock = utc_now,
-        source: CollateralSource | None = None,
-    ) -> Self:
+    def for_testing(cls, *, root: x509.Certificate | bytes, **options: Unpack[_Options]) -> Self:
         """Trust a test root (an Intel root CA, or an AMD ARK for SEV-SNP) instead of the
-        vendor's; `clock` pins the verification time."""
-        from cryptography.hazmat.primitives.serialization import Encoding
-
+        vendor's; `clock` pins the verification time, `vcek` / `ask_ark` give an SEV-SNP
+        report's certificates."""
         pem = root.public_bytes(Encoding.PEM) if isinstance(root, x509.Certificate) else root
-        return cls(
-            root_pem=pem,
-            collateral=collateral,
-            allow_outdated=allow_outdated,
-            vcek=vcek,
-            ask_ark=ask_ark,
-            clock=clock,
-            source=source,
-        )
+        return cls(root_pem=pem, **options)
 
     @property
     def tee(self) -> TeeType:
