@@ -37,7 +37,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, Literal, Self
+from typing import ClassVar, Final, Literal, Self, TypedDict, Unpack
 
 import httpx
 from cryptography import x509
@@ -68,6 +68,7 @@ __all__ = [
     "KDS_URL",
     "AmdKdsSource",
     "IntelCollateralSource",
+    "SourceOptions",
     "snp_product",
 ]
 
@@ -323,37 +324,43 @@ def _fresh_until(collateral: Collateral) -> _dt.datetime | None:
     return min(ends) if ends else None
 
 
+class SourceOptions(TypedDict, total=False):
+    """How a source reaches its server and keeps what it fetched: `cache_dir` (None: nothing
+    kept), `client` (replaces the HTTP client; its TLS settings are then the caller's),
+    `verify` (True: the system's CAs, or a CA file; never False), `timeout` (seconds),
+    `max_response_bytes`, `retries` and `max_retry_after` (on HTTP 429/503), `clock`, `sleep`."""
+
+    cache_dir: str | Path | None
+    client: httpx.Client | None
+    verify: bool | str | os.PathLike[str]
+    timeout: float
+    max_response_bytes: int
+    retries: int
+    max_retry_after: float
+    clock: Clock
+    sleep: Callable[[float], None]
+
+
 class _Source:
     """What both sources share: the checked base URL, the cache directory, the HTTP client
     (verified TLS, timeouts, bounded bodies and retries) and a lock; closing."""
 
-    def __init__(
-        self,
-        base_url: str,
-        what: str,
-        *,
-        cache_dir: str | Path | None,
-        client: httpx.Client | None,
-        verify: bool | str | os.PathLike[str],
-        timeout: float,
-        max_response_bytes: int,
-        retries: int,
-        max_retry_after: float,
-        clock: Clock,
-        sleep: Callable[[float], None],
-    ) -> None:
-        self.base_url = _check_base_url(base_url, what)
+    _WHAT: ClassVar[str]
+
+    def __init__(self, base_url: str, **options: Unpack[SourceOptions]) -> None:
+        self.base_url = _check_base_url(base_url, self._WHAT)
+        cache_dir = options.get("cache_dir")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._clock = clock
+        self._clock = options.get("clock", utc_now)
         self._http = _Http(
-            client=client,
-            verify=verify,
-            timeout=timeout,
-            max_response_bytes=max_response_bytes,
-            retries=retries,
-            max_retry_after=max_retry_after,
-            sleep=sleep,
-            clock=clock,
+            client=options.get("client"),
+            verify=options.get("verify", True),
+            timeout=options.get("timeout", _DEFAULT_TIMEOUT),
+            max_response_bytes=options.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
+            retries=options.get("retries", _DEFAULT_RETRIES),
+            max_retry_after=options.get("max_retry_after", _DEFAULT_MAX_RETRY_AFTER),
+            sleep=options.get("sleep", time.sleep),
+            clock=self._clock,
         )
         self._lock = threading.Lock()
 
@@ -383,34 +390,16 @@ class IntelCollateralSource(_Source):
     turned off. `client` replaces the HTTP client (its TLS settings are then the caller's).
     """
 
+    _WHAT = "Intel collateral source"
+
     def __init__(
         self,
         base_url: str = INTEL_PCS_URL,
         *,
-        cache_dir: str | Path | None = None,
-        client: httpx.Client | None = None,
-        verify: bool | str | os.PathLike[str] = True,
         root_ca_crl_url: str | None = None,
-        timeout: float = _DEFAULT_TIMEOUT,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        retries: int = _DEFAULT_RETRIES,
-        max_retry_after: float = _DEFAULT_MAX_RETRY_AFTER,
-        clock: Clock = utc_now,
-        sleep: Callable[[float], None] = time.sleep,
+        **options: Unpack[SourceOptions],
     ) -> None:
-        super().__init__(
-            base_url,
-            "Intel collateral source",
-            cache_dir=cache_dir,
-            client=client,
-            verify=verify,
-            timeout=timeout,
-            max_response_bytes=max_response_bytes,
-            retries=retries,
-            max_retry_after=max_retry_after,
-            clock=clock,
-            sleep=sleep,
-        )
+        super().__init__(base_url, **options)
         if root_ca_crl_url is None:
             is_pcs = (
                 urllib.parse.urlsplit(self.base_url).hostname == "api.trustedservices.intel.com"
@@ -545,33 +534,10 @@ class AmdKdsSource(_Source):
     product, hwID, SPLs) and chains by (base URL, product), reused while not expired.
     """
 
-    def __init__(
-        self,
-        base_url: str = KDS_URL,
-        *,
-        cache_dir: str | Path | None = None,
-        client: httpx.Client | None = None,
-        verify: bool | str | os.PathLike[str] = True,
-        timeout: float = _DEFAULT_TIMEOUT,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        retries: int = _DEFAULT_RETRIES,
-        max_retry_after: float = _DEFAULT_MAX_RETRY_AFTER,
-        clock: Clock = utc_now,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(
-            base_url,
-            "AMD KDS source",
-            cache_dir=cache_dir,
-            client=client,
-            verify=verify,
-            timeout=timeout,
-            max_response_bytes=max_response_bytes,
-            retries=retries,
-            max_retry_after=max_retry_after,
-            clock=clock,
-            sleep=sleep,
-        )
+    _WHAT = "AMD KDS source"
+
+    def __init__(self, base_url: str = KDS_URL, **options: Unpack[SourceOptions]) -> None:
+        super().__init__(base_url, **options)
 
     @staticmethod
     def vcek_query(report: SnpReport | bytes, product: str) -> tuple[str, Mapping[str, int]]:
