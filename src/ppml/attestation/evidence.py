@@ -41,7 +41,13 @@ from ppml.attestation.collateral.directory import collateral_dir, read_intel_dir
 from ppml.attestation.collateral.models import Collateral, SnpCollateral, certificates_from
 from ppml.attestation.intel import chain as _chain
 from ppml.attestation.intel.pck import parse_pck_extensions
-from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_sgx_quote, parse_tdx_quote
+from ppml.attestation.intel.quote import (
+    SgxQuote,
+    TdxQuote,
+    evidence_bytes,
+    parse_sgx_quote,
+    parse_tdx_quote,
+)
 from ppml.attestation.intel.tcb import PlatformTcb, QeReportInfo, TcbOutcome, evaluate
 from ppml.attestation.intel.verified import CollateralCache
 from ppml.attestation.steps import Step, StepStatus, VerificationReport
@@ -231,12 +237,7 @@ def verify_evidence(
     Bad evidence is reported (``verified`` False, the failed step named); malformed input raises
     `EvidenceError`, and nothing else.
     """
-    if isinstance(data, bytearray | memoryview):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        raise EvidenceError("evidence: must be bytes")
-    if len(data) > _MAX_EVIDENCE:
-        raise EvidenceError(f"evidence: {len(data)} bytes is larger than {_MAX_EVIDENCE}")
+    data = evidence_bytes(data, "evidence", _MAX_EVIDENCE)
     if not isinstance(allow_outdated, bool):
         raise EvidenceError("verify evidence: allow_outdated must be a boolean")
     when = _at(at)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ppml.attestation.collateral.directory import (
     DirectoryState,
@@ -32,6 +33,9 @@ __all__ = [
     "RemoteSource",
     "collateral_source",
 ]
+
+
+_T = TypeVar("_T")
 
 
 @runtime_checkable
@@ -57,30 +61,28 @@ class DirectorySource:
         self._snp: tuple[DirectoryState | None, SnpCollateral | None] = (None, None)
         self.reads = 0
 
-    def _changed(self, seen: DirectoryState | None) -> DirectoryState | None:
-        """The directory's state now if it differs from `seen`, else None."""
+    def _read(
+        self,
+        slot: tuple[DirectoryState | None, _T],
+        reader: Callable[[Path], _T],
+    ) -> tuple[DirectoryState | None, _T]:
+        """`slot` as it is, or read again when a file changed since it was read."""
         state = DirectoryState.of(self.path)
-        return None if state == seen else state
-
-    def _kept(self, state: DirectoryState) -> DirectoryState | None:
-        # A file that changed while it was read is read again next time.
+        if state == slot[0]:
+            return slot
+        found = reader(self.path)
         self.reads += 1
-        return state if DirectoryState.of(self.path) == state else None
+        # A file that changed while it was read is read again next time.
+        return (state if DirectoryState.of(self.path) == state else None), found
 
     def intel(self, evidence: bytes, at: _dt.datetime) -> Collateral | None:
         with self._lock:
-            state = self._changed(self._intel[0])
-            if state is not None:
-                found = read_intel_dir(self.path)
-                self._intel = (self._kept(state), found)
+            self._intel = self._read(self._intel, read_intel_dir)
             return self._intel[1]
 
     def snp(self, evidence: bytes, at: _dt.datetime) -> SnpCollateral | None:
         with self._lock:
-            state = self._changed(self._snp[0])
-            if state is not None:
-                found = read_snp_dir(self.path)
-                self._snp = (self._kept(state), found)
+            self._snp = self._read(self._snp, read_snp_dir)
             return self._snp[1]
 
 

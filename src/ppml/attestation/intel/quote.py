@@ -50,6 +50,7 @@ __all__ = [
     "SgxReportBody",
     "TdReportBody",
     "TdxQuote",
+    "evidence_bytes",
     "parse_pck_chain_pem",
     "parse_quote",
     "parse_sgx_quote",
@@ -374,6 +375,17 @@ class _EcdsaQuote:
     def version(self) -> int:
         return self.header.version
 
+    @property
+    def debug(self) -> bool:
+        return self._report_body().debug
+
+    @property
+    def report_data(self) -> bytes:
+        return self._report_body().report_data
+
+    def _report_body(self) -> SgxReportBody | TdReportBody:
+        raise NotImplementedError
+
 
 def _zero_reserved_sgx(data: bytes) -> bytes:
     return SgxReportBody.from_bytes(data).to_bytes()
@@ -392,13 +404,8 @@ class SgxQuote(_EcdsaQuote):
         if len(self.signed_bytes) != HEADER_LEN + SGX_REPORT_LEN:
             raise _fail("SGX quote", "signed_bytes must be header || body")
 
-    @property
-    def debug(self) -> bool:
-        return self.body.debug
-
-    @property
-    def report_data(self) -> bytes:
-        return self.body.report_data
+    def _report_body(self) -> SgxReportBody | TdReportBody:
+        return self.body
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,13 +430,8 @@ class TdxQuote(_EcdsaQuote):
         if len(self.signed_bytes) != HEADER_LEN + descriptor + body_len:
             raise _fail("TDX quote", "signed_bytes must be header || body")
 
-    @property
-    def debug(self) -> bool:
-        return self.body.debug
-
-    @property
-    def report_data(self) -> bytes:
-        return self.body.report_data
+    def _report_body(self) -> SgxReportBody | TdReportBody:
+        return self.body
 
 
 def parse_pck_chain_pem(data: bytes) -> tuple[x509.Certificate, ...]:
@@ -532,14 +534,20 @@ def _read_header(r: _Reader) -> QuoteHeader:
     return header
 
 
-def _as_bytes(data: object) -> bytes:
+def evidence_bytes(data: object, what: str, limit: int) -> bytes:
+    """`data` (bytes, a bytearray or a memoryview) as bytes of at most `limit`; `EvidenceError`
+    naming `what` otherwise."""
     if isinstance(data, bytearray | memoryview):
         data = bytes(data)
     if not isinstance(data, bytes):
-        raise EvidenceError("quote: must be bytes")
-    if len(data) > MAX_QUOTE_LEN:
-        raise EvidenceError(f"quote: {len(data)} bytes is larger than {MAX_QUOTE_LEN}")
+        raise EvidenceError(f"{what}: must be bytes")
+    if len(data) > limit:
+        raise EvidenceError(f"{what}: {len(data)} bytes is larger than {limit}")
     return data
+
+
+def _as_bytes(data: object) -> bytes:
+    return evidence_bytes(data, "quote", MAX_QUOTE_LEN)
 
 
 def parse_sgx_quote(data: bytes) -> SgxQuote:
