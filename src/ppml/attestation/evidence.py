@@ -11,7 +11,7 @@ Type detection (``tee="auto"``) reads the first bytes only:
 - anything else is refused with `EvidenceError`.
 
 TCB status: Intel quotes are evaluated against PCS collateral when it is given (a `Collateral`
-or a directory, see `ppml.attestation.intel.collateral`) and are ``Unknown`` otherwise, which the
+or a directory, see `ppml.attestation.collateral`) and are ``Unknown`` otherwise, which the
 report says. A platform no TCB level matches has no status (None): "no matching TCB level".
 SEV-SNP has no signed TCB collateral format here: its status is ``UpToDate`` when the VCEK
 chain, the report signature and the VCEK binding (the VCEK's SPLs equal REPORTED_TCB) all

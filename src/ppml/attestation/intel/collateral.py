@@ -1,17 +1,14 @@
-"""Intel PCS collateral: TCB info, QE identity and CRLs, parsed strictly and verified.
+"""Intel PCS documents: TCB info, QE identity, CRLs and issuer chains, parsed strictly, and the
+verification of a signed document by its issuer chain.
 
-`Collateral` holds the PCS responses exactly as PCS returned them. The signed JSON documents
-(``{"tcbInfo": {...}, "signature": "<hex r||s>"}`` and ``{"enclaveIdentity": ...}``) are
-verified over the exact bytes of the signed value as they appear in the file, never over a
-re-serialisation; the issuer chains are verified up to a root the caller pins; CRLs are
-verified by their issuers and then answer "is this certificate revoked?".
-
-A collateral directory holds (each optional, but a document never without its chain):
-``tcb_info.json`` + ``tcb_info_issuer_chain.pem``, ``qe_identity.json`` +
-``qe_identity_issuer_chain.pem``, ``pck_crl.der`` (or ``.pem``) + ``pck_crl_issuer_chain.pem``,
-and ``root_ca_crl.der`` (or ``.pem``). Issuer chains are PEM, leaf first, as in PCS's
+The signed JSON documents (``{"tcbInfo": {...}, "signature": "<hex r||s>"}`` and
+``{"enclaveIdentity": ...}``) are verified over the exact bytes of the signed value as they
+appear in the file, never over a re-serialisation; the issuer chains are verified up to a root
+the caller pins, by the rules of `ppml.attestation.x509_checks`; verified CRLs answer "is this
+certificate revoked?" (`RevocationChecker`). Issuer chains are PEM, leaf first, as in PCS's
 ``TCB-Info-Issuer-Chain``, ``SGX-Enclave-Identity-Issuer-Chain`` and ``SGX-PCK-CRL-Issuer-Chain``
-headers (URL-decoded).
+headers (URL-decoded). The collateral as a whole (`Collateral`) and its directory are in
+`ppml.attestation.collateral`; its verification, in `ppml.attestation.intel.verified`.
 """
 
 from __future__ import annotations
