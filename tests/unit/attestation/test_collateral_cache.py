@@ -42,6 +42,15 @@ def counting(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list
     return calls
 
 
+def aged(directory: Path) -> Path:
+    """Date the files' last write an hour back: a rewrite within the file system's timestamp
+    granularity could otherwise keep their timestamps, so fresh files are read every time."""
+    for file in directory.iterdir():
+        info = file.stat()
+        os.utime(file, ns=(info.st_atime_ns, info.st_mtime_ns - 3600 * 10**9))
+    return directory
+
+
 @pytest.fixture
 def counts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     evidence_module.INTEL_COLLATERAL_CACHE.clear()
@@ -54,7 +63,7 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
 def test_a_second_quote_does_not_reread_or_reverify(
     tmp_path: Path, counts: dict[str, list[int]]
 ) -> None:
-    directory = write_files(tmp_path / "c", matching_collateral(PKI, status="OutOfDate"))
+    directory = aged(write_files(tmp_path / "c", matching_collateral(PKI, status="OutOfDate")))
     verifier = SgxVerifier.for_testing(root=PKI.root_cert, collateral=directory, clock=lambda: AT)
     for isv_svn in (1, 2, 3):
         quote = sgx_quote(PKI, sgx_body(report_data=RD, isv_svn=isv_svn))
@@ -65,11 +74,11 @@ def test_a_second_quote_does_not_reread_or_reverify(
 
 
 def test_a_changed_file_is_read_again(tmp_path: Path, counts: dict[str, list[int]]) -> None:
-    directory = write_files(tmp_path / "c", matching_collateral(PKI, status="UpToDate"))
+    directory = aged(write_files(tmp_path / "c", matching_collateral(PKI, status="UpToDate")))
     verifier = SgxVerifier.for_testing(root=PKI.root_cert, collateral=directory, clock=lambda: AT)
     quote = sgx_quote(PKI, sgx_body(report_data=RD))
     assert verifier.verify(quote, expected_report_data=RD).tcb_status is TcbStatus.UP_TO_DATE
-    write_files(directory, matching_collateral(PKI, status="Revoked"))
+    aged(write_files(directory, matching_collateral(PKI, status="Revoked")))
     with pytest.raises(AttestationFailed, match="Revoked"):
         verifier.verify(quote, expected_report_data=RD)
     assert len(counts["reads"]) == 2
@@ -85,7 +94,7 @@ def test_a_changed_file_is_read_again(tmp_path: Path, counts: dict[str, list[int
 def test_collateral_past_its_next_update_is_refused_though_cached(
     tmp_path: Path, counts: dict[str, list[int]]
 ) -> None:
-    directory = write_files(tmp_path / "c", matching_collateral(PKI))
+    directory = aged(write_files(tmp_path / "c", matching_collateral(PKI)))
     now = [AT]
     verifier = SgxVerifier.for_testing(
         root=PKI.root_cert, collateral=directory, clock=lambda: now[0]
@@ -100,6 +109,17 @@ def test_collateral_past_its_next_update_is_refused_though_cached(
     assert verifier.verify(quote, expected_report_data=RD).tcb_status is TcbStatus.UP_TO_DATE
     assert len(counts["signatures"]) == before
     assert len(counts["reads"]) == 1
+
+
+def test_files_written_just_now_are_read_every_time(tmp_path: Path) -> None:
+    source = DirectorySource(write_files(tmp_path / "c", matching_collateral(PKI)))
+    source.intel(b"", AT)
+    source.intel(b"", AT)
+    assert source.reads == 2  # a same-size rewrite in the same clock tick would look unchanged
+    aged(source.path)
+    source.intel(b"", AT)
+    source.intel(b"", AT)
+    assert source.reads == 3
 
 
 def test_the_cache_is_bounded_and_keeps_only_what_passed(tmp_path: Path) -> None:

@@ -74,9 +74,17 @@ def read_snp_dir(path: str | Path) -> SnpCollateral | None:
 class DirectoryState:
     """What the collateral files of a directory are now: each one's name, size, mtime (ns),
     ctime (ns) and inode. Two equal states mean no collateral file was replaced or written
-    in between (a write changes mtime and ctime; a rename changes the inode)."""
+    in between (a write changes mtime and ctime; a rename changes the inode), provided the
+    files were not written within the file system's timestamp granularity of the moment the
+    state was taken: see `settled`."""
 
     entries: tuple[tuple[str, int, int, int, int], ...]
+
+    def settled(self, now_ns: int, margin_ns: int = 2_000_000_000) -> bool:
+        """Whether every file was last written more than `margin_ns` before `now_ns`, so that
+        a later write cannot leave the same timestamps (on file systems that keep them to the
+        second, or coarser)."""
+        return all(e[2] < now_ns - margin_ns for e in self.entries)
 
     @classmethod
     def of(cls, path: str | Path) -> DirectoryState:

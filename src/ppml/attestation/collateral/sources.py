@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
@@ -51,8 +52,9 @@ class CollateralSource(Protocol):
 
 class DirectorySource:
     """A collateral directory. Each kind (Intel, SEV-SNP) is read when first asked for and
-    again only when one of the directory's collateral files changed (`DirectoryState`), not
-    for every piece of evidence. ``reads`` counts the reads."""
+    again only when one of the directory's collateral files changed (`DirectoryState`; files
+    written in the last two seconds are read every time), not for every piece of evidence.
+    ``reads`` counts the reads."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = collateral_dir(path)
@@ -72,8 +74,10 @@ class DirectorySource:
             return slot
         found = reader(self.path)
         self.reads += 1
-        # A file that changed while it was read is read again next time.
-        return (state if DirectoryState.of(self.path) == state else None), found
+        # A file that changed while it was read, or was written so recently that a change
+        # could keep its timestamps, is read again next time.
+        unchanged = DirectoryState.of(self.path) == state
+        return (state if unchanged and state.settled(time.time_ns()) else None), found
 
     def intel(self, evidence: bytes, at: _dt.datetime) -> Collateral | None:
         with self._lock:
