@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache, partial
 from importlib import resources
@@ -188,78 +189,71 @@ class ChainCache(VerifiedCache[bytes, tuple[Step, Step, Step]]):
     """
 
 
-def _cache_key(
-    quote: SgxQuote | TdxQuote,
-    root: x509.Certificate,
-    pck_crl: x509.CertificateRevocationList | None,
-    root_crl: x509.CertificateRevocationList | None,
-) -> bytes:
-    return cache_key(
-        b"ppml-intel-pck-chain/1",
-        quote.pck_chain_pem,
-        root.public_bytes(Encoding.DER),
-        pck_crl.public_bytes(Encoding.DER) if pck_crl is not None else None,
-        root_crl.public_bytes(Encoding.DER) if root_crl is not None else None,
-    )
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    """What the chain and CRL steps depend on (besides the time)."""
 
+    quote: SgxQuote | TdxQuote
+    root: x509.Certificate
+    pck_crl: x509.CertificateRevocationList | None
+    root_crl: x509.CertificateRevocationList | None
 
-def _chain_steps(
-    quote: SgxQuote | TdxQuote,
-    root: x509.Certificate,
-    at: datetime,
-    pck_crl: x509.CertificateRevocationList | None,
-    root_crl: x509.CertificateRevocationList | None,
-) -> tuple[Step, Step, Step]:
-    chain = quote.pck_chain
-    run = StepRunner(malformed=_CRYPTO_ERRORS)
+    def cache_key(self) -> bytes:
+        return cache_key(
+            b"ppml-intel-pck-chain/1",
+            self.quote.pck_chain_pem,
+            self.root.public_bytes(Encoding.DER),
+            self.pck_crl.public_bytes(Encoding.DER) if self.pck_crl is not None else None,
+            self.root_crl.public_bytes(Encoding.DER) if self.root_crl is not None else None,
+        )
 
-    def chain_check() -> Step:
-        ca_cn = _check_chain(chain, root, at)
-        return Step.passed("pck_chain", f"PCK certificate <- {ca_cn} <- pinned root")
+    def window(self) -> tuple[datetime, datetime]:
+        certs = (self.quote.pck_chain[0], self.quote.pck_chain[1], self.root)
+        return validity_window(certs, (self.pck_crl, self.root_crl))
 
-    run.run("pck_chain", chain_check)
-    leaf, ca = chain[0], chain[1]
-    for name, crl, absent, check in (
-        (
-            "pck_crl",
-            pck_crl,
-            "no PCK CRL given",
-            lambda c: _check_crl(c, "PCK CRL", ca, "PCK CA", leaf, "PCK certificate", at),
-        ),
-        (
-            "root_crl",
-            root_crl,
-            "no root CA CRL given",
-            lambda c: _check_crl(c, "root CA CRL", root, "root CA", ca, "PCK CA", at),
-        ),
-    ):
-        if crl is None and run.passed("pck_chain"):
-            run.add(Step.not_checked(name, absent))
-        else:
-            run.run(name, partial(check, crl), needs=("pck_chain",))
-    chain_step, pck_step, root_step = run.steps
-    return chain_step, pck_step, root_step
+    def steps(self, at: datetime) -> tuple[Step, Step, Step]:
+        chain, root = self.quote.pck_chain, self.root
+        run = StepRunner(malformed=_CRYPTO_ERRORS)
 
+        def chain_check() -> Step:
+            ca_cn = _check_chain(chain, root, at)
+            return Step.passed("pck_chain", f"PCK certificate <- {ca_cn} <- pinned root")
 
-def _verified_chain(
-    quote: SgxQuote | TdxQuote,
-    root: x509.Certificate,
-    at: datetime,
-    pck_crl: x509.CertificateRevocationList | None,
-    root_crl: x509.CertificateRevocationList | None,
-    cache: ChainCache | None,
-) -> tuple[Step, Step, Step]:
-    if cache is None:
-        return _chain_steps(quote, root, at, pck_crl, root_crl)
-    key = _cache_key(quote, root, pck_crl, root_crl)
-    hit = cache.get(key, at)
-    if hit is not None:
-        return hit
-    steps = _chain_steps(quote, root, at, pck_crl, root_crl)
-    if all(s.status in (StepStatus.PASSED, StepStatus.NOT_CHECKED) for s in steps):
-        chain = (quote.pck_chain[0], quote.pck_chain[1], root)
-        cache.put(key, steps, validity_window(chain, (pck_crl, root_crl)))
-    return steps
+        run.run("pck_chain", chain_check)
+        leaf, ca = chain[0], chain[1]
+        for name, crl, absent, check in (
+            (
+                "pck_crl",
+                self.pck_crl,
+                "no PCK CRL given",
+                lambda c: _check_crl(c, "PCK CRL", ca, "PCK CA", leaf, "PCK certificate", at),
+            ),
+            (
+                "root_crl",
+                self.root_crl,
+                "no root CA CRL given",
+                lambda c: _check_crl(c, "root CA CRL", root, "root CA", ca, "PCK CA", at),
+            ),
+        ):
+            if crl is None and run.passed("pck_chain"):
+                run.add(Step.not_checked(name, absent))
+            else:
+                run.run(name, partial(check, crl), needs=("pck_chain",))
+        chain_step, pck_step, root_step = run.steps
+        return chain_step, pck_step, root_step
+
+    def verified(self, at: datetime, cache: ChainCache | None) -> tuple[Step, Step, Step]:
+        """The steps at `at`, from `cache` when it holds them for that time."""
+        if cache is None:
+            return self.steps(at)
+        key = self.cache_key()
+        hit = cache.get(key, at)
+        if hit is not None:
+            return hit
+        steps = self.steps(at)
+        if all(s.status in (StepStatus.PASSED, StepStatus.NOT_CHECKED) for s in steps):
+            cache.put(key, steps, self.window())
+        return steps
 
 
 def _check_inputs(
@@ -299,7 +293,7 @@ def verify_quote(
     only spares the chain and CRL work."""
     q = _check_inputs(quote, root, at, pck_crl, root_crl)
     run = StepRunner(malformed=_CRYPTO_ERRORS)
-    run.extend(_verified_chain(q, root, at, pck_crl, root_crl, cache))
+    run.extend(_Chain(q, root, pck_crl, root_crl).verified(at, cache))
 
     def qe_signature() -> None:
         key = _p256_key(q.pck_chain[0], "PCK certificate")
