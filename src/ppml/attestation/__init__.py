@@ -26,7 +26,7 @@ if TYPE_CHECKING:
         report_data_for,
     )
     from ppml.attestation.evidence import EvidenceVerification, verify_evidence
-    from ppml.attestation.hardware import SgxVerifier, SnpVerifier, TdxVerifier
+    from ppml.attestation.hardware_verifier import SgxVerifier, SnpVerifier, TdxVerifier
     from ppml.attestation.service import (
         Appraiser,
         AttestationResult,
@@ -88,7 +88,7 @@ __getattr__ = lazy_exports(
             "EvidenceVerification",
             "verify_evidence",
         ),
-        "ppml.attestation.hardware": (
+        "ppml.attestation.hardware_verifier": (
             "SgxVerifier",
             "SnpVerifier",
             "TdxVerifier",

@@ -11,21 +11,20 @@ Type detection (``tee="auto"``) reads the first bytes only:
 - anything else is refused with `EvidenceError`.
 
 TCB status: Intel quotes are evaluated against PCS collateral when it is given (a `Collateral`
-or a directory, see `ppml.attestation.intel.collateral`) and are ``Unknown`` otherwise, which the
+or a directory, see `ppml.attestation.collateral`) and are ``Unknown`` otherwise, which the
 report says. A platform no TCB level matches has no status (None): "no matching TCB level".
 SEV-SNP has no signed TCB collateral format here: its status is ``UpToDate`` when the VCEK
 chain, the report signature and the VCEK binding (the VCEK's SPLs equal REPORTED_TCB) all
 verify, and policies compare REPORTED_TCB against a minimum (`ppml.kms.policy`).
 
-Verified certificate chains are cached per process (Intel and AMD), so verifying many quotes
-from one platform does the chain work once.
+Verified certificate chains (Intel and AMD) and verified Intel collateral are cached per
+process (`VerifiedCache`), so verifying many quotes from one platform does that work once.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import struct
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,18 +32,26 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from cryptography import x509
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from ppml.attestation.amd import verify as _amd
 from ppml.attestation.amd.report import SnpReport, TcbVersion, parse_report
 from ppml.attestation.claims import TcbStatus, TeeType
+from ppml.attestation.collateral.directory import collateral_dir, read_intel_dir, read_snp_dir
+from ppml.attestation.collateral.models import Collateral, SnpCollateral, certificates_from
 from ppml.attestation.intel import chain as _chain
-from ppml.attestation.intel.collateral import Collateral
 from ppml.attestation.intel.pck import parse_pck_extensions
-from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_sgx_quote, parse_tdx_quote
+from ppml.attestation.intel.quote import (
+    SgxQuote,
+    TdxQuote,
+    evidence_bytes,
+    parse_sgx_quote,
+    parse_tdx_quote,
+)
 from ppml.attestation.intel.tcb import PlatformTcb, QeReportInfo, TcbOutcome, evaluate
-from ppml.attestation.report import Step, StepStatus, VerificationReport
+from ppml.attestation.intel.verified import CollateralCache
+from ppml.attestation.steps import Step, StepStatus, VerificationReport
+from ppml.attestation.x509_checks import crl_problem, is_revoked
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -63,11 +70,12 @@ TCB_STEPS: Final = frozenset(
 _SNP_REPORT_SIZE: Final = 0x4A0
 _SNP_SIGNATURE_ALGO_OFFSET: Final = 0x034
 _MAX_EVIDENCE: Final = 64 * 1024
-_MAX_CERT_FILE: Final = 64 * 1024
 
 # Process-wide caches of verified chains (see the module docstring).
 INTEL_CHAIN_CACHE: Final = _chain.ChainCache(max_entries=256)
 AMD_CHAIN_CACHE: Final = _amd.ChainCache(max_entries=64)
+# Process-wide cache of verified Intel collateral (`ppml.attestation.intel.verified`).
+INTEL_COLLATERAL_CACHE: Final = CollateralCache(max_entries=32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +103,22 @@ class EvidenceVerification:
             (s for s in self.steps.steps if s.status in (StepStatus.FAILED, StepStatus.SKIPPED)),
             None,
         )
+
+    def refusal(self) -> str | None:
+        """Why this evidence is not acceptable, naming the step, or None when it is: every
+        signature and chain verified, a TCB level matched and is not Revoked, and nothing
+        but zero bytes follows the signed structure. (Whether the TCB status and the claims
+        are good enough is for a release policy to say.)"""
+        if not self.verified:
+            bad = self.failed_step
+            return f"{bad.name}: {bad.detail}" if bad is not None else "no verification step ran"
+        if self.tcb_status is None:
+            return f"tcb_level: {self.tcb_detail}"
+        if self.tcb_status is TcbStatus.REVOKED:
+            return "tcb_level: TCB status Revoked"
+        if any(self.trailing_bytes):
+            return f"trailing_bytes: {len(self.trailing_bytes)} unsigned bytes after the evidence"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         failed = self.failed_step
@@ -155,61 +179,27 @@ def detect_type(data: bytes) -> TeeType:
 # --------------------------------------------------------------------------- inputs
 
 
-def _certs_from(data: object, what: str) -> list[x509.Certificate]:
-    """Certificates from PEM (one or more), DER (one), a certificate or a sequence of them."""
-    if isinstance(data, x509.Certificate):
-        return [data]
-    if isinstance(data, Sequence) and not isinstance(data, str | bytes):
-        if not all(isinstance(c, x509.Certificate) for c in data):
-            raise EvidenceError(f"{what}: must be certificates")
-        return list(data)
-    if isinstance(data, str):
-        data = data.encode("ascii", "replace")
-    if not isinstance(data, bytes):
-        raise EvidenceError(f"{what}: must be PEM or DER bytes or a certificate")
-    if len(data) > _MAX_CERT_FILE:
-        raise EvidenceError(f"{what}: larger than {_MAX_CERT_FILE} bytes")
-    try:
-        with warnings.catch_warnings():
-            # AMD's KDS issues VCEKs with serial number 0, which cryptography warns about;
-            # the certificate is still checked step by step by the verifier.
-            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-            if b"-----BEGIN CERTIFICATE-----" in data:
-                certs = x509.load_pem_x509_certificates(data)
-            else:
-                certs = [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
-        raise EvidenceError(f"{what}: not a valid PEM or DER certificate") from exc
-    return certs
-
-
-def _load_cert_file(path: Path, what: str) -> list[x509.Certificate]:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(_MAX_CERT_FILE + 1)
-    except OSError as exc:
-        raise EvidenceError(f"{what}: cannot read {path.name} ({exc.strerror})") from None
-    return _certs_from(data, f"{what} ({path.name})")
-
-
-def _collateral_dir(collateral: object) -> Path | None:
-    if collateral is None or isinstance(collateral, Collateral):
-        return None
-    if isinstance(collateral, str | Path):
-        path = Path(collateral)
-        if not path.is_dir():
-            raise EvidenceError(f"collateral directory {str(path)[:200]!r} does not exist")
-        return path
-    raise EvidenceError("collateral: must be a Collateral or a directory path")
-
-
 def _intel_collateral(collateral: object) -> Collateral | None:
     if collateral is None or isinstance(collateral, Collateral):
         return collateral
-    path = _collateral_dir(collateral)
-    assert path is not None
-    loaded = Collateral.from_dir(path)
-    return None if loaded.empty else loaded
+    if isinstance(collateral, SnpCollateral):
+        raise EvidenceError("collateral: SEV-SNP collateral given for an Intel quote")
+    return read_intel_dir(collateral_dir(collateral))
+
+
+def _snp_collateral(collateral: object, vcek: object, ask_ark: object) -> SnpCollateral:
+    """The VCEK and ASK/ARK: `vcek` / `ask_ark` when given, else the collateral's."""
+    found: SnpCollateral | None = None
+    if isinstance(collateral, SnpCollateral):
+        found = collateral
+    elif collateral is not None and not isinstance(collateral, Collateral):
+        found = read_snp_dir(collateral_dir(collateral))
+    if vcek is not None:
+        chain = ask_ark if ask_ark is not None else (found.ask_ark if found else None)
+        return SnpCollateral.of(vcek, chain)
+    if found is None:
+        raise EvidenceError("SEV-SNP: no VCEK given (pass one, or vcek.der in the collateral)")
+    return found if ask_ark is None else SnpCollateral.of(found.vcek, ask_ark)
 
 
 def _at(at: object) -> _dt.datetime:
@@ -228,7 +218,7 @@ def verify_evidence(
     tee: str | TeeType = "auto",
     *,
     root_pem: bytes | str | x509.Certificate | None = None,
-    collateral: Collateral | str | Path | None = None,
+    collateral: Collateral | SnpCollateral | str | Path | None = None,
     at: _dt.datetime | None = None,
     allow_outdated: bool = False,
     vcek: bytes | x509.Certificate | None = None,
@@ -240,19 +230,14 @@ def verify_evidence(
     `tee`: ``auto`` (detected, see the module docstring), ``sgx``, ``tdx`` or ``snp``.
     `root_pem`: the trust anchor instead of the pinned one: the Intel root CA for quotes, an AMD
     ARK (``ARK-<product>``) for reports. `collateral`: Intel PCS collateral (a `Collateral` or a
-    directory); for SEV-SNP, a directory holding ``vcek.der`` (or ``vcek.pem``) and
-    ``ask_ark.pem``, used when `vcek` / `ask_ark` are not given. `allow_outdated`: accept
-    collateral and CRLs past their nextUpdate (noted in the report).
+    directory); for SEV-SNP, an `SnpCollateral` or a directory holding ``vcek.der`` (or
+    ``vcek.pem``) and ``ask_ark.pem``, used when `vcek` / `ask_ark` are not given.
+    `allow_outdated`: accept collateral and CRLs past their nextUpdate (noted in the report).
 
     Bad evidence is reported (``verified`` False, the failed step named); malformed input raises
     `EvidenceError`, and nothing else.
     """
-    if isinstance(data, bytearray | memoryview):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        raise EvidenceError("evidence: must be bytes")
-    if len(data) > _MAX_EVIDENCE:
-        raise EvidenceError(f"evidence: {len(data)} bytes is larger than {_MAX_EVIDENCE}")
+    data = evidence_bytes(data, "evidence", _MAX_EVIDENCE)
     if not isinstance(allow_outdated, bool):
         raise EvidenceError("verify evidence: allow_outdated must be a boolean")
     when = _at(at)
@@ -284,7 +269,7 @@ def _tee_of(data: bytes, tee: object) -> TeeType:
 def _intel_root(root_pem: object) -> x509.Certificate:
     if root_pem is None:
         return _chain.intel_sgx_root()
-    certs = _certs_from(root_pem, "root")
+    certs = certificates_from(root_pem, "root")
     if len(certs) != 1:
         raise EvidenceError("root: give exactly one root CA certificate")
     return certs[0]
@@ -297,15 +282,12 @@ def _outdated_crl_step(
     subject: x509.Certificate,
     what: str,
 ) -> Step:
-    """The revocation check of an outdated CRL the caller chose to accept."""
-    key = issuer.public_key()
-    try:
-        valid = crl.issuer == issuer.subject and crl.is_signature_valid(key)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
-        return Step.failed(name, f"{name}: not signed by the issuer of the {what}")
-    if crl.get_revoked_certificate_by_serial_number(subject.serial_number) is not None:
+    """The revocation check of an outdated CRL the caller chose to accept: the same rules as
+    a current one's but the time."""
+    problem = crl_problem(crl, issuer, f"issuer of the {what}", None)
+    if problem is not None:
+        return Step.failed(name, f"{name}: {problem}")
+    if is_revoked(crl, subject):
         return Step.failed(name, f"{name}: the {what} is revoked")
     return Step.passed(name, "outdated, allowed: not revoked")
 
@@ -316,22 +298,17 @@ def _fresh(crl: x509.CertificateRevocationList | None, at: _dt.datetime) -> bool
     )
 
 
-def _verify_intel(
-    data: bytes,
-    kind: TeeType,
-    root_pem: object,
-    collateral: object,
+def _quote_steps(
+    quote: SgxQuote | TdxQuote,
+    root: x509.Certificate,
+    coll: Collateral | None,
     at: _dt.datetime,
     allow_outdated: bool,
-) -> EvidenceVerification:
-    quote: SgxQuote | TdxQuote = (
-        parse_sgx_quote(data) if kind is TeeType.SGX else parse_tdx_quote(data)
-    )
-    root = _intel_root(root_pem)
-    coll = _intel_collateral(collateral)
+) -> list[Step]:
+    """The quote's own steps (chain, CRLs, signatures); outdated CRLs the caller accepts are
+    checked here (verify_quote refuses them outright)."""
     pck_crl = coll.pck_crl_parsed() if coll is not None else None
     root_crl = coll.root_ca_crl_parsed() if coll is not None else None
-    # Outdated CRLs the caller accepts are checked here (verify_quote refuses them outright).
     late_pck = pck_crl if allow_outdated and not _fresh(pck_crl, at) else None
     late_root = root_crl if allow_outdated and not _fresh(root_crl, at) else None
     quote_report = _chain.verify_quote(
@@ -350,37 +327,70 @@ def _verify_intel(
                 steps[i] = _outdated_crl_step("pck_crl", late_pck, ca, leaf, "PCK certificate")
             if s.name == "root_crl" and late_root is not None:
                 steps[i] = _outdated_crl_step("root_crl", late_root, root, ca, "PCK CA")
-    chain_ok = VerificationReport.of(steps).verified
+    return steps
 
-    claims = _sgx_claims(quote) if isinstance(quote, SgxQuote) else _tdx_claims(quote)
+
+@dataclass(frozen=True, slots=True)
+class _Tcb:
     status: TcbStatus | None
+    detail: str
     advisories: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+
+
+def _intel_tcb(
+    steps: list[Step],
+    quote: SgxQuote | TdxQuote,
+    kind: TeeType,
+    root: x509.Certificate,
+    coll: Collateral | None,
+    at: _dt.datetime,
+    allow_outdated: bool,
+) -> _Tcb:
+    """Appends the TCB steps to `steps` and returns the TCB status found."""
     if coll is None:
         steps.append(Step.not_checked("tcb_level", "no collateral given: TCB status Unknown"))
-        status, detail = TcbStatus.UNKNOWN, "no collateral given"
-    elif not chain_ok:
-        first = VerificationReport.of(steps).first_failure
+        return _Tcb(TcbStatus.UNKNOWN, "no collateral given")
+    first = VerificationReport.of(steps).first_failure
+    if not VerificationReport.of(steps).verified:
         steps.append(Step.skipped("tcb_level", first.name if first else "quote verification"))
-        status, detail = None, "not evaluated: the quote did not verify"
+        return _Tcb(None, "not evaluated: the quote did not verify")
+    tcb_report, evaluation = evaluate(
+        coll,
+        _platform_tcb(quote),
+        _qe_info(quote),
+        root=root,
+        at=at,
+        tee=kind,
+        allow_outdated=allow_outdated,
+        cache=INTEL_COLLATERAL_CACHE,
+    )
+    steps.extend(tcb_report.steps)
+    if evaluation.outcome is TcbOutcome.NO_MATCH:
+        detail = f"no matching TCB level: {evaluation.detail}"
+    elif evaluation.outcome is TcbOutcome.FAILED:
+        detail = f"collateral did not verify: {evaluation.detail}".rstrip(": ")
     else:
-        tcb_report, evaluation = evaluate(
-            coll,
-            _platform_tcb(quote),
-            _qe_info(quote),
-            root=root,
-            at=at,
-            tee=kind,
-            allow_outdated=allow_outdated,
-        )
-        steps.extend(tcb_report.steps)
-        status, advisories, notes = evaluation.status, evaluation.advisory_ids, evaluation.notes
-        if evaluation.outcome is TcbOutcome.NO_MATCH:
-            detail = f"no matching TCB level: {evaluation.detail}"
-        elif evaluation.outcome is TcbOutcome.FAILED:
-            detail = f"collateral did not verify: {evaluation.detail}".rstrip(": ")
-        else:
-            detail = evaluation.detail
+        detail = evaluation.detail
+    return _Tcb(evaluation.status, detail, evaluation.advisory_ids, evaluation.notes)
+
+
+def _verify_intel(
+    data: bytes,
+    kind: TeeType,
+    root_pem: object,
+    collateral: object,
+    at: _dt.datetime,
+    allow_outdated: bool,
+) -> EvidenceVerification:
+    quote: SgxQuote | TdxQuote = (
+        parse_sgx_quote(data) if kind is TeeType.SGX else parse_tdx_quote(data)
+    )
+    root = _intel_root(root_pem)
+    coll = _intel_collateral(collateral)
+    steps = _quote_steps(quote, root, coll, at, allow_outdated)
+    claims = _sgx_claims(quote) if isinstance(quote, SgxQuote) else _tdx_claims(quote)
+    tcb = _intel_tcb(steps, quote, kind, root, coll, at, allow_outdated)
     report = VerificationReport.of(steps)
     verified = all(
         s.status in (StepStatus.PASSED, StepStatus.NOT_CHECKED)
@@ -391,13 +401,13 @@ def _verify_intel(
         type=kind,
         verified=verified,
         steps=report,
-        tcb_status=status,
-        advisory_ids=advisories,
+        tcb_status=tcb.status,
+        advisory_ids=tcb.advisories,
         trailing_bytes=quote.trailing_bytes,
         claims=_freeze(claims),
         at=at,
-        tcb_detail=detail,
-        notes=notes,
+        tcb_detail=tcb.detail,
+        notes=tcb.notes,
     )
 
 
@@ -482,7 +492,7 @@ def _ark_roots(root_pem: object) -> Mapping[str, x509.Certificate] | None:
     if root_pem is None:
         return None
     roots: dict[str, x509.Certificate] = {}
-    for cert in _certs_from(root_pem, "root"):
+    for cert in certificates_from(root_pem, "root"):
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = names[0].value if len(names) == 1 else ""
         product = cn[4:] if isinstance(cn, str) and cn.startswith("ARK-") else ""
@@ -490,31 +500,6 @@ def _ark_roots(root_pem: object) -> Mapping[str, x509.Certificate] | None:
             raise EvidenceError("root: an SEV-SNP root must be an ARK named ARK-<product>")
         roots[product] = cert
     return roots
-
-
-def _snp_certs(
-    collateral: object, vcek: object, ask_ark: object
-) -> tuple[x509.Certificate, tuple[x509.Certificate, x509.Certificate] | None]:
-    directory = _collateral_dir(collateral) if not isinstance(collateral, Collateral) else None
-    if vcek is None:
-        found = [directory / n for n in ("vcek.der", "vcek.pem")] if directory else []
-        found = [f for f in found if f.exists()]
-        if not found:
-            raise EvidenceError("SEV-SNP: no VCEK given (pass one, or vcek.der in the collateral)")
-        vcek_certs = _load_cert_file(found[0], "VCEK")
-    else:
-        vcek_certs = _certs_from(vcek, "VCEK")
-    if len(vcek_certs) != 1:
-        raise EvidenceError("VCEK: give exactly one certificate")
-    if ask_ark is None and directory is not None and (directory / "ask_ark.pem").exists():
-        chain = _load_cert_file(directory / "ask_ark.pem", "ASK/ARK")
-    elif ask_ark is not None:
-        chain = _certs_from(ask_ark, "ASK/ARK")
-    else:
-        return vcek_certs[0], None
-    if len(chain) != 2:
-        raise EvidenceError("ASK/ARK: give two certificates, the ASK (or ASVK) then the ARK")
-    return vcek_certs[0], (chain[0], chain[1])
 
 
 def _verify_snp(
@@ -526,12 +511,12 @@ def _verify_snp(
     ask_ark: object,
 ) -> EvidenceVerification:
     report = parse_report(data)
-    vcek_cert, chain = _snp_certs(collateral, vcek, ask_ark)
+    certs = _snp_collateral(collateral, vcek, ask_ark)
     roots = _ark_roots(root_pem)
     steps = _amd.verify_report(
         report,
-        vcek=vcek_cert,
-        ask_ark=chain,
+        vcek=certs.vcek,
+        ask_ark=certs.ask_ark,
         at=at,
         cache=AMD_CHAIN_CACHE,
         roots=roots,

@@ -295,21 +295,7 @@ class TokenIssuer:
             algorithm=JWS_ALGORITHM,
             headers={"kid": self._kid, "typ": "JWT"},
         )
-        return IssuedToken(
-            token=token,
-            claims=TokenClaims(
-                tee=tee,
-                measurements=MappingProxyType(measurements),
-                debug=claims.debug,
-                tcb_status=tcb,
-                public_key=public_key,
-                policies_matched=policies,
-                issued_at=_utc(iat),
-                expires_at=_utc(exp),
-                token_id=jti,
-                extra=_frozen_extra(extra),
-            ),
-        )
+        return IssuedToken(token=token, claims=_payload_claims(payload, extra))
 
 
 def _fail(reason: str) -> NoReturn:
@@ -424,35 +410,41 @@ class TokenVerifier:
             _fail("not yet valid")
         if iat > now + self._leeway:
             _fail("issued in the future")
-        jti = payload["jti"]
-        if not isinstance(jti, str) or not 0 < len(jti) <= _MAX_NAME:
-            _fail("claim 'jti' must be a non-empty string")
-        try:
-            tee = TeeType(payload["tee"])
-            tcb = TcbStatus(payload["tcb_status"])
-        except ValueError:
-            _fail("unknown TEE type or TCB status")
-        debug = payload["debug"]
-        if not isinstance(debug, bool):
-            _fail("claim 'debug' must be a boolean")
-        measurements = _valid_measurements(payload["measurements"])
-        if measurements is None or not isinstance(payload["measurements"], dict):
-            _fail("claim 'measurements' must map names to lowercase hex digests")
-        policies = _valid_policies(payload["policies_matched"])
-        if policies is None or not isinstance(payload["policies_matched"], list):
-            _fail("claim 'policies_matched' must be a list of policy names")
-        return TokenClaims(
-            tee=tee,
-            measurements=MappingProxyType(measurements),
-            debug=debug,
-            tcb_status=tcb,
-            public_key=_workload_key(payload["cnf"]),
-            policies_matched=policies,
-            issued_at=_utc(iat),
-            expires_at=_utc(exp),
-            token_id=jti,
-            extra=_frozen_extra(extra),
-        )
+        return _payload_claims(payload, extra)
+
+
+def _payload_claims(payload: dict[str, Any], extra: dict[str, Any]) -> TokenClaims:
+    """The claims of a token's payload whose claim names, extra claims and times are checked
+    already (what the issuer signs is read back by the same rules as what a verifier reads)."""
+    jti = payload["jti"]
+    if not isinstance(jti, str) or not 0 < len(jti) <= _MAX_NAME:
+        _fail("claim 'jti' must be a non-empty string")
+    try:
+        tee = TeeType(payload["tee"])
+        tcb = TcbStatus(payload["tcb_status"])
+    except ValueError:
+        _fail("unknown TEE type or TCB status")
+    debug = payload["debug"]
+    if not isinstance(debug, bool):
+        _fail("claim 'debug' must be a boolean")
+    measurements = _valid_measurements(payload["measurements"])
+    if measurements is None or not isinstance(payload["measurements"], dict):
+        _fail("claim 'measurements' must map names to lowercase hex digests")
+    policies = _valid_policies(payload["policies_matched"])
+    if policies is None or not isinstance(payload["policies_matched"], list):
+        _fail("claim 'policies_matched' must be a list of policy names")
+    return TokenClaims(
+        tee=tee,
+        measurements=MappingProxyType(measurements),
+        debug=debug,
+        tcb_status=tcb,
+        public_key=_workload_key(payload["cnf"]),
+        policies_matched=policies,
+        issued_at=_utc(payload["iat"]),
+        expires_at=_utc(payload["exp"]),
+        token_id=jti,
+        extra=_frozen_extra(extra),
+    )
 
 
 def _workload_key(cnf: object) -> bytes:

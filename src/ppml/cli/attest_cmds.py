@@ -14,6 +14,7 @@ from ppml.cli._common import FormatOption, check_format, fail, handle_errors, pr
 from ppml.errors import AttestationFailed, InputNotFound, UsageError
 
 if TYPE_CHECKING:
+    from ppml.attestation.collateral.models import Collateral, SnpCollateral
     from ppml.attestation.evidence import EvidenceVerification
     from ppml.kms.policy import Policy
 
@@ -60,7 +61,7 @@ def _default_cache_dir() -> Path:
     return Path(base) / "ppml" / "collateral"
 
 
-def _fetch(
+def _fetched(
     data: bytes,
     kind: str,
     pccs: str | None,
@@ -69,37 +70,33 @@ def _fetch(
     fetch_ca: Path | None,
     cache_dir: Path | None,
     when: dt.datetime | None,
-    collateral: Any,
-    vcek: bytes | None,
-) -> tuple[Any, bytes | None, bytes | None]:
-    """Fetch (or take from the cache) what --pccs / --kds name: (collateral, vcek, ask_ark)."""
+) -> Collateral | SnpCollateral | None:
+    """Fetch (or take from the cache) the collateral --pccs / --kds name for `data`."""
+    from ppml.attestation.collateral.sources import collateral_source
     from ppml.attestation.evidence import detect_type
-    from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource, snp_product
 
     if fetch_ca is not None and not fetch_ca.is_file():
         raise InputNotFound("--fetch-ca file not found", path=fetch_ca)
-    verify: bool | str = str(fetch_ca) if fetch_ca is not None else True
-    cache = cache_dir if cache_dir is not None else _default_cache_dir()
     tee = detect_type(data) if kind == "auto" else kind
-    ask_ark: bytes | None = None
-    if tee in ("sgx", "tdx"):
-        if kds is not None:
-            raise UsageError("--kds is for SEV-SNP reports; this is an Intel quote")
-        assert pccs is not None
-        source = IntelCollateralSource(pccs, cache_dir=cache, verify=verify)
-        collateral = source.fetch_for(data, at=when)
-    else:
-        if pccs is not None:
-            raise UsageError("--pccs is for Intel quotes; this is an SEV-SNP report")
-        assert kds is not None
-        amd = AmdKdsSource(kds, cache_dir=cache, verify=verify)
-        vcek, ask_ark = amd.fetch_for(data, snp_product(data, product), at=when)
-    return collateral, vcek, ask_ark
+    if tee in ("sgx", "tdx") and kds is not None:
+        raise UsageError("--kds is for SEV-SNP reports; this is an Intel quote")
+    if tee == "snp" and pccs is not None:
+        raise UsageError("--pccs is for Intel quotes; this is an SEV-SNP report")
+    source = collateral_source(
+        pccs_url=pccs,
+        kds_url=kds,
+        fetch_ca=fetch_ca,
+        cache_dir=cache_dir if cache_dir is not None else _default_cache_dir(),
+        product=product,
+    )
+    assert source is not None
+    at = when if when is not None else dt.datetime.now(dt.UTC)
+    return source.snp(data, at) if tee == "snp" else source.intel(data, at)
 
 
 def _policy_result(result: EvidenceVerification, policy: Policy) -> dict[str, Any]:
     from ppml.attestation.claims import TcbStatus
-    from ppml.attestation.hardware import evidence_claims
+    from ppml.attestation.hardware_verifier import evidence_claims
 
     # No TCB status (no matching level) satisfies no minimum: appraise as Revoked.
     facts = evidence_claims(result, tcb_status=result.tcb_status or TcbStatus.REVOKED)
@@ -116,18 +113,10 @@ def _policy_result(result: EvidenceVerification, policy: Policy) -> dict[str, An
 
 def _failure(result: EvidenceVerification, policy: dict[str, Any] | None) -> str | None:
     """Why the command fails, naming the step, or None when everything asked for holds."""
-    from ppml.attestation.claims import TcbStatus
-
-    if not result.verified:
-        bad = result.failed_step
-        return f"{bad.name}: {bad.detail}" if bad is not None else "no verification step ran"
-    if result.tcb_status is None:
-        return f"tcb_level: {result.tcb_detail}"
-    if result.tcb_status is TcbStatus.REVOKED:
-        return "tcb_level: TCB status Revoked"
-    if policy is not None and not policy["allowed"]:
+    refusal = result.refusal()
+    if refusal is None and policy is not None and not policy["allowed"]:
         return f"policy: denied ({policy['reason']})"
-    return None
+    return refusal
 
 
 def _show_text(
@@ -280,9 +269,6 @@ def attest_verify(
     policy allows it. Otherwise exit 4, naming the failed step; bad arguments exit 2.
     """
     with handle_errors():
-        from ppml.attestation.evidence import verify_evidence
-        from ppml.kms.policy import load_policy_file
-
         check_format(fmt)
         kind = tee.strip().lower()
         if kind not in ("auto", "sgx", "tdx", "snp"):
@@ -290,40 +276,68 @@ def attest_verify(
         when = _parse_at(at)
         if collateral is not None and not collateral.is_dir():
             raise InputNotFound("collateral directory not found", path=collateral)
-        policy = load_policy_file(policy_file) if policy_file is not None else None
-        data = _read(evidence, "evidence file")
-        if (pccs or kds) is None and (product, fetch_ca, cache_dir) != (None, None, None):
-            raise UsageError("--product, --fetch-ca and --cache-dir go with --pccs or --kds")
-        if pccs is not None and collateral is not None:
-            raise UsageError("give either --collateral or --pccs, not both")
-        if kds is not None and vcek is not None:
-            raise UsageError("give either --vcek or --kds, not both")
-        vcek_bytes = _read(vcek, "VCEK certificate") if vcek is not None else None
-        ask_ark: bytes | None = None
-        fetched: Any = collateral
-        if pccs is not None or kds is not None:
-            fetched, vcek_bytes, ask_ark = _fetch(
-                data, kind, pccs, kds, product, fetch_ca, cache_dir, when, fetched, vcek_bytes
-            )
-        result = verify_evidence(
-            data,
+        _verify_and_show(
+            evidence,
             kind,
-            root_pem=_read(root, "root certificate") if root is not None else None,
-            collateral=fetched,
-            at=when,
+            when,
+            root=root,
+            collateral=collateral,
+            policy_file=policy_file,
             allow_outdated=allow_outdated,
-            vcek=vcek_bytes,
-            ask_ark=ask_ark,
+            vcek=vcek,
+            fetch=(pccs, kds, product, fetch_ca, cache_dir),
+            fmt=fmt,
         )
-        appraisal = _policy_result(result, policy) if policy is not None else None
-        failure = _failure(result, appraisal)
-        if fmt == "json":
-            out = result.to_dict()
-            if appraisal is not None:
-                out["policy"] = appraisal
-            out["ok"] = failure is None
-            print_json(out)
-        else:
-            _show_text(result, appraisal, failure)
-        if failure is not None:
-            fail(AttestationFailed(f"evidence not accepted: {failure}"))
+
+
+def _verify_and_show(
+    evidence: Path,
+    kind: str,
+    when: dt.datetime | None,
+    *,
+    root: Path | None,
+    collateral: Path | None,
+    policy_file: Path | None,
+    allow_outdated: bool,
+    vcek: Path | None,
+    fetch: tuple[str | None, str | None, str | None, Path | None, Path | None],
+    fmt: str,
+) -> None:
+    from ppml.attestation.evidence import verify_evidence
+    from ppml.kms.policy import load_policy_file
+
+    policy = load_policy_file(policy_file) if policy_file is not None else None
+    data = _read(evidence, "evidence file")
+    pccs, kds, product, fetch_ca, cache_dir = fetch
+    fetching = pccs is not None or kds is not None
+    if not fetching and (product, fetch_ca, cache_dir) != (None, None, None):
+        raise UsageError("--product, --fetch-ca and --cache-dir go with --pccs or --kds")
+    if pccs is not None and collateral is not None:
+        raise UsageError("give either --collateral or --pccs, not both")
+    if kds is not None and vcek is not None:
+        raise UsageError("give either --vcek or --kds, not both")
+    vcek_bytes = _read(vcek, "VCEK certificate") if vcek is not None else None
+    chosen: Collateral | SnpCollateral | Path | None = collateral
+    if fetching:
+        chosen = _fetched(data, kind, *fetch, when)
+    result = verify_evidence(
+        data,
+        kind,
+        root_pem=_read(root, "root certificate") if root is not None else None,
+        collateral=chosen,
+        at=when,
+        allow_outdated=allow_outdated,
+        vcek=vcek_bytes,
+    )
+    appraisal = _policy_result(result, policy) if policy is not None else None
+    failure = _failure(result, appraisal)
+    if fmt == "json":
+        out = result.to_dict()
+        if appraisal is not None:
+            out["policy"] = appraisal
+        out["ok"] = failure is None
+        print_json(out)
+    else:
+        _show_text(result, appraisal, failure)
+    if failure is not None:
+        fail(AttestationFailed(f"evidence not accepted: {failure}"))

@@ -13,7 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ppml.attestation import AttestationService, TeeType, TokenVerifier, Verifier
-from ppml.attestation.hardware import CollateralSource, hardware_verifiers
+from ppml.attestation.collateral.sources import CollateralSource, collateral_source
+from ppml.attestation.hardware_verifier import hardware_verifiers
 from ppml.kms.broker import KeyBroker
 from ppml.server.app import Services
 from ppml.server.tls import TlsFiles
@@ -72,21 +73,16 @@ def _collateral_source(ws: Workspace) -> CollateralSource | None:
     """What the ``[attestation]`` settings say to fetch per piece of evidence, cached under
     ``<workspace>/attestation/cache`` (private)."""
     settings = ws.config.attestation
-    if settings.pccs_url is None and settings.kds_url is None:
-        return None
-    from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource
-
-    verify: bool | str = True
+    fetch_ca = None
     if settings.fetch_ca is not None:
         ca = Path(settings.fetch_ca)
-        verify = str(ca if ca.is_absolute() else ws.path / ca)
-    cache = ws.path / "attestation" / "cache"
-    intel = amd = None
-    if settings.pccs_url is not None:
-        intel = IntelCollateralSource(settings.pccs_url, cache_dir=cache, verify=verify)
-    if settings.kds_url is not None:
-        amd = AmdKdsSource(settings.kds_url, cache_dir=cache, verify=verify)
-    return CollateralSource(intel, amd)
+        fetch_ca = ca if ca.is_absolute() else ws.path / ca
+    return collateral_source(
+        pccs_url=settings.pccs_url,
+        kds_url=settings.kds_url,
+        fetch_ca=fetch_ca,
+        cache_dir=ws.path / "attestation" / "cache",
+    )
 
 
 def tls_files_for(ws: Workspace) -> TlsFiles:

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from tests.support.evidence.intel import Validity, certificate
 from tests.support.evidence.intel import make_crl as intel_crl
 
-from ppml.attestation.intel.collateral import Collateral
+from ppml.attestation.collateral.models import Collateral
 
 __all__ = [
     "DEFAULT_FMSPC",

@@ -24,8 +24,8 @@ from tests.support.evidence.snp import make_evidence
 
 from ppml.attestation import EvidenceVerification, TcbStatus, TeeType, verify_evidence
 from ppml.attestation import evidence as evidence_module
+from ppml.attestation.collateral import Collateral
 from ppml.attestation.evidence import detect_type
-from ppml.attestation.intel.collateral import Collateral
 from ppml.errors import EvidenceError
 
 AT = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)

@@ -28,7 +28,7 @@ from ppml.attestation import (
     TeeType,
     Verifier,
 )
-from ppml.attestation.hardware import hardware_verifiers
+from ppml.attestation.hardware_verifier import hardware_verifiers
 from ppml.errors import AttestationFailed, ConfigurationError
 
 AT = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)

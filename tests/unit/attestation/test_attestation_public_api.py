@@ -11,7 +11,7 @@ MODULES = [
     "ppml.attestation.challenge",
     "ppml.attestation.claims",
     "ppml.attestation.evidence",
-    "ppml.attestation.hardware",
+    "ppml.attestation.hardware_verifier",
     "ppml.attestation.service",
     "ppml.attestation.sim",
     "ppml.attestation.token",
@@ -37,5 +37,5 @@ def test_package_reexports_the_main_api() -> None:
         assert name in package.__all__
         assert getattr(package, name).__module__ in (
             "ppml.attestation.evidence",
-            "ppml.attestation.hardware",
+            "ppml.attestation.hardware_verifier",
         )

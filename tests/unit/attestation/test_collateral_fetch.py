@@ -33,9 +33,11 @@ from tests.support.evidence.snp import make_evidence
 
 from ppml.attestation.amd.report import parse_report
 from ppml.attestation.amd.verify import verify_report
-from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource, write_collateral_dir
+from ppml.attestation.collateral import Collateral, write_collateral_dir
+from ppml.attestation.collateral.fetch import AmdKdsSource, IntelCollateralSource
 from ppml.attestation.intel.chain import verify_quote
-from ppml.attestation.intel.collateral import Collateral, verify_crls, verify_signed_body
+from ppml.attestation.intel.collateral import verify_signed_body
+from ppml.attestation.intel.verified import verify_crls
 from ppml.errors import ConfigurationError, EvidenceError
 
 AT = _dt.datetime(2025, 1, 15, tzinfo=_dt.UTC)
@@ -820,7 +822,7 @@ def test_a_hardware_verifier_fetches_the_collateral_of_each_quote(
     server: Server, tls: Tls, pcs: Pcs, tmp_path: Path
 ) -> None:
     from ppml.attestation import SgxVerifier, TcbStatus
-    from ppml.attestation.hardware import CollateralSource
+    from ppml.attestation.collateral import RemoteSource as CollateralSource
     from ppml.errors import EvidenceError
 
     serve_matching(server, pcs)
@@ -861,7 +863,7 @@ def test_an_snp_verifier_fetches_the_vcek_of_each_report(
     server: Server, tls: Tls, tmp_path: Path
 ) -> None:
     from ppml.attestation import SnpVerifier
-    from ppml.attestation.hardware import CollateralSource
+    from ppml.attestation.collateral import RemoteSource as CollateralSource
     from ppml.errors import EvidenceError
 
     ev = make_evidence(product="Milan")

@@ -401,6 +401,39 @@ def _component(data: bytes, offset: int, name: str) -> int:
     return int.from_bytes(field_bytes[:_SCALAR_SIZE], "little")
 
 
+def _signing_key(raw: bytes, key_info: int) -> SigningKey:
+    if key_info & _KEY_INFO_MBZ_MASK:
+        raise EvidenceError("report: reserved key_info bits 31:5 are not zero")
+    key_sel = key_info >> 2 & 0x7
+    try:
+        signing_key = SigningKey(key_sel)
+    except ValueError:
+        raise EvidenceError(f"report: signing_key value {key_sel} is reserved") from None
+    _mbz(raw, 0x04C, 0x050, "after key_info")
+    return signing_key
+
+
+def _cpuid(raw: bytes, version: int) -> tuple[int | None, int | None, int | None, TcbLayout]:
+    """(family, model, stepping, the TCB layout they imply): version 3 and later."""
+    if version >= 3:
+        _mbz(raw, 0x18B, 0x1A0, "after CPUID")
+        return raw[0x188], raw[0x189], raw[0x18A], tcb_layout_for_family(raw[0x188])
+    _mbz(raw, 0x188, 0x1A0, "after reported_tcb")
+    return None, None, None, TcbLayout.UNKNOWN
+
+
+def _mit_vectors(raw: bytes, version: int) -> tuple[int | None, int | None]:
+    """(launch, current) mitigation vectors: version 5 and later."""
+    _mbz(raw, 0x1EB, 0x1EC, "after current_major")
+    _mbz(raw, 0x1EF, 0x1F0, "after committed_major")
+    if version >= 5:
+        launch_mit, current_mit = struct.unpack_from("<QQ", raw, 0x1F8)
+        _mbz(raw, 0x208, SIGNED_SIZE, "after current_mit_vector")
+        return launch_mit, current_mit
+    _mbz(raw, 0x1F8, SIGNED_SIZE, "after launch_tcb")
+    return None, None
+
+
 def parse_report(data: bytes) -> SnpReport:
     """Parse a SEV-SNP attestation report. Input beyond 1184 bytes is kept unparsed in
     ``trailing_bytes``. Raises only `EvidenceError`."""
@@ -416,36 +449,9 @@ def parse_report(data: bytes) -> SnpReport:
         raise EvidenceError(f"report: unsupported version {version}")
     vmpl, signature_algo = struct.unpack_from("<II", raw, 0x030)
     platform_info, key_info = struct.unpack_from("<QI", raw, 0x040)
-
-    if key_info & _KEY_INFO_MBZ_MASK:
-        raise EvidenceError("report: reserved key_info bits 31:5 are not zero")
-    key_sel = key_info >> 2 & 0x7
-    try:
-        signing_key = SigningKey(key_sel)
-    except ValueError:
-        raise EvidenceError(f"report: signing_key value {key_sel} is reserved") from None
-    _mbz(raw, 0x04C, 0x050, "after key_info")
-
-    cpuid_family: int | None = None
-    cpuid_model: int | None = None
-    cpuid_stepping: int | None = None
-    if version >= 3:
-        cpuid_family, cpuid_model, cpuid_stepping = raw[0x188], raw[0x189], raw[0x18A]
-        _mbz(raw, 0x18B, 0x1A0, "after CPUID")
-        layout = tcb_layout_for_family(cpuid_family)
-    else:
-        _mbz(raw, 0x188, 0x1A0, "after reported_tcb")
-        layout = TcbLayout.UNKNOWN
-    _mbz(raw, 0x1EB, 0x1EC, "after current_major")
-    _mbz(raw, 0x1EF, 0x1F0, "after committed_major")
-    launch_mit: int | None = None
-    current_mit: int | None = None
-    if version >= 5:
-        launch_mit, current_mit = struct.unpack_from("<QQ", raw, 0x1F8)
-        _mbz(raw, 0x208, SIGNED_SIZE, "after current_mit_vector")
-    else:
-        _mbz(raw, 0x1F8, SIGNED_SIZE, "after launch_tcb")
-
+    signing_key = _signing_key(raw, key_info)
+    cpuid_family, cpuid_model, cpuid_stepping, layout = _cpuid(raw, version)
+    launch_mit, current_mit = _mit_vectors(raw, version)
     signature_r = _component(raw, SIGNED_SIZE, "r")
     signature_s = _component(raw, SIGNED_SIZE + _COMPONENT_SIZE, "s")
     _mbz(raw, SIGNED_SIZE + 2 * _COMPONENT_SIZE, REPORT_SIZE, "signature tail")

@@ -24,9 +24,7 @@ certificate's productName, else the report's CPUID family and model.
 from __future__ import annotations
 
 import hmac
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from importlib import resources
@@ -37,7 +35,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from ppml.attestation.amd.report import (
     SigningKey,
@@ -46,7 +44,14 @@ from ppml.attestation.amd.report import (
     TcbVersion,
     tcb_layout_for_product,
 )
-from ppml.attestation.report import Step, StepStatus, VerificationReport
+from ppml.attestation.cache import VerifiedCache
+from ppml.attestation.steps import Step, StepRunner, VerificationReport
+from ppml.attestation.x509_checks import (
+    ca_problem,
+    common_name,
+    signer_problem,
+    validity_problem,
+)
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -112,42 +117,13 @@ def amd_signing_keys() -> Mapping[str, x509.Certificate]:
 # -- the chain cache ---------------------------------------------------------------------------
 
 
-class ChainCache:
-    """A bounded, thread-safe memory of ARK/ASK/VCEK triples whose signatures verified.
-
-    Keyed by the exact DER bytes of the three certificates. A hit saves the three RSA
-    verifications only: pinning, names, key types and validity at the requested time are
-    checked on every call.
-    """
+class ChainCache(VerifiedCache[tuple[bytes, bytes, bytes], bool]):
+    """ARK/ASK/VCEK triples whose signatures verified, keyed by the exact DER bytes of the
+    three certificates. A hit saves the three RSA verifications only: pinning, names, key
+    types and validity at the requested time are checked on every call."""
 
     def __init__(self, max_entries: int = 64) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be positive")
-        self._max = max_entries
-        self._entries: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def contains(self, key: tuple[bytes, bytes, bytes]) -> bool:
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return True
-            return False
-
-    def add(self, key: tuple[bytes, bytes, bytes]) -> None:
-        with self._lock:
-            self._entries[key] = None
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        super().__init__(max_entries)
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -157,19 +133,9 @@ def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or not isinstance(names[0].value, str):
-        return ""
-    return names[0].value
-
-
 def _check_validity(cert: x509.Certificate, at: datetime, what: str) -> str | None:
-    if at < cert.not_valid_before_utc:
-        return f"{what} is not yet valid at {at.isoformat()}"
-    if at > cert.not_valid_after_utc:
-        return f"{what} expired before {at.isoformat()}"
-    return None
+    problem = validity_problem(cert, at)
+    return None if problem is None else f"{what} {problem}"
 
 
 def _check_pss_signed(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> str | None:
@@ -188,14 +154,9 @@ def _check_pss_signed(cert: x509.Certificate, issuer: x509.Certificate, what: st
     return None
 
 
-def _check_ca(cert: x509.Certificate, what: str) -> str | None:
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return f"{what} has no basicConstraints"
-    if not constraints.ca:
-        return f"{what} is not a CA certificate"
-    return None
+def _check_ca(cert: x509.Certificate, what: str, cas_below: int) -> str | None:
+    problem = ca_problem(cert, cas_below=cas_below)
+    return None if problem is None else f"{what} {problem}"
 
 
 def _read_tlv(data: bytes, tag: int, what: str) -> bytes:
@@ -309,11 +270,11 @@ def _ark_step(
         )
         if not same_key or ark.subject != pinned.subject:
             return Step.failed("ark", f"ARK is not the pinned ARK-{product}")
-    if _common_name(ark) != f"ARK-{product}":
+    if common_name(ark) != f"ARK-{product}":
         return Step.failed("ark", f"ARK subject does not name ARK-{product}")
     if ark.issuer != ark.subject:
         return Step.failed("ark", "ARK is not self-issued")
-    if (problem := _check_ca(ark, "ARK")) is not None:
+    if (problem := _check_ca(ark, "ARK", 1)) is not None:
         return Step.failed("ark", problem)
     if not cached and (problem := _check_pss_signed(ark, ark, "ARK self")) is not None:
         return Step.failed("ark", problem)
@@ -332,11 +293,11 @@ def _ask_step(
 ) -> Step:
     what = "ASVK" if vlek else "ASK"
     expected = f"SEV-VLEK-{product}" if vlek else f"SEV-{product}"
-    if _common_name(ask) != expected:
+    if common_name(ask) != expected:
         return Step.failed("ask", f"{what} subject does not name {expected}")
     if ask.issuer != ark.subject:
         return Step.failed("ask", f"{what} issuer is not the ARK")
-    if (problem := _check_ca(ask, what)) is not None:
+    if (problem := _check_ca(ask, what, 0)) is not None:
         return Step.failed("ask", problem)
     if not cached and (problem := _check_pss_signed(ask, ark, what)) is not None:
         return Step.failed("ask", problem)
@@ -366,6 +327,8 @@ def _vcek_step(
     key = vcek.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
         return Step.failed("vcek", f"{what} key is not ECDSA P-384")
+    if (problem := signer_problem(vcek)) is not None:
+        return Step.failed("vcek", f"{what} {problem}")
     if not cached and (problem := _check_pss_signed(vcek, ask, what)) is not None:
         return Step.failed("vcek", problem)
     if (problem := _check_validity(vcek, at, what)) is not None:
@@ -450,39 +413,6 @@ def _binding_step(report: SnpReport, vcek: x509.Certificate, product: str, vlek:
     return Step.passed("vcek_binding", f"{what} {name}")
 
 
-def _guarded(name: str, run: Callable[[], Step]) -> Step:
-    """Run a step; certificate parsing trouble becomes a failed step, never an exception."""
-    try:
-        return run()
-    except EvidenceError as exc:
-        return Step.failed(name, str(exc).removeprefix(f"{name}: "))
-    except _CERT_ERRORS as exc:
-        return Step.failed(name, f"malformed certificate: {type(exc).__name__}")
-
-
-class _Steps:
-    """Runs steps in order; a step whose prerequisite did not pass is skipped, naming the
-    step that failed first."""
-
-    def __init__(self) -> None:
-        self.steps: list[Step] = []
-        self._cause: dict[str, str] = {}
-
-    def run(self, name: str, needs: tuple[str, ...], body: Callable[[], Step]) -> Step:
-        blocked = next((n for n in needs if self._cause.get(n, "") != ""), None)
-        if blocked is not None:
-            step = Step.skipped(name, self._cause[blocked])
-            self._cause[name] = self._cause[blocked]
-        else:
-            step = _guarded(name, body)
-            self._cause[name] = "" if step.status is StepStatus.PASSED else name
-        self.steps.append(step)
-        return step
-
-    def passed(self, *names: str) -> bool:
-        return all(self._cause.get(n) == "" for n in names)
-
-
 # -- the entry point ---------------------------------------------------------------------------
 
 
@@ -522,7 +452,7 @@ def verify_report(
     else:
         ask = ark = None
 
-    vlek = _common_name(vcek) == "SEV-VLEK"
+    vlek = common_name(vcek) == "SEV-VLEK"
     chosen, how = _select_product(report, vcek, product)
     if chosen is not None and chosen not in pinned_roots:
         chosen, how = None, f"no pinned ARK for {chosen}"
@@ -535,9 +465,9 @@ def verify_report(
     cached = False
     if cache is not None and ark is not None and ask is not None:
         cache_key = (_der(ark), _der(ask), _der(vcek))
-        cached = cache.contains(cache_key)
+        cached = cache.get(cache_key) is not None
 
-    steps = _Steps()
+    steps = StepRunner(malformed=_CERT_ERRORS, what="certificate")
 
     def ark_step() -> Step:
         if chosen is None or ark is None:
@@ -557,11 +487,11 @@ def verify_report(
         assert chosen is not None
         return _binding_step(report, vcek, chosen, vlek)
 
-    steps.run("ark", (), ark_step)
-    steps.run("ask", ("ark",), ask_step)
-    steps.run("vcek", ("ask",), vcek_step)
+    steps.run("ark", ark_step)
+    steps.run("ask", ask_step, needs=("ark",))
+    steps.run("vcek", vcek_step, needs=("ask",))
     if cache is not None and cache_key is not None and not cached and steps.passed("vcek"):
-        cache.add(cache_key)
-    steps.run("report_signature", ("vcek",), lambda: _signature_step(report, vcek))
-    steps.run("vcek_binding", ("vcek",), binding_step)
-    return VerificationReport.of(steps.steps)
+        cache.put(cache_key, True)
+    steps.run("report_signature", lambda: _signature_step(report, vcek), needs=("vcek",))
+    steps.run("vcek_binding", binding_step, needs=("vcek",))
+    return steps.report()

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib import resources
 from typing import Final
 
@@ -35,11 +32,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.oid import ExtensionOID, NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import SignatureAlgorithmOID
 
+from ppml.attestation.cache import VerifiedCache, cache_key, validity_window
 from ppml.attestation.intel.pck import parse_pck_extensions
 from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
-from ppml.attestation.report import Step, StepStatus, VerificationReport
+from ppml.attestation.steps import Step, StepFailed, StepRunner, StepStatus, VerificationReport
+from ppml.attestation.x509_checks import (
+    ca_problem,
+    common_name,
+    crl_problem,
+    is_revoked,
+    p256_key,
+    signer_problem,
+    validity_problem,
+)
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -65,7 +72,6 @@ STEP_NAMES: Final = (
 
 _PCK_LEAF_CN: Final = "Intel SGX PCK Certificate"
 _PCK_CA_CNS: Final = frozenset({"Intel SGX PCK Platform CA", "Intel SGX PCK Processor CA"})
-_HANDLED_CRITICAL: Final = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE})
 _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 
 # What cryptography raises on malformed certificates, CRLs or keys; a step reports it as failed.
@@ -103,14 +109,10 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
         raise EvidenceError("CRL: not a valid DER or PEM certificate revocation list") from exc
 
 
-class _StepFailed(Exception):
-    """Internal: a step's check failed with this (human, key-free) reason."""
-
-
 def _p256_key(cert: x509.Certificate, name: str) -> ec.EllipticCurvePublicKey:
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise _StepFailed(f"{name}: public key is not ECDSA P-256")
+    key = p256_key(cert)
+    if key is None:
+        raise StepFailed(f"{name}: public key is not ECDSA P-256")
     return key
 
 
@@ -118,77 +120,42 @@ def _verify_signed_by(
     child: x509.Certificate, child_name: str, issuer: x509.Certificate, issuer_name: str
 ) -> None:
     if child.issuer != issuer.subject:
-        raise _StepFailed(f"{child_name}: issuer name is not the subject of the {issuer_name}")
+        raise StepFailed(f"{child_name}: issuer name is not the subject of the {issuer_name}")
     if child.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA256:
-        raise _StepFailed(f"{child_name}: signature algorithm is not ECDSA with SHA-256")
+        raise StepFailed(f"{child_name}: signature algorithm is not ECDSA with SHA-256")
     key = _p256_key(issuer, issuer_name)
     try:
         key.verify(child.signature, child.tbs_certificate_bytes, _ECDSA_SHA256)
     except InvalidSignature:
-        raise _StepFailed(
+        raise StepFailed(
             f"{child_name}: signature does not verify with the {issuer_name} key"
         ) from None
 
 
-def _check_validity(cert: x509.Certificate, name: str, at: datetime) -> None:
-    if at < cert.not_valid_before_utc:
-        raise _StepFailed(f"{name}: not valid before {cert.not_valid_before_utc.isoformat()}")
-    if at > cert.not_valid_after_utc:
-        raise _StepFailed(f"{name}: expired at {cert.not_valid_after_utc.isoformat()}")
-
-
-def _check_extensions(cert: x509.Certificate, name: str, *, ca: bool, min_path: int) -> None:
-    exts = cert.extensions
-    for ext in exts:
-        if ext.critical and ext.oid not in _HANDLED_CRITICAL:
-            raise _StepFailed(f"{name}: unknown critical extension {ext.oid.dotted_string}")
-    try:
-        bc: x509.BasicConstraints | None = exts.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        bc = None
-    try:
-        ku: x509.KeyUsage | None = exts.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        ku = None
-    if ca:
-        if bc is None or not bc.ca:
-            raise _StepFailed(f"{name}: basic constraints do not make it a CA")
-        if bc.path_length is not None and bc.path_length < min_path:
-            raise _StepFailed(f"{name}: path length constraint {bc.path_length} is too small")
-        if ku is not None and not ku.key_cert_sign:
-            raise _StepFailed(f"{name}: key usage does not allow certificate signing")
-    else:
-        if bc is not None and bc.ca:
-            raise _StepFailed(f"{name}: is a CA certificate, expected an end-entity")
-        if ku is not None and not ku.digital_signature:
-            raise _StepFailed(f"{name}: key usage does not allow digital signatures")
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if len(names) == 1 else ""
-    return value if isinstance(value, str) else ""
+def _require(name: str, problem: str | None) -> None:
+    if problem is not None:
+        raise StepFailed(f"{name}: {problem}")
 
 
 def _check_chain(chain: tuple[x509.Certificate, ...], root: x509.Certificate, at: datetime) -> str:
     if len(chain) != 3:
-        raise _StepFailed(f"chain has {len(chain)} certificates, expected 3 (PCK, CA, root)")
+        raise StepFailed(f"chain has {len(chain)} certificates, expected 3 (PCK, CA, root)")
     leaf, ca, given_root = chain
     if given_root.public_bytes(Encoding.DER) != root.public_bytes(Encoding.DER):
-        raise _StepFailed("chain does not end in the pinned root certificate")
-    if _common_name(leaf) != _PCK_LEAF_CN:
-        raise _StepFailed(f"PCK certificate: common name is not {_PCK_LEAF_CN!r}")
-    ca_cn = _common_name(ca)
+        raise StepFailed("chain does not end in the pinned root certificate")
+    if common_name(leaf) != _PCK_LEAF_CN:
+        raise StepFailed(f"PCK certificate: common name is not {_PCK_LEAF_CN!r}")
+    ca_cn = common_name(ca)
     if ca_cn not in _PCK_CA_CNS:
-        raise _StepFailed("PCK CA: common name is not an Intel SGX PCK Platform or Processor CA")
+        raise StepFailed("PCK CA: common name is not an Intel SGX PCK Platform or Processor CA")
     _verify_signed_by(root, "root CA", root, "root CA")
     _verify_signed_by(ca, "PCK CA", root, "root CA")
     _verify_signed_by(leaf, "PCK certificate", ca, "PCK CA")
     for cert, name in ((leaf, "PCK certificate"), (ca, "PCK CA"), (root, "root CA")):
-        _check_validity(cert, name, at)
-    _check_extensions(root, "root CA", ca=True, min_path=1)
-    _check_extensions(ca, "PCK CA", ca=True, min_path=0)
-    _check_extensions(leaf, "PCK certificate", ca=False, min_path=0)
+        _require(name, validity_problem(cert, at))
+    _require("root CA", ca_problem(root, cas_below=1))
+    _require("PCK CA", ca_problem(ca, cas_below=0))
+    _require("PCK certificate", signer_problem(leaf))
     _p256_key(leaf, "PCK certificate")
     parse_pck_extensions(leaf)
     return ca_cn
@@ -203,186 +170,90 @@ def _check_crl(
     subject_name: str,
     at: datetime,
 ) -> None:
-    if crl.issuer != issuer.subject:
-        raise _StepFailed(f"{name}: issuer is not the {issuer_name}")
-    if crl.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA256:
-        raise _StepFailed(f"{name}: signature algorithm is not ECDSA with SHA-256")
-    if not crl.is_signature_valid(_p256_key(issuer, issuer_name)):
-        raise _StepFailed(f"{name}: signature does not verify with the {issuer_name} key")
-    next_update = crl.next_update_utc
-    if next_update is None:
-        raise _StepFailed(f"{name}: has no nextUpdate")
-    if at < crl.last_update_utc:
-        raise _StepFailed(f"{name}: not valid before {crl.last_update_utc.isoformat()}")
-    if at > next_update:
-        raise _StepFailed(f"{name}: expired at {next_update.isoformat()}")
-    if crl.get_revoked_certificate_by_serial_number(subject.serial_number) is not None:
-        raise _StepFailed(f"{name}: the {subject_name} is revoked")
-
-
-def _run(name: str, check: Callable[[], str | None]) -> Step:
-    try:
-        detail = check()
-    except _StepFailed as exc:
-        return Step.failed(name, str(exc))
-    except EvidenceError as exc:
-        return Step.failed(name, exc.message)
-    except _CRYPTO_ERRORS as exc:
-        return Step.failed(name, f"malformed input: {type(exc).__name__}")
-    return Step.passed(name, detail or "")
+    _require(name, crl_problem(crl, issuer, issuer_name, at))
+    if is_revoked(crl, subject):
+        raise StepFailed(f"{name}: the {subject_name} is revoked")
 
 
 def _raw_signature(raw: bytes) -> bytes:
     return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big"))
 
 
-@dataclass(frozen=True, slots=True)
-class _ChainResult:
-    steps: tuple[Step, Step, Step]
-    valid_from: datetime
-    valid_until: datetime
-
-
-class ChainCache:
-    """A bounded, thread-safe cache of PCK chain results that passed, so that verifying many
-    quotes from one platform does the chain and CRL work once.
+class ChainCache(VerifiedCache[bytes, tuple[Step, Step, Step]]):
+    """Verified PCK chain results, so that verifying many quotes from one platform does the
+    chain and CRL work once.
 
     The key is SHA-256 over the exact PEM chain bytes, the pinned root's DER and each CRL's DER
-    (or its absence). Instead of a coarse time bucket, an entry keeps the window in which every
-    time check it made holds (the intersection of all certificates' and CRLs' validity); a hit
-    needs ``at`` inside that window, so a cached answer is exactly what re-running would give.
-    Failures are never cached. ``hits`` and ``misses`` count lookups.
+    (or its absence); an entry's window is the intersection of all certificates' and CRLs'
+    validity, so a hit is exactly what re-running would give (`VerifiedCache`).
     """
 
-    def __init__(self, max_entries: int = 256) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self._max = max_entries
-        self._entries: OrderedDict[bytes, _ChainResult] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    """What the chain and CRL steps depend on (besides the time)."""
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+    quote: SgxQuote | TdxQuote
+    root: x509.Certificate
+    pck_crl: x509.CertificateRevocationList | None
+    root_crl: x509.CertificateRevocationList | None
 
-    def _get(self, key: bytes, at: datetime) -> _ChainResult | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.valid_from <= at <= entry.valid_until:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return entry
-            self.misses += 1
-            return None
-
-    def _put(self, key: bytes, entry: _ChainResult) -> None:
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
-
-
-def _cache_key(
-    quote: SgxQuote | TdxQuote,
-    root: x509.Certificate,
-    pck_crl: x509.CertificateRevocationList | None,
-    root_crl: x509.CertificateRevocationList | None,
-) -> bytes:
-    h = hashlib.sha256(b"ppml-intel-pck-chain/1\x00")
-    parts = (
-        quote.pck_chain_pem,
-        root.public_bytes(Encoding.DER),
-        pck_crl.public_bytes(Encoding.DER) if pck_crl is not None else None,
-        root_crl.public_bytes(Encoding.DER) if root_crl is not None else None,
-    )
-    for part in parts:
-        if part is None:
-            h.update(b"\x00")
-        else:
-            h.update(b"\x01" + len(part).to_bytes(8, "big") + part)
-    return h.digest()
-
-
-def _validity_window(
-    certs: tuple[x509.Certificate, ...],
-    crls: tuple[x509.CertificateRevocationList | None, ...],
-) -> tuple[datetime, datetime]:
-    starts = [c.not_valid_before_utc for c in certs]
-    ends = [c.not_valid_after_utc for c in certs]
-    for crl in crls:
-        if crl is not None and crl.next_update_utc is not None:
-            starts.append(crl.last_update_utc)
-            ends.append(crl.next_update_utc)
-    return max(starts), min(ends)
-
-
-def _chain_steps(
-    quote: SgxQuote | TdxQuote,
-    root: x509.Certificate,
-    at: datetime,
-    pck_crl: x509.CertificateRevocationList | None,
-    root_crl: x509.CertificateRevocationList | None,
-) -> tuple[Step, Step, Step]:
-    chain = quote.pck_chain
-
-    def chain_check() -> str:
-        ca_cn = _check_chain(chain, root, at)
-        return f"PCK certificate <- {ca_cn} <- pinned root"
-
-    chain_step = _run("pck_chain", chain_check)
-    if chain_step.status is not StepStatus.PASSED:
-        return (
-            chain_step,
-            Step.skipped("pck_crl", "pck_chain"),
-            Step.skipped("root_crl", "pck_chain"),
+    def cache_key(self) -> bytes:
+        return cache_key(
+            b"ppml-intel-pck-chain/1",
+            self.quote.pck_chain_pem,
+            self.root.public_bytes(Encoding.DER),
+            self.pck_crl.public_bytes(Encoding.DER) if self.pck_crl is not None else None,
+            self.root_crl.public_bytes(Encoding.DER) if self.root_crl is not None else None,
         )
-    leaf, ca = chain[0], chain[1]
-    if pck_crl is None:
-        pck_step = Step.not_checked("pck_crl", "no PCK CRL given")
-    else:
-        crl = pck_crl
-        pck_step = _run(
-            "pck_crl",
-            lambda: _check_crl(crl, "PCK CRL", ca, "PCK CA", leaf, "PCK certificate", at),
-        )
-    if root_crl is None:
-        root_step = Step.not_checked("root_crl", "no root CA CRL given")
-    else:
-        rcrl = root_crl
-        root_step = _run(
-            "root_crl",
-            lambda: _check_crl(rcrl, "root CA CRL", root, "root CA", ca, "PCK CA", at),
-        )
-    return chain_step, pck_step, root_step
 
+    def window(self) -> tuple[datetime, datetime]:
+        certs = (self.quote.pck_chain[0], self.quote.pck_chain[1], self.root)
+        return validity_window(certs, (self.pck_crl, self.root_crl))
 
-def _verified_chain(
-    quote: SgxQuote | TdxQuote,
-    root: x509.Certificate,
-    at: datetime,
-    pck_crl: x509.CertificateRevocationList | None,
-    root_crl: x509.CertificateRevocationList | None,
-    cache: ChainCache | None,
-) -> tuple[Step, Step, Step]:
-    if cache is None:
-        return _chain_steps(quote, root, at, pck_crl, root_crl)
-    key = _cache_key(quote, root, pck_crl, root_crl)
-    hit = cache._get(key, at)
-    if hit is not None:
-        return hit.steps
-    steps = _chain_steps(quote, root, at, pck_crl, root_crl)
-    if all(s.status in (StepStatus.PASSED, StepStatus.NOT_CHECKED) for s in steps):
-        chain = (quote.pck_chain[0], quote.pck_chain[1], root)
-        start, end = _validity_window(chain, (pck_crl, root_crl))
-        cache._put(key, _ChainResult(steps, start, end))
-    return steps
+    def steps(self, at: datetime) -> tuple[Step, Step, Step]:
+        chain, root = self.quote.pck_chain, self.root
+        run = StepRunner(malformed=_CRYPTO_ERRORS)
+
+        def chain_check() -> Step:
+            ca_cn = _check_chain(chain, root, at)
+            return Step.passed("pck_chain", f"PCK certificate <- {ca_cn} <- pinned root")
+
+        run.run("pck_chain", chain_check)
+        leaf, ca = chain[0], chain[1]
+        for name, crl, absent, check in (
+            (
+                "pck_crl",
+                self.pck_crl,
+                "no PCK CRL given",
+                lambda c: _check_crl(c, "PCK CRL", ca, "PCK CA", leaf, "PCK certificate", at),
+            ),
+            (
+                "root_crl",
+                self.root_crl,
+                "no root CA CRL given",
+                lambda c: _check_crl(c, "root CA CRL", root, "root CA", ca, "PCK CA", at),
+            ),
+        ):
+            if crl is None and run.passed("pck_chain"):
+                run.add(Step.not_checked(name, absent))
+            else:
+                run.run(name, partial(check, crl), needs=("pck_chain",))
+        chain_step, pck_step, root_step = run.steps
+        return chain_step, pck_step, root_step
+
+    def verified(self, at: datetime, cache: ChainCache | None) -> tuple[Step, Step, Step]:
+        """The steps at `at`, from `cache` when it holds them for that time."""
+        if cache is None:
+            return self.steps(at)
+        key = self.cache_key()
+        hit = cache.get(key, at)
+        if hit is not None:
+            return hit
+        steps = self.steps(at)
+        if all(s.status in (StepStatus.PASSED, StepStatus.NOT_CHECKED) for s in steps):
+            cache.put(key, steps, self.window())
+        return steps
 
 
 def _check_inputs(
@@ -421,25 +292,23 @@ def verify_quote(
     `EvidenceError`. The quote and QE report signatures are verified on every call; `cache`
     only spares the chain and CRL work."""
     q = _check_inputs(quote, root, at, pck_crl, root_crl)
-    chain_step, pck_step, root_step = _verified_chain(q, root, at, pck_crl, root_crl, cache)
-    steps: list[Step] = [chain_step, pck_step, root_step]
+    run = StepRunner(malformed=_CRYPTO_ERRORS)
+    run.extend(_Chain(q, root, pck_crl, root_crl).verified(at, cache))
 
     def qe_signature() -> None:
         key = _p256_key(q.pck_chain[0], "PCK certificate")
         try:
             key.verify(_raw_signature(q.qe_report_signature), q.qe_report_bytes, _ECDSA_SHA256)
         except InvalidSignature:
-            raise _StepFailed("QE report signature does not verify with the PCK key") from None
+            raise StepFailed("QE report signature does not verify with the PCK key") from None
 
     def binding() -> None:
         expected = hashlib.sha256(q.attestation_key + q.qe_auth_data).digest()
         data = q.qe_report.report_data
         if not hmac.compare_digest(data[:32], expected):
-            raise _StepFailed(
-                "QE report data[0:32] is not SHA-256(attestation key || QE auth data)"
-            )
+            raise StepFailed("QE report data[0:32] is not SHA-256(attestation key || QE auth data)")
         if not hmac.compare_digest(data[32:], bytes(32)):
-            raise _StepFailed("QE report data[32:64] is not zero")
+            raise StepFailed("QE report data[32:64] is not zero")
 
     def quote_signature() -> None:
         try:
@@ -447,23 +316,13 @@ def verify_quote(
                 ec.SECP256R1(), b"\x04" + q.attestation_key
             )
         except ValueError:
-            raise _StepFailed("attestation key is not a P-256 point") from None
+            raise StepFailed("attestation key is not a P-256 point") from None
         try:
             key.verify(_raw_signature(q.signature), q.signed_bytes, _ECDSA_SHA256)
         except InvalidSignature:
-            raise _StepFailed("quote signature does not verify with the attestation key") from None
+            raise StepFailed("quote signature does not verify with the attestation key") from None
 
-    blocker = None if chain_step.status is StepStatus.PASSED else chain_step.name
-    for name, check in (
-        ("qe_report_signature", qe_signature),
-        ("qe_report_data_binding", binding),
-        ("quote_signature", quote_signature),
-    ):
-        if blocker is not None:
-            steps.append(Step.skipped(name, blocker))
-            continue
-        step = _run(name, check)
-        if step.status is not StepStatus.PASSED:
-            blocker = name
-        steps.append(step)
-    return VerificationReport.of(steps)
+    run.run("qe_report_signature", qe_signature, needs=("pck_chain",))
+    run.run("qe_report_data_binding", binding, needs=("qe_report_signature",))
+    run.run("quote_signature", quote_signature, needs=("qe_report_data_binding",))
+    return run.report()

@@ -1,17 +1,14 @@
-"""Intel PCS collateral: TCB info, QE identity and CRLs, parsed strictly and verified.
+"""Intel PCS documents: TCB info, QE identity, CRLs and issuer chains, parsed strictly, and the
+verification of a signed document by its issuer chain.
 
-`Collateral` holds the PCS responses exactly as PCS returned them. The signed JSON documents
-(``{"tcbInfo": {...}, "signature": "<hex r||s>"}`` and ``{"enclaveIdentity": ...}``) are
-verified over the exact bytes of the signed value as they appear in the file, never over a
-re-serialisation; the issuer chains are verified up to a root the caller pins; CRLs are
-verified by their issuers and then answer "is this certificate revoked?".
-
-A collateral directory holds (each optional, but a document never without its chain):
-``tcb_info.json`` + ``tcb_info_issuer_chain.pem``, ``qe_identity.json`` +
-``qe_identity_issuer_chain.pem``, ``pck_crl.der`` (or ``.pem``) + ``pck_crl_issuer_chain.pem``,
-and ``root_ca_crl.der`` (or ``.pem``). Issuer chains are PEM, leaf first, as in PCS's
+The signed JSON documents (``{"tcbInfo": {...}, "signature": "<hex r||s>"}`` and
+``{"enclaveIdentity": ...}``) are verified over the exact bytes of the signed value as they
+appear in the file, never over a re-serialisation; the issuer chains are verified up to a root
+the caller pins, by the rules of `ppml.attestation.x509_checks`; verified CRLs answer "is this
+certificate revoked?" (`RevocationChecker`). Issuer chains are PEM, leaf first, as in PCS's
 ``TCB-Info-Issuer-Chain``, ``SGX-Enclave-Identity-Issuer-Chain`` and ``SGX-PCK-CRL-Issuer-Chain``
-headers (URL-decoded).
+headers (URL-decoded). The collateral as a whole (`Collateral`) and its directory are in
+`ppml.attestation.collateral`; its verification, in `ppml.attestation.intel.verified`.
 """
 
 from __future__ import annotations
@@ -20,10 +17,9 @@ import datetime as _dt
 import json
 import re
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -33,14 +29,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.utils import CryptographyDeprecationWarning
 
 from ppml.attestation.claims import TcbStatus
-from ppml.attestation.report import Step, StepStatus, VerificationReport
+from ppml.attestation.x509_checks import ca_problem, signer_problem, validity_problem
 from ppml.errors import EvidenceError
 
 __all__ = [
     "MAX_CHAIN_BYTES",
     "MAX_CRL_BYTES",
     "MAX_JSON_BYTES",
-    "Collateral",
     "EnclaveIdentity",
     "IsvTcbLevel",
     "RevocationChecker",
@@ -59,7 +54,6 @@ __all__ = [
     "parse_qe_identity_json",
     "parse_tcb_info_json",
     "verify_chain",
-    "verify_crls",
     "verify_signed_body",
 ]
 
@@ -672,29 +666,17 @@ def _name(name: x509.Name) -> str:
     return repr(name.rfc4514_string()[:80])
 
 
-def _basic_ca(cert: x509.Certificate) -> bool:
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    if not bc.ca:
-        return False
-    try:
-        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return True
-    return bool(ku.key_cert_sign)
-
-
-def _within(cert: x509.Certificate, at: _dt.datetime) -> bool:
-    return cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
-
-
 def verify_chain(
-    chain: Sequence[x509.Certificate], *, root: x509.Certificate, at: _dt.datetime, source: str
+    chain: Sequence[x509.Certificate],
+    *,
+    root: x509.Certificate,
+    at: _dt.datetime,
+    source: str,
+    leaf_signs: Literal["data", "crl"] = "data",
 ) -> x509.Certificate:
     """Verify an issuer chain (leaf first; the root itself may be included or not) up to
-    `root`, every certificate valid at `at`; return the leaf."""
+    `root` by the rules of `ppml.attestation.x509_checks`, every certificate valid at `at` and
+    the leaf fit to sign data (a document) or CRLs (`leaf_signs`); return the leaf."""
     certs = list(chain)
     if certs and certs[-1] == root:
         certs = certs[:-1]
@@ -703,14 +685,18 @@ def verify_chain(
     if root in certs:
         _fail(source, "holds the root in the middle of the chain")
     for cert in [*certs, root]:
-        if not _within(cert, at):
+        problem = validity_problem(cert, at)
+        if problem is not None:
             _fail(
                 source,
-                f"certificate {_name(cert.subject)} is not valid at {format_pcs_date(at)}",
+                f"certificate {_name(cert.subject)} is not valid at {format_pcs_date(at)}:"
+                f" {problem}",
             )
-    for child, parent in zip(certs, [*certs[1:], root], strict=True):
-        if not _basic_ca(parent):
-            _fail(source, f"issuer {parent.subject.rfc4514_string()[:80]!r} is not a CA")
+    if (problem := signer_problem(certs[0], signs=leaf_signs)) is not None:
+        _fail(source, f"certificate {_name(certs[0].subject)} {problem}")
+    for below, (child, parent) in enumerate(zip(certs, [*certs[1:], root], strict=True)):
+        if (problem := ca_problem(parent, cas_below=below)) is not None:
+            _fail(source, f"issuer {parent.subject.rfc4514_string()[:80]!r} {problem}")
         try:
             child.verify_directly_issued_by(parent)
         except (ValueError, TypeError, InvalidSignature):
@@ -760,15 +746,6 @@ def check_freshness(
     return None
 
 
-def _fresh_step(name: str, problem: str | None, allow_outdated: bool, notes: list[str]) -> Step:
-    if problem is None:
-        return Step.passed(name)
-    if allow_outdated:
-        notes.append(problem)
-        return Step.passed(name, f"outdated, allowed: {problem}")
-    return Step.failed(name, problem)
-
-
 class RevocationChecker:
     """Answers revocation questions from CRLs that have been verified by their issuers."""
 
@@ -791,213 +768,3 @@ class RevocationChecker:
 
     def is_certificate_revoked(self, cert: x509.Certificate) -> bool:
         return self.is_revoked(cert.serial_number, cert.issuer)
-
-
-# --------------------------------------------------------------------------- the collateral
-
-_FILES = (
-    ("tcb_info_json", "tcb_info.json"),
-    ("tcb_info_issuer_chain", "tcb_info_issuer_chain.pem"),
-    ("qe_identity_json", "qe_identity.json"),
-    ("qe_identity_issuer_chain", "qe_identity_issuer_chain.pem"),
-    ("pck_crl_issuer_chain", "pck_crl_issuer_chain.pem"),
-)
-_PAIRS = (
-    ("tcb_info_json", "tcb_info_issuer_chain", "tcb_info.json", "tcb_info_issuer_chain.pem"),
-    (
-        "qe_identity_json",
-        "qe_identity_issuer_chain",
-        "qe_identity.json",
-        "qe_identity_issuer_chain.pem",
-    ),
-    ("pck_crl", "pck_crl_issuer_chain", "pck_crl", "pck_crl_issuer_chain.pem"),
-)
-_LIMITS = {
-    "tcb_info_json": MAX_JSON_BYTES,
-    "qe_identity_json": MAX_JSON_BYTES,
-    "tcb_info_issuer_chain": MAX_CHAIN_BYTES,
-    "qe_identity_issuer_chain": MAX_CHAIN_BYTES,
-    "pck_crl_issuer_chain": MAX_CHAIN_BYTES,
-    "pck_crl": MAX_CRL_BYTES,
-    "root_ca_crl": MAX_CRL_BYTES,
-}
-
-
-def _read(path: Path, limit: int) -> bytes:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        _fail(path.name, f"cannot be read ({exc.strerror or type(exc).__name__})")
-    if len(data) > limit:
-        _fail(path.name, f"larger than {limit} bytes")
-    return data
-
-
-@dataclass(frozen=True, slots=True)
-class Collateral:
-    """The PCS responses for one platform, as PCS returned them; every part optional, but
-    a signed document or CRL never without its issuer chain (and vice versa)."""
-
-    tcb_info_json: bytes | None = None
-    tcb_info_issuer_chain: bytes | None = None
-    qe_identity_json: bytes | None = None
-    qe_identity_issuer_chain: bytes | None = None
-    pck_crl: bytes | None = None
-    pck_crl_issuer_chain: bytes | None = None
-    root_ca_crl: bytes | None = None
-
-    def __post_init__(self) -> None:
-        for name, limit in _LIMITS.items():
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, bytes) or len(value) > limit):
-                _fail(name, f"must be bytes, at most {limit}")
-        for doc, chain, doc_name, chain_name in _PAIRS:
-            if (getattr(self, doc) is None) != (getattr(self, chain) is None):
-                present, absent = (
-                    (doc_name, chain_name) if getattr(self, doc) else (chain_name, doc_name)
-                )
-                _fail(present, f"is given without {absent}")
-
-    @property
-    def empty(self) -> bool:
-        return all(getattr(self, name) is None for name in _LIMITS)
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> Collateral:
-        """Load collateral files from a directory (see the module docstring for the names)
-        and parse each of them, so that anything malformed fails here, naming the file."""
-        directory = Path(path)
-        if not directory.is_dir():
-            raise EvidenceError(f"collateral directory {str(directory)[:200]!r} does not exist")
-        parts: dict[str, bytes | None] = {}
-        for field_name, file_name in _FILES:
-            file = directory / file_name
-            parts[field_name] = _read(file, _LIMITS[field_name]) if file.exists() else None
-        for field_name, stem in (("pck_crl", "pck_crl"), ("root_ca_crl", "root_ca_crl")):
-            found = [directory / f"{stem}.{ext}" for ext in ("der", "pem")]
-            found = [f for f in found if f.exists()]
-            if len(found) > 1:
-                _fail(f"{stem}.der", f"both {stem}.der and {stem}.pem are present")
-            parts[field_name] = _read(found[0], _LIMITS[field_name]) if found else None
-        collateral = cls(**parts)
-        collateral.parse_all()
-        return collateral
-
-    def parse_all(self) -> None:
-        """Parse every part present (raises `EvidenceError` naming the first bad file)."""
-        self.tcb_info()
-        self.qe_identity()
-        self.tcb_info_chain()
-        self.qe_identity_chain()
-        self.pck_crl_chain()
-        self.pck_crl_parsed()
-        self.root_ca_crl_parsed()
-
-    def tcb_info(self) -> SignedTcbInfo | None:
-        return None if self.tcb_info_json is None else parse_tcb_info_json(self.tcb_info_json)
-
-    def qe_identity(self) -> SignedEnclaveIdentity | None:
-        if self.qe_identity_json is None:
-            return None
-        return parse_qe_identity_json(self.qe_identity_json)
-
-    def tcb_info_chain(self) -> tuple[x509.Certificate, ...] | None:
-        return _chain(self.tcb_info_issuer_chain, "tcb_info_issuer_chain.pem")
-
-    def qe_identity_chain(self) -> tuple[x509.Certificate, ...] | None:
-        return _chain(self.qe_identity_issuer_chain, "qe_identity_issuer_chain.pem")
-
-    def pck_crl_chain(self) -> tuple[x509.Certificate, ...] | None:
-        return _chain(self.pck_crl_issuer_chain, "pck_crl_issuer_chain.pem")
-
-    def pck_crl_parsed(self) -> x509.CertificateRevocationList | None:
-        return None if self.pck_crl is None else parse_crl(self.pck_crl, source="pck_crl")
-
-    def root_ca_crl_parsed(self) -> x509.CertificateRevocationList | None:
-        if self.root_ca_crl is None:
-            return None
-        return parse_crl(self.root_ca_crl, source="root_ca_crl")
-
-
-def _chain(data: bytes | None, source: str) -> tuple[x509.Certificate, ...] | None:
-    return None if data is None else parse_pem_chain(data, source=source)
-
-
-def _run(name: str, check: Callable[[], str | None]) -> Step:
-    """Run one check; an `EvidenceError` (or a returned reason) is a failed step."""
-    try:
-        problem = check()
-    except EvidenceError as exc:
-        return Step.failed(name, exc.message)
-    return Step.passed(name) if problem is None else Step.failed(name, problem)
-
-
-def _verify_one_crl(
-    name: str,
-    crl_bytes: bytes,
-    source: str,
-    issuer_of: Callable[[], x509.Certificate],
-) -> tuple[Step, x509.CertificateRevocationList | None]:
-    crl_box: list[x509.CertificateRevocationList] = []
-
-    def check() -> str | None:
-        crl = parse_crl(crl_bytes, source=source)
-        issuer = issuer_of()
-        if crl.issuer != issuer.subject:
-            return f"{source} is not issued by {issuer.subject.rfc4514_string()[:80]!r}"
-        key = issuer.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            return f"{source} issuer does not hold an EC key"
-        if not crl.is_signature_valid(key):
-            return f"{source} signature does not verify"
-        crl_box.append(crl)
-        return None
-
-    step = _run(name, check)
-    return step, (crl_box[0] if crl_box else None)
-
-
-def verify_crls(
-    collateral: Collateral,
-    *,
-    root: x509.Certificate,
-    at: _dt.datetime,
-    allow_outdated: bool = False,
-    notes: list[str] | None = None,
-) -> tuple[VerificationReport, RevocationChecker]:
-    """Verify the root CA CRL (by `root`) and the PCK CRL (by the PCK CA in its issuer chain,
-    itself verified up to `root`), each one's freshness at `at`, and return the checker the
-    certificate chain verifier asks. A CRL that fails is not in the checker."""
-    notes = [] if notes is None else notes
-    steps: list[Step] = []
-    verified: list[x509.CertificateRevocationList] = []
-    for name, data, source, issuer_of in (
-        ("root_ca_crl", collateral.root_ca_crl, "root_ca_crl", lambda: root),
-        (
-            "pck_crl",
-            collateral.pck_crl,
-            "pck_crl",
-            lambda: verify_chain(
-                collateral.pck_crl_chain() or (),
-                root=root,
-                at=at,
-                source="pck_crl_issuer_chain.pem",
-            ),
-        ),
-    ):
-        if data is None:
-            steps.append(Step.not_checked(f"{name}_signature", f"no {source} given"))
-            steps.append(Step.not_checked(f"{name}_fresh", f"no {source} given"))
-            continue
-        step, crl = _verify_one_crl(f"{name}_signature", data, source, issuer_of)
-        steps.append(step)
-        if crl is None:
-            steps.append(Step.skipped(f"{name}_fresh", f"{name}_signature"))
-            continue
-        problem = check_freshness(source, crl.last_update_utc, crl.next_update_utc, at)
-        fresh = _fresh_step(f"{name}_fresh", problem, allow_outdated, notes)
-        steps.append(fresh)
-        if fresh.status is StepStatus.PASSED:
-            verified.append(crl)
-    return VerificationReport.of(steps), RevocationChecker(verified)

@@ -18,6 +18,7 @@ every expected field exactly once and no unknown field (fail closed)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 from cryptography import x509
@@ -290,8 +291,10 @@ class PckExtensions:
         )
 
 
+@lru_cache(maxsize=256)
 def parse_pck_extensions(cert: x509.Certificate) -> PckExtensions:
-    """The SGX extensions of a PCK certificate; `EvidenceError` if absent or malformed."""
+    """The SGX extensions of a PCK certificate; `EvidenceError` if absent or malformed.
+    Remembered for the last certificates asked about (a platform's quotes share one)."""
     try:
         ext = cert.extensions.get_extension_for_oid(SGX_EXTENSIONS_OID)
     except x509.ExtensionNotFound as exc:

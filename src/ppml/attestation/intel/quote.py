@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Final, TypedDict
+from typing import Final, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -50,6 +50,7 @@ __all__ = [
     "SgxReportBody",
     "TdReportBody",
     "TdxQuote",
+    "evidence_bytes",
     "parse_pck_chain_pem",
     "parse_quote",
     "parse_sgx_quote",
@@ -374,6 +375,17 @@ class _EcdsaQuote:
     def version(self) -> int:
         return self.header.version
 
+    @property
+    def debug(self) -> bool:
+        return self._report_body().debug
+
+    @property
+    def report_data(self) -> bytes:
+        return self._report_body().report_data
+
+    def _report_body(self) -> SgxReportBody | TdReportBody:
+        raise NotImplementedError
+
 
 def _zero_reserved_sgx(data: bytes) -> bytes:
     return SgxReportBody.from_bytes(data).to_bytes()
@@ -392,13 +404,8 @@ class SgxQuote(_EcdsaQuote):
         if len(self.signed_bytes) != HEADER_LEN + SGX_REPORT_LEN:
             raise _fail("SGX quote", "signed_bytes must be header || body")
 
-    @property
-    def debug(self) -> bool:
-        return self.body.debug
-
-    @property
-    def report_data(self) -> bytes:
-        return self.body.report_data
+    def _report_body(self) -> SgxReportBody | TdReportBody:
+        return self.body
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,13 +430,8 @@ class TdxQuote(_EcdsaQuote):
         if len(self.signed_bytes) != HEADER_LEN + descriptor + body_len:
             raise _fail("TDX quote", "signed_bytes must be header || body")
 
-    @property
-    def debug(self) -> bool:
-        return self.body.debug
-
-    @property
-    def report_data(self) -> bytes:
-        return self.body.report_data
+    def _report_body(self) -> SgxReportBody | TdReportBody:
+        return self.body
 
 
 def parse_pck_chain_pem(data: bytes) -> tuple[x509.Certificate, ...]:
@@ -532,14 +534,20 @@ def _read_header(r: _Reader) -> QuoteHeader:
     return header
 
 
-def _as_bytes(data: object) -> bytes:
+def evidence_bytes(data: object, what: str, limit: int) -> bytes:
+    """`data` (bytes, a bytearray or a memoryview) as bytes of at most `limit`; `EvidenceError`
+    naming `what` otherwise."""
     if isinstance(data, bytearray | memoryview):
         data = bytes(data)
     if not isinstance(data, bytes):
-        raise EvidenceError("quote: must be bytes")
-    if len(data) > MAX_QUOTE_LEN:
-        raise EvidenceError(f"quote: {len(data)} bytes is larger than {MAX_QUOTE_LEN}")
+        raise EvidenceError(f"{what}: must be bytes")
+    if len(data) > limit:
+        raise EvidenceError(f"{what}: {len(data)} bytes is larger than {limit}")
     return data
+
+
+def _as_bytes(data: object) -> bytes:
+    return evidence_bytes(data, "quote", MAX_QUOTE_LEN)
 
 
 def parse_sgx_quote(data: bytes) -> SgxQuote:
@@ -555,11 +563,8 @@ def parse_sgx_quote(data: bytes) -> SgxQuote:
     body_bytes = r.take(SGX_REPORT_LEN, "SGX report body")
     signed_len = r.pos
     auth = _read_signature_data(r, 3)
-    return SgxQuote(
-        header=header,
-        body=SgxReportBody.from_bytes(body_bytes),
-        **_common(data, signed_len, auth, r.rest()),
-    )
+    body = SgxReportBody.from_bytes(body_bytes)
+    return _assemble(SgxQuote, header, data, signed_len, auth, r.rest(), body=body)
 
 
 def parse_tdx_quote(data: bytes) -> TdxQuote:
@@ -587,42 +592,39 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
     body = TdReportBody.from_bytes(r.take(body_len, "TD report body"))
     signed_len = r.pos
     auth = _read_signature_data(r, header.version)
-    return TdxQuote(
-        header=header,
-        body=body,
-        body_type=body_type,
-        **_common(data, signed_len, auth, r.rest()),
+    return _assemble(
+        TdxQuote, header, data, signed_len, auth, r.rest(), body=body, body_type=body_type
     )
 
 
-class _CommonFields(TypedDict):
-    signed_bytes: bytes
-    signature: bytes
-    attestation_key: bytes
-    qe_report: SgxReportBody
-    qe_report_bytes: bytes
-    qe_report_signature: bytes
-    qe_auth_data: bytes
-    cert_data_type: int
-    pck_chain_pem: bytes
-    pck_chain: tuple[x509.Certificate, ...]
-    trailing_bytes: bytes
+_Q = TypeVar("_Q", SgxQuote, TdxQuote)
 
 
-def _common(data: bytes, signed_len: int, auth: _AuthParts, trailing: bytes) -> _CommonFields:
-    return {
-        "signed_bytes": data[:signed_len],
-        "signature": auth.signature,
-        "attestation_key": auth.attestation_key,
-        "qe_report": SgxReportBody.from_bytes(auth.qe_report_bytes),
-        "qe_report_bytes": auth.qe_report_bytes,
-        "qe_report_signature": auth.qe_report_signature,
-        "qe_auth_data": auth.qe_auth_data,
-        "cert_data_type": CERT_DATA_PCK_CHAIN,
-        "pck_chain_pem": auth.pck_chain_pem,
-        "pck_chain": parse_pck_chain_pem(auth.pck_chain_pem),
-        "trailing_bytes": trailing,
-    }
+def _assemble(
+    cls: type[_Q],
+    header: QuoteHeader,
+    data: bytes,
+    signed_len: int,
+    auth: _AuthParts,
+    trailing: bytes,
+    **body: object,
+) -> _Q:
+    """A quote of type `cls` from its header, its signature data and its body fields."""
+    return cls(
+        header=header,
+        signed_bytes=data[:signed_len],
+        signature=auth.signature,
+        attestation_key=auth.attestation_key,
+        qe_report=SgxReportBody.from_bytes(auth.qe_report_bytes),
+        qe_report_bytes=auth.qe_report_bytes,
+        qe_report_signature=auth.qe_report_signature,
+        qe_auth_data=auth.qe_auth_data,
+        cert_data_type=CERT_DATA_PCK_CHAIN,
+        pck_chain_pem=auth.pck_chain_pem,
+        pck_chain=parse_pck_chain_pem(auth.pck_chain_pem),
+        trailing_bytes=trailing,
+        **body,  # type: ignore[arg-type]
+    )
 
 
 def parse_quote(data: bytes) -> SgxQuote | TdxQuote:

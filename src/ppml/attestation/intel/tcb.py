@@ -21,28 +21,23 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import hmac
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from ppml.attestation.claims import TcbStatus, TeeType
+from ppml.attestation.collateral.models import Collateral
 from ppml.attestation.intel.collateral import (
-    Collateral,
     IsvTcbLevel,
-    RevocationChecker,
     SignedEnclaveIdentity,
-    SignedTcbInfo,
     TcbInfo,
     TcbLevel,
-    check_freshness,
     format_pcs_date,
-    verify_crls,
-    verify_signed_body,
 )
-from ppml.attestation.report import Step, StepStatus, VerificationReport
+from ppml.attestation.intel.verified import CollateralCache, VerifiedCollateral, verify_collateral
+from ppml.attestation.steps import Step, StepRunner, StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
 __all__ = [
@@ -218,74 +213,6 @@ def _masked_equal(value: bytes, mask: bytes, expected: bytes) -> bool:
 # --------------------------------------------------------------------------- evaluation
 
 
-class _Run:
-    """Collects steps; a step whose prerequisites did not pass is skipped."""
-
-    def __init__(self) -> None:
-        self.steps: list[Step] = []
-
-    def add(self, step: Step) -> Step:
-        self.steps.append(step)
-        return step
-
-    def status(self, name: str) -> StepStatus | None:
-        for s in self.steps:
-            if s.name == name:
-                return s.status
-        return None
-
-    def blocker(self, *names: str) -> str | None:
-        for name in names:
-            if self.status(name) in (StepStatus.FAILED, StepStatus.SKIPPED):
-                return name
-        return None
-
-
-_Loaded = tuple[
-    SignedTcbInfo | SignedEnclaveIdentity | None, tuple[x509.Certificate, ...] | None, str
-]
-
-
-def _signed_steps(
-    run: _Run,
-    prefix: str,
-    what: str,
-    present: bool,
-    load: Callable[[], _Loaded],
-    *,
-    root: x509.Certificate,
-    at: _dt.datetime,
-    allow_outdated: bool,
-    notes: list[str],
-    signers: list[x509.Certificate],
-) -> SignedTcbInfo | SignedEnclaveIdentity | None:
-    sig, fresh = f"{prefix}_signature", f"{prefix}_fresh"
-    if not present:
-        run.add(Step.not_checked(sig, f"no {what} given"))
-        run.add(Step.not_checked(fresh, f"no {what} given"))
-        return None
-    try:
-        signed, chain, source = load()
-        if signed is None or chain is None:
-            raise EvidenceError(f"no {what} or no issuer chain")
-        verify_signed_body(signed, chain, root=root, at=at, source=source)
-    except EvidenceError as exc:
-        run.add(Step.failed(sig, exc.message))
-        run.add(Step.skipped(fresh, sig))
-        return None
-    signers.extend(c for c in chain if c != root)
-    run.add(Step.passed(sig))
-    problem = check_freshness(what, signed.body.issue_date, signed.body.next_update, at)
-    if problem is None:
-        run.add(Step.passed(fresh))
-    elif allow_outdated:
-        notes.append(problem)
-        run.add(Step.passed(fresh, f"outdated, allowed: {problem}"))
-    else:
-        run.add(Step.failed(fresh, problem))
-    return signed
-
-
 def _tcb_info_match(info: TcbInfo, platform: PlatformTcb, tee: TeeType) -> str | None:
     if tee is TeeType.TDX and not (info.version >= 3 and info.id == "TDX"):
         return f"TCB info is for {info.id} (version {info.version}), the quote is TDX"
@@ -335,16 +262,6 @@ def _module_match(info: TcbInfo, platform: PlatformTcb) -> str | None:
     return None
 
 
-def _check(run: _Run, name: str, deps: Sequence[str], check: Callable[[], str | None]) -> bool:
-    blocker = run.blocker(*deps)
-    if blocker is not None:
-        run.add(Step.skipped(name, blocker))
-        return False
-    problem = check()
-    run.add(Step.passed(name) if problem is None else Step.failed(name, problem))
-    return problem is None
-
-
 @dataclass
 class _Levels:
     platform: TcbLevel | None = None
@@ -381,23 +298,7 @@ def _select(
     return out
 
 
-def evaluate(
-    collateral: Collateral,
-    platform: PlatformTcb,
-    qe: QeReportInfo,
-    *,
-    root: x509.Certificate,
-    at: _dt.datetime,
-    tee: Literal["sgx", "tdx"] | TeeType,
-    allow_outdated: bool = False,
-) -> tuple[VerificationReport, TcbEvaluation]:
-    """Verify `collateral` up to `root` at time `at` and evaluate the platform's TCB status.
-
-    Steps: ``root_ca_crl_signature``/``_fresh``, ``pck_crl_signature``/``_fresh``,
-    ``tcb_info_signature``/``_fresh``, ``qe_identity_signature``/``_fresh``,
-    ``issuer_revocation``, ``tcb_info_match``, ``qe_identity_match``, ``tdx_module_match``
-    (TDX), ``tcb_level``. Outdated collateral fails unless `allow_outdated`, in which case it
-    is noted in the step's detail and in `TcbEvaluation.notes`."""
+def _tee_of(tee: str, platform: object, qe: object, at: _dt.datetime) -> TeeType:
     try:
         tee_type = TeeType(tee)
     except ValueError:
@@ -412,127 +313,97 @@ def evaluate(
         )
     if at.tzinfo is None:
         raise EvidenceError("TCB evaluation: the time `at` must be timezone-aware")
+    return tee_type
 
-    notes: list[str] = []
-    run = _Run()
-    crl_report, checker = verify_crls(
-        collateral, root=root, at=at, allow_outdated=allow_outdated, notes=notes
+
+def evaluate(
+    collateral: Collateral,
+    platform: PlatformTcb,
+    qe: QeReportInfo,
+    *,
+    root: x509.Certificate,
+    at: _dt.datetime,
+    tee: Literal["sgx", "tdx"] | TeeType,
+    allow_outdated: bool = False,
+    cache: CollateralCache | None = None,
+) -> tuple[VerificationReport, TcbEvaluation]:
+    """Verify `collateral` up to `root` at time `at` and evaluate the platform's TCB status.
+
+    Steps: ``root_ca_crl_signature``/``_fresh``, ``pck_crl_signature``/``_fresh``,
+    ``tcb_info_signature``/``_fresh``, ``qe_identity_signature``/``_fresh``,
+    ``issuer_revocation``, ``tcb_info_match``, ``qe_identity_match``, ``tdx_module_match``
+    (TDX), ``tcb_level``. Outdated collateral fails unless `allow_outdated`, in which case it
+    is noted in the step's detail and in `TcbEvaluation.notes`. `cache` keeps the collateral's
+    own verification (`verify_collateral`)."""
+    tee_type = _tee_of(tee, platform, qe, at)
+    verified = verify_collateral(
+        collateral, root=root, at=at, allow_outdated=allow_outdated, cache=cache
     )
-    run.steps.extend(crl_report.steps)
-    signers: list[x509.Certificate] = []
+    run = StepRunner()
+    run.extend(verified.steps)
+    deps = _match_steps(run, verified, platform, qe, tee_type)
+    return _finish(run, verified, platform, qe, tee_type, deps)
 
-    def load_tcb() -> _Loaded:
-        return collateral.tcb_info(), collateral.tcb_info_chain(), "tcb_info.json"
 
-    def load_qe() -> _Loaded:
-        return collateral.qe_identity(), collateral.qe_identity_chain(), "qe_identity.json"
+def _match_steps(
+    run: StepRunner,
+    verified: VerifiedCollateral,
+    platform: PlatformTcb,
+    qe: QeReportInfo,
+    tee_type: TeeType,
+) -> list[str]:
+    """The ``*_match`` steps; returns the steps the TCB level depends on. A match whose
+    document did not verify is skipped (its signature step failed)."""
+    info = verified.tcb_info.body if verified.tcb_info is not None else None
+    qe_signed = verified.qe_identity
 
-    tcb_signed = _signed_steps(
-        run,
-        "tcb_info",
-        "TCB info",
-        collateral.tcb_info_json is not None,
-        load_tcb,
-        root=root,
-        at=at,
-        allow_outdated=allow_outdated,
-        notes=notes,
-        signers=signers,
-    )
-    qe_signed = _signed_steps(
-        run,
-        "qe_identity",
-        "QE identity",
-        collateral.qe_identity_json is not None,
-        load_qe,
-        root=root,
-        at=at,
-        allow_outdated=allow_outdated,
-        notes=notes,
-        signers=signers,
-    )
-    try:
-        pck_chain = collateral.pck_crl_chain() or ()
-    except EvidenceError:
-        pck_chain = ()
-    signers.extend(c for c in pck_chain if c != root)
-    run.add(_issuer_revocation(signers, checker, root))
+    def tcb_match() -> str | None:
+        assert info is not None
+        return _tcb_info_match(info, platform, tee_type)
 
-    assert tcb_signed is None or isinstance(tcb_signed, SignedTcbInfo)
-    assert qe_signed is None or isinstance(qe_signed, SignedEnclaveIdentity)
-    info = tcb_signed.body if tcb_signed is not None else None
+    def qe_match() -> str | None:
+        assert qe_signed is not None
+        return _qe_match(qe_signed, qe, tee_type)
 
-    if collateral.tcb_info_json is None:
-        run.add(Step.not_checked("tcb_info_match", "no TCB info given"))
-    elif info is not None:
-        _check(
-            run,
-            "tcb_info_match",
-            ["tcb_info_signature"],
-            lambda: _tcb_info_match(info, platform, tee_type),
-        )
-    else:
-        run.add(Step.skipped("tcb_info_match", "tcb_info_signature"))
-
-    if collateral.qe_identity_json is None:
-        run.add(Step.not_checked("qe_identity_match", "no QE identity given"))
-    elif qe_signed is not None:
-        _check(
-            run,
-            "qe_identity_match",
-            ["qe_identity_signature"],
-            lambda: _qe_match(qe_signed, qe, tee_type),
-        )
-    else:
-        run.add(Step.skipped("qe_identity_match", "qe_identity_signature"))
+    def module_match() -> str | None:
+        assert info is not None
+        return _module_match(info, platform)
 
     deps = ["tcb_info_signature", "tcb_info_fresh", "tcb_info_match"]
+    no_tcb_info = "no TCB info given"
+    matches = [
+        ("tcb_info_match", verified.has_tcb_info, no_tcb_info, tcb_match, deps[:1]),
+        (
+            "qe_identity_match",
+            verified.has_qe_identity,
+            "no QE identity given",
+            qe_match,
+            ["qe_identity_signature"],
+        ),
+    ]
     if tee_type is TeeType.TDX:
-        if info is None:
-            if collateral.tcb_info_json is None:
-                run.add(Step.not_checked("tdx_module_match", "no TCB info given"))
-            else:
-                run.add(Step.skipped("tdx_module_match", "tcb_info_signature"))
+        matches.append(("tdx_module_match", verified.has_tcb_info, no_tcb_info, module_match, deps))
+    for name, given, absent, check, needs in matches:
+        if given:
+            run.run(name, check, needs=needs)
         else:
-            _check(run, "tdx_module_match", deps, lambda: _module_match(info, platform))
-        deps.append("tdx_module_match")
-
-    return _finish(run, info, qe_signed, platform, qe, tee_type, deps, notes, collateral)
-
-
-def _issuer_revocation(
-    signers: list[x509.Certificate], checker: RevocationChecker, root: x509.Certificate
-) -> Step:
-    name = "issuer_revocation"
-    if not signers:
-        return Step.not_checked(name, "no issuer chain verified")
-    if not checker.covers(root.subject):
-        return Step.not_checked(name, "no verified root CA CRL")
-    seen: set[bytes] = set()
-    for cert in signers:
-        key = cert.fingerprint(hashes.SHA256())
-        if key in seen or not checker.covers(cert.issuer):
-            continue
-        seen.add(key)
-        if checker.is_certificate_revoked(cert):
-            return Step.failed(name, f"{cert.subject.rfc4514_string()[:80]!r} is revoked")
-    return Step.passed(name)
+            run.add(Step.not_checked(name, absent))
+    return [*deps, "tdx_module_match"] if tee_type is TeeType.TDX else deps
 
 
 def _finish(
-    run: _Run,
-    info: TcbInfo | None,
-    qe_signed: SignedEnclaveIdentity | None,
+    run: StepRunner,
+    verified: VerifiedCollateral,
     platform: PlatformTcb,
     qe: QeReportInfo,
     tee: TeeType,
     deps: list[str],
-    notes: list[str],
-    collateral: Collateral,
 ) -> tuple[VerificationReport, TcbEvaluation]:
     name = "tcb_level"
-    note_t = tuple(notes)
-    if collateral.tcb_info_json is None:
+    note_t = verified.notes
+    info = verified.tcb_info.body if verified.tcb_info is not None else None
+    qe_signed = verified.qe_identity
+    if not verified.has_tcb_info:
         run.add(Step.not_checked(name, "no TCB info given: TCB status Unknown"))
         return _done(run, TcbEvaluation(TcbOutcome.NO_COLLATERAL, _S.UNKNOWN, notes=note_t))
     qe_deps = ["qe_identity_signature", "qe_identity_fresh", "qe_identity_match"]
@@ -595,8 +466,8 @@ def _finish(
     )
 
 
-def _done(run: _Run, evaluation: TcbEvaluation) -> tuple[VerificationReport, TcbEvaluation]:
-    report = VerificationReport.of(run.steps)
+def _done(run: StepRunner, evaluation: TcbEvaluation) -> tuple[VerificationReport, TcbEvaluation]:
+    report = run.report()
     if evaluation.outcome in (TcbOutcome.EVALUATED, TcbOutcome.NO_COLLATERAL):
         bad = report.first_failure or next(
             (s for s in report.steps if s.status is StepStatus.SKIPPED), None

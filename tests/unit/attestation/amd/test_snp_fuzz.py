@@ -18,7 +18,7 @@ from ppml.attestation.amd.verify import (
     ChainCache,
     verify_report,
 )
-from ppml.attestation.report import VerificationReport
+from ppml.attestation.steps import VerificationReport
 from ppml.errors import EvidenceError
 
 FUZZ = settings(

@@ -40,7 +40,7 @@ from ppml.attestation.amd.verify import (
     amd_signing_keys,
     verify_report,
 )
-from ppml.attestation.report import StepStatus, VerificationReport
+from ppml.attestation.steps import StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
 DATA = Path(__file__).parents[3] / "data" / "snp"

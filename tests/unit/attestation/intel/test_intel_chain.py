@@ -32,7 +32,7 @@ from ppml.attestation.intel.chain import (
     verify_quote,
 )
 from ppml.attestation.intel.quote import parse_quote
-from ppml.attestation.report import StepStatus, VerificationReport
+from ppml.attestation.steps import StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
 VECTORS = (Path(__file__).parents[4] / "../shared/vectors").resolve()

@@ -26,18 +26,18 @@ from tests.support.evidence.intel_collateral import (
 )
 
 from ppml.attestation.claims import TcbStatus
+from ppml.attestation.collateral import Collateral
 from ppml.attestation.intel.collateral import (
-    Collateral,
     RevocationChecker,
     extract_signed_body,
     parse_crl,
     parse_pem_chain,
     parse_qe_identity_json,
     parse_tcb_info_json,
-    verify_crls,
 )
 from ppml.attestation.intel.tcb import PlatformTcb, QeReportInfo, TcbOutcome, evaluate
-from ppml.attestation.report import StepStatus
+from ppml.attestation.intel.verified import verify_crls
+from ppml.attestation.steps import StepStatus
 from ppml.errors import EvidenceError
 
 AT = dt.datetime(2025, 1, 15, tzinfo=dt.UTC)

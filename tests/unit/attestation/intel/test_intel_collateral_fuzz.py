@@ -21,8 +21,8 @@ from tests.support.evidence.intel_collateral import (
     tcb_level,
 )
 
+from ppml.attestation.collateral import Collateral
 from ppml.attestation.intel.collateral import (
-    Collateral,
     parse_crl,
     parse_pem_chain,
     parse_qe_identity_json,

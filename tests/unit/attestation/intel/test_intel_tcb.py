@@ -30,7 +30,7 @@ from ppml.attestation.intel.tcb import (
     converge,
     evaluate,
 )
-from ppml.attestation.report import StepStatus, VerificationReport
+from ppml.attestation.steps import StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
 AT = dt.datetime(2025, 1, 15, tzinfo=dt.UTC)
@@ -467,7 +467,7 @@ def test_tdx_qe_out_of_date_and_module_out_of_date(pki: TestPki) -> None:
 
 
 def test_no_collateral_is_unknown(pki: TestPki) -> None:
-    from ppml.attestation.intel.collateral import Collateral
+    from ppml.attestation.collateral import Collateral
 
     report, result = evaluate(Collateral(), SGX, QE, root=pki.root, at=AT, tee="sgx")
     assert result.status is TcbStatus.UNKNOWN and result.outcome is TcbOutcome.NO_COLLATERAL
@@ -493,7 +493,7 @@ def test_input_validation(make) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_tee_and_platform_must_agree(pki: TestPki) -> None:
-    from ppml.attestation.intel.collateral import Collateral
+    from ppml.attestation.collateral import Collateral
 
     with pytest.raises(EvidenceError, match="TDX needs"):
         evaluate(Collateral(), SGX, QE, root=pki.root, at=AT, tee="tdx")

@@ -26,21 +26,18 @@ AMD (``https://kdsintf.amd.com``)::
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as _dt
 import email.utils
 import hashlib
 import os
 import re
-import secrets
-import shutil
 import ssl
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, Literal, Self
+from typing import ClassVar, Final, Literal, Self, TypedDict, Unpack
 
 import httpx
 from cryptography import x509
@@ -48,7 +45,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from ppml._internal.clock import Clock, utc_now
-from ppml._internal.fs import PRIVATE_DIR_MODE, atomic_output, ensure_private_dir
+from ppml._internal.fs import atomic_output, ensure_private_dir
 from ppml.attestation.amd.report import (
     SigningKey,
     SnpReport,
@@ -57,7 +54,9 @@ from ppml.attestation.amd.report import (
     tcb_layout_for_product,
 )
 from ppml.attestation.amd.verify import PRODUCTS
-from ppml.attestation.intel.collateral import MAX_CHAIN_BYTES, Collateral, parse_pem_chain
+from ppml.attestation.collateral.directory import write_collateral_dir
+from ppml.attestation.collateral.models import Collateral
+from ppml.attestation.intel.collateral import MAX_CHAIN_BYTES, parse_pem_chain
 from ppml.attestation.intel.pck import parse_pck_extensions
 from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
 from ppml.errors import ConfigurationError, EvidenceError, UsageError
@@ -69,7 +68,8 @@ __all__ = [
     "KDS_URL",
     "AmdKdsSource",
     "IntelCollateralSource",
-    "write_collateral_dir",
+    "SourceOptions",
+    "snp_product",
 ]
 
 INTEL_PCS_URL: Final = "https://api.trustedservices.intel.com"
@@ -309,60 +309,6 @@ def _crl_der(response: _Response, what: str) -> bytes:
     return body
 
 
-# --------------------------------------------------------------------------- the directory
-
-_DIR_FILES: Final = (
-    ("tcb_info_json", "tcb_info.json"),
-    ("tcb_info_issuer_chain", "tcb_info_issuer_chain.pem"),
-    ("qe_identity_json", "qe_identity.json"),
-    ("qe_identity_issuer_chain", "qe_identity_issuer_chain.pem"),
-    ("pck_crl", "pck_crl.der"),
-    ("pck_crl_issuer_chain", "pck_crl_issuer_chain.pem"),
-    ("root_ca_crl", "root_ca_crl.der"),
-)
-
-
-def write_collateral_dir(
-    collateral: Collateral, dest: str | Path, *, replace: bool = False
-) -> Path:
-    """Write `collateral` as a collateral directory at `dest` (files 0600, directory 0700): built
-    in a temporary sibling directory and renamed into place, so `dest` is either absent, the
-    old directory or the complete new one. CRLs must be DER. An existing `dest` is replaced
-    only when `replace` is true."""
-    dest = Path(dest)
-    if dest.exists() and not replace:
-        raise ConfigurationError(f"collateral directory {str(dest)[:200]!r} exists already")
-    parent = dest.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
-    os.mkdir(tmp, PRIVATE_DIR_MODE)
-    old: Path | None = None
-    try:
-        os.chmod(tmp, PRIVATE_DIR_MODE)
-        for field_name, file_name in _DIR_FILES:
-            data = getattr(collateral, field_name)
-            if data is None:
-                continue
-            if field_name.endswith("crl") and data.lstrip().startswith(b"-----BEGIN"):
-                raise ConfigurationError(f"collateral directory: {file_name} must be DER")
-            with atomic_output(tmp / file_name) as fh:
-                fh.write(data)
-        Collateral.from_dir(tmp)  # what a reader will load, checked before it is visible
-        if dest.exists():
-            old = parent / f".{dest.name}.{secrets.token_hex(6)}.old"
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not dest.exists():
-            with contextlib.suppress(OSError):
-                os.rename(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return dest
-
-
 def _fresh_until(collateral: Collateral) -> _dt.datetime | None:
     """The earliest nextUpdate of the documents in `collateral` (None if one has none)."""
     ends: list[_dt.datetime] = []
@@ -378,37 +324,43 @@ def _fresh_until(collateral: Collateral) -> _dt.datetime | None:
     return min(ends) if ends else None
 
 
+class SourceOptions(TypedDict, total=False):
+    """How a source reaches its server and keeps what it fetched: `cache_dir` (None: nothing
+    kept), `client` (replaces the HTTP client; its TLS settings are then the caller's),
+    `verify` (True: the system's CAs, or a CA file; never False), `timeout` (seconds),
+    `max_response_bytes`, `retries` and `max_retry_after` (on HTTP 429/503), `clock`, `sleep`."""
+
+    cache_dir: str | Path | None
+    client: httpx.Client | None
+    verify: bool | str | os.PathLike[str]
+    timeout: float
+    max_response_bytes: int
+    retries: int
+    max_retry_after: float
+    clock: Clock
+    sleep: Callable[[float], None]
+
+
 class _Source:
     """What both sources share: the checked base URL, the cache directory, the HTTP client
     (verified TLS, timeouts, bounded bodies and retries) and a lock; closing."""
 
-    def __init__(
-        self,
-        base_url: str,
-        what: str,
-        *,
-        cache_dir: str | Path | None,
-        client: httpx.Client | None,
-        verify: bool | str | os.PathLike[str],
-        timeout: float,
-        max_response_bytes: int,
-        retries: int,
-        max_retry_after: float,
-        clock: Clock,
-        sleep: Callable[[float], None],
-    ) -> None:
-        self.base_url = _check_base_url(base_url, what)
+    _WHAT: ClassVar[str]
+
+    def __init__(self, base_url: str, **options: Unpack[SourceOptions]) -> None:
+        self.base_url = _check_base_url(base_url, self._WHAT)
+        cache_dir = options.get("cache_dir")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._clock = clock
+        self._clock = options.get("clock", utc_now)
         self._http = _Http(
-            client=client,
-            verify=verify,
-            timeout=timeout,
-            max_response_bytes=max_response_bytes,
-            retries=retries,
-            max_retry_after=max_retry_after,
-            sleep=sleep,
-            clock=clock,
+            client=options.get("client"),
+            verify=options.get("verify", True),
+            timeout=options.get("timeout", _DEFAULT_TIMEOUT),
+            max_response_bytes=options.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
+            retries=options.get("retries", _DEFAULT_RETRIES),
+            max_retry_after=options.get("max_retry_after", _DEFAULT_MAX_RETRY_AFTER),
+            sleep=options.get("sleep", time.sleep),
+            clock=self._clock,
         )
         self._lock = threading.Lock()
 
@@ -438,34 +390,16 @@ class IntelCollateralSource(_Source):
     turned off. `client` replaces the HTTP client (its TLS settings are then the caller's).
     """
 
+    _WHAT = "Intel collateral source"
+
     def __init__(
         self,
         base_url: str = INTEL_PCS_URL,
         *,
-        cache_dir: str | Path | None = None,
-        client: httpx.Client | None = None,
-        verify: bool | str | os.PathLike[str] = True,
         root_ca_crl_url: str | None = None,
-        timeout: float = _DEFAULT_TIMEOUT,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        retries: int = _DEFAULT_RETRIES,
-        max_retry_after: float = _DEFAULT_MAX_RETRY_AFTER,
-        clock: Clock = utc_now,
-        sleep: Callable[[float], None] = time.sleep,
+        **options: Unpack[SourceOptions],
     ) -> None:
-        super().__init__(
-            base_url,
-            "Intel collateral source",
-            cache_dir=cache_dir,
-            client=client,
-            verify=verify,
-            timeout=timeout,
-            max_response_bytes=max_response_bytes,
-            retries=retries,
-            max_retry_after=max_retry_after,
-            clock=clock,
-            sleep=sleep,
-        )
+        super().__init__(base_url, **options)
         if root_ca_crl_url is None:
             is_pcs = (
                 urllib.parse.urlsplit(self.base_url).hostname == "api.trustedservices.intel.com"
@@ -600,33 +534,10 @@ class AmdKdsSource(_Source):
     product, hwID, SPLs) and chains by (base URL, product), reused while not expired.
     """
 
-    def __init__(
-        self,
-        base_url: str = KDS_URL,
-        *,
-        cache_dir: str | Path | None = None,
-        client: httpx.Client | None = None,
-        verify: bool | str | os.PathLike[str] = True,
-        timeout: float = _DEFAULT_TIMEOUT,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        retries: int = _DEFAULT_RETRIES,
-        max_retry_after: float = _DEFAULT_MAX_RETRY_AFTER,
-        clock: Clock = utc_now,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(
-            base_url,
-            "AMD KDS source",
-            cache_dir=cache_dir,
-            client=client,
-            verify=verify,
-            timeout=timeout,
-            max_response_bytes=max_response_bytes,
-            retries=retries,
-            max_retry_after=max_retry_after,
-            clock=clock,
-            sleep=sleep,
-        )
+    _WHAT = "AMD KDS source"
+
+    def __init__(self, base_url: str = KDS_URL, **options: Unpack[SourceOptions]) -> None:
+        super().__init__(base_url, **options)
 
     @staticmethod
     def vcek_query(report: SnpReport | bytes, product: str) -> tuple[str, Mapping[str, int]]:

@@ -9,7 +9,9 @@ or collateral that does not verify, a revoked TCB, non-zero bytes after the sign
 and report data other than the expected 64 bytes. Whether a TCB status or a debug TEE is good
 enough is for the key's release policy to say (`ppml.kms.policy`).
 
-Collateral is loaded once, when the verifier is built: restart the service after updating it.
+A collateral directory is read when the verifier is built and again only when one of its files
+changes (`DirectorySource`); the collateral's verification is cached while it is current
+(`ppml.attestation.intel.verified`), so a second quote neither re-reads nor re-verifies it.
 """
 
 from __future__ import annotations
@@ -18,19 +20,18 @@ import datetime as _dt
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypedDict, Unpack
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ppml._internal.clock import Clock, utc_now
 from ppml.attestation.claims import EvidenceClaims, TcbStatus, TeeType
+from ppml.attestation.collateral.models import Collateral, SnpCollateral
+from ppml.attestation.collateral.sources import CollateralSource, DirectorySource
 from ppml.attestation.evidence import EvidenceVerification, verify_evidence
-from ppml.attestation.intel.collateral import Collateral
 from ppml.attestation.verifier import check_report_data
 from ppml.errors import AttestationFailed, ConfigurationError, EvidenceError
-
-if TYPE_CHECKING:
-    from ppml.attestation.fetch import AmdKdsSource, IntelCollateralSource
 
 __all__ = ["SgxVerifier", "SnpVerifier", "TdxVerifier", "evidence_claims", "hardware_verifiers"]
 
@@ -50,6 +51,15 @@ _MEASUREMENTS: Mapping[TeeType, tuple[str, ...]] = {
     ),
     TeeType.SNP: ("measurement", "host_data", "id_key_digest"),
 }
+
+
+class _Options(TypedDict, total=False):
+    collateral: str | Path | None
+    allow_outdated: bool
+    vcek: bytes | None
+    ask_ark: bytes | None
+    clock: Clock
+    source: CollateralSource | None
 
 
 class _HardwareVerifier:
@@ -75,7 +85,7 @@ class _HardwareVerifier:
         self._clock = clock
         self._vcek = vcek
         self._ask_ark = ask_ark
-        self._collateral: Collateral | Path | None = None
+        self._directory: DirectorySource | None = None
         self._source = source
         try:
             if root_pem is not None:
@@ -86,13 +96,17 @@ class _HardwareVerifier:
                     raise ConfigurationError(
                         f"the collateral directory {str(path)[:200]!r} does not exist"
                     )
-                if self._TEE is TeeType.SNP:
-                    self._collateral = path
-                else:
-                    loaded = Collateral.from_dir(path)
-                    self._collateral = None if loaded.empty else loaded
+                self._directory = DirectorySource(path)
+                self._collateral_from(self._directory, b"", clock())
         except (EvidenceError, ValueError) as exc:
             raise ConfigurationError(f"{self._TEE.value} verifier: {exc}") from None
+
+    def _collateral_from(
+        self, source: CollateralSource, evidence: bytes, at: _dt.datetime
+    ) -> Collateral | SnpCollateral | None:
+        if self._TEE is TeeType.SNP:
+            return source.snp(evidence, at)
+        return source.intel(evidence, at)
 
     @classmethod
     def default(
@@ -108,31 +122,12 @@ class _HardwareVerifier:
         return cls(collateral=collateral, allow_outdated=allow_outdated, source=source)
 
     @classmethod
-    def for_testing(
-        cls,
-        *,
-        root: x509.Certificate | bytes,
-        collateral: str | Path | None = None,
-        allow_outdated: bool = False,
-        vcek: bytes | None = None,
-        ask_ark: bytes | None = None,
-        clock: Clock = utc_now,
-        source: CollateralSource | None = None,
-    ) -> Self:
+    def for_testing(cls, *, root: x509.Certificate | bytes, **options: Unpack[_Options]) -> Self:
         """Trust a test root (an Intel root CA, or an AMD ARK for SEV-SNP) instead of the
-        vendor's; `clock` pins the verification time."""
-        from cryptography.hazmat.primitives.serialization import Encoding
-
+        vendor's; `clock` pins the verification time, `vcek` / `ask_ark` give an SEV-SNP
+        report's certificates."""
         pem = root.public_bytes(Encoding.PEM) if isinstance(root, x509.Certificate) else root
-        return cls(
-            root_pem=pem,
-            collateral=collateral,
-            allow_outdated=allow_outdated,
-            vcek=vcek,
-            ask_ark=ask_ark,
-            clock=clock,
-            source=source,
-        )
+        return cls(root_pem=pem, **options)
 
     @property
     def tee(self) -> TeeType:
@@ -141,15 +136,12 @@ class _HardwareVerifier:
     def check(self, evidence: bytes, *, at: _dt.datetime | None = None) -> EvidenceVerification:
         """The full verification result, without the report data check or any refusal."""
         when = at if at is not None else self._clock()
-        collateral: Any = self._collateral
-        vcek, ask_ark = self._vcek, self._ask_ark
-        snp = self._TEE is TeeType.SNP
-        if self._source is not None and collateral is None and not (snp and vcek is not None):
+        collateral = None
+        if self._directory is not None:
+            collateral = self._collateral_from(self._directory, evidence, when)
+        if collateral is None and self._source is not None and self._vcek is None:
             try:
-                if snp:
-                    vcek, ask_ark = self._source.snp(evidence, when)
-                else:
-                    collateral = self._source.intel(evidence, when)
+                collateral = self._collateral_from(self._source, evidence, when)
             except ConfigurationError as exc:  # the server unreachable: refuse, say why
                 raise EvidenceError(f"collateral unavailable: {exc}") from None
         return verify_evidence(
@@ -159,27 +151,18 @@ class _HardwareVerifier:
             collateral=collateral,
             at=when,
             allow_outdated=self._allow_outdated,
-            vcek=vcek,
-            ask_ark=ask_ark,
+            vcek=self._vcek,
+            ask_ark=self._ask_ark,
         )
 
     def verify(self, evidence: bytes, *, expected_report_data: bytes) -> EvidenceClaims:
         if not isinstance(evidence, bytes):
             raise AttestationFailed("evidence must be bytes")
         result = self.check(evidence)
-        name = self._TEE.value
-        if not result.verified:
-            bad = result.failed_step
-            where = f"{bad.name}: {bad.detail}" if bad is not None else "no step ran"
-            raise EvidenceError(f"{name} evidence did not verify: {where}")
-        if result.tcb_status is None:
-            raise EvidenceError(f"{name} evidence: TCB: {result.tcb_detail}")
-        if result.tcb_status is TcbStatus.REVOKED:
-            raise EvidenceError(f"{name} evidence: TCB status Revoked")
-        if any(result.trailing_bytes):
-            raise EvidenceError(
-                f"{name} evidence: {len(result.trailing_bytes)} unsigned bytes after the evidence"
-            )
+        refusal = result.refusal()
+        if refusal is not None:
+            raise EvidenceError(f"{self._TEE.value} evidence did not verify: {refusal}")
+        assert result.tcb_status is not None
         claims = evidence_claims(result, tcb_status=result.tcb_status)
         check_report_data(claims.report_data, expected_report_data)
         return claims
@@ -241,31 +224,6 @@ _CLASSES: Mapping[TeeType, Callable[..., _HardwareVerifier]] = {
 }
 
 
-class CollateralSource:
-    """Fetches (and caches) what a hardware verifier needs per piece of evidence: Intel
-    collateral from a PCCS or Intel PCS, SEV-SNP VCEKs (and ASK/ARK) from AMD KDS. Either may
-    be None: that kind of evidence is then verified without (Intel: TCB status Unknown;
-    SEV-SNP: refused without a VCEK)."""
-
-    def __init__(self, intel: IntelCollateralSource | None, amd: AmdKdsSource | None) -> None:
-        self._intel = intel
-        self._amd = amd
-
-    @property
-    def has_amd(self) -> bool:
-        return self._amd is not None
-
-    def intel(self, evidence: bytes, at: _dt.datetime) -> Collateral | None:
-        return None if self._intel is None else self._intel.fetch_for(evidence, at=at)
-
-    def snp(self, evidence: bytes, at: _dt.datetime) -> tuple[bytes | None, bytes | None]:
-        if self._amd is None:
-            return None, None
-        from ppml.attestation.fetch import snp_product
-
-        return self._amd.fetch_for(evidence, snp_product(evidence), at=at)
-
-
 def hardware_verifiers(
     tee_types: tuple[TeeType, ...] | frozenset[TeeType],
     *,
@@ -273,9 +231,9 @@ def hardware_verifiers(
     allow_outdated: bool = False,
     source: CollateralSource | None = None,
 ) -> dict[TeeType, _HardwareVerifier]:
-    """Default verifiers for the enabled hardware TEE types (what a workspace configures).
-    SEV-SNP needs a VCEK in `collateral` or a KDS in `source`; without either it is left out
-    (and refused)."""
+    """Default verifiers for the enabled hardware TEE types (what a workspace configures):
+    collateral from the directory `collateral` first, then from `source`. SEV-SNP needs a VCEK
+    in `collateral` or a KDS in `source`; without either it is left out (and refused)."""
     out: dict[TeeType, _HardwareVerifier] = {}
     for tee in tee_types:
         if tee not in _CLASSES:
@@ -286,7 +244,7 @@ def hardware_verifiers(
                 collateral is None
                 or not any((Path(collateral) / n).exists() for n in ("vcek.der", "vcek.pem"))
             )
-            and not (source is not None and source.has_amd)
+            and not (source is not None and getattr(source, "has_amd", True))
         ):
             continue
         out[tee] = _CLASSES[tee](
