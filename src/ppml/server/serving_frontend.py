@@ -132,10 +132,14 @@ class QueueLike(Protocol):
 
 
 class AsyncQueueLike(Protocol):
-    """The hot path of `/predict` as coroutines (`ppml.serving.queue.AsyncQueueOps`)."""
+    """The queue as the front end's routes use it, as coroutines: `ppml.serving.queue.AsyncQueueOps`
+    over an asyncio Redis client, or any `QueueLike` run in worker threads."""
 
     async def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None: ...
     async def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]: ...
+    async def result(self, request_id: str) -> Result | None: ...
+    async def take_results(self, request_ids: Sequence[str]) -> list[Result]: ...
+    async def depth(self) -> int: ...
 
 
 class ResultWaiter(Protocol):
@@ -381,14 +385,21 @@ class _InThreads:
     async def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
         return await run_in_threadpool(self._queue.take_if_complete, request_ids)
 
+    async def result(self, request_id: str) -> Result | None:
+        return await run_in_threadpool(self._queue.result, request_id)
+
+    async def take_results(self, request_ids: Sequence[str]) -> list[Result]:
+        return await run_in_threadpool(self._queue.take_results, request_ids)
+
+    async def depth(self) -> int:
+        return await run_in_threadpool(self._queue.depth)
+
 
 class _FrontEnd:
-    """What the routes do, over one asynchronous queue (`aio`) for the hot path and the
-    blocking `queue` (in worker threads) for the rest."""
+    """What the routes do, over one asynchronous queue (`aio`)."""
 
     def __init__(
         self,
-        queue: QueueLike,
         aio: AsyncQueueLike,
         models: Mapping[str, ModelInfo],
         settings: FrontendSettings,
@@ -397,7 +408,6 @@ class _FrontEnd:
         clock: MonotonicClock,
         new_id: Callable[[], str],
     ) -> None:
-        self.queue = queue
         self.aio = aio
         self.models = models
         self.settings = settings
@@ -494,7 +504,7 @@ class _FrontEnd:
     async def fetch(self, tag: ClientTag, request_id: str) -> JSONResponse:
         _request_id(request_id)
         queued = tag.queued(request_id)
-        result = await run_in_threadpool(self.queue.result, queued)
+        result = await self.aio.result(queued)
         result = _checked(result) if result is not None else None
         if result is None:
             if queued in self.accepted:
@@ -510,7 +520,7 @@ class _FrontEnd:
 
     async def results(self, tag: ClientTag) -> list[dict[str, Any]]:
         ids = [i for i in self.accepted.ids() if tag.owns(i)]
-        taken = await run_in_threadpool(self.queue.take_results, ids) if ids else []
+        taken = await self.aio.take_results(ids) if ids else []
         self.accepted.discard(r.request_id for r in taken)
         return [
             _answer(r, tag.external(r.request_id))
@@ -522,7 +532,7 @@ class _FrontEnd:
     async def depth(self) -> int | None:
         """The queue's depth, None when the queue cannot be reached."""
         try:
-            return int(await run_in_threadpool(self.queue.depth))
+            return int(await self.aio.depth())
         except Exception as exc:  # whatever the backend raises, the answer is "not ready"
             _log.warning("health check: queue unavailable: %s", type(exc).__name__)
             return None
@@ -554,7 +564,6 @@ def create_app(
     metrics = metrics or ServingMetrics()
     metrics.track_queue_depth(queue.depth)
     front = _FrontEnd(
-        queue,
         aio if aio is not None else _InThreads(queue),
         models,
         settings,

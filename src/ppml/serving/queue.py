@@ -248,6 +248,14 @@ class QueueLayout:
             return Result(request_id, None, INTEGRITY_ERROR)
         return Result(request_id, array, error)
 
+    def taken(self, ids: Sequence[str], blobs: Sequence[Any]) -> list[Result]:
+        """The results of `ids` whose blob was there (`blobs` in the order of `ids`), opened."""
+        return [
+            self.open_result(request_id, blob)
+            for request_id, blob in zip(ids, blobs, strict=True)
+            if blob is not None
+        ]
+
     def opened(self, ids: Sequence[str], blobs: Sequence[Any]) -> list[Result | None]:
         return [
             None if blob is None else self.open_result(i, blob)
@@ -513,11 +521,7 @@ class ServingQueue:
         pipe = self._client.pipeline(transaction=False)
         for request_id in ids:
             pipe.getdel(self.result_key(request_id))
-        return [
-            self.layout.open_result(request_id, blob)
-            for request_id, blob in zip(ids, pipe.execute(), strict=True)
-            if blob is not None
-        ]
+        return self.layout.taken(ids, pipe.execute())
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -586,8 +590,9 @@ class ServingQueue:
 
 
 class AsyncQueueOps:
-    """`ServingQueue.submit_many` and `take_if_complete` as coroutines, for an asyncio front
-    end: the same scripts, keys, codec and errors, over a `redis.asyncio.Redis` client."""
+    """What the front end does with a `ServingQueue` (`submit_many`, `take_if_complete`,
+    `result`, `take_results` of given ids, `depth`) as coroutines: the same scripts, keys,
+    codec and errors, over a `redis.asyncio.Redis` client."""
 
     def __init__(self, queue: ServingQueue, client: redis.asyncio.Redis) -> None:
         _require_binary(client)
@@ -614,6 +619,23 @@ class AsyncQueueOps:
             return []
         keys = [self.layout.result_key(i) for i in ids]
         return self.layout.opened(ids, await self._take_if_complete(keys=keys))
+
+    async def result(self, request_id: str) -> Result | None:
+        validate_request_id(request_id)
+        blob = await self._client.get(self.layout.result_key(request_id))
+        return None if blob is None else self.layout.open_result(request_id, blob)
+
+    async def take_results(self, request_ids: Sequence[str]) -> list[Result]:
+        ids = [validate_request_id(i) for i in dict.fromkeys(request_ids)]
+        if not ids:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for request_id in ids:
+            pipe.getdel(self.layout.result_key(request_id))
+        return self.layout.taken(ids, await pipe.execute())
+
+    async def depth(self) -> int:
+        return int(await self._client.xlen(self.layout.stream_key))
 
     def result_notifier(self, **options: Any) -> ResultNotifier:
         """A `ResultNotifier` on the queue's notification channel over this client (it starts

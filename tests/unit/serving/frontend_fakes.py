@@ -162,6 +162,18 @@ class FakeAsyncOps:
         self.calls.append("take_if_complete")
         return self.queue.take_if_complete(request_ids)
 
+    async def result(self, request_id: str) -> Result | None:
+        self.calls.append("result")
+        return self.queue.result(request_id)
+
+    async def take_results(self, request_ids: Sequence[str]) -> list[Result]:
+        self.calls.append("take_results")
+        return self.queue.take_results(request_ids)
+
+    async def depth(self) -> int:
+        self.calls.append("depth")
+        return self.queue.depth()
+
 
 async def as_client(scope: Any) -> Principal:
     """The in-process tests' authenticator (no TLS here): the client named by the x-test-client
