@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ppml._internal.clock import Clock, utc_now
+from ppml._internal.clock import Clock, MonotonicClock, utc_now
 from ppml.attestation.claims import TokenClaims
 from ppml.crypto.envelope import DATA_KEY_BYTES, DataKey, WrappedKey, validate_key_name
 from ppml.crypto.hpke import (
@@ -342,7 +342,7 @@ class _Sparse:
     """Which refusals to record: per kind, the first of each `window_s` window, and then, with
     the first of a later window, how many were left out in between."""
 
-    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, window_s: float, clock: MonotonicClock = time.monotonic) -> None:
         self._window, self._clock = window_s, clock
         self._kinds: dict[Any, tuple[float, int]] = {}
         self._lock = threading.Lock()

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from ppml._internal.clock import MonotonicClock
 from ppml.errors import UsageError
 from ppml.serving.queue import Request, Result
 
@@ -77,7 +78,7 @@ def gather(
     settings: BatchSettings,
     *,
     first_wait_ms: int,
-    clock: Callable[[], float] = time.monotonic,
+    clock: MonotonicClock = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     stop: Callable[[], bool] | None = None,
     poll_ms: float = 0.5,

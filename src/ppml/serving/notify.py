@@ -19,9 +19,10 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ppml._internal.clock import MonotonicClock
 from ppml.errors import UsageError
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class ResultNotifier:
         fallback_max_s: float = 0.2,
         recent_s: float = 10.0,
         recent_max: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
+        clock: MonotonicClock = time.monotonic,
     ) -> None:
         if not 0 < fallback_initial_s <= fallback_max_s:
             raise UsageError("fallback waits must satisfy 0 < initial <= max")

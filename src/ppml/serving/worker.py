@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+from ppml._internal.clock import MonotonicClock
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.errors import PPMLError, UsageError
 from ppml.serving.batching import BatchSettings, Predictor, gather, run_batch
@@ -124,7 +125,7 @@ class Worker:
         settings: WorkerSettings,
         *,
         model_name: str | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: MonotonicClock = time.monotonic,
         sleep: Callable[[float], object] | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
