@@ -242,13 +242,12 @@ class OpeningKeys:
 def key_provider(workspace: Path | None, passphrase_file: Path | None) -> Iterator[DataKeyProvider]:
     """The keys for a command: released by the key broker after attestation when running under
     `ppml run`, else the workspace's own KMS (which needs the passphrase)."""
-    from ppml.tee.runtime import AttestedKeyProvider, in_attested_run
+    from ppml.tee.runtime import process_key_provider
 
-    if in_attested_run():
-        with AttestedKeyProvider.from_environment() as attested:
-            yield attested
-        return
-    with open_workspace(workspace, passphrase_file).key_service() as keys:
+    def workspace_keys() -> KeyService:
+        return open_workspace(workspace, passphrase_file).key_service()
+
+    with contextlib.closing(process_key_provider(workspace_keys)) as keys:
         yield keys
 
 

@@ -204,13 +204,13 @@ def _run_sgx(
 ) -> int:
     """Gramine-SGX: write the manifest, sign it with the workspace's enclave key, and (unless
     only measuring) start `gramine-sgx`; the workload makes its own quotes in the enclave."""
-    from ppml.tee import gramine, hardware
-    from ppml.tee.runtime import KMS_URL_ENV
+    from ppml.tee import attester, gramine
+    from ppml.tee.workload_env import KMS_URL_ENV
 
     # Everything this machine lacks is reported before anything is opened or started.
-    hardware.require_gramine(hardware.GRAMINE_TOOLS[:2] if measure_only else hardware.GRAMINE_TOOLS)
+    attester.require_gramine(attester.GRAMINE_TOOLS[:2] if measure_only else attester.GRAMINE_TOOLS)
     if not measure_only:
-        hardware.require_sgx_device()
+        attester.require_sgx_device()
     m = workload.manifest(forbidden=hidden_paths(workspace, passphrase_file))
     ws = open_for_launch(workspace, passphrase_file)
     if options.debug:
