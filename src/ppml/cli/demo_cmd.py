@@ -21,7 +21,6 @@ from typing import Annotated
 
 import typer
 
-from ppml.cli._common import handle_errors
 from ppml.errors import ConfigurationError
 
 ANALYSIS = '''\
@@ -253,12 +252,11 @@ def demo(
 ) -> None:
     """Run the whole ppml story on this machine: encrypt, measure, allow, attested run (sim),
     decrypt the result, and a one-byte change refused by the KMS."""
-    with handle_errors():
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            if any(directory.iterdir()):
-                raise ConfigurationError("the demo directory must be empty", path=directory)
-            _run(_Story(directory.resolve()))
-            return
-        with tempfile.TemporaryDirectory(prefix="ppml-demo-") as tmp:
-            _run(_Story(Path(tmp)))
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if any(directory.iterdir()):
+            raise ConfigurationError("the demo directory must be empty", path=directory)
+        _run(_Story(directory.resolve()))
+        return
+    with tempfile.TemporaryDirectory(prefix="ppml-demo-") as tmp:
+        _run(_Story(Path(tmp)))

@@ -16,7 +16,6 @@ from ppml.cli._common import (
     PassphraseFileOption,
     WorkspaceOption,
     check_format,
-    handle_errors,
     open_workspace,
     print_json,
 )
@@ -99,17 +98,16 @@ def inspect(
 
     Needs no key and shows nothing secret.
     """
-    with handle_errors():
-        check_format(fmt)
-        from ppml.data import describe
+    check_format(fmt)
+    from ppml.data import describe
 
-        info = describe(file)
-        if fmt == "json":
-            print_json(info)
-        else:
-            width = max(len(k) for k in info)
-            for k, v in info.items():
-                typer.echo(f"{k.replace('_', ' '):<{width}}  {v}")
+    info = describe(file)
+    if fmt == "json":
+        print_json(info)
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            typer.echo(f"{k.replace('_', ' '):<{width}}  {v}")
 
 
 def rewrap(
@@ -125,18 +123,17 @@ def rewrap(
     Encrypted Parquet files keep their keys inside the encrypted footer: they are re-encrypted
     under fresh keys of the newest version instead.
     """
-    with handle_errors():
-        from ppml.data import rewrap_path
+    from ppml.data import rewrap_path
 
-        def open_keys() -> KeyService:
-            return open_workspace(workspace, passphrase_file).key_service()
+    def open_keys() -> KeyService:
+        return open_workspace(workspace, passphrase_file).key_service()
 
-        done = changed = 0
-        for r in rewrap_path(paths, open_keys, on_links=echo_links):
-            done += 1
-            changed += r.changed
-            typer.echo(_rewrapped_line(r))
-        typer.echo(f"rewrapped {changed} of {done} files", err=True)
+    done = changed = 0
+    for r in rewrap_path(paths, open_keys, on_links=echo_links):
+        done += 1
+        changed += r.changed
+        typer.echo(_rewrapped_line(r))
+    typer.echo(f"rewrapped {changed} of {done} files", err=True)
 
 
 def _rewrapped_line(r: Rewrapped) -> str:

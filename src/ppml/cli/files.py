@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ppml.cli._common import ByteProgress, OpeningKeys, echo_error, handle_errors
+from ppml.cli._common import ByteProgress, OpeningKeys, echo_error
 from ppml.errors import InputNotFound, UsageError
 
 __all__ = ["FileFormat", "decrypt_files", "echo_links", "encrypt_files", "parse_direct"]
@@ -55,31 +55,30 @@ def encrypt_files(
     passphrase_file: Path | None = None,
 ) -> None:
     """`ppml encrypt`: a file, or every file of a directory, under a fresh data key of `key`."""
-    with handle_errors():
-        if not input_path.exists():  # before the passphrase is asked for
-            raise InputNotFound("no such file or directory", path=input_path)
-        column_keys = _parse_column_keys(column_key or [])
-        with (
-            OpeningKeys(workspace, passphrase_file, check_keys=[key, *column_keys]) as keys,
-            ByteProgress("encrypting") as bar,
-        ):
-            # Imported while the workspace opens (see `OpeningKeys`).
-            from ppml.data import encrypt_path
+    if not input_path.exists():  # before the passphrase is asked for
+        raise InputNotFound("no such file or directory", path=input_path)
+    column_keys = _parse_column_keys(column_key or [])
+    with (
+        OpeningKeys(workspace, passphrase_file, check_keys=[key, *column_keys]) as keys,
+        ByteProgress("encrypting") as bar,
+    ):
+        # Imported while the workspace opens (see `OpeningKeys`).
+        from ppml.data import encrypt_path
 
-            done = encrypt_path(
-                input_path,
-                output,
-                keys,
-                key,
-                format=fmt.value,
-                column_keys=column_keys,
-                segment_size=segment_size,
-                overwrite=force,
-                progress=bar.start,
-                on_links=echo_links,
-            )
-        if done.directory:
-            echo_error(f"encrypted {len(done.files)} files into {output}")
+        done = encrypt_path(
+            input_path,
+            output,
+            keys,
+            key,
+            format=fmt.value,
+            column_keys=column_keys,
+            segment_size=segment_size,
+            overwrite=force,
+            progress=bar.start,
+            on_links=echo_links,
+        )
+    if done.directory:
+        echo_error(f"encrypted {len(done.files)} files into {output}")
 
 
 def decrypt_files(
@@ -90,22 +89,21 @@ def decrypt_files(
     passphrase_file: Path | None = None,
 ) -> None:
     """`ppml decrypt`: a file, or a directory of encrypted files into a directory."""
-    with handle_errors():
-        if not input_path.exists():  # before the passphrase is asked for
-            raise InputNotFound("no such file or directory", path=input_path)
-        with OpeningKeys(workspace, passphrase_file) as keys, ByteProgress("decrypting") as bar:
-            from ppml.data import decrypt_path
+    if not input_path.exists():  # before the passphrase is asked for
+        raise InputNotFound("no such file or directory", path=input_path)
+    with OpeningKeys(workspace, passphrase_file) as keys, ByteProgress("decrypting") as bar:
+        from ppml.data import decrypt_path
 
-            done = decrypt_path(
-                input_path,
-                output,
-                keys,
-                overwrite=force,
-                progress=bar.start,
-                on_links=echo_links,
-            )
-        if done.directory:
-            echo_error(f"decrypted {len(done.files)} files into {output}")
+        done = decrypt_path(
+            input_path,
+            output,
+            keys,
+            overwrite=force,
+            progress=bar.start,
+            on_links=echo_links,
+        )
+    if done.directory:
+        echo_error(f"decrypted {len(done.files)} files into {output}")
 
 
 # -- plain command lines, parsed without typer -------------------------------------------------

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ppml.cli._common import PassphraseFileOption, WorkspaceOption, handle_errors, key_provider
+from ppml.cli._common import PassphraseFileOption, WorkspaceOption, key_provider
 from ppml.errors import InputNotFound, OutputExists, UsageError
 
 if TYPE_CHECKING:
@@ -132,39 +132,38 @@ def sql(
     extensions or change settings. Prints the result (text, json lines or csv), or with -o OUT
     --key NAME writes it encrypted and prints a one-line summary on stderr.
     """
-    with handle_errors():
-        from ppml.engines.sql import SqlOptions, check_query, run_sql
+    from ppml.engines.sql import SqlOptions, check_query, run_sql
 
-        tables = parse_table_specs(table or [])
-        if output is not None:
-            _check_output(output, key, fmt, force)
-        elif key is not None:
-            raise UsageError("--key applies to an encrypted output: add -o OUT")
-        options = SqlOptions(memory_limit=memory_limit, threads=threads)
-        check_query(query)  # a bad query fails before the passphrase is asked for
-        if tee is not None or measure_only:
-            from ppml.cli._attested import Launch, Workload, launch
+    tables = parse_table_specs(table or [])
+    if output is not None:
+        _check_output(output, key, fmt, force)
+    elif key is not None:
+        raise UsageError("--key applies to an encrypted output: add -o OUT")
+    options = SqlOptions(memory_limit=memory_limit, threads=threads)
+    check_query(query)  # a bad query fails before the passphrase is asked for
+    if tee is not None or measure_only:
+        from ppml.cli._attested import Launch, Workload, launch
 
-            if tee not in (None, "sim"):
-                raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
-            inner = _inner_command(query, table or [], output, key, force, fmt, max_rows, options)
-            # -I: ppml comes from the measured environment, never from the working directory.
-            workload = Workload((sys.executable, "-I", "-m", "ppml", *inner))
-            if measure_only:
-                typer.echo(workload.manifest().measurement())
-                return
-            how = Launch("sim", data=tuple(data or ()))
-            raise typer.Exit(launch(workload, how, workspace, passphrase_file))
-        with key_provider(workspace, passphrase_file) as keys:
-            if output is not None and key is not None:
-                describe = getattr(keys, "describe", None)
-                if callable(describe):
-                    describe(key)  # an unknown key fails before any decryption
-            result = run_sql(query, tables, keys, options=options)
-            if output is not None and key is not None:
-                _write(result, output, keys, key, force)
-                return
-        _print(result, fmt or OutputFormat.TEXT, max_rows)
+        if tee not in (None, "sim"):
+            raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
+        inner = _inner_command(query, table or [], output, key, force, fmt, max_rows, options)
+        # -I: ppml comes from the measured environment, never from the working directory.
+        workload = Workload((sys.executable, "-I", "-m", "ppml", *inner))
+        if measure_only:
+            typer.echo(workload.manifest().measurement())
+            return
+        how = Launch("sim", data=tuple(data or ()))
+        raise typer.Exit(launch(workload, how, workspace, passphrase_file))
+    with key_provider(workspace, passphrase_file) as keys:
+        if output is not None and key is not None:
+            describe = getattr(keys, "describe", None)
+            if callable(describe):
+                describe(key)  # an unknown key fails before any decryption
+        result = run_sql(query, tables, keys, options=options)
+        if output is not None and key is not None:
+            _write(result, output, keys, key, force)
+            return
+    _print(result, fmt or OutputFormat.TEXT, max_rows)
 
 
 def _check_output(output: Path, key: str | None, fmt: OutputFormat | None, force: bool) -> None:
