@@ -55,30 +55,20 @@ def encrypt_files(
     passphrase_file: Path | None = None,
 ) -> None:
     """`ppml encrypt`: a file, or every file of a directory, under a fresh data key of `key`."""
-    if not input_path.exists():  # before the passphrase is asked for
-        raise InputNotFound("no such file or directory", path=input_path)
+    _require_input(input_path)
     column_keys = _parse_column_keys(column_key or [])
-    with (
-        OpeningKeys(workspace, passphrase_file, check_keys=[key, *column_keys]) as keys,
-        ByteProgress("encrypting") as bar,
-    ):
-        # Imported while the workspace opens (see `OpeningKeys`).
-        from ppml.data import encrypt_path
-
-        done = encrypt_path(
-            input_path,
-            output,
-            keys,
-            key,
-            format=fmt.value,
-            column_keys=column_keys,
-            segment_size=segment_size,
-            overwrite=force,
-            progress=bar.start,
-            on_links=echo_links,
-        )
-    if done.directory:
-        echo_error(f"encrypted {len(done.files)} files into {output}")
+    _with_keys(
+        "encrypt",
+        (input_path, output),
+        workspace,
+        passphrase_file,
+        check_keys=[key, *column_keys],
+        key_name=key,
+        format=fmt.value,
+        column_keys=column_keys,
+        segment_size=segment_size,
+        overwrite=force,
+    )
 
 
 def decrypt_files(
@@ -89,21 +79,37 @@ def decrypt_files(
     passphrase_file: Path | None = None,
 ) -> None:
     """`ppml decrypt`: a file, or a directory of encrypted files into a directory."""
-    if not input_path.exists():  # before the passphrase is asked for
-        raise InputNotFound("no such file or directory", path=input_path)
-    with OpeningKeys(workspace, passphrase_file) as keys, ByteProgress("decrypting") as bar:
-        from ppml.data import decrypt_path
+    _require_input(input_path)
+    _with_keys("decrypt", (input_path, output), workspace, passphrase_file, overwrite=force)
 
-        done = decrypt_path(
-            input_path,
-            output,
-            keys,
-            overwrite=force,
-            progress=bar.start,
-            on_links=echo_links,
-        )
+
+def _require_input(path: Path) -> None:
+    if not path.exists():  # before the passphrase is asked for
+        raise InputNotFound("no such file or directory", path=path)
+
+
+def _with_keys(
+    verb: str,
+    paths: tuple[Path, Path],
+    workspace: Path | None,
+    passphrase_file: Path | None,
+    *,
+    check_keys: Sequence[str] = (),
+    **options: Any,
+) -> None:
+    """Run `ppml.data`'s `encrypt_path` or `decrypt_path` on (input, output) with the
+    workspace's keys, which open in the background meanwhile (see `OpeningKeys`)."""
+    with (
+        OpeningKeys(workspace, passphrase_file, check_keys=check_keys) as keys,
+        ByteProgress(f"{verb}ing") as bar,
+    ):
+        # Imported while the workspace opens.
+        from ppml.data import decrypt_path, encrypt_path
+
+        run = encrypt_path if verb == "encrypt" else decrypt_path
+        done = run(*paths, keys, **options, progress=bar.start, on_links=echo_links)
     if done.directory:
-        echo_error(f"decrypted {len(done.files)} files into {output}")
+        echo_error(f"{verb}ed {len(done.files)} files into {paths[1]}")
 
 
 # -- plain command lines, parsed without typer -------------------------------------------------

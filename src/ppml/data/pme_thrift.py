@@ -140,13 +140,17 @@ class Decoder:
             self.pos += 1
             if header == 0:
                 return
-            delta = header >> 4
-            if delta:
-                field_id += delta
-            else:
-                zigzag = self.varint()
-                field_id = (zigzag >> 1) ^ -(zigzag & 1)
+            field_id = self._field_id(header, field_id)
             yield field_id, header & 0x0F
+
+    def _field_id(self, header: int, last: int) -> int:
+        """The id of the field whose header byte is `header`, the field before it being `last`:
+        a delta in the header, or (long form) the id itself as a zigzag varint after it."""
+        delta = header >> 4
+        if delta:
+            return last + delta
+        zigzag = self.varint()
+        return (zigzag >> 1) ^ -(zigzag & 1)
 
     def list_header(self, element: int) -> int:
         header = self.data[self.pos]
@@ -187,12 +191,7 @@ class Decoder:
             if header == 0:
                 return out
             kind = header & 0x0F
-            delta = header >> 4
-            if delta:
-                field_id += delta
-            else:
-                zigzag = self.varint()
-                field_id = (zigzag >> 1) ^ -(zigzag & 1)
+            field_id = self._field_id(header, field_id)
             if kind in (T_TRUE, T_FALSE):
                 out[field_id] = (kind, kind == T_TRUE)
             else:

@@ -116,13 +116,10 @@ def read_parquet(
     """
     path = Path(path)
     require_encrypted(path)
-    with KeySession(provider, path) as session:
+    with KeySession(provider, path) as session, _decrypting(path, session) as pf:
+        selected = _check_columns(pf.schema_arrow.names, columns)
         with session.guard(decrypting=True):
-            pf = pq.ParquetFile(path, decryption_properties=session.decryption_properties())
-        with pf:
-            selected = _check_columns(pf.schema_arrow.names, columns)
-            with session.guard(decrypting=True):
-                table = pf.read(columns=selected, use_threads=True)
+            table = pf.read(columns=selected, use_threads=True)
     return _without_layout(table)
 
 
@@ -180,19 +177,17 @@ def decrypt_parquet_file(
     src, dst = Path(src), Path(dst)
     _check_options(parquet_options)
     require_encrypted(src)
-    with KeySession(provider, src) as session:
-        with session.guard(decrypting=True):
-            pf = pq.ParquetFile(src, decryption_properties=session.decryption_properties())
-        with (
-            pf,
-            atomic_output(dst) as fh,
-            pq.ParquetWriter(fh, pf.schema_arrow, **parquet_options) as writer,
-        ):
-            for index in range(pf.num_row_groups):
-                # Only the read is a decryption; a failing write (disk full) is not tampering.
-                with session.guard(decrypting=True):
-                    group = pf.read_row_group(index)
-                writer.write_table(group)
+    with (
+        KeySession(provider, src) as session,
+        _decrypting(src, session) as pf,
+        atomic_output(dst) as fh,
+        pq.ParquetWriter(fh, pf.schema_arrow, **parquet_options) as writer,
+    ):
+        for index in range(pf.num_row_groups):
+            # Only the read is a decryption; a failing write (disk full) is not tampering.
+            with session.guard(decrypting=True):
+                group = pf.read_row_group(index)
+            writer.write_table(group)
 
 
 def reencrypt_parquet_file(path: Path, provider: DataKeyProvider) -> None:
@@ -205,37 +200,32 @@ def reencrypt_parquet_file(path: Path, provider: DataKeyProvider) -> None:
     """
     path = Path(path)
     require_encrypted(path)
-    with KeySession(provider, path) as session:
-        with session.guard(decrypting=True):
-            pf = pq.ParquetFile(path, decryption_properties=session.decryption_properties())
-        with pf:
-            raw = (pf.schema_arrow.metadata or {}).get(_LAYOUT_KEY)
-            if raw is None:
-                raise UsageError(
-                    "the file does not record its column keys; decrypt it and encrypt it again",
-                    path=path,
-                )
-            try:
-                layout = json.loads(raw)
-                footer_key = str(layout["footer"])
-                groups = {str(k): [str(c) for c in v] for k, v in layout["columns"].items()}
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise IntegrityError(path=path) from None
-            config = encryption_configuration(footer_key, groups)
-            with KeySession(provider, path) as writer_session:
-                with writer_session.guard(decrypting=False):
-                    properties = writer_session.encryption_properties(config)
-                with (
-                    atomic_output(path, mode=path.stat().st_mode & 0o777) as fh,
-                    pq.ParquetWriter(
-                        fh, pf.schema_arrow, encryption_properties=properties
-                    ) as writer,
-                ):
-                    for index in range(pf.num_row_groups):
-                        with session.guard(decrypting=True):
-                            group = pf.read_row_group(index)
-                        with writer_session.guard(decrypting=False):
-                            writer.write_table(group)
+    with KeySession(provider, path) as session, _decrypting(path, session) as pf:
+        raw = (pf.schema_arrow.metadata or {}).get(_LAYOUT_KEY)
+        if raw is None:
+            raise UsageError(
+                "the file does not record its column keys; decrypt it and encrypt it again",
+                path=path,
+            )
+        try:
+            layout = json.loads(raw)
+            footer_key = str(layout["footer"])
+            groups = {str(k): [str(c) for c in v] for k, v in layout["columns"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise IntegrityError(path=path) from None
+        config = encryption_configuration(footer_key, groups)
+        with KeySession(provider, path) as writer_session:
+            with writer_session.guard(decrypting=False):
+                properties = writer_session.encryption_properties(config)
+            with (
+                atomic_output(path, mode=path.stat().st_mode & 0o777) as fh,
+                pq.ParquetWriter(fh, pf.schema_arrow, encryption_properties=properties) as writer,
+            ):
+                for index in range(pf.num_row_groups):
+                    with session.guard(decrypting=True):
+                        group = pf.read_row_group(index)
+                    with writer_session.guard(decrypting=False):
+                        writer.write_table(group)
 
 
 def _key_layout(
@@ -300,3 +290,10 @@ def _open_plain(path: Path) -> Iterator[pq.ParquetFile]:
         raise UsageError("not a readable Parquet file", path=path) from None
     with pf:
         yield pf
+
+
+def _decrypting(path: Path, session: KeySession) -> pq.ParquetFile:
+    """An encrypted file opened with the session's keys, its footer authenticated (a context
+    manager that closes it)."""
+    with session.guard(decrypting=True):
+        return pq.ParquetFile(path, decryption_properties=session.decryption_properties())
