@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
+    from ppml.kms import KeyService
+
 __all__ = [
     "key_provider",
     "read_pandas",
@@ -48,12 +50,14 @@ def key_provider() -> DataKeyProvider:
 
 
 def _make_provider() -> DataKeyProvider:
-    from ppml.tee.runtime import AttestedKeyProvider, in_attested_run
+    from ppml.tee.runtime import process_key_provider
 
-    if in_attested_run():
-        attested = AttestedKeyProvider.from_environment()
-        atexit.register(attested.close)
-        return attested
+    provider = process_key_provider(_workspace_keys)
+    atexit.register(provider.close)
+    return provider
+
+
+def _workspace_keys() -> KeyService:
     from ppml.workspace import Workspace, default_workspace_dir
 
     path = default_workspace_dir()
@@ -65,9 +69,7 @@ def _make_provider() -> DataKeyProvider:
         raise ConfigurationError(
             "no keys: run under `ppml run`, or set PPML_PASSPHRASE for the workspace"
         )
-    keys = Workspace.open(path, passphrase).key_service()
-    atexit.register(keys.close)
-    return keys
+    return Workspace.open(path, passphrase).key_service()
 
 
 def read_table(

@@ -1,5 +1,9 @@
 """The `ppml` command line: the one place that turns errors into exit codes.
 
+Commands raise `ppml.errors.PPMLError`; the error boundary (`handle_errors`, around every
+command: the root group's `invoke`, and the plain file command lines that run without typer)
+prints it as one line on stderr and exits with its family's code.
+
 Exit codes: 0 success; 1 unexpected internal error; 2 usage error (bad arguments, missing or
 wrong input, output exists); 3 integrity error (tampered, truncated or mixed-up data, or a
 broken audit chain); 4 key access error (wrong passphrase, unknown key or version); 5
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ppml import __version__
-from ppml.cli._common import Terminated, install_signal_handlers
+from ppml.cli._common import Terminated, handle_errors, install_signal_handlers
 
 if TYPE_CHECKING:
     import typer
@@ -47,8 +51,17 @@ _root_app: list[typer.Typer] = []
 
 def _new_app() -> typer.Typer:
     import typer
+    from typer.core import TyperGroup
+
+    class ErrorBoundary(TyperGroup):
+        """The root group: every command (and command group) runs inside the error boundary."""
+
+        def invoke(self, ctx: Any) -> Any:  # typer's own click Context
+            with handle_errors():
+                return super().invoke(ctx)
 
     app = typer.Typer(
+        cls=ErrorBoundary,
         name="ppml",
         help="ppml: encrypted data, attested workloads, keys released only to code you trust.",
         no_args_is_help=True,
@@ -112,9 +125,10 @@ def _run_direct(argv: Sequence[str]) -> None:
         return
     command, kwargs = direct
     try:
-        command(**kwargs)
+        with handle_errors():
+            command(**kwargs)
         code = 0
-    except SystemExit as exc:  # the command's own exit code (handle_errors)
+    except SystemExit as exc:  # the error boundary's exit code
         code = exc.code if isinstance(exc.code, int) else 1
     # End without the interpreter's teardown (finalizing every module and object: some 50 ms
     # after a file command). The command is over: its output is complete and in place or

@@ -138,7 +138,7 @@ def _quote_for(ws: Workspace, tee: str) -> Callable[[str], Callable[[bytes], byt
         platform = SimPlatform(ws.sim_platform_key())
         return lambda m: lambda rd: platform.quote(m, rd)
     if tee in ("tdx", "snp"):
-        from ppml.tee.hardware import require_tsm_guest
+        from ppml.tee.attester import require_tsm_guest
 
         client = require_tsm_guest(tee)
         return lambda _m: lambda rd: client.report(rd).outblob
@@ -166,7 +166,7 @@ def launch_prepared(
     from ppml.tee import launcher
 
     if how.tee in ("tdx", "snp"):
-        from ppml.tee.hardware import require_tsm_guest
+        from ppml.tee.attester import require_tsm_guest
 
         require_tsm_guest(how.tee)  # before anything is opened or started
     ws = open_for_launch(workspace, passphrase_file)

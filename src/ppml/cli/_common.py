@@ -242,13 +242,12 @@ class OpeningKeys:
 def key_provider(workspace: Path | None, passphrase_file: Path | None) -> Iterator[DataKeyProvider]:
     """The keys for a command: released by the key broker after attestation when running under
     `ppml run`, else the workspace's own KMS (which needs the passphrase)."""
-    from ppml.tee.runtime import AttestedKeyProvider, in_attested_run
+    from ppml.tee.runtime import process_key_provider
 
-    if in_attested_run():
-        with AttestedKeyProvider.from_environment() as attested:
-            yield attested
-        return
-    with open_workspace(workspace, passphrase_file).key_service() as keys:
+    def workspace_keys() -> KeyService:
+        return open_workspace(workspace, passphrase_file).key_service()
+
+    with contextlib.closing(process_key_provider(workspace_keys)) as keys:
         yield keys
 
 
@@ -291,37 +290,42 @@ def handle_errors() -> Iterator[None]:
 
 
 class ByteProgress:
-    """A progress bar on stderr for long work; silent unless stderr is a terminal and the work
-    is large."""
+    """A progress bar on stderr for long work, started once the total is known (`start`, which
+    the data layer's verbs call); silent unless stderr is a terminal and the work is large."""
 
     THRESHOLD = 256 << 20
 
-    def __init__(self, total: int, description: str) -> None:
+    def __init__(self, description: str) -> None:
+        self._description = description
         self._bar: Any = None
-        if total >= self.THRESHOLD and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
 
-            self._bar = Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self._task = self._bar.add_task(description, total=total)
+    def start(self, total: int) -> Callable[[int], None] | None:
+        """Show the bar for `total` bytes when it is worth it; the callback for bytes done."""
+        if total < self.THRESHOLD or not sys.stderr.isatty():
+            return None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task = self._bar.add_task(self._description, total=total)
+        self._bar.start()
+        return self.advance
 
     def __enter__(self) -> ByteProgress:
-        if self._bar is not None:
-            self._bar.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -331,7 +335,3 @@ class ByteProgress:
     def advance(self, n: int) -> None:
         if self._bar is not None:
             self._bar.advance(self._task, n)
-
-    @property
-    def callback(self) -> Callable[[int], None] | None:
-        return self.advance if self._bar is not None else None

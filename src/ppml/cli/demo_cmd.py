@@ -21,7 +21,6 @@ from typing import Annotated
 
 import typer
 
-from ppml.cli._common import handle_errors
 from ppml.errors import ConfigurationError
 
 ANALYSIS = '''\
@@ -152,6 +151,12 @@ def _make_data(directory: Path, customers: int = 1000, transactions: int = 20000
 
 
 def _run(story: _Story) -> None:
+    _encrypt_the_data(story)
+    _approve_the_script(story)
+    _run_and_change_a_byte(story)
+
+
+def _encrypt_the_data(story: _Story) -> None:
     w = story.workdir
     story.console.print(
         "[bold]ppml demo[/]: a data owner, an analyst's script, and keys that go only to the "
@@ -192,6 +197,9 @@ def _run(story: _Story) -> None:
     story.console.print("the plaintext is gone; data/ holds only encrypted files:")
     story.ppml("inspect", "data/transactions.csv")
 
+
+def _approve_the_script(story: _Story) -> None:
+    w = story.workdir
     story.step(
         "The analyst's script",
         "Ordinary Python and SQL (DuckDB) over ppml.read_table; it "
@@ -212,6 +220,10 @@ def _run(story: _Story) -> None:
         story.ppml("policy", "allow", key, "--tee", "sim", "--measurement", measurement)
     story.console.print("(no rule for `pii`: that key is never released to this script)")
 
+
+def _run_and_change_a_byte(story: _Story) -> None:
+    w = story.workdir
+    py = sys.executable
     story.step(
         "The attested run",
         "ppml run measures the script, starts it with an evidence "
@@ -253,12 +265,11 @@ def demo(
 ) -> None:
     """Run the whole ppml story on this machine: encrypt, measure, allow, attested run (sim),
     decrypt the result, and a one-byte change refused by the KMS."""
-    with handle_errors():
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            if any(directory.iterdir()):
-                raise ConfigurationError("the demo directory must be empty", path=directory)
-            _run(_Story(directory.resolve()))
-            return
-        with tempfile.TemporaryDirectory(prefix="ppml-demo-") as tmp:
-            _run(_Story(Path(tmp)))
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if any(directory.iterdir()):
+            raise ConfigurationError("the demo directory must be empty", path=directory)
+        _run(_Story(directory.resolve()))
+        return
+    with tempfile.TemporaryDirectory(prefix="ppml-demo-") as tmp:
+        _run(_Story(Path(tmp)))

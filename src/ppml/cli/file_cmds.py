@@ -7,7 +7,7 @@ The commands are declared here for typer; the work of `encrypt` and `decrypt` is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,18 +16,14 @@ from ppml.cli._common import (
     PassphraseFileOption,
     WorkspaceOption,
     check_format,
-    handle_errors,
     open_workspace,
     print_json,
 )
-from ppml.cli.files import (
-    FileFormat,
-    data_files,
-    decrypt_files,
-    encrypt_files,
-    existing_input,
-)
-from ppml.errors import NotEncrypted, UsageError
+from ppml.cli.files import FileFormat, decrypt_files, echo_links, encrypt_files
+
+if TYPE_CHECKING:
+    from ppml.data import Rewrapped
+    from ppml.kms import KeyService
 
 
 def register(app: typer.Typer) -> None:
@@ -94,48 +90,6 @@ def decrypt(
     decrypt_files(input_path, output, force, workspace, passphrase_file)
 
 
-def _describe(path: Path) -> dict[str, Any]:
-    from ppml.crypto.stream import TAG_SIZE
-    from ppml.data import detect_file_kind, read_stream_header
-
-    size = path.stat().st_size
-    kind = detect_file_kind(path)
-    if kind == "stream":
-        header, header_len = read_stream_header(path)
-        seg_ct = header.segment_size + TAG_SIZE
-        body = size - header_len
-        segments = max(1, -(-body // seg_ct))
-        return {
-            "file": str(path),
-            "format": "ppml stream v1",
-            "algorithm": "AES-256-GCM segments, HKDF-SHA256 per-file key",
-            "content_type": header.content_type.name.lower(),
-            "key_name": header.key_name,
-            "key_version": header.wrapped.version,
-            "segment_size": header.segment_size,
-            "segments": segments,
-            "header_bytes": header_len,
-            "file_bytes": size,
-            "plaintext_bytes": body - segments * TAG_SIZE,
-        }
-    if kind == "parquet":
-        from ppml.data.parquet import is_encrypted_parquet, parquet_footer_key
-
-        if not is_encrypted_parquet(path):
-            raise NotEncrypted("a plaintext Parquet file (not encrypted)", path=path)
-        footer = parquet_footer_key(path)
-        return {
-            "file": str(path),
-            "format": "Parquet, Parquet Modular Encryption (encrypted footer)",
-            "algorithm": "AES_GCM_V1",
-            "key_name": footer.key_name,
-            "key_version": footer.version,
-            "file_bytes": size,
-            "note": "column keys are listed inside the encrypted footer",
-        }
-    raise NotEncrypted("not a ppml encrypted file", path=path)
-
-
 def inspect(
     file: Annotated[Path, typer.Argument(help="An encrypted file.")],
     fmt: FormatOption = "text",
@@ -144,18 +98,16 @@ def inspect(
 
     Needs no key and shows nothing secret.
     """
-    with handle_errors():
-        check_format(fmt)
-        path = existing_input(file)
-        if path.is_dir():
-            raise UsageError("is a directory, expected a file", path=path)
-        info = _describe(path)
-        if fmt == "json":
-            print_json(info)
-        else:
-            width = max(len(k) for k in info)
-            for k, v in info.items():
-                typer.echo(f"{k.replace('_', ' '):<{width}}  {v}")
+    check_format(fmt)
+    from ppml.data import describe
+
+    info = describe(file)
+    if fmt == "json":
+        print_json(info)
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            typer.echo(f"{k.replace('_', ' '):<{width}}  {v}")
 
 
 def rewrap(
@@ -171,45 +123,23 @@ def rewrap(
     Encrypted Parquet files keep their keys inside the encrypted footer: they are re-encrypted
     under fresh keys of the newest version instead.
     """
-    with handle_errors():
-        from ppml.data import detect_file_kind, rewrap_file
+    from ppml.data import rewrap_path
 
-        files: list[tuple[Path, bool]] = []  # (path, named explicitly)
-        for p in paths:
-            src = existing_input(p)
-            files.extend([(f, False) for f in data_files(src)] if src.is_dir() else [(src, True)])
-        for f, explicit in files:
-            if explicit and detect_file_kind(f) == "plain":
-                raise NotEncrypted("not a ppml encrypted file", path=f)
-        ws = open_workspace(workspace, passphrase_file)
-        changed = 0
-        with ws.key_service() as keys:
-            for f, _ in files:
-                kind = detect_file_kind(f)
-                if kind == "stream":
-                    old, new = rewrap_file(f, keys.rewrap)
-                    if old.version != new.version:
-                        changed += 1
-                        typer.echo(f"{f}: {old.key_name} v{old.version} -> v{new.version}")
-                    else:
-                        typer.echo(f"{f}: {old.key_name} v{old.version} (already newest)")
-                elif kind == "parquet":
-                    changed += _reencrypt_parquet(f, keys)
-                else:
-                    typer.echo(f"{f}: skipped (not encrypted)")
-        typer.echo(f"rewrapped {changed} of {len(files)} files", err=True)
+    def open_keys() -> KeyService:
+        return open_workspace(workspace, passphrase_file).key_service()
+
+    done = changed = 0
+    for r in rewrap_path(paths, open_keys, on_links=echo_links):
+        done += 1
+        changed += r.changed
+        typer.echo(_rewrapped_line(r))
+    typer.echo(f"rewrapped {changed} of {done} files", err=True)
 
 
-def _reencrypt_parquet(path: Path, keys: Any) -> int:
-    from ppml.data.files import annotate_errors
-    from ppml.data.parquet import parquet_footer_key, reencrypt_parquet_file
-
-    footer = parquet_footer_key(path)
-    current = keys.describe(footer.key_name).current_version
-    if footer.version == current:
-        typer.echo(f"{path}: {footer.key_name} v{footer.version} (already newest)")
-        return 0
-    with annotate_errors(path):
-        reencrypt_parquet_file(path, keys)
-    typer.echo(f"{path}: {footer.key_name} v{footer.version} -> v{current} (re-encrypted)")
-    return 1
+def _rewrapped_line(r: Rewrapped) -> str:
+    if r.kind == "plain":
+        return f"{r.path}: skipped (not encrypted)"
+    if not r.changed:
+        return f"{r.path}: {r.key_name} v{r.old_version} (already newest)"
+    how = " (re-encrypted)" if r.reencrypted else ""
+    return f"{r.path}: {r.key_name} v{r.old_version} -> v{r.new_version}{how}"

@@ -5,28 +5,19 @@ the commands, so that a plain command line runs without importing it (see `parse
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ppml.cli._common import ByteProgress, OpeningKeys, echo_error, handle_errors
+from ppml.cli._common import ByteProgress, OpeningKeys, echo_error
 from ppml.errors import InputNotFound, UsageError
 
-if TYPE_CHECKING:
-    from ppml.crypto.envelope import DataKeyProvider
-
-__all__ = [
-    "FileFormat",
-    "data_files",
-    "decrypt_files",
-    "encrypt_files",
-    "existing_input",
-    "parse_direct",
-]
+__all__ = ["FileFormat", "decrypt_files", "echo_links", "encrypt_files", "parse_direct"]
 
 
 class FileFormat(enum.StrEnum):
+    """The choices of `ppml encrypt --format` (`ppml.data.PATH_FORMATS`)."""
+
     AUTO = "auto"
     BYTES = "bytes"
     CSV = "csv"
@@ -35,67 +26,10 @@ class FileFormat(enum.StrEnum):
     PARQUET = "parquet"
 
 
-def existing_input(path: Path) -> Path:
-    """`path`, when it exists (`InputNotFound` otherwise)."""
-    if not path.exists():
-        raise InputNotFound("no such file or directory", path=path)
-    return path
-
-
-def data_files(root: Path) -> list[Path]:
-    """Regular files under `root`, hidden ones (name starting with '.') left out. Symbolic
-    links are not followed (a link could lead out of the tree): they are named on stderr and
-    left out."""
-    files: list[Path] = []
-    links: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        for d in list(dirnames):
-            if d.startswith(".") or (here / d).is_symlink():
-                if not d.startswith("."):
-                    links.append(here / d)
-                dirnames.remove(d)
-        for f in filenames:
-            path = here / f
-            if f.startswith("."):
-                continue
-            if path.is_symlink():
-                links.append(path)
-            elif path.is_file():
-                files.append(path)
-    if links:
-        shown = ", ".join(str(p) for p in sorted(links)[:3]) + (", ..." if len(links) > 3 else "")
-        echo_error(f"ppml: left out {len(links)} symbolic link(s), not followed: {shown}")
-    return sorted(files)
-
-
-def _each_file(
-    src: Path,
-    output: Path,
-    force: bool,
-    verb: str,
-    one: Callable[[Path, Path, bool, ByteProgress], None],
-) -> None:
-    """Apply `one` to a file, or to every file of a directory into an output directory that
-    appears only when all of them succeeded."""
-    from ppml._internal.fs import sweep_stale
-    from ppml.data import output_directory
-    from ppml.data.files import check_output_name
-
-    check_output_name(output)
-    if not src.is_dir():
-        sweep_stale(output.parent if str(output.parent) else Path("."))
-        with ByteProgress(src.stat().st_size, f"{verb}ing") as bar:
-            one(src, output, force, bar)
-        return
-    files = data_files(src)
-    total = sum(p.stat().st_size for p in files)
-    with output_directory(output, overwrite=force) as tmp, ByteProgress(total, f"{verb}ing") as bar:
-        for f in files:
-            dst = tmp / f.relative_to(src)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            one(f, dst, True, bar)
-    echo_error(f"{verb}ed {len(files)} files into {output}")
+def echo_links(links: Sequence[Path]) -> None:
+    """Name the symbolic links a directory command left out (never followed)."""
+    shown = ", ".join(str(p) for p in links[:3]) + (", ..." if len(links) > 3 else "")
+    echo_error(f"ppml: left out {len(links)} symbolic link(s), not followed: {shown}")
 
 
 def _parse_column_keys(specs: Iterable[str]) -> dict[str, list[str]]:
@@ -107,55 +41,6 @@ def _parse_column_keys(specs: Iterable[str]) -> dict[str, list[str]]:
             raise UsageError(f"--column-key expects NAME:col1,col2 (got {spec!r})")
         result.setdefault(name, []).extend(columns)
     return result
-
-
-def _is_parquet(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"PAR1"
-
-
-def _encrypt_one(
-    src: Path,
-    dst: Path,
-    keys: DataKeyProvider,
-    key: str,
-    fmt: FileFormat,
-    column_keys: dict[str, list[str]],
-    segment_size: int,
-    force: bool,
-    progress: ByteProgress,
-) -> None:
-    from ppml.crypto.stream import ContentType
-    from ppml.data import encrypt_file
-
-    parquet = fmt is FileFormat.PARQUET or (
-        fmt is FileFormat.AUTO and src.is_file() and _is_parquet(src)
-    )
-    if parquet:
-        from ppml.data.files import annotate_errors
-        from ppml.data.parquet import encrypt_parquet_file
-
-        if dst.exists() and not force:
-            from ppml.errors import OutputExists
-
-            raise OutputExists("output exists (use --force to replace it)", path=dst)
-        with annotate_errors(src):
-            encrypt_parquet_file(src, dst, keys, key_name=key, column_keys=column_keys or None)
-        progress.advance(src.stat().st_size)
-        return
-    if column_keys:
-        raise UsageError("--column-key applies to Parquet only", path=src)
-    ctype = None if fmt is FileFormat.AUTO else ContentType.parse(fmt.value)
-    encrypt_file(
-        src,
-        dst,
-        keys,
-        key,
-        content_type=ctype,
-        segment_size=segment_size,
-        overwrite=force,
-        progress=progress.callback,
-    )
 
 
 def encrypt_files(
@@ -170,37 +55,20 @@ def encrypt_files(
     passphrase_file: Path | None = None,
 ) -> None:
     """`ppml encrypt`: a file, or every file of a directory, under a fresh data key of `key`."""
-    with handle_errors():
-        src = existing_input(input_path)
-        column_keys = _parse_column_keys(column_key or [])
-        with OpeningKeys(workspace, passphrase_file, check_keys=[key, *column_keys]) as keys:
-
-            def one(src: Path, dst: Path, replace: bool, bar: ByteProgress) -> None:
-                _encrypt_one(src, dst, keys, key, fmt, column_keys, segment_size, replace, bar)
-
-            _each_file(src, output, force, "encrypt", one)
-
-
-def _decrypt_one(
-    src: Path, dst: Path, keys: DataKeyProvider, force: bool, progress: ByteProgress
-) -> None:
-    from ppml.data import decrypt_file, detect_file_kind
-
-    # A pipe can be read once only: it can only be the streaming format.
-    kind = detect_file_kind(src) if src.is_file() else "stream"
-    if kind == "parquet":
-        from ppml.data.files import annotate_errors
-        from ppml.data.parquet import decrypt_parquet_file
-
-        if dst.exists() and not force:
-            from ppml.errors import OutputExists
-
-            raise OutputExists("output exists (use --force to replace it)", path=dst)
-        with annotate_errors(src):
-            decrypt_parquet_file(src, dst, keys)
-        progress.advance(src.stat().st_size)
-        return
-    decrypt_file(src, dst, keys, overwrite=force, progress=progress.callback)
+    _require_input(input_path)
+    column_keys = _parse_column_keys(column_key or [])
+    _with_keys(
+        "encrypt",
+        (input_path, output),
+        workspace,
+        passphrase_file,
+        check_keys=[key, *column_keys],
+        key_name=key,
+        format=fmt.value,
+        column_keys=column_keys,
+        segment_size=segment_size,
+        overwrite=force,
+    )
 
 
 def decrypt_files(
@@ -211,14 +79,37 @@ def decrypt_files(
     passphrase_file: Path | None = None,
 ) -> None:
     """`ppml decrypt`: a file, or a directory of encrypted files into a directory."""
-    with handle_errors():
-        src = existing_input(input_path)
-        with OpeningKeys(workspace, passphrase_file) as keys:
+    _require_input(input_path)
+    _with_keys("decrypt", (input_path, output), workspace, passphrase_file, overwrite=force)
 
-            def one(src: Path, dst: Path, replace: bool, bar: ByteProgress) -> None:
-                _decrypt_one(src, dst, keys, replace, bar)
 
-            _each_file(src, output, force, "decrypt", one)
+def _require_input(path: Path) -> None:
+    if not path.exists():  # before the passphrase is asked for
+        raise InputNotFound("no such file or directory", path=path)
+
+
+def _with_keys(
+    verb: str,
+    paths: tuple[Path, Path],
+    workspace: Path | None,
+    passphrase_file: Path | None,
+    *,
+    check_keys: Sequence[str] = (),
+    **options: Any,
+) -> None:
+    """Run `ppml.data`'s `encrypt_path` or `decrypt_path` on (input, output) with the
+    workspace's keys, which open in the background meanwhile (see `OpeningKeys`)."""
+    with (
+        OpeningKeys(workspace, passphrase_file, check_keys=check_keys) as keys,
+        ByteProgress(f"{verb}ing") as bar,
+    ):
+        # Imported while the workspace opens.
+        from ppml.data import decrypt_path, encrypt_path
+
+        run = encrypt_path if verb == "encrypt" else decrypt_path
+        done = run(*paths, keys, **options, progress=bar.start, on_links=echo_links)
+    if done.directory:
+        echo_error(f"{verb}ed {len(done.files)} files into {paths[1]}")
 
 
 # -- plain command lines, parsed without typer -------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ppml.cli._common import PassphraseFileOption, handle_errors, read_passphrase, workspace_dir
+from ppml.cli._common import PassphraseFileOption, read_passphrase, workspace_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -46,20 +46,19 @@ def init(
 
     Non-interactive when $PPML_PASSPHRASE or --passphrase-file is given; otherwise it prompts.
     """
-    with handle_errors():
-        from ppml.workspace import Workspace
+    from ppml.workspace import Workspace
 
-        path = workspace_dir(directory)
-        passphrase = read_passphrase(passphrase_file, confirm=True)
-        ws = Workspace.create(
-            path,
-            passphrase,
-            dev=dev,
-            hosts=host or [],
-            force=force,
-            progress=lambda line: typer.echo(f"  {line}", err=True),
-        )
-        ws.key_service().close()
-        ws.token_signing_key()  # the attestation service's token key
-        ws.sim_platform_key()  # the simulated TEE's platform key
-        typer.echo(f"created workspace {ws.path} (profile: {ws.config.profile})")
+    path = workspace_dir(directory)
+    passphrase = read_passphrase(passphrase_file, confirm=True)
+    ws = Workspace.create(
+        path,
+        passphrase,
+        dev=dev,
+        hosts=host or [],
+        force=force,
+        progress=lambda line: typer.echo(f"  {line}", err=True),
+    )
+    ws.key_service().close()
+    ws.token_signing_key()  # the attestation service's token key
+    ws.sim_platform_key()  # the simulated TEE's platform key
+    typer.echo(f"created workspace {ws.path} (profile: {ws.config.profile})")

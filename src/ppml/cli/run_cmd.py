@@ -20,7 +20,7 @@ from ppml.cli._attested import (
     open_for_launch,
     require_dev,
 )
-from ppml.cli._common import PassphraseFileOption, WorkspaceOption, handle_errors, open_workspace
+from ppml.cli._common import PassphraseFileOption, WorkspaceOption, open_workspace
 from ppml.errors import UsageError
 from ppml.tee.command import DEFAULT_ENV
 from ppml.tee.gramine import DEFAULT_ENCLAVE_SIZE, DEFAULT_MAX_THREADS
@@ -88,11 +88,10 @@ def measure(
     --trusted file, the environment variables with their values, the Python environment
     (the interpreter and every file it can import) and the launch protocol.
     """
-    with handle_errors():
-        m = _workload(command, trusted, env).manifest()
-        typer.echo(m.measurement())
-        if manifest:
-            typer.echo(json.dumps(m.describe(), indent=2))
+    m = _workload(command, trusted, env).manifest()
+    typer.echo(m.measurement())
+    if manifest:
+        typer.echo(json.dumps(m.describe(), indent=2))
 
 
 TEE_BACKENDS = ("sim", "sgx", "tdx", "snp")
@@ -162,28 +161,27 @@ def run(
     The workload cannot see the workspace, the passphrase file or this process; it writes only
     to its --data directories; the files measured are the files that run.
     """
-    with handle_errors():
-        _check_tee(tee)
-        if kms is not None and not kms.startswith("https://"):
-            raise UsageError("--kms takes an https:// URL (ppml never speaks plain HTTP)")
-        workload = _workload(command, trusted, env)
-        if tee == "sgx":
-            from ppml.tee.gramine import EnclaveOptions
+    _check_tee(tee)
+    if kms is not None and not kms.startswith("https://"):
+        raise UsageError("--kms takes an https:// URL (ppml never speaks plain HTTP)")
+    workload = _workload(command, trusted, env)
+    if tee == "sgx":
+        from ppml.tee.gramine import EnclaveOptions
 
-            options = EnclaveOptions(enclave_size, max_threads, edmm, debug_enclave)
-            raise typer.Exit(
-                _run_sgx(workload, options, data, workspace, passphrase_file, kms, measure_only)
+        options = EnclaveOptions(enclave_size, max_threads, edmm, debug_enclave)
+        raise typer.Exit(
+            _run_sgx(workload, options, data, workspace, passphrase_file, kms, measure_only)
+        )
+    if measure_only:
+        if tee != "sim":
+            raise UsageError(
+                f"--measure with --tee {tee}: the measurement is the VM's (MRTD for tdx, "
+                "MEASUREMENT for snp), which its image tooling computes, not ppml"
             )
-        if measure_only:
-            if tee != "sim":
-                raise UsageError(
-                    f"--measure with --tee {tee}: the measurement is the VM's (MRTD for tdx, "
-                    "MEASUREMENT for snp), which its image tooling computes, not ppml"
-                )
-            typer.echo(workload.manifest().measurement())
-            return
-        how = Launch(tee, data=tuple(data or ()), kms_url=kms)
-        raise typer.Exit(launch(workload, how, workspace, passphrase_file))
+        typer.echo(workload.manifest().measurement())
+        return
+    how = Launch(tee, data=tuple(data or ()), kms_url=kms)
+    raise typer.Exit(launch(workload, how, workspace, passphrase_file))
 
 
 def _check_tee(tee: str) -> None:
@@ -204,13 +202,13 @@ def _run_sgx(
 ) -> int:
     """Gramine-SGX: write the manifest, sign it with the workspace's enclave key, and (unless
     only measuring) start `gramine-sgx`; the workload makes its own quotes in the enclave."""
-    from ppml.tee import gramine, hardware
-    from ppml.tee.runtime import KMS_URL_ENV
+    from ppml.tee import attester, gramine
+    from ppml.tee.workload_env import KMS_URL_ENV
 
     # Everything this machine lacks is reported before anything is opened or started.
-    hardware.require_gramine(hardware.GRAMINE_TOOLS[:2] if measure_only else hardware.GRAMINE_TOOLS)
+    attester.require_gramine(attester.GRAMINE_TOOLS[:2] if measure_only else attester.GRAMINE_TOOLS)
     if not measure_only:
-        hardware.require_sgx_device()
+        attester.require_sgx_device()
     m = workload.manifest(forbidden=hidden_paths(workspace, passphrase_file))
     ws = open_for_launch(workspace, passphrase_file)
     if options.debug:
@@ -246,16 +244,15 @@ def serve(
     certificate (mutual TLS); workloads with attestation tokens. The OpenAPI document is at
     /openapi.json (no interactive docs: they would load third-party script). Challenges,
     attestations, releases and refused calls are rate limited per client (429, Retry-After)."""
-    with handle_errors():
-        from ppml.server.app import create_app
-        from ppml.server.embedded import services_for, tls_files_for
-        from ppml.server.tls import serve_forever
+    from ppml.server.app import create_app
+    from ppml.server.embedded import services_for, tls_files_for
+    from ppml.server.tls import serve_forever
 
-        ws = open_workspace(workspace, passphrase_file)
-        services = services_for(ws, actor="server")
-        typer.echo(f"ppml serve: https://{host}:{port} (workspace {ws.path})", err=True)
-        try:
-            serve_forever(create_app(services), tls_files_for(ws), host=host, port=port)
-        finally:
-            services.close()
-        sys.stdout.flush()
+    ws = open_workspace(workspace, passphrase_file)
+    services = services_for(ws, actor="server")
+    typer.echo(f"ppml serve: https://{host}:{port} (workspace {ws.path})", err=True)
+    try:
+        serve_forever(create_app(services), tls_files_for(ws), host=host, port=port)
+    finally:
+        services.close()
+    sys.stdout.flush()

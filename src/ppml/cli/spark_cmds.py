@@ -16,7 +16,6 @@ from ppml.cli._attested import Launch, Workload, launch_prepared, progress, shar
 from ppml.cli._common import (
     PassphraseFileOption,
     WorkspaceOption,
-    handle_errors,
     open_workspace,
     print_json,
 )
@@ -107,30 +106,29 @@ def spark_submit(
     only if a key's policy names its measurement (`ppml spark-submit --measure APP`).
     Exits with the application's code.
     """
-    with handle_errors():
-        from ppml.engines.spark.launcher import parse_submit_args
+    from ppml.engines.spark.launcher import parse_submit_args
 
-        req = parse_submit_args(args, master=master, py_files=py_files or [])
-        if tee is not None and tee != "sim":
-            raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
-        if measure_only:
-            from ppml.engines.spark.java import find_java
+    req = parse_submit_args(args, master=master, py_files=py_files or [])
+    if tee is not None and tee != "sim":
+        raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
+    if measure_only:
+        from ppml.engines.spark.java import find_java
 
-            with tempfile.TemporaryDirectory(prefix="ppml-measure-") as tmp:
-                workload = _driver_workload(req, find_java(Path(tmp)))
-                manifest = workload.manifest()
-            typer.echo(manifest.measurement())
-            spark = dict(workload.extra)["spark"]
-            typer.echo(
-                f"ppml: covers Spark {spark['version']} ({spark['home']}) and Java "
-                f"{spark['java']['version']} ({spark['java']['home']}, digest "
-                f"{spark['java']['digest'][:16]}...)",
-                err=True,
-            )
-            return
-        if tee is not None:
-            raise typer.Exit(_submit_attested(req, ui, data or [], workspace, passphrase_file))
-        raise typer.Exit(_submit(req, ui, workspace, passphrase_file))
+        with tempfile.TemporaryDirectory(prefix="ppml-measure-") as tmp:
+            workload = _driver_workload(req, find_java(Path(tmp)))
+            manifest = workload.manifest()
+        typer.echo(manifest.measurement())
+        spark = dict(workload.extra)["spark"]
+        typer.echo(
+            f"ppml: covers Spark {spark['version']} ({spark['home']}) and Java "
+            f"{spark['java']['version']} ({spark['java']['home']}, digest "
+            f"{spark['java']['digest'][:16]}...)",
+            err=True,
+        )
+        return
+    if tee is not None:
+        raise typer.Exit(_submit_attested(req, ui, data or [], workspace, passphrase_file))
+    raise typer.Exit(_submit(req, ui, workspace, passphrase_file))
 
 
 def _driver_workload(req: SubmitRequest, java: JavaRuntime) -> Workload:
@@ -219,23 +217,21 @@ def cluster_up(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Start a master and workers on 127.0.0.1; print the master URL."""
-    with handle_errors():
-        from ppml.engines.spark.launcher import start_cluster
+    from ppml.engines.spark.launcher import start_cluster
 
-        ws = open_workspace(workspace, passphrase_file)
-        state = start_cluster(ws, _spark_dir(ws), workers=workers, cores=cores, memory=memory)
-        typer.echo(state.master_url)
+    ws = open_workspace(workspace, passphrase_file)
+    state = start_cluster(ws, _spark_dir(ws), workers=workers, cores=cores, memory=memory)
+    typer.echo(state.master_url)
 
 
 @cluster_app.command("down")
 def cluster_down(workspace: WorkspaceOption = None) -> None:
     """Stop the cluster's workers and master (needs no passphrase)."""
-    with handle_errors():
-        from ppml.cli._common import workspace_dir
-        from ppml.engines.spark.launcher import stop_cluster
+    from ppml.cli._common import workspace_dir
+    from ppml.engines.spark.launcher import stop_cluster
 
-        stopped = stop_cluster(workspace_dir(workspace).absolute() / "spark")
-        typer.echo(f"stopped {stopped} process(es)")
+    stopped = stop_cluster(workspace_dir(workspace).absolute() / "spark")
+    typer.echo(f"stopped {stopped} process(es)")
 
 
 @cluster_app.command("status")
@@ -244,24 +240,23 @@ def cluster_status(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Show the cluster's master URL, processes and whether they are alive."""
-    with handle_errors():
-        from ppml.cli._common import check_format, workspace_dir
-        from ppml.engines.spark.launcher import cluster_status as status
+    from ppml.cli._common import check_format, workspace_dir
+    from ppml.engines.spark.launcher import cluster_status as status
 
-        check_format(fmt)
-        info = status(workspace_dir(workspace).absolute() / "spark")
-        if info is None:
-            if fmt == "json":
-                print_json({"running": False})
-            else:
-                typer.echo("no cluster")
-            raise typer.Exit(1)
+    check_format(fmt)
+    info = status(workspace_dir(workspace).absolute() / "spark")
+    if info is None:
         if fmt == "json":
-            print_json(info)
-            return
-        typer.echo(
-            f"master {info['master_url']}  pid {info['master']['pid']}  "
-            f"{'up' if info['master']['alive'] else 'DOWN'}"
-        )
-        for w in info["workers"]:
-            typer.echo(f"worker pid {w['pid']}  {'up' if w['alive'] else 'DOWN'}  log {w['log']}")
+            print_json({"running": False})
+        else:
+            typer.echo("no cluster")
+        raise typer.Exit(1)
+    if fmt == "json":
+        print_json(info)
+        return
+    typer.echo(
+        f"master {info['master_url']}  pid {info['master']['pid']}  "
+        f"{'up' if info['master']['alive'] else 'DOWN'}"
+    )
+    for w in info["workers"]:
+        typer.echo(f"worker pid {w['pid']}  {'up' if w['alive'] else 'DOWN'}  log {w['log']}")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ppml.cli._common import PassphraseFileOption, WorkspaceOption, handle_errors, key_provider
+from ppml.cli._common import PassphraseFileOption, WorkspaceOption, key_provider
 from ppml.errors import InputNotFound, OutputExists, UsageError
 
 if TYPE_CHECKING:
@@ -54,28 +54,69 @@ def parse_table_specs(specs: Iterable[str]) -> dict[str, Path]:
     return tables
 
 
+TableOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--table",
+        "-t",
+        metavar="NAME=PATH",
+        help="A table for the query: an encrypted CSV, JSON, text or Parquet file, or a "
+        "directory of such part files (repeatable). Plaintext files are refused.",
+    ),
+]
+
+SqlOutputOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="OUT",
+        help="Write the result encrypted to OUT (.csv, .json or .parquet) instead of printing it.",
+    ),
+]
+
+MemoryLimitOption = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-limit",
+        help="DuckDB's memory limit, e.g. 4GB or 50% (default: 80% of RAM). Nothing "
+        "spills to disk: a query over the limit fails.",
+    ),
+]
+
+SqlTeeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tee",
+        help="Run the query attested inside this TEE backend (sim): keys are released "
+        "only if their policies name the measurement of this exact command (printed by "
+        "the same command with --measure).",
+    ),
+]
+
+SqlMeasureOption = Annotated[
+    bool,
+    typer.Option(
+        "--measure",
+        help="Print the measurement of the attested query (for `ppml policy allow`) and exit.",
+    ),
+]
+
+SqlDataOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--data",
+        metavar="DIR",
+        help="With --tee: a directory the attested query may write to (default: the "
+        "current directory).",
+    ),
+]
+
+
 def sql(
     query: Annotated[str, typer.Argument(metavar="QUERY", help="One SELECT statement.")],
-    table: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--table",
-            "-t",
-            metavar="NAME=PATH",
-            help="A table for the query: an encrypted CSV, JSON, text or Parquet file, or a "
-            "directory of such part files (repeatable). Plaintext files are refused.",
-        ),
-    ] = None,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output",
-            "-o",
-            metavar="OUT",
-            help="Write the result encrypted to OUT (.csv, .json or .parquet) instead of "
-            "printing it.",
-        ),
-    ] = None,
+    table: TableOption = None,
+    output: SqlOutputOption = None,
     key: Annotated[
         str | None, typer.Option("--key", "-k", help="Named key for the encrypted output.")
     ] = None,
@@ -87,42 +128,13 @@ def sql(
     max_rows: Annotated[
         int, typer.Option("--max-rows", min=1, help="Rows shown by --format text.")
     ] = 1000,
-    memory_limit: Annotated[
-        str | None,
-        typer.Option(
-            "--memory-limit",
-            help="DuckDB's memory limit, e.g. 4GB or 50% (default: 80% of RAM). Nothing "
-            "spills to disk: a query over the limit fails.",
-        ),
-    ] = None,
+    memory_limit: MemoryLimitOption = None,
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="DuckDB threads (default: cores).")
     ] = None,
-    tee: Annotated[
-        str | None,
-        typer.Option(
-            "--tee",
-            help="Run the query attested inside this TEE backend (sim): keys are released "
-            "only if their policies name the measurement of this exact command (printed by "
-            "the same command with --measure).",
-        ),
-    ] = None,
-    measure_only: Annotated[
-        bool,
-        typer.Option(
-            "--measure",
-            help="Print the measurement of the attested query (for `ppml policy allow`) and exit.",
-        ),
-    ] = False,
-    data: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--data",
-            metavar="DIR",
-            help="With --tee: a directory the attested query may write to (default: the "
-            "current directory).",
-        ),
-    ] = None,
+    tee: SqlTeeOption = None,
+    measure_only: SqlMeasureOption = False,
+    data: SqlDataOption = None,
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
@@ -132,39 +144,51 @@ def sql(
     extensions or change settings. Prints the result (text, json lines or csv), or with -o OUT
     --key NAME writes it encrypted and prints a one-line summary on stderr.
     """
-    with handle_errors():
-        from ppml.engines.sql import SqlOptions, check_query, run_sql
+    from ppml.engines.sql import SqlOptions, check_query, run_sql
 
-        tables = parse_table_specs(table or [])
-        if output is not None:
-            _check_output(output, key, fmt, force)
-        elif key is not None:
-            raise UsageError("--key applies to an encrypted output: add -o OUT")
-        options = SqlOptions(memory_limit=memory_limit, threads=threads)
-        check_query(query)  # a bad query fails before the passphrase is asked for
-        if tee is not None or measure_only:
-            from ppml.cli._attested import Launch, Workload, launch
+    tables = parse_table_specs(table or [])
+    if output is not None:
+        _check_output(output, key, fmt, force)
+    elif key is not None:
+        raise UsageError("--key applies to an encrypted output: add -o OUT")
+    options = SqlOptions(memory_limit=memory_limit, threads=threads)
+    check_query(query)  # a bad query fails before the passphrase is asked for
+    if tee is not None or measure_only:
+        inner = _inner_command(query, table or [], output, key, force, fmt, max_rows, options)
+        _run_attested(inner, tee, measure_only, data, workspace, passphrase_file)
+        return
+    with key_provider(workspace, passphrase_file) as keys:
+        if output is not None and key is not None:
+            describe = getattr(keys, "describe", None)
+            if callable(describe):
+                describe(key)  # an unknown key fails before any decryption
+        result = run_sql(query, tables, keys, options=options)
+        if output is not None and key is not None:
+            _write(result, output, keys, key, force)
+            return
+    _print(result, fmt or OutputFormat.TEXT, max_rows)
 
-            if tee not in (None, "sim"):
-                raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
-            inner = _inner_command(query, table or [], output, key, force, fmt, max_rows, options)
-            # -I: ppml comes from the measured environment, never from the working directory.
-            workload = Workload((sys.executable, "-I", "-m", "ppml", *inner))
-            if measure_only:
-                typer.echo(workload.manifest().measurement())
-                return
-            how = Launch("sim", data=tuple(data or ()))
-            raise typer.Exit(launch(workload, how, workspace, passphrase_file))
-        with key_provider(workspace, passphrase_file) as keys:
-            if output is not None and key is not None:
-                describe = getattr(keys, "describe", None)
-                if callable(describe):
-                    describe(key)  # an unknown key fails before any decryption
-            result = run_sql(query, tables, keys, options=options)
-            if output is not None and key is not None:
-                _write(result, output, keys, key, force)
-                return
-        _print(result, fmt or OutputFormat.TEXT, max_rows)
+
+def _run_attested(
+    inner: list[str],
+    tee: str | None,
+    measure_only: bool,
+    data: list[Path] | None,
+    workspace: Path | None,
+    passphrase_file: Path | None,
+) -> None:
+    """`ppml sql --tee sim` (or --measure): the same query as an attested workload."""
+    from ppml.cli._attested import Launch, Workload, launch
+
+    if tee not in (None, "sim"):
+        raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
+    # -I: ppml comes from the measured environment, never from the working directory.
+    workload = Workload((sys.executable, "-I", "-m", "ppml", *inner))
+    if measure_only:
+        typer.echo(workload.manifest().measurement())
+        return
+    how = Launch("sim", data=tuple(data or ()))
+    raise typer.Exit(launch(workload, how, workspace, passphrase_file))
 
 
 def _check_output(output: Path, key: str | None, fmt: OutputFormat | None, force: bool) -> None:

@@ -329,6 +329,42 @@ class _WriteBehind:
         self._thread.join()
 
 
+class _Batches:
+    """Where a stream's batches go: written in line while the stream may be one batch long,
+    from a second thread (`_WriteBehind`) once a second batch shows it is longer. Leaving the
+    block waits for every batch to be written; an error drops what is unwritten."""
+
+    def __init__(self, dst: BinaryIO, size: int) -> None:
+        self._dst = dst
+        self._size = size
+        self._writer: _WriteBehind | None = None
+
+    def buffer(self, more: bool) -> memoryview:
+        """A buffer for the next batch (`more`: another batch follows it)."""
+        if more and self._writer is None:
+            self._writer = _WriteBehind(self._dst, self._size)
+        if self._writer is not None:
+            return self._writer.buffer()
+        return memoryview(bytearray(self._size))
+
+    def write(self, out: memoryview, n: int) -> None:
+        if self._writer is not None:
+            self._writer.write(out, n)
+        else:
+            _write_all(self._dst, out[:n])
+
+    def __enter__(self) -> _Batches:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if self._writer is None:
+            return
+        if exc_type is None:
+            self._writer.close()
+        else:
+            self._writer.abandon()
+
+
 def encrypt_stream(
     src: BinaryIO,
     dst: BinaryIO,
@@ -359,13 +395,10 @@ def encrypt_stream(
     n = _readinto_full(src, bufs[cur])
     index = 0
     total = 0
-    writer: _WriteBehind | None = None
-    try:
+    with _Batches(dst, out_size) as batches:
         while True:
             nxt = _readinto_full(src, bufs[1 - cur]) if n == len(bufs[cur]) else 0
-            if nxt and writer is None:
-                writer = _WriteBehind(dst, out_size)
-            out = writer.buffer() if writer is not None else memoryview(bytearray(out_size))
+            out = batches.buffer(more=nxt > 0)
             count = max(1, -(-n // seg))
             pos = 0
             for j in range(count):
@@ -374,22 +407,13 @@ def encrypt_stream(
                 cipher.encrypt_into(index, last, plain, out[pos : pos + len(plain) + TAG_SIZE])
                 pos += len(plain) + TAG_SIZE
                 index += 1
-            if writer is not None:
-                writer.write(out, pos)
-            else:
-                _write_all(dst, out[:pos])
+            batches.write(out, pos)
             total += n
             if progress is not None:
                 progress(n)
             if nxt == 0:
                 break
             cur, n = 1 - cur, nxt
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abandon()
-        raise
     return total
 
 
@@ -418,8 +442,7 @@ def decrypt_stream(
     cur = 0
     n = _readinto_full(src, bufs[cur])
     index = 0
-    writer: _WriteBehind | None = None
-    try:
+    with _Batches(dst, batch * seg) as batches:
         while True:
             nxt = _readinto_full(src, bufs[1 - cur]) if n == len(bufs[cur]) else 0
             count = max(1, -(-n // seg_ct))
@@ -428,9 +451,7 @@ def decrypt_stream(
             # one.
             if tail < TAG_SIZE or (tail == TAG_SIZE and index + count > 1):
                 raise IntegrityError()
-            if nxt and writer is None:
-                writer = _WriteBehind(dst, batch * seg)
-            out = writer.buffer() if writer is not None else memoryview(bytearray(batch * seg))
+            out = batches.buffer(more=nxt > 0)
             pos = 0
             for j in range(count):
                 sealed = bufs[cur][j * seg_ct : min(n, (j + 1) * seg_ct)]
@@ -439,21 +460,12 @@ def decrypt_stream(
                 cipher.decrypt_into(index, last, sealed, out[pos : pos + size])
                 pos += size
                 index += 1
-            if writer is not None:
-                writer.write(out, pos)
-            else:
-                _write_all(dst, out[:pos])
+            batches.write(out, pos)
             if progress is not None:
                 progress(pos)
             if nxt == 0:
                 break
             cur, n = 1 - cur, nxt
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abandon()
-        raise
     return header
 
 

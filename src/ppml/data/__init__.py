@@ -16,6 +16,15 @@ from ppml.data.files import (
     read_stream_header,
     rewrap_file,
 )
+from ppml.data.paths import (
+    PATH_FORMATS,
+    PathResult,
+    Rewrapped,
+    decrypt_path,
+    describe,
+    encrypt_path,
+    rewrap_path,
+)
 from ppml.data.tables import (
     TableFormat,
     detect_file_kind,
@@ -28,12 +37,18 @@ from ppml.data.tables import (
 )
 
 __all__ = [
+    "PATH_FORMATS",
+    "PathResult",
+    "Rewrapped",
     "TableFormat",
     "content_type_for",
     "create_encrypted",
     "decrypt_file",
+    "decrypt_path",
+    "describe",
     "detect_file_kind",
     "encrypt_file",
+    "encrypt_path",
     "open_encrypted",
     "output_directory",
     "read_pandas",
@@ -41,6 +56,7 @@ __all__ = [
     "read_stream_header",
     "read_table",
     "rewrap_file",
+    "rewrap_path",
     "write_pandas",
     "write_polars",
     "write_table",

@@ -142,16 +142,10 @@ def encrypt_file(
     progress: Progress | None = None,
 ) -> StreamHeader:
     """Encrypt `src` into `dst` under a fresh data key of `key_name`; returns the header."""
-    src, dst = Path(src), Path(dst)
-    _check_input_file(src)
-    _check_output(dst, overwrite=overwrite)
+    src, dst = _checked_paths(src, dst, overwrite)
     ctype = content_type if content_type is not None else content_type_for(src)
     check_segment_size(segment_size)
-    with (
-        annotate_errors(src),
-        open(src, "rb", buffering=0) as fin,
-        atomic_output(dst, mode=_OUTPUT_MODE) as fout,
-    ):
+    with _file_to_file(src, dst) as (fin, fout):
         size = _regular_size(fin)
         if size is not None:
             # Reserved before the data key is asked for: a provider that is still being opened
@@ -174,14 +168,8 @@ def decrypt_file(
     progress: Progress | None = None,
 ) -> StreamHeader:
     """Decrypt `src` into `dst`; `dst` appears only after every segment verified."""
-    src, dst = Path(src), Path(dst)
-    _check_input_file(src)
-    _check_output(dst, overwrite=overwrite)
-    with (
-        annotate_errors(src),
-        open(src, "rb", buffering=0) as fin,
-        atomic_output(dst, mode=_OUTPUT_MODE) as fout,
-    ):
+    src, dst = _checked_paths(src, dst, overwrite)
+    with _file_to_file(src, dst) as (fin, fout):
         size = _regular_size(fin)
         if size is not None:
             header, header_len = read_header(fin)
@@ -190,6 +178,25 @@ def decrypt_file(
         header = decrypt_stream(fin, fout, keys, progress=progress)
         os.ftruncate(fout.fileno(), fout.tell())
         return header
+
+
+def _checked_paths(src: Path, dst: Path, overwrite: bool) -> tuple[Path, Path]:
+    src, dst = Path(src), Path(dst)
+    _check_input_file(src)
+    _check_output(dst, overwrite=overwrite)
+    return src, dst
+
+
+@contextlib.contextmanager
+def _file_to_file(src: Path, dst: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    """`src` open for reading, and the temporary file that becomes `dst` (mode 0600) when the
+    block completes; errors name `src`."""
+    with (
+        annotate_errors(src),
+        open(src, "rb", buffering=0) as fin,
+        atomic_output(dst, mode=_OUTPUT_MODE) as fout,
+    ):
+        yield fin, fout
 
 
 def _regular_size(fh: BinaryIO) -> int | None:

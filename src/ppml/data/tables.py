@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppml.crypto.envelope import DataKeyProvider
-from ppml.crypto.stream import DEFAULT_SEGMENT_SIZE, MAGIC, ContentType
+from ppml.crypto.stream import DEFAULT_SEGMENT_SIZE, ContentType
 from ppml.data.files import annotate_errors, create_encrypted, open_encrypted
-from ppml.errors import InputNotFound, UsageError
+from ppml.data.kinds import detect_file_kind
+from ppml.data.tree import part_files
+from ppml.errors import UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,8 +40,6 @@ __all__ = [
     "write_polars",
     "write_table",
 ]
-
-_PARQUET_MAGICS = (b"PAR1", b"PARE")  # plaintext footer, encrypted footer
 
 
 class TableFormat(enum.StrEnum):
@@ -76,34 +76,6 @@ _SUFFIXES = {
     TableFormat.TEXT: (".txt", ".text"),
     TableFormat.PARQUET: (".parquet", ".pq"),
 }
-
-
-def detect_file_kind(path: Path) -> str:
-    """'stream' (ppml streaming format), 'parquet' (any Parquet, encrypted or not) or 'plain'."""
-    with open(path, "rb") as fh:
-        head = fh.read(len(MAGIC))
-    if head == MAGIC:
-        return "stream"
-    if head[:4] in _PARQUET_MAGICS:
-        return "parquet"
-    return "plain"
-
-
-def part_files(path: Path) -> list[Path]:
-    """The data files of a file or directory (hidden and `_`-prefixed entries left out)."""
-    if not path.exists():
-        raise InputNotFound("no such file or directory", path=path)
-    if path.is_file():
-        return [path]
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise UsageError("directory holds no data files", path=path)
-    return files
 
 
 def read_table(

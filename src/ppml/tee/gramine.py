@@ -385,7 +385,7 @@ def _tool_env() -> dict[str, str]:
 def _run_tool(tool: str, args: list[str]) -> None:
     path = shutil.which(tool)
     if path is None:
-        from ppml.tee.hardware import GRAMINE_INSTALL_HINT
+        from ppml.tee.attester import GRAMINE_INSTALL_HINT
 
         raise ConfigurationError(f"{tool} not found on PATH ({GRAMINE_INSTALL_HINT})")
     try:
@@ -458,7 +458,7 @@ def launch_command(enclave: SignedEnclave) -> list[str]:
     """The argv that starts the signed enclave."""
     path = shutil.which("gramine-sgx")
     if path is None:
-        from ppml.tee.hardware import GRAMINE_INSTALL_HINT
+        from ppml.tee.attester import GRAMINE_INSTALL_HINT
 
         raise ConfigurationError(f"gramine-sgx not found on PATH ({GRAMINE_INSTALL_HINT})")
     return [path, str(enclave.prefix)]

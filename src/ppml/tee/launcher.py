@@ -43,7 +43,7 @@ from ppml.tee.bytecode import HINTS_NAME, cache_hinted
 from ppml.tee.channel import CHANNEL_ENV, EvidenceChannelServer
 from ppml.tee.environment import bytecode_dir
 from ppml.tee.manifest import WorkloadManifest
-from ppml.tee.runtime import CA_PEM_ENV, KMS_URL_ENV, TEE_ENV
+from ppml.tee.workload_env import CA_PEM_ENV, KMS_URL_ENV, TEE_ENV
 
 __all__ = [
     "MEASUREMENT_ENV",

@@ -6,6 +6,9 @@ attestation service for a challenge, asks the launcher (over the evidence channe
 binding SHA-512(nonce || public key), trades the evidence for a token, and from then on asks the
 key broker for data keys sealed to that public key. Tokens are reused until shortly before they
 expire; data keys live only in this process's memory.
+
+`process_key_provider` is the one place that chooses a process's keys: attested under `ppml
+run`, else what the caller opens (the workspace's KMS).
 """
 
 from __future__ import annotations
@@ -16,39 +19,50 @@ import os
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ppml._internal.clock import Clock, utc_now
 from ppml.attestation.claims import report_data_for
-from ppml.crypto.envelope import DataKey, WrappedKey
+from ppml.crypto.envelope import DataKey, DataKeyProvider, WrappedKey
 from ppml.crypto.hpke import generate_keypair
 from ppml.errors import AccessDenied, AttestationFailed, ConfigurationError, KeyAccessError
 from ppml.kms.broker import ReleasedKey, open_released
-from ppml.tee.channel import CHANNEL_ENV, request_evidence
+from ppml.tee.attester import evidence_source
+from ppml.tee.channel import request_evidence
+from ppml.tee.workload_env import CA_PEM_ENV, KMS_URL_ENV, TEE_ENV, Evidence, in_attested_run
 
 __all__ = [
     "CA_PEM_ENV",
     "KMS_URL_ENV",
     "TEE_ENV",
     "AttestedKeyProvider",
+    "ClosableKeyProvider",
     "in_attested_run",
+    "process_key_provider",
 ]
 
-TEE_ENV = "PPML_TEE"
-KMS_URL_ENV = "PPML_KMS_URL"
-CA_PEM_ENV = "PPML_KMS_CA_PEM"
 _REFRESH_MARGIN = _dt.timedelta(seconds=30)
 
-Evidence = Callable[[bytes], tuple[str, bytes]]
+
+class ClosableKeyProvider(DataKeyProvider, Protocol):
+    """A key provider its owner closes when done with it."""
+
+    def close(self) -> None: ...
 
 
-def in_attested_run(env: Mapping[str, str] = os.environ) -> bool:
-    """Whether this process was started by `ppml run`: it has a KMS, and an evidence channel
-    or (in a Gramine-SGX enclave) evidence of its own."""
-    return KMS_URL_ENV in env and (CHANNEL_ENV in env or env.get(TEE_ENV) == "sgx")
+def process_key_provider(
+    open_workspace_keys: Callable[[], ClosableKeyProvider],
+    env: Mapping[str, str] = os.environ,
+) -> ClosableKeyProvider:
+    """This process's keys: released by the key broker after attestation when it runs under
+    `ppml run`, else `open_workspace_keys()` (the workspace's KMS, which needs its passphrase).
+    The caller closes what it gets."""
+    if in_attested_run(env):
+        return AttestedKeyProvider.from_environment(env)
+    return open_workspace_keys()
 
 
 def _b64(data: bytes) -> str:
@@ -81,8 +95,6 @@ class AttestedKeyProvider:
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] = os.environ) -> AttestedKeyProvider:
-        from ppml.tee.hardware import evidence_source
-
         try:
             return cls(env[KMS_URL_ENV], env[CA_PEM_ENV], evidence=evidence_source(env))
         except KeyError as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ppml.errors import AttestationFailed, ConfigurationError, UsageError
+from ppml.tee.attester import GramineAttester
 from ppml.tee.command import ResolvedCommand
 from ppml.tee.gramine import (
     EnclaveHost,
@@ -23,7 +24,6 @@ from ppml.tee.gramine import (
     mrenclave_from_sigstruct,
     render_manifest_template,
 )
-from ppml.tee.hardware import GramineAttester
 from ppml.tee.manifest import TrustedFile, WorkloadManifest, build_manifest
 
 # The SIGSTRUCT builder is shared with the fake gramine-sgx-sign, which runs it as a script.

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ppml.cli import app
 from ppml.crypto.passphrase import KdfParams
-from ppml.tee import hardware, tsm
+from ppml.tee import attester, tsm
 from ppml.workspace import Workspace
 
 PASSPHRASE = "hardware run passphrase"
@@ -79,7 +79,7 @@ def test_sgx_without_the_enclave_device(
 ) -> None:
     install_fake_gramine(tmp_path / "bin", monkeypatch, tmp_path / "log.jsonl")
     device = tmp_path / "dev" / "sgx_enclave"
-    monkeypatch.setattr(hardware, "SGX_DEVICE", device)
+    monkeypatch.setattr(attester, "SGX_DEVICE", device)
     code, _, err = run("--tee", "sgx", "--data", "data")
     assert code == 5
     assert err == f"ppml: configuration error: {device} not present: this machine has no SGX\n"
@@ -103,7 +103,7 @@ def test_tdx_snp_without_configfs_tsm(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tee: str
 ) -> None:
     base = tmp_path / "config" / "tsm" / "report"
-    monkeypatch.setattr(hardware, "TSM_REPORT_DIR", base)
+    monkeypatch.setattr(attester, "TSM_REPORT_DIR", base)
     code, _, err = run("--tee", tee)
     assert code == 5
     assert err == f"ppml: configuration error: {base} {TSM_MISSING}\n"
@@ -119,7 +119,7 @@ def test_tsm_message_on_this_machine(project: Path) -> None:
 def test_wrong_guest_kind(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = tmp_path / "report"
     base.mkdir()
-    monkeypatch.setattr(hardware, "TSM_REPORT_DIR", base)
+    monkeypatch.setattr(attester, "TSM_REPORT_DIR", base)
     monkeypatch.setattr(tsm, "ConfigfsOps", lambda: FakeKernel("sev_guest"))
     code, _, err = run("--tee", "tdx")
     assert code == 5
@@ -153,7 +153,7 @@ def test_sgx_measure_prints_mrenclave(
 ) -> None:
     log = tmp_path / "log.jsonl"
     install_fake_gramine(tmp_path / "bin", monkeypatch, log)
-    monkeypatch.setattr(hardware, "SGX_DEVICE", tmp_path / "absent")  # --measure needs no SGX
+    monkeypatch.setattr(attester, "SGX_DEVICE", tmp_path / "absent")  # --measure needs no SGX
     code, out, err = run("--tee", "sgx", "--measure", "--data", "data")
     assert code == 0, err
     calls = read_log(log)
@@ -195,7 +195,7 @@ def test_sgx_run_launches_gramine_sgx(
     install_fake_gramine(tmp_path / "bin", monkeypatch, log)
     device = tmp_path / "sgx_enclave"
     device.touch()
-    monkeypatch.setattr(hardware, "SGX_DEVICE", device)
+    monkeypatch.setattr(attester, "SGX_DEVICE", device)
     (tmp_path / "bin" / "exit-code").write_text("3")
     code, _, err = run("--tee", "sgx", "--data", "data")
     assert code == 3, err  # the workload's exit code
@@ -236,7 +236,7 @@ def test_vm_run_hands_reports_to_the_workload(
     base = tmp_path / "report"
     base.mkdir()
     kernel = FakeKernel(provider)
-    monkeypatch.setattr(hardware, "TSM_REPORT_DIR", base)
+    monkeypatch.setattr(attester, "TSM_REPORT_DIR", base)
     monkeypatch.setattr(tsm, "ConfigfsOps", lambda: kernel)
     (project / "app" / "attest.py").write_text(WORKLOAD)
     result = project / "data" / "result.json"  # the workload writes to its data directories only
@@ -266,7 +266,7 @@ def test_vm_report_failure_reaches_the_workload_as_a_refusal(
     base.mkdir()
     kernel = FakeKernel("tdx_guest")
     kernel.fail_outblob = OSError(5, "Input/output error")
-    monkeypatch.setattr(hardware, "TSM_REPORT_DIR", base)
+    monkeypatch.setattr(attester, "TSM_REPORT_DIR", base)
     monkeypatch.setattr(tsm, "ConfigfsOps", lambda: kernel)
     (project / "app" / "attest.py").write_text(WORKLOAD)
     result = project / "data" / "result.json"

@@ -25,7 +25,6 @@ from ppml.crypto.envelope import DataKeyProvider, WrappedKey
 from ppml.crypto.stream import ContentType, plaintext_size
 from ppml.errors import (
     ConfigurationError,
-    InputNotFound,
     IntegrityError,
     OutputExists,
     UsageError,
@@ -114,23 +113,9 @@ def _with_kms_client_jar(builder: Any) -> Any:
 
 
 def _part_files(paths: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if not path.exists():
-            raise InputNotFound("no such file or directory", path=path)
-        if path.is_file():
-            files.append(path)
-            continue
-        found = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
-        )
-        if not found:
-            raise UsageError("directory holds no data files", path=path)
-        files.extend(found)
-    return [f.absolute() for f in files]
+    from ppml.data.tree import part_files
+
+    return [f.absolute() for path in paths for f in part_files(path)]
 
 
 class PPMLReader:
@@ -227,7 +212,7 @@ class PPMLReader:
         self, path: Path, fmt: str, csv: CsvOptions
     ) -> tuple[list[Any], ReleasedKey | None]:
         from ppml.data.files import annotate_errors, read_stream_header
-        from ppml.data.tables import detect_file_kind
+        from ppml.data.kinds import detect_file_kind
         from ppml.engines.spark.datasource import StreamPartition
 
         kind = detect_file_kind(path)

@@ -1,4 +1,5 @@
-"""Hardware TEE evidence, and the checks `ppml run` makes before starting anything on one.
+"""The attester side of a hardware TEE: evidence, and the checks `ppml run` makes before
+starting anything on one.
 
 An `Attester` turns 64 bytes of report data into evidence of one TEE type. Inside a Gramine-SGX
 enclave the workload is its own attester (`GramineAttester`, through Gramine's
@@ -19,6 +20,7 @@ from typing import Protocol
 from ppml.errors import AttestationFailed, ConfigurationError, UsageError
 from ppml.tee.channel import request_evidence
 from ppml.tee.tsm import TSM_REPORT_DIR, TsmClient
+from ppml.tee.workload_env import TEE_ENV, Evidence
 
 __all__ = [
     "ATTESTATION_DIR",
@@ -45,8 +47,6 @@ _SGX_QUOTE_HEADER = 48
 _SGX_REPORT_DATA_OFFSET = _SGX_QUOTE_HEADER + 320
 _SGX_MIN_QUOTE = _SGX_QUOTE_HEADER + 384 + 4
 _MAX_QUOTE = 1 << 20
-
-Evidence = Callable[[bytes], tuple[str, bytes]]
 
 
 class Attester(Protocol):
@@ -131,8 +131,6 @@ class TsmAttester:
 def evidence_source(env: Mapping[str, str] = os.environ) -> Evidence:
     """The workload's way to get evidence: its own quotes inside Gramine-SGX, else the
     launcher's evidence channel (sim, tdx, snp)."""
-    from ppml.tee.runtime import TEE_ENV
-
     if env.get(TEE_ENV) == "sgx":
         attester = GramineAttester()
         return lambda report_data: (attester.tee, attester.evidence(report_data))
