@@ -1,5 +1,5 @@
-"""The data API for workloads: `ppml.read_table`, `ppml.write_table`, `ppml.sql` and the pandas
-variants.
+"""The data API for workloads: `ppml.read_table`, `ppml.write_table` and the pandas variants
+(`ppml.sql` is the SQL engine's, `ppml.engines.sql.sql`, over this module's `key_provider`).
 
 Under `ppml run` the keys come from the key broker after attestation (transparently, the first
 time one is needed); outside a TEE they come from the workspace directly, for a user who holds
@@ -30,8 +30,6 @@ __all__ = [
     "key_provider",
     "read_pandas",
     "read_table",
-    "sql",
-    "sql_pandas",
     "write_pandas",
     "write_table",
 ]
@@ -108,43 +106,3 @@ def write_pandas(df: pd.DataFrame, path: str | Path, *, key: str, **kwargs: Any)
     import pyarrow as pa
 
     write_table(pa.Table.from_pandas(df, preserve_index=False), path, key=key, **kwargs)
-
-
-def sql(
-    query: str,
-    tables: Mapping[str, str | Path | pa.Table],
-    *,
-    memory_limit: str | None = None,
-    threads: int | None = None,
-) -> pa.Table:
-    """Run one SELECT over encrypted tables and return the result as an Arrow table.
-
-    `tables` maps SQL table names to encrypted files or directories of part files (Parquet,
-    CSV, JSON, text) or to Arrow tables. The same engine as ``ppml sql``: DuckDB in-process,
-    locked down (no file access but the tables, no extensions, no spilling to disk), the
-    tables decrypted into memory only, just the columns the query reads. Keys come from
-    `key_provider()`: attested under ``ppml run``, else the workspace's KMS. Anything but one
-    SELECT, bad SQL and unknown tables or columns raise `ppml.errors.UsageError`.
-
-    >>> totals = ppml.sql(  # doctest: +SKIP
-    ...     "SELECT region, sum(amount) AS total FROM sales GROUP BY region",
-    ...     tables={"sales": "data/sales.parquet"},
-    ... )
-    """
-    from ppml.engines.sql import SqlOptions, run_sql
-
-    options = SqlOptions(memory_limit=memory_limit, threads=threads)
-    return run_sql(query, dict(tables), key_provider(), options=options)
-
-
-def sql_pandas(
-    query: str,
-    tables: Mapping[str, str | Path | pa.Table],
-    *,
-    memory_limit: str | None = None,
-    threads: int | None = None,
-) -> pd.DataFrame:
-    """`sql`, with the result as a pandas DataFrame."""
-    result = sql(query, tables, memory_limit=memory_limit, threads=threads)
-    frame: pd.DataFrame = result.to_pandas()
-    return frame

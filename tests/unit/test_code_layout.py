@@ -251,4 +251,4 @@ def test_no_class_or_function_is_too_long(kind: str) -> None:
                 wrong.append(
                     f"{module.path.relative_to(SRC)}:{node.lineno} {node.name}: {length} lines"
                 )
-    assert not wrong, f"{kind}s over the limit:\n" + "\n".join(wrong)
+    assert not wrong, f"{kind} definitions over the limit:\n" + "\n".join(wrong)

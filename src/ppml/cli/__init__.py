@@ -51,14 +51,8 @@ _root_app: list[typer.Typer] = []
 
 def _new_app() -> typer.Typer:
     import typer
-    from typer.core import TyperGroup
 
-    class ErrorBoundary(TyperGroup):
-        """The root group: every command (and command group) runs inside the error boundary."""
-
-        def invoke(self, ctx: Any) -> Any:  # typer's own click Context
-            with handle_errors():
-                return super().invoke(ctx)
+    from ppml.cli.boundary import ErrorBoundary
 
     app = typer.Typer(
         cls=ErrorBoundary,

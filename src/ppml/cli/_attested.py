@@ -133,10 +133,9 @@ def loopback_services(ws: Workspace, actor: str, kms_url: str | None) -> Iterato
 def _quote_for(ws: Workspace, tee: str) -> Callable[[str], Callable[[bytes], bytes]]:
     """For a measurement, the function that makes evidence binding report data."""
     if tee == "sim":
-        from ppml.attestation.sim import SimPlatform
+        from ppml.tee.sim_launch import sim_quote_for
 
-        platform = SimPlatform(ws.sim_platform_key())
-        return lambda m: lambda rd: platform.quote(m, rd)
+        return sim_quote_for(ws.sim_platform_key())
     if tee in ("tdx", "snp"):
         from ppml.tee.attester import require_tsm_guest
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from ppml.cli._common import check_format, handle_errors, open_workspace
+from ppml.cli._common import check_format, open_workspace
 
 if TYPE_CHECKING:
     from ppml.kms import KeyService, ReleasePolicies
@@ -20,11 +20,10 @@ _T = TypeVar("_T")
 
 @contextlib.contextmanager
 def kms_command(fmt: str) -> Iterator[None]:
-    """A command's frame: ppml errors become their exit codes, and the output format is
-    checked before anything else is done."""
-    with handle_errors():
-        check_format(fmt)
-        yield
+    """A command's frame: the output format is checked before anything else is done (errors
+    become exit codes at the CLI's one boundary, the root group in `ppml.cli`)."""
+    check_format(fmt)
+    yield
 
 
 def with_keys(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ppml.cli._common import FormatOption, check_format, fail, handle_errors, print_json
+from ppml.cli._common import FormatOption, check_format, print_json
 from ppml.errors import AttestationFailed, InputNotFound, UsageError
 
 if TYPE_CHECKING:
@@ -268,26 +268,25 @@ def attest_verify(
     not failing (a platform no TCB level matches, or Revoked, fails) and, with --policy, the
     policy allows it. Otherwise exit 4, naming the failed step; bad arguments exit 2.
     """
-    with handle_errors():
-        check_format(fmt)
-        kind = tee.strip().lower()
-        if kind not in ("auto", "sgx", "tdx", "snp"):
-            raise UsageError(f"--type {tee[:16]!r}: use sgx, tdx, snp or auto")
-        when = _parse_at(at)
-        if collateral is not None and not collateral.is_dir():
-            raise InputNotFound("collateral directory not found", path=collateral)
-        _verify_and_show(
-            evidence,
-            kind,
-            when,
-            root=root,
-            collateral=collateral,
-            policy_file=policy_file,
-            allow_outdated=allow_outdated,
-            vcek=vcek,
-            fetch=(pccs, kds, product, fetch_ca, cache_dir),
-            fmt=fmt,
-        )
+    check_format(fmt)
+    kind = tee.strip().lower()
+    if kind not in ("auto", "sgx", "tdx", "snp"):
+        raise UsageError(f"--type {tee[:16]!r}: use sgx, tdx, snp or auto")
+    when = _parse_at(at)
+    if collateral is not None and not collateral.is_dir():
+        raise InputNotFound("collateral directory not found", path=collateral)
+    _verify_and_show(
+        evidence,
+        kind,
+        when,
+        root=root,
+        collateral=collateral,
+        policy_file=policy_file,
+        allow_outdated=allow_outdated,
+        vcek=vcek,
+        fetch=(pccs, kds, product, fetch_ca, cache_dir),
+        fmt=fmt,
+    )
 
 
 def _verify_and_show(
@@ -340,4 +339,4 @@ def _verify_and_show(
     else:
         _show_text(result, appraisal, failure)
     if failure is not None:
-        fail(AttestationFailed(f"evidence not accepted: {failure}"))
+        raise AttestationFailed(f"evidence not accepted: {failure}")

@@ -13,7 +13,6 @@ from ppml.cli._common import (
     FormatOption,
     PassphraseFileOption,
     WorkspaceOption,
-    handle_errors,
     open_workspace,
     print_json,
 )
@@ -196,10 +195,9 @@ def secret_show(
 
     This is the only command that ever prints a secret.
     """
-    with handle_errors():
-        value = open_workspace(workspace, passphrase_file).secret(name)
-        sys.stdout.write(value + ("\n" if sys.stdout.isatty() else ""))
-        sys.stdout.flush()
+    value = open_workspace(workspace, passphrase_file).secret(name)
+    sys.stdout.write(value + ("\n" if sys.stdout.isatty() else ""))
+    sys.stdout.flush()
 
 
 @secret_app.command("list")
@@ -208,6 +206,5 @@ def secret_list(
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """List the names of the workspace's secrets (never their values)."""
-    with handle_errors():
-        for name in open_workspace(workspace, passphrase_file).secret_names():
-            typer.echo(name)
+    for name in open_workspace(workspace, passphrase_file).secret_names():
+        typer.echo(name)

@@ -15,7 +15,6 @@ from ppml.cli._common import (
     FormatOption,
     PassphraseFileOption,
     WorkspaceOption,
-    handle_errors,
     open_workspace,
     print_json,
 )
@@ -109,21 +108,20 @@ def up(
     <workspace>/serving/ (private). The payload key and the Redis password are never on a
     command line, in an environment or a log. Clients: `ppml.serving.InputQueue(URL)`.
     """
-    with handle_errors():
-        from ppml.serving.deploy import load_settings
+    from ppml.serving.deploy import load_settings
 
-        overrides = {
-            "model": model,
-            "workers": workers,
-            "tee": tee,
-            "host": host,
-            "port": port,
-            "deployment": deployment,
-            "runtime": runtime,
-            "model_name": model_name,
-        }
-        settings = load_settings(config, overrides)
-        raise typer.Exit(_plan_and_start(settings, detach, measure, workspace, passphrase_file))
+    overrides = {
+        "model": model,
+        "workers": workers,
+        "tee": tee,
+        "host": host,
+        "port": port,
+        "deployment": deployment,
+        "runtime": runtime,
+        "model_name": model_name,
+    }
+    settings = load_settings(config, overrides)
+    raise typer.Exit(_plan_and_start(settings, detach, measure, workspace, passphrase_file))
 
 
 def _plan_and_start(
@@ -199,54 +197,51 @@ def _up(ws: Workspace, keys: KeyService, plan: Plan, detach: bool) -> int:
 def status(fmt: FormatOption = "text", workspace: WorkspaceOption = None) -> None:
     """Show the deployment: URL, processes (alive or not), health and queue depth (needs no
     passphrase). Exits 1 when no deployment is recorded."""
-    with handle_errors():
-        from ppml.cli._common import check_format, workspace_dir
-        from ppml.serving.deploy import deployment_status, serving_dir_of
+    from ppml.cli._common import check_format, workspace_dir
+    from ppml.serving.deploy import deployment_status, serving_dir_of
 
-        check_format(fmt)
-        info = deployment_status(serving_dir_of(workspace_dir(workspace)))
-        if info is None:
-            if fmt == "json":
-                print_json({"running": False})
-            else:
-                typer.echo("no serving deployment")
-            raise typer.Exit(1)
-        info["running"] = True
+    check_format(fmt)
+    info = deployment_status(serving_dir_of(workspace_dir(workspace)))
+    if info is None:
         if fmt == "json":
-            print_json(info)
-            return
+            print_json({"running": False})
+        else:
+            typer.echo("no serving deployment")
+        raise typer.Exit(1)
+    info["running"] = True
+    if fmt == "json":
+        print_json(info)
+        return
 
-        def state(p: dict[str, Any] | None) -> str:
-            return "missing" if p is None else ("up" if p["alive"] else "DOWN")
+    def state(p: dict[str, Any] | None) -> str:
+        return "missing" if p is None else ("up" if p["alive"] else "DOWN")
 
-        typer.echo(
-            f"deployment {info['deployment']}  {info['url']}  {info['status']}  "
-            f"tee {info['tee'] or 'none'}  {'healthy' if info['healthy'] else 'UNHEALTHY'}  "
-            f"queue depth {info['queue_depth'] if info['queue_depth'] is not None else '?'}"
-        )
-        redis = info["redis"]
-        typer.echo(
-            f"redis     pid {redis and redis['pid']}  {state(redis)}  "
-            f"port {redis and redis['port']}"
-        )
-        front = info["frontend"]
-        typer.echo(
-            f"front end pid {front and front['pid']}  {state(front)}  log {front and front['log']}"
-        )
-        for n, w in enumerate(info["workers"]):
-            typer.echo(f"worker {n}  pid {w and w['pid']}  {state(w)}  log {w and w['log']}")
+    typer.echo(
+        f"deployment {info['deployment']}  {info['url']}  {info['status']}  "
+        f"tee {info['tee'] or 'none'}  {'healthy' if info['healthy'] else 'UNHEALTHY'}  "
+        f"queue depth {info['queue_depth'] if info['queue_depth'] is not None else '?'}"
+    )
+    redis = info["redis"]
+    typer.echo(
+        f"redis     pid {redis and redis['pid']}  {state(redis)}  port {redis and redis['port']}"
+    )
+    front = info["frontend"]
+    typer.echo(
+        f"front end pid {front and front['pid']}  {state(front)}  log {front and front['log']}"
+    )
+    for n, w in enumerate(info["workers"]):
+        typer.echo(f"worker {n}  pid {w and w['pid']}  {state(w)}  log {w and w['log']}")
 
 
 @serving_app.command("down")
 def down(workspace: WorkspaceOption = None) -> None:
     """Stop the front end, the workers (each finishes its batch) and redis-server (it flushes
     its AOF); needs no passphrase. Accepted requests stay in Redis for the next `up`."""
-    with handle_errors():
-        from ppml.cli._common import workspace_dir
-        from ppml.serving.deploy import serving_dir_of, stop_deployment
+    from ppml.cli._common import workspace_dir
+    from ppml.serving.deploy import serving_dir_of, stop_deployment
 
-        stopped = stop_deployment(serving_dir_of(workspace_dir(workspace)))
-        typer.echo(f"stopped {stopped} process(es)")
+    stopped = stop_deployment(serving_dir_of(workspace_dir(workspace)))
+    typer.echo(f"stopped {stopped} process(es)")
 
 
 client_app = typer.Typer(
@@ -294,37 +289,36 @@ def client_issue(
     from ppml.errors import OutputExists, UsageError
     from ppml.workspace import pki
 
-    with handle_errors():
-        names.CLIENT.check(name)
-        if not 1 <= days <= 3650:
-            raise UsageError("--days must be 1 to 3650")
-        password: str | None = None
-        if key_password_file is not None:
-            try:
-                password = key_password_file.read_text().splitlines()[0]
-            except (OSError, IndexError):
-                raise UsageError("cannot read a password from it", path=key_password_file) from None
-            if len(password) < 8:
-                raise UsageError("the key password must be 8 characters or more")
-        if not out.is_dir():
-            raise UsageError("not a directory", path=out)
-        cert_path, key_path = out / f"{name}.pem", out / f"{name}-key.pem"
-        for path in (cert_path, key_path):
-            if path.exists() and not force:
-                raise OutputExists("output exists (use --force to replace it)", path=path)
-        ws = open_workspace(workspace, passphrase_file)
-        now = dt.datetime.now(dt.UTC)
-        issued = pki.issue_serving_client(
-            ws.certificate_authority(), name, now, dt.timedelta(days=days)
-        )
-        key_pem = (
-            pki.encrypted_key_pem(issued.key, password)
-            if password is not None
-            else pki.private_key_pem(issued.key)
-        )
-        write_private(key_path, key_pem)
-        write_private(cert_path, issued.cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
-        typer.echo(f"certificate  {cert_path}")
-        typer.echo(f"private key  {key_path} (0600{', encrypted' if password else ''})")
-        typer.echo(f"CA           {ws.ca_cert}")
-        typer.echo(f"valid until  {issued.cert.not_valid_after_utc.isoformat()}")
+    names.CLIENT.check(name)
+    if not 1 <= days <= 3650:
+        raise UsageError("--days must be 1 to 3650")
+    password: str | None = None
+    if key_password_file is not None:
+        try:
+            password = key_password_file.read_text().splitlines()[0]
+        except (OSError, IndexError):
+            raise UsageError("cannot read a password from it", path=key_password_file) from None
+        if len(password) < 8:
+            raise UsageError("the key password must be 8 characters or more")
+    if not out.is_dir():
+        raise UsageError("not a directory", path=out)
+    cert_path, key_path = out / f"{name}.pem", out / f"{name}-key.pem"
+    for path in (cert_path, key_path):
+        if path.exists() and not force:
+            raise OutputExists("output exists (use --force to replace it)", path=path)
+    ws = open_workspace(workspace, passphrase_file)
+    now = dt.datetime.now(dt.UTC)
+    issued = pki.issue_serving_client(
+        ws.certificate_authority(), name, now, dt.timedelta(days=days)
+    )
+    key_pem = (
+        pki.encrypted_key_pem(issued.key, password)
+        if password is not None
+        else pki.private_key_pem(issued.key)
+    )
+    write_private(key_path, key_pem)
+    write_private(cert_path, issued.cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    typer.echo(f"certificate  {cert_path}")
+    typer.echo(f"private key  {key_path} (0600{', encrypted' if password else ''})")
+    typer.echo(f"CA           {ws.ca_cert}")
+    typer.echo(f"valid until  {issued.cert.not_valid_after_utc.isoformat()}")

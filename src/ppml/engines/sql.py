@@ -59,6 +59,7 @@ from ppml.errors import IntegrityError, NotEncrypted, PPMLError, UsageError
 
 if TYPE_CHECKING:
     import duckdb
+    import pandas as pd
     import pyarrow as pa
     import pyarrow.dataset as ds
 
@@ -70,6 +71,8 @@ __all__ = [
     "connect",
     "needed_columns",
     "run_sql",
+    "sql",
+    "sql_pandas",
     "validate_table_name",
 ]
 
@@ -860,3 +863,43 @@ def _data_error(exc: BaseException) -> UsageError:
         return UsageError(_one_line(exc))
     _log.debug("query failed on the data: %s", type(exc).__name__)
     return UsageError(_WITHHELD.format(kind=_error_kind(exc)))
+
+
+def sql(
+    query: str,
+    tables: Mapping[str, str | Path | pa.Table],
+    *,
+    memory_limit: str | None = None,
+    threads: int | None = None,
+) -> pa.Table:
+    """Run one SELECT over encrypted tables and return the result as an Arrow table.
+
+    `tables` maps SQL table names to encrypted files or directories of part files (Parquet,
+    CSV, JSON, text) or to Arrow tables. The same engine as ``ppml sql``: DuckDB in-process,
+    locked down (no file access but the tables, no extensions, no spilling to disk), the
+    tables decrypted into memory only, just the columns the query reads. Keys come from
+    `key_provider()`: attested under ``ppml run``, else the workspace's KMS. Anything but one
+    SELECT, bad SQL and unknown tables or columns raise `ppml.errors.UsageError`.
+
+    >>> totals = ppml.sql(  # doctest: +SKIP
+    ...     "SELECT region, sum(amount) AS total FROM sales GROUP BY region",
+    ...     tables={"sales": "data/sales.parquet"},
+    ... )
+    """
+    from ppml.api import key_provider
+
+    options = SqlOptions(memory_limit=memory_limit, threads=threads)
+    return run_sql(query, dict(tables), key_provider(), options=options)
+
+
+def sql_pandas(
+    query: str,
+    tables: Mapping[str, str | Path | pa.Table],
+    *,
+    memory_limit: str | None = None,
+    threads: int | None = None,
+) -> pd.DataFrame:
+    """`sql`, with the result as a pandas DataFrame."""
+    result = sql(query, tables, memory_limit=memory_limit, threads=threads)
+    frame: pd.DataFrame = result.to_pandas()
+    return frame

@@ -10,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from ppml.cli import policy_cmds
+from ppml.cli.boundary import ErrorBoundary
 from ppml.crypto.passphrase import KdfParams
 from ppml.workspace import Workspace
 
@@ -20,7 +21,7 @@ M48 = "c3" * 48
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    root = typer.Typer()
+    root = typer.Typer(cls=ErrorBoundary)  # the CLI's own root group: errors become exit codes
 
     @root.callback()
     def _root() -> None:
