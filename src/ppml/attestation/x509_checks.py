@@ -119,10 +119,13 @@ def crl_problem(
     at: _dt.datetime | None,
 ) -> str | None:
     """Why `crl` is not a CRL of `issuer` (named `issuer_name` in the reason) current at `at`
-    (None: its time is checked by the caller, who may accept an outdated one)."""
+    (None: its time is checked by the caller, who may accept an outdated one). The issuer must
+    be a CA whose key usage, when given, allows CRL signing."""
     if crl.issuer != issuer.subject:
         dn = issuer.subject.rfc4514_string()[:80]
         return f"issuer is not the {issuer_name}: it is not issued by {dn!r}"
+    if (problem := signer_problem(issuer, signs="crl")) is not None:
+        return f"the {issuer_name} {problem}"
     if crl.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA256:
         return "signature algorithm is not ECDSA with SHA-256"
     key = p256_key(issuer)

@@ -134,6 +134,13 @@ def test_crls() -> None:
     assert "does not verify" in str(crl_problem(crl(key=LEAF_KEY), issuer, "CA", AT))
     assert "SHA-256" in str(crl_problem(crl(algorithm=hashes.SHA384()), issuer, "CA", AT))
     assert "issuer is not the CA" in str(crl_problem(crl(), cert("x", ca=True), "CA", AT))
+    # Every CRL's issuer is held to the CRL-signing rule, on every path that checks a CRL.
+    no_crl_usage = cert("ca", ca=True, usage="key_cert_sign", key=ROOT_KEY)
+    assert "CRL signing" in str(crl_problem(crl(), no_crl_usage, "CA", AT))
+    not_a_ca = cert("ca", ca=False, key=ROOT_KEY)
+    assert "not a CA" in str(crl_problem(crl(), not_a_ca, "CA", AT))
+    with_crl_usage = cert("ca", ca=True, usage="crl_sign", key=ROOT_KEY)
+    assert crl_problem(crl(), with_crl_usage, "CA", AT) is None
 
 
 def test_collateral_chains_refuse_unknown_critical_extensions() -> None:
