@@ -92,7 +92,7 @@ def _each_file(
     return PathResult(found.files, directory=True, links=found.links)
 
 
-def _refuseexisting(dst: Path, overwrite: bool) -> None:
+def _refuse_existing(dst: Path, overwrite: bool) -> None:
     if dst.exists() and not overwrite:
         raise OutputExists("output exists (use --force to replace it)", path=dst)
 
@@ -122,7 +122,7 @@ def encrypt_path(
         if format == "parquet" or (format == "auto" and src.is_file() and sniff(src) == "parquet"):
             from ppml.data.parquet import encrypt_parquet_file
 
-            _refuseexisting(dst, replace)
+            _refuse_existing(dst, replace)
             with annotate_errors(src):
                 encrypt_parquet_file(
                     src, dst, provider, key_name=key_name, column_keys=groups or None
@@ -166,7 +166,7 @@ def decrypt_path(
         if src.is_file() and sniff(src) in ("parquet", "encrypted-parquet"):
             from ppml.data.parquet import decrypt_parquet_file
 
-            _refuseexisting(dst, replace)
+            _refuse_existing(dst, replace)
             with annotate_errors(src):
                 decrypt_parquet_file(src, dst, keys)
             if advance is not None:
