@@ -55,7 +55,7 @@ from ppml._internal.fs import write_private
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.crypto.passphrase import KdfParams
 from ppml.data.files import create_encrypted
-from ppml.serving.codec import KEY_BYTES, PayloadCodec
+from ppml.data.payload import KEY_BYTES, PayloadCodec
 from ppml.serving.redis_server import RedisServer, redis_password, start_redis
 from ppml.workspace import Workspace
 
@@ -525,7 +525,7 @@ def run_level(
 
 def breakdown(files: Files, server: RedisServer, url: str, codec: str, n: int = 2000) -> None:
     """Single-threaded costs of the parts of one /predict call (the encrypted deployment)."""
-    from ppml.serving.codec import PayloadCodec as Codec
+    from ppml.data.payload import PayloadCodec as Codec
     from ppml.serving.queue import Result, ServingQueue
     from ppml.serving.worker import read_secret_file
 

@@ -17,8 +17,8 @@ import redis.connection
 import redis_support
 from redis_support import running_redis
 
+from ppml.data.payload import PayloadCodec
 from ppml.errors import UsageError
-from ppml.serving.codec import PayloadCodec
 from ppml.serving.notify import ResultNotifier
 from ppml.serving.queue import DuplicateRequest, QueueFull, Request, Result, ServingQueue
 from ppml.serving.redis_server import RedisServer

@@ -16,8 +16,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis_support import make_workspace, require_redis_server, running_redis
 
+from ppml.data.payload import PayloadCodec
 from ppml.errors import ConfigurationError, UsageError
-from ppml.serving.codec import PayloadCodec
 from ppml.serving.queue import (
     GROUP,
     INTEGRITY_ERROR,

@@ -36,10 +36,10 @@ from tests.support.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_referenc
 
 from ppml._internal.fs import write_private
 from ppml.crypto.passphrase import KdfParams
+from ppml.data.payload import KEY_BYTES, PayloadCodec
 from ppml.server.embedded import tls_files_for
 from ppml.server.serving_frontend import FrontendSettings, create_app
 from ppml.server.tls import serving
-from ppml.serving.codec import KEY_BYTES, PayloadCodec
 from ppml.serving.contract import ModelInfo
 from ppml.serving.model import load_model
 from ppml.serving.queue import GROUP, INTEGRITY_ERROR, DuplicateRequest, Result, ServingQueue

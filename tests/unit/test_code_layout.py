@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
     {"ppml.engines", "ppml.serving", "ppml.fl"},
     {"ppml.server"},
     {"ppml.cli"},
-    {"ppml", "ppml.spark", "ppml.__main__"},
+    {"ppml", "ppml.spark", "ppml.flink", "ppml.__main__"},
 ]
 MAX_CLASS_LINES = 400
 MAX_FUNCTION_LINES = 80

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from ppml import names
 from ppml.crypto.envelope import validate_key_name
+from ppml.data.payload import validate_deployment, validate_model, validate_request_id
 from ppml.engines.sql import validate_table_name
 from ppml.errors import UsageError
 from ppml.kms import KeyService
-from ppml.serving.codec import validate_deployment, validate_model, validate_request_id
 from ppml.workspace.secrets import validate_secret_name
 
 RULES = {

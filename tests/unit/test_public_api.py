@@ -31,7 +31,7 @@ PUBLIC_MODULES = [
     "ppml.spark",
     "ppml.engines.spark.jvm",
     "ppml.serving",
-    "ppml.serving.codec",
+    "ppml.data.payload",
     "ppml.serving.queue",
     "ppml.serving.redis_server",
     "ppml.serving.model",

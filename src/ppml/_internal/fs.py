@@ -31,6 +31,7 @@ __all__ = [
     "in_memory_file_system",
     "locked",
     "locked_temp_dir",
+    "memory_files",
     "old_name",
     "state_root",
     "sweep_stale",
@@ -288,3 +289,21 @@ def write_private(dest: Path, data: bytes, *, mode: int = PRIVATE_FILE_MODE) -> 
     """Write `data` to `dest` atomically and durably, with `mode` (0600 by default)."""
     with atomic_output(dest, mode=mode, fsync=True) as fh:
         fh.write(data)
+
+
+@contextlib.contextmanager
+def memory_files(*blobs: bytes) -> Iterator[list[str]]:
+    """Each of `blobs` as a file name for APIs that load only files (`ssl`, httpx): in-memory
+    files (memfd, never on disk) named ``/proc/self/fd/N``, closed when the block ends."""
+    if not hasattr(os, "memfd_create"):  # pragma: no cover -- Linux has memfd
+        raise OSError("no in-memory files on this system")
+    fds: list[int] = []
+    try:
+        for data in blobs:
+            fd = os.memfd_create("ppml-key-material", 0)
+            fds.append(fd)
+            os.write(fd, data)
+        yield [f"/proc/self/fd/{fd}" for fd in fds]
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -42,6 +42,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "run_cmd": ("measure", "run", "serve"),
     "demo_cmd": ("demo",),
     "spark_cmds": ("spark-submit", "spark"),
+    "flink_cmds": ("flink",),
     "serving_cmds": ("serving",),
 }
 _COMMAND_MODULES = {cmd: module for module, cmds in _MODULES.items() for cmd in cmds}

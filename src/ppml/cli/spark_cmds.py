@@ -22,7 +22,7 @@ from ppml.cli._common import (
 from ppml.errors import UsageError
 
 if TYPE_CHECKING:
-    from ppml.engines.spark.java import JavaRuntime
+    from ppml.engines.java import JavaRuntime
     from ppml.engines.spark.launcher import SubmitRequest
     from ppml.tee.launcher import RunDirectory
     from ppml.workspace import Workspace
@@ -112,7 +112,7 @@ def spark_submit(
     if tee is not None and tee != "sim":
         raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
     if measure_only:
-        from ppml.engines.spark.java import find_java
+        from ppml.engines.java import find_java
 
         with tempfile.TemporaryDirectory(prefix="ppml-measure-") as tmp:
             workload = _driver_workload(req, find_java(Path(tmp)))
@@ -156,8 +156,8 @@ def _submit_attested(
     passphrase_file: Path | None,
 ) -> int:
     """The driver attested on the sim TEE, its JVM in the same sandbox."""
+    from ppml.engines.java import find_java
     from ppml.engines.spark.attested import write_driver_boot
-    from ppml.engines.spark.java import find_java
     from ppml.engines.spark.launcher import security_properties
 
     stores = shared_dir() / f"spark-stores-{secrets.token_hex(8)}"
@@ -178,7 +178,7 @@ def _submit(
     req: SubmitRequest, ui: bool, workspace: Path | None, passphrase_file: Path | None
 ) -> int:
     from ppml._internal.fs import ensure_private_dir
-    from ppml.engines.spark.java import find_java
+    from ppml.engines.java import find_java
     from ppml.engines.spark.launcher import (
         ppml_jars,
         private_conf_dir,

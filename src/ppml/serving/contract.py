@@ -20,7 +20,6 @@ import base64
 import contextlib
 import json
 import os
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 
 from ppml import names
 from ppml.crypto.envelope import DataKey, DataKeyProvider, WrappedKey
-from ppml.crypto.stream import looks_encrypted
+from ppml.data.secret_file import read_secret_file
 from ppml.errors import ConfigurationError, KeyAccessError, UsageError
 
 if TYPE_CHECKING:
@@ -68,7 +67,6 @@ READY_LINE: Final = b"ready\n"
 NUMERIC_KINDS: Final = "biuf"  # bool, signed, unsigned, float: what a JSON number list may become
 _DYNAMIC: Final = ("*", "?", "-1", "None")
 _MAX_BUNDLE: Final = 64 * 1024
-_MAX_SECRET_FILE: Final = 4096
 
 
 # -- shapes ---------------------------------------------------------------------------------------
@@ -254,37 +252,11 @@ class QueueConfig:
     max_deliveries: int | None = 5
 
 
-def read_secret_file(path: Path, provider: DataKeyProvider) -> bytes:
-    """A secret from a file: decrypted through `provider` when ppml-encrypted, else a plain
-    file that must not be readable by group or others."""
-    import io
-
-    from ppml.crypto.stream import decrypt_stream
-    from ppml.data.files import annotate_errors
-
-    path = Path(path)
-    with annotate_errors(path):
-        if looks_encrypted(path):
-            buf = io.BytesIO()
-            with open(path, "rb") as fh:
-                decrypt_stream(fh, buf, provider)
-            data = buf.getvalue()
-        else:
-            if stat.S_IMODE(path.stat().st_mode) & 0o077:
-                raise UsageError(
-                    "a secret file must be readable by its owner only (chmod 600)", path=path
-                )
-            data = path.read_bytes()
-    if not 0 < len(data) <= _MAX_SECRET_FILE:
-        raise UsageError("the secret file is empty or too large", path=path)
-    return data
-
-
 def open_queue(config: QueueConfig, provider: DataKeyProvider) -> ServingQueue:
     """The real queue: a Redis client (TLS when `redis_ca`) and the deployment's codec."""
     import redis
 
-    from ppml.serving.codec import KEY_BYTES, PayloadCodec
+    from ppml.data.payload import KEY_BYTES, PayloadCodec
     from ppml.serving.queue import ServingQueue
 
     if config.payload_key_file is None:

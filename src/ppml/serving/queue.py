@@ -58,15 +58,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from ppml.data.payload import validate_deployment, validate_model, validate_request_id
 from ppml.errors import IntegrityError, PPMLError, UsageError
-from ppml.serving.codec import validate_deployment, validate_model, validate_request_id
 
 if TYPE_CHECKING:
     import numpy as np
     import redis
     import redis.asyncio
 
-    from ppml.serving.codec import PayloadCodec
+    from ppml.data.payload import PayloadCodec
     from ppml.serving.notify import ResultNotifier
 
 __all__ = [

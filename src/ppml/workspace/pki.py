@@ -20,6 +20,7 @@ from ppml.workspace.hosts import DEFAULT_HOSTS, normalize_hosts, parse_host
 __all__ = [
     "CA_VALIDITY",
     "DEFAULT_HOSTS",
+    "FLINK_UNIT",
     "KEYSTORE_ALIAS",
     "LEAF_VALIDITY",
     "SERVING_CLIENT_UNIT",
@@ -28,6 +29,7 @@ __all__ = [
     "certificate_facts",
     "enclave_signing_key",
     "encrypted_key_pem",
+    "issue_flink",
     "issue_leaf",
     "issue_serving_client",
     "keystore_p12",
@@ -103,10 +105,31 @@ def issue_leaf(
 ) -> IssuedCert:
     """An ECDSA P-256 end-entity certificate for TLS servers or clients, valid for two years."""
     usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
-    return _issue(ca, _name(f"ppml {kind}"), usage, now, LEAF_VALIDITY, _san(hosts))
+    return _issue(ca, _name(f"ppml {kind}"), [usage], now, LEAF_VALIDITY, _san(hosts))
 
 
 SERVING_CLIENT_UNIT = "ppml serving client"
+FLINK_UNIT = "ppml flink"
+
+
+def issue_flink(
+    ca: IssuedCert, role: Literal["node", "client"], hosts: Sequence[str], now: dt.datetime
+) -> IssuedCert:
+    """An ECDSA P-256 certificate for one Flink cluster (organizational unit "ppml flink"): a
+    node's (JobManager and TaskManagers, which are TLS servers and clients to each other: both
+    usages, `hosts` as names) or a job client's (client authentication only)."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ppml workspace"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, FLINK_UNIT),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"flink {role}"),
+        ]
+    )
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if role == "node":
+        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+    san = _san(hosts) if role == "node" else None
+    return _issue(ca, subject, usages, now, LEAF_VALIDITY, san)
 
 
 def issue_serving_client(
@@ -121,13 +144,13 @@ def issue_serving_client(
             x509.NameAttribute(NameOID.COMMON_NAME, name),
         ]
     )
-    return _issue(ca, subject, ExtendedKeyUsageOID.CLIENT_AUTH, now, validity, None)
+    return _issue(ca, subject, [ExtendedKeyUsageOID.CLIENT_AUTH], now, validity, None)
 
 
 def _issue(
     ca: IssuedCert,
     subject: x509.Name,
-    usage: x509.ObjectIdentifier,
+    usages: Sequence[x509.ObjectIdentifier],
     now: dt.datetime,
     validity: dt.timedelta,
     san: x509.SubjectAlternativeName | None,
@@ -145,7 +168,7 @@ def _issue(
         .not_valid_after(min(now + validity, ca.cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
     )
     if san is not None:
         builder = builder.add_extension(san, critical=False)

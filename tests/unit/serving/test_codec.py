@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from ppml.data.payload import PayloadCodec
 from ppml.errors import IntegrityError, UsageError
-from ppml.serving.codec import PayloadCodec
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

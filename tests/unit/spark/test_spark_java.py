@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ppml.engines.spark.java import (
+from ppml.engines.java import (
     VECTOR_MODULE_FLAG,
     JavaRuntime,
     find_java,

@@ -44,7 +44,7 @@ from ppml.tee.command import check_env_name
 from ppml.tee.sandbox import BOOT_DIR
 
 if TYPE_CHECKING:
-    from ppml.engines.spark.java import JavaRuntime
+    from ppml.engines.java import JavaRuntime
     from ppml.workspace import Workspace
 
 __all__ = [
@@ -219,6 +219,6 @@ def write_driver_boot(
         inside[key] = str(stores / store.name)
     write_private(conf / "spark-defaults.conf", properties_text(inside).encode())
     if java.wrapped:
-        from ppml.engines.spark.java import wrap_java_home
+        from ppml.engines.java import wrap_java_home
 
         wrap_java_home(real_java_home(java), boot / SPARK_BOOT)

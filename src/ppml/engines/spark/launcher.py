@@ -48,7 +48,7 @@ from ppml._internal.procs import record_owner, sweep_orphaned
 from ppml.errors import ConfigurationError, InputNotFound, UsageError
 
 if TYPE_CHECKING:
-    from ppml.engines.spark.java import JavaRuntime
+    from ppml.engines.java import JavaRuntime
     from ppml.workspace import Workspace
 
 __all__ = [
@@ -532,7 +532,7 @@ def start_cluster(
     import json
     import time
 
-    from ppml.engines.spark.java import find_java
+    from ppml.engines.java import find_java
 
     now = clock or time.monotonic
     existing = read_cluster_state(spark_dir)

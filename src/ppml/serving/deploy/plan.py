@@ -223,7 +223,7 @@ def write_secret_files(ws: Workspace, keys: KeyService, plan: Plan) -> None:
     encrypted under the serving key."""
     from ppml._internal.fs import ensure_private_dir
     from ppml.data.files import create_encrypted
-    from ppml.serving.codec import KEY_BYTES
+    from ppml.data.payload import KEY_BYTES
     from ppml.serving.redis_server import redis_password
 
     ensure_private_dir(plan.payload_key_file.parent)

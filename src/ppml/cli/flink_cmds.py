@@ -1,0 +1,219 @@
+"""`ppml flink setup|run` and `ppml flink cluster up|status|down`: Flink with TLS, keys by relay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ppml.cli._attested import progress
+from ppml.cli._common import (
+    PassphraseFileOption,
+    WorkspaceOption,
+    check_format,
+    open_workspace,
+    print_json,
+    workspace_dir,
+)
+from ppml.errors import UsageError
+
+if TYPE_CHECKING:
+    from ppml.workspace import Workspace
+
+_RUN_CONTEXT = {
+    "allow_extra_args": True,
+    "ignore_unknown_options": True,
+    "allow_interspersed_args": False,
+}
+
+flink_app = typer.Typer(
+    help="Apache Flink jobs over encrypted data (PyFlink, in an environment of its own).",
+    no_args_is_help=True,
+)
+cluster_app = typer.Typer(
+    help="A standalone Flink cluster (JobManager and TaskManagers) with mutual TLS on every "
+    "connection, from the workspace's CA.",
+    no_args_is_help=True,
+)
+flink_app.add_typer(cluster_app, name="cluster")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(flink_app, name="flink")
+
+
+def _flink_dir(ws_path: Path) -> Path:
+    from ppml._internal.fs import ensure_private_dir
+
+    d = ws_path / "flink"
+    ensure_private_dir(d)
+    return d
+
+
+@flink_app.command("setup")
+def setup(
+    venv: Annotated[
+        Path | None,
+        typer.Option(
+            "--venv",
+            metavar="DIR",
+            help="Where to make the environment. Default: ~/.local/state/ppml/flink-venv.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Reinstall ppml and Flink into an existing one.")
+    ] = False,
+) -> None:
+    """Make Flink's Python environment: a virtual environment with apache-flink and this ppml
+    (Flink's dependencies cannot share one with PySpark 4 and the newest pyarrow). Prints the
+    interpreter; `ppml flink` finds it there, or through $PPML_FLINK_PYTHON."""
+    from ppml.engines.flink.environment import default_venv, setup_flink_environment
+
+    found = setup_flink_environment(venv or default_venv(), force=force, progress=progress)
+    progress(f"Flink {found.flink_version} with ppml ({found.ppml_package})")
+    typer.echo(found.python)
+
+
+@flink_app.command("run", context_settings=_RUN_CONTEXT)
+def run(
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="JOB.py [ARGS...]",
+            help="The PyFlink job and its arguments.",
+            show_default=False,
+        ),
+    ],
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="Run on a mini-cluster in this job's own process (the "
+            "default when no cluster is up).",
+        ),
+    ] = False,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster",
+            help="Run on the workspace's cluster (`ppml flink "
+            "cluster up`); the default when one is up.",
+        ),
+    ] = False,
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Run a PyFlink job with TLS between Flink's processes and keys served to its operators
+    (`from ppml.flink import read_encrypted_files, ...`) by a relay this command runs for the
+    job's lifetime; no key or password reaches the job's command line, environment, job
+    parameters or logs. Waits for the job and exits with its code."""
+    from ppml.engines.flink.cluster import CLUSTER_DIR, read_cluster_state
+    from ppml.engines.flink.environment import find_flink_environment
+    from ppml.engines.flink.relay import KeyRelay
+    from ppml.engines.flink.submit import prepare_run, run_job
+    from ppml.engines.java import find_java
+
+    if local and cluster:
+        raise UsageError("--local and --cluster exclude each other")
+    job, job_args = Path(args[0]), args[1:]
+    ws = open_workspace(workspace, passphrase_file)
+    flink_dir = _flink_dir(ws.path)
+    if not local and not cluster:
+        local = read_cluster_state(flink_dir / CLUSTER_DIR) is None
+    flink = find_flink_environment()
+    java = find_java(flink_dir / "java")
+    keys = ws.key_service(actor="flink")
+    try:
+        with (
+            prepare_run(ws, flink_dir, flink, java, job, job_args, local=local) as prepared,
+            KeyRelay(keys, host=prepared.relay_host) as relay,
+        ):
+            relay.write_ticket(prepared.ticket)
+            progress(f"running {job.name} on {'a mini-cluster' if local else 'the cluster'}")
+            code = run_job(prepared)
+    finally:
+        keys.close()
+    raise typer.Exit(code)
+
+
+@cluster_app.command("up")
+def cluster_up(
+    taskmanagers: Annotated[
+        int, typer.Option("--taskmanagers", min=1, help="Number of TaskManagers.")
+    ] = 1,
+    slots: Annotated[int, typer.Option("--slots", min=1, help="Task slots per TaskManager.")] = 2,
+    memory: Annotated[
+        str, typer.Option("--memory", help="Process memory per TaskManager (e.g. 1536m).")
+    ] = "1536m",
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind and advertise (default loopback).")
+    ] = "127.0.0.1",
+    workspace: WorkspaceOption = None,
+    passphrase_file: PassphraseFileOption = None,
+) -> None:
+    """Start a JobManager and TaskManagers with mutual TLS 1.3 on RPC, data and REST
+    connections (certificates issued by the workspace CA for this cluster); print the REST URL."""
+    from ppml.engines.flink.cluster import start_cluster
+    from ppml.engines.flink.environment import find_flink_environment
+    from ppml.engines.java import find_java
+
+    ws: Workspace = open_workspace(workspace, passphrase_file)
+    flink_dir = _flink_dir(ws.path)
+    flink = find_flink_environment()
+    java = find_java(flink_dir / "java")
+    progress(f"starting a JobManager and {taskmanagers} TaskManager(s) on {host}")
+    state = start_cluster(
+        ws,
+        flink_dir,
+        flink,
+        java,
+        taskmanagers=taskmanagers,
+        slots=slots,
+        memory=memory,
+        host=host,
+    )
+    typer.echo(state.rest_url)
+
+
+@cluster_app.command("down")
+def cluster_down(workspace: WorkspaceOption = None) -> None:
+    """Stop the cluster's processes and remove its key stores (needs no passphrase)."""
+    from ppml.engines.flink.cluster import stop_cluster
+
+    stopped = stop_cluster(workspace_dir(workspace).absolute() / "flink")
+    typer.echo(f"stopped {stopped} process(es)")
+
+
+@cluster_app.command("status")
+def cluster_status(
+    fmt: Annotated[str, typer.Option("--format", help="Output format: text or json.")] = "text",
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Show the cluster's REST URL, its processes, task slots and jobs. Exit 1 if none is up."""
+    from ppml.engines.flink.cluster import cluster_status as status
+
+    check_format(fmt)
+    info = status(workspace_dir(workspace).absolute() / "flink")
+    if info is None:
+        if fmt == "json":
+            print_json({"running": False})
+        else:
+            typer.echo("no cluster")
+        raise typer.Exit(1)
+    if fmt == "json":
+        print_json(info)
+        return
+    jm = info["jobmanager"]
+    typer.echo(f"jobmanager {info['rest_url']}  pid {jm['pid']}  {'up' if jm['alive'] else 'DOWN'}")
+    for tm in info["taskmanagers"]:
+        typer.echo(
+            f"taskmanager pid {tm['pid']}  {'up' if tm['alive'] else 'DOWN'}  log {tm['log']}"
+        )
+    overview = info.get("overview")
+    if overview:
+        typer.echo(
+            f"slots {overview['slots-available']}/{overview['slots-total']} free, "
+            f"jobs running {overview['jobs-running']}, finished {overview['jobs-finished']}, "
+            f"failed {overview['jobs-failed']}"
+        )

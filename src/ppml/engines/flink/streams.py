@@ -1,0 +1,372 @@
+"""Encrypted sources and sinks for PyFlink jobs (this module runs in Flink's environment).
+
+Sources:
+
+- `read_encrypted_files`: ppml's encrypted files (the streaming format: text, CSV, JSON lines) as
+  a stream of lines, bounded, or watching directories for new files (``monitor_interval``).
+  Flink's file source lists the files and checkpoints which are done; a Python operator opens
+  each file, authenticates and decrypts it segment by segment. Exactly once: a restored job
+  reads every file that a completed checkpoint had not covered, from its start, and no other.
+- `read_redis_stream`: a Redis stream whose entries hold payloads sealed with the serving
+  queue's codec (`ppml.data.payload`) under a deployment's payload key, as a stream of text
+  records. One reader polls the stream (``XREAD``), driven by a rate-limited tick source; the
+  last entry id read is Flink state, so a restored job re-reads from the checkpoint's position:
+  exactly once into Flink's state.
+
+Sinks:
+
+- `write_encrypted_files`: lines into encrypted part files (one fresh data key each) that
+  appear under their final name only when the checkpoint covering them completes (Flink's file
+  sink: hidden in-progress files hold ciphertext only). The lines of a part not yet written
+  are Flink state. Exactly once (with checkpointing, which ppml turns on).
+- `write_redis_stream`: records sealed with the codec, appended with ``XADD``. At least once:
+  after a failure the records since the last checkpoint are appended again (each carries a
+  record id from the job's position, so a reader can drop repeats).
+
+Keys: every operator gets its keys from the job's key relay (`ppml.engines.flink.relay`); the
+ticket is read once, where the job is built, and travels inside the operators.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pyflink.common import Duration, Types, WatermarkStrategy
+from pyflink.datastream import DataStream, DataStreamSink, StreamExecutionEnvironment
+from pyflink.datastream.connectors import Sink, Source
+from pyflink.datastream.connectors.file_system import BulkFormat, FileSource
+from pyflink.datastream.functions import (
+    FlatMapFunction,
+    KeyedProcessFunction,
+    KeySelector,
+    MapFunction,
+    RuntimeContext,
+)
+from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
+from pyflink.java_gateway import get_gateway
+
+from ppml.crypto.envelope import DataKeyProvider
+from ppml.crypto.stream import ContentType, StreamReader, encrypt_stream, looks_encrypted
+from ppml.data.files import annotate_errors
+from ppml.data.payload import KEY_BYTES, PayloadCodec
+from ppml.data.secret_file import read_secret_file
+from ppml.engines.flink.relay import RelayTicket, ticket_from_environment
+from ppml.errors import IntegrityError, UsageError
+
+__all__ = [
+    "RedisStream",
+    "job_keys",
+    "read_encrypted_files",
+    "read_redis_stream",
+    "write_encrypted_files",
+    "write_redis_stream",
+]
+
+_END_OF_INPUT = 2**63 - 1  # the watermark at the end of bounded input: flushes what is buffered
+
+
+def job_keys() -> RelayTicket:
+    """The key relay's ticket of this job (left by `ppml flink run`)."""
+    return ticket_from_environment()
+
+
+def _jvm() -> Any:
+    return get_gateway().jvm
+
+
+# -- encrypted files -----------------------------------------------------------------------------
+
+
+class _DecryptLines(FlatMapFunction):
+    """A file's path -> its lines, authenticated and decrypted segment by segment."""
+
+    def __init__(self, ticket: RelayTicket) -> None:
+        self._ticket = ticket
+        self._keys: DataKeyProvider | None = None
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self._keys = self._ticket.provider()
+
+    def flat_map(self, value: str) -> Iterator[str]:
+        path = value.removeprefix("file:")
+        assert self._keys is not None
+        if not looks_encrypted(path):
+            raise UsageError("not a ppml-encrypted file", path=path)
+        with annotate_errors(Path(path)), open(path, "rb") as raw:
+            reader = StreamReader(raw, self._keys)
+            text = io.TextIOWrapper(io.BufferedReader(reader, 1 << 20), encoding="utf-8")
+            for line in text:
+                yield line.rstrip("\r\n")
+
+
+def read_encrypted_files(
+    env: StreamExecutionEnvironment,
+    *paths: str | Path,
+    monitor_interval: float | None = None,
+    ticket: RelayTicket | None = None,
+) -> DataStream:
+    """The lines of the encrypted files in `paths` (files or directories, read recursively;
+    hidden files are skipped). With `monitor_interval` (seconds) the directories are watched
+    for new files and the stream does not end."""
+    if not paths:
+        raise UsageError("read_encrypted_files needs at least one path")
+    ticket = ticket or job_keys()
+    builder = FileSource.for_bulk_file_format(
+        BulkFormat(_jvm().org.ppml.flink.FilePaths()), *(str(Path(p).absolute()) for p in paths)
+    )
+    if monitor_interval is not None:
+        builder = builder.monitor_continuously(Duration.of_millis(int(monitor_interval * 1000)))
+    files = env.from_source(builder.build(), WatermarkStrategy.no_watermarks(), "encrypted files")
+    return files.flat_map(_DecryptLines(ticket), output_type=Types.STRING()).name("decrypt")
+
+
+class _Bucket(KeySelector):
+    """A stable bucket per line (CRC-32, not Python's per-process string hash)."""
+
+    def __init__(self, buckets: int) -> None:
+        self._buckets = buckets
+
+    def get_key(self, value: str) -> int:
+        return zlib.crc32(value.encode()) % self._buckets
+
+
+class _Parts(KeyedProcessFunction):
+    """Lines -> whole encrypted part files (bytes), `records` lines each, or fewer once
+    `roll_ms` has passed since a part's first line, or at the end of the input."""
+
+    def __init__(
+        self, ticket: RelayTicket, key: str, records: int, roll_ms: int, content: ContentType
+    ) -> None:
+        self._ticket = ticket
+        self._key = key
+        self._records = records
+        self._roll_ms = roll_ms
+        self._content = content
+        self._keys: DataKeyProvider | None = None
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self._keys = self._ticket.provider()
+        self._lines = runtime_context.get_list_state(
+            ListStateDescriptor("ppml-part-lines", Types.STRING())
+        )
+        self._count = runtime_context.get_state(
+            ValueStateDescriptor("ppml-part-count", Types.INT())
+        )
+
+    def process_element(self, value: str, ctx: KeyedProcessFunction.Context) -> Iterator[bytes]:
+        count = self._count.value() or 0
+        if count == 0:
+            timers = ctx.timer_service()
+            timers.register_processing_time_timer(timers.current_processing_time() + self._roll_ms)
+            timers.register_event_time_timer(_END_OF_INPUT)
+        self._lines.add(value)
+        self._count.update(count + 1)
+        if count + 1 >= self._records:
+            yield from self._flush()
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[bytes]:
+        yield from self._flush()
+
+    def _flush(self) -> Iterator[bytes]:
+        lines = list(self._lines.get() or [])
+        if not lines:
+            return
+        assert self._keys is not None
+        plaintext = ("\n".join(lines) + "\n").encode()
+        out = io.BytesIO()
+        encrypt_stream(
+            io.BytesIO(plaintext),
+            out,
+            self._keys.generate_data_key(self._key),
+            content_type=self._content,
+        )
+        self._lines.clear()
+        self._count.clear()
+        yield out.getvalue()
+
+
+def write_encrypted_files(
+    stream: DataStream,
+    path: str | Path,
+    *,
+    key: str,
+    records_per_part: int = 10_000,
+    roll_interval: float = 60.0,
+    content: str = "text",
+    prefix: str = "part",
+    suffix: str = ".enc",
+    parallelism: int | None = None,
+    ticket: RelayTicket | None = None,
+) -> DataStreamSink:
+    """Write the text records of `stream` as encrypted part files under `path` (named
+    ``PREFIX-<id>-<n>SUFFIX``), each under a fresh data key of the named key `key`: a part holds
+    `records_per_part` lines, or what came within `roll_interval` seconds; `content` (text, csv
+    or json) is recorded in each file's header for ``ppml decrypt`` and the readers."""
+    if records_per_part < 1 or roll_interval <= 0:
+        raise UsageError("records_per_part and roll_interval must be positive")
+    ticket = ticket or job_keys()
+    buckets = parallelism or stream.get_execution_environment().get_parallelism()
+    writer = _Parts(
+        ticket, key, records_per_part, int(roll_interval * 1000), ContentType.parse(content)
+    )
+    parts = (
+        stream.key_by(_Bucket(max(1, buckets)), key_type=Types.INT())
+        .process(writer, output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
+        .name("encrypt parts")
+    )
+    if parallelism is not None:
+        parts = parts.set_parallelism(parallelism)
+    sink = _jvm().org.ppml.flink.EncryptedParts.sink(str(Path(path).absolute()), prefix, suffix)
+    return parts.sink_to(Sink(sink)).name("encrypted part files")
+
+
+# -- Redis streams -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RedisStream:
+    """A Redis stream of sealed records: where it is, and the files holding its secrets (the
+    payload key, and the Redis password when there is one: ppml-encrypted or 0600)."""
+
+    stream: str
+    deployment: str
+    payload_key_file: Path
+    host: str = "127.0.0.1"
+    port: int = 6379
+    ca: Path | None = None  # TLS, checked against this CA
+    password_file: Path | None = None
+
+    def connect(self, keys: DataKeyProvider) -> tuple[Any, PayloadCodec]:
+        import redis
+
+        key = read_secret_file(self.payload_key_file, keys)
+        if len(key) != KEY_BYTES:
+            raise UsageError(
+                f"the payload key must be {KEY_BYTES} bytes", path=self.payload_key_file
+            )
+        options: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "socket_timeout": 30.0,
+            "socket_connect_timeout": 10.0,
+        }
+        if self.password_file is not None:
+            options["password"] = read_secret_file(self.password_file, keys).decode().strip()
+        if self.ca is not None:
+            options.update(
+                ssl=True,
+                ssl_ca_certs=str(self.ca),
+                ssl_cert_reqs="required",
+                ssl_check_hostname=True,
+            )
+        return redis.Redis(**options), PayloadCodec(key, self.deployment)
+
+
+def seal_record(codec: PayloadCodec, record_id: str, text: str) -> bytes:
+    """A text record sealed for a stream (request direction, bound to `record_id`)."""
+    return codec.seal(record_id, "request", np.array(text))
+
+
+def open_record(codec: PayloadCodec, record_id: str, blob: bytes) -> str:
+    value = codec.open(record_id, "request", blob)
+    if value.dtype.kind != "U" or value.ndim != 0:
+        raise IntegrityError()
+    return str(value)
+
+
+class _PollRedis(KeyedProcessFunction):
+    """On each tick, the entries after the last one read (a checkpointed position)."""
+
+    def __init__(self, ticket: RelayTicket, source: RedisStream, batch: int, start: str) -> None:
+        self._ticket = ticket
+        self._source = source
+        self._batch = batch
+        self._start = start
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self._client, self._codec = self._source.connect(self._ticket.provider())
+        self._last = runtime_context.get_state(ValueStateDescriptor("ppml-last-id", Types.STRING()))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def process_element(self, value: int, ctx: KeyedProcessFunction.Context) -> Iterator[str]:
+        last = self._last.value() or self._start
+        read = self._client.xread({self._source.stream: last}, count=self._batch)
+        for _name, entries in read or []:
+            for entry_id, fields in entries:
+                record_id = fields[b"id"].decode()
+                yield open_record(self._codec, record_id, fields[b"payload"])
+                last = entry_id.decode()
+        self._last.update(last)
+
+
+def read_redis_stream(
+    env: StreamExecutionEnvironment,
+    source: RedisStream,
+    *,
+    polls_per_second: float = 20.0,
+    batch: int = 1000,
+    start: str = "0",
+    ticket: RelayTicket | None = None,
+) -> DataStream:
+    """The text records of `source`'s stream, from entry id `start` ("0": the beginning; "$":
+    only new ones), unbounded. Records that fail to open (altered, or sealed for another
+    stream) fail the job."""
+    ticket = ticket or job_keys()
+    ticks = env.from_source(
+        Source(_jvm().org.ppml.flink.Ticks.source(float(polls_per_second))),
+        WatermarkStrategy.no_watermarks(),
+        "redis poll ticks",
+    ).set_parallelism(1)
+    return (
+        ticks.key_by(lambda _t: 0, key_type=Types.INT())
+        .process(_PollRedis(ticket, source, batch, start), output_type=Types.STRING())
+        .set_parallelism(1)
+        .name(f"redis stream {source.stream}")
+    )
+
+
+class _XAdd(MapFunction):
+    def __init__(self, ticket: RelayTicket, sink: RedisStream, maxlen: int | None) -> None:
+        self._ticket = ticket
+        self._sink = sink
+        self._maxlen = maxlen
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self._client, self._codec = self._sink.connect(self._ticket.provider())
+        self._prefix = f"{runtime_context.get_index_of_this_subtask()}"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def map(self, value: str) -> int:
+        record_id = f"{self._prefix}-{uuid.uuid4().hex}"
+        blob = seal_record(self._codec, record_id, value)
+        self._client.xadd(
+            self._sink.stream, {"id": record_id, "payload": blob}, maxlen=self._maxlen
+        )
+        return 0
+
+
+def write_redis_stream(
+    stream: DataStream,
+    sink: RedisStream,
+    *,
+    maxlen: int | None = None,
+    ticket: RelayTicket | None = None,
+) -> DataStreamSink:
+    """Append each text record of `stream` to `sink`'s stream, sealed (at least once)."""
+    ticket = ticket or job_keys()
+    added = stream.map(_XAdd(ticket, sink, maxlen), output_type=Types.INT()).name(
+        f"redis stream {sink.stream}"
+    )
+    discard = _jvm().org.apache.flink.streaming.api.functions.sink.v2.DiscardingSink()
+    return added.sink_to(Sink(discard)).name("appended")

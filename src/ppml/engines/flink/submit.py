@@ -1,0 +1,144 @@
+"""Running a PyFlink job: on a mini-cluster in one process, or on the workspace's cluster.
+
+A run gets a private directory ``<workspace>/flink/run/<id>/`` (removed when the job ends; a
+run killed before it could clean up is swept by the next): its FLINK_HOME of links, its
+configuration (``conf/``, 0600; for the mini-cluster, internal TLS with a node certificate
+issued for this run; for the cluster, the REST client certificate), its logs and its scratch
+space. The job's operators get their keys from the key relay that the caller runs
+(`ppml.engines.flink.relay`), whose ticket is the one file ``$PPML_FLINK_RELAY`` names.
+
+- ``--local``: ``python job.py ARGS`` in Flink's environment; PyFlink starts the mini-cluster
+  in a JVM of its own, below this run's FLINK_HOME.
+- on the cluster: ``flink run -py job.py ARGS`` against the cluster's REST endpoint (mutual
+  TLS), attached: the command ends when the job does, with its exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ppml._internal.fs import ensure_private_dir
+from ppml._internal.procs import record_owner, sweep_orphaned
+from ppml.engines.flink.cluster import (
+    CLUSTER_DIR,
+    flink_environment_variables,
+    ppml_flink_jar,
+    read_cluster_state,
+)
+from ppml.engines.flink.config import (
+    ClusterSecurity,
+    base_settings,
+    client_settings,
+    issue_cluster_security,
+    node_settings,
+    private_flink_home,
+    write_config,
+)
+from ppml.engines.flink.relay import RELAY_ENV
+from ppml.errors import UsageError
+
+if TYPE_CHECKING:
+    from ppml.engines.flink.environment import FlinkEnvironment
+    from ppml.engines.java import JavaRuntime
+    from ppml.workspace import Workspace
+
+__all__ = ["JobRun", "job_command", "prepare_run"]
+
+RUN_DIR = "run"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRun:
+    """A prepared run: where it lives, its environment, its command."""
+
+    directory: Path
+    command: tuple[str, ...]
+    env: Mapping[str, str]
+    relay_host: str
+    ticket: Path
+
+
+def job_command(
+    flink: FlinkEnvironment, home: Path, job: Path, args: Sequence[str], *, local: bool
+) -> tuple[str, ...]:
+    if local:
+        return (str(flink.python), str(job), *args)
+    return (str(home / "bin" / "flink"), "run", "--python", str(job), *args)
+
+
+@contextlib.contextmanager
+def prepare_run(
+    ws: Workspace,
+    flink_dir: Path,
+    flink: FlinkEnvironment,
+    java: JavaRuntime,
+    job: Path,
+    args: Sequence[str],
+    *,
+    local: bool,
+) -> Iterator[JobRun]:
+    """A run's private directory, configuration and command (see the module), removed after."""
+    if not job.is_file():
+        raise UsageError("no such job file", path=job)
+    runs = flink_dir / RUN_DIR
+    ensure_private_dir(runs)
+    sweep_orphaned(runs, "*", lambda d: shutil.rmtree(d, ignore_errors=True))
+    d = runs / secrets.token_hex(8)
+    ensure_private_dir(d)
+    record_owner(d, os.getpid())
+    try:
+        settings = base_settings(flink, d / "scratch")
+        if local:
+            security = issue_cluster_security(ws, d / "stores", ["127.0.0.1", "localhost"])
+            settings.update(node_settings(security))
+            # The mini-cluster's own addresses: loopback only.
+            for key in (
+                "jobmanager.bind-host",
+                "taskmanager.bind-host",
+                "taskmanager.host",
+                "jobmanager.rpc.address",
+                "rest.bind-address",
+                "rest.address",
+            ):
+                settings[key] = "127.0.0.1"
+            relay_host = "127.0.0.1"
+        else:
+            state = read_cluster_state(flink_dir / CLUSTER_DIR)
+            if state is None:
+                raise UsageError(
+                    "no Flink cluster is up: start one with `ppml flink cluster up`"
+                    " or run the job with --local"
+                )
+            cluster_security = ClusterSecurity.load(flink_dir / CLUSTER_DIR / "conf")
+            settings.update(client_settings(cluster_security))
+            settings.update({"rest.address": state.host, "rest.port": str(state.rest_port)})
+            relay_host = state.host
+        home = private_flink_home(flink, d / "home", [ppml_flink_jar()])
+        write_config(d / "conf", settings, flink)
+        ensure_private_dir(d / "log")
+        env = flink_environment_variables(flink, java, home, d / "conf", d / "log")
+        ticket = d / "relay.json"
+        env[RELAY_ENV] = str(ticket)
+        command = job_command(flink, home, job.absolute(), args, local=local)
+        yield JobRun(d, command, env, relay_host, ticket)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_job(run: JobRun) -> int:
+    """Start the job's process and wait for it (Ctrl-C and SIGTERM are passed on)."""
+    from ppml.tee.launcher import wait_forwarding_signals
+
+    try:
+        proc = subprocess.Popen(run.command, env=dict(run.env))  # noqa: S603 -- the user's job
+    except OSError as exc:
+        raise UsageError(f"cannot start the job: {exc.strerror}") from None
+    return wait_forwarding_signals(proc)
