@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet.encryption as pe
 
 from ppml.crypto.envelope import DataKeyProvider, WrappedKey, seal, unseal, validate_key_name
-from ppml.errors import IntegrityError, PPMLError
+from ppml.errors import ConfigurationError, IntegrityError, PPMLError
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
@@ -238,9 +238,19 @@ class KeySession:
         return locate(exc, self._path)
 
 
+_MIN_WRITE_PYARROW = 18
+
+
 def encryption_configuration(
     key_name: str, groups: Mapping[str, list[str]]
 ) -> pe.EncryptionConfiguration:
+    if int(pa.__version__.split(".")[0]) < _MIN_WRITE_PYARROW:
+        # Older pyarrow (Flink's environment has 16) writes columns not named with a key in
+        # the clear and has no uniform encryption: refuse rather than write that.
+        raise ConfigurationError(
+            f"writing encrypted Parquet needs pyarrow {_MIN_WRITE_PYARROW} or later (this "
+            f"environment has {pa.__version__}); reading works with it"
+        )
     # One named key for everything: uniform encryption, one data key for the footer and every
     # column (column metadata then sits inside the encrypted footer instead of being encrypted
     # again per column chunk: smaller footers, one key to unwrap per file).

@@ -70,8 +70,9 @@ def flink_environment_variables(
 ) -> dict[str, str]:
     """A Flink process's environment: `base` without ppml's secrets and without Python
     variables that would change which code the operators run, plus Flink's own variables.
-    PYTHONPATH is the environment's site-packages: the interpreter that PemJa embeds in the
-    JVM starts from the base installation and would not see them otherwise."""
+    PYTHONPATH is the environment's site-packages and ppml's own directory: the interpreter
+    that PemJa embeds in the JVM starts from the base installation and reads no ``.pth`` file
+    (an editable install is one), so it would not see them otherwise."""
     env = {
         k: v
         for k, v in base.items()
@@ -83,7 +84,9 @@ def flink_environment_variables(
             "FLINK_HOME": str(home),
             "FLINK_CONF_DIR": str(conf_dir),
             "FLINK_LOG_DIR": str(log_dir),
-            "PYTHONPATH": str(flink.site_packages),
+            "PYTHONPATH": os.pathsep.join(
+                dict.fromkeys([str(flink.site_packages), str(flink.ppml_package.parent)])
+            ),
         }
     )
     return env

