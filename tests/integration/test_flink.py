@@ -13,6 +13,7 @@ Beam worker runs (Python operators run in the TaskManager's JVM).
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import json
 import os
@@ -114,10 +115,8 @@ def flink_run(home: Path, *args: str | Path) -> Job:
                 ).stdout
             )
             for pid in _flink_pids():
-                try:
+                with contextlib.suppress(OSError):
                     job.environ.append(Path(f"/proc/{pid}/environ").read_bytes())
-                except OSError:
-                    pass
             done.wait(0.5)
 
     watcher = threading.Thread(target=sample, daemon=True)
@@ -359,15 +358,17 @@ def test_every_cluster_port_is_loopback(cluster: dict[str, object]) -> None:
 def _handshake(port: int, context: ssl.SSLContext) -> str | None:
     """None if a TLS session with `context` is set up and survives a first read; else why not."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.settimeout(2)
-                try:
-                    if tls.recv(1) == b"":
-                        return "closed"
-                except TimeoutError:
-                    return None
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.settimeout(2)
+            try:
+                if tls.recv(1) == b"":
+                    return "closed"
+            except TimeoutError:
                 return None
+            return None
     except (ssl.SSLError, ConnectionError, OSError) as exc:
         return type(exc).__name__
 
