@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Install ppml with its development extras into ./.venv, lint, type-check, run every test.
+# Install ppml with its development extras into ./.venv, and Flink's own environment beside it
+# (./.venv-flink: apache-flink cannot share an environment with PySpark 4), lint, type-check,
+# run every test.
 source "$(dirname "$0")/_venv.sh"
 "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+FLINK_VENV="${FLINK_VENV:-$VENV-flink}"
+echo "== Flink's environment ($FLINK_VENV)"
+"$VENV/bin/ppml" flink setup --venv "$FLINK_VENV" >/dev/null
+export PPML_FLINK_PYTHON="$FLINK_VENV/bin/python"
 cd "$ROOT"
 echo "== ruff" && "$VENV/bin/ruff" check src tests benchmarks examples
 echo "== mypy" && "$VENV/bin/mypy"

@@ -33,11 +33,9 @@ import io
 import uuid
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pyflink.common import Duration, Types, WatermarkStrategy
 from pyflink.datastream import DataStream, DataStreamSink, StreamExecutionEnvironment
 from pyflink.datastream.connectors import Sink, Source
@@ -55,10 +53,9 @@ from pyflink.java_gateway import get_gateway
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.crypto.stream import ContentType, StreamReader, encrypt_stream, looks_encrypted
 from ppml.data.files import annotate_errors
-from ppml.data.payload import KEY_BYTES, PayloadCodec
-from ppml.data.secret_file import read_secret_file
+from ppml.engines.flink.records import RedisStream, open_record, seal_record
 from ppml.engines.flink.relay import RelayTicket, ticket_from_environment
-from ppml.errors import IntegrityError, UsageError
+from ppml.errors import UsageError
 
 __all__ = [
     "RedisStream",
@@ -70,6 +67,7 @@ __all__ = [
 ]
 
 _END_OF_INPUT = 2**63 - 1  # the watermark at the end of bounded input: flushes what is buffered
+_UNBOUNDED = 2**63 - 1  # ticks: Long.MAX_VALUE
 
 
 def job_keys() -> RelayTicket:
@@ -230,57 +228,6 @@ def write_encrypted_files(
 # -- Redis streams -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RedisStream:
-    """A Redis stream of sealed records: where it is, and the files holding its secrets (the
-    payload key, and the Redis password when there is one: ppml-encrypted or 0600)."""
-
-    stream: str
-    deployment: str
-    payload_key_file: Path
-    host: str = "127.0.0.1"
-    port: int = 6379
-    ca: Path | None = None  # TLS, checked against this CA
-    password_file: Path | None = None
-
-    def connect(self, keys: DataKeyProvider) -> tuple[Any, PayloadCodec]:
-        import redis
-
-        key = read_secret_file(self.payload_key_file, keys)
-        if len(key) != KEY_BYTES:
-            raise UsageError(
-                f"the payload key must be {KEY_BYTES} bytes", path=self.payload_key_file
-            )
-        options: dict[str, Any] = {
-            "host": self.host,
-            "port": self.port,
-            "socket_timeout": 30.0,
-            "socket_connect_timeout": 10.0,
-        }
-        if self.password_file is not None:
-            options["password"] = read_secret_file(self.password_file, keys).decode().strip()
-        if self.ca is not None:
-            options.update(
-                ssl=True,
-                ssl_ca_certs=str(self.ca),
-                ssl_cert_reqs="required",
-                ssl_check_hostname=True,
-            )
-        return redis.Redis(**options), PayloadCodec(key, self.deployment)
-
-
-def seal_record(codec: PayloadCodec, record_id: str, text: str) -> bytes:
-    """A text record sealed for a stream (request direction, bound to `record_id`)."""
-    return codec.seal(record_id, "request", np.array(text))
-
-
-def open_record(codec: PayloadCodec, record_id: str, blob: bytes) -> str:
-    value = codec.open(record_id, "request", blob)
-    if value.dtype.kind != "U" or value.ndim != 0:
-        raise IntegrityError()
-    return str(value)
-
-
 class _PollRedis(KeyedProcessFunction):
     """On each tick, the entries after the last one read (a checkpointed position)."""
 
@@ -315,14 +262,19 @@ def read_redis_stream(
     polls_per_second: float = 20.0,
     batch: int = 1000,
     start: str = "0",
+    stop_after: float | None = None,
     ticket: RelayTicket | None = None,
 ) -> DataStream:
     """The text records of `source`'s stream, from entry id `start` ("0": the beginning; "$":
-    only new ones), unbounded. Records that fail to open (altered, or sealed for another
-    stream) fail the job."""
+    only new ones): unbounded, or ending after `stop_after` seconds of polling (the input then
+    ends as a bounded one does: windows fire, the sinks commit). Up to `batch` entries are read
+    per poll. Records that fail to open (altered, or sealed for another stream) fail the job."""
     ticket = ticket or job_keys()
+    if polls_per_second <= 0 or batch < 1:
+        raise UsageError("polls_per_second and batch must be positive")
+    polls = _UNBOUNDED if stop_after is None else max(1, int(stop_after * polls_per_second))
     ticks = env.from_source(
-        Source(_jvm().org.ppml.flink.Ticks.source(float(polls_per_second))),
+        Source(_jvm().org.ppml.flink.Ticks.source(float(polls_per_second), polls)),
         WatermarkStrategy.no_watermarks(),
         "redis poll ticks",
     ).set_parallelism(1)

@@ -6,7 +6,7 @@ import org.apache.flink.connector.datagen.source.DataGeneratorSource;
 import org.apache.flink.connector.datagen.source.GeneratorFunction;
 
 /**
- * An unbounded, rate-limited stream of numbers (0, 1, 2, ...): the clock that drives ppml's
+ * A rate-limited stream of numbers (0, 1, 2, ...): the clock that drives ppml's
  * polling sources (a Redis stream, a directory), whose reads happen in Python operators.
  * The source is checkpointed, so after a restore it continues where the checkpoint was.
  */
@@ -18,12 +18,15 @@ public final class Ticks implements GeneratorFunction<Long, Long> {
         return index;
     }
 
-    /** An unbounded source of ticks, at most {@code perSecond} per second over all subtasks. */
-    public static DataGeneratorSource<Long> source(double perSecond) {
-        if (!(perSecond > 0)) {
-            throw new IllegalArgumentException("ticks per second must be positive");
+    /**
+     * A source of {@code count} ticks ({@code Long.MAX_VALUE}: unbounded), at most {@code
+     * perSecond} per second over all subtasks.
+     */
+    public static DataGeneratorSource<Long> source(double perSecond, long count) {
+        if (!(perSecond > 0) || count < 1) {
+            throw new IllegalArgumentException("ticks per second and count must be positive");
         }
         return new DataGeneratorSource<>(
-                new Ticks(), Long.MAX_VALUE, RateLimiterStrategy.perSecond(perSecond), Types.LONG);
+                new Ticks(), count, RateLimiterStrategy.perSecond(perSecond), Types.LONG);
     }
 }
