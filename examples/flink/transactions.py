@@ -80,6 +80,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--window", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--lateness", type=float, default=2.0, metavar="SECONDS")
     parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument("--polls", type=float, default=20.0, help="polls per second")
+    parser.add_argument("--batch", type=int, default=1000, help="records per poll, at most")
     parser.add_argument("--checkpoint", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--key", default="flink-output")
     args = parser.parse_args(argv)
@@ -100,7 +102,9 @@ def main(argv: list[str]) -> int:
         Duration.of_millis(int(args.lateness * 1000))
     ).with_timestamp_assigner(EventTime())
     totals = (
-        read_redis_stream(env, source, stop_after=args.seconds)
+        read_redis_stream(
+            env, source, stop_after=args.seconds, polls_per_second=args.polls, batch=args.batch
+        )
         .map(parse, output_type=TRANSACTION)
         .assign_timestamps_and_watermarks(watermarks)
         .key_by(lambda t: t[0], key_type=Types.STRING())

@@ -34,6 +34,8 @@ pytestmark = [pytest.mark.flink, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDCOUNT = ROOT / "examples" / "flink" / "wordcount.py"
+TRANSACTIONS = ROOT / "examples" / "flink" / "transactions.py"
+WINDOW_MS = 10_000
 FLINK_PYTHON = os.environ.get("PPML_FLINK_PYTHON")
 if not FLINK_PYTHON:
     pytest.skip(
@@ -90,6 +92,18 @@ def _flink_pids() -> list[int]:
             if b"org.apache.flink" in cmdline or b"pyflink" in cmdline:
                 pids.append(int(entry.name))
     return pids
+
+
+def flink_start(home: Path, *args: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ppml", "flink", "run", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=_env(home),
+        cwd=ROOT,
+    )
 
 
 def flink_run(home: Path, *args: str | Path) -> Job:
@@ -487,3 +501,203 @@ def test_status_and_down(ws: Path, tmp_path: Path) -> None:
     assert r.returncode == 1 and "no cluster" in r.stdout
     r = ppml(other, "flink", "cluster", "down")
     assert r.returncode == 0 and "stopped 0" in r.stdout
+
+
+# -- sealed Redis streams, event time, a TaskManager killed --------------------------------------
+
+
+@dataclass
+class Stream:
+    """The workspace's TLS Redis and the files a job needs to read a sealed stream from it."""
+
+    port: int
+    ca: Path
+    password_file: Path  # ppml-encrypted
+    payload_key_file: Path  # ppml-encrypted
+
+    def args(self, stream: str, *more: str) -> list[str]:
+        return [
+            "--stream", stream, "--deployment", "cards",
+            "--payload-key-file", str(self.payload_key_file),
+            "--redis-port", str(self.port), "--redis-ca", str(self.ca),
+            "--redis-password-file", str(self.password_file), *more,
+        ]  # fmt: skip
+
+    def target(self, stream: str) -> object:
+        from ppml.flink import RedisStream
+
+        return RedisStream(
+            stream=stream,
+            deployment="cards",
+            payload_key_file=self.payload_key_file,
+            port=self.port,
+            ca=self.ca,
+            password_file=self.password_file,
+        )
+
+
+@pytest.fixture(scope="module")
+def redis(ws: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stream]:
+    import redis_support
+
+    from ppml.serving.redis_server import redis_password, start_redis
+    from ppml.workspace import Workspace
+
+    redis_support.require_redis_server()
+    opened = Workspace.open(ws, PASSPHRASE.encode())
+    server = start_redis(opened)
+    files = tmp_path_factory.mktemp("stream-secrets")
+    try:
+        for name, secret in (
+            ("password", redis_password(opened).encode()),
+            ("payload-key", os.urandom(32)),
+        ):
+            plain = files / name
+            plain.write_bytes(secret)
+            plain.chmod(0o600)
+            r = run_ppml("encrypt", plain, "-o", files / f"{name}.enc", "--key", "sales", home=ws)
+            assert r.code == 0, r.err
+            plain.unlink()
+        yield Stream(server.port, opened.ca_cert, files / "password.enc", files / "payload-key.enc")
+    finally:
+        server.stop()
+
+
+def produce(ws: Path, redis: Stream, stream: str, n: int, seed: int) -> dict[str, list[int]]:
+    """Append `n` sealed transactions; the per-card, per-window counts and totals they make."""
+    import random
+
+    from ppml.flink import append_records
+    from ppml.workspace import Workspace
+
+    rnd = random.Random(seed)
+    records = [
+        {"card": f"card-{rnd.randrange(7)}", "amount_cents": rnd.randrange(1, 100_000),
+         "ts": 1_700_000_000_000 + i * 97 + rnd.randrange(0, 500)}
+        for i in range(n)
+    ]  # fmt: skip
+    keys = Workspace.open(ws, PASSPHRASE.encode()).key_service()
+    try:
+        assert append_records(redis.target(stream), keys, map(json.dumps, records)) == n
+    finally:
+        keys.close()
+    expected: dict[str, list[int]] = {}
+    for r in records:
+        start = r["ts"] // WINDOW_MS * WINDOW_MS
+        count, total = expected.get(f"{r['card']}|{start}", [0, 0])
+        expected[f"{r['card']}|{start}"] = [count + 1, total + r["amount_cents"]]
+    return expected
+
+
+def window_totals(ws: Path, out: Path) -> dict[str, list[int]]:
+    got: dict[str, list[int]] = {}
+    for line in decrypt_parts(ws, out):
+        r = json.loads(line)
+        key = f"{r['card']}|{r['window_start']}"
+        assert key not in got, f"window {key} written twice"
+        assert r["window_end"] - r["window_start"] == WINDOW_MS
+        got[key] = [r["count"], r["total_cents"]]
+    return got
+
+
+def test_transactions_from_a_sealed_stream_on_a_mini_cluster(
+    ws: Path, redis: Stream, tmp_path: Path
+) -> None:
+    expected = produce(ws, redis, "tx-local", 3000, seed=1)
+    out = tmp_path / "out"
+    job = flink_run(ws, "--local", TRANSACTIONS, out, *redis.args("tx-local", "--seconds", "5"))
+    assert job.code == 0, job.err
+    assert window_totals(ws, out) == expected
+
+
+def test_an_altered_stream_record_fails_the_job_with_no_output(
+    ws: Path, redis: Stream, tmp_path: Path
+) -> None:
+    from ppml.serving.redis_server import redis_password
+    from ppml.workspace import Workspace
+
+    produce(ws, redis, "tx-bad", 50, seed=2)
+    import redis as redis_py
+
+    opened = Workspace.open(ws, PASSPHRASE.encode())
+    client = redis_py.Redis(
+        host="127.0.0.1", port=redis.port, password=redis_password(opened), ssl=True,
+        ssl_ca_certs=str(redis.ca), ssl_cert_reqs="required",
+    )  # fmt: skip
+    _entry_id, fields = client.xrange("tx-bad", count=1)[0]
+    payload = bytearray(fields[b"payload"])
+    payload[-1] ^= 1
+    client.xadd("tx-bad", {"id": fields[b"id"], "payload": bytes(payload)})
+    client.close()
+    out = tmp_path / "out"
+    job = flink_run(ws, "--local", TRANSACTIONS, out, *redis.args("tx-bad", "--seconds", "4"))
+    assert job.code != 0
+    assert "integrity check failed" in job.out + job.err
+    assert not out.exists() or not list(out.glob("part-*"))
+
+
+def _job_id(cluster_dir: Path) -> str:
+    from ppml.engines.flink.cluster import read_cluster_state, rest_get
+
+    state = read_cluster_state(cluster_dir)
+    assert state is not None
+    for _ in range(600):
+        running = [
+            j for j in rest_get(cluster_dir, state, "/jobs")["jobs"] if j["status"] == "RUNNING"
+        ]
+        if running:
+            return str(running[0]["id"])
+        threading.Event().wait(0.2)
+    raise AssertionError("the job did not start")
+
+
+def _completed_checkpoints(cluster_dir: Path, job_id: str) -> int:
+    from ppml.engines.flink.cluster import read_cluster_state, rest_get
+
+    state = read_cluster_state(cluster_dir)
+    assert state is not None
+    counts = rest_get(cluster_dir, state, f"/jobs/{job_id}/checkpoints")["counts"]
+    return int(counts["completed"])
+
+
+def test_a_taskmanager_killed_mid_stream_loses_and_repeats_nothing(
+    ws: Path, redis: Stream, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    """Exactly once from the sealed stream to the encrypted files: the TaskManager running the
+    job is killed after a checkpoint; the job restarts on the other from that checkpoint (the
+    stream position, the open windows and the unwritten part are Flink state; parts appear only
+    when a checkpoint covering them completes), and every window is written once, right."""
+    import signal
+
+    expected = produce(ws, redis, "tx-kill", 4000, seed=3)
+    out = tmp_path / "out"
+    # 20 polls of 10 records a second: the stream takes 20 s to read; checkpoints every 2 s.
+    proc = flink_start(
+        ws, TRANSACTIONS, out,
+        *redis.args("tx-kill", "--seconds", "30", "--batch", "10", "--checkpoint", "2"),
+    )  # fmt: skip
+    cluster_dir = ws / "flink" / "cluster"
+    try:
+        job_id = _job_id(cluster_dir)
+        for _ in range(600):
+            if _completed_checkpoints(cluster_dir, job_id) >= 2:
+                break
+            threading.Event().wait(0.2)
+        tms = cluster["taskmanagers"]
+        assert isinstance(tms, list)
+        running = [tm for tm in tms if job_id in Path(tm["log"]).read_text(errors="replace")]
+        assert len(running) == 1, "the job should run in one slot of one TaskManager"
+        os.killpg(int(running[0]["pid"]), signal.SIGKILL)
+        _out, err_text = proc.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err_text
+    from ppml.engines.flink.cluster import read_cluster_state, rest_get
+
+    state = read_cluster_state(cluster_dir)
+    assert state is not None
+    history = rest_get(cluster_dir, state, f"/jobs/{job_id}/exceptions")["exceptionHistory"]
+    assert history["entries"], "the job did not fail over: the kill was not seen"
+    assert window_totals(ws, out) == expected
