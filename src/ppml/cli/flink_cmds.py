@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ppml.cli._attested import progress
+from ppml.cli._attested import Launch, Workload, launch_prepared, progress
 from ppml.cli._common import (
     PassphraseFileOption,
     WorkspaceOption,
@@ -19,6 +19,7 @@ from ppml.cli._common import (
 from ppml.errors import UsageError
 
 if TYPE_CHECKING:
+    from ppml.tee.launcher import RunDirectory
     from ppml.workspace import Workspace
 
 _RUN_CONTEXT = {
@@ -101,13 +102,38 @@ def run(
             "cluster up`); the default when one is up.",
         ),
     ] = False,
+    tee: Annotated[
+        str | None,
+        typer.Option(
+            "--tee",
+            help="Run the job attested on this TEE backend (sim): its keys "
+            "are released only to its measurement.",
+        ),
+    ] = None,
+    measure_only: Annotated[
+        bool, typer.Option("--measure", help="Print the attested job's measurement and exit.")
+    ] = False,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--data",
+            metavar="DIR",
+            help="With --tee: a directory the attested job "
+            "may write to, or read under /tmp (repeatable; default: the current "
+            "directory).",
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
     """Run a PyFlink job with TLS between Flink's processes and keys served to its operators
     (`from ppml.flink import read_encrypted_files, ...`) by a relay this command runs for the
     job's lifetime; no key or password reaches the job's command line, environment, job
-    parameters or logs. Waits for the job and exits with its code."""
+    parameters or logs. Waits for the job and exits with its code.
+
+    With --tee sim the job's own Python runs attested as in `ppml run --tee sim` (the job file
+    and its local imports, Flink's environment and Java measured) and serves its operators the
+    keys that the KMS releases to its measurement (`ppml flink run --measure JOB.py ARGS`)."""
     from ppml.engines.flink.cluster import CLUSTER_DIR, read_cluster_state
     from ppml.engines.flink.environment import find_flink_environment
     from ppml.engines.flink.relay import KeyRelay
@@ -116,11 +142,18 @@ def run(
 
     if local and cluster:
         raise UsageError("--local and --cluster exclude each other")
+    if tee is not None and tee != "sim":
+        raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
     job, job_args = Path(args[0]), args[1:]
+    if not local and not cluster:
+        flink_state = workspace_dir(workspace).absolute() / "flink" / CLUSTER_DIR
+        local = read_cluster_state(flink_state) is None
+    if measure_only or tee is not None:
+        raise typer.Exit(
+            _attested(job, job_args, local, measure_only, data or [], workspace, passphrase_file)
+        )
     ws = open_workspace(workspace, passphrase_file)
     flink_dir = _flink_dir(ws.path)
-    if not local and not cluster:
-        local = read_cluster_state(flink_dir / CLUSTER_DIR) is None
     flink = find_flink_environment()
     java = find_java(flink_dir / "java")
     keys = ws.key_service(actor="flink")
@@ -135,6 +168,65 @@ def run(
     finally:
         keys.close()
     raise typer.Exit(code)
+
+
+def _attested_workload(
+    java_dir: Path, job: Path, job_args: list[str], local: bool, relay_host: str
+) -> Workload:
+    from ppml.engines.flink.attested import java_cache_name, job_parts
+    from ppml.engines.flink.environment import find_flink_environment
+    from ppml.engines.java import find_java
+    from ppml.tee.environment import EnvironmentCache, default_cache_dir, measure_directory
+
+    flink = find_flink_environment()
+    java = find_java(java_dir)
+    home = (java.java_home / "lib").resolve().parent if java.wrapped else java.java_home.resolve()
+    digest, _, _ = measure_directory(
+        [str(home)],
+        cache=EnvironmentCache(default_cache_dir()),
+        cache_name=java_cache_name(home),
+        progress=progress,
+    )
+    parts = job_parts(flink, home, digest, job, job_args, local=local, relay_host=relay_host)
+    return Workload(parts.command, parts.trusted, fixed_env=parts.fixed_env, extra=parts.extra)
+
+
+def _attested(
+    job: Path,
+    job_args: list[str],
+    local: bool,
+    measure_only: bool,
+    data: list[Path],
+    workspace: Path | None,
+    passphrase_file: Path | None,
+) -> int:
+    """`ppml flink run --tee sim` (or `--measure`): the job's Python attested, in a sandbox."""
+    import tempfile
+
+    from ppml.engines.flink.attested import write_job_boot
+    from ppml.engines.flink.cluster import CLUSTER_DIR, read_cluster_state
+
+    flink_dir = workspace_dir(workspace).absolute() / "flink"
+    state = read_cluster_state(flink_dir / CLUSTER_DIR)
+    relay_host = "127.0.0.1" if local or state is None else state.host
+    if measure_only:
+        with tempfile.TemporaryDirectory(prefix="ppml-measure-") as tmp:
+            workload = _attested_workload(Path(tmp), job, job_args, local, relay_host)
+            typer.echo(workload.manifest().measurement())
+        section = dict(workload.extra)["flink"]
+        progress(
+            f"covers Flink {section['version']} ({section['home']}) and Java "
+            f"({section['java']['home']}, digest {section['java']['digest'][:16]}...)"
+        )
+        return 0
+
+    def prepare(ws: Workspace, run: RunDirectory) -> Workload:
+        from ppml.engines.flink.environment import find_flink_environment
+
+        write_job_boot(ws, flink_dir, find_flink_environment(), run.boot, local=local)
+        return _attested_workload(run.path / "java", job, job_args, local, relay_host)
+
+    return launch_prepared(prepare, Launch("sim", data=tuple(data)), workspace, passphrase_file)
 
 
 @cluster_app.command("up")

@@ -47,7 +47,7 @@ def test_the_flink_jar_is_built_from_the_current_sources() -> None:
     unwrapped = manifest.replace("\r\n", "\n").replace("\n ", "")
     fields = dict(line.split(": ", 1) for line in unwrapped.splitlines() if ": " in line)
     assert fields["Ppml-Source-SHA256"] == _source_digest(), "stale jar: run build_flink_jar.sh"
-    for cls in ("Ticks", "FilePaths", "EncryptedParts"):
+    for cls in ("Ticks", "FilePaths", "EncryptedParts", "ConfiguredContext"):
         assert f"org/ppml/flink/{cls}.class" in names
 
 

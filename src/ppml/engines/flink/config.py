@@ -50,6 +50,7 @@ __all__ = [
     "base_settings",
     "client_settings",
     "issue_cluster_security",
+    "make_scratch",
     "node_settings",
     "private_flink_home",
     "write_config",
@@ -129,18 +130,29 @@ def _java_options(flink: FlinkEnvironment) -> str:
     return found.group(1).strip() if found else ""
 
 
-SCRATCH_DIRS = ("tmp", "blobs", "web", "checkpoints")
+SCRATCH_DIRS = ("tmp", "blobs", "web", "checkpoints", "log")
 
 
-def base_settings(flink: FlinkEnvironment, scratch: Path) -> dict[str, str]:
-    """What every ppml Flink process shares: Python in threads, private scratch (made here)."""
+def make_scratch(scratch: Path) -> None:
     for name in SCRATCH_DIRS:
         ensure_private_dir(scratch / name)
+
+
+def base_settings(flink: FlinkEnvironment, scratch: Path, *, make: bool = True) -> dict[str, str]:
+    """What every ppml Flink process shares: Python in threads, private scratch (made here
+    unless `make` is false: an attested job makes its own, inside its sandbox)."""
+    if make:
+        make_scratch(scratch)
     return {
         "env.java.opts.all": _java_options(flink),
         "python.execution-mode": "thread",
         "python.executable": str(flink.python),
         "python.client.executable": str(flink.python),
+        # The interpreter that PemJa embeds starts from the base installation and reads no
+        # .pth file: it needs the environment's site-packages and ppml's own directory.
+        "python.pythonpath": os.pathsep.join(
+            dict.fromkeys([str(flink.site_packages), str(flink.ppml_package.parent)])
+        ),
         "io.tmp.dirs": str(scratch / "tmp"),
         "blob.storage.directory": str(scratch / "blobs"),
         "web.tmpdir": str(scratch / "web"),

@@ -29,7 +29,10 @@ ticket is read once, where the job is built, and travels inside the operators.
 
 from __future__ import annotations
 
+import atexit
 import io
+import os
+import threading
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -53,9 +56,12 @@ from pyflink.java_gateway import get_gateway
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.crypto.stream import ContentType, StreamReader, encrypt_stream, looks_encrypted
 from ppml.data.files import annotate_errors
+from ppml.engines.flink.attested import RELAY_HOST_ENV, SCRATCH_ENV, TARGET_ENV
+from ppml.engines.flink.config import make_scratch
 from ppml.engines.flink.records import RedisStream, open_record, seal_record
-from ppml.engines.flink.relay import RelayTicket, ticket_from_environment
+from ppml.engines.flink.relay import KeyRelay, RelayTicket, ticket_from_environment
 from ppml.errors import UsageError
+from ppml.tee.runtime import AttestedKeyProvider, in_attested_run
 
 __all__ = [
     "RedisStream",
@@ -70,9 +76,41 @@ _END_OF_INPUT = 2**63 - 1  # the watermark at the end of bounded input: flushes 
 _UNBOUNDED = 2**63 - 1  # ticks: Long.MAX_VALUE
 
 
+_attested_relay: list[KeyRelay] = []
+_relay_lock = threading.Lock()
+
+
 def job_keys() -> RelayTicket:
-    """The key relay's ticket of this job (left by `ppml flink run`)."""
-    return ticket_from_environment()
+    """The key relay's ticket of this job: under ``ppml flink run --tee``, a relay this
+    (attested) process starts over its attested key provider, once; else the one `ppml flink
+    run` left for the job."""
+    if not in_attested_run():
+        return ticket_from_environment()
+    with _relay_lock:
+        if not _attested_relay:
+            provider = AttestedKeyProvider.from_environment()
+            relay = KeyRelay(provider, host=os.environ.get(RELAY_HOST_ENV, "127.0.0.1"))
+            _attested_relay.append(relay.__enter__())
+            atexit.register(relay.__exit__, None, None, None)
+        return _attested_relay[0].ticket()
+
+
+def _prepare_attested_job() -> None:
+    """Under ``ppml flink run``: have PyFlink's environment built from ppml's configuration,
+    on a mini-cluster or (attested) submitted to the cluster; under ``--tee``, first make
+    Flink's scratch directories in the sandbox's /tmp (see `ppml.engines.flink.attested`)."""
+    scratch = os.environ.get(SCRATCH_ENV)
+    if scratch:
+        make_scratch(Path(scratch))
+        # The JVM that PyFlink starts embeds the interpreter that runs the operators. It must
+        # not load the sandbox's import guard (its checks stop any process that is not the
+        # measured interpreter, the JVM included): its path is Flink's `python.pythonpath`
+        # alone (the measured environment's site-packages and ppml), no user site.
+        os.environ.pop("PYTHONPATH", None)
+        os.environ["PYTHONNOUSERSITE"] = "1"
+    target = os.environ.get(TARGET_ENV)
+    if target in ("local", "remote"):
+        _jvm().org.ppml.flink.ConfiguredContext.install(target)
 
 
 def _jvm() -> Any:
@@ -322,3 +360,6 @@ def write_redis_stream(
     )
     discard = _jvm().org.apache.flink.streaming.api.functions.sink.v2.DiscardingSink()
     return added.sink_to(Sink(discard)).name("appended")
+
+
+_prepare_attested_job()

@@ -42,6 +42,7 @@ from ppml.engines.flink.config import (
     private_flink_home,
     write_config,
 )
+from ppml.engines.flink.attested import TARGET_ENV
 from ppml.engines.flink.relay import RELAY_ENV
 from ppml.errors import UsageError
 
@@ -127,6 +128,8 @@ def prepare_run(
         env = flink_environment_variables(flink, java, home, d / "conf", d / "log")
         ticket = d / "relay.json"
         env[RELAY_ENV] = str(ticket)
+        if local:
+            env[TARGET_ENV] = "local"
         command = job_command(flink, home, job.absolute(), args, local=local)
         yield JobRun(d, command, env, relay_host, ticket)
     finally:

@@ -1,0 +1,160 @@
+"""An attested Flink job: what `ppml flink run --tee` measures, writes and hands over.
+
+The attested process is the job's own Python (``python JOB ARGS`` in Flink's environment),
+sandboxed like any `ppml run` workload. It is measured as `ppml run` measures a script: the job
+file and its local imports by content, Flink's Python environment (PyFlink, Flink's distribution,
+ppml and its ``ppml-flink.jar``) by its digest, the Java runtime by a digest over its home, and
+the variables ppml sets (below), by value.
+
+- ``--local``: PyFlink starts the mini-cluster in a JVM that is the job's child, in the same
+  sandbox; the Python operators run in that JVM.
+- on the cluster: the job's Python submits the job itself (``FLINK_PPML_TARGET=remote``:
+  ``ppml.flink`` makes PyFlink's environment submit to the configured cluster, attached), over
+  REST with the cluster's client certificate; its operators run in the cluster's TaskManagers.
+
+Either way the job's keys come only through attestation: ``ppml.flink.job_keys()`` starts, in
+the attested process, a key relay over its attested key provider (the KMS releases a key only
+if the key's policy names this measurement); the operators reach it as in any ``ppml flink
+run``. Flink's configuration (with the key stores' password), its FLINK_HOME of links and the
+key stores are written to the run's boot directory, which the sandbox mounts read-only at
+``/tmp/.ppml``: fixed paths, so that the measurement is stable. Flink's scratch directories and
+logs are in the sandbox's own ``/tmp``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ppml._internal.fs import ensure_private_dir
+from ppml.engines.flink.cluster import CLUSTER_DIR, ppml_flink_jar, read_cluster_state
+from ppml.engines.flink.config import (
+    ClusterSecurity,
+    base_settings,
+    client_settings,
+    issue_cluster_security,
+    node_settings,
+    private_flink_home,
+    write_config,
+)
+from ppml.errors import UsageError
+from ppml.tee.sandbox import BOOT_DIR
+
+if TYPE_CHECKING:
+    from ppml.engines.flink.environment import FlinkEnvironment
+    from ppml.workspace import Workspace
+
+__all__ = [
+    "RELAY_HOST_ENV",
+    "SCRATCH_ENV",
+    "TARGET_ENV",
+    "FlinkParts",
+    "job_parts",
+    "write_job_boot",
+]
+
+FLINK_BOOT = "flink"  # below the boot directory
+_INSIDE = Path(BOOT_DIR) / FLINK_BOOT
+_SCRATCH_INSIDE = Path("/tmp/ppml-flink")  # noqa: S108 -- the sandbox's own /tmp
+TARGET_ENV = "FLINK_PPML_TARGET"  # "local" or "remote"
+SCRATCH_ENV = "FLINK_PPML_SCRATCH"  # made by ppml.flink inside the sandbox
+RELAY_HOST_ENV = "FLINK_PPML_RELAY_HOST"
+
+
+@dataclass(frozen=True, slots=True)
+class FlinkParts:
+    """The attested job's measured command, files, variables and Flink section."""
+
+    command: tuple[str, ...]
+    trusted: tuple[Path, ...]
+    fixed_env: Mapping[str, str]
+    extra: Mapping[str, Any]
+
+
+def _relay_host(flink_dir: Path, local: bool) -> str:
+    if local:
+        return "127.0.0.1"
+    state = read_cluster_state(flink_dir / CLUSTER_DIR)
+    if state is None:
+        raise UsageError(
+            "no Flink cluster is up: start one with `ppml flink cluster up` or run with --local"
+        )
+    return state.host
+
+
+def job_parts(
+    flink: FlinkEnvironment,
+    java_home: Path,
+    java_digest: str,
+    job: Path,
+    args: list[str],
+    *,
+    local: bool,
+    relay_host: str,
+) -> FlinkParts:
+    """What `ppml flink run --tee` measures for ``python JOB ARGS``."""
+    if not job.is_file():
+        raise UsageError("no such job file", path=job)
+    fixed_env = {
+        "JAVA_HOME": str(java_home),
+        "FLINK_HOME": str(_INSIDE / "home"),
+        "FLINK_CONF_DIR": str(_INSIDE / "conf"),
+        "FLINK_LOG_DIR": str(_SCRATCH_INSIDE / "log"),
+        "PYTHONPATH": os.pathsep.join(
+            dict.fromkeys([str(flink.site_packages), str(flink.ppml_package.parent)])
+        ),
+        TARGET_ENV: "local" if local else "remote",
+        SCRATCH_ENV: str(_SCRATCH_INSIDE),
+        RELAY_HOST_ENV: relay_host,
+    }
+    extra = {
+        "flink": {
+            "version": flink.flink_version,
+            "home": str(flink.flink_home),
+            "java": {"home": str(java_home), "digest": java_digest},
+        }
+    }
+    return FlinkParts((str(flink.python), str(job), *args), (), fixed_env, extra)
+
+
+def write_job_boot(
+    ws: Workspace, flink_dir: Path, flink: FlinkEnvironment, boot: Path, *, local: bool
+) -> str:
+    """Flink's home, configuration and key stores into `boot`/flink, naming the paths the
+    sandbox shows; returns the address the job's key relay listens on."""
+    relay_host = _relay_host(flink_dir, local)
+    root = boot / FLINK_BOOT
+    ensure_private_dir(root)
+    private_flink_home(flink, root / "home", [ppml_flink_jar()])
+    stores = root / "stores"
+    settings = base_settings(flink, _SCRATCH_INSIDE, make=False)
+    if local:
+        issued = issue_cluster_security(ws, stores, ["127.0.0.1", "localhost"])
+        inside = ClusterSecurity(_INSIDE / "stores", issued.password, issued.fingerprints)
+        settings.update(node_settings(inside))
+        for key in ("jobmanager.bind-host", "taskmanager.bind-host", "taskmanager.host",
+                    "jobmanager.rpc.address", "rest.bind-address", "rest.address"):  # fmt: skip
+            settings[key] = "127.0.0.1"
+    else:
+        cluster = flink_dir / CLUSTER_DIR
+        state = read_cluster_state(cluster)
+        assert state is not None
+        security = ClusterSecurity.load(cluster / "conf")
+        ensure_private_dir(stores)
+        for store in (security.client_store, security.trust_store):
+            shutil.copyfile(store, stores / store.name)
+            os.chmod(stores / store.name, 0o600)
+        inside = ClusterSecurity(_INSIDE / "stores", security.password, security.fingerprints)
+        settings.update(client_settings(inside))
+        settings.update({"rest.address": state.host, "rest.port": str(state.rest_port)})
+    write_config(root / "conf", settings, flink)
+    return relay_host
+
+
+def java_cache_name(java_home: Path) -> str:
+    return "java-" + hashlib.sha256(str(java_home).encode()).hexdigest()[:24]
