@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from ppml._internal.fs import ensure_private_dir
 from ppml._internal.procs import record_owner, sweep_orphaned
+from ppml.engines.flink.attested import TARGET_ENV
 from ppml.engines.flink.cluster import (
     CLUSTER_DIR,
     flink_environment_variables,
@@ -42,7 +43,6 @@ from ppml.engines.flink.config import (
     private_flink_home,
     write_config,
 )
-from ppml.engines.flink.attested import TARGET_ENV
 from ppml.engines.flink.relay import RELAY_ENV
 from ppml.errors import UsageError
 
