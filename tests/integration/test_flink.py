@@ -503,6 +503,54 @@ def test_status_and_down(ws: Path, tmp_path: Path) -> None:
     assert r.returncode == 0 and "stopped 0" in r.stdout
 
 
+# -- attested jobs ------------------------------------------------------------------------------
+
+
+def _allow(ws: Path, *args: str | Path, keys: tuple[str, ...] = ("sales", "flink-output")) -> str:
+    """Let the attested job `args` (as `ppml flink run` takes them) have `keys`."""
+    first = ppml(ws, "flink", "run", "--measure", *args)
+    again = ppml(ws, "flink", "run", "--measure", *args)
+    assert first.returncode == 0, first.stderr
+    measurement = first.stdout.splitlines()[0]
+    assert again.stdout.splitlines()[0] == measurement, "the measurement is not stable"
+    assert "covers Flink 2.3" in first.stderr
+    for key in keys:
+        r = run_ppml("policy", "allow", key, "--tee", "sim", "--measurement", measurement, home=ws)
+        assert r.code == 0, r.err
+    return measurement
+
+
+@pytest.mark.parametrize("where", ["--local", "--cluster"])
+def test_an_attested_job_gets_its_keys_by_policy(
+    ws: Path, inputs: Path, cluster: dict[str, object], tmp_path: Path, where: str
+) -> None:
+    out = tmp_path / "out"
+    _allow(ws, where, WORDCOUNT, inputs, out)
+    job = flink_run(ws, "--tee", "sim", "--data", inputs, "--data", tmp_path, where,
+                    WORDCOUNT, inputs, out)  # fmt: skip
+    assert job.code == 0, job.out + job.err
+    assert "SIMULATED TEE" in job.err
+    assert counts_of(decrypt_parts(ws, out)) == expected_counts()
+    if where == "--cluster":
+        status = json.loads(ppml(ws, "flink", "cluster", "status", "--format", "json").stdout)
+        assert status["overview"]["jobs-finished"] >= 1
+
+
+def test_an_attested_job_changed_by_one_byte_gets_no_key(
+    ws: Path, inputs: Path, tmp_path: Path
+) -> None:
+    job_file = tmp_path / "wordcount.py"
+    job_file.write_bytes(WORDCOUNT.read_bytes())
+    out = tmp_path / "out"
+    _allow(ws, "--local", job_file, inputs, out)
+    job_file.write_bytes(WORDCOUNT.read_bytes() + b"\n")
+    job = flink_run(ws, "--tee", "sim", "--data", inputs, "--data", tmp_path, "--local",
+                    job_file, inputs, out)  # fmt: skip
+    assert job.code != 0
+    assert "access denied" in job.out + job.err
+    assert not out.exists() or not list(out.glob("part-*"))
+
+
 # -- sealed Redis streams, event time, a TaskManager killed --------------------------------------
 
 
