@@ -132,6 +132,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         },
     ),
     Benchmark(
+        "flink_stream",
+        {
+            "smoke": "--records 3000 --rate 100 --live-seconds 20 --dir {dir}",
+            "quick": "--records 20000 --rate 100 --live-seconds 30 --dir {dir}",
+            "full": "--records 100000 --rate 200 --live-seconds 60 --dir {dir}",
+        },
+    ),
+    Benchmark(
         "serving_load",
         {
             "smoke": "--duration 1 --levels 16 --request-sizes 1,32",

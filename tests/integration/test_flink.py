@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.flink, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 WORDCOUNT = ROOT / "examples" / "flink" / "wordcount.py"
 TRANSACTIONS = ROOT / "examples" / "flink" / "transactions.py"
+SCORING = ROOT / "examples" / "flink" / "scoring.py"
 WINDOW_MS = 10_000
 FLINK_PYTHON = os.environ.get("PPML_FLINK_PYTHON")
 if not FLINK_PYTHON:
@@ -81,17 +82,37 @@ class Job:
     environ: list[bytes] = field(default_factory=list)  # Flink processes' environments
 
 
-def _flink_pids() -> list[int]:
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _flink_pids(roots: set[int]) -> list[int]:
+    """Flink's processes started by `roots` (the job's command, the cluster's processes) or
+    below them: other processes on this machine are none of this test's business."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"org.apache.flink" in cmdline or b"pyflink" in cmdline:
-                pids.append(int(entry.name))
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        ancestor, hops = pid, 0
+        while ancestor > 1 and ancestor not in roots and hops < 64:
+            ancestor, hops = _parent(ancestor), hops + 1
+        if ancestor in roots:
+            pids.append(pid)
     return pids
+
+
+def _cluster_roots(home: Path) -> set[int]:
+    from ppml.engines.flink.cluster import read_cluster_state
+
+    state = read_cluster_state(home / "flink" / "cluster")
+    if state is None:
+        return set()
+    return {state.jobmanager[0], *(pid for pid, _log in state.taskmanagers)}
 
 
 def flink_start(home: Path, *args: str | Path) -> subprocess.Popen[str]:
@@ -128,7 +149,12 @@ def flink_run(home: Path, *args: str | Path) -> Job:
                     ["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=False
                 ).stdout
             )
-            for pid in _flink_pids():
+            # The job's processes and the cluster's: not `ppml` itself, whose environment is
+            # the user's own (it holds PPML_PASSPHRASE here, as the user set it).
+            cluster = _cluster_roots(home)
+            for pid in _flink_pids({proc.pid, *cluster}):
+                if pid == proc.pid:
+                    continue
                 with contextlib.suppress(OSError):
                     job.environ.append(Path(f"/proc/{pid}/environ").read_bytes())
             done.wait(0.5)
@@ -262,6 +288,40 @@ def test_a_job_without_a_cluster_or_with_bad_arguments_is_refused(ws: Path, tmp_
     assert r.returncode == 2 and "exclude each other" in r.stderr
     r = ppml(ws, "flink", "run", "--local", tmp_path / "missing.py")
     assert r.returncode == 2 and "no such job file" in r.stderr
+
+
+def test_scoring_with_the_encrypted_model_equals_onnxruntime(
+    ws: Path, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    import numpy as np
+    import onnxruntime
+    from tests.support.serving_models import INPUT_DIM, mlp_onnx_bytes
+
+    model = mlp_onnx_bytes(seed=5)
+    (tmp_path / "model.onnx").write_bytes(model)
+    r = run_ppml("encrypt", tmp_path / "model.onnx", "-o", tmp_path / "model.onnx.enc",
+                 "--key", "sales", home=ws)  # fmt: skip
+    assert r.code == 0, r.err
+    (tmp_path / "model.onnx").unlink()
+    rng = np.random.default_rng(11)
+    features = rng.normal(size=(300, INPUT_DIM)).astype(np.float32)
+    plain, enc = tmp_path / "records.jsonl", tmp_path / "in"
+    enc.mkdir()
+    plain.write_text("".join(
+        json.dumps({"id": f"r{i}", "features": row.tolist()}) + "\n"
+        for i, row in enumerate(features)
+    ))  # fmt: skip
+    r = run_ppml("encrypt", plain, "-o", enc / "records.jsonl.enc", "--key", "sales", home=ws)
+    assert r.code == 0, r.err
+    out = tmp_path / "out"
+    job = flink_run(ws, SCORING, tmp_path / "model.onnx.enc", enc, out)
+    assert job.code == 0, job.out + job.err
+    got = {r["id"]: r["scores"] for r in map(json.loads, decrypt_parts(ws, out))}
+    session = onnxruntime.InferenceSession(model)
+    expected = session.run(None, {session.get_inputs()[0].name: features})[0]
+    assert sorted(got) == sorted(f"r{i}" for i in range(len(features)))
+    for i, row in enumerate(expected):
+        np.testing.assert_allclose(got[f"r{i}"], row, rtol=1e-5, atol=1e-6)
 
 
 # -- secrets -------------------------------------------------------------------------------------

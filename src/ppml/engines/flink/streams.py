@@ -192,25 +192,27 @@ class _Parts(KeyedProcessFunction):
         self._lines = runtime_context.get_list_state(
             ListStateDescriptor("ppml-part-lines", Types.STRING())
         )
-        self._count = runtime_context.get_state(
-            ValueStateDescriptor("ppml-part-count", Types.INT())
-        )
+        # Lines buffered per key since the last part, in memory only: it decides when to roll
+        # (a restored job starts it at 0 and rolls a little later), never what is written.
+        self._pending: dict[int, int] = {}
 
     def process_element(self, value: str, ctx: KeyedProcessFunction.Context) -> Iterator[bytes]:
-        count = self._count.value() or 0
+        bucket = ctx.get_current_key()
+        count = self._pending.get(bucket, 0)
         if count == 0:
             timers = ctx.timer_service()
             timers.register_processing_time_timer(timers.current_processing_time() + self._roll_ms)
             timers.register_event_time_timer(_END_OF_INPUT)
         self._lines.add(value)
-        self._count.update(count + 1)
+        self._pending[bucket] = count + 1
         if count + 1 >= self._records:
-            yield from self._flush()
+            yield from self._flush(bucket)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[bytes]:
-        yield from self._flush()
+        yield from self._flush(ctx.get_current_key())
 
-    def _flush(self) -> Iterator[bytes]:
+    def _flush(self, bucket: int) -> Iterator[bytes]:
+        self._pending[bucket] = 0
         lines = list(self._lines.get() or [])
         if not lines:
             return
@@ -224,7 +226,6 @@ class _Parts(KeyedProcessFunction):
             content_type=self._content,
         )
         self._lines.clear()
-        self._count.clear()
         yield out.getvalue()
 
 
