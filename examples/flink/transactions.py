@@ -3,14 +3,16 @@ encrypted files.
 
     ppml flink run examples/flink/transactions.py OUTPUT --stream S --deployment D \\
         --payload-key-file KEY.enc [--redis-port P] [--redis-ca CA] [--window 10] \\
-        [--seconds S] [--key flink-output]
+        [--seconds S] [--key flink-output] [--out-stream NAME]
 
 Each record of the stream is a JSON object ``{"card": "...", "amount_cents": 1250, "ts": MS}``
 sealed with the serving queue's codec (``ppml.flink.append_records`` writes them). Records are
 timestamped by their ``ts`` (event time, watermarks allowing ``--lateness`` seconds of disorder);
 every ``--window`` seconds of event time, each card's transactions are counted and summed, and
 ``{"card", "window_start", "window_end", "count", "total_cents"}`` is written as a JSON line to
-encrypted part files in OUTPUT (under fresh data keys of ``--key``). With ``--seconds S`` the
+encrypted part files in OUTPUT (under fresh data keys of ``--key``) and, with ``--out-stream``,
+sealed into that Redis stream too (same Redis, deployment and payload key; at least once). With
+``--seconds S`` the
 stream is polled for S seconds, then the input ends (the last windows fire); without it the job
 runs until cancelled.
 """
@@ -18,6 +20,7 @@ runs until cancelled.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -29,7 +32,7 @@ from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.datastream.functions import ProcessWindowFunction
 from pyflink.datastream.window import TumblingEventTimeWindows
 
-from ppml.flink import RedisStream, read_redis_stream, write_encrypted_files
+from ppml.flink import RedisStream, read_redis_stream, write_encrypted_files, write_redis_stream
 
 TRANSACTION = Types.TUPLE([Types.STRING(), Types.LONG(), Types.LONG()])  # card, cents, ts
 
@@ -84,6 +87,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=1000, help="records per poll, at most")
     parser.add_argument("--checkpoint", type=float, default=None, metavar="SECONDS")
     parser.add_argument("--key", default="flink-output")
+    parser.add_argument("--out-stream", default=None)
     args = parser.parse_args(argv)
 
     env = StreamExecutionEnvironment.get_execution_environment()
@@ -114,6 +118,8 @@ def main(argv: list[str]) -> int:
     write_encrypted_files(
         totals, args.output, key=args.key, content="json", roll_interval=5.0, suffix=".jsonl.enc"
     )
+    if args.out_stream:
+        write_redis_stream(totals, dataclasses.replace(source, stream=args.out_stream))
     env.execute("ppml card transactions")
     return 0
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ppml.engines.flink.streams import (
         job_keys,
         read_encrypted_files,
+        read_encrypted_parquet,
         read_redis_stream,
         write_encrypted_files,
         write_redis_stream,
@@ -26,6 +27,7 @@ __all__ = [
     "append_records",
     "job_keys",
     "read_encrypted_files",
+    "read_encrypted_parquet",
     "read_records",
     "read_redis_stream",
     "write_encrypted_files",
@@ -38,6 +40,7 @@ _HOMES = {
     "read_records": "ppml.engines.flink.records",
     "job_keys": "ppml.engines.flink.streams",
     "read_encrypted_files": "ppml.engines.flink.streams",
+    "read_encrypted_parquet": "ppml.engines.flink.streams",
     "read_redis_stream": "ppml.engines.flink.streams",
     "write_encrypted_files": "ppml.engines.flink.streams",
     "write_redis_stream": "ppml.engines.flink.streams",

@@ -324,6 +324,80 @@ def test_scoring_with_the_encrypted_model_equals_onnxruntime(
         np.testing.assert_allclose(got[f"r{i}"], row, rtol=1e-5, atol=1e-6)
 
 
+PARQUET_JOB = """
+import sys
+from pyflink.datastream import StreamExecutionEnvironment
+from ppml.flink import read_encrypted_parquet, write_encrypted_files
+
+env = StreamExecutionEnvironment.get_execution_environment()
+rows = read_encrypted_parquet(env, sys.argv[1], columns=["id", "city", "amount"])
+write_encrypted_files(rows, sys.argv[2], key="flink-output", content="json")
+env.execute("parquet")
+"""
+
+
+def test_encrypted_parquet_as_a_bounded_source(ws: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from ppml.data.parquet import write_parquet
+    from ppml.workspace import Workspace
+
+    table = pa.table({
+        "id": list(range(500)),
+        "city": [f"city-{i % 7}" for i in range(500)],
+        "amount": [i * 1.5 for i in range(500)],
+        "ssn": [f"000-00-{i:04d}" for i in range(500)],
+    })  # fmt: skip
+    data = tmp_path / "in"
+    data.mkdir()
+    keys = Workspace.open(ws, PASSPHRASE.encode()).key_service()
+    try:
+        for n in range(2):
+            write_parquet(table.slice(n * 250, 250), data / f"part-{n}.parquet", keys,
+                          key_name="sales", column_keys={"flink-output": ["ssn"]})  # fmt: skip
+    finally:
+        keys.close()
+    job_file = tmp_path / "parquet_job.py"
+    job_file.write_text(PARQUET_JOB)
+    out = tmp_path / "out"
+    job = flink_run(ws, "--local", job_file, data, out)
+    assert job.code == 0, job.out + job.err
+    rows = sorted((json.loads(line) for line in decrypt_parts(ws, out)), key=lambda r: r["id"])
+    assert rows == table.select(["id", "city", "amount"]).to_pylist()
+
+
+def test_a_watched_directory_is_read_as_files_arrive(
+    ws: Path, inputs: Path, tmp_path: Path
+) -> None:
+    """`--watch`: files added while the job runs are counted; counts are reported as they
+    change (the job runs until stopped)."""
+    import signal
+    import time
+
+    watched, out = tmp_path / "watched", tmp_path / "out"
+    watched.mkdir()
+    proc = flink_start(ws, "--local", WORDCOUNT, watched, out, "--watch", "1", "--report", "1")
+    try:
+        for name in sorted(p.name for p in inputs.iterdir()):
+            (watched / name).write_bytes((inputs / name).read_bytes())
+        deadline = time.monotonic() + 240
+        latest: dict[str, int] = {}
+        while time.monotonic() < deadline and latest != expected_counts():
+            time.sleep(3)
+            if out.exists() and list(out.glob("part-*")):
+                for word, n in (line.split("\t") for line in decrypt_parts(ws, out)):
+                    latest[word] = max(latest.get(word, 0), int(n))
+        assert latest == expected_counts()
+        assert proc.poll() is None, "a watching job must keep running"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
 # -- secrets -------------------------------------------------------------------------------------
 
 
@@ -596,6 +670,35 @@ def test_an_attested_job_gets_its_keys_by_policy(
         assert status["overview"]["jobs-finished"] >= 1
 
 
+def test_attested_scoring_on_the_cluster(
+    ws: Path, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    """The seed's distributed model inference: the model's key too is released by policy only
+    (the model and the records are under `sales`, the output under `flink-output`)."""
+    import numpy as np
+    from tests.support.serving_models import INPUT_DIM, mlp_onnx_bytes, mlp_reference
+
+    (tmp_path / "model.onnx").write_bytes(mlp_onnx_bytes(seed=6))
+    assert run_ppml("encrypt", tmp_path / "model.onnx", "-o", tmp_path / "model.onnx.enc",
+                    "--key", "sales", home=ws).code == 0  # fmt: skip
+    features = np.random.default_rng(12).normal(size=(50, INPUT_DIM)).astype(np.float32)
+    (tmp_path / "r.jsonl").write_text("".join(
+        json.dumps({"id": f"r{i}", "features": row.tolist()}) + "\n"
+        for i, row in enumerate(features)
+    ))  # fmt: skip
+    (tmp_path / "in").mkdir()
+    assert run_ppml("encrypt", tmp_path / "r.jsonl", "-o", tmp_path / "in" / "r.jsonl.enc",
+                    "--key", "sales", home=ws).code == 0  # fmt: skip
+    args = ("--cluster", SCORING, tmp_path / "model.onnx.enc", tmp_path / "in", tmp_path / "out")
+    _allow(ws, *args)
+    job = flink_run(ws, "--tee", "sim", "--data", tmp_path, *args)
+    assert job.code == 0, job.out + job.err
+    got = {r["id"]: r["scores"] for r in map(json.loads, decrypt_parts(ws, tmp_path / "out"))}
+    expected = mlp_reference(features, seed=6)
+    for i, row in enumerate(expected):
+        np.testing.assert_allclose(got[f"r{i}"], row, rtol=1e-5, atol=1e-5)
+
+
 def test_an_attested_job_changed_by_one_byte_gets_no_key(
     ws: Path, inputs: Path, tmp_path: Path
 ) -> None:
@@ -716,6 +819,27 @@ def test_transactions_from_a_sealed_stream_on_a_mini_cluster(
     job = flink_run(ws, "--local", TRANSACTIONS, out, *redis.args("tx-local", "--seconds", "5"))
     assert job.code == 0, job.err
     assert window_totals(ws, out) == expected
+
+
+def test_totals_sealed_into_an_output_stream(ws: Path, redis: Stream, tmp_path: Path) -> None:
+    """The Redis sink: every window's totals, sealed, appended to the output stream (at least
+    once: a run without failures writes each exactly once)."""
+    from ppml.flink import read_records
+    from ppml.workspace import Workspace
+
+    expected = produce(ws, redis, "tx-in", 1000, seed=4)
+    out = tmp_path / "out"
+    args = redis.args("tx-in", "--seconds", "4", "--out-stream", "tx-totals")
+    job = flink_run(ws, "--local", TRANSACTIONS, out, *args)
+    assert job.code == 0, job.err
+    keys = Workspace.open(ws, PASSPHRASE.encode()).key_service()
+    try:
+        target = redis.target("tx-totals")
+        rows = [json.loads(t) for t in read_records(target, keys)]  # type: ignore[arg-type]
+    finally:
+        keys.close()
+    got = {f"{r['card']}|{r['window_start']}": [r["count"], r["total_cents"]] for r in rows}
+    assert len(rows) == len(got) and got == expected
 
 
 def test_an_altered_stream_record_fails_the_job_with_no_output(

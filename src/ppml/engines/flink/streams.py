@@ -7,6 +7,9 @@ Sources:
   Flink's file source lists the files and checkpoints which are done; a Python operator opens
   each file, authenticates and decrypts it segment by segment. Exactly once: a restored job
   reads every file that a completed checkpoint had not covered, from its start, and no other.
+- `read_encrypted_parquet`: encrypted Parquet files (PME), bounded, as a stream of rows (JSON
+  objects); only the keys of the footer and of the selected columns are asked for. Exactly once,
+  as for the files above.
 - `read_redis_stream`: a Redis stream whose entries hold payloads sealed with the serving
   queue's codec (`ppml.data.payload`) under a deployment's payload key, as a stream of text
   records. One reader polls the stream (``XREAD``), driven by a rate-limited tick source; the
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import json
 import os
 import threading
 import uuid
@@ -67,6 +71,7 @@ __all__ = [
     "RedisStream",
     "job_keys",
     "read_encrypted_files",
+    "read_encrypted_parquet",
     "read_redis_stream",
     "write_encrypted_files",
     "write_redis_stream",
@@ -161,6 +166,51 @@ def read_encrypted_files(
         builder = builder.monitor_continuously(Duration.of_millis(int(monitor_interval * 1000)))
     files = env.from_source(builder.build(), WatermarkStrategy.no_watermarks(), "encrypted files")
     return files.flat_map(_DecryptLines(ticket), output_type=Types.STRING()).name("decrypt")
+
+
+class _ParquetRows(FlatMapFunction):
+    """An encrypted Parquet file's path -> its rows as JSON objects (PME: the footer and each
+    selected column authenticated and decrypted, only their keys asked for)."""
+
+    def __init__(self, ticket: RelayTicket, columns: list[str] | None) -> None:
+        self._ticket = ticket
+        self._columns = columns
+        self._keys: DataKeyProvider | None = None
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self._keys = self._ticket.provider()
+
+    def flat_map(self, value: str) -> Iterator[str]:
+        from ppml.data.parquet import read_parquet
+
+        path = Path(value.removeprefix("file:"))
+        assert self._keys is not None
+        with annotate_errors(path):
+            table = read_parquet(path, self._keys, columns=self._columns)
+        for batch in table.to_batches(max_chunksize=4096):
+            for row in batch.to_pylist():
+                yield json.dumps(row, default=str, separators=(",", ":"))
+
+
+def read_encrypted_parquet(
+    env: StreamExecutionEnvironment,
+    *paths: str | Path,
+    columns: list[str] | None = None,
+    ticket: RelayTicket | None = None,
+) -> DataStream:
+    """The rows of the encrypted Parquet files in `paths` (files or directories; bounded) as
+    JSON objects, one per record (dates, decimals and the like as text): all columns, or only
+    `columns`, whose keys alone are asked for."""
+    if not paths:
+        raise UsageError("read_encrypted_parquet needs at least one path")
+    ticket = ticket or job_keys()
+    source = FileSource.for_bulk_file_format(
+        BulkFormat(_jvm().org.ppml.flink.FilePaths()), *(str(Path(p).absolute()) for p in paths)
+    ).build()
+    files = env.from_source(source, WatermarkStrategy.no_watermarks(), "encrypted parquet")
+    return files.flat_map(_ParquetRows(ticket, columns), output_type=Types.STRING()).name(
+        "decrypt parquet"
+    )
 
 
 class _Bucket(KeySelector):
@@ -333,13 +383,12 @@ class _XAdd(MapFunction):
 
     def open(self, runtime_context: RuntimeContext) -> None:
         self._client, self._codec = self._sink.connect(self._ticket.provider())
-        self._prefix = f"{runtime_context.get_index_of_this_subtask()}"
 
     def close(self) -> None:
         self._client.close()
 
     def map(self, value: str) -> int:
-        record_id = f"{self._prefix}-{uuid.uuid4().hex}"
+        record_id = uuid.uuid4().hex
         blob = seal_record(self._codec, record_id, value)
         self._client.xadd(
             self._sink.stream, {"id": record_id, "payload": blob}, maxlen=self._maxlen
