@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from ppml._internal.clock import MonotonicClock
 from ppml._internal.fs import PRIVATE_DIR_MODE, write_private
 from ppml._internal.procs import record_owner, sweep_orphaned
+from ppml.engines import daemons
 from ppml.errors import ConfigurationError, InputNotFound, UsageError
 
 if TYPE_CHECKING:
@@ -435,69 +436,9 @@ class ClusterState:
         )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((_LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _is_spark_daemon(pid: int) -> bool:
     """Whether `pid` is alive and one of Spark's master/worker JVMs (not a recycled pid)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"org.apache.spark.deploy." in cmdline
-
-
-def _wait_for_log(log: Path, pid: int, needle: str, timeout: float, clock: MonotonicClock) -> None:
-    import time
-
-    deadline = clock() + timeout
-    while clock() < deadline:
-        with contextlib.suppress(FileNotFoundError):
-            if needle in log.read_text(errors="replace"):
-                return
-        if not _pid_alive(pid):
-            break
-        time.sleep(0.2)
-    raise ConfigurationError(f"a Spark daemon did not start (see {log})", path=log)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    return True
-
-
-def _daemon(command: list[str], env: Mapping[str, str], log: Path) -> int:
-    import subprocess
-
-    with open(log, "ab") as out:
-        try:
-            proc = subprocess.Popen(  # noqa: S603 -- Spark's own launcher, fixed arguments
-                command,
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise ConfigurationError(f"cannot start Spark: {exc.strerror}") from None
-    return proc.pid
+    return daemons.cmdline_has(pid, b"org.apache.spark.deploy.")
 
 
 def read_cluster_state(spark_dir: Path) -> ClusterState | None:
@@ -552,30 +493,39 @@ def start_cluster(
     env = spark_environment(java, conf_dir)
     env.update({"SPARK_LOCAL_IP": _LOOPBACK, "SPARK_LOG_DIR": str(logs)})
     spark_class = str(home / "bin" / "spark-class")
-    port = _free_port()
+    port = daemons.free_port()
     url = f"spark://{_LOOPBACK}:{port}"
     started: list[int] = []
     try:
         master_log = logs / "master.log"
-        master_args = ["--host", _LOOPBACK, "--port", str(port), "--webui-port", str(_free_port())]
+        ui_port = str(daemons.free_port())
+        master_args = ["--host", _LOOPBACK, "--port", str(port), "--webui-port", ui_port]
         master = _start_daemon(spark_class, _MASTER_CLASS, master_args, env, master_log, started)
-        _wait_for_log(master_log, master, "I have been elected leader", timeout, now)
+        daemons.wait_for_log(
+            master_log, master, "I have been elected leader", timeout, "a Spark daemon", now
+        )
         worker_entries: list[tuple[int, str]] = []
         for n in range(workers):
             log = logs / f"worker-{n}.log"
             worker_args = [
                 *("--host", _LOOPBACK, "--cores", str(cores), "--memory", memory),
-                *("--webui-port", str(_free_port()), "--work-dir", str(spark_dir / "work"), url),
+                *("--webui-port", str(daemons.free_port())),
+                *("--work-dir", str(spark_dir / "work"), url),
             ]
             pid = _start_daemon(spark_class, _WORKER_CLASS, worker_args, env, log, started)
             worker_entries.append((pid, str(log)))
         for pid, worker_log in worker_entries:
-            _wait_for_log(
-                Path(worker_log), pid, "Successfully registered with master", timeout, now
+            daemons.wait_for_log(
+                Path(worker_log),
+                pid,
+                "Successfully registered with master",
+                timeout,
+                "a Spark daemon",
+                now,
             )
     except BaseException:
         for pid in reversed(started):
-            _terminate(pid)
+            daemons.terminate(pid, _is_spark_daemon)
         raise
     state = ClusterState(
         master_url=url,
@@ -600,28 +550,9 @@ def _start_daemon(
     """Start one Spark daemon (`spark-class main_class args`) logging to a fresh `log`; its pid
     is appended to `started` at once, so that a later failure stops it too."""
     log.unlink(missing_ok=True)
-    pid = _daemon([spark_class, main_class, *args], env, log)
+    pid = daemons.start_daemon([spark_class, main_class, *args], env, log, "Spark")
     started.append(pid)
     return pid
-
-
-def _terminate(pid: int, grace: float = 20.0) -> bool:
-    """SIGTERM a Spark daemon (its process group), then SIGKILL after `grace` seconds."""
-    import signal
-    import time
-
-    if not _is_spark_daemon(pid):
-        return False
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return True
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    return True
 
 
 def stop_cluster(spark_dir: Path) -> int:
@@ -632,8 +563,8 @@ def stop_cluster(spark_dir: Path) -> int:
         return 0
     stopped = 0
     for pid, _log in state.workers:
-        stopped += _terminate(pid)
-    stopped += _terminate(state.master_pid)
+        stopped += daemons.terminate(pid, _is_spark_daemon)
+    stopped += daemons.terminate(state.master_pid, _is_spark_daemon)
     shutil.rmtree(state.conf_dir, ignore_errors=True)
     (spark_dir / CLUSTER_STATE).unlink(missing_ok=True)
     return stopped
