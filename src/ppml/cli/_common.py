@@ -335,3 +335,22 @@ class ByteProgress:
     def advance(self, n: int) -> None:
         if self._bar is not None:
             self._bar.advance(self._task, n)
+
+
+def cluster_status_text(info: dict[str, Any] | None, fmt: str) -> dict[str, Any] | None:
+    """A cluster's status as `ppml spark|flink cluster status` show it: with no cluster, "no
+    cluster" (or ``{"running": false}``) and exit 1; as JSON, printed here (None is returned);
+    as text, `info` is returned for the caller to print."""
+    import typer
+
+    check_format(fmt)
+    if info is None:
+        if fmt == "json":
+            print_json({"running": False})
+        else:
+            typer.echo("no cluster")
+        raise typer.Exit(1)
+    if fmt == "json":
+        print_json(info)
+        return None
+    return info

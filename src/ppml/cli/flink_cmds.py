@@ -11,9 +11,8 @@ from ppml.cli._attested import Launch, Workload, launch_prepared, progress
 from ppml.cli._common import (
     PassphraseFileOption,
     WorkspaceOption,
-    check_format,
+    cluster_status_text,
     open_workspace,
-    print_json,
     workspace_dir,
 )
 from ppml.errors import UsageError
@@ -285,16 +284,8 @@ def cluster_status(
     """Show the cluster's REST URL, its processes, task slots and jobs. Exit 1 if none is up."""
     from ppml.engines.flink.cluster import cluster_status as status
 
-    check_format(fmt)
-    info = status(workspace_dir(workspace).absolute() / "flink")
+    info = cluster_status_text(status(workspace_dir(workspace).absolute() / "flink"), fmt)
     if info is None:
-        if fmt == "json":
-            print_json({"running": False})
-        else:
-            typer.echo("no cluster")
-        raise typer.Exit(1)
-    if fmt == "json":
-        print_json(info)
         return
     jm = info["jobmanager"]
     typer.echo(f"jobmanager {info['rest_url']}  pid {jm['pid']}  {'up' if jm['alive'] else 'DOWN'}")

@@ -16,8 +16,8 @@ from ppml.cli._attested import Launch, Workload, launch_prepared, progress, shar
 from ppml.cli._common import (
     PassphraseFileOption,
     WorkspaceOption,
+    cluster_status_text,
     open_workspace,
-    print_json,
 )
 from ppml.errors import UsageError
 
@@ -240,19 +240,11 @@ def cluster_status(
     workspace: WorkspaceOption = None,
 ) -> None:
     """Show the cluster's master URL, processes and whether they are alive."""
-    from ppml.cli._common import check_format, workspace_dir
+    from ppml.cli._common import workspace_dir
     from ppml.engines.spark.launcher import cluster_status as status
 
-    check_format(fmt)
-    info = status(workspace_dir(workspace).absolute() / "spark")
+    info = cluster_status_text(status(workspace_dir(workspace).absolute() / "spark"), fmt)
     if info is None:
-        if fmt == "json":
-            print_json({"running": False})
-        else:
-            typer.echo("no cluster")
-        raise typer.Exit(1)
-    if fmt == "json":
-        print_json(info)
         return
     typer.echo(
         f"master {info['master_url']}  pid {info['master']['pid']}  "
