@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ppml._internal.fs import write_private
 
-__all__ = ["OWNER_FILE", "process_identity", "record_owner", "sweep_orphaned"]
+__all__ = [
+    "OWNER_FILE",
+    "WITHHELD_ENV",
+    "process_identity",
+    "record_owner",
+    "sweep_orphaned",
+    "without_secrets",
+]
 
 OWNER_FILE = "owner"  # in a private directory: the identity of the process it belongs to
+# What no child process of ppml inherits: the workspace passphrase unseals every key.
+WITHHELD_ENV = frozenset({"PPML_PASSPHRASE"})
+
+
+def without_secrets(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """`env` for a child process (a probe, pip, a JVM): without the passphrase."""
+    return {k: v for k, v in env.items() if k not in WITHHELD_ENV}
 
 
 def process_identity(pid: int) -> str | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ppml._internal.fs import ensure_private_dir
+from ppml._internal.procs import without_secrets
 from ppml.errors import ConfigurationError
 
 __all__ = [
@@ -62,6 +63,7 @@ def _probe(java: Path, *args: str) -> str | None:
             [str(java), *args],
             capture_output=True,
             text=True,
+            env=without_secrets(),
             timeout=_PROBE_TIMEOUT,
             check=False,
         )

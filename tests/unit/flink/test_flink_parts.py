@@ -182,3 +182,27 @@ def test_an_interpreter_without_pyflink_is_not_flink_environment(tmp_path: Path)
     except ImportError:
         with pytest.raises(ConfigurationError, match="No module named 'pyflink'"):
             find_flink_environment({FLINK_PYTHON_ENV: sys.executable})
+
+
+def test_probes_never_hand_the_passphrase_to_the_programs_they_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ppml flink run` and `ppml spark-submit` probe `java -version` and Flink's interpreter
+    while the user's passphrase may be in their environment: the probes never pass it on."""
+    from ppml.engines.java import java_version
+
+    seen = tmp_path / "environment"
+    fake = tmp_path / "fake"
+    fake.write_text(
+        f'#!/bin/sh\nenv > "{seen}"\necho \'openjdk version "17.0.1"\' >&2\n'
+        'echo \'{"flink_home": "/x", "flink_version": "2.3.0", "site_packages": "/x", '
+        '"ppml": "/x", "version": "3.11"}\'\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PPML_PASSPHRASE", "do not pass me on")
+    assert java_version(fake) == 17
+    assert "do not pass me on" not in seen.read_text()
+    seen.unlink()
+    with pytest.raises(ConfigurationError):  # the fake is not a real Flink environment
+        find_flink_environment({FLINK_PYTHON_ENV: str(fake)})
+    assert seen.exists() and "do not pass me on" not in seen.read_text()

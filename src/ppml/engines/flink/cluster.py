@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppml._internal.fs import ensure_private_dir, memory_files, write_private
+from ppml._internal.procs import without_secrets
 from ppml.engines import daemons
 from ppml.engines.flink.config import (
     ClusterSecurity,
@@ -52,8 +53,6 @@ _START_TIMEOUT = 120.0
 _MARK = b"org.apache.flink.runtime."
 _JOBMANAGER_READY = "Rest endpoint listening at"
 _TASKMANAGER_READY = "Successful registration at resource manager"
-# Variables never handed to a Flink process (the workspace passphrase unseals every key).
-_WITHHELD_ENV = ("PPML_PASSPHRASE",)
 
 
 def ppml_flink_jar() -> Path:
@@ -75,8 +74,8 @@ def flink_environment_variables(
     (an editable install is one), so it would not see them otherwise."""
     env = {
         k: v
-        for k, v in base.items()
-        if k not in _WITHHELD_ENV and not k.startswith(("PYTHON", "FLINK_", "PPML_FLINK"))
+        for k, v in without_secrets(base).items()
+        if not k.startswith(("PYTHON", "FLINK_", "PPML_FLINK"))
     }
     env.update(
         {

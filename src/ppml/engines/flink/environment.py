@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ppml._internal.fs import state_root
+from ppml._internal.procs import without_secrets
 from ppml.errors import ConfigurationError, UsageError
 
 __all__ = [
@@ -83,6 +84,7 @@ def _probe(python: Path) -> FlinkEnvironment | str:
             [str(python), "-I", "-c", _PROBE],
             capture_output=True,
             text=True,
+            env=without_secrets(),
             timeout=_PROBE_TIMEOUT,
             check=False,
         )
@@ -196,7 +198,9 @@ def _base_python(python: str) -> str:
 
 def _run(command: list[str], failure: str) -> None:
     try:
-        done = subprocess.run(command, check=False)  # noqa: S603 -- fixed pip/venv commands
+        done = subprocess.run(  # noqa: S603 -- fixed pip/venv commands
+            command, env=without_secrets(), check=False
+        )
     except OSError as exc:
         raise UsageError(f"{failure}: {exc.strerror}") from None
     if done.returncode != 0:
