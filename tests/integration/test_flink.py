@@ -288,6 +288,12 @@ def test_a_job_without_a_cluster_or_with_bad_arguments_is_refused(ws: Path, tmp_
     assert r.returncode == 2 and "exclude each other" in r.stderr
     r = ppml(ws, "flink", "run", "--local", tmp_path / "missing.py")
     assert r.returncode == 2 and "no such job file" in r.stderr
+    r = ppml(ws, "flink", "run", "--tee", "tdx", "--local", WORDCOUNT)
+    assert r.returncode == 2 and "unsupported TEE backend" in r.stderr
+    other = tmp_path / "ws2"
+    assert run_ppml("init", "--dev", "-w", other).code == 0
+    r = ppml(other, "flink", "run", "--measure", "--cluster", WORDCOUNT)
+    assert r.returncode == 2 and "no Flink cluster is up" in r.stderr
 
 
 def test_scoring_with_the_encrypted_model_equals_onnxruntime(

@@ -172,20 +172,13 @@ def run(
 def _attested_workload(
     java_dir: Path, job: Path, job_args: list[str], local: bool, relay_host: str
 ) -> Workload:
-    from ppml.engines.flink.attested import java_cache_name, job_parts
+    from ppml.engines.flink.attested import job_parts
     from ppml.engines.flink.environment import find_flink_environment
-    from ppml.engines.java import find_java
-    from ppml.tee.environment import EnvironmentCache, default_cache_dir, measure_directory
+    from ppml.engines.java import find_java, measure_java
 
     flink = find_flink_environment()
-    java = find_java(java_dir)
-    home = (java.java_home / "lib").resolve().parent if java.wrapped else java.java_home.resolve()
-    digest, _, _ = measure_directory(
-        [str(home)],
-        cache=EnvironmentCache(default_cache_dir()),
-        cache_name=java_cache_name(home),
-        progress=progress,
-    )
+    home = find_java(java_dir).real_home
+    digest = measure_java(home, progress)
     parts = job_parts(flink, home, digest, job, job_args, local=local, relay_host=relay_host)
     return Workload(parts.command, parts.trusted, fixed_env=parts.fixed_env, extra=parts.extra)
 
@@ -203,14 +196,13 @@ def _attested(
     import tempfile
 
     from ppml.engines.flink.attested import write_job_boot
-    from ppml.engines.flink.cluster import CLUSTER_DIR, read_cluster_state
+    from ppml.engines.flink.jobconf import relay_host
 
     flink_dir = workspace_dir(workspace).absolute() / "flink"
-    state = read_cluster_state(flink_dir / CLUSTER_DIR)
-    relay_host = "127.0.0.1" if local or state is None else state.host
+    host = relay_host(flink_dir, local)
     if measure_only:
         with tempfile.TemporaryDirectory(prefix="ppml-measure-") as tmp:
-            workload = _attested_workload(Path(tmp), job, job_args, local, relay_host)
+            workload = _attested_workload(Path(tmp), job, job_args, local, host)
             typer.echo(workload.manifest().measurement())
         section = dict(workload.extra)["flink"]
         progress(
@@ -223,7 +215,7 @@ def _attested(
         from ppml.engines.flink.environment import find_flink_environment
 
         write_job_boot(ws, flink_dir, find_flink_environment(), run.boot, local=local)
-        return _attested_workload(run.path / "java", job, job_args, local, relay_host)
+        return _attested_workload(run.path / "java", job, job_args, local, host)
 
     return launch_prepared(prepare, Launch("sim", data=tuple(data)), workspace, passphrase_file)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import shutil
 import subprocess
@@ -133,17 +132,11 @@ def spark_submit(
 
 def _driver_workload(req: SubmitRequest, java: JavaRuntime) -> Workload:
     """The attested driver, as `ppml.engines.spark.attested` describes it."""
-    from ppml.engines.spark.attested import driver_parts, real_java_home
+    from ppml.engines.java import measure_java
+    from ppml.engines.spark.attested import driver_parts
     from ppml.engines.spark.launcher import ppml_jars
-    from ppml.tee.environment import EnvironmentCache, default_cache_dir, measure_directory
 
-    home = real_java_home(java)
-    digest, _, _ = measure_directory(
-        [str(home)],
-        cache=EnvironmentCache(default_cache_dir()),
-        cache_name="java-" + hashlib.sha256(str(home).encode()).hexdigest()[:24],
-        progress=progress,
-    )
+    digest = measure_java(java.real_home, progress)
     parts = driver_parts(req, java, req.submit_options(extra_jars=ppml_jars()), digest)
     return Workload(parts.command, parts.trusted, fixed_env=parts.fixed_env, extra=parts.extra)
 

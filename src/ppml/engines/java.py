@@ -14,7 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ __all__ = [
     "JavaRuntime",
     "find_java",
     "java_version",
+    "measure_java",
     "wrap_java_home",
 ]
 
@@ -55,6 +56,29 @@ class JavaRuntime:
     @property
     def java(self) -> Path:
         return self.java_home / "bin" / "java"
+
+    @property
+    def real_home(self) -> Path:
+        """The runtime's real home (behind a wrapper JAVA_HOME, whose `lib` links into it)."""
+        if not self.wrapped:
+            return self.java_home.resolve()
+        return (self.java_home / "lib").resolve().parent
+
+
+def measure_java(home: Path, progress: Callable[[str], None]) -> str:
+    """The digest of every file of the Java home `home` (cached like the environment's): what
+    an attested Spark driver or Flink job measures of the JVM it runs."""
+    import hashlib
+
+    from ppml.tee.environment import EnvironmentCache, default_cache_dir, measure_directory
+
+    digest, _, _ = measure_directory(
+        [str(home)],
+        cache=EnvironmentCache(default_cache_dir()),
+        cache_name="java-" + hashlib.sha256(str(home).encode()).hexdigest()[:24],
+        progress=progress,
+    )
+    return digest
 
 
 def _probe(java: Path, *args: str) -> str | None:

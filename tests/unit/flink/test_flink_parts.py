@@ -206,3 +206,13 @@ def test_probes_never_hand_the_passphrase_to_the_programs_they_run(
     with pytest.raises(ConfigurationError):  # the fake is not a real Flink environment
         find_flink_environment({FLINK_PYTHON_ENV: str(fake)})
     assert seen.exists() and "do not pass me on" not in seen.read_text()
+
+
+def test_a_damaged_cluster_state_is_a_configuration_error(tmp_path: Path) -> None:
+    from ppml.engines.flink.cluster import read_cluster_state
+
+    assert read_cluster_state(tmp_path) is None
+    for text in ("{", '{"host": "127.0.0.1"}'):
+        (tmp_path / "cluster.json").write_text(text)
+        with pytest.raises(ConfigurationError, match="damaged"):
+            read_cluster_state(tmp_path)

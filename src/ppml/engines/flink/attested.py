@@ -23,24 +23,20 @@ logs are in the sandbox's own ``/tmp``.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppml._internal.fs import ensure_private_dir
-from ppml.engines.flink.cluster import CLUSTER_DIR, ppml_flink_jar, read_cluster_state
-from ppml.engines.flink.config import (
-    ClusterSecurity,
-    base_settings,
-    client_settings,
-    issue_cluster_security,
-    node_settings,
-    private_flink_home,
-    write_config,
+from ppml.engines.flink.cluster import ppml_flink_jar
+from ppml.engines.flink.config import private_flink_home, write_config
+from ppml.engines.flink.jobconf import (
+    RELAY_HOST_ENV,
+    SCRATCH_ENV,
+    TARGET_ENV,
+    job_settings,
+    relay_host,
 )
 from ppml.errors import UsageError
 from ppml.tee.sandbox import BOOT_DIR
@@ -50,9 +46,6 @@ if TYPE_CHECKING:
     from ppml.workspace import Workspace
 
 __all__ = [
-    "RELAY_HOST_ENV",
-    "SCRATCH_ENV",
-    "TARGET_ENV",
     "FlinkParts",
     "job_parts",
     "write_job_boot",
@@ -61,9 +54,6 @@ __all__ = [
 FLINK_BOOT = "flink"  # below the boot directory
 _INSIDE = Path(BOOT_DIR) / FLINK_BOOT
 _SCRATCH_INSIDE = Path("/tmp/ppml-flink")  # noqa: S108 -- the sandbox's own /tmp
-TARGET_ENV = "FLINK_PPML_TARGET"  # "local" or "remote"
-SCRATCH_ENV = "FLINK_PPML_SCRATCH"  # made by ppml.flink inside the sandbox
-RELAY_HOST_ENV = "FLINK_PPML_RELAY_HOST"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +64,6 @@ class FlinkParts:
     trusted: tuple[Path, ...]
     fixed_env: Mapping[str, str]
     extra: Mapping[str, Any]
-
-
-def _relay_host(flink_dir: Path, local: bool) -> str:
-    if local:
-        return "127.0.0.1"
-    state = read_cluster_state(flink_dir / CLUSTER_DIR)
-    if state is None:
-        raise UsageError(
-            "no Flink cluster is up: start one with `ppml flink cluster up` or run with --local"
-        )
-    return state.host
 
 
 def job_parts(
@@ -105,9 +84,7 @@ def job_parts(
         "FLINK_HOME": str(_INSIDE / "home"),
         "FLINK_CONF_DIR": str(_INSIDE / "conf"),
         "FLINK_LOG_DIR": str(_SCRATCH_INSIDE / "log"),
-        "PYTHONPATH": os.pathsep.join(
-            dict.fromkeys([str(flink.site_packages), str(flink.ppml_package.parent)])
-        ),
+        "PYTHONPATH": flink.python_path,
         TARGET_ENV: "local" if local else "remote",
         SCRATCH_ENV: str(_SCRATCH_INSIDE),
         RELAY_HOST_ENV: relay_host,
@@ -127,34 +104,18 @@ def write_job_boot(
 ) -> str:
     """Flink's home, configuration and key stores into `boot`/flink, naming the paths the
     sandbox shows; returns the address the job's key relay listens on."""
-    relay_host = _relay_host(flink_dir, local)
+    host = relay_host(flink_dir, local)
     root = boot / FLINK_BOOT
     ensure_private_dir(root)
     private_flink_home(flink, root / "home", [ppml_flink_jar()])
-    stores = root / "stores"
-    settings = base_settings(flink, _SCRATCH_INSIDE, make=False)
-    if local:
-        issued = issue_cluster_security(ws, stores, ["127.0.0.1", "localhost"])
-        inside = ClusterSecurity(_INSIDE / "stores", issued.password, issued.fingerprints)
-        settings.update(node_settings(inside))
-        for key in ("jobmanager.bind-host", "taskmanager.bind-host", "taskmanager.host",
-                    "jobmanager.rpc.address", "rest.bind-address", "rest.address"):  # fmt: skip
-            settings[key] = "127.0.0.1"
-    else:
-        cluster = flink_dir / CLUSTER_DIR
-        state = read_cluster_state(cluster)
-        assert state is not None
-        security = ClusterSecurity.load(cluster / "conf")
-        ensure_private_dir(stores)
-        for store in (security.client_store, security.trust_store):
-            shutil.copyfile(store, stores / store.name)
-            os.chmod(stores / store.name, 0o600)
-        inside = ClusterSecurity(_INSIDE / "stores", security.password, security.fingerprints)
-        settings.update(client_settings(inside))
-        settings.update({"rest.address": state.host, "rest.port": str(state.rest_port)})
+    settings = job_settings(
+        ws,
+        flink_dir,
+        flink,
+        root / "stores",
+        local=local,
+        scratch=_SCRATCH_INSIDE,
+        shown=_INSIDE / "stores",
+    )
     write_config(root / "conf", settings, flink)
-    return relay_host
-
-
-def java_cache_name(java_home: Path) -> str:
-    return "java-" + hashlib.sha256(str(java_home).encode()).hexdigest()[:24]
+    return host

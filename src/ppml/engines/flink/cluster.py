@@ -83,9 +83,7 @@ def flink_environment_variables(
             "FLINK_HOME": str(home),
             "FLINK_CONF_DIR": str(conf_dir),
             "FLINK_LOG_DIR": str(log_dir),
-            "PYTHONPATH": os.pathsep.join(
-                dict.fromkeys([str(flink.site_packages), str(flink.ppml_package.parent)])
-            ),
+            "PYTHONPATH": flink.python_path,
         }
     )
     return env

@@ -86,6 +86,10 @@ class ClusterSecurity:
     def __repr__(self) -> str:
         return f"ClusterSecurity({str(self.directory)!r}, password=<hidden>)"
 
+    def moved(self, directory: Path) -> ClusterSecurity:
+        """The same stores, as seen in `directory` (a copy, or a sandbox's view)."""
+        return ClusterSecurity(directory, self.password, self.fingerprints)
+
     @classmethod
     def load(cls, directory: Path) -> ClusterSecurity:
         raw = json.loads((directory / PASSWORD_FILE).read_text())
@@ -150,9 +154,7 @@ def base_settings(flink: FlinkEnvironment, scratch: Path, *, make: bool = True) 
         "python.client.executable": str(flink.python),
         # The interpreter that PemJa embeds starts from the base installation and reads no
         # .pth file: it needs the environment's site-packages and ppml's own directory.
-        "python.pythonpath": os.pathsep.join(
-            dict.fromkeys([str(flink.site_packages), str(flink.ppml_package.parent)])
-        ),
+        "python.pythonpath": flink.python_path,
         "io.tmp.dirs": str(scratch / "tmp"),
         "blob.storage.directory": str(scratch / "blobs"),
         "web.tmpdir": str(scratch / "web"),

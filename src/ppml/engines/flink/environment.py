@@ -63,6 +63,15 @@ class FlinkEnvironment:
     python_version: str
 
     @property
+    def python_path(self) -> str:
+        """The environment's site-packages and ppml's own directory, as a search path: what
+        the interpreter PemJa embeds in Flink's JVM needs (it starts from the base
+        installation and reads no ``.pth`` file, an editable install being one)."""
+        return os.pathsep.join(
+            dict.fromkeys([str(self.site_packages), str(self.ppml_package.parent)])
+        )
+
+    @property
     def python_jar(self) -> Path:
         """flink-python's jar (in ``opt/``): what Python operators need on the class path."""
         jars = sorted((self.flink_home / "opt").glob("flink-python-*.jar"))

@@ -60,8 +60,8 @@ from pyflink.java_gateway import get_gateway
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.crypto.stream import ContentType, StreamReader, encrypt_stream, looks_encrypted
 from ppml.data.files import annotate_errors
-from ppml.engines.flink.attested import RELAY_HOST_ENV, SCRATCH_ENV, TARGET_ENV
 from ppml.engines.flink.config import make_scratch
+from ppml.engines.flink.jobconf import RELAY_HOST_ENV, SCRATCH_ENV, TARGET_ENV
 from ppml.engines.flink.records import RedisStream, open_record, seal_record
 from ppml.engines.flink.relay import KeyRelay, RelayTicket, ticket_from_environment
 from ppml.errors import UsageError
@@ -341,7 +341,7 @@ class _PollRedis(KeyedProcessFunction):
                 record_id = fields[b"id"].decode()
                 yield open_record(self._codec, record_id, fields[b"payload"])
                 last = entry_id.decode()
-        self._last.update(last)
+            self._last.update(last)  # once per poll that read something
 
 
 def read_redis_stream(

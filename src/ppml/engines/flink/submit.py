@@ -27,22 +27,9 @@ from typing import TYPE_CHECKING
 
 from ppml._internal.fs import ensure_private_dir
 from ppml._internal.procs import record_owner, sweep_orphaned
-from ppml.engines.flink.attested import TARGET_ENV
-from ppml.engines.flink.cluster import (
-    CLUSTER_DIR,
-    flink_environment_variables,
-    ppml_flink_jar,
-    read_cluster_state,
-)
-from ppml.engines.flink.config import (
-    ClusterSecurity,
-    base_settings,
-    client_settings,
-    issue_cluster_security,
-    node_settings,
-    private_flink_home,
-    write_config,
-)
+from ppml.engines.flink.cluster import flink_environment_variables, ppml_flink_jar
+from ppml.engines.flink.config import private_flink_home, write_config
+from ppml.engines.flink.jobconf import TARGET_ENV, job_settings, relay_host
 from ppml.engines.flink.relay import RELAY_ENV
 from ppml.errors import UsageError
 
@@ -96,32 +83,10 @@ def prepare_run(
     ensure_private_dir(d)
     record_owner(d, os.getpid())
     try:
-        settings = base_settings(flink, d / "scratch")
-        if local:
-            security = issue_cluster_security(ws, d / "stores", ["127.0.0.1", "localhost"])
-            settings.update(node_settings(security))
-            # The mini-cluster's own addresses: loopback only.
-            for key in (
-                "jobmanager.bind-host",
-                "taskmanager.bind-host",
-                "taskmanager.host",
-                "jobmanager.rpc.address",
-                "rest.bind-address",
-                "rest.address",
-            ):
-                settings[key] = "127.0.0.1"
-            relay_host = "127.0.0.1"
-        else:
-            state = read_cluster_state(flink_dir / CLUSTER_DIR)
-            if state is None:
-                raise UsageError(
-                    "no Flink cluster is up: start one with `ppml flink cluster up`"
-                    " or run the job with --local"
-                )
-            cluster_security = ClusterSecurity.load(flink_dir / CLUSTER_DIR / "conf")
-            settings.update(client_settings(cluster_security))
-            settings.update({"rest.address": state.host, "rest.port": str(state.rest_port)})
-            relay_host = state.host
+        host = relay_host(flink_dir, local)
+        settings = job_settings(
+            ws, flink_dir, flink, d / "stores", local=local, scratch=d / "scratch"
+        )
         home = private_flink_home(flink, d / "home", [ppml_flink_jar()])
         write_config(d / "conf", settings, flink)
         ensure_private_dir(d / "log")
@@ -131,7 +96,7 @@ def prepare_run(
         if local:
             env[TARGET_ENV] = "local"
         command = job_command(flink, home, job.absolute(), args, local=local)
-        yield JobRun(d, command, env, relay_host, ticket)
+        yield JobRun(d, command, env, host, ticket)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

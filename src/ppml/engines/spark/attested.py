@@ -52,7 +52,6 @@ __all__ = [
     "DriverParts",
     "check_attested_request",
     "driver_parts",
-    "real_java_home",
     "write_driver_boot",
 ]
 
@@ -171,7 +170,7 @@ def driver_parts(
     trusted = [*req.py_files, *(_local(j) for j in req.jars)]
     trusted += [_local(f) for f in [*_listed(req, "--files"), *_listed(req, "--archives")]]
     java_home = _JAVA_INSIDE if java.wrapped else str(java.java_home)
-    real_java = real_java_home(java)
+    real_java = java.real_home
     fixed_env = {
         "JAVA_HOME": java_home,
         "SPARK_HOME": str(spark_home()),
@@ -190,13 +189,6 @@ def driver_parts(
     return DriverParts(
         (sys.executable, str(req.app), *req.app_args), tuple(trusted), fixed_env, extra
     )
-
-
-def real_java_home(java: JavaRuntime) -> Path:
-    """The runtime's real home (behind a wrapper JAVA_HOME, whose `lib` links into it)."""
-    if not java.wrapped:
-        return java.java_home.resolve()
-    return (java.java_home / "lib").resolve().parent
 
 
 def write_driver_boot(
@@ -221,4 +213,4 @@ def write_driver_boot(
     if java.wrapped:
         from ppml.engines.java import wrap_java_home
 
-        wrap_java_home(real_java_home(java), boot / SPARK_BOOT)
+        wrap_java_home(java.real_home, boot / SPARK_BOOT)
