@@ -17,13 +17,14 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -824,6 +825,25 @@ def test_transactions_from_a_sealed_stream_on_a_mini_cluster(
     out = tmp_path / "out"
     job = flink_run(ws, "--local", TRANSACTIONS, out, *redis.args("tx-local", "--seconds", "5"))
     assert job.code == 0, job.err
+    assert window_totals(ws, out) == expected
+
+
+def test_attested_transactions_on_the_cluster(
+    ws: Path, redis: Stream, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    """Event-time windows from the sealed stream under ``--tee sim`` on the cluster: the Redis
+    password, the payload key and the output key reach the operators only through the attested
+    job's relay, released by policy."""
+    expected = produce(ws, redis, "tx-tee", 1000, seed=5)
+    shutil.copy(redis.ca, tmp_path / "ca.pem")
+    stream = replace(redis, ca=tmp_path / "ca.pem")
+    out = tmp_path / "out"
+    args = ("--cluster", TRANSACTIONS, out, *stream.args("tx-tee", "--seconds", "5"))
+    _allow(ws, *args)
+    job = flink_run(ws, "--tee", "sim", "--data", tmp_path, "--data",
+                    redis.payload_key_file.parent, *args)  # fmt: skip
+    assert job.code == 0, job.out + job.err
+    assert "SIMULATED TEE" in job.err
     assert window_totals(ws, out) == expected
 
 

@@ -21,7 +21,8 @@ Sinks:
 - `write_encrypted_files`: lines into encrypted part files (one fresh data key each) that
   appear under their final name only when the checkpoint covering them completes (Flink's file
   sink: hidden in-progress files hold ciphertext only). The lines of a part not yet written
-  are Flink state. Exactly once (with checkpointing, which ppml turns on).
+  are Flink state, gathered in the JVM (`LineBatches`); a Python operator encrypts each part
+  whole. Exactly once (with checkpointing, which ppml turns on).
 - `write_redis_stream`: records sealed with the codec, appended with ``XADD``. At least once:
   after a failure the records since the last checkpoint are appended again (each carries a
   record id from the job's position, so a reader can drop repeats).
@@ -38,7 +39,6 @@ import json
 import os
 import threading
 import uuid
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,11 +50,10 @@ from pyflink.datastream.connectors.file_system import BulkFormat, FileSource
 from pyflink.datastream.functions import (
     FlatMapFunction,
     KeyedProcessFunction,
-    KeySelector,
     MapFunction,
     RuntimeContext,
 )
-from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
+from pyflink.datastream.state import ValueStateDescriptor
 from pyflink.java_gateway import get_gateway
 
 from ppml.crypto.envelope import DataKeyProvider
@@ -77,7 +76,6 @@ __all__ = [
     "write_redis_stream",
 ]
 
-_END_OF_INPUT = 2**63 - 1  # the watermark at the end of bounded input: flushes what is buffered
 _UNBOUNDED = 2**63 - 1  # ticks: Long.MAX_VALUE
 
 
@@ -213,70 +211,28 @@ def read_encrypted_parquet(
     )
 
 
-class _Bucket(KeySelector):
-    """A stable bucket per line (CRC-32, not Python's per-process string hash)."""
+class _EncryptPart(MapFunction):
+    """A part's lines (the JVM's `LineBatches` gathered them) -> one whole encrypted file."""
 
-    def __init__(self, buckets: int) -> None:
-        self._buckets = buckets
-
-    def get_key(self, value: str) -> int:
-        return zlib.crc32(value.encode()) % self._buckets
-
-
-class _Parts(KeyedProcessFunction):
-    """Lines -> whole encrypted part files (bytes), `records` lines each, or fewer once
-    `roll_ms` has passed since a part's first line, or at the end of the input."""
-
-    def __init__(
-        self, ticket: RelayTicket, key: str, records: int, roll_ms: int, content: ContentType
-    ) -> None:
+    def __init__(self, ticket: RelayTicket, key: str, content: ContentType) -> None:
         self._ticket = ticket
         self._key = key
-        self._records = records
-        self._roll_ms = roll_ms
         self._content = content
         self._keys: DataKeyProvider | None = None
 
     def open(self, runtime_context: RuntimeContext) -> None:
         self._keys = self._ticket.provider()
-        self._lines = runtime_context.get_list_state(
-            ListStateDescriptor("ppml-part-lines", Types.STRING())
-        )
-        # Lines buffered per key since the last part, in memory only: it decides when to roll
-        # (a restored job starts it at 0 and rolls a little later), never what is written.
-        self._pending: dict[int, int] = {}
 
-    def process_element(self, value: str, ctx: KeyedProcessFunction.Context) -> Iterator[bytes]:
-        bucket = ctx.get_current_key()
-        count = self._pending.get(bucket, 0)
-        if count == 0:
-            timers = ctx.timer_service()
-            timers.register_processing_time_timer(timers.current_processing_time() + self._roll_ms)
-            timers.register_event_time_timer(_END_OF_INPUT)
-        self._lines.add(value)
-        self._pending[bucket] = count + 1
-        if count + 1 >= self._records:
-            yield from self._flush(bucket)
-
-    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[bytes]:
-        yield from self._flush(ctx.get_current_key())
-
-    def _flush(self, bucket: int) -> Iterator[bytes]:
-        self._pending[bucket] = 0
-        lines = list(self._lines.get() or [])
-        if not lines:
-            return
+    def map(self, value: str) -> bytes:
         assert self._keys is not None
-        plaintext = ("\n".join(lines) + "\n").encode()
         out = io.BytesIO()
         encrypt_stream(
-            io.BytesIO(plaintext),
+            io.BytesIO(value.encode()),
             out,
             self._keys.generate_data_key(self._key),
             content_type=self._content,
         )
-        self._lines.clear()
-        yield out.getvalue()
+        return out.getvalue()
 
 
 def write_encrypted_files(
@@ -299,15 +255,16 @@ def write_encrypted_files(
     if records_per_part < 1 or roll_interval <= 0:
         raise UsageError("records_per_part and roll_interval must be positive")
     ticket = ticket or job_keys()
-    buckets = parallelism or stream.get_execution_environment().get_parallelism()
-    writer = _Parts(
-        ticket, key, records_per_part, int(roll_interval * 1000), ContentType.parse(content)
+    batches = _jvm().org.ppml.flink.LineBatches.apply(
+        stream._j_data_stream, records_per_part, int(roll_interval * 1000), "part lines"
     )
-    parts = (
-        stream.key_by(_Bucket(max(1, buckets)), key_type=Types.INT())
-        .process(writer, output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()))
-        .name("encrypt parts")
+    if parallelism is not None:
+        batches.setParallelism(parallelism)
+    parts = DataStream(batches).map(
+        _EncryptPart(ticket, key, ContentType.parse(content)),
+        output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()),
     )
+    parts = parts.name("encrypt parts")
     if parallelism is not None:
         parts = parts.set_parallelism(parallelism)
     sink = _jvm().org.ppml.flink.EncryptedParts.sink(str(Path(path).absolute()), prefix, suffix)
