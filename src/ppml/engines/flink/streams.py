@@ -264,7 +264,9 @@ def write_encrypted_files(
         _EncryptPart(ticket, key, ContentType.parse(content)),
         output_type=Types.PRIMITIVE_ARRAY(Types.BYTE()),
     )
-    parts = parts.name("encrypt parts")
+    # Its own task (thread): an embedded interpreter opened after another Python operator and
+    # a Java one in the same chain can hang in its start-up (seen with onnxruntime loaded).
+    parts = parts.name("encrypt parts").start_new_chain()
     if parallelism is not None:
         parts = parts.set_parallelism(parallelism)
     sink = _jvm().org.ppml.flink.EncryptedParts.sink(str(Path(path).absolute()), prefix, suffix)
