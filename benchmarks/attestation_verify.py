@@ -1,8 +1,8 @@
 """Intel quote verifications per second on one core, as ratios to baselines measured in the same
 run.
 
-Measured: `verify_quote` on a real SGX v3 quote (../shared/vectors/sgx-v3-occlum/quote.dat;
-a synthetic quote signed by a test root when the vectors folder is absent) from its bytes, with
+Measured: `verify_quote` on a real SGX v3 quote (tests/data/vectors/sgx-v3-occlum/quote.dat)
+from its bytes, with
 the PCK chain cached (`ChainCache`, after one warm-up) and without it, and with the cache on an
 already parsed quote. Baseline: the raw ECDSA P-256 / SHA-256 verify of pyca/cryptography. A
 quote verification always checks two ECDSA signatures (the QE report by the PCK key, the quote
@@ -39,7 +39,7 @@ from ppml.attestation.intel.quote import parse_quote
 
 GOAL = 2000  # quote verifications per second on one core
 ROOT = Path(__file__).resolve().parents[1]
-VECTOR = ROOT / "../shared/vectors/sgx-v3-occlum/quote.dat"
+VECTOR = ROOT / "tests/data/vectors/sgx-v3-occlum/quote.dat"
 VECTOR_AT = datetime(2025, 6, 1, tzinfo=UTC)  # inside the real PCK chain's validity
 
 
@@ -59,21 +59,7 @@ def rate(fn: Callable[[], object], duration: float) -> float:
 
 
 def load_quote() -> tuple[bytes, x509.Certificate, datetime, str]:
-    if VECTOR.is_file():
-        return (
-            VECTOR.read_bytes(),
-            intel_sgx_root(),
-            VECTOR_AT,
-            f"real SGX v3 quote ({VECTOR.name})",
-        )
-    # The synthetic evidence generators are test support, importable from the repository root.
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from tests.support.evidence.intel import DEFAULT_AT, IntelTestPki, sgx_quote
-
-    pki = IntelTestPki.create(seed=1)
-    note = "SYNTHETIC SGX v3 quote (../shared/vectors absent), test root"
-    return sgx_quote(pki), pki.root_cert, DEFAULT_AT, note
+    return VECTOR.read_bytes(), intel_sgx_root(), VECTOR_AT, f"real SGX v3 quote ({VECTOR.name})"
 
 
 def collateral_paths(duration: float, work: Path) -> tuple[float, float]:

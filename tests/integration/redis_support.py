@@ -16,13 +16,15 @@ an assignment, unlike a ``from`` import, keeps ruff's F811 quiet)::
   never see each other's keys.
 
 Or, without fixtures: ``with running_redis(tmp_path) as (ws, server): ...``.
-Tests are skipped (with the reason shown) when redis-server is not installed.
+Tests are skipped (with the reason shown) when redis-server is not installed; under
+`scripts/test.sh` (PPML_TESTS_REQUIRE_REDIS) they fail instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +41,10 @@ _counter = itertools.count()
 
 def require_redis_server() -> None:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        reason = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("PPML_TESTS_REQUIRE_REDIS"):  # scripts/test.sh: never a silent skip
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def make_workspace(path: Path) -> Workspace:

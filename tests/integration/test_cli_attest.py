@@ -11,6 +11,7 @@ import pytest
 from tests.support.evidence.evidence import matching_collateral, root_pem
 from tests.support.evidence.intel import IntelTestPki, sgx_body, sgx_quote
 from tests.support.evidence.intel_collateral import write_files
+from tests.support.vectors import VECTORS
 from typer.testing import CliRunner
 
 from ppml.attestation import TeeType
@@ -20,13 +21,10 @@ from ppml.kms.policy import Policy, Rule
 from ppml.workspace import Workspace
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
-VECTORS = ROOT_DIR.parent / "shared" / "vectors"
 SNP_DATA = ROOT_DIR / "tests" / "data" / "snp"
 AT = "2025-06-01T00:00:00Z"
 PKI = IntelTestPki.create(seed=31)
 BODY = sgx_body(isv_prod_id=2, isv_svn=5)
-
-needs_vectors = pytest.mark.skipif(not VECTORS.is_dir(), reason="no shared/vectors folder")
 
 
 def ppml(*args: str | Path) -> tuple[int, str, str]:
@@ -66,7 +64,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@needs_vectors
 def test_real_sgx_quote() -> None:
     expected = json.loads((VECTORS / "sgx-v3-occlum" / "expected.json").read_text())["body"]
     code, doc = as_json(VECTORS / "sgx-v3-occlum" / "quote.dat", "--at", AT)
@@ -78,7 +75,6 @@ def test_real_sgx_quote() -> None:
     assert doc["trailing_bytes"]["length"] == 0
 
 
-@needs_vectors
 def test_real_tdx_quote_with_explicit_type_and_root() -> None:
     expected = json.loads((VECTORS / "tdx-v4" / "expected.json").read_text())["body"]
     code, doc = as_json(

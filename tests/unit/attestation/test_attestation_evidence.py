@@ -21,6 +21,7 @@ from tests.support.evidence.intel import (
 )
 from tests.support.evidence.intel_collateral import collateral_from_files, write_files
 from tests.support.evidence.snp import make_evidence
+from tests.support.vectors import VECTORS
 
 from ppml.attestation import EvidenceVerification, TcbStatus, TeeType, verify_evidence
 from ppml.attestation import evidence as evidence_module
@@ -30,12 +31,9 @@ from ppml.errors import EvidenceError
 
 AT = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)
 LATE = dt.datetime(2026, 7, 1, tzinfo=dt.UTC)  # after the collateral's nextUpdate
-VECTORS = Path(__file__).resolve().parents[3].parent / "shared" / "vectors"
 SNP_DATA = Path(__file__).resolve().parents[2] / "data" / "snp"
 PKI = IntelTestPki.create(seed=11)
 ROOT = root_pem(PKI)
-
-needs_vectors = pytest.mark.skipif(not VECTORS.is_dir(), reason="no shared/vectors folder")
 
 
 def verify(data: bytes, **kw: object) -> EvidenceVerification:
@@ -307,7 +305,6 @@ def test_snp_real_report() -> None:
 # -- the real Intel vectors ---------------------------------------------------------------------
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", ["sgx-v3-occlum", "tdx-v4"])
 def test_real_quotes(name: str) -> None:
     folder = VECTORS / name

@@ -7,7 +7,6 @@ import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -22,6 +21,7 @@ from tests.support.evidence.intel import (
     td_body,
     tdx_quote,
 )
+from tests.support.vectors import VECTORS
 
 from ppml.attestation.intel.chain import (
     INTEL_SGX_ROOT_CA_SHA256,
@@ -35,8 +35,6 @@ from ppml.attestation.intel.quote import parse_quote
 from ppml.attestation.steps import StepStatus, VerificationReport
 from ppml.errors import EvidenceError
 
-VECTORS = (Path(__file__).parents[4] / "../shared/vectors").resolve()
-needs_vectors = pytest.mark.skipif(not VECTORS.is_dir(), reason="shared vectors not present")
 VECTOR_AT = datetime(2025, 6, 1, tzinfo=UTC)
 _PEM = Encoding.PEM
 _DER = Encoding.DER
@@ -74,7 +72,6 @@ def test_shipped_intel_root() -> None:
         assert (VECTORS / "IntelSGXRootCA.pem").read_bytes().strip().startswith(b"-----BEGIN")
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", ["sgx-v3-occlum", "tdx-v4"])
 def test_real_vectors_verify_against_the_intel_root(name: str) -> None:
     raw = (VECTORS / name / "quote.dat").read_bytes()
@@ -87,7 +84,6 @@ def test_real_vectors_verify_against_the_intel_root(name: str) -> None:
     assert verify_quote(raw, root=intel_sgx_root(), at=VECTOR_AT) == report  # bytes accepted
 
 
-@needs_vectors
 def test_real_vector_against_a_test_root_or_after_expiry(pki: IntelTestPki) -> None:
     raw = (VECTORS / "tdx-v4" / "quote.dat").read_bytes()
     wrong = verify_quote(raw, root=pki.root_cert, at=VECTOR_AT)

@@ -4,7 +4,6 @@ reader that refuses every malformed, missing, duplicated or unknown field."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -16,6 +15,7 @@ from tests.support.evidence.intel import (
     der_tlv,
     encode_pck_extensions,
 )
+from tests.support.vectors import VECTORS
 
 from ppml.attestation.intel.pck import (
     PckExtensions,
@@ -25,12 +25,9 @@ from ppml.attestation.intel.pck import (
 from ppml.attestation.intel.quote import parse_quote
 from ppml.errors import EvidenceError
 
-VECTORS = (Path(__file__).parents[4] / "../shared/vectors").resolve()
-needs_vectors = pytest.mark.skipif(not VECTORS.is_dir(), reason="shared vectors not present")
 ARC = "1.2.840.113741.1.13.1"
 
 
-@needs_vectors
 @pytest.mark.parametrize("name", ["sgx-v3-occlum", "tdx-v4"])
 def test_real_pck_certificates(name: str) -> None:
     raw = (VECTORS / name / "quote.dat").read_bytes()
@@ -48,7 +45,6 @@ def test_real_pck_certificates(name: str) -> None:
     assert exp["configuration"] == "present" and ext.configuration is not None
 
 
-@needs_vectors
 def test_ca_and_root_have_no_sgx_extension() -> None:
     raw = (VECTORS / "tdx-v4" / "quote.dat").read_bytes()
     for cert in parse_quote(raw).pck_chain[1:]:

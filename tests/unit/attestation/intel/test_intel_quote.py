@@ -7,7 +7,6 @@ import base64
 import dataclasses
 import json
 import struct
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +20,7 @@ from tests.support.evidence.intel import (
     td_body,
     tdx_quote,
 )
+from tests.support.vectors import VECTORS
 
 from ppml.attestation.intel.quote import (
     HEADER_LEN,
@@ -39,9 +39,6 @@ from ppml.attestation.intel.quote import (
     parse_tdx_quote,
 )
 from ppml.errors import EvidenceError
-
-VECTORS = (Path(__file__).parents[4] / "../shared/vectors").resolve()
-needs_vectors = pytest.mark.skipif(not VECTORS.is_dir(), reason="shared vectors not present")
 
 
 def _vector(name: str) -> tuple[bytes, dict[str, Any]]:
@@ -87,7 +84,6 @@ def _check_common(q: SgxQuote | TdxQuote, raw: bytes, exp: dict[str, Any]) -> No
     assert q.signed_bytes[:HEADER_LEN] == q.header.to_bytes()
 
 
-@needs_vectors
 def test_sgx_v3_vector_every_expected_field() -> None:
     raw, exp = _vector("sgx-v3-occlum")
     q = parse_quote(raw)
@@ -112,7 +108,6 @@ def test_sgx_v3_vector_every_expected_field() -> None:
     assert q.signed_bytes == raw[: HEADER_LEN + SGX_REPORT_LEN]
 
 
-@needs_vectors
 def test_tdx_v4_vector_every_expected_field() -> None:
     raw, exp = _vector("tdx-v4")
     q = parse_quote(raw)
@@ -131,7 +126,6 @@ def test_tdx_v4_vector_every_expected_field() -> None:
     assert q.body.to_bytes() == raw[HEADER_LEN : HEADER_LEN + TD10_REPORT_LEN]
 
 
-@needs_vectors
 def test_vector_pem_chain_keeps_its_terminator() -> None:
     raw, _ = _vector("tdx-v4")
     q = parse_quote(raw)

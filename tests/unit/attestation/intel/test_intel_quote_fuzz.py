@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given, settings
@@ -19,13 +18,13 @@ from tests.support.evidence.intel import (
     td_body,
     tdx_quote,
 )
+from tests.support.vectors import VECTORS
 
 from ppml.attestation.intel.chain import intel_sgx_root, verify_quote
 from ppml.attestation.intel.pck import PckExtensions
 from ppml.attestation.intel.quote import SgxQuote, TdxQuote, parse_quote
 from ppml.errors import EvidenceError
 
-VECTORS = (Path(__file__).parents[4] / "../shared/vectors").resolve()
 FUZZ = settings(max_examples=400, deadline=None, database=None)
 
 PKI = IntelTestPki.create(seed=31)
@@ -36,9 +35,8 @@ SAMPLES: list[tuple[bytes, str]] = [
     (tdx_quote(PKI, version=5), "synthetic"),
     (tdx_quote(PKI, td_body(td15=True), version=5), "synthetic"),
 ]
-if VECTORS.is_dir():
-    for name in ("sgx-v3-occlum", "tdx-v4"):
-        SAMPLES.append(((VECTORS / name / "quote.dat").read_bytes(), "intel"))
+for name in ("sgx-v3-occlum", "tdx-v4"):
+    SAMPLES.append(((VECTORS / name / "quote.dat").read_bytes(), "intel"))
 VECTOR_AT = DEFAULT_AT.replace(year=2025)
 
 
