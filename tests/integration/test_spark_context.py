@@ -162,7 +162,8 @@ def test_write_then_read_table_and_decrypt(
     if fmt == "text":
         df = df.select("name")
     out = tmp_path / "out"
-    getattr(ctx.write(df, key="sales").mode("overwrite"), fmt)(out)
+    writer = ctx.write(df, key="sales").mode("overwrite")
+    getattr(writer.option("header", True) if fmt == "csv" else writer, fmt)(out)
     files = sorted(out.iterdir())
     assert 1 <= len(files) <= 3
     table = read_table(out, keys, format=fmt)
@@ -185,6 +186,143 @@ def test_write_then_read_table_and_decrypt(
         )
         assert proc.returncode == 0, proc.stderr
         assert b"name " in plain.read_bytes()
+
+
+TRICKY = [
+    (1, "plain", "2024-01-31", 1.5),
+    (2, "comma, inside", "2023-12-01", None),
+    (3, 'a "quoted" word', None, -2.25),
+    (4, "", "2022-02-28", 0.0),
+    (5, None, "2021-07-04", 10.0),
+    (6, "semi;colon and 'single'", "2020-01-01", 3.0),
+]
+
+
+def _tricky(ctx):
+    return (
+        ctx.spark.createDataFrame(TRICKY, "id long, name string, day string, amount double")
+        .selectExpr("id", "name", "to_date(day) AS day", "amount")
+        .repartition(2)
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"header": True},
+        {"header": True, "sep": ";", "quote": "'", "nullValue": "NA"},
+        {"header": True, "quoteAll": True, "dateFormat": "dd/MM/yyyy"},
+        {"header": False, "sep": "|", "emptyValue": "EMPTY"},
+    ],
+    ids=["header", "sep-quote-null", "quoteall-dateformat", "noheader-empty"],
+)
+def test_csv_writer_options_round_trip_as_sparks_own(
+    ctx, keys: KeyService, tmp_path: Path, options: dict[str, object]
+) -> None:
+    """ppml's encrypted CSV written and read back with Spark's options gives the rows that
+    Spark's own plain writer and reader give on the same DataFrame."""
+    df = _tricky(ctx)
+    read_options = {
+        k: v for k, v in options.items() if k in ("header", "sep", "quote", "nullValue")
+    }
+    ctx.write(df, key="sales").mode("overwrite").csv(tmp_path / "enc", **options)
+    ours = ctx.read().csv(tmp_path / "enc", **read_options).collect()
+    df.write.mode("overwrite").csv(str(tmp_path / "plain"), **options)
+    theirs = ctx.spark.read.csv(str(tmp_path / "plain"), **read_options).collect()
+    assert sorted(map(tuple, ours), key=str) == sorted(map(tuple, theirs), key=str)
+    assert len(ours) == len(TRICKY)
+    parts = [p for p in (tmp_path / "enc").iterdir() if p.stat().st_size]
+    assert parts and not any(b"comma, inside" in p.read_bytes() for p in parts)
+    if options.get("header"):
+        text = [line.replace('"', "") for line in _plaintext_lines(tmp_path / "enc", keys)]
+        sep = str(options.get("sep", ","))
+        assert text.count(sep.join(["id", "name", "day", "amount"])) == 2  # one per part
+
+
+def _plaintext_lines(out: Path, keys: KeyService) -> list[str]:
+    from ppml.data.files import open_encrypted
+
+    lines: list[str] = []
+    for part in sorted(p for p in out.iterdir() if not p.name.startswith(".")):
+        with open_encrypted(part, keys) as fh:
+            lines += fh.read().decode().splitlines()
+    return lines
+
+
+def test_csv_written_by_ppml_reads_in_every_ppml_reader(
+    ctx, keys: KeyService, tmp_path: Path
+) -> None:
+    """The CSV quoting is RFC 4180 (a quote doubled): pyarrow, pandas, DuckDB read it as is."""
+    ctx.write(_tricky(ctx), key="sales").csv(tmp_path / "enc", header=True)
+    table = read_table(tmp_path / "enc", keys, format="csv")
+    names = sorted(n for n in table.column("name").to_pylist() if n)
+    assert names == sorted(r[1] for r in TRICKY if r[1])
+
+
+def test_json_writer_options_as_sparks(ctx, keys: KeyService, tmp_path: Path) -> None:
+    df = _tricky(ctx)
+    ctx.write(df, key="sales").format("json").save(tmp_path / "default")
+    ctx.write(df, key="sales").json(tmp_path / "nulls", ignoreNullFields=False,
+                                    dateFormat="yyyy/MM/dd")  # fmt: skip
+    default = _plaintext_lines(tmp_path / "default", keys)
+    nulls = _plaintext_lines(tmp_path / "nulls", keys)
+    df.write.json(str(tmp_path / "plain"))
+    plain = sorted(p.read_text() for p in (tmp_path / "plain").glob("part-*.json"))
+    assert sorted(default) == sorted("".join(plain).splitlines())
+    assert any('"name":null' in line for line in nulls)
+    assert any('"day":"2024/01/31"' in line for line in nulls)
+    assert not any("null" in line for line in default)
+    back = ctx.read().json(tmp_path / "default").collect()
+    assert sorted(r["id"] for r in back) == [r[0] for r in TRICKY]
+
+
+def test_parquet_compression_choice(ctx, keys: KeyService, tmp_path: Path) -> None:
+    df = ctx.spark.range(20000).selectExpr("id", "repeat('abc', 20) AS s").coalesce(1)
+    sizes = {}
+    for codec in ("none", "zstd", "gzip"):
+        out = tmp_path / codec
+        ctx.write(df, key="sales").parquet(out, compression=codec)
+        sizes[codec] = sum(p.stat().st_size for p in out.iterdir())
+        assert ctx.read().parquet(out).count() == 20000
+    assert sizes["zstd"] < sizes["none"] / 2 and sizes["gzip"] < sizes["none"] / 2
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda w, p: w.mode("sometimes").csv(p), "unknown save mode: sometimes"),
+        (lambda w, p: w.csv(p, heder=True), "unknown csv writer option(s) heder"),
+        (lambda w, p: w.option("compresion", "gzip").parquet(p), "compresion"),
+        (lambda w, p: w.csv(p, compression="gzip"), "not compressed"),
+        (lambda w, p: w.json(p, encoding="latin1"), "UTF-8 only"),
+        (lambda w, p: w.parquet(p, compression="rar"), "Codec [rar] is not available"),
+        (lambda w, p: w.format("orc").save(p), "unknown format 'orc'"),
+        (lambda w, p: w.save(p), "no format"),
+        (lambda w, p: w.json(p, lineSep="\r\n"), "lineSep"),
+    ],
+    ids=[
+        "mode",
+        "option",
+        "parquet-option",
+        "csv-codec",
+        "encoding",
+        "parquet-codec",
+        "format",
+        "no-format",
+        "linesep",
+    ],
+)
+def test_bad_writer_settings_are_refused_before_anything_is_written(
+    ctx, tmp_path: Path, call, message: str
+) -> None:
+    from ppml.errors import UsageError
+
+    out = tmp_path / "out"
+    with pytest.raises(UsageError) as err:
+        call(ctx.write(_tricky(ctx), key="sales"), out)
+    assert message in str(err.value)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_write_mode_error_refuses_existing_output(ctx, keys: KeyService, tmp_path: Path) -> None:

@@ -170,6 +170,8 @@ class PPMLReader:
             sep=self._options.get("sep", self._options.get("delimiter", ",")),
             quote=self._options.get("quote", '"'),
             multi_line=self._flag("multiLine"),
+            escape=self._options.get("escape"),
+            null_value=self._options.get("nullvalue"),
         )
         if fmt == "parquet" and self._spark_parquet_reader():
             return self._load_parquet_natively(files)
@@ -276,9 +278,7 @@ class PPMLReader:
             table = pacsv.read_csv(
                 io.BytesIO(data),
                 read_options=pacsv.ReadOptions(autogenerate_column_names=not csv.header),
-                parse_options=pacsv.ParseOptions(
-                    delimiter=csv.sep, quote_char=csv.quote, newlines_in_values=csv.multi_line
-                ),
+                parse_options=csv.parse_options(),
             )
             names = (
                 table.column_names if csv.header else [f"_c{i}" for i in range(table.num_columns)]
@@ -428,10 +428,51 @@ class _Recorder:
         return key
 
 
-class PPMLWriter:
-    """Like `df.write`: a directory of part files, each under a fresh data key."""
+# Spark's option names (lower case) per format, for writing. Options Spark's readers take are
+# accepted and ignored by the writer, as Spark does; a name Spark does not know is refused (a
+# typo would otherwise change sensitive output silently).
+_CSV_WRITE = frozenset(
+    {"sep", "delimiter", "quote", "escape", "escapequotes", "quoteall", "nullvalue",
+     "emptyvalue", "dateformat", "timestampformat", "timestampntzformat",
+     "ignoreleadingwhitespace", "ignoretrailingwhitespace", "chartoescapequoteescaping",
+     "header", "encoding", "charset", "compression", "codec", "linesep"}
+)  # fmt: skip
+_JSON_WRITE = frozenset(
+    {"dateformat", "timestampformat", "timestampntzformat", "ignorenullfields", "encoding",
+     "charset", "compression", "codec", "linesep", "pretty", "timezone"}
+)  # fmt: skip
+_TEXT_WRITE = frozenset({"compression", "codec", "linesep"})
+_PARQUET_WRITE = frozenset({"compression", "parquet.compression"})
+_READ_ONLY = frozenset(
+    {"inferschema", "samplingratio", "enforceschema", "mode", "columnnameofcorruptrecord",
+     "multiline", "maxcolumns", "maxcharspercolumn", "unescapedquotehandling", "comment",
+     "nanvalue", "positiveinf", "negativeinf", "locale", "prefersdecimal", "allowcomments",
+     "allowunquotedfieldnames", "allowsinglequotes", "allownumericleadingzeros",
+     "allowbackslashescapingAnyCharacter".lower(), "allownonnumericnumbers",
+     "allowunquotedcontrolchars", "primitivesasstring", "dropfieldifallnull", "wholetext",
+     "mergeschema", "pathglobfilter", "recursivefilelookup", "modifiedbefore", "modifiedafter",
+     "maxpartitionbytes", "datetimerebasemode", "int96rebasemode", "timezone", "path"}
+)  # fmt: skip
+_WRITE_OPTIONS = {"csv": _CSV_WRITE, "json": _JSON_WRITE, "text": _TEXT_WRITE,
+                  "parquet": _PARQUET_WRITE}  # fmt: skip
+_PARQUET_CODECS = {"none": "none", "uncompressed": "none", "snappy": "snappy", "gzip": "gzip",
+                   "zstd": "zstd", "lz4": "lz4", "lz4_raw": "lz4", "brotli": "brotli"}  # fmt: skip
 
-    _MODES = frozenset({"error", "errorifexists", "ignore", "overwrite", "append"})
+
+class PPMLWriter:
+    """Like `df.write`: a directory of part files, each under a fresh data key.
+
+    Spark's writer surface: `mode`, `option`/`options`, keyword options on `csv`, `json`,
+    `text` and `parquet` (and `format(...).save(path)`). CSV and JSON lines are made by Spark
+    itself (``to_csv``/``to_json`` with the writer's options: sep, quote, escape, quoteAll,
+    nullValue, dateFormat, timestampFormat, ignoreNullFields, ...), so the text is what Spark's
+    own writer would put in a file, then encrypted part by part. ``header`` (CSV) puts the
+    column names first in every part, as Spark does. Compression: Parquet's codecs (snappy by
+    default, gzip, zstd, lz4, brotli, none); encrypted CSV, JSON and text are not compressed
+    (``none``/``uncompressed`` only).
+    """
+
+    _MODES = ("overwrite", "append", "ignore", "error", "errorifexists", "default")
 
     def __init__(self, ctx: PPMLContext, df: DataFrame, key: str) -> None:
         from ppml.crypto.envelope import validate_key_name
@@ -440,35 +481,101 @@ class PPMLWriter:
         self._df = df
         self._key = validate_key_name(key)
         self._mode = "error"
+        self._format: str | None = None
+        self._options: dict[str, str] = {}
 
-    def mode(self, mode: str) -> PPMLWriter:
+    def mode(self, mode: str | None) -> PPMLWriter:
+        if mode is None:
+            return self
         if mode.lower() not in self._MODES:
-            raise UsageError(f"unknown save mode {mode!r}")
-        self._mode = mode.lower()
+            accepted = ", ".join(f"'{m}'" for m in self._MODES)
+            raise UsageError(f"unknown save mode: {mode}. Accepted save modes are {accepted}.")
+        self._mode = "error" if mode.lower() in ("default", "errorifexists") else mode.lower()
         return self
 
-    def csv(self, path: str | Path) -> None:
-        self._save("csv", Path(path))
+    def option(self, key: str, value: object) -> PPMLWriter:
+        if value is None:
+            return self
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        self._options[key.lower()] = text
+        return self
 
-    def json(self, path: str | Path) -> None:
-        self._save("json", Path(path))
+    def options(self, **options: object) -> PPMLWriter:
+        for key, value in options.items():
+            self.option(key, value)
+        return self
 
-    def text(self, path: str | Path) -> None:
+    def format(self, source: str) -> PPMLWriter:
+        if source.lower() not in _WRITE_OPTIONS:
+            raise UsageError(f"unknown format {source!r}: csv, json, text or parquet")
+        self._format = source.lower()
+        return self
+
+    def save(self, path: str | Path, format: str | None = None, mode: str | None = None,
+             **options: object) -> None:  # fmt: skip
+        if format is not None:
+            self.format(format)
+        if self._format is None:
+            raise UsageError("no format: call .format('csv'|'json'|'text'|'parquet') or .csv()")
+        self.mode(mode).options(**options)._save(self._format, Path(path))
+
+    def csv(self, path: str | Path, mode: str | None = None, **options: object) -> None:
+        self.mode(mode).options(**options)._save("csv", Path(path))
+
+    def json(self, path: str | Path, mode: str | None = None, **options: object) -> None:
+        self.mode(mode).options(**options)._save("json", Path(path))
+
+    def text(self, path: str | Path, mode: str | None = None, **options: object) -> None:
         from pyspark.sql.types import StringType
 
         fields = self._df.schema.fields
         if len(fields) != 1 or not isinstance(fields[0].dataType, StringType):
             raise UsageError("text output needs one string column")
-        self._save("text", Path(path))
+        self.mode(mode).options(**options)._save("text", Path(path))
 
-    def parquet(self, path: str | Path) -> None:
-        self._save("parquet", Path(path))
+    def parquet(self, path: str | Path, mode: str | None = None, **options: object) -> None:
+        self.mode(mode).options(**options)._save("parquet", Path(path))
+
+    def _checked_options(self, fmt: str) -> dict[str, str]:
+        known = _WRITE_OPTIONS[fmt]
+        unknown = sorted(k for k in self._options if k not in known and k not in _READ_ONLY)
+        if unknown:
+            raise UsageError(
+                f"unknown {fmt} writer option(s) {', '.join(unknown)}: "
+                f"known are {', '.join(sorted(known))}"
+            )
+        opts = {k: v for k, v in self._options.items() if k in known}
+        codec = opts.pop("compression", opts.pop("codec", opts.pop("parquet.compression", None)))
+        if codec is not None and fmt == "parquet":
+            if codec.lower() not in _PARQUET_CODECS:
+                raise UsageError(
+                    f"Codec [{codec}] is not available. Known codecs are "
+                    f"{', '.join(sorted(_PARQUET_CODECS))}."
+                )
+            opts["compression"] = _PARQUET_CODECS[codec.lower()]
+        elif codec is not None and codec.lower() not in ("none", "uncompressed"):
+            raise UsageError(
+                f"compression {codec!r}: encrypted {fmt} parts are not compressed "
+                "(none or uncompressed); Parquet takes snappy, gzip, zstd, lz4 or brotli"
+            )
+        for name in ("encoding", "charset"):
+            if opts.get(name, "utf-8").lower().replace("_", "-") not in ("utf-8", "utf8"):
+                raise UsageError(f"{name} {opts[name]!r}: encrypted text is UTF-8 only")
+            opts.pop(name, None)
+        if opts.pop("linesep", "\n") != "\n":
+            raise UsageError("lineSep: encrypted parts end their lines with \\n only")
+        if opts.pop("pretty", "false").lower() == "true":
+            raise UsageError("pretty JSON spans lines: JSON parts hold one record per line")
+        if "delimiter" in opts:
+            opts["sep"] = opts.pop("delimiter")
+        return opts
 
     def _save(self, fmt: str, out: Path) -> None:
         from ppml.data.files import output_directory
 
+        plan = self._plan(fmt)
         if out.exists():
-            if self._mode in ("error", "errorifexists"):
+            if self._mode == "error":
                 raise OutputExists("output exists (use mode('overwrite'))", path=out)
             if self._mode == "ignore":
                 return
@@ -477,35 +584,54 @@ class PPMLWriter:
                 raise UsageError("output exists and is not a directory", path=out)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
             try:
-                self._run(fmt, staging)
+                self._run(plan, staging)
                 for part in sorted(staging.iterdir()):
                     os.replace(part, out / part.name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             return
         with output_directory(out, overwrite=True) as staging:
-            self._run(fmt, staging)
+            self._run(plan, staging)
 
-    def _run(self, fmt: str, staging: Path) -> None:
+    def _plan(self, fmt: str) -> tuple[str, DataFrame, dict[str, Any]]:
+        """The format, the DataFrame to write and the write's settings (options checked)."""
+        from pyspark.sql import functions as F
+
+        opts = self._checked_options(fmt)
+        df = self._df
+        if fmt == "parquet":
+            return fmt, df, {"parquet_options": tuple(sorted(opts.items()))}
+        if fmt == "text":
+            return fmt, df, {}
+        header = opts.pop("header", "false").lower() == "true"
+        if fmt == "csv":
+            opts.setdefault("escape", opts.get("quote", '"'))  # RFC 4180, as ppml reads CSV
+        row = F.struct(*[F.col("`" + n.replace("`", "``") + "`") for n in df.columns])
+        make = F.to_csv if fmt == "csv" else F.to_json
+        lines = df.select(make(row, opts).alias("value"))
+        settings: dict[str, Any] = {"lines": fmt}
+        if header:
+            names = F.struct(*[F.lit(n).alias(f"c{i}") for i, n in enumerate(df.columns)])
+            first = self._ctx.spark.range(1).select(F.to_csv(names, opts)).first()
+            settings["header"] = first[0] if first is not None else ""
+        return fmt, lines, settings
+
+    def _run(self, plan: tuple[str, DataFrame, dict[str, Any]], staging: Path) -> None:
         from pyspark.sql.pandas.types import to_arrow_schema
 
         from ppml._internal.fs import MARKER
-        from ppml.data.tables import write_table
-        from ppml.engines.spark.datasource import WriteSpec, register_write
+        from ppml.engines.spark.datasource import WriteSpec, register_write, write_part
 
+        fmt, df, settings = plan
         provider = self._ctx.keys
-        tasks = self._df.rdd.getNumPartitions()
+        tasks = df.rdd.getNumPartitions()
         keys = tuple((provider.generate_data_key(self._key),) for _ in range(tasks))
-        spec = WriteSpec(fmt, str(staging.absolute()), self._key, keys)
+        spec = WriteSpec(fmt, str(staging.absolute()), self._key, keys, **settings)
         name = register_write(self._ctx.spark, spec)
-        self._df.write.format(name).mode("append").save()
+        df.write.format(name).mode("append").save()
         if not any(p for p in staging.iterdir() if p.name != MARKER):
             import pyarrow as pa
 
-            empty = pa.Table.from_batches(
-                [], schema=to_arrow_schema(self._df.schema, timezone="UTC")
-            )
+            empty = pa.Table.from_batches([], schema=to_arrow_schema(df.schema, timezone="UTC"))
             ext = {"csv": "csv", "json": "json", "text": "txt", "parquet": "parquet"}[fmt]
-            write_table(
-                empty, staging / f"part-00000.{ext}", provider, key_name=self._key, format=fmt
-            )
+            write_part(empty, staging / f"part-00000.{ext}", provider, spec)

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, Literal
 
 import pyarrow as pa
 from pyspark.sql.datasource import (
@@ -52,6 +52,7 @@ __all__ = [
     "WriteSpec",
     "register_read",
     "register_write",
+    "write_part",
 ]
 
 _BLOCK_BYTES = 4 << 20
@@ -68,10 +69,33 @@ class ReleasedKey:
 
 @dataclass(frozen=True, slots=True)
 class CsvOptions:
+    """How CSV is parsed: Spark's reader options that apply (``escape`` unset: RFC 4180, a
+    quote inside a quoted value doubled, as ppml's writer and every other ppml reader have it;
+    a quote inside a value preceded by ``escape`` is read too)."""
+
     header: bool = False
     sep: str = ","
     quote: str = '"'
     multi_line: bool = False
+    escape: str | None = None
+    null_value: str | None = None
+
+    def parse_options(self) -> Any:
+        import pyarrow.csv as pacsv
+
+        escape: str | Literal[False] = False
+        if self.escape and self.escape != self.quote:
+            escape = self.escape
+        return pacsv.ParseOptions(
+            delimiter=self.sep,
+            quote_char=self.quote,
+            escape_char=escape,
+            double_quote=True,
+            newlines_in_values=self.multi_line,
+        )
+
+    def null_values(self) -> list[str]:
+        return [""] if self.null_value is None else ["", self.null_value]
 
 
 class StreamPartition(InputPartition):
@@ -120,12 +144,20 @@ class ReadSpec:
 
 @dataclass(frozen=True, slots=True)
 class WriteSpec:
-    """A write: the staging directory and, per task (partition id), its fresh data keys."""
+    """A write: the staging directory and, per task (partition id), its fresh data keys.
+
+    ``lines``: the DataFrame is one string column of CSV or JSON lines that Spark made with the
+    writer's options (``to_csv``/``to_json``), written under that content type after `header`.
+    ``parquet_options``: for pyarrow's Parquet writer (compression).
+    """
 
     fmt: str
     directory: str
     key_name: str
     keys: tuple[tuple[DataKey, ...], ...] = field(repr=False)
+    lines: str | None = None
+    header: str | None = None
+    parquet_options: tuple[tuple[str, str], ...] = ()
 
 
 class ReleasedKeys:
@@ -293,11 +325,12 @@ def _parse_block(data: bytes, spec: ReadSpec, target: pa.Schema, *, skip_header:
             read_options=pacsv.ReadOptions(
                 column_names=target.names, skip_rows=1 if skip_header else 0
             ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=csv.sep, quote_char=csv.quote, newlines_in_values=csv.multi_line
-            ),
+            parse_options=csv.parse_options(),
             convert_options=pacsv.ConvertOptions(
-                column_types=target, strings_can_be_null=True, quoted_strings_can_be_null=False
+                column_types=target,
+                null_values=csv.null_values(),
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=True,  # as Spark: "" is the null value too
             ),
         )
         return table
@@ -364,8 +397,6 @@ class _Writer(DataSourceArrowWriter):
     def write(self, iterator: Iterator[pa.RecordBatch]) -> WriterCommitMessage:  # type: ignore[override,unused-ignore]
         from pyspark import TaskContext
 
-        from ppml.data.tables import write_table
-
         context = TaskContext.get()
         task = context.partitionId() if context is not None else 0
         batches = [b for b in iterator if b.num_rows]
@@ -378,8 +409,34 @@ class _Writer(DataSourceArrowWriter):
         name = f"part-{task:05d}-{uuid.uuid4().hex[:12]}.{_EXTENSIONS[self._spec.fmt]}"
         path = Path(self._spec.directory) / name
         provider = ReleasedKeys((), self._spec.keys[task])
-        write_table(table, path, provider, key_name=self._spec.key_name, format=self._spec.fmt)
+        write_part(table, path, provider, self._spec)
         return _Written(name)
+
+
+def write_part(table: pa.Table, path: Path, provider: Any, spec: WriteSpec) -> None:
+    """One encrypted part file of `table` as `spec` says (also the driver's empty part)."""
+    from ppml.crypto.stream import ContentType
+    from ppml.data.files import create_encrypted
+    from ppml.data.parquet import write_parquet
+    from ppml.data.tables import write_table
+
+    if spec.lines is not None:
+        with create_encrypted(
+            path, provider, spec.key_name, content_type=ContentType.parse(spec.lines)
+        ) as raw:
+            sink = io.BufferedWriter(raw, 1 << 20)  # type: ignore[type-var]
+            if spec.header is not None:
+                sink.write(spec.header.encode() + b"\n")
+            for batch in table.to_batches(max_chunksize=65536):
+                lines = [line or "" for line in batch.column(0).to_pylist()]
+                if lines:
+                    sink.write(("\n".join(lines) + "\n").encode())
+            sink.flush()
+    elif spec.fmt == "parquet" and spec.parquet_options:
+        options: dict[str, Any] = dict(spec.parquet_options)
+        write_parquet(table, path, provider, key_name=spec.key_name, **options)
+    else:
+        write_table(table, path, provider, key_name=spec.key_name, format=spec.fmt)
 
 
 # --------------------------------------------------------------------------- registration
