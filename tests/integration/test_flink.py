@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -253,6 +254,79 @@ def test_wordcount_on_the_cluster_equals_python(
     job = flink_run(ws, WORDCOUNT, inputs, out)
     assert job.code == 0, job.err
     assert "on the cluster" in job.err
+    assert counts_of(decrypt_parts(ws, out)) == expected_counts()
+
+
+PROBE = """\
+import json, os, sys, tempfile
+from pyflink.common import Types
+from pyflink.datastream import StreamExecutionEnvironment
+from pyflink.datastream.functions import MapFunction
+from ppml.flink import write_encrypted_files
+
+
+class Probe(MapFunction):
+    def map(self, value):
+        return json.dumps({"path": sys.path, "cwd": os.getcwd(), "tmp": tempfile.gettempdir()})
+
+
+env = StreamExecutionEnvironment.get_execution_environment()
+probe = env.from_collection(["x"], type_info=Types.STRING())
+probe = probe.map(Probe(), output_type=Types.STRING())
+write_encrypted_files(probe, sys.argv[1], key="sales")
+env.execute("probe")
+"""
+
+
+def test_operators_import_only_from_flinks_environment_and_use_no_shared_tmp(
+    ws: Path, cluster: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interpreter that runs the operators in a TaskManager has no working directory, user
+    site or other environment on its path, and neither it nor Flink's client writes to the
+    shared /tmp (a directory there, made by someone else first, could swap in code)."""
+    flink_python = os.environ["PPML_FLINK_PYTHON"]
+    prefixes = subprocess.run(
+        [flink_python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    allowed = (*prefixes, str(ROOT / "src"))
+    shared = Path("/tmp/pyflink")
+    before = set(shared.iterdir()) if shared.is_dir() else set()
+    (tmp_path / "probe.py").write_text(PROBE)
+    monkeypatch.chdir(tmp_path)
+    job = flink_run(ws, tmp_path / "probe.py", tmp_path / "out")
+    assert job.code == 0, job.err
+    (seen,) = (json.loads(line) for line in decrypt_parts(ws, tmp_path / "out"))
+    assert "" not in seen["path"] and "." not in seen["path"], seen["path"]
+    for entry in seen["path"]:
+        assert entry.startswith(allowed), f"{entry} is outside Flink's environment"
+    assert not seen["cwd"].startswith(str(tmp_path))
+    assert seen["tmp"].startswith(str(ws)), seen["tmp"]
+    after = set(shared.iterdir()) if shared.is_dir() else set()
+    assert after == before, "a run wrote into the shared /tmp/pyflink"
+    config = (ws / "flink" / "cluster" / "conf" / "config.yaml").read_text()
+    (checkpoints,) = re.findall(r"execution.checkpointing.dir: ?\"?file://([^\"\n]+)", config)
+    if Path("/dev/shm").is_dir():
+        assert checkpoints.startswith("/dev/shm/"), "checkpoints (operator state) on disk"
+    assert os.stat(checkpoints).st_mode & 0o777 == 0o700
+
+
+def test_links_in_an_input_directory_are_skipped(ws: Path, inputs: Path, tmp_path: Path) -> None:
+    """A link planted among the inputs (to a file or a directory the job was not given) is
+    not read, as ``ppml encrypt`` skips links."""
+    src, other = tmp_path / "in", tmp_path / "elsewhere"
+    shutil.copytree(inputs, src)
+    other.mkdir()
+    (other / "planted.txt").write_text("planted planted\n")
+    r = run_ppml("encrypt", other / "planted.txt", "-o", other / "planted.txt.enc",
+                 "--key", "sales", home=ws)  # fmt: skip
+    assert r.code == 0, r.err
+    (other / "planted.txt").unlink()
+    (src / "zz-link.txt.enc").symlink_to(other / "planted.txt.enc")
+    (src / "zz-dir").symlink_to(other)
+    out = tmp_path / "out"
+    job = flink_run(ws, "--local", WORDCOUNT, src, out)
+    assert job.code == 0, job.err
     assert counts_of(decrypt_parts(ws, out)) == expected_counts()
 
 

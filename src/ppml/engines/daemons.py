@@ -47,8 +47,11 @@ def cmdline_has(pid: int, needle: bytes) -> bool:
         return False
 
 
-def start_daemon(command: list[str], env: Mapping[str, str], log: Path, what: str) -> int:
-    """Start `command` in a session of its own, its output appended to `log`; its pid."""
+def start_daemon(
+    command: list[str], env: Mapping[str, str], log: Path, what: str, *, cwd: Path | None = None
+) -> int:
+    """Start `command` in a session of its own (in `cwd`), its output appended to `log`; its
+    pid."""
     with open(log, "ab") as out:
         try:
             proc = subprocess.Popen(  # noqa: S603 -- a distribution's own launcher script
@@ -58,6 +61,7 @@ def start_daemon(command: list[str], env: Mapping[str, str], log: Path, what: st
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                cwd=cwd,
             )
         except OSError as exc:
             raise ConfigurationError(f"cannot start {what}: {exc.strerror}") from None

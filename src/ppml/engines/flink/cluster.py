@@ -10,6 +10,7 @@ next ``up``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from ppml.engines.flink.config import (
     ClusterSecurity,
     base_settings,
     issue_cluster_security,
+    memory_directory,
     node_settings,
     private_flink_home,
     write_config,
@@ -49,6 +51,7 @@ __all__ = [
 
 CLUSTER_DIR = "cluster"
 _STATE = "cluster.json"
+_CHECKPOINTS = "checkpoints.path"  # where the cluster's in-memory checkpoint directory is
 _START_TIMEOUT = 120.0
 _MARK = b"org.apache.flink.runtime."
 _JOBMANAGER_READY = "Rest endpoint listening at"
@@ -65,17 +68,21 @@ def flink_environment_variables(
     home: Path,
     conf_dir: Path,
     log_dir: Path,
+    tmp: Path,
     base: Mapping[str, str] = os.environ,
 ) -> dict[str, str]:
     """A Flink process's environment: `base` without ppml's secrets and without Python
     variables that would change which code the operators run, plus Flink's own variables.
     PYTHONPATH is the environment's site-packages and ppml's own directory: the interpreter
     that PemJa embeds in the JVM starts from the base installation and reads no ``.pth`` file
-    (an editable install is one), so it would not see them otherwise."""
+    (an editable install is one), so it would not see them otherwise. No working directory or
+    user site goes on Python's path (PYTHONSAFEPATH, PYTHONNOUSERSITE), no other virtual
+    environment is active, Flink's environment comes first on PATH, and temporary files go to
+    `tmp` (private), never to the shared /tmp."""
     env = {
         k: v
         for k, v in without_secrets(base).items()
-        if not k.startswith(("PYTHON", "FLINK_", "PPML_FLINK"))
+        if not k.startswith(("PYTHON", "FLINK_", "PPML_FLINK", "VIRTUAL_ENV", "CONDA_"))
     }
     env.update(
         {
@@ -84,6 +91,10 @@ def flink_environment_variables(
             "FLINK_CONF_DIR": str(conf_dir),
             "FLINK_LOG_DIR": str(log_dir),
             "PYTHONPATH": flink.python_path,
+            "PYTHONSAFEPATH": "1",
+            "PYTHONNOUSERSITE": "1",
+            "TMPDIR": str(tmp),
+            "PATH": os.pathsep.join([str(flink.python.parent), env.get("PATH", os.defpath)]),
         }
     )
     return env
@@ -150,9 +161,10 @@ def _node_settings(
     memory: str,
     rest_port: int,
     rpc_port: int,
+    checkpoints: Path,
 ) -> dict[str, str]:
     return {
-        **base_settings(flink, d / "scratch"),
+        **base_settings(flink, d / "scratch", checkpoints=checkpoints),
         **node_settings(security),
         "jobmanager.rpc.address": host,
         "jobmanager.rpc.port": str(rpc_port),
@@ -196,19 +208,23 @@ def start_cluster(
     security = issue_cluster_security(ws, d / "conf", hosts)
     home = private_flink_home(flink, d / "home", [ppml_flink_jar()])
     rest_port, rpc_port = daemons.free_port(host), daemons.free_port(host)
+    # The jobs' checkpoints (operator state: decrypted records) stay in memory, in a private
+    # directory the cluster owns; a job sent to the cluster names none of its own.
+    checkpoints = memory_directory("ppml-flink-", d / "scratch")
+    write_private(d / _CHECKPOINTS, str(checkpoints).encode())
     write_config(
         d / "conf",
-        _node_settings(flink, security, d, host, slots, memory, rest_port, rpc_port),
+        _node_settings(flink, security, d, host, slots, memory, rest_port, rpc_port, checkpoints),
         flink,
     )
     logs = d / "log"
     ensure_private_dir(logs)
-    env = flink_environment_variables(flink, java, home, d / "conf", logs)
+    env = flink_environment_variables(flink, java, home, d / "conf", logs, d / "scratch" / "tmp")
     started: list[int] = []
     try:
         jm_log = logs / "jobmanager.out"
         jm = daemons.start_daemon(
-            [str(home / "bin" / "jobmanager.sh"), "start-foreground"], env, jm_log, "Flink"
+            [str(home / "bin" / "jobmanager.sh"), "start-foreground"], env, jm_log, "Flink", cwd=d
         )
         started.append(jm)
         daemons.wait_for_log(jm_log, jm, _JOBMANAGER_READY, timeout, "the Flink JobManager")
@@ -216,7 +232,11 @@ def start_cluster(
         for n in range(taskmanagers):
             tm_log = logs / f"taskmanager-{n}.out"
             pid = daemons.start_daemon(
-                [str(home / "bin" / "taskmanager.sh"), "start-foreground"], env, tm_log, "Flink"
+                [str(home / "bin" / "taskmanager.sh"), "start-foreground"],
+                env,
+                tm_log,
+                "Flink",
+                cwd=d,
             )
             started.append(pid)
             tms.append((pid, str(tm_log)))
@@ -243,6 +263,9 @@ def stop_cluster(flink_dir: Path) -> int:
         stopped += daemons.terminate(state.jobmanager[0], _is_flink)
     shutil.rmtree(d / "conf", ignore_errors=True)
     shutil.rmtree(d / "scratch", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        shutil.rmtree((d / _CHECKPOINTS).read_text(), ignore_errors=True)
+    (d / _CHECKPOINTS).unlink(missing_ok=True)
     (d / _STATE).unlink(missing_ok=True)
     return stopped
 

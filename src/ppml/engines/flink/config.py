@@ -142,13 +142,34 @@ def make_scratch(scratch: Path) -> None:
         ensure_private_dir(scratch / name)
 
 
-def base_settings(flink: FlinkEnvironment, scratch: Path, *, make: bool = True) -> dict[str, str]:
+def memory_directory(prefix: str, fallback: Path) -> Path:
+    """A new private (0700) directory in memory (/dev/shm) for Flink's checkpoints, which hold
+    operator state, decrypted records included: they never reach a disk. Where there is no
+    /dev/shm, a private directory under `fallback`."""
+    import tempfile
+
+    shm = Path("/dev/shm")  # noqa: S108 -- a private directory made by mkdtemp (0700)
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
+    ensure_private_dir(fallback)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=fallback))
+
+
+def base_settings(
+    flink: FlinkEnvironment,
+    scratch: Path,
+    *,
+    make: bool = True,
+    checkpoints: Path | None = None,
+) -> dict[str, str]:
     """What every ppml Flink process shares: Python in threads, private scratch (made here
-    unless `make` is false: an attested job makes its own, inside its sandbox)."""
+    unless `make` is false: an attested job makes its own, inside its sandbox), Java's
+    temporary files in it too (not the shared /tmp, where Flink's client would put the job's
+    Python files), checkpoints in `checkpoints` (default: in the scratch directory)."""
     if make:
         make_scratch(scratch)
     return {
-        "env.java.opts.all": _java_options(flink),
+        "env.java.opts.all": f"{_java_options(flink)} -Djava.io.tmpdir={scratch / 'tmp'}".strip(),
         "python.execution-mode": "thread",
         "python.executable": str(flink.python),
         "python.client.executable": str(flink.python),
@@ -160,7 +181,7 @@ def base_settings(flink: FlinkEnvironment, scratch: Path, *, make: bool = True) 
         "web.tmpdir": str(scratch / "web"),
         "web.upload.dir": str(scratch / "web"),
         "env.pid.dir": str(scratch),
-        "execution.checkpointing.dir": f"file://{scratch / 'checkpoints'}",
+        "execution.checkpointing.dir": f"file://{checkpoints or scratch / 'checkpoints'}",
         # Checkpoints commit the encrypted file sink's parts and record the sources' positions.
         "execution.checkpointing.interval": "10 s",
         # A failing job (a tampered input fails its operator) is retried a few times, not forever.

@@ -59,13 +59,14 @@ def job_settings(
     local: bool,
     scratch: Path,
     shown: Path | None = None,
+    checkpoints: Path | None = None,
 ) -> dict[str, str]:
     """A job's Flink settings, its key stores written to `stores`: for a mini-cluster, a node
     certificate issued for the run and loopback addresses; for the cluster, copies of its
     client and trust stores and its REST address. `shown` is where the job sees `stores` and
     `scratch` is its scratch directory as it sees it (an attested job's sandbox shows both
     elsewhere, and makes its scratch itself); by default both are as given, made here."""
-    settings = base_settings(flink, scratch, make=shown is None)
+    settings = base_settings(flink, scratch, make=shown is None, checkpoints=checkpoints)
     if local:
         issued = issue_cluster_security(ws, stores, ["127.0.0.1", "localhost"])
         settings.update(node_settings(issued.moved(shown or stores)))
@@ -81,5 +82,7 @@ def job_settings(
         shutil.copyfile(store, stores / store.name)
         os.chmod(stores / store.name, 0o600)
     settings.update(client_settings(security.moved(shown or stores)))
+    # The cluster's own (private, in-memory) checkpoint directory, not one the job names.
+    del settings["execution.checkpointing.dir"]
     settings.update({"rest.address": state.host, "rest.port": str(state.rest_port)})
     return settings

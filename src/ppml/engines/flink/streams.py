@@ -37,6 +37,7 @@ import atexit
 import io
 import json
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -98,6 +99,13 @@ def job_keys() -> RelayTicket:
         return _attested_relay[0].ticket()
 
 
+def _no_working_directory_on_path() -> None:
+    """The interpreter PemJa embeds in a TaskManager puts its working directory ('') on
+    ``sys.path``; operators import nothing from there (the cluster's processes also run in a
+    private directory)."""
+    sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+
+
 def _prepare_attested_job() -> None:
     """Under ``ppml flink run``: have PyFlink's environment built from ppml's configuration,
     on a mini-cluster or (attested) submitted to the cluster; under ``--tee``, first make
@@ -123,11 +131,27 @@ def _jvm() -> Any:
 # -- encrypted files -----------------------------------------------------------------------------
 
 
+def _roots(paths: tuple[str | Path, ...]) -> tuple[str, ...]:
+    return tuple(str(Path(p).absolute()) for p in paths)
+
+
+def _linked(path: str, roots: tuple[str, ...]) -> bool:
+    """Whether `path`, listed below one of `roots`, is a link or lies below one (a link could
+    lead out of the tree: such files are skipped, as ``ppml encrypt`` skips them)."""
+    for root in roots:
+        if path == root or path.startswith(root.rstrip("/") + "/"):
+            relative = os.path.relpath(path, root)
+            expected = os.path.normpath(os.path.join(os.path.realpath(root), relative))
+            return os.path.realpath(path) != expected
+    return True
+
+
 class _DecryptLines(FlatMapFunction):
     """A file's path -> its lines, authenticated and decrypted segment by segment."""
 
-    def __init__(self, ticket: RelayTicket) -> None:
+    def __init__(self, ticket: RelayTicket, roots: tuple[str, ...] = ()) -> None:
         self._ticket = ticket
+        self._roots = roots
         self._keys: DataKeyProvider | None = None
 
     def open(self, runtime_context: RuntimeContext) -> None:
@@ -136,6 +160,8 @@ class _DecryptLines(FlatMapFunction):
     def flat_map(self, value: str) -> Iterator[str]:
         path = value.removeprefix("file:")
         assert self._keys is not None
+        if _linked(path, self._roots):
+            return
         if not looks_encrypted(path):
             raise UsageError("not a ppml-encrypted file", path=path)
         with annotate_errors(Path(path)), open(path, "rb") as raw:
@@ -152,8 +178,8 @@ def read_encrypted_files(
     ticket: RelayTicket | None = None,
 ) -> DataStream:
     """The lines of the encrypted files in `paths` (files or directories, read recursively;
-    hidden files are skipped). With `monitor_interval` (seconds) the directories are watched
-    for new files and the stream does not end."""
+    hidden files, links and files below a link are skipped). With `monitor_interval`
+    (seconds) the directories are watched for new files and the stream does not end."""
     if not paths:
         raise UsageError("read_encrypted_files needs at least one path")
     ticket = ticket or job_keys()
@@ -163,16 +189,21 @@ def read_encrypted_files(
     if monitor_interval is not None:
         builder = builder.monitor_continuously(Duration.of_millis(int(monitor_interval * 1000)))
     files = env.from_source(builder.build(), WatermarkStrategy.no_watermarks(), "encrypted files")
-    return files.flat_map(_DecryptLines(ticket), output_type=Types.STRING()).name("decrypt")
+    return files.flat_map(_DecryptLines(ticket, _roots(paths)), output_type=Types.STRING()).name(
+        "decrypt"
+    )
 
 
 class _ParquetRows(FlatMapFunction):
     """An encrypted Parquet file's path -> its rows as JSON objects (PME: the footer and each
     selected column authenticated and decrypted, only their keys asked for)."""
 
-    def __init__(self, ticket: RelayTicket, columns: list[str] | None) -> None:
+    def __init__(
+        self, ticket: RelayTicket, columns: list[str] | None, roots: tuple[str, ...] = ()
+    ) -> None:
         self._ticket = ticket
         self._columns = columns
+        self._roots = roots
         self._keys: DataKeyProvider | None = None
 
     def open(self, runtime_context: RuntimeContext) -> None:
@@ -183,6 +214,8 @@ class _ParquetRows(FlatMapFunction):
 
         path = Path(value.removeprefix("file:"))
         assert self._keys is not None
+        if _linked(str(path), self._roots):
+            return
         with annotate_errors(path):
             table = read_parquet(path, self._keys, columns=self._columns)
         for batch in table.to_batches(max_chunksize=4096):
@@ -206,9 +239,8 @@ def read_encrypted_parquet(
         BulkFormat(_jvm().org.ppml.flink.FilePaths()), *(str(Path(p).absolute()) for p in paths)
     ).build()
     files = env.from_source(source, WatermarkStrategy.no_watermarks(), "encrypted parquet")
-    return files.flat_map(_ParquetRows(ticket, columns), output_type=Types.STRING()).name(
-        "decrypt parquet"
-    )
+    rows = _ParquetRows(ticket, columns, _roots(paths))
+    return files.flat_map(rows, output_type=Types.STRING()).name("decrypt parquet")
 
 
 class _EncryptPart(MapFunction):
@@ -371,4 +403,5 @@ def write_redis_stream(
     return added.sink_to(Sink(discard)).name("appended")
 
 
+_no_working_directory_on_path()
 _prepare_attested_job()

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from ppml._internal.fs import ensure_private_dir
 from ppml._internal.procs import record_owner, sweep_orphaned
 from ppml.engines.flink.cluster import flink_environment_variables, ppml_flink_jar
-from ppml.engines.flink.config import private_flink_home, write_config
+from ppml.engines.flink.config import memory_directory, private_flink_home, write_config
 from ppml.engines.flink.jobconf import TARGET_ENV, job_settings, relay_host
 from ppml.engines.flink.relay import RELAY_ENV
 from ppml.errors import UsageError
@@ -78,19 +78,30 @@ def prepare_run(
         raise UsageError("no such job file", path=job)
     runs = flink_dir / RUN_DIR
     ensure_private_dir(runs)
-    sweep_orphaned(runs, "*", lambda d: shutil.rmtree(d, ignore_errors=True))
+    sweep_orphaned(runs, "*", _remove_run)
     d = runs / secrets.token_hex(8)
     ensure_private_dir(d)
     record_owner(d, os.getpid())
+    checkpoints = memory_directory("ppml-flink-run-", d / "scratch") if local else None
+    if checkpoints is not None:
+        (d / _CHECKPOINTS).write_text(str(checkpoints))
     try:
         host = relay_host(flink_dir, local)
         settings = job_settings(
-            ws, flink_dir, flink, d / "stores", local=local, scratch=d / "scratch"
+            ws,
+            flink_dir,
+            flink,
+            d / "stores",
+            local=local,
+            scratch=d / "scratch",
+            checkpoints=checkpoints,
         )
         home = private_flink_home(flink, d / "home", [ppml_flink_jar()])
         write_config(d / "conf", settings, flink)
         ensure_private_dir(d / "log")
-        env = flink_environment_variables(flink, java, home, d / "conf", d / "log")
+        env = flink_environment_variables(
+            flink, java, home, d / "conf", d / "log", d / "scratch" / "tmp"
+        )
         ticket = d / "relay.json"
         env[RELAY_ENV] = str(ticket)
         if local:
@@ -99,6 +110,18 @@ def prepare_run(
         yield JobRun(d, command, env, host, ticket)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+_CHECKPOINTS = "checkpoints.path"
+
+
+def _remove_run(d: Path) -> None:
+    """Remove an orphaned run's directory and its in-memory checkpoints."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree((d / _CHECKPOINTS).read_text(), ignore_errors=True)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def run_job(run: JobRun) -> int:
