@@ -479,6 +479,42 @@ def test_a_watched_directory_is_read_as_files_arrive(
             proc.communicate()
 
 
+def _live_jobs(ws: Path) -> list[dict[str, object]]:
+    from ppml.engines.flink.cluster import read_cluster_state, rest_get
+
+    d = ws / "flink" / "cluster"
+    state = read_cluster_state(d)
+    assert state is not None
+    jobs = rest_get(d, state, "/jobs/overview")["jobs"]
+    return [j for j in jobs if j["state"] in ("CREATED", "INITIALIZING", "RUNNING", "RESTARTING")]
+
+
+def test_a_cluster_job_ends_with_its_run(
+    ws: Path, inputs: Path, cluster: dict[str, object], tmp_path: Path
+) -> None:
+    """SIGTERM to `ppml flink run` of a job that never ends (`--watch`): the job is cancelled
+    on the cluster, not left running (and checkpointing) without its run."""
+    import signal
+    import time
+
+    assert not _live_jobs(ws)
+    proc = flink_start(ws, WORDCOUNT, inputs, tmp_path / "out", "--watch", "1")
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not _live_jobs(ws):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(1)
+        assert _live_jobs(ws), "the job never started"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert "cancelled the job on the cluster" in err, out + err
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _live_jobs(ws):
+        time.sleep(1)
+    assert not _live_jobs(ws)
+
+
 # -- secrets -------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -163,10 +164,23 @@ def run(
         ):
             relay.write_ticket(prepared.ticket)
             progress(f"running {job.name} on {'a mini-cluster' if local else 'the cluster'}")
-            code = run_job(prepared)
+            try:
+                code = run_job(prepared)
+            finally:
+                if not local:
+                    _cancel_leftovers(flink_dir, prepared.tag)
     finally:
         keys.close()
     raise typer.Exit(code)
+
+
+def _cancel_leftovers(flink_dir: Path, tag: str) -> None:
+    """The job outlives its client only when the client was stopped (a signal, a crash): then
+    it is cancelled, as `--local` jobs end with their process."""
+    from ppml.engines.flink.cluster import cancel_run_jobs
+
+    if cancel_run_jobs(flink_dir, tag):
+        progress("cancelled the job on the cluster (its run ended first)")
 
 
 def _attested_workload(
@@ -211,13 +225,20 @@ def _attested(
         )
         return 0
 
+    tag = secrets.token_hex(8)
+
     def prepare(ws: Workspace, run: RunDirectory) -> Workload:
         from ppml.engines.flink.environment import find_flink_environment
 
-        write_job_boot(ws, flink_dir, find_flink_environment(), run.boot, local=local)
+        flink = find_flink_environment()
+        write_job_boot(ws, flink_dir, flink, run.boot, local=local, tag=tag)
         return _attested_workload(run.path / "java", job, job_args, local, host)
 
-    return launch_prepared(prepare, Launch("sim", data=tuple(data)), workspace, passphrase_file)
+    try:
+        return launch_prepared(prepare, Launch("sim", data=tuple(data)), workspace, passphrase_file)
+    finally:
+        if not local:
+            _cancel_leftovers(flink_dir, tag)
 
 
 @cluster_app.command("up")

@@ -100,10 +100,17 @@ def job_parts(
 
 
 def write_job_boot(
-    ws: Workspace, flink_dir: Path, flink: FlinkEnvironment, boot: Path, *, local: bool
+    ws: Workspace,
+    flink_dir: Path,
+    flink: FlinkEnvironment,
+    boot: Path,
+    *,
+    local: bool,
+    tag: str = "",
 ) -> str:
     """Flink's home, configuration and key stores into `boot`/flink, naming the paths the
-    sandbox shows; returns the address the job's key relay listens on."""
+    sandbox shows (a cluster's jobs tagged `tag`); returns the address the job's key relay
+    listens on."""
     host = relay_host(flink_dir, local)
     root = boot / FLINK_BOOT
     ensure_private_dir(root)
@@ -116,6 +123,7 @@ def write_job_boot(
         local=local,
         scratch=_SCRATCH_INSIDE,
         shown=_INSIDE / "stores",
+        tag=tag,
     )
     write_config(root / "conf", settings, flink)
     return host

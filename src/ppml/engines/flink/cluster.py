@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLUSTER_DIR",
     "ClusterState",
+    "cancel_run_jobs",
     "cluster_status",
     "flink_environment_variables",
     "ppml_flink_jar",
@@ -272,6 +273,10 @@ def stop_cluster(flink_dir: Path) -> int:
 
 def rest_get(cluster_dir: Path, state: ClusterState, path: str) -> Any:
     """GET `path` from the cluster's REST endpoint with its client certificate."""
+    return _rest(cluster_dir, state, "GET", path)
+
+
+def _rest(cluster_dir: Path, state: ClusterState, method: str, path: str) -> Any:
     import httpx
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.serialization import pkcs12
@@ -297,9 +302,37 @@ def rest_get(cluster_dir: Path, state: ClusterState, path: str) -> Any:
         context = ssl.create_default_context(cadata=ca_pem.decode())
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         context.load_cert_chain(cert_file, key_file)
-    response = httpx.get(state.rest_url + path, verify=context, timeout=10.0)
+    response = httpx.request(method, state.rest_url + path, verify=context, timeout=10.0)
     response.raise_for_status()
-    return response.json()
+    return response.json() if response.content else None
+
+
+RUN_TAG = "ppml.run"
+"""The global job parameter naming the `ppml flink run` that submitted a job to the cluster."""
+
+_LIVE = ("CREATED", "INITIALIZING", "RUNNING", "RESTARTING", "FAILING", "RECONCILING")
+
+
+def cancel_run_jobs(flink_dir: Path, tag: str) -> int:
+    """Cancel the cluster's live jobs that the run `tag` submitted (its client ended, by a
+    signal or a crash, while the job still ran); how many. Best effort: no cluster, no jobs."""
+    d = flink_dir / CLUSTER_DIR
+    state = read_cluster_state(d)
+    if state is None or not _is_flink(state.jobmanager[0]):
+        return 0
+    cancelled = 0
+    try:
+        for job in rest_get(d, state, "/jobs/overview").get("jobs", []):
+            if job.get("state") not in _LIVE:
+                continue
+            config = rest_get(d, state, f"/jobs/{job['jid']}/config")
+            user = config.get("execution-config", {}).get("user-config", {})
+            if user.get(RUN_TAG) == tag:
+                _rest(d, state, "PATCH", f"/jobs/{job['jid']}?mode=cancel")
+                cancelled += 1
+    except Exception:  # the cluster is going away: nothing left to cancel there
+        return cancelled
+    return cancelled
 
 
 def cluster_status(flink_dir: Path) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ppml._internal.fs import ensure_private_dir
-from ppml.engines.flink.cluster import CLUSTER_DIR, read_cluster_state
+from ppml.engines.flink.cluster import CLUSTER_DIR, RUN_TAG, read_cluster_state
 from ppml.engines.flink.config import (
     ClusterSecurity,
     base_settings,
@@ -60,6 +60,7 @@ def job_settings(
     scratch: Path,
     shown: Path | None = None,
     checkpoints: Path | None = None,
+    tag: str = "",
 ) -> dict[str, str]:
     """A job's Flink settings, its key stores written to `stores`: for a mini-cluster, a node
     certificate issued for the run and loopback addresses; for the cluster, copies of its
@@ -84,5 +85,7 @@ def job_settings(
     settings.update(client_settings(security.moved(shown or stores)))
     # The cluster's own (private, in-memory) checkpoint directory, not one the job names.
     del settings["execution.checkpointing.dir"]
+    # Which run submitted the job: its jobs are cancelled if the run ends before them.
+    settings["pipeline.global-job-parameters"] = f"{RUN_TAG}:{tag}"
     settings.update({"rest.address": state.host, "rest.port": str(state.rest_port)})
     return settings

@@ -52,6 +52,7 @@ class JobRun:
     env: Mapping[str, str]
     relay_host: str
     ticket: Path
+    tag: str  # the run's tag on the cluster's jobs (`cancel_run_jobs`)
 
 
 def job_command(
@@ -95,6 +96,7 @@ def prepare_run(
             local=local,
             scratch=d / "scratch",
             checkpoints=checkpoints,
+            tag=d.name,
         )
         home = private_flink_home(flink, d / "home", [ppml_flink_jar()])
         write_config(d / "conf", settings, flink)
@@ -107,7 +109,7 @@ def prepare_run(
         if local:
             env[TARGET_ENV] = "local"
         command = job_command(flink, home, job.absolute(), args, local=local)
-        yield JobRun(d, command, env, host, ticket)
+        yield JobRun(d, command, env, host, ticket, d.name)
     finally:
         shutil.rmtree(d, ignore_errors=True)
         if checkpoints is not None:
