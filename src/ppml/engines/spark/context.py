@@ -173,15 +173,23 @@ class PPMLReader:
             escape=self._options.get("escape"),
             null_value=self._options.get("nullvalue"),
         )
+        from ppml.engines.spark.partitioning import discover
+
+        found = discover(paths, files)
         if fmt == "parquet" and self._spark_parquet_reader():
-            return self._load_parquet_natively(files)
+            return self._load_parquet_natively(files, paths if found else [])
         if fmt == "parquet":
             schema, partitions = self._plan_parquet(files)
         else:
             planned = [self._plan_stream(f, fmt, csv) for f in files]
             partitions = [p for parts, _ in planned for p in parts]
             schema = self._given_schema() or self._infer(fmt, csv, files, [k for _, k in planned])
-        spec = ReadSpec(fmt, schema.json(), tuple(partitions), csv)
+        names: tuple[str, ...] = ()
+        if found is not None:
+            schema, names = _with_partition_fields(schema, found), found.names
+            for part in partitions:
+                part.values = found.values[Path(part.path)]
+        spec = ReadSpec(fmt, schema.json(), tuple(partitions), csv, names)
         name = register_read(self._ctx.spark, spec)
         return self._ctx.spark.read.format(name).schema(schema).load()
 
@@ -323,8 +331,9 @@ class PPMLReader:
             )
         return available
 
-    def _load_parquet_natively(self, files: list[Path]) -> DataFrame:
-        """Read with Spark's Parquet reader, each encrypted file's keys released by the driver."""
+    def _load_parquet_natively(self, files: list[Path], partitioned: list[Path]) -> DataFrame:
+        """Read with Spark's Parquet reader, each encrypted file's keys released by the driver
+        (partition columns found by Spark under the one root in `partitioned`)."""
         import pyarrow.parquet as pq
 
         from ppml.data.files import annotate_errors
@@ -349,6 +358,10 @@ class PPMLReader:
                 schemas.append(pq.read_schema(path).remove_metadata())
         options = {k: v for k, v in self._options.items() if not k.startswith("ppml.")}
         options.pop("maxpartitionbytes", None)
+        if partitioned:
+            if len(partitioned) != 1 or not partitioned[0].is_dir():
+                raise UsageError("partitioned Parquet is read from one directory at a time")
+            options.setdefault("basepath", str(partitioned[0].absolute()))
         if any(not s.equals(schemas[0]) for s in schemas[1:]):
             options.setdefault("mergeschema", "true")
         given = self._given_schema()
@@ -394,6 +407,26 @@ class PPMLReader:
         merged = pa.unify_schemas(schemas, promote_options="permissive")
         merged = merged.remove_metadata()
         return _to_spark(merged), partitions
+
+
+def _with_partition_fields(schema: StructType, found: Any) -> StructType:
+    """`schema` with the discovered partition columns at the end (replacing any same-named
+    column of the files), as Spark's partition discovery adds them."""
+    from pyspark.sql.types import (
+        DateType,
+        DoubleType,
+        IntegerType,
+        LongType,
+        StringType,
+        StructField,
+        StructType,
+    )
+
+    types = {"integer": IntegerType(), "long": LongType(), "double": DoubleType(),
+             "date": DateType(), "string": StringType()}  # fmt: skip
+    kept = [f for f in schema.fields if f.name not in found.names]
+    added = [StructField(n, types[t], True) for n, t in zip(found.names, found.types, strict=True)]
+    return StructType(kept + added)
 
 
 def _to_spark(schema: pa.Schema) -> StructType:
@@ -459,6 +492,31 @@ _PARQUET_CODECS = {"none": "none", "uncompressed": "none", "snappy": "snappy", "
                    "zstd": "zstd", "lz4": "lz4", "lz4_raw": "lz4", "brotli": "brotli"}  # fmt: skip
 
 
+_PARTITION_TYPES = frozenset({"string", "integer", "long", "short", "byte", "boolean", "date"})
+
+
+def _column(name: str) -> Any:
+    from pyspark.sql import functions as F
+
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
+def _planned_partitions(df: DataFrame, parts: tuple[str, ...], tasks: int) -> tuple[Any, ...]:
+    """For each write task, the partition directories of its rows: one small Spark job over
+    the same (hash-partitioned) plan as the write, so each directory gets its own fresh key."""
+    from pyspark.sql import functions as F
+
+    from ppml.engines.spark.partitioning import partition_dir
+
+    task = "__ppml_task"
+    rows = df.select(*map(_column, parts), F.spark_partition_id().alias(task)).distinct().collect()
+    per_task: dict[int, list[str]] = {}
+    for row in rows:
+        values = [row[i] for i in range(len(parts))]
+        per_task.setdefault(row[task], []).append(partition_dir(parts, values))
+    return tuple(tuple(sorted(per_task.get(t, []))) for t in range(tasks))
+
+
 class PPMLWriter:
     """Like `df.write`: a directory of part files, each under a fresh data key.
 
@@ -483,6 +541,32 @@ class PPMLWriter:
         self._mode = "error"
         self._format: str | None = None
         self._options: dict[str, str] = {}
+        self._partition_by: tuple[str, ...] = ()
+
+    def partitionBy(self, *cols: str | Sequence[str]) -> PPMLWriter:
+        """Write each row under ``col=value/`` directories of these columns (string, integer,
+        boolean or date), as Spark does: one part per partition value and task."""
+        names: list[str] = []
+        for c in cols:
+            names.extend([c] if isinstance(c, str) else list(c))
+        fields = {f.name: f for f in self._df.schema.fields}
+        for n in names:
+            if n not in fields:
+                raise UsageError(
+                    f"partition column `{n}` not found in schema {self._df.schema.simpleString()}"
+                )
+            kind = fields[n].dataType.typeName()
+            if kind not in _PARTITION_TYPES:
+                raise UsageError(
+                    f"partition column `{n}` is {kind}: partitionBy takes string, integer, "
+                    "boolean or date columns"
+                )
+        if names and len(set(names)) == len(fields):
+            raise UsageError("cannot use all columns for partition columns")
+        if len(set(names)) != len(names):
+            raise UsageError(f"a partition column is named twice: {', '.join(names)}")
+        self._partition_by = tuple(names)
+        return self
 
     def mode(self, mode: str | None) -> PPMLWriter:
         if mode is None:
@@ -517,7 +601,7 @@ class PPMLWriter:
             self.format(format)
         if self._format is None:
             raise UsageError("no format: call .format('csv'|'json'|'text'|'parquet') or .csv()")
-        self.mode(mode).options(**options)._save(self._format, Path(path))
+        self._partitioned(options).mode(mode).options(**options)._save(self._format, Path(path))
 
     def csv(self, path: str | Path, mode: str | None = None, **options: object) -> None:
         self.mode(mode).options(**options)._save("csv", Path(path))
@@ -525,16 +609,22 @@ class PPMLWriter:
     def json(self, path: str | Path, mode: str | None = None, **options: object) -> None:
         self.mode(mode).options(**options)._save("json", Path(path))
 
+    def _partitioned(self, options: dict[str, object]) -> PPMLWriter:
+        given = options.pop("partitionBy", None)
+        if given is not None:
+            self.partitionBy(*([given] if isinstance(given, str) else list(given)))  # type: ignore[call-overload]
+        return self
+
     def text(self, path: str | Path, mode: str | None = None, **options: object) -> None:
         from pyspark.sql.types import StringType
 
-        fields = self._df.schema.fields
+        fields = [f for f in self._df.schema.fields if f.name not in self._partition_by]
         if len(fields) != 1 or not isinstance(fields[0].dataType, StringType):
             raise UsageError("text output needs one string column")
         self.mode(mode).options(**options)._save("text", Path(path))
 
     def parquet(self, path: str | Path, mode: str | None = None, **options: object) -> None:
-        self.mode(mode).options(**options)._save("parquet", Path(path))
+        self._partitioned(options).mode(mode).options(**options)._save("parquet", Path(path))
 
     def _checked_options(self, fmt: str) -> dict[str, str]:
         known = _WRITE_OPTIONS[fmt]
@@ -585,8 +675,10 @@ class PPMLWriter:
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
             try:
                 self._run(plan, staging)
-                for part in sorted(staging.iterdir()):
-                    os.replace(part, out / part.name)
+                for part in sorted(p for p in staging.rglob("*") if p.is_file()):
+                    target = out / part.relative_to(staging)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(part, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             return
@@ -598,20 +690,25 @@ class PPMLWriter:
         from pyspark.sql import functions as F
 
         opts = self._checked_options(fmt)
+        parts = self._partition_by
         df = self._df
+        settings: dict[str, Any] = {"partition_columns": parts}
+        if parts:  # rows of a partition value together (one file each), as Spark users do
+            df = df.repartition(max(1, df.rdd.getNumPartitions()), *map(_column, parts))
         if fmt == "parquet":
-            return fmt, df, {"parquet_options": tuple(sorted(opts.items()))}
+            return fmt, df, {**settings, "parquet_options": tuple(sorted(opts.items()))}
         if fmt == "text":
-            return fmt, df, {}
+            return fmt, df, settings
         header = opts.pop("header", "false").lower() == "true"
         if fmt == "csv":
             opts.setdefault("escape", opts.get("quote", '"'))  # RFC 4180, as ppml reads CSV
-        row = F.struct(*[F.col("`" + n.replace("`", "``") + "`") for n in df.columns])
+        data = [n for n in df.columns if n not in parts]
+        row = F.struct(*map(_column, data))
         make = F.to_csv if fmt == "csv" else F.to_json
-        lines = df.select(make(row, opts).alias("value"))
-        settings: dict[str, Any] = {"lines": fmt}
+        lines = df.select(*map(_column, parts), make(row, opts).alias("value"))
+        settings["lines"] = fmt
         if header:
-            names = F.struct(*[F.lit(n).alias(f"c{i}") for i, n in enumerate(df.columns)])
+            names = F.struct(*[F.lit(n).alias(f"c{i}") for i, n in enumerate(data)])
             first = self._ctx.spark.range(1).select(F.to_csv(names, opts)).first()
             settings["header"] = first[0] if first is not None else ""
         return fmt, lines, settings
@@ -625,10 +722,18 @@ class PPMLWriter:
         fmt, df, settings = plan
         provider = self._ctx.keys
         tasks = df.rdd.getNumPartitions()
-        keys = tuple((provider.generate_data_key(self._key),) for _ in range(tasks))
+        parts = settings["partition_columns"]
+        if parts:
+            dirs = _planned_partitions(df, parts, tasks)
+            settings["partition_dirs"] = dirs
+            keys = tuple(tuple(provider.generate_data_key(self._key) for _ in d) for d in dirs)
+        else:
+            keys = tuple((provider.generate_data_key(self._key),) for _ in range(tasks))
         spec = WriteSpec(fmt, str(staging.absolute()), self._key, keys, **settings)
         name = register_write(self._ctx.spark, spec)
         df.write.format(name).mode("append").save()
+        if parts:
+            return  # Spark writes no file for an empty partitioned output either
         if not any(p for p in staging.iterdir() if p.name != MARKER):
             import pyarrow as pa
 

@@ -101,12 +101,20 @@ class CsvOptions:
 class StreamPartition(InputPartition):
     """Bytes ``[start, end)`` of one file's plaintext (ppml stream format or plain)."""
 
-    def __init__(self, path: str, start: int, end: int, key: ReleasedKey | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        start: int,
+        end: int,
+        key: ReleasedKey | None,
+        values: tuple[Any, ...] = (),
+    ) -> None:
         super().__init__(None)
         self.path = path
         self.start = start
         self.end = end
         self.key = key
+        self.values = values  # the file's partition values (`ReadSpec.partition_names`)
 
     def __repr__(self) -> str:
         kind = "encrypted" if self.key is not None else "plain"
@@ -117,12 +125,17 @@ class ParquetPartition(InputPartition):
     """Some row groups of one Parquet file; `keys` are the file's unwrapped keys (PME)."""
 
     def __init__(
-        self, path: str, row_groups: tuple[int, ...], keys: tuple[ReleasedKey, ...] | None
+        self,
+        path: str,
+        row_groups: tuple[int, ...],
+        keys: tuple[ReleasedKey, ...] | None,
+        values: tuple[Any, ...] = (),
     ) -> None:
         super().__init__(None)
         self.path = path
         self.row_groups = row_groups
         self.keys = keys
+        self.values = values
 
     def __repr__(self) -> str:
         kind = "encrypted" if self.keys is not None else "plain"
@@ -137,6 +150,7 @@ class ReadSpec:
     schema_json: str
     partitions: tuple[InputPartition, ...]
     csv: CsvOptions = CsvOptions()
+    partition_names: tuple[str, ...] = ()  # columns read from `col=value/` directories
 
     def __repr__(self) -> str:
         return f"ReadSpec({self.fmt}, {len(self.partitions)} partitions)"
@@ -158,6 +172,9 @@ class WriteSpec:
     lines: str | None = None
     header: str | None = None
     parquet_options: tuple[tuple[str, str], ...] = ()
+    # partitionBy: the columns, and per task the directories its keys are for (as `keys`)
+    partition_columns: tuple[str, ...] = ()
+    partition_dirs: tuple[tuple[str, ...], ...] = ()
 
 
 class ReleasedKeys:
@@ -219,13 +236,30 @@ class _Reader(DataSourceReader):
         return list(self._spec.partitions)
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
-        target = to_arrow_schema(self._schema, timezone="UTC")
+        full = to_arrow_schema(self._schema, timezone="UTC")
+        names = self._spec.partition_names
+        target = pa.schema([f for f in full if f.name not in names]) if names else full
         if isinstance(partition, ParquetPartition):
-            yield from _read_parquet(partition, target)
+            batches = _read_parquet(partition, target)
         elif isinstance(partition, StreamPartition):
-            yield from _read_stream(partition, self._spec, target)
+            batches = _read_stream(partition, self._spec, target)
         else:
             raise UsageError(f"unexpected partition {partition!r}")
+        for batch in batches:
+            yield _with_values(batch, dict(zip(names, partition.values, strict=True)), full)
+
+
+def _with_values(batch: pa.RecordBatch, values: Mapping[str, Any], full: pa.Schema) -> Any:
+    """`batch` with its file's partition values as constant columns, in `full`'s order."""
+    if not values:
+        return batch
+    columns = [
+        pa.array([values[f.name]] * batch.num_rows, type=f.type)
+        if f.name in values
+        else batch.column(f.name)
+        for f in full
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=full)
 
 
 def _open_plaintext(partition: StreamPartition) -> tuple[Any, BinaryIO | None]:
@@ -407,10 +441,39 @@ class _Writer(DataSourceArrowWriter):
         target = to_arrow_schema(self._schema, timezone="UTC")
         table = pa.Table.from_batches(batches).cast(target)
         name = f"part-{task:05d}-{uuid.uuid4().hex[:12]}.{_EXTENSIONS[self._spec.fmt]}"
+        if self._spec.partition_columns:
+            return _Written(_write_partitioned(table, task, name, self._spec))
         path = Path(self._spec.directory) / name
         provider = ReleasedKeys((), self._spec.keys[task])
         write_part(table, path, provider, self._spec)
         return _Written(name)
+
+
+def _write_partitioned(table: pa.Table, task: int, name: str, spec: WriteSpec) -> str:
+    """One part file per partition directory of the task's rows, each under its own planned
+    fresh data key; the partition columns are in the directory names, not in the files."""
+    from ppml.engines.spark.partitioning import partition_dir
+
+    names = spec.partition_columns
+    columns = [table.column(n).to_pylist() for n in names]
+    groups: dict[str, list[int]] = {}
+    for row, values in enumerate(zip(*columns, strict=True)):
+        groups.setdefault(partition_dir(names, values), []).append(row)
+    planned = dict(zip(spec.partition_dirs[task], spec.keys[task], strict=True))
+    data = table.drop_columns(list(names))
+    written = []
+    for directory, rows in sorted(groups.items()):
+        key = planned.get(directory)
+        if key is None:
+            raise UsageError(
+                f"rows for partition {directory} that the write did not plan: "
+                "is the DataFrame deterministic?"
+            )
+        out = Path(spec.directory) / directory
+        out.mkdir(parents=True, exist_ok=True)
+        write_part(data.take(rows), out / name, ReleasedKeys((), (key,)), spec)
+        written.append(f"{directory}/{name}")
+    return ";".join(written)
 
 
 def write_part(table: pa.Table, path: Path, provider: Any, spec: WriteSpec) -> None:
