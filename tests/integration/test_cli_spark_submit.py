@@ -119,6 +119,28 @@ def test_pi_runs_attested_on_sim_with_the_bundled_java(ws: Path, secrets: list[s
     _assert_secret_free(w, secrets)
 
 
+EXAMPLES_JAR = ROOT / "examples" / "spark" / "java" / "spark-examples.jar"
+
+
+def test_a_jvm_application_runs_with_security_on(ws: Path, secrets: list[str]) -> None:
+    """The seed's form: ``--class CLASS app.jar ARGS``, Java's SparkPi, with Spark's
+    authentication and TLS on from the workspace."""
+    w = run_watched(
+        "spark-submit", "--class", "org.ppml.examples.SparkPi", EXAMPLES_JAR, "2", home=ws
+    )
+    assert w.code == 0, w.err[-3000:]
+    assert PI_LINE.search(w.out), w.out
+    assert "authentication enabled" in w.err
+    _assert_secret_free(w, secrets)
+
+
+def test_a_jvm_application_under_tee_is_refused_with_a_reason(ws: Path) -> None:
+    r = run_ppml("spark-submit", "--measure", "--class", "org.ppml.examples.SparkPi",
+                 EXAMPLES_JAR, passphrase=None)  # fmt: skip
+    assert r.code == 2, r.err
+    assert "a JVM application cannot run attested yet" in r.err
+
+
 def test_measure_prints_a_stable_measurement_without_running(ws: Path) -> None:
     r1 = run_ppml("spark-submit", "--measure", PI, "2", home=ws)
     r2 = run_ppml("spark-submit", "--measure", "--tee", "sim", PI, "2", passphrase=None)

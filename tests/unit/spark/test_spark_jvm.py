@@ -19,9 +19,9 @@ from ppml.engines.spark.jvm import (
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def _source_digest() -> str:
-    # The recipe of scripts/build_jar.sh: relative paths in byte order, path NUL content.
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "jvm/src/main/java").rglob("*.java"))
+def _source_digest(tree: str = "jvm/src/main/java") -> str:
+    # The recipe of scripts/_jar.sh: relative paths in byte order, path NUL content.
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / tree).rglob("*.java"))
     h = hashlib.sha256()
     for rel in sources:
         h.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
@@ -40,6 +40,19 @@ def test_the_jar_is_built_from_the_current_sources() -> None:
     recorded = fields["Ppml-Source-SHA256"]
     assert recorded == _source_digest(), "stale jar: run scripts/build_jar.sh"
     assert KMS_CLIENT_CLASS.replace(".", "/") + ".class" in names
+
+
+def test_the_examples_jar_is_built_from_the_current_sources() -> None:
+    jar = ROOT / "examples/spark/java/spark-examples.jar"
+    with zipfile.ZipFile(jar) as zf:
+        manifest = zf.read("META-INF/MANIFEST.MF").decode().replace("\r\n", "\n")
+        names = zf.namelist()
+    fields = dict(
+        line.split(": ", 1) for line in manifest.replace("\n ", "").splitlines() if ": " in line
+    )
+    expected = _source_digest("examples/spark/java/src/main/java")
+    assert fields["Ppml-Source-SHA256"] == expected, "stale jar: run build_examples_jar.sh"
+    assert "org/ppml/examples/SparkPi.class" in names
 
 
 def _decode(token: str) -> list[tuple[str, str, bytes]]:

@@ -107,6 +107,11 @@ def _check_java_options(where: str, value: str) -> None:
 
 def check_attested_request(req: SubmitRequest) -> None:
     """Refuse what would put unmeasured code into the driver or the executors."""
+    if Path(req.app).suffix.lower() == ".jar":
+        raise UsageError(
+            f"{req.app}: a JVM application cannot run attested yet (the attested driver is a "
+            "Python application); run it without --tee"
+        )
     options = list(req.options)
     for i in range(0, len(options), 1):
         name = options[i]
