@@ -132,6 +132,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         },
     ),
     Benchmark(
+        "spark_writer",
+        {
+            "smoke": "--rows 100000 --repeat 2 --dir {dir}",
+            "quick": "--rows 300000 --repeat 3 --dir {dir}",
+            "full": "--rows 2000000 --repeat 3 --dir {dir}",
+        },
+    ),
+    Benchmark(
         "flink_stream",
         {
             "smoke": "--records 3000 --rate 100 --live-seconds 20 --dir {dir}",
