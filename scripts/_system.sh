@@ -7,7 +7,10 @@ need_command() {
     echo "$cmd is needed and was not found: install $package with your package manager" >&2
     exit 1
   fi
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  if [ "$(id -u)" -ne 0 ]; then
+    sudo_cmd="sudo -n"  # no terminal to ask a password on: fail rather than wait
+    [ -t 0 ] && sudo_cmd="sudo"
+  fi
   echo "installing $package (for $cmd)..." >&2
   if ! { $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
          $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
