@@ -302,7 +302,7 @@ def _crl_der(response: _Response, what: str) -> bytes:
     try:
         crl = x509.load_der_x509_crl(body)
         _ = (crl.issuer, crl.last_update_utc, crl.next_update_utc)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, x509.InvalidVersion):
         raise EvidenceError(
             f"collateral fetch: {_display(response.url)}: {what} is not a CRL"
         ) from None

@@ -105,7 +105,7 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_crl(data)
         return x509.load_der_x509_crl(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # a version CRLs do not have
         raise EvidenceError("CRL: not a valid DER or PEM certificate revocation list") from exc
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tests.support.evidence.intel_collateral import (
     TestPki,
@@ -120,10 +120,29 @@ def test_random_field_values(name: str, value: Any) -> None:
     _only_evidence_errors(parse_tcb_info_json, signed_document("tcbInfo", body, _PKI.signing_key))
 
 
+# A CRL whose version field says 33: cryptography raises InvalidVersion, not ValueError.
+_CRL_VERSION_33 = (
+    b"-----BEGIN X509 CRL-----\nMIHVMH0CASEwCgYIKoZIzj0EAwIwODEhMB8GA1UEAwwYVGVzdCBTR1ggUENLIFBs\n"
+    b"YXRmb3JtIENBMRMwEQYDVQQKDApwcG1sIHRlc3RzFw0yNTAxMDEwMDAwMDBaFw0y\n"
+    b"NTAyMDEwMDAwMDBaMBQwEgIBARcNMjUwMTAxMDAwMDAwWjAKBggqhkjOPQQDAgNI\n"
+    b"ADBFAiEA+07wHYpRKg1b9R5MN9tpMzYdb7ynLIj2TZXs4vAo8BICIHpvXU/FZSxR\n"
+    b"4fvYS1fOkTPal3VoRUSfOGAXj6wg5ceX\n-----END X509 CRL-----\n"
+)
+
+
 @FUZZ
 @given(st.one_of(mutated(_CRL_DER), mutated(_CRL_PEM), st.binary(max_size=300)))
+@example(_CRL_VERSION_33)
 def test_mutated_crls(data: bytes) -> None:
     _only_evidence_errors(lambda d: parse_crl(d, source="pck_crl"), data)
+
+
+def test_a_crl_with_a_bad_version_is_evidence_error_in_every_loader() -> None:
+    from ppml.attestation.intel.chain import load_crl
+
+    _only_evidence_errors(load_crl, _CRL_VERSION_33)
+    with pytest.raises(EvidenceError):
+        load_crl(_CRL_VERSION_33)
 
 
 @FUZZ
