@@ -10,7 +10,6 @@ next ``up``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from ppml.engines.flink.config import (
     memory_directory,
     node_settings,
     private_flink_home,
+    remove_memory_directory,
     write_config,
 )
 from ppml.errors import ConfigurationError, UsageError
@@ -52,7 +52,6 @@ __all__ = [
 
 CLUSTER_DIR = "cluster"
 _STATE = "cluster.json"
-_CHECKPOINTS = "checkpoints.path"  # where the cluster's in-memory checkpoint directory is
 _START_TIMEOUT = 120.0
 _MARK = b"org.apache.flink.runtime."
 _JOBMANAGER_READY = "Rest endpoint listening at"
@@ -211,8 +210,7 @@ def start_cluster(
     rest_port, rpc_port = daemons.free_port(host), daemons.free_port(host)
     # The jobs' checkpoints (operator state: decrypted records) stay in memory, in a private
     # directory the cluster owns; a job sent to the cluster names none of its own.
-    checkpoints = memory_directory("ppml-flink-", d / "scratch")
-    write_private(d / _CHECKPOINTS, str(checkpoints).encode())
+    checkpoints = memory_directory(d, "ppml-flink-")
     write_config(
         d / "conf",
         _node_settings(flink, security, d, host, slots, memory, rest_port, rpc_port, checkpoints),
@@ -264,9 +262,7 @@ def stop_cluster(flink_dir: Path) -> int:
         stopped += daemons.terminate(state.jobmanager[0], _is_flink)
     shutil.rmtree(d / "conf", ignore_errors=True)
     shutil.rmtree(d / "scratch", ignore_errors=True)
-    with contextlib.suppress(OSError):
-        shutil.rmtree((d / _CHECKPOINTS).read_text(), ignore_errors=True)
-    (d / _CHECKPOINTS).unlink(missing_ok=True)
+    remove_memory_directory(d)
     (d / _STATE).unlink(missing_ok=True)
     return stopped
 

@@ -24,6 +24,7 @@ Every Flink process ppml starts (JobManager, TaskManagers, the job client, the m
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -142,17 +143,32 @@ def make_scratch(scratch: Path) -> None:
         ensure_private_dir(scratch / name)
 
 
-def memory_directory(prefix: str, fallback: Path) -> Path:
+_MEMORY_RECORD = "checkpoints.path"
+
+
+def memory_directory(owner: Path, prefix: str) -> Path:
     """A new private (0700) directory in memory (/dev/shm) for Flink's checkpoints, which hold
-    operator state, decrypted records included: they never reach a disk. Where there is no
-    /dev/shm, a private directory under `fallback`."""
+    operator state, decrypted records included: they never reach a disk (where there is no
+    /dev/shm, a private directory under `owner`/scratch). Its path is recorded in `owner`, so
+    that `remove_memory_directory(owner)` finds it, after a killed process too."""
     import tempfile
 
     shm = Path("/dev/shm")  # noqa: S108 -- a private directory made by mkdtemp (0700)
     if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
-    ensure_private_dir(fallback)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=fallback))
+        made = Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
+    else:
+        ensure_private_dir(owner / "scratch")
+        made = Path(tempfile.mkdtemp(prefix=prefix, dir=owner / "scratch"))
+    write_private(owner / _MEMORY_RECORD, str(made).encode())
+    return made
+
+
+def remove_memory_directory(owner: Path) -> None:
+    """Remove the directory `memory_directory` made for `owner`, if any, and its record."""
+    record = owner / _MEMORY_RECORD
+    with contextlib.suppress(OSError):
+        shutil.rmtree(record.read_text(), ignore_errors=True)
+    record.unlink(missing_ok=True)
 
 
 def base_settings(

@@ -149,7 +149,7 @@ def _linked(path: str, roots: tuple[str, ...]) -> bool:
 class _DecryptLines(FlatMapFunction):
     """A file's path -> its lines, authenticated and decrypted segment by segment."""
 
-    def __init__(self, ticket: RelayTicket, roots: tuple[str, ...] = ()) -> None:
+    def __init__(self, ticket: RelayTicket, roots: tuple[str, ...]) -> None:
         self._ticket = ticket
         self._roots = roots
         self._keys: DataKeyProvider | None = None
@@ -199,7 +199,7 @@ class _ParquetRows(FlatMapFunction):
     selected column authenticated and decrypted, only their keys asked for)."""
 
     def __init__(
-        self, ticket: RelayTicket, columns: list[str] | None, roots: tuple[str, ...] = ()
+        self, ticket: RelayTicket, columns: list[str] | None, roots: tuple[str, ...]
     ) -> None:
         self._ticket = ticket
         self._columns = columns

@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING
 from ppml._internal.fs import ensure_private_dir
 from ppml._internal.procs import record_owner, sweep_orphaned
 from ppml.engines.flink.cluster import flink_environment_variables, ppml_flink_jar
-from ppml.engines.flink.config import memory_directory, private_flink_home, write_config
+from ppml.engines.flink.config import (
+    memory_directory,
+    private_flink_home,
+    remove_memory_directory,
+    write_config,
+)
 from ppml.engines.flink.jobconf import TARGET_ENV, job_settings, relay_host
 from ppml.engines.flink.relay import RELAY_ENV
 from ppml.errors import UsageError
@@ -83,9 +88,7 @@ def prepare_run(
     d = runs / secrets.token_hex(8)
     ensure_private_dir(d)
     record_owner(d, os.getpid())
-    checkpoints = memory_directory("ppml-flink-run-", d / "scratch") if local else None
-    if checkpoints is not None:
-        (d / _CHECKPOINTS).write_text(str(checkpoints))
+    checkpoints = memory_directory(d, "ppml-flink-run-") if local else None
     try:
         host = relay_host(flink_dir, local)
         settings = job_settings(
@@ -111,18 +114,12 @@ def prepare_run(
         command = job_command(flink, home, job.absolute(), args, local=local)
         yield JobRun(d, command, env, host, ticket, d.name)
     finally:
-        shutil.rmtree(d, ignore_errors=True)
-        if checkpoints is not None:
-            shutil.rmtree(checkpoints, ignore_errors=True)
-
-
-_CHECKPOINTS = "checkpoints.path"
+        _remove_run(d)
 
 
 def _remove_run(d: Path) -> None:
-    """Remove an orphaned run's directory and its in-memory checkpoints."""
-    with contextlib.suppress(OSError):
-        shutil.rmtree((d / _CHECKPOINTS).read_text(), ignore_errors=True)
+    """Remove a run's directory and its in-memory checkpoints."""
+    remove_memory_directory(d)
     shutil.rmtree(d, ignore_errors=True)
 
 
