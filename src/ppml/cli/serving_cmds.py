@@ -35,8 +35,9 @@ _CONFIG_HELP = (
     "Settings in a TOML file (keys at the top level or under [serving]; flags win): model, "
     "deployment, workers, tee, host, port, runtime, model_name, input_shape, input_dtype, "
     "max_batch_size, max_wait_ms, intra_op_threads, sync_timeout_s, max_body_bytes, "
-    "max_instances, redis_maxmemory, start_timeout_s. A relative model path is relative to the "
-    "file."
+    "max_instances, redis_maxmemory, start_timeout_s, and an [serving.image] table (mode, "
+    "resize, crop, layout, scale, mean, std, resample, max_bytes, max_pixels: the --image-* "
+    "flags). A relative model path is relative to the file."
 )
 
 
@@ -97,6 +98,83 @@ def up(
     config: Annotated[
         Path | None, typer.Option("--config", metavar="FILE.toml", help=_CONFIG_HELP)
     ] = None,
+    image_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--image-mode",
+            help="Take image files (PNG, JPEG, GIF, BMP, WebP) as inputs, decoded by the workers "
+            "to L (grey, one channel), RGB or BGR. The other --image-* flags need it.",
+        ),
+    ] = None,
+    image_resize: Annotated[
+        str | None,
+        typer.Option(
+            "--image-resize",
+            metavar="H,W|S",
+            help="Resize to H,W; or the shorter side to S, keeping the aspect ratio.",
+        ),
+    ] = None,
+    image_crop: Annotated[
+        str | None,
+        typer.Option(
+            "--image-crop",
+            metavar="H,W",
+            help="Center crop to H,W (after resizing).",
+        ),
+    ] = None,
+    image_layout: Annotated[
+        str | None,
+        typer.Option(
+            "--image-layout",
+            help="NCHW (channels first) or NHWC. (default: NCHW)",
+        ),
+    ] = None,
+    image_scale: Annotated[
+        str | None,
+        typer.Option(
+            "--image-scale",
+            metavar="X",
+            help="Multiply the pixels (0-255) by X, before mean and std; 1/255 is accepted. "
+            "(default: 1/255)",
+        ),
+    ] = None,
+    image_mean: Annotated[
+        str | None,
+        typer.Option(
+            "--image-mean",
+            metavar="M[,M,M]",
+            help="Subtract, per channel (after scaling). (default: 0)",
+        ),
+    ] = None,
+    image_std: Annotated[
+        str | None,
+        typer.Option(
+            "--image-std",
+            metavar="S[,S,S]",
+            help="Then divide by, per channel. (default: 1)",
+        ),
+    ] = None,
+    image_resample: Annotated[
+        str | None,
+        typer.Option(
+            "--image-resample",
+            help="nearest, bilinear, bicubic, lanczos or box. (default: bilinear)",
+        ),
+    ] = None,
+    image_max_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--image-max-bytes",
+            help="Larger image files are refused (413). (default: 524288)",
+        ),
+    ] = None,
+    image_max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            "--image-max-pixels",
+            help="Images of more pixels are refused before they are decoded. (default: 16777216)",
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
@@ -119,6 +197,18 @@ def up(
         "deployment": deployment,
         "runtime": runtime,
         "model_name": model_name,
+        "image": {
+            "mode": image_mode,
+            "resize": image_resize,
+            "crop": image_crop,
+            "layout": image_layout,
+            "scale": image_scale,
+            "mean": image_mean,
+            "std": image_std,
+            "resample": image_resample,
+            "max_bytes": image_max_bytes,
+            "max_pixels": image_max_pixels,
+        },
     }
     settings = load_settings(config, overrides)
     raise typer.Exit(_plan_and_start(settings, detach, measure, workspace, passphrase_file))

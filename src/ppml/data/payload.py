@@ -10,11 +10,13 @@ The associated data binds the two header bytes, the deployment, the request id, 
 name), each length-prefixed, so that a payload moved to another request, deployment, direction or
 model, or altered in any byte, fails to open with the opaque `IntegrityError`.
 
-The body is ``kind (1 byte: 0 = array, 1 = error text)`` followed, for an array, by
-``dtype length (u16) | dtype str (e.g. "<f4") | ndim (u8) | ndim x u64 dims | raw C-order bytes``
-and, for an error, by its UTF-8 text. Only plain numeric, boolean, bytes and str dtypes are
-accepted (never object or structured dtypes): nothing is ever unpickled, and the byte count is
-checked against the shape before any array is made.
+The body is ``kind (1 byte: 0 = array, 1 = error text, 2 = encoded image)`` followed, for an
+array, by ``dtype length (u16) | dtype str (e.g. "<f4") | ndim (u8) | ndim x u64 dims | raw
+C-order bytes``, for an error, by its UTF-8 text and, for an encoded image (a request input
+only: the client's PNG/JPEG/... file, decoded by the worker), by its bytes as they are. Only
+plain numeric, boolean, bytes and str dtypes are accepted (never object or structured dtypes):
+nothing is ever unpickled, and the byte count is checked against the shape before any array is
+made.
 
 `PayloadCodec.plaintext` gives the same framing with no encryption and no binding at all: it is
 the benchmark's plaintext baseline only, and an AES-GCM codec refuses its payloads.
@@ -27,6 +29,7 @@ import os
 import re
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, Literal, NoReturn
 
 import numpy as np
@@ -39,6 +42,7 @@ from ppml.errors import IntegrityError, UsageError
 __all__ = [
     "KEY_BYTES",
     "Direction",
+    "EncodedImage",
     "PayloadCodec",
     "validate_deployment",
     "validate_model",
@@ -55,6 +59,7 @@ _TAG: Final = 16
 _AAD_LABEL: Final = b"ppml/serving/payload/v1\x00"
 _KIND_ARRAY: Final = 0
 _KIND_ERROR: Final = 1
+_KIND_IMAGE: Final = 2
 _MAX_NDIM: Final = 32
 _MAX_ERROR: Final = 4096
 _DIRECTIONS: Final = ("request", "result")
@@ -90,7 +95,28 @@ def _field(value: str) -> bytes:
     return struct.pack(">H", len(raw)) + raw
 
 
-# -- the body: one array, or an error text --------------------------------------------------------
+# -- the body: one array, an error text or an encoded image ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """A request input that is an image file's bytes (PNG, JPEG, ...), not yet decoded: the
+    worker decodes and preprocesses it with its deployment's settings."""
+
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, bytes) or not self.data:
+            raise UsageError("an encoded image is non-empty bytes")
+
+    def __repr__(self) -> str:  # never the content
+        return f"EncodedImage({len(self.data)} bytes)"
+
+
+def _encode_input(value: np.ndarray | EncodedImage) -> bytes:
+    if isinstance(value, EncodedImage):
+        return struct.pack(">B", _KIND_IMAGE) + value.data
+    return _encode_array(value)
 
 
 def _encode_array(array: np.ndarray) -> bytes:
@@ -118,11 +144,15 @@ def _encode_error(message: str) -> bytes:
     return struct.pack(">B", _KIND_ERROR) + raw
 
 
-def _decode_body(body: bytes) -> np.ndarray | str:
+def _decode_body(body: bytes) -> np.ndarray | str | EncodedImage:
     """Parse a body; any malformation is an `IntegrityError` (it passed authentication, or it
     is the unauthenticated plaintext baseline)."""
     try:
         kind = body[0]
+        if kind == _KIND_IMAGE:
+            if len(body) < 2:
+                raise ValueError("empty image")
+            return EncodedImage(body[1:])
         if kind == _KIND_ERROR:
             text = body[1:].decode("utf-8")
             if not text:
@@ -212,13 +242,24 @@ class PayloadCodec:
         (requests pass their model name, results leave it empty)."""
         return self._seal(request_id, direction, model, _encode_array(array))
 
+    def seal_input(self, request_id: str, value: np.ndarray | EncodedImage, *, model: str) -> bytes:
+        """Seal a request's input: an array, or an image file's bytes (`EncodedImage`)."""
+        return self._seal(request_id, "request", model, _encode_input(value))
+
     def open(
         self, request_id: str, direction: Direction, blob: bytes, *, model: str = ""
     ) -> np.ndarray:
         """The array sealed by `seal` with the same arguments; `IntegrityError` otherwise
-        (also when the payload holds an error text rather than an array)."""
+        (also when the payload holds an error text or an image rather than an array)."""
         value = self._open(request_id, direction, model, blob)
         if not isinstance(value, np.ndarray):
+            raise IntegrityError()
+        return value
+
+    def open_input(self, request_id: str, blob: bytes, *, model: str) -> np.ndarray | EncodedImage:
+        """A request's input sealed by `seal_input` (or `seal`); `IntegrityError` otherwise."""
+        value = self._open(request_id, "request", model, blob)
+        if isinstance(value, str):
             raise IntegrityError()
         return value
 
@@ -242,6 +283,8 @@ class PayloadCodec:
         value = self._open(request_id, "result", "", blob)
         if isinstance(value, str):
             return None, value
+        if isinstance(value, EncodedImage):  # images travel as requests only
+            raise IntegrityError()
         return value, None
 
     # -- framing -------------------------------------------------------------------------------
@@ -273,7 +316,9 @@ class PayloadCodec:
         aad = self._aad(header, request_id, direction, model)
         return header + nonce + self._aead.encrypt(nonce, body, aad)
 
-    def _open(self, request_id: str, direction: str, model: str, blob: bytes) -> np.ndarray | str:
+    def _open(
+        self, request_id: str, direction: str, model: str, blob: bytes
+    ) -> np.ndarray | str | EncodedImage:
         validate_request_id(request_id)
         _check_direction(direction)
         if model:

@@ -10,6 +10,13 @@ A `/predict` call then waits for its results with a `ResultWaiter`: the `ResultN
 (woken by the workers' notifications, see `ppml.serving.notify`) in deployments, polling
 otherwise; it takes them in one round trip when all are there.
 
+An instance may also be an image file, as ``{"b64": "<base64 of the file>"}`` (TensorFlow
+Serving's form for binary values), when the deployment takes images (`ModelInfo.image`): the
+front end checks the base64, the size (413 over the image limit) and the format by its magic
+bytes (400 if it is not PNG, JPEG, GIF, BMP or WebP), never decodes it, and queues the file's
+bytes sealed; the worker decodes and preprocesses it, and answers an image that does not decode
+with an error result.
+
 Routes::
 
     POST /predict?timeout=S      {"instances": [...], "model"?}  -> 200 {"predictions": [...]}
@@ -43,6 +50,7 @@ until its result exists; a queue-side "is this id accepted" would remove that li
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -63,6 +71,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ppml import names
 from ppml._internal.clock import MonotonicClock
+from ppml.data.payload import EncodedImage
 from ppml.errors import UsageError
 from ppml.server import boundary as _boundary
 from ppml.server.boundary import (
@@ -74,6 +83,7 @@ from ppml.server.boundary import (
     principal_of,
 )
 from ppml.serving.contract import NUMERIC_KINDS, ModelInfo, format_shape
+from ppml.serving.image import FORMATS, sniff_format
 from ppml.serving.metrics import CONTENT_TYPE, ServingMetrics
 from ppml.serving.queue import DuplicateRequest, QueueFull, Result
 
@@ -100,6 +110,8 @@ _PUBLIC_LIMIT = RateLimit(50.0, 100)  # /healthz, /models, /metrics, per client 
 _REFUSALS = RateLimit(1.0, 30)  # refused data calls (401) per client address
 
 
+Input = np.ndarray | EncodedImage  # one instance as queued: an array, or an image file's bytes
+
 # -- what is served, and how -----------------------------------------------------------------
 
 
@@ -124,7 +136,7 @@ class QueueLike(Protocol):
     """What the front end uses of `ppml.serving.queue.ServingQueue` (blocking calls; the front
     end runs them in worker threads)."""
 
-    def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None: ...
+    def submit_many(self, requests: Sequence[tuple[str, str, Input]]) -> None: ...
     def depth(self) -> int: ...
     def result(self, request_id: str) -> Result | None: ...
     def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]: ...
@@ -135,7 +147,7 @@ class AsyncQueueLike(Protocol):
     """The queue as the front end's routes use it, as coroutines: `ppml.serving.queue.AsyncQueueOps`
     over an asyncio Redis client, or any `QueueLike` run in worker threads."""
 
-    async def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None: ...
+    async def submit_many(self, requests: Sequence[tuple[str, str, Input]]) -> None: ...
     async def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]: ...
     async def result(self, request_id: str) -> Result | None: ...
     async def take_results(self, request_ids: Sequence[str]) -> list[Result]: ...
@@ -342,6 +354,33 @@ def to_array(value: Any, info: ModelInfo, where: str) -> np.ndarray:
     return converted
 
 
+def to_input(value: Any, info: ModelInfo, where: str) -> Input:
+    """One instance: nested lists of numbers (`to_array`), or ``{"b64": ...}``, an image file
+    checked as far as it can be without decoding it (base64, size, format)."""
+    if not isinstance(value, dict):
+        return to_array(value, info, where)
+    if set(value) != {"b64"} or not isinstance(value["b64"], str):
+        _bad("bad_field", f'{where}: an object instance is {{"b64": "<base64 of an image file>"}}')
+    spec = info.image
+    if spec is None:
+        _bad("no_images", f"{where}: this deployment takes no images (send numbers)")
+    text = value["b64"]
+    if len(text) > 4 * ((spec.max_bytes + 2) // 3) + 4:  # before decoding anything
+        raise _Refused(413, "image_too_large", f"{where}: the image is over {spec.max_bytes} bytes")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        _bad("bad_base64", f"{where}: 'b64' is not valid base64")
+    if len(data) > spec.max_bytes:
+        raise _Refused(413, "image_too_large", f"{where}: the image is over {spec.max_bytes} bytes")
+    if sniff_format(data) is None:
+        _bad(
+            "not_an_image",
+            f"{where}: not an image file of a supported format ({', '.join(FORMATS)})",
+        )
+    return EncodedImage(data)
+
+
 def _request_id(value: Any) -> str:
     # The queue's own rule (ppml.names), checked here so that a refusal is a 400 with a reason.
     if not names.REQUEST_ID.ok(value):
@@ -379,7 +418,7 @@ class _InThreads:
     def __init__(self, queue: QueueLike) -> None:
         self._queue = queue
 
-    async def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None:
+    async def submit_many(self, requests: Sequence[tuple[str, str, Input]]) -> None:
         await run_in_threadpool(self._queue.submit_many, requests)
 
     async def take_if_complete(self, request_ids: Sequence[str]) -> list[Result | None]:
@@ -417,7 +456,7 @@ class _FrontEnd:
         self.new_id = new_id
         self.accepted = _Accepted(settings.pending_ttl_s, settings.max_tracked, clock)
 
-    async def submit_all(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
+    async def submit_all(self, model: str, items: Sequence[tuple[str, Input]]) -> None:
         requests = [(request_id, model, array) for request_id, array in items]
         try:
             await self.aio.submit_many(requests)
@@ -446,7 +485,7 @@ class _FrontEnd:
             _bad("bad_field", "'instances' must be a non-empty list")
         if len(instances) > self.settings.max_instances:
             _bad("too_many", f"at most {self.settings.max_instances} instances per call")
-        arrays = [to_array(x, info, f"instance {i}") for i, x in enumerate(instances)]
+        arrays = [to_input(x, info, f"instance {i}") for i, x in enumerate(instances)]
         base = self.new_id()
         ids = [tag.queued(f"{base}-{i}") for i in range(len(arrays))]
         await self.submit_all(info.name, list(zip(ids, arrays, strict=True)))
@@ -496,7 +535,7 @@ class _FrontEnd:
             value = instances[0]
         else:
             value = body["inputs"]
-        array = to_array(value, info, "inputs")
+        array = to_input(value, info, "inputs")
         await self.submit_all(info.name, [(tag.queued(request_id), array)])
         self.accepted.add([tag.queued(request_id)])
         return request_id

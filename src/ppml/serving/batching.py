@@ -5,8 +5,9 @@ waiting at most `max_wait_ms` after the first one arrived. Only the first fetch 
 first item comes); the batch then fills by polling without blocking, every `poll_ms`: a blocking
 read with a timeout of a few milliseconds is not an option on Redis, which serves such timeouts
 on its clock tick (every 100 ms at the default ``hz 10``), not at the millisecond asked for.
-`run_batch` validates each request's instance, stacks the valid ones, runs the model once (once
-per distinct instance shape, for models with dynamic non-batch dimensions) and splits the
+`run_batch` turns an image input into an instance (the deployment's `preprocess`, see
+`ppml.serving.image`), validates each request's instance, stacks the valid ones, runs the model
+once (once per distinct instance shape, for models with dynamic non-batch dimensions) and splits the
 outputs back into one `Result` per request. A bad instance gets its own error result; a model
 failure fails only its batch; no payload content ever reaches a log line or an error text.
 """
@@ -23,14 +24,17 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from ppml._internal.clock import MonotonicClock
+from ppml.data.payload import EncodedImage
 from ppml.errors import UsageError
 from ppml.serving.queue import Request, Result
 
 __all__ = [
     "MODEL_FAILED",
+    "NO_IMAGES",
     "BatchSettings",
     "Fetch",
     "Predictor",
+    "Preprocess",
     "gather",
     "run_batch",
 ]
@@ -43,6 +47,9 @@ Fetch = Callable[[int, int], list[T]]
 first (0: not at all, only what is there now); an empty list when none came in time."""
 
 MODEL_FAILED = "the model failed on this request's batch"
+NO_IMAGES = "this deployment takes no image inputs (it was started without image settings)"
+Preprocess = Callable[[bytes], np.ndarray]
+"""`preprocess(image file bytes)`: the model's instance, or `UsageError` saying why not."""
 MAX_BATCH_SIZE = 4096
 MAX_WAIT_MS = 60_000
 
@@ -117,11 +124,14 @@ def run_batch(
     requests: Sequence[Request],
     *,
     model_name: str | None = None,
+    preprocess: Preprocess | None = None,
 ) -> list[tuple[Request, Result]]:
     """Predict for every request; returns one (request, result) per request, in order.
 
-    A request whose instance does not validate gets a result with the validation message as
-    its error; so does one that names another model than `model_name` (when given). The valid
+    An image input becomes an instance through `preprocess` (None: images are refused). A
+    request whose image does not decode or whose instance does not validate gets a result with
+    the reason as its error; so does one that names another model than `model_name` (when
+    given). The valid
     instances run together; when the model raises or returns the wrong number of rows, every
     request of that run gets the error `MODEL_FAILED` (logged with the exception type only).
     """
@@ -134,7 +144,12 @@ def run_batch(
             )
             continue
         try:
-            instance = model.validate(request.array)
+            value = request.array
+            if isinstance(value, EncodedImage):
+                if preprocess is None:
+                    raise UsageError(NO_IMAGES)
+                value = preprocess(value.data)
+            instance = model.validate(value)
         except UsageError as exc:
             results[i] = Result(request.request_id, None, exc.message)
             continue

@@ -7,6 +7,9 @@
     q = InputQueue(url="https://127.0.0.1:10023")   # the workspace's CA and client certificate
     q.enqueue("req-1", x=np.array([...]))            # asynchronous: returns the request id
     y = q.predict(x=np.array([...]), timeout=5)      # synchronous: the prediction (np.ndarray)
+    q.enqueue("img-1", image="cat.png")              # an image file (path or bytes), when the
+    y = q.predict(image=png_bytes)                   # deployment takes images (--image-mode)
+    q.enqueue("img-2", user_define_key={"path": "cat.png"})   # BigDL's form of image=PATH
     OutputQueue(url=...).query("req-1")              # the prediction, or None while pending
     OutputQueue(url=...).dequeue()                   # every finished result: {id: array}
 
@@ -41,7 +44,9 @@ up to N times, on 429 and 503.
 
 from __future__ import annotations
 
+import base64
 import math
+import os
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -52,7 +57,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from ppml.errors import ConfigurationError, PPMLError, UsageError
+from ppml.errors import ConfigurationError, InputNotFound, PPMLError, UsageError
 from ppml.serving.queue import DuplicateRequest, QueueFull
 
 __all__ = [
@@ -178,8 +183,6 @@ def _tls_context(
 
 def _workspace_client_cert() -> ClientCert:
     """The workspace's own client certificate, its key opened with the workspace passphrase."""
-    import os
-
     from ppml.workspace import Workspace, default_workspace_dir
 
     passphrase = os.environ.get("PPML_PASSPHRASE", "")
@@ -193,15 +196,71 @@ def _workspace_client_cert() -> ClientCert:
     return (ws.client_cert, ws.client_key, ws.tls_key_password())
 
 
-def _one_input(data: Any, inputs: Mapping[str, Any]) -> np.ndarray:
-    """The one input array, given positionally or by keyword (BigDL style, `x=...`)."""
+_ONE_INPUT = (
+    "give exactly one input: an array (positionally or as one keyword, x=...) or an image "
+    "(image=PATH_OR_BYTES, or user_define_key={'path': PATH})"
+)
+
+
+def _one_input(data: Any, inputs: Mapping[str, Any]) -> np.ndarray | bytes:
+    """The one input: an array, given positionally or by keyword (BigDL style, `x=...`), or an
+    image file's bytes (`image=PATH_OR_BYTES`, or BigDL's `user_define_key={"path": PATH}`)."""
+    inputs = dict(inputs)
+    images = []
+    if "image" in inputs:
+        images.append(inputs.pop("image"))
+    if "user_define_key" in inputs:
+        key = inputs.pop("user_define_key")
+        if not isinstance(key, Mapping) or set(key) != {"path"}:
+            extra = sorted(map(str, set(key) - {"path"})) if isinstance(key, Mapping) else []
+            raise UsageError(
+                "user_define_key takes one key, 'path' (an image file to send)"
+                + (f"; unknown keys: {extra}" if extra else "")
+            )
+        images.append(key["path"])
     given = ([data] if data is not None else []) + list(inputs.values())
-    if len(given) != 1:
-        raise UsageError("give exactly one input array (positionally or as one keyword)")
-    array = np.asarray(given[0])
+    if len(given) + len(images) != 1:
+        raise UsageError(_ONE_INPUT)
+    if images:
+        return _image_bytes(images[0])
+    return _array(given[0])
+
+
+def _array(value: Any) -> np.ndarray:
+    if isinstance(value, bytes | bytearray | memoryview | str | os.PathLike):
+        raise UsageError("an image is sent with image=PATH_OR_BYTES, not as an array")
+    array = np.asarray(value)
     if array.dtype.kind not in "biuf":
         raise UsageError("the input must be an array of numbers")
     return array
+
+
+def _image_bytes(value: Any) -> bytes:
+    """An image file's bytes: given as bytes, or read from a path (str or os.PathLike)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    elif isinstance(value, str | os.PathLike):
+        path = Path(value)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise InputNotFound("no such image file", path=path) from None
+        except IsADirectoryError:
+            raise UsageError("the image is a directory, not a file", path=path) from None
+        except OSError as exc:
+            raise UsageError(f"cannot read the image: {exc.strerror}", path=path) from None
+    else:
+        raise UsageError(f"an image is a file path or bytes, not {type(value).__name__}")
+    if not data:
+        raise UsageError("the image is empty")
+    return data
+
+
+def _instance(value: np.ndarray | bytes) -> Any:
+    """One instance as the front end's JSON takes it."""
+    if isinstance(value, bytes):
+        return {"b64": base64.b64encode(value).decode("ascii")}
+    return value.tolist()
 
 
 class _Client:
@@ -335,9 +394,11 @@ class InputQueue(_Client):
 
     def enqueue(self, request_id: str | None = None, data: Any = None, **inputs: Any) -> str:
         """Submit one instance under `request_id` (None: the server picks one); returns the id.
-        Fetch the answer with `OutputQueue.query(id)` or `OutputQueue.dequeue()`."""
-        array = _one_input(data, inputs)
-        body = self._with_model({"inputs": array.tolist()})
+        The instance is an array (positionally or `x=...`) or an image file (`image=PATH` or
+        bytes; `user_define_key={"path": PATH}` as BigDL wrote it). Fetch the answer with
+        `OutputQueue.query(id)` or `OutputQueue.dequeue()`."""
+        value = _one_input(data, inputs)
+        body = self._with_model({"inputs": _instance(value)})
         if request_id is not None:
             body["id"] = request_id
         response = self._call("POST", "/v1/requests", json=body)
@@ -345,13 +406,26 @@ class InputQueue(_Client):
         return str(_body(response)["id"])
 
     def predict(self, data: Any = None, *, timeout: float | None = None, **inputs: Any) -> Any:
-        """The prediction for one instance, waiting up to `timeout` seconds (the server's
-        limit when None). `PredictionTimeout` carries the request id to fetch it later."""
-        return self.predict_batch([_one_input(data, inputs)], timeout=timeout)[0]
+        """The prediction for one instance (an array, or `image=PATH_OR_BYTES`; as `enqueue`),
+        waiting up to `timeout` seconds (the server's limit when None). `PredictionTimeout`
+        carries the request id to fetch it later; an image the workers cannot decode is a
+        `PredictionFailed` saying why."""
+        return self._predict_values([_one_input(data, inputs)], timeout)[0]
 
     def predict_batch(self, instances: Any, *, timeout: float | None = None) -> list[np.ndarray]:
-        """Predictions for several instances, in their order."""
-        arrays = [np.asarray(x) for x in instances]
+        """Predictions for several instances, in their order: arrays, or image files given as
+        bytes or `pathlib.Path`."""
+        return self._predict_values(
+            [
+                _image_bytes(x) if isinstance(x, bytes | bytearray | os.PathLike) else _array(x)
+                for x in instances
+            ],
+            timeout,
+        )
+
+    def _predict_values(
+        self, arrays: list[np.ndarray | bytes], timeout: float | None
+    ) -> list[np.ndarray]:
         if not arrays:
             return []
         params = {"timeout": timeout} if timeout is not None else None
@@ -359,7 +433,7 @@ class InputQueue(_Client):
         response = self._call(
             "POST",
             "/predict",
-            json=self._with_model({"instances": [a.tolist() for a in arrays]}),
+            json=self._with_model({"instances": [_instance(a) for a in arrays]}),
             params=params,
             timeout=http_timeout,
         )

@@ -9,7 +9,8 @@
   key text>, "key": <base64>}, ...]}`` (`key_bundle`, `read_key_bundle`).
 - How to reach the queue: `QueueConfig`, its secrets read from files (`read_secret_file`), and
   `open_queue` / `open_async_client`.
-- The model as the front end serves it: `ModelInfo`, passed as one ``--model-info`` JSON.
+- The model as the front end serves it: `ModelInfo`, passed as one ``--model-info`` JSON (with
+  the deployment's image settings, `ppml.serving.image.ImageSpec`, when it takes images).
 - The one grammar of shapes: sizes separated by commas, ``*`` for a dynamic one
   (`parse_shape`, `format_shape`).
 """
@@ -31,6 +32,7 @@ from ppml import names
 from ppml.crypto.envelope import DataKey, DataKeyProvider, WrappedKey
 from ppml.data.secret_file import read_secret_file
 from ppml.errors import ConfigurationError, KeyAccessError, UsageError
+from ppml.serving.image import ImageSpec
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -101,12 +103,14 @@ def format_shape(shape: Sequence[int | None], sep: str = ",") -> str:
 class ModelInfo:
     """A served model as clients see it: one input of a fixed shape and dtype (None in the shape
     means any size on that axis), and the names of its outputs. The workers describe their model
-    with the same facts."""
+    with the same facts. `image`: how the deployment turns an image file into that input (None:
+    it takes no images)."""
 
     name: str
     input_shape: tuple[int | None, ...]
     dtype: str = "float32"
     output_names: tuple[str, ...] = ("output",)
+    image: ImageSpec | None = None
 
     def __post_init__(self) -> None:
         names.MODEL.check(self.name)
@@ -123,6 +127,8 @@ class ModelInfo:
         object.__setattr__(self, "dtype", dtype.name)
         if not self.output_names:
             raise UsageError("a model has at least one output")
+        if self.image is not None:
+            self.image.check_model(self.input_shape, self.dtype)
 
     @classmethod
     def from_model(cls, model: Any) -> ModelInfo:
@@ -136,12 +142,15 @@ class ModelInfo:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "input_shape": list(self.input_shape),
             "dtype": self.dtype,
             "output_names": list(self.output_names),
         }
+        if self.image is not None:  # absent otherwise: a numeric model's text is unchanged
+            out["image"] = self.image.to_dict()
+        return out
 
     def to_json(self) -> str:
         """The ``--model-info`` argument: compact and canonical (the front end's command line is
@@ -159,10 +168,11 @@ class ModelInfo:
                 input_shape=parse_shape(data["input_shape"]),
                 dtype=str(data.get("dtype", "float32")),
                 output_names=tuple(str(n) for n in data.get("output_names", ("output",))),
+                image=ImageSpec.from_dict(data["image"]) if data.get("image") else None,
             )
         except (ValueError, KeyError, TypeError):
             raise UsageError(
-                'a model info is JSON: {"name", "input_shape", "dtype", "output_names"}'
+                'a model info is JSON: {"name", "input_shape", "dtype", "output_names", "image"?}'
             ) from None
 
 

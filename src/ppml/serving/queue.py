@@ -66,8 +66,10 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
 
-    from ppml.data.payload import PayloadCodec
+    from ppml.data.payload import EncodedImage, PayloadCodec
     from ppml.serving.notify import ResultNotifier
+
+    Input = np.ndarray | EncodedImage  # a request's input: an array, or an image file's bytes
 
 __all__ = [
     "GROUP",
@@ -149,11 +151,12 @@ class DuplicateRequest(UsageError):
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One request as a worker sees it: decrypted, with its stream entry for acknowledgement."""
+    """One request as a worker sees it: decrypted, with its stream entry for acknowledgement.
+    `array` is the input: an array, or an `EncodedImage` that the worker decodes."""
 
     request_id: str
     model: str
-    array: np.ndarray
+    array: Input
     entry_id: str  # the stream entry id (for XACK / XDEL)
     deliveries: int  # 1 on first delivery, more after a reclaim
 
@@ -204,7 +207,7 @@ class QueueLayout:
         return f"{self.prefix}:accepted:{request_id}"
 
     def submission(
-        self, requests: Sequence[tuple[str, str, np.ndarray]]
+        self, requests: Sequence[tuple[str, str, Input]]
     ) -> tuple[list[str], list[str], list[Any]]:
         """(ids, KEYS, ARGV) of the submit script for `requests`, each payload sealed."""
         if not requests:
@@ -215,7 +218,7 @@ class QueueLayout:
         args: list[Any] = [self.max_length, secrets.token_hex(16)]
         for request_id, model, array in requests:
             validate_model(model)
-            payload = self.codec.seal(request_id, "request", array, model=model)
+            payload = self.codec.seal_input(request_id, array, model=model)
             args += [request_id, model, payload]
         return ids, [self.stream_key, *(self.marker_key(i) for i in ids)], args
 
@@ -321,11 +324,11 @@ class ServingQueue:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
 
-    def submit(self, request_id: str, model: str, array: np.ndarray) -> None:
+    def submit(self, request_id: str, model: str, array: Input) -> None:
         """Accept a request or raise `QueueFull` / `DuplicateRequest`; never drops silently."""
         self.submit_many([(request_id, model, array)])
 
-    def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None:
+    def submit_many(self, requests: Sequence[tuple[str, str, Input]]) -> None:
         """Accept all of `requests` ((request id, model, array) each) in one round trip, or
         none: `QueueFull` when they do not all fit, `DuplicateRequest` when one id was accepted
         before. Safe to retry after a lost reply (Redis clients retry by themselves): the
@@ -556,7 +559,7 @@ class ServingQueue:
                 continue
             try:
                 model = validate_model(_text(model))
-                array = self.codec.open(request_id, "request", payload, model=model)
+                array = self.codec.open_input(request_id, payload, model=model)
             except (IntegrityError, UsageError, UnicodeDecodeError):
                 _log.warning(
                     "serving %s: request %s (entry %s) failed its integrity check",
@@ -602,7 +605,7 @@ class AsyncQueueOps:
         self._submit = client.register_script(_SUBMIT_LUA)
         self._take_if_complete = client.register_script(_TAKE_IF_COMPLETE_LUA)
 
-    async def submit_many(self, requests: Sequence[tuple[str, str, np.ndarray]]) -> None:
+    async def submit_many(self, requests: Sequence[tuple[str, str, Input]]) -> None:
         import redis
 
         ids, keys, args = self.layout.submission(requests)

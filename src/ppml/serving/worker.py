@@ -33,7 +33,7 @@ from typing import Protocol
 from ppml._internal.clock import MonotonicClock
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.errors import PPMLError, UsageError
-from ppml.serving.batching import BatchSettings, Predictor, gather, run_batch
+from ppml.serving.batching import BatchSettings, Predictor, Preprocess, gather, run_batch
 from ppml.serving.contract import (
     QueueConfig,
     add_queue_arguments,
@@ -46,6 +46,7 @@ from ppml.serving.contract import (
     redis_options,
     signal_ready,
 )
+from ppml.serving.image import ImageSpec
 from ppml.serving.queue import Request, Result
 
 __all__ = [
@@ -125,11 +126,13 @@ class Worker:
         settings: WorkerSettings,
         *,
         model_name: str | None = None,
+        preprocess: Preprocess | None = None,
         clock: MonotonicClock = time.monotonic,
         sleep: Callable[[float], object] | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         self._queue = queue
+        self._preprocess = preprocess
         self._on_ready = on_ready
         self._model = model
         self._settings = settings
@@ -260,7 +263,9 @@ class Worker:
     def _process(self, requests: Sequence[Request]) -> int:
         if not requests:
             return 0
-        self._unsent = run_batch(self._model, requests, model_name=self._model_name)
+        self._unsent = run_batch(
+            self._model, requests, model_name=self._model_name, preprocess=self._preprocess
+        )
         return self._flush()
 
     def _flush(self) -> int:
@@ -289,6 +294,13 @@ def _shape(text: str) -> tuple[int | None, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _image_spec(text: str) -> ImageSpec:
+    try:
+        return ImageSpec.from_json(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ppml.serving.worker",
@@ -300,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the name requests use (default: from the file name)")
     p.add_argument("--input-shape", type=_shape, help="TorchScript: one instance's shape")
     p.add_argument("--input-dtype", default="float32", help="TorchScript: the input dtype")
+    p.add_argument(
+        "--image-spec",
+        type=_image_spec,
+        help="take image inputs, preprocessed so (ppml.serving.image.ImageSpec as JSON)",
+    )
     p.add_argument("--intra-op-threads", type=int, default=1)
     p.add_argument("--redis-ca", type=Path, help="CA certificate: connect with TLS")
     p.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}")
@@ -365,12 +382,22 @@ def _serve(args: argparse.Namespace, provider: DataKeyProvider, factory: QueueFa
         input_dtype=args.input_dtype,
         insecure_allow_plaintext=args.insecure_allow_plaintext_model,
     )
+    spec: ImageSpec | None = args.image_spec
+    if spec is not None:  # the settings must fit the model the worker loaded
+        spec.check_model(model.input_shape[1:], model.input_dtype.name)
     config = queue_config(
         args, max_deliveries=args.max_deliveries if args.max_deliveries > 0 else None
     )
     queue = factory(config, provider)
     # Only an explicit --model-name makes requests naming another model fail.
-    worker = Worker(queue, model, settings, model_name=args.model_name, on_ready=signal_ready)
+    worker = Worker(
+        queue,
+        model,
+        settings,
+        model_name=args.model_name,
+        preprocess=spec.preprocess if spec is not None else None,
+        on_ready=signal_ready,
+    )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         _log.info(

@@ -3,6 +3,7 @@ measurements, the files they need; and the secret files written before they star
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import sys
 from collections.abc import Mapping, Sequence
@@ -115,7 +116,10 @@ def _checked_model(settings: DeploySettings, keys: KeyService) -> tuple[str, Mod
         input_shape=s.input_shape,
         input_dtype=s.input_dtype,
     )
-    return model_key, ModelInfo.from_model(model)
+    info = ModelInfo.from_model(model)
+    if s.image is not None:  # refuses settings whose instances the model cannot take
+        info = dataclasses.replace(info, image=s.image)
+    return model_key, info
 
 
 def _common_args(s: DeploySettings, where: Mapping[str, str]) -> list[str]:
@@ -153,6 +157,8 @@ def _worker_command(s: DeploySettings, where: Mapping[str, str]) -> tuple[str, .
         worker += ["--model-name", s.model_name]
     if s.input_shape is not None:
         worker += ["--input-shape", format_shape(s.input_shape), "--input-dtype", s.input_dtype]
+    if s.image is not None:
+        worker += ["--image-spec", s.image.to_json()]
     return tuple(worker)
 
 

@@ -1,4 +1,8 @@
-"""What `ppml serving up` starts: flags, else the TOML file, else the defaults."""
+"""What `ppml serving up` starts: flags, else the TOML file, else the defaults.
+
+Image inputs are set by an ``image`` table (``[serving.image]``, or ``[image]`` in a file without
+``[serving]``) whose keys are `ppml.serving.image.IMAGE_KEYS`, or by ``--image-KEY`` flags,
+which win key by key."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any, Final
 from ppml.data.payload import validate_deployment
 from ppml.errors import InputNotFound, UsageError
 from ppml.serving.contract import parse_shape
+from ppml.serving.image import IMAGE_KEYS, ImageSpec
 
 __all__ = ["CONFIG_KEYS", "DeploySettings", "load_settings", "with_overrides"]
 
@@ -37,6 +42,7 @@ class DeploySettings:
     max_instances: int = 256
     redis_maxmemory: str | None = None
     start_timeout_s: float = 60.0
+    image: ImageSpec | None = None
 
     def __post_init__(self) -> None:
         validate_deployment(self.deployment)
@@ -52,7 +58,18 @@ class DeploySettings:
             raise UsageError("max_batch_size and intra_op_threads >= 1, max_wait_ms >= 0")
         if not self.start_timeout_s > 0:
             raise UsageError("start_timeout_s must be positive")
+        if self.image is not None and self.max_body_bytes < _body_for(self.image.max_bytes):
+            raise UsageError(
+                f"max_body_bytes ({self.max_body_bytes}) cannot hold one image of image "
+                f"max_bytes ({self.image.max_bytes}) in base64: raise it to at least "
+                f"{_body_for(self.image.max_bytes)} or lower image max_bytes"
+            )
         object.__setattr__(self, "model", Path(self.model).absolute())
+
+
+def _body_for(image_bytes: int) -> int:
+    """The body that carries one image of `image_bytes` in base64, with room for the JSON."""
+    return 4 * ((image_bytes + 2) // 3) + 1024
 
 
 CONFIG_KEYS: Final = tuple(f.name for f in fields(DeploySettings))
@@ -87,7 +104,21 @@ def load_settings(config_file: Path | None, overrides: Mapping[str, Any]) -> Dep
     """Settings from `config_file` (TOML: keys at the top level or under ``[serving]``; a
     relative ``model`` is relative to the file), overridden by the non-None `overrides`."""
     values = _read_config(config_file) if config_file is not None else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    image = values.pop("image", None)
+    if image is not None and not isinstance(image, dict):
+        raise UsageError("image must be a table ([serving.image])", path=config_file)
+    image = {
+        **(image or {}),
+        **{k: v for k, v in overrides.get("image", {}).items() if v is not None},
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None and k != "image"})
+    if image:
+        unknown = set(image) - set(IMAGE_KEYS)
+        if unknown:
+            raise UsageError(
+                f"unknown image settings {sorted(unknown)}; known: {', '.join(IMAGE_KEYS)}"
+            )
+        values["image"] = ImageSpec.from_dict(image)
     if values.get("model") is None:
         raise UsageError("no model: pass --model PATH (or `model` in the --config file)")
     if values.get("input_shape") is not None:
