@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,11 +135,145 @@ def test_a_jvm_application_runs_with_security_on(ws: Path, secrets: list[str]) -
     _assert_secret_free(w, secrets)
 
 
-def test_a_jvm_application_under_tee_is_refused_with_a_reason(ws: Path) -> None:
-    r = run_ppml("spark-submit", "--measure", "--class", "org.ppml.examples.SparkPi",
-                 EXAMPLES_JAR, passphrase=None)  # fmt: skip
+def _pyarrow_summary(path: Path, column: str) -> str:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    counts = pc.value_counts(table[column]).to_pylist()
+    lines = [f"rows {table.num_rows}"]
+    lines += [f"{c['values']}\t{c['counts']}" for c in sorted(counts, key=lambda c: c["values"])]
+    return "\n".join(lines)
+
+
+def _people_parquet(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    regions = ["EU", "US", "EU", "APAC", "EU", "US", "EU"]
+    pq.write_table(
+        pa.table({"name": [f"p{i}" for i in range(len(regions))], "region": regions}), path
+    )
+
+
+def _summary_command(decrypt: Path, read: Path, jar: Path = EXAMPLES_JAR) -> list[str | Path]:
+    return ["--decrypt", decrypt, "--class", "org.ppml.examples.ParquetSummary", jar, read,
+            "region"]  # fmt: skip
+
+
+def test_a_jvm_application_runs_attested_with_its_jar_measured(
+    ws: Path, secrets: list[str], tmp_path: Path
+) -> None:
+    """``--tee sim --class CLASS app.jar``: the jar is part of the measurement (another jar,
+    class or argument is another measurement) and the application runs in the sandbox."""
+    pi = ("--class", "org.ppml.examples.SparkPi", EXAMPLES_JAR, "2")
+    first = run_ppml("spark-submit", "--measure", *pi, passphrase=None)
+    assert first.code == 0, first.err
+    measurement = first.out.splitlines()[0]
+    assert re.fullmatch(r"[0-9a-f]{96}", measurement)
+    assert run_ppml("spark-submit", "--measure", *pi, passphrase=None).out.startswith(measurement)
+    copy = tmp_path / "spark-examples.jar"
+    copy.write_bytes(EXAMPLES_JAR.read_bytes())
+    of_copy = ("--measure", "--class", "org.ppml.examples.SparkPi", copy, "2")
+    before = run_ppml("spark-submit", *of_copy, passphrase=None).out.splitlines()[0]
+    with zipfile.ZipFile(copy, "a") as z:  # one more entry: other bytes, same classes
+        z.writestr("extra.txt", "x")
+    assert run_ppml("spark-submit", *of_copy, passphrase=None).out.splitlines()[0] != before
+    for variant in (
+        ("--class", "org.ppml.examples.ParquetSummary", EXAMPLES_JAR, "2"),
+        ("--class", "org.ppml.examples.SparkPi", EXAMPLES_JAR, "3"),
+    ):
+        r = run_ppml("spark-submit", "--measure", *variant, passphrase=None)
+        assert r.out.splitlines()[0] != measurement
+    w = run_watched("spark-submit", "--tee", "sim", *pi, home=ws)
+    assert w.code == 0, w.err[-3000:]
+    assert PI_LINE.search(w.out), w.out
+    assert w.err.count("SIMULATED TEE") == 1
+    assert any("ppml.engines.spark.jvm_app" in line for snap in w.ps for line in snap.splitlines())
+    _assert_secret_free(w, secrets)
+
+
+def test_a_java_job_reads_encrypted_parquet_with_keys_from_the_attested_driver(
+    ws: Path, secrets: list[str], tmp_path: Path
+) -> None:
+    """Java's ParquetSummary reads ppml's encrypted Parquet through Spark's own reader: refused
+    until the key's policy names the driver's measurement, then the same summary as pyarrow
+    over the plaintext; a jar with other bytes is refused; a file not named by --decrypt is
+    not readable even by an allowed driver."""
+    assert run_ppml("key", "create", "regions", home=ws).code == 0
+    plain = tmp_path / "people.parquet"
+    _people_parquet(plain)
+    enc = tmp_path / "enc" / "people.parquet"
+    enc.parent.mkdir()
+    assert run_ppml("encrypt", plain, "-o", enc, "--key", "regions", home=ws).code == 0
+    command = _summary_command(enc, enc)
+    denied = run_watched("spark-submit", "--tee", "sim", "--data", tmp_path, *command, home=ws)
+    assert denied.code == 4, denied.err[-2000:]
+    assert "access denied" in denied.err and "rows" not in denied.out
+    measurement = run_ppml("spark-submit", "--measure", *command, home=ws).out.splitlines()[0]
+    r = run_ppml("policy", "allow", "regions", "--tee", "sim", "--measurement", measurement,
+                 home=ws)  # fmt: skip
+    assert r.code == 0, r.err
+    allowed = run_watched("spark-submit", "--tee", "sim", "--data", tmp_path, *command, home=ws)
+    assert allowed.code == 0, allowed.err[-3000:]
+    assert allowed.out.strip().endswith(_pyarrow_summary(plain, "region")), allowed.out
+    _assert_secret_free(allowed, secrets)
+
+    # Another jar under the same name: another measurement, which no policy names.
+    other = tmp_path / "jar" / "spark-examples.jar"
+    other.parent.mkdir()
+    other.write_bytes(EXAMPLES_JAR.read_bytes())
+    with zipfile.ZipFile(other, "a") as z:
+        z.writestr("extra.txt", "x")
+    swapped = run_watched(
+        "spark-submit", "--tee", "sim", "--data", tmp_path, *_summary_command(enc, enc, other),
+        home=ws,
+    )  # fmt: skip
+    assert swapped.code == 4 and "access denied" in swapped.err
+    assert "rows" not in swapped.out
+
+    # An allowed driver reads only what --decrypt named: another file of the same key fails.
+    second = tmp_path / "enc" / "second.parquet"
+    assert run_ppml("encrypt", plain, "-o", second, "--key", "regions", home=ws).code == 0
+    undeclared = _summary_command(enc, second)
+    m2 = run_ppml("spark-submit", "--measure", *undeclared, home=ws).out.splitlines()[0]
+    assert run_ppml("policy", "allow", "regions", "--tee", "sim", "--measurement", m2,
+                    home=ws).code == 0  # fmt: skip
+    w = run_watched("spark-submit", "--tee", "sim", "--data", tmp_path, *undeclared, home=ws)
+    assert w.code == 1, w.err[-2000:]
+    assert "rows" not in w.out
+    assert "Exception" in w.err
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (("--decrypt", "x.parquet", "--class", "org.ppml.examples.ParquetSummary", EXAMPLES_JAR),
+         "--decrypt needs --tee"),
+        (("--tee", "sim", "--decrypt", "x.parquet", PI), "--decrypt is for JVM applications"),
+        (("--measure", "--decrypt", "x.parquet", PI), "--decrypt is for JVM applications"),
+    ],
+)  # fmt: skip
+def test_decrypt_outside_an_attested_jvm_application_is_refused(
+    ws: Path, args: tuple[str | Path, ...], reason: str
+) -> None:
+    r = run_ppml("spark-submit", *args, home=ws)
     assert r.code == 2, r.err
-    assert "a JVM application cannot run attested yet" in r.err
+    assert reason in r.err
+
+
+def test_a_jar_without_a_main_class_needs_class(ws: Path, tmp_path: Path) -> None:
+    jar = tmp_path / "nomain.jar"
+    with zipfile.ZipFile(jar, "w") as z:
+        z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
+    r = run_ppml("spark-submit", "--measure", jar, passphrase=None)
+    assert r.code == 2 and "name the main class with --class" in r.err
+    with zipfile.ZipFile(jar, "w") as z:
+        z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\nMain-Class: a.B\n")
+    r = run_ppml("spark-submit", "--measure", jar, passphrase=None)
+    assert r.code == 0, r.err
+    r2 = run_ppml("spark-submit", "--measure", "--class", "a.B", jar, passphrase=None)
+    assert r2.out.splitlines()[0] == r.out.splitlines()[0]
 
 
 def test_measure_prints_a_stable_measurement_without_running(ws: Path) -> None:

@@ -95,6 +95,16 @@ def spark_submit(
             "(repeatable; default: the current directory).",
         ),
     ] = None,
+    decrypt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--decrypt",
+            metavar="PATH",
+            help="With --tee and a JVM application: encrypted Parquet (a file or a directory) "
+            "that the application reads with Spark's own reader; the attested driver releases "
+            "exactly these files' keys to it (repeatable, measured).",
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
@@ -102,19 +112,23 @@ def spark_submit(
     configured from the workspace; its secrets never appear on a command line.
 
     With --tee sim the driver runs attested as in `ppml run --tee sim`: keys are released to it
-    only if a key's policy names its measurement (`ppml spark-submit --measure APP`).
-    Exits with the application's code.
+    only if a key's policy names its measurement (`ppml spark-submit --measure APP`). A JVM
+    application (`--class CLASS APP.jar`) runs attested too, its jar measured; it gets the keys
+    of the `--decrypt` files for Spark's Parquet reader. Exits with the application's code.
     """
     from ppml.engines.spark.launcher import parse_submit_args
 
     req = parse_submit_args(args, master=master, py_files=py_files or [])
     if tee is not None and tee != "sim":
         raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
+    paths = tuple(decrypt or ())
+    if paths and tee is None and not measure_only:
+        raise UsageError("--decrypt needs --tee: keys are released to an attested driver only")
     if measure_only:
         from ppml.engines.java import find_java
 
         with tempfile.TemporaryDirectory(prefix="ppml-measure-") as tmp:
-            workload = _driver_workload(req, find_java(Path(tmp)))
+            workload = _driver_workload(req, find_java(Path(tmp)), paths)
             manifest = workload.manifest()
         typer.echo(manifest.measurement())
         spark = dict(workload.extra)["spark"]
@@ -126,18 +140,22 @@ def spark_submit(
         )
         return
     if tee is not None:
-        raise typer.Exit(_submit_attested(req, ui, data or [], workspace, passphrase_file))
+        raise typer.Exit(_submit_attested(req, ui, data or [], paths, workspace, passphrase_file))
     raise typer.Exit(_submit(req, ui, workspace, passphrase_file))
 
 
-def _driver_workload(req: SubmitRequest, java: JavaRuntime) -> Workload:
+def _driver_workload(
+    req: SubmitRequest, java: JavaRuntime, decrypt: tuple[str, ...] = ()
+) -> Workload:
     """The attested driver, as `ppml.engines.spark.attested` describes it."""
     from ppml.engines.java import measure_java
-    from ppml.engines.spark.attested import driver_parts
+    from ppml.engines.spark.attested import driver_parts, is_jvm_application, jvm_driver_request
     from ppml.engines.spark.launcher import ppml_jars
 
     digest = measure_java(java.real_home, progress)
-    parts = driver_parts(req, java, req.submit_options(extra_jars=ppml_jars()), digest)
+    driver = jvm_driver_request(req) if is_jvm_application(req) else req
+    options = driver.submit_options(extra_jars=ppml_jars())
+    parts = driver_parts(req, java, options, digest, decrypt)
     return Workload(parts.command, parts.trusted, fixed_env=parts.fixed_env, extra=parts.extra)
 
 
@@ -145,6 +163,7 @@ def _submit_attested(
     req: SubmitRequest,
     ui: bool,
     data: list[Path],
+    decrypt: tuple[str, ...],
     workspace: Path | None,
     passphrase_file: Path | None,
 ) -> int:
@@ -158,7 +177,7 @@ def _submit_attested(
     def prepare(ws: Workspace, run: RunDirectory) -> Workload:
         java = find_java(run.path / "java")
         write_driver_boot(ws, java, run.boot, security_properties(ws, ui=ui), stores)
-        return _driver_workload(req, java)
+        return _driver_workload(req, java, decrypt)
 
     how = Launch("sim", data=tuple(data), exposed=(stores,))
     try:

@@ -52,6 +52,9 @@ __all__ = [
     "DriverParts",
     "check_attested_request",
     "driver_parts",
+    "is_jvm_application",
+    "jvm_driver_request",
+    "jvm_main_class",
     "write_driver_boot",
 ]
 
@@ -107,11 +110,6 @@ def _check_java_options(where: str, value: str) -> None:
 
 def check_attested_request(req: SubmitRequest) -> None:
     """Refuse what would put unmeasured code into the driver or the executors."""
-    if Path(req.app).suffix.lower() == ".jar":
-        raise UsageError(
-            f"{req.app}: a JVM application cannot run attested yet (the attested driver is a "
-            "Python application); run it without --tee"
-        )
     options = list(req.options)
     for i in range(0, len(options), 1):
         name = options[i]
@@ -164,15 +162,71 @@ class DriverParts:
     extra: Mapping[str, Any]
 
 
+def is_jvm_application(req: SubmitRequest) -> bool:
+    """Whether the application is a jar (a Java or Scala application)."""
+    return Path(req.app).suffix.lower() == ".jar"
+
+
+def jvm_main_class(req: SubmitRequest) -> str:
+    """The application's main class: ``--class``, else the jar manifest's ``Main-Class``."""
+    options = list(req.options)
+    for i, name in enumerate(options[:-1]):
+        if name == "--class":
+            return options[i + 1]
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(req.app) as jar:
+            manifest = jar.read("META-INF/MANIFEST.MF").decode("utf-8", "replace")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        manifest = ""
+    found = re.search(r"^Main-Class:\s*(\S+)", manifest, re.MULTILINE)
+    if found is None:
+        raise UsageError(f"{req.app}: name the main class with --class (the jar names none)")
+    return found.group(1)
+
+
+def jvm_driver_request(req: SubmitRequest) -> SubmitRequest:
+    """`req` as the options of the attested driver of a JVM application: the jar joins
+    ``--jars`` (the driver's and the executors' class path), ``--class`` goes to the driver
+    module (pyspark's gateway is the JVM's main class)."""
+    import dataclasses
+
+    options = list(req.options)
+    kept: list[str] = []
+    for i in range(0, len(options), 2):
+        if options[i] != "--class":
+            kept += options[i : i + 2]
+    jars = (*req.jars, str(Path(req.app).absolute()))
+    return dataclasses.replace(req, options=tuple(kept), jars=jars)
+
+
 def driver_parts(
-    req: SubmitRequest, java: JavaRuntime, options: list[str], java_digest: str
+    req: SubmitRequest,
+    java: JavaRuntime,
+    options: list[str],
+    java_digest: str,
+    decrypt: tuple[str, ...] = (),
 ) -> DriverParts:
     """What `ppml spark-submit --tee` measures for `req` (`options`: the spark-submit options
-    as passed, ppml's jar included)."""
+    as passed, ppml's jar included; for a JVM application, those of `jvm_driver_request`).
+
+    A Python application is the driver (``python APP ARGS``). A JVM application runs in the
+    JVM of ``python -m ppml.engines.spark.jvm_app [--decrypt PATH]... CLASS APP.jar ARGS``,
+    which releases the keys of the `decrypt` files before it calls ``CLASS.main``; the jar is
+    measured with the other ``--jars``."""
     import pyspark
 
     check_attested_request(req)
+    jvm = is_jvm_application(req)
+    if decrypt and not jvm:
+        raise UsageError(
+            "--decrypt is for JVM applications: a Python application reads encrypted files "
+            "with ppml.spark.PPMLContext"
+        )
     trusted = [*req.py_files, *(_local(j) for j in req.jars)]
+    if jvm:
+        trusted.append(_local(str(req.app)))
     trusted += [_local(f) for f in [*_listed(req, "--files"), *_listed(req, "--archives")]]
     java_home = _JAVA_INSIDE if java.wrapped else str(java.java_home)
     real_java = java.real_home
@@ -184,16 +238,20 @@ def driver_parts(
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         "PYSPARK_SUBMIT_ARGS": shlex.join([*options, "pyspark-shell"]),
     }
-    extra = {
-        "spark": {
-            "version": pyspark.__version__,
-            "home": str(spark_home()),
-            "java": {"home": str(real_java), "version": java.version, "digest": java_digest},
-        }
+    spark: dict[str, Any] = {
+        "version": pyspark.__version__,
+        "home": str(spark_home()),
+        "java": {"home": str(real_java), "version": java.version, "digest": java_digest},
     }
-    return DriverParts(
-        (sys.executable, str(req.app), *req.app_args), tuple(trusted), fixed_env, extra
-    )
+    if jvm:
+        module = [sys.executable, "-m", "ppml.engines.spark.jvm_app"]
+        for path in decrypt:
+            module += ["--decrypt", path]
+        command = (*module, jvm_main_class(req), str(req.app), *req.app_args)
+        spark["application"] = {"jar": str(req.app), "class": jvm_main_class(req)}
+    else:
+        command = (sys.executable, str(req.app), *req.app_args)
+    return DriverParts(command, tuple(trusted), fixed_env, {"spark": spark})
 
 
 def write_driver_boot(
