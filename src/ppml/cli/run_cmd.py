@@ -1,8 +1,9 @@
-"""`ppml measure`, `ppml run` (attested runs: sim, sgx through Gramine, tdx and snp guests) and
-`ppml serve`."""
+"""`ppml measure`, `ppml run` (attested runs: sim, sgx through Gramine or Occlum, tdx and snp
+guests) and `ppml serve`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -95,12 +96,14 @@ def measure(
 
 
 TEE_BACKENDS = ("sim", "sgx", "tdx", "snp")
+SGX_LIBOSES = ("gramine", "occlum")
 TEE_HELP = (
     "TEE backend: sim (simulated: development only, needs a `ppml init --dev` workspace); "
     "sgx (an Intel SGX enclave through Gramine: needs gramine-manifest, gramine-sgx-sign and "
-    "gramine-sgx on PATH and /dev/sgx_enclave); tdx or snp (this machine is an Intel TDX or "
-    "AMD SEV-SNP confidential VM: evidence comes from /sys/kernel/config/tsm/report, "
-    "Linux 6.7+)."
+    "gramine-sgx on PATH and /dev/sgx_enclave; or through Occlum with --libos occlum: needs "
+    "occlum and copy_bom on PATH, /opt/occlum and /dev/sgx_enclave); tdx or snp (this machine "
+    "is an Intel TDX or AMD SEV-SNP confidential VM: evidence comes from "
+    "/sys/kernel/config/tsm/report, Linux 6.7+)."
 )
 DEBUG_ENCLAVE_NOTICE = (
     "ppml: DEBUG ENCLAVE (--debug-enclave): the host can read the enclave's memory. "
@@ -111,6 +114,15 @@ DEBUG_ENCLAVE_NOTICE = (
 def run(
     command: CommandArg,
     tee: Annotated[str, typer.Option("--tee", help=TEE_HELP)] = "sim",
+    libos: Annotated[
+        str | None,
+        typer.Option(
+            "--libos",
+            metavar="NAME",
+            help="sgx: the library OS that runs the workload in the enclave: gramine (the "
+            "default) or occlum (Python workloads).",
+        ),
+    ] = None,
     measure_only: Annotated[
         bool,
         typer.Option(
@@ -162,6 +174,10 @@ def run(
     to its --data directories; the files measured are the files that run.
     """
     _check_tee(tee)
+    if libos is not None and tee != "sgx":
+        raise UsageError(f"--libos chooses the SGX library OS: it has no meaning with --tee {tee}")
+    if libos is not None and libos not in SGX_LIBOSES:
+        raise UsageError(f"unknown SGX library OS {libos!r} (available: {', '.join(SGX_LIBOSES)})")
     if kms is not None and not kms.startswith("https://"):
         raise UsageError("--kms takes an https:// URL (ppml never speaks plain HTTP)")
     workload = _workload(command, trusted, env)
@@ -170,7 +186,7 @@ def run(
 
         options = EnclaveOptions(enclave_size, max_threads, edmm, debug_enclave)
         raise typer.Exit(
-            _run_sgx(workload, options, data, workspace, passphrase_file, kms, measure_only)
+            _run_sgx(workload, options, data, workspace, passphrase_file, kms, measure_only, libos)
         )
     if measure_only:
         if tee != "sim":
@@ -199,14 +215,21 @@ def _run_sgx(
     passphrase_file: Path | None,
     kms_url: str | None,
     measure_only: bool,
+    libos: str | None = None,
 ) -> int:
-    """Gramine-SGX: write the manifest, sign it with the workspace's enclave key, and (unless
-    only measuring) start `gramine-sgx`; the workload makes its own quotes in the enclave."""
-    from ppml.tee import attester, gramine
+    """SGX through Gramine (write the manifest, sign it with the workspace's enclave key and,
+    unless only measuring, start `gramine-sgx`) or Occlum (make, fill, build and sign an
+    instance, then `occlum run`); the workload makes its own quotes in the enclave."""
+    from ppml.tee import attester, gramine, occlum
     from ppml.tee.workload_env import KMS_URL_ENV
 
+    occlum_run = libos == "occlum"
     # Everything this machine lacks is reported before anything is opened or started.
-    attester.require_gramine(attester.GRAMINE_TOOLS[:2] if measure_only else attester.GRAMINE_TOOLS)
+    if occlum_run:
+        attester.require_occlum()
+    else:
+        tools = attester.GRAMINE_TOOLS
+        attester.require_gramine(tools[:2] if measure_only else tools)
     if not measure_only:
         attester.require_sgx_device()
     m = workload.manifest(forbidden=hidden_paths(workspace, passphrase_file))
@@ -215,19 +238,27 @@ def _run_sgx(
         require_dev(ws, "--debug-enclave")
         typer.echo(DEBUG_ENCLAVE_NOTICE, err=True)
     host = gramine.host_for(m, ca_pem=ws.ca_cert.read_text(), data_dirs=data or [Path.cwd()])
-    template = gramine.render_manifest_template(m, options, host)
-    with gramine.enclave_build(template, ws.enclave_key_path) as enclave:
+    build: contextlib.AbstractContextManager[gramine.SignedEnclave | occlum.OcclumEnclave]
+    if occlum_run:
+        build = occlum.occlum_build(m, options, host, ws.enclave_key_path)
+    else:
+        template = gramine.render_manifest_template(m, options, host)
+        build = gramine.enclave_build(template, ws.enclave_key_path)
+    with build as enclave:
         if measure_only:
             typer.echo(enclave.mrenclave)
             return 0
-        argv = gramine.launch_command(enclave)
-        typer.echo(f"ppml: SGX enclave {enclave.mrenclave} (Gramine)", err=True)
+        if isinstance(enclave, occlum.OcclumEnclave):
+            name, argv, cwd = "Occlum", occlum.launch_command(enclave), enclave.directory
+        else:
+            name, argv, cwd = "Gramine", gramine.launch_command(enclave), None
+        typer.echo(f"ppml: SGX enclave {enclave.mrenclave} ({name})", err=True)
         with loopback_services(ws, f"sgx:{enclave.mrenclave[:16]}", kms_url) as url:
             child_env = {**m.child_environment(), KMS_URL_ENV: url}
             try:
-                proc = subprocess.Popen(argv, env=child_env)  # noqa: S603 -- gramine-sgx, signed
+                proc = subprocess.Popen(argv, env=child_env, cwd=cwd)  # noqa: S603 -- signed
             except OSError as exc:
-                raise UsageError(f"cannot start gramine-sgx: {exc.strerror}") from None
+                raise UsageError(f"cannot start {Path(argv[0]).name}: {exc.strerror}") from None
             from ppml.tee.launcher import wait_forwarding_signals
 
             return wait_forwarding_signals(proc)

@@ -36,6 +36,7 @@ from ppml.tee.sgx import (
     interpreter_paths,
     mrenclave_from_sigstruct,
     outermost,
+    python_variables,
     run_tool,
 )
 
@@ -55,7 +56,6 @@ __all__ = [
 ]
 
 APP_NAME = "workload"
-PYCACHE_DIR = "/tmp/ppml-pycache"  # noqa: S108 -- a tmpfs inside the enclave, not the host's /tmp
 
 _JINJA = ("{{", "}}", "{%", "%}", "{#", "#}")
 
@@ -122,14 +122,7 @@ def _loader_section(
         "# Fixed values are measured; only the KMS URL (chosen at start) passes through.",
         f"loader.env.LD_LIBRARY_PATH = {_q(library_path)}",
     ]
-    if python:
-        lines += [
-            f"loader.env.PYTHONPATH = {_q(':'.join(host.python_path))}",
-            'loader.env.PYTHONNOUSERSITE = "1"',
-            'loader.env.PYTHONDONTWRITEBYTECODE = "1"',
-            # Byte code only from the enclave's tmpfs: never a host-side .pyc.
-            f"loader.env.PYTHONPYCACHEPREFIX = {_q(PYCACHE_DIR)}",
-        ]
+    lines += [f"loader.env.{name} = {_q(value)}" for name, value in python_variables(host)]
     lines += [
         'loader.env.PPML_TEE = "sgx"',
         f"loader.env.PPML_KMS_CA_PEM = {_q(host.ca_pem)}",

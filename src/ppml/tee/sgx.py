@@ -34,6 +34,7 @@ __all__ = [
     "interpreter_paths",
     "mrenclave_from_sigstruct",
     "outermost",
+    "python_variables",
     "run_tool",
     "tool_env",
 ]
@@ -53,6 +54,7 @@ _ENCLAVEHASH_OFFSET = 960
 
 _SIZE = re.compile(r"([1-9][0-9]*)([KMG])")
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+PYCACHE_DIR = "/tmp/ppml-pycache"  # noqa: S108 -- the enclave's own /tmp, not the host's
 _STDERR_TAIL = 2000
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -205,6 +207,19 @@ def host_for(
         ca_pem=ca_pem,
         env=env,
     )
+
+
+def python_variables(host: EnclaveHost) -> list[tuple[str, str]]:
+    """The Python variables fixed in an enclave (hence measured): its `sys.path` additions, no
+    user site, and byte code only in the enclave's /tmp, never a host-side .pyc."""
+    if not (host.python_lib or host.python_path):
+        return []
+    return [
+        ("PYTHONPATH", ":".join(host.python_path)),
+        ("PYTHONNOUSERSITE", "1"),
+        ("PYTHONDONTWRITEBYTECODE", "1"),
+        ("PYTHONPYCACHEPREFIX", PYCACHE_DIR),
+    ]
 
 
 # -- the SIGSTRUCT -----------------------------------------------------------------------------

@@ -9,9 +9,11 @@ from collections.abc import Callable, Mapping
 
 from ppml.tee.channel import CHANNEL_ENV
 
-__all__ = ["CA_PEM_ENV", "KMS_URL_ENV", "TEE_ENV", "Evidence", "in_attested_run"]
+__all__ = ["CA_PEM_ENV", "KMS_URL_ENV", "LIBOS_ENV", "TEE_ENV", "Evidence", "in_attested_run"]
 
 TEE_ENV = "PPML_TEE"
+# Which SGX LibOS the enclave runs ("occlum"; Gramine when absent): where its quotes come from.
+LIBOS_ENV = "PPML_SGX_LIBOS"
 KMS_URL_ENV = "PPML_KMS_URL"
 CA_PEM_ENV = "PPML_KMS_CA_PEM"
 
