@@ -389,6 +389,15 @@ class InputQueue(_Client):
         super().__init__(url, **kwargs)
         self._model = model
 
+    def models(self) -> list[dict[str, Any]]:
+        """The served models as the front end describes them (``GET /models``): name,
+        input_shape, dtype, output_names and, for a deployment that takes images, its image
+        settings (``ppml.serving.image.ImageSpec.from_dict`` reads them)."""
+        response = self._call("GET", "/models")
+        _raise_for(response)
+        models = _body(response).get("models", [])
+        return [m for m in models if isinstance(m, dict)]
+
     def _with_model(self, body: dict[str, Any]) -> dict[str, Any]:
         return body if self._model is None else {**body, "model": self._model}
 

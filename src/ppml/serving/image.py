@@ -292,7 +292,12 @@ class ImageSpec:
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """One instance for the model from an image file's bytes (see the module docstring)."""
-        image = self._decode(data)
+        return self.transform(self._decode(data))
+
+    def transform(self, image: Any) -> np.ndarray:
+        """One instance for the model from a decoded Pillow image (steps 2-6 of the module
+        docstring): what `preprocess` does after decoding, for training on the same input."""
+        image = image.convert("L" if self.mode == "L" else "RGB")
         if self.resize is not None:
             image = image.resize(self._resized_size(image.size), _resample(self.resample))
         if self.crop is not None:
