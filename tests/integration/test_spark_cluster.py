@@ -75,9 +75,16 @@ class Job:
     ps: list[str] = field(default_factory=list)
 
 
-def submit(ws: Path, url: str, app: Path, *args: str | Path, tee: bool = False) -> Job:
-    """`ppml spark-submit [--tee sim] --master URL APP ARGS` on the cluster, while a thread
-    records `ps -ww -eo args` (every full command line) until it ends."""
+def submit(
+    ws: Path,
+    url: str,
+    app: Path,
+    *args: str | Path,
+    tee: bool = False,
+    pre: tuple[str | Path, ...] = (),
+) -> Job:
+    """`ppml spark-submit [--tee sim] --master URL [PRE] APP ARGS` on the cluster, while a
+    thread records `ps -ww -eo args` (every full command line) until it ends."""
     command = [sys.executable, "-m", "ppml", "spark-submit"]
     if tee:
         # The attested driver sees this test's files under /tmp only as data directories.
@@ -87,7 +94,7 @@ def submit(ws: Path, url: str, app: Path, *args: str | Path, tee: bool = False) 
             if Path(a).is_absolute() and Path(a).resolve().parent.is_dir()
         }
         command += ["--tee", "sim", *(x for d in sorted(data) for x in ("--data", str(d)))]
-    command += ["--master", url, *EXECUTOR_CONF, str(app), *map(str, args)]
+    command += ["--master", url, *EXECUTOR_CONF, *map(str, pre), str(app), *map(str, args)]
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -122,11 +129,18 @@ def submit(ws: Path, url: str, app: Path, *args: str | Path, tee: bool = False) 
     return Job(proc.returncode, out, err, snapshots)
 
 
-def allow(ws: Path, url: str, app: Path, *args: str | Path, keys: tuple[str, ...]) -> None:
+def allow(
+    ws: Path,
+    url: str,
+    app: Path,
+    *args: str | Path,
+    keys: tuple[str, ...],
+    pre: tuple[str | Path, ...] = (),
+) -> None:
     """Let the attested driver `python APP ARGS`, submitted to `url` with the options `submit`
     uses (they are measured too), have `keys` (its measurement, by policy)."""
     measured = run_ppml(
-        "spark-submit", "--measure", "--master", url, *EXECUTOR_CONF, app, *args, home=ws
+        "spark-submit", "--measure", "--master", url, *EXECUTOR_CONF, *pre, app, *args, home=ws
     )
     assert measured.code == 0, measured.err
     measurement = measured.out.splitlines()[0]
@@ -296,6 +310,52 @@ def test_sql_basic_over_encrypted_json_on_the_cluster(
     assert "| 30|Andy|" in out  # filter age > 21
     assert "| 19|Justin|" in out  # the SQL query
     assert "Michael" in out
+
+
+EXAMPLES_JAR = EXAMPLES / "java" / "spark-examples.jar"
+
+
+def test_a_jvm_application_runs_attested_on_the_cluster(
+    ws: Path, cluster: str, secrets: list[str]
+) -> None:
+    """Java's SparkPi from an attested driver: the measured jar reaches the executors from
+    the driver's file server and the tasks run there."""
+    job = submit(ws, cluster, EXAMPLES_JAR, "4", tee=True,
+                 pre=("--class", "org.ppml.examples.SparkPi"))  # fmt: skip
+    assert job.code == 0, job.err[-3000:]
+    assert re.search(r"^Pi is roughly 3\.1\d*$", job.out, re.MULTILINE), job.out
+    assert job.err.count("SIMULATED TEE") == 1
+    _assert_ran_on_executors(job)
+    _assert_secret_free(ws, job, secrets)
+    assert list((ws / "spark" / "work").glob("app-*/*/spark-examples.jar"))
+
+
+def test_a_java_job_reads_encrypted_parquet_on_the_cluster(
+    ws: Path, cluster: str, tmp_path: Path, secrets: list[str]
+) -> None:
+    """Java's ParquetSummary over encrypted Parquet with Spark's own reader on the executors:
+    the keys come from the attested driver, only once the policy names it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    regions = [["EU", "US", "APAC"][i % 3] for i in range(3000)]
+    plain = tmp_path / "people.parquet"
+    pq.write_table(pa.table({"id": list(range(3000)), "region": regions}), plain,
+                   row_group_size=500)  # fmt: skip
+    enc = tmp_path / "people.enc.parquet"
+    assert run_ppml("encrypt", plain, "-o", enc, "--key", "data", home=ws).code == 0
+    pre = ("--decrypt", enc, "--class", "org.ppml.examples.ParquetSummary")
+    denied = submit(ws, cluster, EXAMPLES_JAR, enc, "region", tee=True, pre=pre)
+    assert denied.code == 4 and "access denied" in denied.err
+    allow(ws, cluster, EXAMPLES_JAR, enc, "region", keys=("data",), pre=pre)
+    job = submit(ws, cluster, EXAMPLES_JAR, enc, "region", tee=True, pre=pre)
+    assert job.code == 0, job.err[-3000:]
+    counts = sorted(pc.value_counts(pa.array(regions)).to_pylist(), key=lambda c: c["values"])
+    expected = ["rows 3000", *(f"{c['values']}\t{c['counts']}" for c in counts)]
+    assert job.out.splitlines()[-len(expected) :] == expected, job.out
+    _assert_ran_on_executors(job)
+    _assert_secret_free(ws, job, secrets)
 
 
 # -- TPC-H ---------------------------------------------------------------------------------------

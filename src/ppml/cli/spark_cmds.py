@@ -121,7 +121,7 @@ def spark_submit(
     req = parse_submit_args(args, master=master, py_files=py_files or [])
     if tee is not None and tee != "sim":
         raise UsageError(f"unknown or unsupported TEE backend {tee!r} (available: sim)")
-    paths = tuple(decrypt or ())
+    paths = (*(decrypt or ()), *req.decrypt)
     if paths and tee is None and not measure_only:
         raise UsageError("--decrypt needs --tee: keys are released to an attested driver only")
     if measure_only:

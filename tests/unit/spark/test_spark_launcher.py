@@ -154,3 +154,23 @@ def test_conf_dirs_of_killed_launchers_are_swept(tmp_path: Path) -> None:
         assert live.exists()
         assert (live / "owner").read_text().startswith(f"{os.getpid()}:")
     assert not live.exists()
+
+
+def test_decrypt_among_sparks_options_is_ppmls_and_never_passed_on(tmp_path: Path) -> None:
+    """``--decrypt`` may stand among spark-submit's options (after ``--conf``); it is collected
+    for the attested driver and never reaches spark-submit."""
+    from ppml.engines.spark.attested import jvm_driver_request, jvm_main_class
+
+    jar = tmp_path / "app.jar"
+    jar.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
+    args = ["--conf", "spark.executor.memory=1g", "--decrypt", "a.parquet", "--class", "x.Main",
+            "--decrypt=b", str(jar), "arg"]  # fmt: skip
+    req = parse_submit_args(args)
+    assert req.decrypt == ("a.parquet", "b")
+    assert "--decrypt" not in req.submit_options()
+    assert jvm_main_class(req) == "x.Main"
+    driver = jvm_driver_request(req)
+    options = driver.submit_options(extra_jars=[tmp_path / "ppml-spark.jar"])
+    assert "--class" not in options and "x.Main" not in options
+    assert _jars_of(options) == [str(jar.absolute()), str(tmp_path / "ppml-spark.jar")]
+    assert driver.app_args == ("arg",)

@@ -113,6 +113,7 @@ _VALUE_OPTIONS = frozenset(
         "--archives",
         "--conf",
         "-c",
+        "--decrypt",  # ppml's own (for a JVM application under --tee), never passed on
         "--properties-file",
         "--driver-memory",
         "--driver-java-options",
@@ -163,6 +164,7 @@ class SubmitRequest:
     app: Path
     app_args: tuple[str, ...] = field(default=())
     jars: tuple[str, ...] = field(default=())  # --jars and --conf spark.jars, in order
+    decrypt: tuple[str, ...] = field(default=())  # ppml's --decrypt among the options
 
     def submit_options(self, extra_jars: Sequence[str | Path] = ()) -> list[str]:
         """The spark-submit options (master first), without APP and its ARGS; the user's jars
@@ -217,6 +219,7 @@ def parse_submit_args(
     options: list[str] = []
     conf: list[tuple[str, str]] = []
     jars: list[str] = []
+    decrypt: list[str] = []
     files: list[str] = [f for item in py_files for f in item.split(",") if f]
     i = 0
     while i < len(args):
@@ -242,6 +245,8 @@ def parse_submit_args(
             i += 2
         if name == "--master":
             master = value
+        elif name == "--decrypt":  # ppml's own, also accepted among Spark's options
+            decrypt.append(value)
         elif name == "--py-files":
             files += [f for f in value.split(",") if f]
         elif name == "--jars":
@@ -271,6 +276,7 @@ def parse_submit_args(
         app=app,
         app_args=tuple(args[i + 1 :]),
         jars=tuple(merge_jars(jars)),
+        decrypt=tuple(decrypt),
     )
 
 
