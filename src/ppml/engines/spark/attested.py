@@ -1,7 +1,8 @@
 """An attested Spark driver: what `ppml spark-submit --tee` measures, refuses and hands over.
 
 The attested process is the Python driver (``python APP ARGS``); pyspark starts Spark's JVM
-from it with ``PYSPARK_SUBMIT_ARGS``, inside the same sandbox. Everything that puts code into the
+from it with ``PYSPARK_SUBMIT_ARGS``, inside the same sandbox. A JVM application runs in the
+JVM of the driver module `ppml.engines.spark.jvm_app`, its jar measured with the ``--jars``. Everything that puts code into the
 driver or the executors is measured or refused:
 
 - measured: the application and its local imports, every ``--py-files``, ``--jars``,
