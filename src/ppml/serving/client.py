@@ -417,8 +417,8 @@ class InputQueue(_Client):
     def predict(self, data: Any = None, *, timeout: float | None = None, **inputs: Any) -> Any:
         """The prediction for one instance (an array, or `image=PATH_OR_BYTES`; as `enqueue`),
         waiting up to `timeout` seconds (the server's limit when None). `PredictionTimeout`
-        carries the request id to fetch it later; an image the workers cannot decode is a
-        `PredictionFailed` saying why."""
+        carries the request id to fetch it later; an image the workers cannot decode is an
+        `InvalidInput` (400) saying why, as any instance the model refuses."""
         return self._predict_values([_one_input(data, inputs)], timeout)[0]
 
     def predict_batch(self, instances: Any, *, timeout: float | None = None) -> list[np.ndarray]:
