@@ -17,6 +17,7 @@ gives the workers (see ``digits_client.py`` and the README's "Serving an encrypt
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import sys
 import time
@@ -74,7 +75,7 @@ def train(x: torch.Tensor, y: torch.Tensor, epochs: int) -> DigitsCNN:
 
 def export_onnx(model: DigitsCNN, path: Path) -> None:
     """The model as ONNX (opset 17, dynamic batch) through torch's TorchScript-based exporter,
-    which needs no extra package; torch marks it deprecated in favour of the torch.export-based
+    which needs the onnx package only; torch marks it deprecated in favour of the torch.export-based
     one (which needs onnxscript), hence the silenced DeprecationWarning."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.epochs < 1 or not 0 <= args.images <= 100:
         p.error("--epochs must be at least 1 and --images 0 to 100")
+    if importlib.util.find_spec("onnx") is None:
+        print(
+            "the ONNX export needs the onnx package: pip install 'onnx>=1.16,<2'", file=sys.stderr
+        )
+        return 2
     started = time.perf_counter()
     torch.set_num_threads(1)
     digits = load_digits()
