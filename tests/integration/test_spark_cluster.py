@@ -262,7 +262,11 @@ def test_pi_runs_on_the_cluster_without_secrets_on_command_lines(
     job = submit(ws, cluster, PI, "4")
     assert job.code == 0, job.err[-3000:]
     assert re.search(r"^Pi is roughly 3\.1\d*$", job.out, re.MULTILINE), job.out
-    assert "RPC SSL enabled" in job.err
+    assert not re.search(r"WARN|incubator|log4j", job.err), job.err  # a quiet driver
+    # The executors' own logs (Spark's default logging on the workers) show their security.
+    app_dir = max((ws / "spark" / "work").glob("app-*"), key=lambda p: p.stat().st_mtime)
+    logs = [p.read_text(errors="replace") for p in app_dir.glob("*/stderr")]
+    assert logs and all("authentication enabled" in t and "RPC SSL enabled" in t for t in logs)
     _assert_ran_on_executors(job)
     _assert_secret_free(ws, job, secrets)
     if kms_client_jar().is_file():  # ppml's jar reached the executors (fetched from the driver)

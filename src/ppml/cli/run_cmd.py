@@ -111,18 +111,21 @@ DEBUG_ENCLAVE_NOTICE = (
 )
 
 
+LibosOption = Annotated[
+    str | None,
+    typer.Option(
+        "--libos",
+        metavar="NAME",
+        help="sgx: the library OS that runs the workload in the enclave: gramine (the "
+        "default) or occlum (Python workloads).",
+    ),
+]
+
+
 def run(
     command: CommandArg,
     tee: Annotated[str, typer.Option("--tee", help=TEE_HELP)] = "sim",
-    libos: Annotated[
-        str | None,
-        typer.Option(
-            "--libos",
-            metavar="NAME",
-            help="sgx: the library OS that runs the workload in the enclave: gramine (the "
-            "default) or occlum (Python workloads).",
-        ),
-    ] = None,
+    libos: LibosOption = None,
     measure_only: Annotated[
         bool,
         typer.Option(

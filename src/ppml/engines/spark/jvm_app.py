@@ -127,7 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ppml.cli._common import handle_errors
+    from ppml.errors import PPMLError
 
-    with handle_errors():
-        raise SystemExit(main())
+    try:
+        code = main()
+    except PPMLError as exc:  # one line, as ppml's commands print it, and their exit code
+        sys.stderr.write(f"ppml: {exc.diagnostics()}\n")
+        code = exc.exit_code
+    raise SystemExit(code)

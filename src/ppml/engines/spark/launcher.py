@@ -36,6 +36,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ __all__ = [
     "DEFAULT_MASTER",
     "SPARK_ENV_ALLOW",
     "SubmitRequest",
+    "local_ip_for",
     "merge_jars",
     "parse_submit_args",
     "ppml_jars",
@@ -65,6 +67,7 @@ __all__ = [
     "spark_environment",
     "spark_home",
     "sweep_stale_conf_dirs",
+    "write_conf_dir",
 ]
 
 DEFAULT_MASTER = "local[*]"
@@ -307,6 +310,8 @@ def security_properties(ws: Workspace, *, ui: bool = False) -> dict[str, str]:
         "spark.ssl.trustStoreType": "PKCS12",
         "spark.ssl.trustStorePassword": password,
         "spark.ui.enabled": "true" if ui else "false",
+        # Spark's progress bar redraws one line with carriage returns: on a terminal only.
+        "spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() else "false",
     }
 
 
@@ -338,6 +343,45 @@ def _utf16(ch: str) -> list[int]:
     return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
 
 
+# Logging of a driver ppml starts on the user's terminal (``log4j2.xml`` beside
+# ``spark-defaults.conf``; Spark's own default prints its profile's name, INFO lines and, for a
+# Python driver, how to change the level): warnings and errors only. Dropped, each for a reason:
+# the warning that network encryption is off because RPC TLS is on (misleading: the AES-GCM
+# channel still runs inside TLS, see above), Hadoop's note that it has no native library (it
+# uses its Java code), and the warning that an application's SparkSession.builder() got the
+# driver's running session (always so for a JVM application under --tee).
+DRIVER_LOG4J2 = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Written by ppml: a Spark driver's logging on the terminal. -->
+<Configuration status="ERROR">
+  <Appenders>
+    <Console name="console" target="SYSTEM_ERR">
+      <PatternLayout pattern="%d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex"/>
+      <Filters>
+        <RegexFilter regex=".*Network encryption disabled as RPC SSL encryption is enabled.*"
+                     onMatch="DENY" onMismatch="NEUTRAL"/>
+        <RegexFilter regex="Using an existing Spark session; only runtime SQL configurations.*"
+                     onMatch="DENY" onMismatch="NEUTRAL"/>
+      </Filters>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Root level="warn">
+      <AppenderRef ref="console"/>
+    </Root>
+    <Logger name="org.apache.hadoop.util.NativeCodeLoader" level="error"/>
+  </Loggers>
+</Configuration>
+"""
+
+
+def write_conf_dir(conf_dir: Path, props: Mapping[str, str]) -> None:
+    """Spark's configuration in `conf_dir`: a 0600 ``spark-defaults.conf`` with `props` and
+    ppml's driver logging (``log4j2.xml``)."""
+    write_private(conf_dir / "spark-defaults.conf", properties_text(props).encode())
+    write_private(conf_dir / "log4j2.xml", DRIVER_LOG4J2.encode())
+
+
 def properties_text(props: Mapping[str, str]) -> str:
     """`props` as a Java properties file."""
     lines = ["# Written by ppml for one Spark run; removed when it ends."]
@@ -363,10 +407,20 @@ def private_conf_dir(props: Mapping[str, str], *, parent: Path | None = None) ->
     try:
         os.chmod(d, PRIVATE_DIR_MODE)
         record_owner(d, os.getpid())
-        write_private(d / "spark-defaults.conf", properties_text(props).encode())
+        write_conf_dir(d, props)
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def local_ip_for(master: str) -> str | None:
+    """The address a driver for `master` binds to: 127.0.0.1 for a local master or one on this
+    machine's loopback (Spark would otherwise pick the first non-loopback interface, and warn
+    that it did), None (Spark's choice) for another machine's."""
+    if master.startswith("local"):
+        return "127.0.0.1"
+    host = master.removeprefix("spark://").rsplit(":", 1)[0]
+    return "127.0.0.1" if host in ("127.0.0.1", "localhost", "[::1]") else None
 
 
 def spark_environment(
@@ -375,6 +429,7 @@ def spark_environment(
     *,
     base: Mapping[str, str] = os.environ,
     submit_args: Sequence[str] | None = None,
+    master: str | None = None,
 ) -> dict[str, str]:
     """The environment of a Spark process: `base` without ppml's secrets, plus JAVA_HOME,
     SPARK_HOME, SPARK_CONF_DIR, PYSPARK_PYTHON (this interpreter) and, for a Python driver that
@@ -391,6 +446,9 @@ def spark_environment(
             "PYSPARK_DRIVER_PYTHON": sys.executable,
         }
     )
+    local_ip = None if master is None else local_ip_for(master)
+    if local_ip is not None:
+        env.setdefault("SPARK_LOCAL_IP", local_ip)
     if submit_args is not None:
         env["PYSPARK_SUBMIT_ARGS"] = shlex.join([*submit_args, "pyspark-shell"])
     else:
