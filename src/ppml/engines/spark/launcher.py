@@ -348,8 +348,9 @@ def _utf16(ch: str) -> list[int]:
 # Python driver, how to change the level): warnings and errors only. Dropped, each for a reason:
 # the warning that network encryption is off because RPC TLS is on (misleading: the AES-GCM
 # channel still runs inside TLS, see above), Hadoop's note that it has no native library (it
-# uses its Java code), and the warning that an application's SparkSession.builder() got the
-# driver's running session (always so for a JVM application under --tee).
+# uses its Java code), the warning that an application's SparkSession.builder() got the
+# driver's running session (always so for a JVM application under --tee), and a cluster's
+# executors disconnecting while the application stops (they are told to).
 DRIVER_LOG4J2 = """\
 <?xml version="1.0" encoding="UTF-8"?>
 <!-- Written by ppml: a Spark driver's logging on the terminal. -->
@@ -361,6 +362,8 @@ DRIVER_LOG4J2 = """\
         <RegexFilter regex=".*Network encryption disabled as RPC SSL encryption is enabled.*"
                      onMatch="DENY" onMismatch="NEUTRAL"/>
         <RegexFilter regex="Using an existing Spark session; only runtime SQL configurations.*"
+                     onMatch="DENY" onMismatch="NEUTRAL"/>
+        <RegexFilter regex="Skipping onDisconnected RemoveExecutor call because the scheduler.*"
                      onMatch="DENY" onMismatch="NEUTRAL"/>
       </Filters>
     </Console>
