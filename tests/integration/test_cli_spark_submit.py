@@ -283,6 +283,82 @@ def test_a_java_job_reads_encrypted_parquet_with_keys_from_the_attested_driver(
     assert "Exception" in w.err
 
 
+STARTER = """\
+public final class Starter {
+    public static void main(String[] args) throws Exception {
+        org.apache.spark.sql.SparkSession.builder().getOrCreate();
+        Process p = new ProcessBuilder(args).inheritIO().start();
+        System.exit(p.waitFor() == 0 ? 9 : 8);
+    }
+}
+"""
+
+# Started by the application (`python -I`: no import guard): take the evidence channel from any
+# process of the sandbox with pidfd_getfd, then ask for a file --decrypt did not name.
+CHANNEL_THIEF = """\
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+channel = int(os.environ["PPML_TEE_CHANNEL"])
+for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
+    name = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")[:5]
+    pidfd = libc.syscall(434, pid, 0)  # pidfd_open
+    fd = libc.syscall(438, pidfd, channel, 0) if pidfd >= 0 else -1  # pidfd_getfd
+    kind = os.readlink(f"/proc/self/fd/{fd}") if fd >= 0 else f"errno {ctypes.get_errno()}"
+    print("pid", pid, b" ".join(name).decode(errors="replace"), "->", kind, flush=True)
+    if kind.startswith("socket:"):
+        os.dup2(fd, channel)
+        break
+import ppml
+try:
+    print("READ", ppml.read_table(sys.argv[1]).num_rows)
+except Exception as exc:
+    print("REFUSED", type(exc).__name__)
+"""
+
+
+def test_a_jvm_applications_children_cannot_take_the_drivers_evidence_channel(
+    ws: Path, tmp_path: Path
+) -> None:
+    """An allowed application starts an unguarded Python that tries to take the attested
+    driver's evidence channel (pidfd_getfd) to unwrap a file --decrypt did not name: the driver
+    is not dumpable, so it cannot, while the same call works on the (dumpable) JVM."""
+    import shutil
+
+    javac = shutil.which("javac")
+    if javac is None:
+        pytest.skip("needs a JDK (javac) to build the test application")
+    src = tmp_path / "src" / "Starter.java"
+    src.parent.mkdir()
+    src.write_text(STARTER)
+    jars = Path(__import__("pyspark").__file__).parent / "jars"
+    classes = tmp_path / "classes"
+    subprocess.run([javac, "-d", classes, "-cp", f"{jars}/*", src], check=True)
+    jar = tmp_path / "starter.jar"
+    with zipfile.ZipFile(jar, "w") as z:
+        z.write(classes / "Starter.class", "Starter.class")
+    thief = tmp_path / "thief.py"
+    thief.write_text(CHANNEL_THIEF)
+    assert run_ppml("key", "create", "thief", home=ws).code == 0
+    plain = tmp_path / "p.parquet"
+    _people_parquet(plain)
+    declared, other = tmp_path / "declared.parquet", tmp_path / "other.parquet"
+    for out in (declared, other):
+        assert run_ppml("encrypt", plain, "-o", out, "--key", "thief", home=ws).code == 0
+    command = ["--decrypt", declared, "--class", "Starter", jar, sys.executable, "-I", thief,
+               other]  # fmt: skip
+    measurement = run_ppml("spark-submit", "--measure", *command, home=ws).out.splitlines()[0]
+    r = run_ppml("policy", "allow", "thief", "--tee", "sim", "--measurement", measurement,
+                 home=ws)  # fmt: skip
+    assert r.code == 0, r.err
+    w = run_watched("spark-submit", "--tee", "sim", "--data", tmp_path, *command, home=ws)
+    assert w.code == 9, w.err[-2000:]  # the thief ran to its end
+    lines = w.out.splitlines()
+    driver = [line for line in lines if "ppml.engines.spark.jvm_app" in line]
+    assert driver and all(line.endswith("-> errno 1") for line in driver), w.out  # EPERM
+    assert any("java" in line and "-> /" in line for line in lines), w.out  # works on the JVM
+    assert "REFUSED" in w.out and "READ" not in w.out, w.out
+
+
 @pytest.mark.parametrize(
     ("args", "reason"),
     [

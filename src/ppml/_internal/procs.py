@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -11,6 +12,7 @@ from ppml._internal.fs import write_private
 __all__ = [
     "OWNER_FILE",
     "WITHHELD_ENV",
+    "keep_memory_private",
     "process_identity",
     "record_owner",
     "sweep_orphaned",
@@ -20,6 +22,25 @@ __all__ = [
 OWNER_FILE = "owner"  # in a private directory: the identity of the process it belongs to
 # What no child process of ppml inherits: the workspace passphrase unseals every key.
 WITHHELD_ENV = frozenset({"PPML_PASSPHRASE"})
+
+
+@functools.cache
+def keep_memory_private() -> bool:
+    """Keys or decrypted data live in this process's memory from here on: no core dump may write
+    them to a disk (soft limit 0), and no other process of the user, this one's children
+    included, may read its memory or take its file descriptors (``ptrace``, ``/proc/PID/mem``,
+    ``pidfd_getfd``): not dumpable. Whether that took (False where unsupported)."""
+    import contextlib
+    import ctypes
+    import resource
+
+    with contextlib.suppress(OSError, ValueError):
+        _soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    try:
+        return int(ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)) == 0  # DUMPABLE 0
+    except (OSError, AttributeError):
+        return False
 
 
 def without_secrets(env: Mapping[str, str] = os.environ) -> dict[str, str]:

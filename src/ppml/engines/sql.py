@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppml import names
+from ppml._internal.procs import keep_memory_private
 from ppml.crypto.envelope import DataKeyProvider
 from ppml.data.tables import part_files
 from ppml.errors import IntegrityError, NotEncrypted, PPMLError, UsageError
@@ -341,8 +341,7 @@ class _Loader:
     def __init__(self, provider: DataKeyProvider, opts: SqlOptions) -> None:
         from ppml.data.parquet import key_unwrapper
 
-        _no_core_dumps()
-
+        keep_memory_private()  # best effort: where unsupported, the query still runs
         self._provider = provider
         self._opts = opts
         self._unwrap = key_unwrapper(provider)
@@ -526,21 +525,6 @@ class _Loader:
 
 
 _MEMFD = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
-
-
-@functools.cache
-def _no_core_dumps() -> None:
-    """Decrypted tables live in this process's memory from here on: no core dump may write
-    them to a disk (soft limit 0), and other processes of the user may not read this one's
-    memory (not dumpable, which also keeps cores off). Best effort where unsupported."""
-    import ctypes
-    import resource
-
-    with contextlib.suppress(OSError, ValueError):
-        _soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 
 
 def _fd_path(fd: int) -> str:

@@ -202,3 +202,28 @@ def test_the_conf_dir_holds_ppmls_driver_logging(tmp_path: Path) -> None:
     assert any("Network encryption disabled" in r for r in denied)
     quiet = {e.get("name"): e.get("level") for e in config.iter("Logger")}
     assert quiet == {"org.apache.hadoop.util.NativeCodeLoader": "error"}
+
+
+def test_decrypt_names_files_and_directories_never_links(tmp_path: Path) -> None:
+    """What --decrypt releases keys for: a named file, the data files below a named
+    directory; a link is refused as a path and left out below a directory (one the
+    application planted for a later run would name a file the measurement does not)."""
+    from ppml.engines.spark.jvm_app import decrypt_files
+    from ppml.errors import InputNotFound, UsageError
+
+    outside = tmp_path / "outside.parquet"
+    outside.write_bytes(b"x")
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.parquet").write_bytes(b"x")
+    (d / "sub" / "b.parquet").write_bytes(b"x")
+    (d / "_SUCCESS").write_bytes(b"")
+    (d / ".hidden").write_bytes(b"")
+    (d / "planted.parquet").symlink_to(outside)
+    (d / "planted-dir").symlink_to(tmp_path)
+    assert decrypt_files([d]) == [d / "a.parquet", d / "sub" / "b.parquet"]
+    assert decrypt_files([outside, d / "a.parquet"]) == [outside, d / "a.parquet"]
+    with pytest.raises(UsageError, match="symbolic link"):
+        decrypt_files([d / "planted.parquet"])
+    with pytest.raises(InputNotFound):
+        decrypt_files([tmp_path / "missing.parquet"])

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "release_parquet_keys"]
+__all__ = ["decrypt_files", "main", "release_parquet_keys"]
 
 
 def _arguments(argv: Sequence[str]) -> argparse.Namespace:
@@ -43,16 +44,36 @@ def _arguments(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+def decrypt_files(paths: Sequence[Path]) -> list[Path]:
+    """The files `--decrypt` names: each file, and the data files below each directory (hidden
+    and ``_``-prefixed ones left out). A symbolic link is refused as a path and left out below a
+    directory (the application can write links where it runs: one planted for a later run
+    would name a file the measurement does not)."""
+    from ppml.data.tree import data_files
+    from ppml.errors import InputNotFound, UsageError
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_symlink():
+            raise UsageError("--decrypt names a symbolic link: name the file itself", path=path)
+        if path.is_dir():
+            files += data_files(path, skip_underscore=True).files
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputNotFound("no such --decrypt file or directory", path=path)
+    return files
+
+
 def release_parquet_keys(paths: Sequence[Path], provider: Any) -> dict[tuple[str, str], bytes]:
-    """The key-encryption keys of every encrypted Parquet file under `paths`, unwrapped by
-    `provider` (the attested key provider inside a run): {(master key id, wrapped key): key}."""
+    """The key-encryption keys of every encrypted Parquet file `decrypt_files(paths)` names,
+    unwrapped by `provider` (the attested key provider inside a run): {(master key id, wrapped
+    key): key}."""
     from ppml.data.files import annotate_errors
     from ppml.data.parquet import ParquetScanSession, is_encrypted_parquet
-    from ppml.data.tree import part_files
     from ppml.errors import UsageError
 
-    files = [f for path in paths for f in part_files(path)]
-    encrypted = [f for f in files if is_encrypted_parquet(f)]
+    encrypted = [f for f in decrypt_files(paths) if is_encrypted_parquet(f)]
     if not encrypted:
         raise UsageError(
             "--decrypt names no encrypted Parquet file: " + ", ".join(str(p) for p in paths)
@@ -89,6 +110,7 @@ def _run_main(spark: Any, main_class: str, args: Sequence[str]) -> int:
         return 1
     values = gateway.new_array(jvm.java.lang.Object, 1)
     values[0] = strings
+    logging.disable(logging.CRITICAL)  # py4j logs a lost connection (System.exit) as an error
     try:
         method.invoke(None, values)
     except Py4JJavaError as exc:
@@ -96,14 +118,24 @@ def _run_main(spark: Any, main_class: str, args: Sequence[str]) -> int:
         trace = jvm.org.apache.spark.util.Utils.exceptionString(cause)
         sys.stderr.write(f'Exception in thread "main" {trace}')
         return 1
-    except (Py4JNetworkError, Py4JError):  # System.exit: the JVM is gone
+    except (Py4JNetworkError, Py4JError, OSError):  # System.exit: the JVM is gone
         proc = getattr(gateway, "proc", None)  # pyspark keeps the JVM's process there
         return int(proc.wait()) if proc is not None else 1
+    finally:
+        logging.disable(logging.NOTSET)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = _arguments(sys.argv[1:] if argv is None else argv)
+    from ppml._internal.procs import keep_memory_private
+    from ppml.errors import ConfigurationError
+
+    # The application, and every process it starts, runs as this process's child: not
+    # dumpable, none of them can read its memory or take its evidence channel (pidfd_getfd)
+    # to ask for keys beyond the --decrypt files.
+    if not keep_memory_private():
+        raise ConfigurationError("cannot make the attested driver non-dumpable (prctl failed)")
     from pyspark.sql import SparkSession
 
     from ppml.engines.spark.jvm import load_kms_client, scan_options
