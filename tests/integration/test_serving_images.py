@@ -222,3 +222,39 @@ def test_image_settings_are_checked_at_up_and_measured(deployment: Deployment) -
     )
     r = run_ppml("serving", "up", "--config", config, "--measure", home=home)
     assert r.code == 0 and r.out.splitlines()[:2] == with_images  # the same settings
+
+
+def test_images_served_attested_on_sim_equal_local_onnxruntime(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """The same model and settings with --tee sim in a workspace of its own: the workers and
+    the front end get their keys by policy only, and an image's logits equal local ONNX
+    Runtime's on the published preprocessing."""
+    home = tmp_path / "ws"
+    assert run_ppml("init", "--dev", "--workspace", home).code == 0
+    assert run_ppml("key", "create", "models", home=home).code == 0
+    model = tmp_path / "cnn.onnx.ppml"
+    r = run_ppml("encrypt", deployment.digits / "cnn.onnx", "-o", model, "--key", "models",
+                 home=home)  # fmt: skip
+    assert r.code == 0, r.err
+    flags = ("--model", model, "--workers", "1", "--port", "0", *IMAGE_FLAGS)
+    measured = run_ppml("serving", "up", *flags, "--measure", home=home)
+    assert measured.code == 0, measured.err
+    worker, frontend = (line.split()[1] for line in measured.out.splitlines()[:2])
+    for key, m in (("models", worker), ("serving-default", worker), ("serving-default", frontend)):
+        r = run_ppml("policy", "allow", key, "--tee", "sim", "--measurement", m, home=home)
+        assert r.code == 0, r.err
+    up = run_ppml("serving", "up", *flags, "--tee", "sim", "--detach", home=home)
+    assert up.code == 0, up.err
+    try:
+        url = up.out.strip().splitlines()[-1]
+        files = _pngs(deployment)
+        want = _local(deployment, [files[0].read_bytes()])
+        with InputQueue(url, ca=home / "tls" / "ca.pem", cert=client_cert(home)) as q:
+            got = q.predict(image=files[0], timeout=30)
+            with pytest.raises(InvalidInput):
+                q.predict(image=b"not an image at all", timeout=30)
+        np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-5)
+    finally:
+        down = run_ppml("serving", "down", home=home, passphrase=None)
+        assert down.code == 0, down.err
