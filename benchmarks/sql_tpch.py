@@ -2,7 +2,7 @@
 
 Generates the TPC-H tables with `tpchgen-cli` (Parquet), encrypts every table with Parquet
 Modular Encryption under a key of a real workspace KMS, then runs the 22 TPC-H queries
-(benchmarks/tpch_queries/, the specification's validation parameters) three ways, interleaved:
+(examples/spark/tpch_queries.py, the specification's validation parameters) three ways, interleaved:
 
   (a) plain: DuckDB over the plaintext Parquet files (read_parquet views), the baseline;
   (b) ppml:  `ppml.engines.sql.run_sql` over the encrypted files: each footer authenticated,
@@ -38,12 +38,8 @@ from tpch_data import TABLES, benchmark_workspace, encrypt_tables, generate_unde
 from ppml.data import read_table
 from ppml.engines.sql import SqlOptions, run_sql
 
-QUERIES = Path(__file__).with_name("tpch_queries")
-
-
-def query_text(n: int, scale: float) -> str:
-    text = (QUERIES / f"q{n:02d}.sql").read_text()
-    return text.replace("{FRACTION}", f"{0.0001 / scale:.10f}")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "spark"))
+from tpch_queries import query_text  # the examples' queries, one home
 
 
 def run_plain(sql: str, plain: Path, threads: int | None) -> pa.Table:

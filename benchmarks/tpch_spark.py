@@ -2,7 +2,7 @@
 
 Generates the TPC-H tables with `tpchgen-cli` (Parquet), encrypts every table with Parquet
 Modular Encryption under a key of a real workspace KMS, then runs the 22 TPC-H queries
-(benchmarks/tpch_queries/) two ways, interleaved, in the same SparkSession:
+(examples/spark/tpch_queries.py) two ways, interleaved, in the same SparkSession:
 
   (a) plain: Spark's own Parquet reader over plaintext twins of the encrypted files (the same
              row groups and writer settings, decrypted: ``spark.read.parquet``);
@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_example() -> ModuleType:
     path = ROOT / "examples" / "spark" / "tpch.py"
+    sys.path.insert(0, str(path.parent))  # its queries, tpch_queries.py, beside it
     spec = importlib.util.spec_from_file_location("ppml_example_spark_tpch", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

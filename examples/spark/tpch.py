@@ -5,12 +5,13 @@
 DATA_DIR holds the eight TPC-H tables as ``<table>.parquet`` (a file or a directory of part
 files), each encrypted with Parquet Modular Encryption (``ppml encrypt lineitem.parquet -o
 enc/lineitem.parquet --key tpch``) or plain. Every table is read through `PPMLContext` and
-registered as a temporary view; the queries (benchmarks/tpch_queries/, the specification's
-validation parameters) run with Spark SQL. Prints each query's time and row count; with ``--out
-DIR --key NAME`` each result is written encrypted under the key NAME to ``DIR/qN``.
+registered as a temporary view; the queries (`tpch_queries.py` beside this script, the
+specification's validation parameters, measured with it as a local import) run with Spark SQL.
+Prints each query's time and row count; with ``--out DIR --key NAME`` each result is written
+encrypted under the key NAME to ``DIR/qN``.
 
-Keys come from the workspace (``$PPML_HOME``, ``$PPML_PASSPHRASE``), or by policy under
-``ppml spark-submit --tee sim``. Q11's threshold depends on the scale factor: ``--scale``, or
+Keys come by policy under ``ppml spark-submit --tee sim``, or from the workspace
+(``$PPML_HOME``, ``$PPML_PASSPHRASE``) when the script runs in your own Python. Q11's threshold depends on the scale factor: ``--scale``, or
 read from the supplier table (10,000 suppliers per unit of scale).
 """
 
@@ -21,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tpch_queries import query_text
 
 from ppml.spark import PPMLContext
 
@@ -51,15 +54,6 @@ SCHEMAS = {
     "l_commitdate DATE, l_receiptdate DATE, l_shipinstruct STRING, l_shipmode STRING, "
     "l_comment STRING",
 }
-QUERIES = Path(__file__).resolve().parents[2] / "benchmarks" / "tpch_queries"
-
-
-def query_text(n: int, scale: float) -> str:
-    """The text of query `n` (1 to 22), with Q11's fraction set for the scale factor."""
-    if not 1 <= n <= 22:
-        raise ValueError(f"no TPC-H query {n}")
-    text = (QUERIES / f"q{n:02d}.sql").read_text()
-    return text.replace("{FRACTION}", f"{0.0001 / scale:.10f}")
 
 
 def register_tables(

@@ -366,6 +366,7 @@ def test_a_java_job_reads_encrypted_parquet_on_the_cluster(
 
 
 def _load_tpch() -> ModuleType:
+    sys.path.insert(0, str(EXAMPLES))  # tpch.py's queries, tpch_queries.py, beside it
     spec = importlib.util.spec_from_file_location("ppml_cluster_tpch", EXAMPLES / "tpch.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -44,6 +44,7 @@ SCALE = 0.01
 
 
 def _load_example() -> ModuleType:
+    sys.path.insert(0, str(EXAMPLE.parent))  # its queries, tpch_queries.py, beside it
     spec = importlib.util.spec_from_file_location("ppml_example_spark_tpch", EXAMPLE)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
