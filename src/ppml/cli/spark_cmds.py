@@ -173,13 +173,14 @@ def _submit_attested(
     """The driver attested on the sim TEE, its JVM in the same sandbox."""
     from ppml.engines.java import find_java
     from ppml.engines.spark.attested import write_driver_boot
-    from ppml.engines.spark.launcher import security_properties
+    from ppml.engines.spark.launcher import executor_defaults, security_properties
 
     stores = shared_dir() / f"spark-stores-{secrets.token_hex(8)}"
 
     def prepare(ws: Workspace, run: RunDirectory) -> Workload:
         java = find_java(run.path / "java", quiet=True)
-        write_driver_boot(ws, java, run.boot, security_properties(ws, ui=ui), stores)
+        props = security_properties(ws, ui=ui) | executor_defaults(req, _spark_dir(ws))
+        write_driver_boot(ws, java, run.boot, props, stores)
         return _driver_workload(req, java, decrypt)
 
     how = Launch("sim", data=tuple(data), exposed=(stores,))
@@ -195,6 +196,7 @@ def _submit(
     from ppml._internal.fs import ensure_private_dir
     from ppml.engines.java import find_java
     from ppml.engines.spark.launcher import (
+        executor_defaults,
         ppml_jars,
         private_conf_dir,
         security_properties,
@@ -208,7 +210,8 @@ def _submit(
     runs = _spark_dir(ws) / "run"
     ensure_private_dir(runs)
     options = req.submit_options(extra_jars=ppml_jars())
-    with private_conf_dir(security_properties(ws, ui=ui), parent=runs) as conf_dir:
+    props = security_properties(ws, ui=ui) | executor_defaults(req, _spark_dir(ws))
+    with private_conf_dir(props, parent=runs) as conf_dir:
         env = spark_environment(java, conf_dir, master=req.master)
         command = [str(home / "bin" / "spark-submit"), *options, str(req.app), *req.app_args]
         try:

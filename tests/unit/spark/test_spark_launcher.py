@@ -227,3 +227,27 @@ def test_decrypt_names_files_and_directories_never_links(tmp_path: Path) -> None
         decrypt_files([d / "planted.parquet"])
     with pytest.raises(InputNotFound):
         decrypt_files([tmp_path / "missing.parquet"])
+
+
+def test_jobs_on_the_workspaces_cluster_get_executors_a_worker_can_hold(
+    app: Path, tmp_path: Path
+) -> None:
+    """`cluster up --memory 512m` and a job naming only `--master`: the executors ask for what a
+    worker offers (Spark's 1g default would wait forever); a job's own setting wins; another
+    master, or no cluster, gets nothing."""
+    import json
+
+    from ppml.engines.spark.launcher import CLUSTER_STATE, ClusterState, executor_defaults
+
+    url = "spark://127.0.0.1:7077"
+    state = ClusterState(url, 7077, 1, "m.log", ((2, "w.log"),), "conf", worker_memory="512m")
+    assert executor_defaults(parse_submit_args(["--master", url, str(app)]), tmp_path) == {}
+    (tmp_path / CLUSTER_STATE).write_text(json.dumps(state.to_dict()))
+    on_cluster = parse_submit_args(["--master", url, str(app)])
+    assert executor_defaults(on_cluster, tmp_path) == {"spark.executor.memory": "512m"}
+    for own in (["--executor-memory", "256m"], ["--conf", "spark.executor.memory=2g"]):
+        req = parse_submit_args(["--master", url, *own, str(app)])
+        assert executor_defaults(req, tmp_path) == {}
+    elsewhere = parse_submit_args(["--master", "spark://10.0.0.5:7077", str(app)])
+    assert executor_defaults(elsewhere, tmp_path) == {}
+    assert executor_defaults(parse_submit_args([str(app)]), tmp_path) == {}

@@ -7,8 +7,15 @@ operators decrypt and encrypt with ppml's code). The ``ppml flink`` commands run
 environment and start Flink's processes with that environment's interpreter.
 
 Which environment: ``$PPML_FLINK_PYTHON`` (its interpreter), else the running interpreter if
-it has PyFlink, else the one ``ppml flink setup`` makes (``~/.local/state/ppml/flink-venv``,
-under ``$XDG_STATE_HOME`` when set).
+it has PyFlink, else the one ``ppml flink setup`` makes (``~/.local/share/ppml/flink-venv``,
+under ``$XDG_DATA_HOME`` when set). Never under ppml's state directory (``~/.local/state/ppml``),
+which the attested sandbox hides from every workload: an environment there could not run
+``ppml flink run --tee``.
+
+Which ppml goes into it: never "ppml" by name from a package index (another project has that
+name there). The source directory or wheel that pip recorded when it installed this ppml
+(its ``direct_url.json``), the source tree this ppml runs from, or what ``--source`` names;
+else `ppml flink setup` refuses and says so.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from ppml._internal.fs import state_root
 from ppml._internal.procs import without_secrets
@@ -32,6 +42,7 @@ __all__ = [
     "default_venv",
     "find_flink_environment",
     "install_spec",
+    "legacy_venv",
     "setup_flink_environment",
 ]
 
@@ -83,6 +94,17 @@ class FlinkEnvironment:
 
 
 def default_venv() -> Path:
+    """``$XDG_DATA_HOME/ppml/flink-venv``, else ``~/.local/share/ppml/flink-venv``: outside
+    ppml's state directory, which attested workloads never see."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "ppml" / "flink-venv"
+
+
+def legacy_venv() -> Path:
+    """Where ``ppml flink setup`` made the environment before: inside the state directory that
+    the attested sandbox hides, so it is not used any more (`find_flink_environment` says so)."""
     return state_root() / "flink-venv"
 
 
@@ -134,6 +156,11 @@ def find_flink_environment(env: Mapping[str, str] = os.environ) -> FlinkEnvironm
             _check_same_ppml(found)
             return found
         tried.append(found)
+    if not chosen and (legacy_venv() / "bin" / "python").exists():
+        tried.append(
+            f"{legacy_venv()} is not used any more: it lies in ppml's state directory, which "
+            "attested workloads never see; remove it"
+        )
     raise ConfigurationError(
         "no Python environment with PyFlink and ppml (" + "; ".join(tried) + "): run "
         f"`ppml flink setup` to make one, or set {FLINK_PYTHON_ENV} to its interpreter"
@@ -160,37 +187,125 @@ def _same_version(found: FlinkEnvironment) -> bool:
     return bool(dist_info)
 
 
-def install_spec() -> list[str]:
-    """What pip installs for ppml in the Flink environment: this source tree (editable) when
-    ppml runs from one, else this version of ppml from the package index; with Flink's extra."""
-    here = Path(__file__).resolve().parents[3]
-    if (here.parent / "pyproject.toml").is_file() and here.name == "src":
-        return ["-e", f"{here.parent}[flink]"]
-    from importlib.metadata import version
+def install_spec(
+    source: Path | None = None,
+    *,
+    distribution: Callable[[str], Any] | None = None,
+    package: Path | None = None,
+) -> list[str]:
+    """What pip installs for ppml in the Flink environment, with Flink's extra: `source` (a
+    ppml source directory or wheel) when given; else the source tree ppml runs from (editable);
+    else the directory or wheel pip recorded when it installed this ppml (``direct_url.json``;
+    editable if it was). Never ``ppml`` by name from a package index: a `ConfigurationError`
+    saying how to go on instead. (`distribution` and `package`, ppml's directory, for tests.)"""
+    if source is not None:
+        return [_checked_source(source)]
+    here = (package or Path(__file__).resolve().parents[2]).resolve()  # .../ppml
+    tree = here.parent
+    if tree.name == "src" and _is_ppml_project(tree.parent):
+        return ["-e", f"{tree.parent}[flink]"]
+    from importlib import metadata
 
-    return [f"ppml[flink]=={version('ppml')}"]
+    recorded = _recorded_source(distribution or metadata.distribution, here)
+    if isinstance(recorded, str):
+        raise ConfigurationError(
+            f"cannot install this ppml into Flink's environment: {recorded}; ppml never "
+            "installs itself by name from a package index (another project is called ppml "
+            "there). Run `ppml flink setup --source PATH` with ppml's source directory (a clone "
+            "of its repository) or a ppml wheel file"
+        )
+    path, editable = recorded
+    spec = f"{path}[flink]"
+    return ["-e", spec] if editable else [spec]
+
+
+def _recorded_source(distribution: Callable[[str], Any], here: Path) -> tuple[Path, bool] | str:
+    """The local source pip recorded for the installed ppml and whether it was editable, or
+    why there is none."""
+    from importlib.metadata import PackageNotFoundError
+
+    try:
+        dist = distribution("ppml")
+    except PackageNotFoundError:
+        return "ppml is not installed as a distribution"
+    text = dist.read_text("direct_url.json")
+    if not text:
+        return f"ppml {dist.version} was installed from a package index, not from a local source"
+    try:
+        record = json.loads(text)
+        url = str(record["url"])
+        editable = bool(record.get("dir_info", {}).get("editable", False))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "pip's record of where ppml came from (direct_url.json) is damaged"
+    parsed = urlparse(url)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+        return f"ppml {dist.version} was installed from {parsed.scheme or 'an unknown'} URL"
+    path = Path(url2pathname(parsed.path))
+    if "dir_info" in record:
+        if not _is_ppml_project(path):
+            return f"ppml's source directory {path} is gone or holds no ppml project"
+        if editable:
+            if not here.is_relative_to(path.resolve()):
+                return f"the ppml running ({here}) is not the one installed from {path}"
+        elif Path(dist.locate_file("ppml")).resolve() != here:
+            return f"the ppml running ({here}) is not the installed distribution"
+        return path, editable
+    if not (path.is_file() and _is_ppml_wheel(path)):
+        return f"the ppml wheel pip installed from ({path}) is gone"
+    if Path(dist.locate_file("ppml")).resolve() != here:
+        return f"the ppml running ({here}) is not the installed distribution"
+    return path, False
+
+
+def _is_ppml_project(directory: Path) -> bool:
+    import tomllib
+
+    try:
+        with (directory / "pyproject.toml").open("rb") as fh:
+            return bool(tomllib.load(fh).get("project", {}).get("name") == "ppml")
+    except (OSError, ValueError):
+        return False
+
+
+def _is_ppml_wheel(path: Path) -> bool:
+    return path.suffix == ".whl" and path.name.split("-", 1)[0] == "ppml"
+
+
+def _checked_source(source: Path) -> str:
+    """`--source`: a ppml source directory or wheel, as pip's requirement with Flink's extra."""
+    path = source.expanduser().absolute()
+    if path.is_dir():
+        if not _is_ppml_project(path):
+            raise UsageError(
+                "not a ppml source directory (no pyproject.toml naming ppml)", path=path
+            )
+    elif not (path.is_file() and _is_ppml_wheel(path)):
+        raise UsageError("not a ppml source directory or wheel (ppml-*.whl)", path=path)
+    return f"{path}[flink]"
 
 
 def setup_flink_environment(
     venv: Path,
     *,
     force: bool = False,
+    source: Path | None = None,
     python: str = sys.executable,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> FlinkEnvironment:
     """Make (or complete) the virtual environment `venv` with PyFlink and this ppml."""
     interpreter = venv / "bin" / "python"
-    if interpreter.exists() and not force:
+    if interpreter.exists() and not force and source is None:
         found = _probe(interpreter)
         if isinstance(found, FlinkEnvironment):
             _check_same_ppml(found)
             return found
+    spec = install_spec(source)  # before anything is made: it may refuse
     if not interpreter.exists():
         progress(f"creating the virtual environment {venv}")
         _run([_base_python(python), "-m", "venv", str(venv)], "cannot create the environment")
     progress(f"installing {FLINK_REQUIREMENT} and ppml into {venv} (about 850 MB, once)")
     _run(
-        [str(interpreter), "-m", "pip", "install", "-q", *install_spec()],
+        [str(interpreter), "-m", "pip", "install", "-q", *spec],
         "pip could not install Flink's environment",
     )
     found = _probe(interpreter)

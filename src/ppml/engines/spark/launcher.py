@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_MASTER",
     "SPARK_ENV_ALLOW",
     "SubmitRequest",
+    "executor_defaults",
     "local_ip_for",
     "merge_jars",
     "parse_submit_args",
@@ -478,6 +479,7 @@ class ClusterState:
     master_log: str
     workers: tuple[tuple[int, str], ...]  # (pid, log)
     conf_dir: str
+    worker_memory: str = ""  # what each worker offers its executors (`cluster up --memory`)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -485,6 +487,7 @@ class ClusterState:
             "master": {"pid": self.master_pid, "port": self.master_port, "log": self.master_log},
             "workers": [{"pid": pid, "log": log} for pid, log in self.workers],
             "conf_dir": self.conf_dir,
+            "worker_memory": self.worker_memory,
         }
 
     @classmethod
@@ -500,12 +503,24 @@ class ClusterState:
             master_log=str(master["log"]),
             workers=tuple((int(w["pid"]), str(w["log"])) for w in workers),
             conf_dir=str(d["conf_dir"]),
+            worker_memory=str(d.get("worker_memory", "")),
         )
 
 
 def _is_spark_daemon(pid: int) -> bool:
     """Whether `pid` is alive and one of Spark's master/worker JVMs (not a recycled pid)."""
     return daemons.cmdline_has(pid, b"org.apache.spark.deploy.")
+
+
+def executor_defaults(req: SubmitRequest, spark_dir: Path) -> dict[str, str]:
+    """Defaults for a job on the workspace's own cluster: executors as large as a worker offers
+    (Spark's default, 1g, would wait forever on smaller workers), unless the job sets them."""
+    state = read_cluster_state(spark_dir)
+    if state is None or not state.worker_memory or req.master != state.master_url:
+        return {}
+    if "--executor-memory" in req.options or any(k == "spark.executor.memory" for k, _ in req.conf):
+        return {}
+    return {"spark.executor.memory": state.worker_memory}
 
 
 def read_cluster_state(spark_dir: Path) -> ClusterState | None:
@@ -601,6 +616,7 @@ def start_cluster(
         master_log=str(master_log),
         workers=tuple(worker_entries),
         conf_dir=str(conf_dir),
+        worker_memory=memory,
     )
     write_private(spark_dir / CLUSTER_STATE, json.dumps(state.to_dict(), indent=2).encode())
     return state
