@@ -59,6 +59,11 @@ def _workspace_keys() -> KeyService:
     from ppml.workspace import Workspace, default_workspace_dir
 
     path = default_workspace_dir()
+    if os.environ.get("PPML_KEYS_WITHHELD") == "spark-submit":
+        raise ConfigurationError(
+            "no keys: `ppml spark-submit` releases keys to an attested driver only: run it with "
+            "--tee sim (and allow its measurement in the key's policy)"
+        )
     if "PPML_PASSPHRASE" in os.environ:
         passphrase = os.environ["PPML_PASSPHRASE"].encode()
     elif sys.stdin.isatty():

@@ -525,3 +525,18 @@ def test_ppml_jar_and_the_users_jars_are_both_on_the_class_path(ws: Path, tmp_pa
     assert w.code == 0, w.err[-3000:]
     assert f"loaded {KMS_CLIENT_CLASS}" in w.out
     assert "user resource True" in w.out
+
+
+def test_a_plain_submit_gets_no_keys_and_says_to_use_tee(ws: Path, tmp_path: Path) -> None:
+    """Without --tee the driver never holds the passphrase: asking for a key says how to get
+    one (an attested driver), not to set a variable that is set."""
+    assert run_ppml("key", "create", "plainjob", home=ws).code == 0
+    words = tmp_path / "words.txt"
+    words.write_text("a b a\n")
+    enc = tmp_path / "words.txt.ppml"
+    assert run_ppml("encrypt", words, "-o", enc, "--key", "plainjob", home=ws).code == 0
+    w = run_watched("spark-submit", ROOT / "examples" / "spark" / "wordcount.py", enc, home=ws)
+    assert w.code != 0
+    said = w.out + w.err
+    assert "releases keys to an attested driver only: run it with --tee sim" in said, said
+    assert "set PPML_PASSPHRASE" not in said

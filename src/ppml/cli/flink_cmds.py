@@ -59,19 +59,34 @@ def setup(
         typer.Option(
             "--venv",
             metavar="DIR",
-            help="Where to make the environment. Default: ~/.local/state/ppml/flink-venv.",
+            help="Where to make the environment. Default: ~/.local/share/ppml/flink-venv "
+            "($XDG_DATA_HOME/ppml/flink-venv).",
         ),
     ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Reinstall ppml and Flink into an existing one.")
     ] = False,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--source",
+            metavar="PATH",
+            help="The ppml to install into it: its source directory or a ppml wheel. Default: "
+            "where pip installed this ppml from.",
+        ),
+    ] = None,
 ) -> None:
     """Make Flink's Python environment: a virtual environment with apache-flink and this ppml
     (Flink's dependencies cannot share one with PySpark 4 and the newest pyarrow). Prints the
-    interpreter; `ppml flink` finds it there, or through $PPML_FLINK_PYTHON."""
+    interpreter; `ppml flink` finds it there, or through $PPML_FLINK_PYTHON.
+
+    ppml comes from the source directory or wheel pip installed this ppml from (or --source),
+    never by name from a package index."""
     from ppml.engines.flink.environment import default_venv, setup_flink_environment
 
-    found = setup_flink_environment(venv or default_venv(), force=force, progress=progress)
+    found = setup_flink_environment(
+        venv or default_venv(), force=force, source=source, progress=progress
+    )
     progress(f"Flink {found.flink_version} with ppml ({found.ppml_package})")
     typer.echo(found.python)
 

@@ -454,6 +454,7 @@ def _resolved_isolation(
                 f"{inside} is inside the workspace, which an attested workload never sees: "
                 "keep the workload's code and data outside it"
             )
+    _check_program_visible(manifest, hidden)
     writable = isolation.data_directories(cwd)
     code = _code_directories(manifest)
     for data in writable:
@@ -472,6 +473,26 @@ def _resolved_isolation(
         no_data=isolation.no_data,
     )
     return resolved, code
+
+
+def _check_program_visible(manifest: WorkloadManifest, hidden: Sequence[str]) -> None:
+    """Refuse a program or Python environment inside a hidden directory: the sandbox would show
+    it empty, and the workload would fail with "No such file or directory" for a file that is
+    there outside."""
+    program = manifest.command.program
+    paths = [("program", program)]
+    env = manifest.environment
+    if env is not None:
+        paths += [("Python environment", p) for p in (env.prefix, *env.roots)]
+    for what, path in paths:
+        for real in dict.fromkeys([os.path.abspath(path), os.path.realpath(path)]):
+            for h in hidden:
+                if real == h or real.startswith(h.rstrip("/") + "/"):
+                    raise ConfigurationError(
+                        f"the workload's {what} {path} lies in {h}, which is hidden from "
+                        "attested workloads (ppml's workspace, state and shared directories): "
+                        "install it elsewhere"
+                    )
 
 
 def _started(

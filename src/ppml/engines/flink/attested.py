@@ -23,14 +23,16 @@ logs are in the sandbox's own ``/tmp``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ppml._internal.fs import ensure_private_dir
+from ppml._internal.fs import ensure_private_dir, state_root
 from ppml.engines.flink.cluster import ppml_flink_jar
 from ppml.engines.flink.config import private_flink_home, write_config
+from ppml.engines.flink.environment import FLINK_PYTHON_ENV, default_venv
 from ppml.engines.flink.jobconf import (
     RELAY_HOST_ENV,
     SCRATCH_ENV,
@@ -38,7 +40,7 @@ from ppml.engines.flink.jobconf import (
     job_settings,
     relay_host,
 )
-from ppml.errors import UsageError
+from ppml.errors import ConfigurationError, UsageError
 from ppml.tee.sandbox import BOOT_DIR
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FlinkParts",
+    "check_visible_to_workloads",
     "job_parts",
     "write_job_boot",
 ]
@@ -79,6 +82,7 @@ def job_parts(
     """What `ppml flink run --tee` measures for ``python JOB ARGS``."""
     if not job.is_file():
         raise UsageError("no such job file", path=job)
+    check_visible_to_workloads(flink)
     fixed_env = {
         "JAVA_HOME": str(java_home),
         "FLINK_HOME": str(_INSIDE / "home"),
@@ -97,6 +101,22 @@ def job_parts(
         }
     }
     return FlinkParts((str(flink.python), str(job), *args), (), fixed_env, extra)
+
+
+def check_visible_to_workloads(flink: FlinkEnvironment) -> None:
+    """Refuse a Flink environment inside ppml's state directory (where `ppml flink setup` once
+    made it): the attested sandbox hides that directory, so the job's interpreter would not be
+    there."""
+    hidden = os.path.realpath(state_root())
+    for path in (flink.python, flink.site_packages, flink.flink_home):
+        for real in dict.fromkeys([os.path.abspath(path), os.path.realpath(path)]):
+            if real == hidden or real.startswith(hidden + "/"):
+                raise ConfigurationError(
+                    f"Flink's environment ({flink.python}) lies in ppml's state directory "
+                    f"({state_root()}), which is hidden from attested workloads: run `ppml "
+                    f"flink setup` to make one in {default_venv()}, or set {FLINK_PYTHON_ENV} "
+                    "to an interpreter elsewhere"
+                )
 
 
 def write_job_boot(

@@ -293,6 +293,13 @@ def setup_flink_environment(
     progress: Callable[[str], None] = lambda _m: None,
 ) -> FlinkEnvironment:
     """Make (or complete) the virtual environment `venv` with PyFlink and this ppml."""
+    state = os.path.realpath(state_root())
+    real = os.path.realpath(venv)
+    if real == state or real.startswith(state + "/"):
+        raise UsageError(
+            f"{venv} lies in ppml's state directory, which attested workloads never see "
+            "(`ppml flink run --tee` could not start there): choose another place"
+        )
     interpreter = venv / "bin" / "python"
     if interpreter.exists() and not force and source is None:
         found = _probe(interpreter)

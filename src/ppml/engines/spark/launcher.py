@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MASTER",
+    "KEYS_WITHHELD_ENV",
     "SPARK_ENV_ALLOW",
     "SubmitRequest",
     "executor_defaults",
@@ -72,6 +73,7 @@ __all__ = [
 ]
 
 DEFAULT_MASTER = "local[*]"
+KEYS_WITHHELD_ENV = "PPML_KEYS_WITHHELD"  # set for a driver that gets no workspace keys
 AUTH_SECRET = "spark-auth-secret"  # noqa: S105 -- a secret's name, not its value
 KEYSTORE_PASSWORD = "keystore-password"  # noqa: S105 -- a secret's name, not its value
 # What the Spark driver's environment needs; the names are measured in attested runs.
@@ -450,6 +452,8 @@ def spark_environment(
             "PYSPARK_DRIVER_PYTHON": sys.executable,
         }
     )
+    # The passphrase is withheld: say why when the application asks for keys (ppml.api).
+    env[KEYS_WITHHELD_ENV] = "spark-submit"
     local_ip = None if master is None else local_ip_for(master)
     if local_ip is not None:
         env.setdefault("SPARK_LOCAL_IP", local_ip)
