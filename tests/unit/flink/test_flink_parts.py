@@ -18,7 +18,14 @@ from tests.support.keys import MemoryKeyProvider
 from ppml.engines.flink.cluster import ppml_flink_jar
 from ppml.engines.flink.config import TLS13_SUITES, ClusterSecurity, client_settings, node_settings
 from ppml.engines.flink.environment import FLINK_PYTHON_ENV, find_flink_environment
-from ppml.engines.flink.relay import RELAY_ENV, KeyRelay, RelayTicket, ticket_from_environment
+from ppml.engines.flink.relay import (
+    RELAY_ENV,
+    KeyRelay,
+    RelayTicket,
+    check_key,
+    one_line_errors,
+    ticket_from_environment,
+)
 from ppml.errors import (
     AccessDenied,
     ConfigurationError,
@@ -110,6 +117,39 @@ def test_what_the_provider_refuses_the_relay_refuses(relay: KeyRelay) -> None:
     tampered = type(fresh.wrapped)(fresh.wrapped.key_name, 1, b"\x00" * len(fresh.wrapped.blob))
     with pytest.raises(IntegrityError):
         keys.unwrap(tampered)
+
+
+def test_a_missing_key_is_named_with_how_to_create_it(relay: KeyRelay) -> None:
+    keys = relay.ticket().provider()
+    with pytest.raises(KeyNotFound) as caught:
+        keys.generate_data_key("flink-output")
+    assert str(caught.value) == (
+        "no such key 'flink-output': create it with `ppml key create flink-output`"
+    )
+    missing = keys.generate_data_key("sales").wrapped
+    gone = type(missing)("gone", 1, missing.blob)
+    with pytest.raises(KeyNotFound, match="'gone'"):
+        keys.unwrap(gone)
+
+
+def test_a_job_checks_its_output_key_before_it_runs(
+    relay: KeyRelay, capsys: pytest.CaptureFixture[str]
+) -> None:
+    check_key(relay.ticket(), "sales")
+    with pytest.raises(KeyNotFound, match="ppml key create flink-output") as caught:
+        check_key(relay.ticket(), "flink-output")
+    # Uncaught in the job's client, it is one line, as the ppml commands print their errors.
+    one_line_errors(KeyNotFound, caught.value, caught.value.__traceback__)
+    err = capsys.readouterr().err
+    assert err == (
+        "ppml: key access error: no such key 'flink-output': create it with "
+        "`ppml key create flink-output`\n"
+    )
+    try:
+        raise ValueError("not ppml's")
+    except ValueError as exc:
+        one_line_errors(ValueError, exc, exc.__traceback__)
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_a_wrong_token_is_refused(relay: KeyRelay) -> None:

@@ -31,10 +31,12 @@ import logging
 import os
 import secrets
 import ssl
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from cryptography import x509
@@ -53,7 +55,15 @@ from ppml.errors import (
     PPMLError,
 )
 
-__all__ = ["RELAY_ENV", "KeyRelay", "RelayKeys", "RelayTicket", "ticket_from_environment"]
+__all__ = [
+    "RELAY_ENV",
+    "KeyRelay",
+    "RelayKeys",
+    "RelayTicket",
+    "check_key",
+    "one_line_errors",
+    "ticket_from_environment",
+]
 
 RELAY_ENV = "PPML_FLINK_RELAY"
 _MAX_BODY = 16 * 1024
@@ -103,6 +113,28 @@ def ticket_from_environment(env: Mapping[str, str] = os.environ) -> RelayTicket:
         ) from None
 
 
+def check_key(ticket: RelayTicket, key: str) -> None:
+    """Fail while a job is being built, not after it started, when its operators could not
+    have `key` (`KeyNotFound` naming it, `AccessDenied`): one data key asked for and dropped."""
+    keys = ticket.provider()
+    try:
+        keys.generate_data_key(key)
+    finally:
+        keys.close()
+
+
+def one_line_errors(
+    kind: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """``sys.excepthook`` for a job's client: an uncaught ppml error (a missing key, a refused
+    one) as one line, as the `ppml` commands print theirs; anything else as Python prints it."""
+    if isinstance(exc, PPMLError):
+        sys.stderr.write(f"ppml: {exc.diagnostics()}\n")
+        sys.stderr.flush()
+        return
+    sys.__excepthook__(kind, exc, tb)
+
+
 class RelayKeys:
     """A `DataKeyProvider` in an operator: asks the relay; keeps unwrapped keys in memory."""
 
@@ -117,7 +149,7 @@ class RelayKeys:
         return f"RelayKeys({self._ticket.host}:{self._ticket.port})"
 
     def generate_data_key(self, key_name: str) -> DataKey:
-        reply = self._ask("/datakey", {"key": key_name})
+        reply = self._ask("/datakey", {"key": key_name}, key_name)
         wrapped = WrappedKey.from_text(str(reply["wrapped"]))
         return DataKey(base64.b64decode(reply["plaintext"]), wrapped)
 
@@ -126,7 +158,7 @@ class RelayKeys:
             known = self._keys.get(wrapped)
         if known is not None:
             return known
-        reply = self._ask("/unwrap", {"wrapped": wrapped.to_text()})
+        reply = self._ask("/unwrap", {"wrapped": wrapped.to_text()}, wrapped.key_name)
         key = base64.b64decode(reply["plaintext"])
         with self._lock:
             self._keys[wrapped] = key
@@ -136,7 +168,7 @@ class RelayKeys:
         with self._lock:
             self._keys.clear()
 
-    def _ask(self, path: str, body: Mapping[str, str]) -> dict[str, Any]:
+    def _ask(self, path: str, body: Mapping[str, str], key_name: str) -> dict[str, Any]:
         ticket = self._ticket
         conn = http.client.HTTPSConnection(
             ticket.host, ticket.port, context=self._context, timeout=_TIMEOUT
@@ -161,6 +193,10 @@ class RelayKeys:
             conn.close()
         if response.status == 200:
             return dict(json.loads(data))
+        if response.status == 404:  # the name is the operator's own, not the relay's answer
+            raise KeyNotFound(
+                f"no such key {key_name!r}: create it with `ppml key create {key_name}`"
+            )
         raise _REFUSALS.get(response.status, KeyAccessError)(
             _MESSAGES.get(response.status, f"the job's key relay answered {response.status}")
         )
@@ -169,13 +205,11 @@ class RelayKeys:
 _REFUSALS: dict[int, type[PPMLError]] = {
     400: IntegrityError,
     403: AccessDenied,
-    404: KeyNotFound,
 }
 _MESSAGES = {
     400: "integrity check failed",
     401: "the job's key relay refused this operator",
     403: "access denied: the key's release policy does not allow this workload",
-    404: "no such key",
 }
 
 

@@ -63,7 +63,13 @@ from ppml.data.files import annotate_errors
 from ppml.engines.flink.config import make_scratch
 from ppml.engines.flink.jobconf import RELAY_HOST_ENV, SCRATCH_ENV, TARGET_ENV
 from ppml.engines.flink.records import RedisStream, open_record, seal_record
-from ppml.engines.flink.relay import KeyRelay, RelayTicket, ticket_from_environment
+from ppml.engines.flink.relay import (
+    KeyRelay,
+    RelayTicket,
+    check_key,
+    one_line_errors,
+    ticket_from_environment,
+)
 from ppml.errors import UsageError
 from ppml.tee.runtime import AttestedKeyProvider, in_attested_run
 
@@ -88,6 +94,8 @@ def job_keys() -> RelayTicket:
     """The key relay's ticket of this job: under ``ppml flink run --tee``, a relay this
     (attested) process starts over its attested key provider, once; else the one `ppml flink
     run` left for the job."""
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = one_line_errors
     if not in_attested_run():
         return ticket_from_environment()
     with _relay_lock:
@@ -287,6 +295,7 @@ def write_encrypted_files(
     if records_per_part < 1 or roll_interval <= 0:
         raise UsageError("records_per_part and roll_interval must be positive")
     ticket = ticket or job_keys()
+    check_key(ticket, key)
     batches = _jvm().org.ppml.flink.LineBatches.apply(
         stream._j_data_stream, records_per_part, int(roll_interval * 1000), "part lines"
     )
