@@ -251,3 +251,33 @@ def test_jobs_on_the_workspaces_cluster_get_executors_a_worker_can_hold(
     elsewhere = parse_submit_args(["--master", "spark://10.0.0.5:7077", str(app)])
     assert executor_defaults(elsewhere, tmp_path) == {}
     assert executor_defaults(parse_submit_args([str(app)]), tmp_path) == {}
+
+
+def test_a_session_ppmlcontext_starts_gets_the_quiet_driver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PPMLContext in the user's own Python: ppml's driver logging, no progress bar off a
+    terminal, a local master's driver on loopback; what the builder already says wins."""
+    from ppml.engines.spark import context
+    from ppml.engines.spark.launcher import driver_log4j2
+
+    class Builder:
+        def __init__(self, **options: str) -> None:
+            self._options = dict(options)
+
+        def config(self, key: str, value: str) -> Builder:
+            self._options[key] = value
+            return self
+
+    monkeypatch.delenv("SPARK_LOCAL_IP", raising=False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    quiet = context._quiet_driver(Builder())._options
+    assert quiet["spark.driver.extraJavaOptions"] == f"-Dlog4j2.configurationFile={driver_log4j2()}"
+    assert driver_log4j2().is_file()
+    assert quiet["spark.ui.showConsoleProgress"] == "false"
+    assert os.environ["SPARK_LOCAL_IP"] == "127.0.0.1"
+    monkeypatch.delenv("SPARK_LOCAL_IP")
+    own = Builder(**{"spark.driver.extraJavaOptions": "-Xss4m", "spark.master": "spark://h:7077"})
+    kept = context._quiet_driver(own)._options
+    assert kept["spark.driver.extraJavaOptions"] == "-Xss4m"
+    assert "SPARK_LOCAL_IP" not in os.environ

@@ -97,7 +97,8 @@ class PPMLContext:
 
 
 def _with_kms_client_jar(builder: Any) -> Any:
-    """Put ppml's Parquet KMS client on the class path of a Spark this process will start.
+    """Put ppml's Parquet KMS client on the class path of a Spark this process will start, with
+    the quiet driver `ppml spark-submit` gives (`_quiet_driver`).
 
     An existing JVM (``spark-submit``, an earlier session) keeps its class path: `ppml
     spark-submit` adds the jar itself; elsewhere encrypted Parquet is read by the Python reader.
@@ -106,10 +107,31 @@ def _with_kms_client_jar(builder: Any) -> Any:
 
     from ppml.engines.spark.jvm import kms_client_jar
 
-    jar = kms_client_jar()
-    if SparkContext._gateway is not None or not jar.is_file():
+    if SparkContext._gateway is not None:
         return builder
-    return builder.config("spark.jars", str(jar))
+    # Under spark-submit (a JVM that started this Python, or PYSPARK_SUBMIT_ARGS that ppml or
+    # the user wrote) the driver's settings are made already.
+    if "PYSPARK_GATEWAY_PORT" not in os.environ and "PYSPARK_SUBMIT_ARGS" not in os.environ:
+        builder = _quiet_driver(builder)
+    jar = kms_client_jar()
+    return builder.config("spark.jars", str(jar)) if jar.is_file() else builder
+
+
+def _quiet_driver(builder: Any) -> Any:
+    """ppml's driver logging, Spark's progress bar on a terminal only and a local master's
+    driver on the loopback address, where the builder does not say otherwise."""
+    from ppml.engines.spark.launcher import driver_log4j2
+
+    given = getattr(builder, "_options", {})  # pyspark keeps the builder's settings there
+    if "spark.driver.extraJavaOptions" not in given and driver_log4j2().is_file():
+        builder = builder.config(
+            "spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={driver_log4j2()}"
+        )
+    if "spark.ui.showConsoleProgress" not in given:
+        builder = builder.config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())
+    if str(given.get("spark.master", "local")).startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    return builder
 
 
 def _part_files(paths: Sequence[Path]) -> list[Path]:

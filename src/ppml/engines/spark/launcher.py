@@ -58,6 +58,7 @@ __all__ = [
     "KEYS_WITHHELD_ENV",
     "SPARK_ENV_ALLOW",
     "SubmitRequest",
+    "driver_log4j2",
     "executor_defaults",
     "local_ip_for",
     "merge_jars",
@@ -346,46 +347,24 @@ def _utf16(ch: str) -> list[int]:
     return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
 
 
-# Logging of a driver ppml starts on the user's terminal (``log4j2.xml`` beside
-# ``spark-defaults.conf``; Spark's own default prints its profile's name, INFO lines and, for a
-# Python driver, how to change the level): warnings and errors only. Dropped, each for a reason:
-# the warning that network encryption is off because RPC TLS is on (misleading: the AES-GCM
-# channel still runs inside TLS, see above), Hadoop's note that it has no native library (it
-# uses its Java code), the warning that an application's SparkSession.builder() got the
-# driver's running session (always so for a JVM application under --tee), and a cluster's
-# executors disconnecting while the application stops (they are told to).
-DRIVER_LOG4J2 = """\
-<?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by ppml: a Spark driver's logging on the terminal. -->
-<Configuration status="ERROR">
-  <Appenders>
-    <Console name="console" target="SYSTEM_ERR">
-      <PatternLayout pattern="%d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex"/>
-      <Filters>
-        <RegexFilter regex=".*Network encryption disabled as RPC SSL encryption is enabled.*"
-                     onMatch="DENY" onMismatch="NEUTRAL"/>
-        <RegexFilter regex="Using an existing Spark session; only runtime SQL configurations.*"
-                     onMatch="DENY" onMismatch="NEUTRAL"/>
-        <RegexFilter regex="Skipping onDisconnected RemoveExecutor call because the scheduler.*"
-                     onMatch="DENY" onMismatch="NEUTRAL"/>
-      </Filters>
-    </Console>
-  </Appenders>
-  <Loggers>
-    <Root level="warn">
-      <AppenderRef ref="console"/>
-    </Root>
-    <Logger name="org.apache.hadoop.util.NativeCodeLoader" level="error"/>
-  </Loggers>
-</Configuration>
-"""
+# Logging of a driver ppml starts on the user's terminal (``log4j2-driver.xml``, written as
+# ``log4j2.xml`` beside ``spark-defaults.conf``; Spark's own default prints its profile's name,
+# INFO lines and, for a Python driver, how to change the level): warnings and errors only.
+# Dropped, each for a reason: the warning that network encryption is off because RPC TLS is on
+# (misleading: the AES-GCM channel still runs inside TLS, see above), Hadoop's note that it has
+# no native library (it uses its Java code), the warning that an application's
+# SparkSession.builder() got the driver's running session (always so for a JVM application
+# under --tee), and a cluster's executors disconnecting while the application stops.
+def driver_log4j2() -> Path:
+    """ppml's logging configuration for a Spark driver (shipped in the package)."""
+    return Path(__file__).resolve().with_name("log4j2-driver.xml")
 
 
 def write_conf_dir(conf_dir: Path, props: Mapping[str, str]) -> None:
     """Spark's configuration in `conf_dir`: a 0600 ``spark-defaults.conf`` with `props` and
     ppml's driver logging (``log4j2.xml``)."""
     write_private(conf_dir / "spark-defaults.conf", properties_text(props).encode())
-    write_private(conf_dir / "log4j2.xml", DRIVER_LOG4J2.encode())
+    write_private(conf_dir / "log4j2.xml", driver_log4j2().read_bytes())
 
 
 def properties_text(props: Mapping[str, str]) -> str:
@@ -613,15 +592,8 @@ def start_cluster(
         for pid in reversed(started):
             daemons.terminate(pid, _is_spark_daemon)
         raise
-    state = ClusterState(
-        master_url=url,
-        master_port=port,
-        master_pid=master,
-        master_log=str(master_log),
-        workers=tuple(worker_entries),
-        conf_dir=str(conf_dir),
-        worker_memory=memory,
-    )
+    entries = tuple(worker_entries)
+    state = ClusterState(url, port, master, str(master_log), entries, str(conf_dir), memory)
     write_private(spark_dir / CLUSTER_STATE, json.dumps(state.to_dict(), indent=2).encode())
     return state
 
