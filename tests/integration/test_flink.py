@@ -358,6 +358,21 @@ def test_plaintext_input_is_refused(ws: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
 
 
+def test_a_missing_output_key_fails_the_job_in_one_line_naming_it(
+    ws: Path, inputs: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    job = flink_run(ws, "--local", WORDCOUNT, inputs, out, "--key", "no-such-output")
+    assert job.code != 0
+    lines = [line for line in job.err.splitlines() if "no-such-output" in line]
+    assert lines == [
+        "ppml: key access error: no such key 'no-such-output': create it with "
+        "`ppml key create no-such-output`"
+    ], job.err
+    assert "Traceback" not in job.err and "at org.apache" not in job.err, job.err
+    assert not out.exists() or not list(out.iterdir())
+
+
 def test_a_job_without_a_cluster_or_with_bad_arguments_is_refused(ws: Path, tmp_path: Path) -> None:
     r = ppml(ws, "flink", "run", "--local", "--cluster", WORDCOUNT)
     assert r.returncode == 2 and "exclude each other" in r.stderr
