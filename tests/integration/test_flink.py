@@ -373,6 +373,31 @@ def test_a_missing_output_key_fails_the_job_in_one_line_naming_it(
     assert not out.exists() or not list(out.iterdir())
 
 
+def test_an_attested_job_refuses_a_flink_environment_the_sandbox_hides(tmp_path: Path) -> None:
+    """An environment in ppml's state directory (where `ppml flink setup` once made it) is
+    hidden from attested workloads: the job says so, not "No such file or directory"."""
+    assert FLINK_PYTHON is not None
+    state = tmp_path / "state"
+    (state / "ppml").mkdir(parents=True)
+    (state / "ppml" / "flink-venv").symlink_to(Path(FLINK_PYTHON).parents[1])
+    home = tmp_path / "ws"
+    env = {**_env(home), "XDG_STATE_HOME": str(state)}
+    env["PPML_FLINK_PYTHON"] = str(state / "ppml" / "flink-venv" / "bin" / "python")
+
+    def ppml_here(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ppml", *map(str, args)],
+            capture_output=True, text=True, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+            timeout=300, check=False,
+        )  # fmt: skip
+
+    assert ppml_here("init", "--dev", "-w", home).returncode == 0
+    r = ppml_here("flink", "run", "--tee", "sim", "--local", WORDCOUNT, tmp_path, tmp_path / "o")
+    assert r.returncode == 5, r.stderr
+    assert "hidden from attested workloads" in r.stderr and "ppml flink setup" in r.stderr
+    assert "No such file or directory" not in r.stderr
+
+
 def test_a_job_without_a_cluster_or_with_bad_arguments_is_refused(ws: Path, tmp_path: Path) -> None:
     r = ppml(ws, "flink", "run", "--local", "--cluster", WORDCOUNT)
     assert r.returncode == 2 and "exclude each other" in r.stderr
