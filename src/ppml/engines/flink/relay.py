@@ -149,7 +149,8 @@ class RelayKeys:
         return f"RelayKeys({self._ticket.host}:{self._ticket.port})"
 
     def generate_data_key(self, key_name: str) -> DataKey:
-        reply = self._ask("/datakey", {"key": key_name}, key_name)
+        missing = f"no such key {key_name!r}: create it with `ppml key create {key_name}`"
+        reply = self._ask("/datakey", {"key": key_name}, missing)
         wrapped = WrappedKey.from_text(str(reply["wrapped"]))
         return DataKey(base64.b64decode(reply["plaintext"]), wrapped)
 
@@ -158,7 +159,8 @@ class RelayKeys:
             known = self._keys.get(wrapped)
         if known is not None:
             return known
-        reply = self._ask("/unwrap", {"wrapped": wrapped.to_text()}, wrapped.key_name)
+        missing = f"no such key {wrapped.key_name!r} (version {wrapped.version})"
+        reply = self._ask("/unwrap", {"wrapped": wrapped.to_text()}, missing)
         key = base64.b64decode(reply["plaintext"])
         with self._lock:
             self._keys[wrapped] = key
@@ -168,7 +170,9 @@ class RelayKeys:
         with self._lock:
             self._keys.clear()
 
-    def _ask(self, path: str, body: Mapping[str, str], key_name: str) -> dict[str, Any]:
+    def _ask(self, path: str, body: Mapping[str, str], missing: str) -> dict[str, Any]:
+        """The relay's answer to `path`; `missing` is what a 404 says (the operator names the
+        key it asked for: the relay's answer names nothing)."""
         ticket = self._ticket
         conn = http.client.HTTPSConnection(
             ticket.host, ticket.port, context=self._context, timeout=_TIMEOUT
@@ -193,10 +197,8 @@ class RelayKeys:
             conn.close()
         if response.status == 200:
             return dict(json.loads(data))
-        if response.status == 404:  # the name is the operator's own, not the relay's answer
-            raise KeyNotFound(
-                f"no such key {key_name!r}: create it with `ppml key create {key_name}`"
-            )
+        if response.status == 404:
+            raise KeyNotFound(missing)
         raise _REFUSALS.get(response.status, KeyAccessError)(
             _MESSAGES.get(response.status, f"the job's key relay answered {response.status}")
         )
