@@ -204,3 +204,38 @@ def test_an_attested_job_refuses_an_environment_the_sandbox_hides(
         check_visible_to_workloads(flink(venv))
     assert "ppml flink setup" in str(caught.value)
     check_visible_to_workloads(flink(tmp_path / "data" / "flink-venv"))
+
+
+def test_the_launcher_refuses_a_program_in_a_directory_it_hides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any attested workload whose program lies in what the sandbox hides is told so before it
+    starts, not "No such file or directory" for a file that is there outside."""
+    import shutil
+
+    from ppml.tee.launcher import Isolation, RunDirectory, start
+    from ppml.tee.manifest import build_manifest
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tool = state_root() / "bin" / "tool"
+    tool.parent.mkdir(parents=True)
+    shutil.copy(os.path.realpath("/bin/true"), tool)
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "cwd").mkdir()
+    run = RunDirectory.create(tmp_path / "ws")
+    try:
+        manifest = build_manifest([str(tool)], snapshot=run.snapshot)
+        with pytest.raises(ConfigurationError, match="hidden from attested workloads"):
+            start(
+                manifest,
+                run,
+                tee="sim",
+                quote=None,
+                kms_url="https://127.0.0.1:1",
+                ca_pem="",
+                isolation=Isolation(hidden=(tmp_path / "ws",)),
+                cwd=tmp_path / "cwd",
+            )
+    finally:
+        run.remove()
