@@ -11,8 +11,9 @@ Prints each query's time and row count; with ``--out DIR --key NAME`` each resul
 encrypted under the key NAME to ``DIR/qN``.
 
 Keys come by policy under ``ppml spark-submit --tee sim``, or from the workspace
-(``$PPML_HOME``, ``$PPML_PASSPHRASE``) when the script runs in your own Python. Q11's threshold depends on the scale factor: ``--scale``, or
-read from the supplier table (10,000 suppliers per unit of scale).
+(``$PPML_HOME``, ``$PPML_PASSPHRASE``) when the script runs in your own Python. Q11's threshold
+depends on the scale factor: ``--scale``, or read from the supplier table (10,000 suppliers per
+unit of scale).
 """
 
 from __future__ import annotations
