@@ -195,9 +195,11 @@ def jvm_driver_request(req: SubmitRequest) -> SubmitRequest:
 
     options = list(req.options)
     kept: list[str] = []
-    for i in range(0, len(options), 2):
-        if options[i] != "--class":
-            kept += options[i : i + 2]
+    skip = False
+    for item in options:  # flags (--verbose) stand alone: drop "--class" and its value only
+        if not skip and item != "--class":
+            kept.append(item)
+        skip = item == "--class" and not skip
     jars = (*req.jars, str(Path(req.app).absolute()))
     return dataclasses.replace(req, options=tuple(kept), jars=jars)
 

@@ -120,7 +120,7 @@ def _with_kms_client_jar(builder: Any) -> Any:
 def _quiet_driver(builder: Any) -> Any:
     """ppml's driver logging, Spark's progress bar on a terminal only and a local master's
     driver on the loopback address, where the builder does not say otherwise."""
-    from ppml.engines.spark.launcher import driver_log4j2
+    from ppml.engines.spark.launcher import driver_log4j2, local_ip_for
 
     given = getattr(builder, "_options", {})  # pyspark keeps the builder's settings there
     if "spark.driver.extraJavaOptions" not in given and driver_log4j2().is_file():
@@ -129,8 +129,9 @@ def _quiet_driver(builder: Any) -> Any:
         )
     if "spark.ui.showConsoleProgress" not in given:
         builder = builder.config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())
-    if str(given.get("spark.master", "local")).startswith("local"):
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    local_ip = local_ip_for(str(given.get("spark.master", "local[*]")))
+    if local_ip is not None:
+        os.environ.setdefault("SPARK_LOCAL_IP", local_ip)
     return builder
 
 
